@@ -1,0 +1,255 @@
+//! The kernel ABI: map names, key and value layouts, drop reasons.
+//!
+//! Every key and value is `#[repr(C)]` with explicit padding and a size
+//! assertion, so a layout change breaks the build instead of a pinned map.
+//! Byte order: fields named `*_be` (and addresses, stored as the raw bytes
+//! of the packet) are in network order; everything else is host order.
+//! A layout change bumps the `_Vn` suffix of the map name.
+
+use core::mem::size_of;
+
+/// Service table: `SvcKey` -> `SvcValue`.
+pub const MAP_SERVICES: &str = "MESH_SVC_V1";
+/// Addresses this node answers published ports on: IPv4 raw `u32` -> `u32` flags.
+pub const MAP_NODE_ADDR4: &str = "MESH_ADDR4_V1";
+/// Backends by stable id: `u32` -> `Backend`.
+pub const MAP_BACKENDS: &str = "MESH_BE_V1";
+/// All Maglev tables, back to back: a flat array of backend ids (`u32`),
+/// stored as `[u32; 2]` elements (array elements are 8-byte aligned).
+pub const MAP_MAGLEV: &str = "MESH_MAGLEV_V1";
+/// Connection tracking, client side: `FlowKey4` (as the client sent it) -> `CtValue`.
+pub const MAP_CT4: &str = "MESH_CT4_V1";
+/// Reverse NAT, task side: `FlowKey4` (as the task replies) -> `RevValue`.
+pub const MAP_REV4: &str = "MESH_REV4_V1";
+/// Per-service counters, per CPU: svc id -> `SvcStats`.
+pub const MAP_SVC_STATS: &str = "MESH_SVCST_V1";
+/// Drop counters, per CPU: `DropReason` -> `u64`.
+pub const MAP_DROPS: &str = "MESH_DROPS_V1";
+/// Used only by the `floor_lookup` benchmark program.
+pub const MAP_FLOOR: &str = "MESH_FLOOR";
+
+/// Program names in the object.
+pub const PROG_XDP: &str = "mesh_xdp";
+pub const PROG_TC_UPLINK: &str = "mesh_tc_uplink";
+pub const PROG_TC_TASK: &str = "mesh_tc_task";
+pub const PROG_FLOOR_PASS: &str = "floor_pass";
+pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const ETH_P_IP: u16 = 0x0800;
+
+/// Compile-time defaults for map sizes; the daemon overrides them at load.
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
+pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
+pub const MAX_NODE_ADDRS: u32 = 256;
+pub const MAX_DROP_REASONS: u32 = 64;
+
+/// Key of the service table: the published port and protocol. Docker
+/// publishes a port on every node address, so the address is checked
+/// separately (`MAP_NODE_ADDR4`), and only for packets whose port matched:
+/// traffic to other ports costs one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SvcKey {
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<SvcKey>() == 4);
+
+impl SvcKey {
+    pub fn new(port: u16, proto: u8) -> Self {
+        Self { port_be: port.to_be(), proto, _pad: 0 }
+    }
+}
+
+/// Value of the service table. Replaced whole (a hash-map update is atomic
+/// for readers), so a packet sees either the old or the new table, never a
+/// mix: user space writes the new Maglev table into the half of the
+/// service's region that no packet reads, then switches `table_off` here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcValue {
+    /// Stable index of the service: counters, Maglev region.
+    pub svc_id: u32,
+    /// `SVC_F_*` flags.
+    pub flags: u32,
+    /// First entry of the active Maglev table in `MAP_MAGLEV`.
+    pub table_off: u32,
+    /// Entries in the table (prime); 0 when the service has no backend.
+    pub table_size: u32,
+    /// Backends in the table (informational; the kernel does not need it).
+    pub backend_count: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SvcValue>() == 24);
+
+/// Reserved: serve the service only from tasks on this node.
+pub const SVC_F_LOCAL_ONLY: u32 = 1 << 0;
+
+/// A backend (a task's address and target port). Ids are never reused
+/// while the daemon runs, so a conntrack entry naming a removed backend
+/// misses and the flow moves (and a TCP flow ends with the new task's RST).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Address as raw network-order bytes; IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    pub port_be: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad0: u8,
+    /// `BE_F_*` flags.
+    pub flags: u32,
+    /// Node the task runs on (index in the daemon's node list).
+    pub node_id: u32,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 32);
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+/// The task runs on this node: DNAT and deliver locally.
+pub const BE_F_LOCAL: u32 = 1 << 0;
+/// The task runs on another node: forward (not implemented yet).
+pub const BE_F_REMOTE: u32 = 1 << 1;
+
+/// A flow as seen in one direction, IPv4. Addresses and ports are the
+/// packet's raw bytes (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey4>() == 16);
+
+/// Conntrack value: which backend a client flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CtValue>() == 16);
+
+/// Reverse NAT value: the address and port the client connected to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RevValue {
+    pub addr: u32,
+    pub port_be: u16,
+    pub _pad0: u16,
+    pub svc_id: u32,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<RevValue>() == 16);
+
+/// Per-service counters (per CPU; user space sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SvcStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<SvcStats>() == 24);
+
+/// What the XDP program leaves in front of a packet it rewrote for local
+/// delivery (XDP metadata), for the TC program on the same device, which
+/// redirects it into the task (XDP cannot enter a container's namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct XdpMeta {
+    pub magic: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<XdpMeta>() == 8);
+pub const XDP_META_MAGIC: u32 = 0x6d65_7368; // "mesh"
+
+/// Why a packet was dropped. Index into `MAP_DROPS`. Never renumber:
+/// retire a variant by renaming it `UnusedN`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    Unused0 = 0,
+    /// Service traffic whose TCP/UDP header is cut short (by the frame or
+    /// by the IPv4 total length).
+    L4Truncated = 1,
+    /// TCP data offset below 5, or a UDP length that does not fit.
+    L4BadLength = 2,
+    /// First fragment of a fragmented datagram to a service: reassembly
+    /// is not supported on the mesh path.
+    Fragment = 3,
+    /// The service has no backend.
+    NoBackend = 4,
+    /// The Maglev table names a backend that is not in the backend map
+    /// (a transient user-space inconsistency).
+    BackendMissing = 5,
+    /// The backend runs on another node; forwarding is not built yet.
+    RemoteBackend = 6,
+    /// bpf_xdp_adjust_meta failed: the device cannot carry XDP metadata.
+    NoMetadata = 7,
+    /// TC: no route (or no usable device) towards the task or the client.
+    FibLookupFailed = 8,
+    /// TC: bpf_skb_store_bytes or a checksum helper failed.
+    RewriteFailed = 9,
+    /// Maglev table offset outside the map (user-space bug).
+    TableOutOfRange = 10,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::Unused0,
+        DropReason::L4Truncated,
+        DropReason::L4BadLength,
+        DropReason::Fragment,
+        DropReason::NoBackend,
+        DropReason::BackendMissing,
+        DropReason::RemoteBackend,
+        DropReason::NoMetadata,
+        DropReason::FibLookupFailed,
+        DropReason::RewriteFailed,
+        DropReason::TableOutOfRange,
+    ];
+
+    /// The Prometheus label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Unused0 => "unused0",
+            DropReason::L4Truncated => "l4_truncated",
+            DropReason::L4BadLength => "l4_bad_length",
+            DropReason::Fragment => "fragment",
+            DropReason::NoBackend => "no_backend",
+            DropReason::BackendMissing => "backend_missing",
+            DropReason::RemoteBackend => "remote_backend",
+            DropReason::NoMetadata => "no_metadata",
+            DropReason::FibLookupFailed => "fib_lookup_failed",
+            DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::TableOutOfRange => "table_out_of_range",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), have no implicit padding (asserted
+    // sizes above) and are valid for any bit pattern.
+    unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey4 {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for RevValue {}
+    unsafe impl aya::Pod for SvcStats {}
+}

@@ -1,0 +1,156 @@
+//! The client-to-service path, run by the XDP program on the uplink.
+//!
+//! parse -> service lookup (port, proto) -> node address check -> L4
+//! checks -> conntrack, else Maglev -> DNAT to the task -> counters.
+//! Written once, generic over [`Tables`]: the kernel backs it with BPF
+//! maps, host tests and fixtures with hash maps.
+
+use crate::abi::{
+    BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_UDP, RevValue, SvcKey, SvcValue,
+};
+use crate::csum;
+use crate::hash::flow_hash4;
+use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_DADDR, L4_DPORT, L4Error};
+use crate::pkt::Pkt;
+
+/// The state the forward path reads and writes.
+pub trait Tables {
+    fn service(&self, key: &SvcKey) -> Option<&SvcValue>;
+    fn is_node_addr4(&self, addr: u32) -> bool;
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue>;
+    /// Record a new flow in both directions. Failure (a full map that is
+    /// not LRU) is not fatal: the flow's next packet hashes the same way.
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue);
+    /// Entry `index` of the Maglev map: a backend id.
+    fn maglev(&self, index: u32) -> Option<u32>;
+    fn backend(&self, id: u32) -> Option<&Backend>;
+    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool);
+}
+
+/// What to do with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not service traffic: to the kernel, untouched.
+    Pass,
+    Drop(DropReason),
+    /// Rewritten for a task on this node: deliver it there.
+    Local { backend_id: u32 },
+}
+
+/// Runs the forward path on `pkt`, rewriting it in place when the verdict
+/// is `Local`. Nothing is written for any other verdict.
+#[inline(always)]
+pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
+    let Some(ip) = parse::ipv4(pkt) else {
+        return Verdict::Pass;
+    };
+    if ip.later_fragment {
+        return Verdict::Pass;
+    }
+    let Some((sport, dport)) = parse::ports(pkt, &ip) else {
+        return Verdict::Pass;
+    };
+    let key = SvcKey { port_be: dport, proto: ip.proto, _pad: 0 };
+    let Some(svc) = t.service(&key) else {
+        return Verdict::Pass;
+    };
+    let svc = *svc;
+    if !t.is_node_addr4(ip.daddr) {
+        return Verdict::Pass;
+    }
+    if ip.first_fragment {
+        return Verdict::Drop(DropReason::Fragment);
+    }
+    match parse::check_l4(pkt, &ip) {
+        Ok(()) => {}
+        Err(L4Error::Truncated) => return Verdict::Drop(DropReason::L4Truncated),
+        Err(L4Error::BadLength) => return Verdict::Drop(DropReason::L4BadLength),
+    }
+
+    let flow = FlowKey4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport_be: sport,
+        dport_be: dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let mut new_flow = false;
+    let mut picked: Option<(u32, Backend)> = None;
+    if let Some(ct) = t.ct_get(&flow) {
+        let id = ct.backend_id;
+        if let Some(be) = t.backend(id) {
+            picked = Some((id, *be));
+        }
+    }
+    let (backend_id, be) = match picked {
+        Some(p) => p,
+        None => {
+            new_flow = true;
+            match select(t, &svc, &flow) {
+                Ok(p) => p,
+                Err(r) => return Verdict::Drop(r),
+            }
+        }
+    };
+    if be.flags & BE_F_LOCAL == 0 {
+        return Verdict::Drop(DropReason::RemoteBackend);
+    }
+    if new_flow {
+        let ct = CtValue { backend_id, svc_id: svc.svc_id, flags: 0, _pad: 0 };
+        let rkey = FlowKey4 {
+            saddr: be.addr[0],
+            daddr: ip.saddr,
+            sport_be: be.port_be,
+            dport_be: sport,
+            proto: ip.proto,
+            _pad: [0; 3],
+        };
+        let rev = RevValue {
+            addr: ip.daddr,
+            port_be: dport,
+            _pad0: 0,
+            svc_id: svc.svc_id,
+            _pad1: 0,
+        };
+        t.ct_put(&flow, &ct, &rkey, &rev);
+    }
+    if dnat(pkt, &ip, be.addr[0], be.port_be).is_none() {
+        // Unreachable after check_l4; kept so no path writes half a packet
+        // without saying so.
+        return Verdict::Drop(DropReason::L4Truncated);
+    }
+    t.account(svc.svc_id, pkt.len() as u64, new_flow);
+    Verdict::Local { backend_id }
+}
+
+/// Picks a backend for a flow from the service's Maglev table.
+#[inline(always)]
+pub fn select<T: Tables>(t: &T, svc: &SvcValue, flow: &FlowKey4) -> Result<(u32, Backend), DropReason> {
+    if svc.table_size == 0 {
+        return Err(DropReason::NoBackend);
+    }
+    let h = flow_hash4(flow.saddr, flow.sport_be, flow.dport_be, flow.proto);
+    let index = svc.table_off.wrapping_add(h % svc.table_size);
+    let id = t.maglev(index).ok_or(DropReason::TableOutOfRange)?;
+    let be = t.backend(id).ok_or(DropReason::BackendMissing)?;
+    Ok((id, *be))
+}
+
+/// Rewrites the destination address and port, fixing the IPv4 header
+/// checksum and the TCP/UDP checksum incrementally.
+#[inline(always)]
+fn dnat(pkt: &Pkt, ip: &parse::Ip4, addr: u32, port_be: u16) -> Option<()> {
+    let old_addr = ip.daddr;
+    let old_port: u16 = pkt.load(ip.l4_off + L4_DPORT)?;
+    let ip_check: u16 = pkt.load(ETH_HLEN + IP_CSUM)?;
+    let l4c_off = parse::l4_csum_off(ip);
+    let l4_check: u16 = pkt.load(l4c_off)?;
+
+    pkt.store(ETH_HLEN + IP_DADDR, addr)?;
+    pkt.store(ETH_HLEN + IP_CSUM, csum::update32(ip_check, old_addr, addr))?;
+    pkt.store(ip.l4_off + L4_DPORT, port_be)?;
+    let new = csum::update48(l4_check, old_addr, addr, old_port, port_be);
+    let new = if ip.proto == IPPROTO_UDP { csum::udp_fixup(l4_check, new) } else { new };
+    pkt.store(l4c_off, new)
+}

@@ -1,0 +1,137 @@
+//! Ethernet / IPv4 / TCP / UDP parsing.
+//!
+//! Policy: mesh only touches packets it can prove are service traffic.
+//! Anything it cannot parse far enough to know (a cut Ethernet or IPv4
+//! header, IHL below 5, a total length that does not fit the frame,
+//! non-first fragments, other protocols) goes to the kernel untouched,
+//! which applies its own checks. Service traffic that is malformed above
+//! IPv4 is dropped with a reason (see `fwd`).
+
+use crate::abi::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::pkt::Pkt;
+
+pub const ETH_HLEN: usize = 14;
+/// Offsets inside the IPv4 header.
+pub const IP_CSUM: usize = 10;
+pub const IP_SADDR: usize = 12;
+pub const IP_DADDR: usize = 16;
+/// Offsets inside the TCP/UDP headers.
+pub const L4_SPORT: usize = 0;
+pub const L4_DPORT: usize = 2;
+pub const TCP_CSUM: usize = 16;
+pub const UDP_LEN: usize = 4;
+pub const UDP_CSUM: usize = 6;
+
+/// What the IPv4 header says, with the L4 ports when they are readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ip4 {
+    /// Offset of the TCP/UDP header in the frame (14 + IHL * 4).
+    pub l4_off: usize,
+    /// End of the IPv4 datagram in the frame (14 + total length); bytes
+    /// after it are Ethernet padding.
+    pub l3_end: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    /// Offset 0 with MF set: the first of several fragments.
+    pub first_fragment: bool,
+    /// Non-zero fragment offset: carries no L4 header.
+    pub later_fragment: bool,
+}
+
+/// Parses Ethernet + IPv4 for a TCP or UDP datagram; `None` means "not ours
+/// to judge" (pass it to the kernel).
+#[inline(always)]
+pub fn ipv4(pkt: &Pkt) -> Option<Ip4> {
+    let ethertype: u16 = pkt.load(12)?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let vihl: u8 = pkt.load(ETH_HLEN)?;
+    // The fixed header is needed whole before any field is trusted.
+    let _: [u8; 20] = pkt.load(ETH_HLEN)?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = (vihl & 0x0f) as usize;
+    if ihl < 5 {
+        return None;
+    }
+    let tot_len = u16::from_be(pkt.load::<u16>(ETH_HLEN + 2)?) as usize;
+    let l4_off = ETH_HLEN + ihl * 4;
+    let l3_end = ETH_HLEN + tot_len;
+    if tot_len < ihl * 4 || l3_end > pkt.len() {
+        return None;
+    }
+    let proto: u8 = pkt.load(ETH_HLEN + 9)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let frag = u16::from_be(pkt.load::<u16>(ETH_HLEN + 6)?);
+    let offset = frag & 0x1fff;
+    let more = frag & 0x2000 != 0;
+    Some(Ip4 {
+        l4_off,
+        l3_end,
+        saddr: pkt.load(ETH_HLEN + IP_SADDR)?,
+        daddr: pkt.load(ETH_HLEN + IP_DADDR)?,
+        proto,
+        first_fragment: offset == 0 && more,
+        later_fragment: offset != 0,
+    })
+}
+
+/// The L4 source and destination ports (raw, network order), when the
+/// first four bytes of the L4 header lie inside the datagram.
+#[inline(always)]
+pub fn ports(pkt: &Pkt, ip: &Ip4) -> Option<(u16, u16)> {
+    if ip.l4_off + 4 > ip.l3_end {
+        return None;
+    }
+    Some((pkt.load(ip.l4_off + L4_SPORT)?, pkt.load(ip.l4_off + L4_DPORT)?))
+}
+
+/// Why a service packet's L4 header is unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4Error {
+    Truncated,
+    BadLength,
+}
+
+/// Checks that the whole TCP/UDP header lies inside the datagram and that
+/// its length fields agree with it.
+#[inline(always)]
+pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
+    if ip.proto == IPPROTO_TCP {
+        if ip.l4_off + 20 > ip.l3_end {
+            return Err(L4Error::Truncated);
+        }
+        let doff = (pkt.load::<u8>(ip.l4_off + 12).ok_or(L4Error::Truncated)? >> 4) as usize;
+        if doff < 5 {
+            return Err(L4Error::BadLength);
+        }
+        if ip.l4_off + doff * 4 > ip.l3_end {
+            return Err(L4Error::Truncated);
+        }
+    } else {
+        if ip.l4_off + 8 > ip.l3_end {
+            return Err(L4Error::Truncated);
+        }
+        let ulen =
+            u16::from_be(pkt.load::<u16>(ip.l4_off + UDP_LEN).ok_or(L4Error::Truncated)?) as usize;
+        if ulen < 8 || ip.l4_off + ulen > ip.l3_end {
+            return Err(L4Error::BadLength);
+        }
+    }
+    Ok(())
+}
+
+/// Offset of the L4 checksum field.
+#[inline(always)]
+pub fn l4_csum_off(ip: &Ip4) -> usize {
+    if ip.proto == IPPROTO_TCP {
+        ip.l4_off + TCP_CSUM
+    } else {
+        ip.l4_off + UDP_CSUM
+    }
+}

@@ -1,0 +1,84 @@
+//! Bounds-checked access to packet bytes.
+//!
+//! One type serves both worlds: in the kernel `start`/`end` are the XDP or
+//! TC context's `data`/`data_end`; on the host they span a `Vec<u8>`. Every
+//! access compares `start + off + size` against `end`, which is exactly the
+//! shape the verifier needs to accept the access.
+
+use core::mem::size_of;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Pkt {
+    start: usize,
+    end: usize,
+}
+
+impl Pkt {
+    /// # Safety
+    /// `start..end` must be readable and writable for as long as the value
+    /// is used (a packet's data, or a live buffer).
+    #[inline(always)]
+    pub unsafe fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    /// A view over a host buffer (tests, fixtures, tools).
+    #[inline(always)]
+    pub fn from_slice(buf: &mut [u8]) -> Self {
+        let start = buf.as_mut_ptr() as usize;
+        Self { start, end: start + buf.len() }
+    }
+
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    #[inline(always)]
+    fn ptr<T>(&self, off: usize) -> Option<*mut T> {
+        // Laundered so that LLVM cannot prove this check redundant from
+        // earlier ones (it can, the verifier cannot) nor rebuild the
+        // pointer differently for the access that follows.
+        let p = opaque(self.start + off);
+        if p + size_of::<T>() > self.end {
+            return None;
+        }
+        Some(p as *mut T)
+    }
+
+    /// Reads a `T` at `off` (unaligned), or `None` past the end.
+    #[inline(always)]
+    pub fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        // SAFETY: bounds checked by `ptr`; the constructor's contract.
+        self.ptr::<T>(off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    }
+
+    /// Writes a `T` at `off` (unaligned); `None` past the end.
+    #[inline(always)]
+    pub fn store<T: Copy>(&self, off: usize, v: T) -> Option<()> {
+        // SAFETY: as for `load`.
+        self.ptr::<T>(off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
+    }
+}
+
+/// Hides a value from the optimiser: one register move it cannot see
+/// through (an empty asm block would leave two BTF line records on one
+/// instruction, which the kernel refuses).
+#[inline(always)]
+fn opaque(mut x: usize) -> usize {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: a register-to-itself move.
+    unsafe {
+        core::arch::asm!("{0} = {0}", inout(reg) x, options(nomem, nostack, preserves_flags));
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        x = core::hint::black_box(x);
+    }
+    x
+}

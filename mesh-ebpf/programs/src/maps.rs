@@ -1,0 +1,109 @@
+//! The BPF maps, and the [`Tables`] implementation the shared logic runs on.
+//! Sizes here are defaults; the daemon sets them at load time.
+
+use aya_ebpf::bindings::BPF_F_MMAPABLE;
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use mesh_common::abi::*;
+use mesh_common::fwd::Tables;
+use mesh_common::rev::RevTables;
+
+#[map(name = "MESH_SVC_V1")]
+pub static SERVICES: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "MESH_ADDR4_V1")]
+pub static NODE_ADDR4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
+
+#[map(name = "MESH_BE_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Memory-mappable, so user space writes whole tables with a memcpy. Array
+/// elements are 8-byte aligned, so entries are stored in pairs: entry `i`
+/// is `MAGLEV[i / 2][i % 2]`, and the mapping is a flat `u32` array.
+#[map(name = "MESH_MAGLEV_V1")]
+pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
+
+#[map(name = "MESH_CT4_V1")]
+pub static CT4: LruHashMap<FlowKey4, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "MESH_REV4_V1")]
+pub static REV4: LruHashMap<FlowKey4, RevValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "MESH_SVCST_V1")]
+pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "MESH_DROPS_V1")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(p) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The maps, as the shared packet logic sees them.
+pub struct Maps;
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
+        // SAFETY: values are replaced whole by user space (preallocated
+        // hash: an update swaps in a new element under RCU).
+        unsafe { SERVICES.get(key) }
+    }
+
+    #[inline(always)]
+    fn is_node_addr4(&self, addr: u32) -> bool {
+        NODE_ADDR4.get_ptr(addr).is_some()
+    }
+
+    #[inline(always)]
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+        // SAFETY: as above.
+        unsafe { CT4.get(key) }
+    }
+
+    #[inline(always)]
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue) {
+        // An LRU map evicts instead of failing; an error here can only be
+        // -ENOMEM, and the flow's next packet hashes to the same backend.
+        let _ = REV4.insert(rkey, rev, 0);
+        let _ = CT4.insert(key, ct, 0);
+    }
+
+    #[inline(always)]
+    fn maglev(&self, index: u32) -> Option<u32> {
+        MAGLEV.get(index >> 1).map(|pair| pair[(index & 1) as usize])
+    }
+
+    #[inline(always)]
+    fn backend(&self, id: u32) -> Option<&Backend> {
+        // SAFETY: backends are written once and then only removed.
+        unsafe { BACKENDS.get(id) }
+    }
+
+    #[inline(always)]
+    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
+        if let Some(s) = SVC_STATS.get_ptr_mut(svc_id) {
+            // SAFETY: per-CPU slot.
+            unsafe {
+                (*s).packets += 1;
+                (*s).bytes += bytes;
+                if new_flow {
+                    (*s).new_flows += 1;
+                }
+            }
+        }
+    }
+}
+
+impl RevTables for Maps {
+    #[inline(always)]
+    fn rev_get(&self, key: &FlowKey4) -> Option<&RevValue> {
+        // SAFETY: as for CT4.
+        unsafe { REV4.get(key) }
+    }
+}

@@ -1,0 +1,118 @@
+//! The admin endpoint: `/metrics` (Prometheus text), `/ready` (200 once the
+//! programs are attached and the maps filled), `/live`.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::dataplane::Dataplane;
+
+pub struct Metrics {
+    registry: Registry,
+    svc_packets: IntCounterVec,
+    svc_bytes: IntCounterVec,
+    svc_flows: IntCounterVec,
+    drops: IntCounterVec,
+    pub state_generation: IntGauge,
+    pub state_rejected: IntCounter,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self> {
+        let registry = Registry::new();
+        let labels = &["service", "protocol", "port"];
+        let svc_packets = IntCounterVec::new(
+            Opts::new("mesh_service_packets_total", "Packets the dataplane delivered to a service's tasks."),
+            labels,
+        )?;
+        let svc_bytes = IntCounterVec::new(
+            Opts::new("mesh_service_bytes_total", "Bytes (whole frames) delivered to a service's tasks."),
+            labels,
+        )?;
+        let svc_flows = IntCounterVec::new(
+            Opts::new("mesh_service_new_flows_total", "Flows assigned a backend by Maglev (new or moved)."),
+            labels,
+        )?;
+        let drops = IntCounterVec::new(Opts::new("mesh_drops_total", "Packets dropped, by reason."), &["reason"])?;
+        let state_generation = IntGauge::new("mesh_state_generation", "State files applied since start.")?;
+        let state_rejected = IntCounter::new("mesh_state_rejected_total", "State files refused as invalid.")?;
+        let ready = IntGauge::new("mesh_ready", "1 once programs are attached and maps filled.")?;
+        for c in [&svc_packets, &svc_bytes, &svc_flows, &drops] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(state_generation.clone()))?;
+        registry.register(Box::new(state_rejected.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
+        Ok(Self { registry, svc_packets, svc_bytes, svc_flows, drops, state_generation, state_rejected, ready })
+    }
+
+    /// Brings the counters up to the maps' values and renders them.
+    pub fn render(&self, dp: &Dataplane) -> Result<String> {
+        fn catch_up(c: &IntCounter, v: u64) {
+            let cur = c.get();
+            if v > cur {
+                c.inc_by(v - cur);
+            }
+        }
+        for (name, proto, port, s) in dp.service_stats()? {
+            let (p, port) = (proto.to_string(), port.to_string());
+            let l = [name.as_str(), p.as_str(), port.as_str()];
+            catch_up(&self.svc_packets.with_label_values(&l), s.packets);
+            catch_up(&self.svc_bytes.with_label_values(&l), s.bytes);
+            catch_up(&self.svc_flows.with_label_values(&l), s.new_flows);
+        }
+        for (reason, n) in dp.drops()? {
+            if reason as u32 != 0 {
+                catch_up(&self.drops.with_label_values(&[reason.name()]), n);
+            }
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        Ok(String::from_utf8(buf)?)
+    }
+}
+
+/// Serves the admin endpoint until the process exits.
+pub async fn serve(listener: TcpListener, dp: Arc<Mutex<Dataplane>>, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let (dp, metrics) = (dp.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/live" => ("200 OK", "live\n".to_string()),
+                "/ready" if metrics.ready.get() == 1 => ("200 OK", "ready\n".to_string()),
+                "/ready" => ("503 Service Unavailable", "not ready\n".to_string()),
+                "/metrics" => {
+                    let r = { metrics.render(&dp.lock().unwrap()) };
+                    match r {
+                        Ok(b) => ("200 OK", b),
+                        Err(e) => {
+                            warn!("metrics: {e:#}");
+                            ("500 Internal Server Error", format!("{e:#}\n"))
+                        }
+                    }
+                }
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                debug!("admin: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,322 @@
+//! Loads the BPF object, attaches its programs, and keeps its maps equal to
+//! a [`Desired`] state.
+//!
+//! Updates are make-before-break and never expose a half-written table:
+//! 1. new backends are added (nothing points at them yet);
+//! 2. a changed service gets its new Maglev table written into the half of
+//!    its region that no packet reads, then one hash-map update of its
+//!    service entry switches to it;
+//! 3. removed services, then backends nothing points at, are deleted;
+//!    conntrack entries that named a removed backend then miss, and only
+//!    those flows move.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, AsRawFd};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::abi::*;
+use tracing::{debug, info, warn};
+
+use crate::desired::Desired;
+use crate::plan::{Limits, Op, Planner, Report};
+use crate::state::Proto;
+
+/// The compiled BPF object.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_BPF_OBJ"));
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (driver) mode, falling back to generic where the driver has none.
+    Auto,
+    Native,
+    Generic,
+}
+
+pub struct Dataplane {
+    bpf: Ebpf,
+    maglev: MaglevMap,
+    planner: Planner,
+    tc_ifaces: BTreeSet<String>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// The Maglev array, mapped into our memory.
+struct MaglevMap {
+    ptr: *mut u32,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by the Dataplane and only touched through &mut.
+unsafe impl Send for MaglevMap {}
+
+impl Drop for MaglevMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.bytes) };
+    }
+}
+
+impl Dataplane {
+    /// Loads the object and its programs (the verifier runs here) with the
+    /// given map sizes. Nothing is attached yet. `bpf_log_level` is the
+    /// most verbose aya-log level the programs emit (0 = off, 3 = info,
+    /// 4 = debug).
+    pub fn load(limits: Limits, bpf_log_level: u8) -> Result<Self> {
+        limits.validate()?;
+        raise_memlock();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_SERVICES, limits.max_services)
+            .map_max_entries(MAP_SVC_STATS, limits.max_services)
+            .map_max_entries(MAP_BACKENDS, limits.max_backends)
+            .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
+            .map_max_entries(MAP_CT4, limits.ct_entries)
+            .map_max_entries(MAP_REV4, limits.ct_entries)
+            .override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
+        let mut bpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
+        let logger = match aya_log::EbpfLogger::init(&mut bpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                debug!("no aya-log map in the object: {e}");
+                None
+            }
+        };
+        for name in [PROG_XDP, PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP] {
+            let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
+            p.load().with_context(|| format!("the verifier refused {name}"))?;
+        }
+        for name in [PROG_TC_UPLINK, PROG_TC_TASK] {
+            let p: &mut SchedClassifier =
+                bpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
+            p.load().with_context(|| format!("the verifier refused {name}"))?;
+        }
+        let maglev = {
+            let map = bpf.map(MAP_MAGLEV).context("map MESH_MAGLEV_V1 missing")?;
+            let Map::Array(data) = map else { bail!("MESH_MAGLEV_V1 is not an array") };
+            MaglevMap::new(data, limits.maglev_entries() as usize)?
+        };
+        Ok(Self {
+            bpf,
+            maglev,
+            planner: Planner::new(limits),
+            tc_ifaces: BTreeSet::new(),
+            logger,
+        })
+    }
+
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.bpf
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.bpf
+    }
+
+    pub fn limits(&self) -> &Limits {
+        self.planner.limits()
+    }
+
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// Drains the programs' aya-log records into `log`/tracing.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn log_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.logger.as_ref().map(|l| l.as_raw_fd())
+    }
+
+    /// Attaches XDP and the delivery TC program to the uplink.
+    pub fn attach_uplink(&mut self, iface: &str, mode: XdpAttach) -> Result<()> {
+        let prog: &mut Xdp = self.bpf.program_mut(PROG_XDP).unwrap().try_into()?;
+        match mode {
+            XdpAttach::Native => {
+                prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching XDP (native) to {iface}"))?;
+            }
+            XdpAttach::Generic => {
+                prog.attach(iface, XdpMode::Skb).with_context(|| format!("attaching XDP (generic) to {iface}"))?;
+            }
+            XdpAttach::Auto => {
+                if let Err(e) = prog.attach(iface, XdpMode::Driver) {
+                    warn!(%iface, "native XDP unavailable ({e}); using generic XDP");
+                    prog.attach(iface, XdpMode::Skb).with_context(|| format!("attaching XDP to {iface}"))?;
+                }
+            }
+        }
+        let tc: &mut SchedClassifier = self.bpf.program_mut(PROG_TC_UPLINK).unwrap().try_into()?;
+        tc.attach(iface, TcAttachType::Ingress).with_context(|| format!("attaching TC ingress to {iface}"))?;
+        info!(%iface, "attached XDP and TC to the uplink");
+        Ok(())
+    }
+
+    /// Attaches the reply program to every interface in `ifaces` that does
+    /// not have it yet (interfaces leading to local tasks).
+    pub fn attach_task_ifaces(&mut self, ifaces: &BTreeSet<String>) -> Result<()> {
+        for iface in ifaces.difference(&self.tc_ifaces.clone()) {
+            let tc: &mut SchedClassifier = self.bpf.program_mut(PROG_TC_TASK).unwrap().try_into()?;
+            tc.attach(iface, TcAttachType::Ingress)
+                .with_context(|| format!("attaching TC ingress (replies) to {iface}"))?;
+            info!(%iface, "attached the reply program");
+            self.tc_ifaces.insert(iface.clone());
+        }
+        Ok(())
+    }
+
+    /// Makes the maps hold `d`. A state that does not fit is refused
+    /// before anything is written. If the kernel fails a write midway, the
+    /// applied state stays what it was, so the next apply redoes the rest.
+    pub fn apply(&mut self, d: &Desired) -> Result<Report> {
+        let mut next = self.planner.clone();
+        let (ops, report) = next.plan(d)?;
+        for op in &ops {
+            self.exec(op).with_context(|| format!("applying {op:?}"))?;
+        }
+        self.planner = next;
+        Ok(report)
+    }
+
+    fn exec(&mut self, op: &Op) -> Result<()> {
+        match op {
+            Op::PutBackend(id, be) => {
+                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?.insert(id, be, 0)?
+            }
+            Op::DelBackend(id) => ignore_missing(
+                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?.remove(id),
+            )?,
+            Op::WriteTable { offset, table } => self.maglev.write(*offset as usize, table)?,
+            Op::ResetStats(id) => {
+                let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+                PerCpuArray::<_, SvcStats>::try_from(map(&mut self.bpf, MAP_SVC_STATS)?)?.set(
+                    *id,
+                    PerCpuValues::try_from(vec![SvcStats::default(); n])?,
+                    0,
+                )?
+            }
+            Op::PutService(k, v) => {
+                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?.insert(k, v, 0)?
+            }
+            Op::DelService(k) => ignore_missing(
+                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?.remove(k),
+            )?,
+            Op::PutNodeAddr(a) => {
+                BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?.insert(a, 1, 0)?
+            }
+            Op::DelNodeAddr(a) => ignore_missing(
+                BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?.remove(a),
+            )?,
+        }
+        Ok(())
+    }
+
+    /// Per service (name, protocol, published port) counters, summed over CPUs.
+    pub fn service_stats(&self) -> Result<Vec<(String, Proto, u16, SvcStats)>> {
+        let stats: PerCpuArray<_, SvcStats> = PerCpuArray::try_from(self.bpf.map(MAP_SVC_STATS).unwrap())?;
+        let mut out = Vec::new();
+        for ((proto, port), slot) in &self.planner.services {
+            let per_cpu = stats.get(&slot.svc_id, 0)?;
+            let mut sum = SvcStats::default();
+            for s in per_cpu.iter() {
+                sum.packets += s.packets;
+                sum.bytes += s.bytes;
+                sum.new_flows += s.new_flows;
+            }
+            out.push((slot.name.clone(), *proto, *port, sum));
+        }
+        Ok(out)
+    }
+
+    /// Drop counters by reason, summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(DropReason, u64)>> {
+        let drops: PerCpuArray<_, u64> = PerCpuArray::try_from(self.bpf.map(MAP_DROPS).unwrap())?;
+        let mut out = Vec::new();
+        for r in DropReason::ALL {
+            let v = drops.get(&(r as u32), 0)?;
+            out.push((r, v.iter().sum()));
+        }
+        Ok(out)
+    }
+
+
+    /// Reads one Maglev entry (for tests and tools).
+    pub fn maglev_entry(&self, index: usize) -> Option<u32> {
+        (index < self.maglev.len).then(|| {
+            // SAFETY: in bounds of the mapping.
+            unsafe { std::ptr::read_volatile(self.maglev.ptr.add(index)) }
+        })
+    }
+
+    pub fn floor_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
+        Ok(BpfHashMap::try_from(self.bpf.map_mut(MAP_FLOOR).unwrap())?)
+    }
+
+    /// Every map's entries read back, for checks that no state is half
+    /// applied: services and backends.
+    pub fn service_entries(&self) -> Result<Vec<(SvcKey, SvcValue)>> {
+        let svcs: BpfHashMap<_, SvcKey, SvcValue> = BpfHashMap::try_from(self.bpf.map(MAP_SERVICES).unwrap())?;
+        Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn tc_ifaces(&self) -> &BTreeSet<String> {
+        &self.tc_ifaces
+    }
+
+    pub fn maglev_len(&self) -> usize {
+        self.maglev.len
+    }
+}
+
+impl MaglevMap {
+    fn new(data: &MapData, len: usize) -> Result<Self> {
+        let bytes = (len * 4).next_multiple_of(4096);
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 entries.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if p == libc::MAP_FAILED {
+            bail!("mmap of {MAP_MAGLEV} failed: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { ptr: p as *mut u32, len, bytes })
+    }
+
+    fn write(&mut self, off: usize, table: &[u32]) -> Result<()> {
+        if off + table.len() > self.len {
+            bail!("Maglev region {off}+{} outside the map ({})", table.len(), self.len);
+        }
+        // SAFETY: in bounds (checked); the region is not read by any packet
+        // until the service entry is switched to it.
+        unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.add(off), table.len()) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => Ok(r?),
+    }
+}
+
+fn map<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    bpf.map_mut(name).with_context(|| format!("map {name} missing"))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}

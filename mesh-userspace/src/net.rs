@@ -1,0 +1,67 @@
+//! What the daemon asks the host's network configuration.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The interface the kernel routes `addr` out of (`ip route get`).
+pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["-j", "route", "get", &addr.to_string()])
+        .output()
+        .context("running `ip route get` (iproute2)")?;
+    if !out.status.success() {
+        bail!("no route to task {addr}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
+    let dev = v.get(0).and_then(|r| r.get("dev")).and_then(|d| d.as_str());
+    match dev {
+        Some("lo") => bail!("task {addr} is an address of this host, not behind an interface"),
+        Some(d) => Ok(d.to_string()),
+        None => bail!("route to task {addr} names no device"),
+    }
+}
+
+/// The IPv4 addresses of an interface.
+pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
+    let out = Command::new("ip")
+        .args(["-j", "-4", "addr", "show", "dev", iface])
+        .output()
+        .context("running `ip addr show`")?;
+    if !out.status.success() {
+        bail!("interface {iface}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut addrs = Vec::new();
+    for link in v.as_array().into_iter().flatten() {
+        for a in link.get("addr_info").and_then(|a| a.as_array()).into_iter().flatten() {
+            if let Some(ip) = a.get("local").and_then(|l| l.as_str()).and_then(|s| s.parse().ok()) {
+                addrs.push(ip);
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+/// Fails unless `iface` exists.
+pub fn check_iface(iface: &str) -> Result<()> {
+    if !std::path::Path::new("/sys/class/net").join(iface).exists() {
+        bail!("interface {iface:?} does not exist (see `ip link`)");
+    }
+    Ok(())
+}
+
+/// The FIB lookups the programs make refuse to route for an interface
+/// with IPv4 forwarding off; say so before attaching.
+pub fn check_forwarding(iface: &str) -> Result<()> {
+    let p = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    let v = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
+    if v.trim() != "1" {
+        bail!(
+            "IPv4 forwarding is off on {iface}; mesh forwards between the uplink and the tasks' \
+             interfaces (Docker hosts have it on). Enable it with: sysctl -w net.ipv4.conf.{iface}.forwarding=1"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! The dataplane's state on the host: the same plan the kernel maps get,
+//! applied to hash maps that implement the shared packet logic's table
+//! traits. Unit tests, fixtures and tools run the real forward and reply
+//! logic on it without a kernel.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Result;
+use mesh_common::abi::*;
+use mesh_common::fwd::Tables;
+use mesh_common::rev::RevTables;
+
+use crate::desired::Desired;
+use crate::plan::{Limits, Op, Planner, Report};
+
+pub struct Sim {
+    pub planner: Planner,
+    pub services: HashMap<SvcKey, SvcValue>,
+    pub node_addrs: HashSet<u32>,
+    pub backends: HashMap<u32, Backend>,
+    pub maglev: Vec<u32>,
+    pub ct: RefCell<HashMap<FlowKey4, CtValue>>,
+    pub rev: RefCell<HashMap<FlowKey4, RevValue>>,
+    pub stats: RefCell<HashMap<u32, SvcStats>>,
+}
+
+impl Sim {
+    pub fn new(limits: Limits) -> Self {
+        let n = limits.maglev_entries() as usize;
+        Self {
+            planner: Planner::new(limits),
+            services: HashMap::new(),
+            node_addrs: HashSet::new(),
+            backends: HashMap::new(),
+            maglev: vec![0; n],
+            ct: RefCell::default(),
+            rev: RefCell::default(),
+            stats: RefCell::default(),
+        }
+    }
+
+    pub fn apply(&mut self, d: &Desired) -> Result<Report> {
+        let (ops, report) = self.planner.plan(d)?;
+        for op in ops {
+            self.exec(op);
+        }
+        Ok(report)
+    }
+
+    pub fn exec(&mut self, op: Op) {
+        match op {
+            Op::PutBackend(id, b) => {
+                self.backends.insert(id, b);
+            }
+            Op::DelBackend(id) => {
+                self.backends.remove(&id);
+            }
+            Op::WriteTable { offset, table } => {
+                let o = offset as usize;
+                self.maglev[o..o + table.len()].copy_from_slice(&table);
+            }
+            Op::ResetStats(id) => {
+                self.stats.borrow_mut().remove(&id);
+            }
+            Op::PutService(k, v) => {
+                self.services.insert(k, v);
+            }
+            Op::DelService(k) => {
+                self.services.remove(&k);
+            }
+            Op::PutNodeAddr(a) => {
+                self.node_addrs.insert(a);
+            }
+            Op::DelNodeAddr(a) => {
+                self.node_addrs.remove(&a);
+            }
+        }
+    }
+}
+
+impl Tables for Sim {
+    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
+        self.services.get(key)
+    }
+    fn is_node_addr4(&self, addr: u32) -> bool {
+        self.node_addrs.contains(&addr)
+    }
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+        // SAFETY: entries are only added or replaced through `ct_put`,
+        // never while a returned reference is alive within one `process`
+        // call (which reads before it writes).
+        unsafe { (*self.ct.as_ptr()).get(key) }
+    }
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue) {
+        self.rev.borrow_mut().insert(*rkey, *rev);
+        self.ct.borrow_mut().insert(*key, *ct);
+    }
+    fn maglev(&self, index: u32) -> Option<u32> {
+        self.maglev.get(index as usize).copied()
+    }
+    fn backend(&self, id: u32) -> Option<&Backend> {
+        self.backends.get(&id)
+    }
+    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
+        let mut s = self.stats.borrow_mut();
+        let e = s.entry(svc_id).or_default();
+        e.packets += 1;
+        e.bytes += bytes;
+        e.new_flows += new_flow as u64;
+    }
+}
+
+impl RevTables for Sim {
+    fn rev_get(&self, key: &FlowKey4) -> Option<&RevValue> {
+        // SAFETY: as for `ct_get`.
+        unsafe { (*self.rev.as_ptr()).get(key) }
+    }
+}

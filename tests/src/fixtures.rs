@@ -1,0 +1,389 @@
+//! The behaviour of the forward path as data, in the manner of Katran's
+//! testing fixtures: a name, an input frame, the verdict and the output
+//! bytes expected, over one fixed table content (the "world"). The same
+//! fixtures run against the host logic (`run_host`), through
+//! BPF_PROG_TEST_RUN against the real object (`BpfWorld::run`), and as the
+//! micro-benchmark's inputs.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use mesh_common::abi::{DropReason, XDP_META_MAGIC};
+use mesh_common::fwd::{self, Verdict};
+use mesh_common::pkt::Pkt;
+use mesh_userspace::dataplane::Dataplane;
+use mesh_userspace::desired::Desired;
+use mesh_userspace::plan::Limits;
+use mesh_userspace::sim::Sim;
+use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
+
+use crate::packet::{Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums_ok};
+
+pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
+pub const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 2);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
+pub const TASKS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(198, 18, 129, 2), Ipv4Addr::new(198, 18, 129, 3), Ipv4Addr::new(198, 18, 129, 4)];
+pub const FAR_TASK: Ipv4Addr = Ipv4Addr::new(198, 18, 130, 2);
+pub const WEB_TCP: u16 = 30080;
+pub const WEB_UDP: u16 = 30053;
+pub const EMPTY_TCP: u16 = 30099;
+pub const FAR_TCP: u16 = 30070;
+
+/// XDP return codes.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// The table contents every fixture runs against.
+pub fn world_toml() -> String {
+    let mut s = format!(
+        r#"
+[[nodes]]
+name = "n1"
+addr = "{NODE}"
+[[nodes]]
+name = "n2"
+addr = "{OTHER_NODE}"
+
+[[services]]
+name = "web"
+ports = [ {{ protocol = "tcp", published = {WEB_TCP}, target = 8080 }},
+          {{ protocol = "udp", published = {WEB_UDP}, target = 5353 }} ]
+[[services]]
+name = "empty"
+ports = [ {{ protocol = "tcp", published = {EMPTY_TCP}, target = 80 }} ]
+[[services]]
+name = "far"
+ports = [ {{ protocol = "tcp", published = {FAR_TCP}, target = 80 }} ]
+
+[[tasks]]
+service = "far"
+node = "n2"
+addr = "{FAR_TASK}"
+"#
+    );
+    for t in TASKS {
+        s += &format!("[[tasks]]\nservice = \"web\"\nnode = \"n1\"\naddr = \"{t}\"\n");
+    }
+    s
+}
+
+pub fn world() -> Desired {
+    let state = State::parse(&world_toml(), "world.toml", &DEFAULT_PORT_RANGE).expect("world parses");
+    Desired::compute(&state, "n1", &[])
+}
+
+pub fn limits() -> Limits {
+    Limits { maglev_size: 1021, max_services: 64, max_backends: 1024, ct_entries: 65536 }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Pass,
+    Drop(DropReason),
+    /// DNAT to one of the service's tasks: the output must equal `spec`
+    /// rebuilt from scratch with the chosen task's address and target port.
+    Local { target: u16 },
+}
+
+#[derive(Clone, Debug)]
+pub struct Fixture {
+    pub name: &'static str,
+    pub input: Vec<u8>,
+    /// For `Local`: the spec the input was built from.
+    pub spec: Option<Spec>,
+    pub expect: Expect,
+}
+
+fn fix_ip_csum(f: &mut [u8]) {
+    let ihl = ((f[14] & 0x0f) as usize * 4).max(20);
+    f[24] = 0;
+    f[25] = 0;
+    let end = (14 + ihl).min(f.len());
+    let c = mesh_common::csum::checksum(&f[14..end], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+fn set_tot_len(f: &mut [u8], len: u16) {
+    f[16..18].copy_from_slice(&len.to_be_bytes());
+    fix_ip_csum(f);
+}
+
+/// The fixtures, in order: the TCP ones share one flow (SYN first, so the
+/// later ones exercise the established path).
+pub fn all() -> Vec<Fixture> {
+    let mut v = Vec::new();
+    let tcp = |flags| Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, flags);
+    let local = |name, spec: Spec, target| Fixture { name, input: spec.build(), spec: Some(spec), expect: Expect::Local { target } };
+    let raw = |name, input: Vec<u8>, expect| Fixture { name, input, spec: None, expect };
+
+    v.push(local("tcp_syn_new_flow", tcp(TCP_SYN), 8080));
+    v.push(local("tcp_ack_established", tcp(TCP_ACK), 8080));
+    v.push(local("tcp_data_established", Spec { payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(), ..tcp(TCP_ACK | TCP_PSH) }, 8080));
+    v.push(local("tcp_fin", tcp(TCP_FIN | TCP_ACK), 8080));
+    v.push(local("tcp_rst", tcp(TCP_RST), 8080));
+    v.push(local("tcp_ip_options", Spec { ip_options: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0], ..Spec::tcp(CLIENT, 40002, NODE, WEB_TCP, TCP_SYN) }, 8080));
+    v.push(local("udp_request", Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"ping"), 5353));
+    v.push(local("udp_empty_payload", Spec::udp(CLIENT, 5001, NODE, WEB_UDP, b""), 5353));
+    v.push(local("udp_no_checksum", Spec { udp_no_csum: true, ..Spec::udp(CLIENT, 5002, NODE, WEB_UDP, b"x") }, 5353));
+    {
+        // Ethernet padding after a short datagram must survive untouched.
+        let spec = Spec::udp(CLIENT, 5003, NODE, WEB_UDP, b"pad");
+        let mut input = spec.build();
+        input.resize(60, 0xee);
+        v.push(Fixture { name: "udp_ethernet_padding", input, spec: Some(spec), expect: Expect::Local { target: 5353 } });
+    }
+
+    v.push(raw("tcp_unpublished_port", Spec::tcp(CLIENT, 40001, NODE, 30081, TCP_SYN).build(), Expect::Pass));
+    v.push(raw("tcp_ssh_port", Spec::tcp(CLIENT, 40001, NODE, 22, TCP_SYN).build(), Expect::Pass));
+    v.push(raw("tcp_other_address", Spec::tcp(CLIENT, 40001, Ipv4Addr::new(198, 18, 128, 9), WEB_TCP, TCP_SYN).build(), Expect::Pass));
+    v.push(raw("udp_unpublished_port", Spec::udp(CLIENT, 5000, NODE, 30054, b"x").build(), Expect::Pass));
+    {
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        arp.extend_from_slice(&CLIENT.octets());
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&NODE.octets());
+        v.push(raw("arp_request", arp, Expect::Pass));
+    }
+    v.push(raw("icmp_echo", Spec { proto: 1, payload: vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0], ..Spec::tcp(CLIENT, 0, NODE, 0, 0) }.build(), Expect::Pass));
+    {
+        let mut v6 = Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, TCP_SYN).build();
+        v6[12] = 0x86;
+        v6[13] = 0xdd;
+        v.push(raw("ipv6_ethertype", v6, Expect::Pass));
+    }
+    v.push(raw("truncated_ethernet", vec![0xff; 10], Expect::Pass));
+    {
+        let mut f = tcp(TCP_SYN).build();
+        f.truncate(14 + 12);
+        v.push(raw("truncated_ipv4_header", f, Expect::Pass));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        f[14] = 0x44;
+        fix_ip_csum(&mut f);
+        v.push(raw("ipv4_ihl_below_5", f, Expect::Pass));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        f[14] = 0x65;
+        v.push(raw("ip_version_6_in_ipv4_frame", f, Expect::Pass));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        set_tot_len(&mut f, 20 + 20 + 100);
+        v.push(raw("total_length_longer_than_frame", f, Expect::Pass));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        set_tot_len(&mut f, 16);
+        v.push(raw("total_length_shorter_than_header", f, Expect::Pass));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        set_tot_len(&mut f, 20 + 10);
+        f.truncate(14 + 30);
+        v.push(raw("truncated_tcp_header", f, Expect::Drop(DropReason::L4Truncated)));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        set_tot_len(&mut f, 20 + 2);
+        f.truncate(14 + 22);
+        v.push(raw("tcp_ports_cut", f, Expect::Pass));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        f[14 + 20 + 12] = 4 << 4;
+        v.push(raw("tcp_data_offset_below_5", f, Expect::Drop(DropReason::L4BadLength)));
+    }
+    {
+        let mut f = tcp(TCP_SYN).build();
+        f[14 + 20 + 12] = 15 << 4;
+        v.push(raw("tcp_data_offset_past_end", f, Expect::Drop(DropReason::L4Truncated)));
+    }
+    {
+        let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"").build();
+        set_tot_len(&mut f, 20 + 4);
+        f.truncate(14 + 24);
+        v.push(raw("truncated_udp_header", f, Expect::Drop(DropReason::L4Truncated)));
+    }
+    {
+        let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"abcd").build();
+        f[14 + 20 + 4] = 0;
+        f[14 + 20 + 5] = 0;
+        v.push(raw("udp_length_zero", f, Expect::Drop(DropReason::L4BadLength)));
+    }
+    {
+        let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"abcd").build();
+        f[14 + 20 + 5] = 200;
+        v.push(raw("udp_length_past_datagram", f, Expect::Drop(DropReason::L4BadLength)));
+    }
+    v.push(raw("first_fragment", Spec { frag: 0x2000, ..Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"frag") }.build(), Expect::Drop(DropReason::Fragment)));
+    v.push(raw("later_fragment", Spec { frag: 0x0010, ..Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"frag") }.build(), Expect::Pass));
+    v.push(raw("service_without_tasks", Spec::tcp(CLIENT, 40001, NODE, EMPTY_TCP, TCP_SYN).build(), Expect::Drop(DropReason::NoBackend)));
+    v.push(raw("task_on_other_node", Spec::tcp(CLIENT, 40001, NODE, FAR_TCP, TCP_SYN).build(), Expect::Drop(DropReason::RemoteBackend)));
+    v
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub expect: Expect,
+    pub output: Vec<u8>,
+}
+
+/// Checks an outcome against a fixture; `chosen` is the task address the
+/// run delivered to (read from the output for `Local`).
+pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
+    if got.expect != fx.expect {
+        return Err(format!("{}: verdict {:?}, expected {:?}", fx.name, got.expect, fx.expect));
+    }
+    match &fx.expect {
+        Expect::Local { target } => {
+            let out = &got.output;
+            let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+            let spec = fx.spec.as_ref().expect("local fixtures carry their spec");
+            // The task the host logic would pick for this flow from a fresh table.
+            let flow = mesh_common::abi::FlowKey4 {
+                saddr: u32::from_ne_bytes(spec.saddr.octets()),
+                daddr: u32::from_ne_bytes(spec.daddr.octets()),
+                sport_be: spec.sport.to_be(),
+                dport_be: spec.dport.to_be(),
+                proto: spec.proto,
+                _pad: [0; 3],
+            };
+            let svc = world.services.get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto)).ok_or("no service")?;
+            let (_, be) = fwd::select(world, svc, &flow).map_err(|r| format!("{}: select {r:?}", fx.name))?;
+            let maglev_pick = Ipv4Addr::from(be.addr[0].to_ne_bytes());
+            if chosen != maglev_pick {
+                return Err(format!("{}: delivered to {chosen}, Maglev picks {maglev_pick}", fx.name));
+            }
+            let mut expected = Spec { daddr: chosen, dport: *target, ..spec.clone() }.build();
+            if fx.input.len() > expected.len() {
+                expected.extend_from_slice(&fx.input[expected.len()..]);
+            }
+            if *out != expected {
+                return Err(format!("{}: output differs\n got      {:02x?}\n expected {:02x?}", fx.name, out, expected));
+            }
+            if !checksums_ok(out) {
+                return Err(format!("{}: bad checksum in output", fx.name));
+            }
+        }
+        _ => {
+            if got.output != fx.input {
+                return Err(format!("{}: a {:?} verdict must not rewrite the packet", fx.name, fx.expect));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A host world: the planner's ops applied to hash maps.
+pub fn host_world() -> Sim {
+    let mut sim = Sim::new(limits());
+    sim.apply(&world()).expect("world applies");
+    sim
+}
+
+/// Runs a fixture through the shared logic on the host.
+pub fn run_host(sim: &Sim, fx: &Fixture) -> Outcome {
+    let mut buf = fx.input.clone();
+    let v = fwd::process(&Pkt::from_slice(&mut buf), sim);
+    let expect = match v {
+        Verdict::Pass => Expect::Pass,
+        Verdict::Drop(r) => Expect::Drop(r),
+        Verdict::Local { backend_id } => Expect::Local { target: u16::from_be(sim.backends[&backend_id].port_be) },
+    };
+    Outcome { expect, output: buf }
+}
+
+/// The real object, loaded (not attached) and filled with the world.
+pub struct BpfWorld {
+    pub dp: Dataplane,
+}
+
+/// One BPF_PROG_TEST_RUN.
+pub struct Run {
+    pub ret: u32,
+    /// The packet as the program left it (metadata excluded).
+    pub output: Vec<u8>,
+    /// XDP metadata the program left in front of the packet.
+    pub meta: Vec<u8>,
+    pub ns: u64,
+}
+
+impl BpfWorld {
+    pub fn new() -> Result<Self> {
+        Self::with(limits(), &world())
+    }
+
+    pub fn with(limits: Limits, d: &Desired) -> Result<Self> {
+        let mut dp = Dataplane::load(limits, 0).context("loading the BPF object (needs root)")?;
+        dp.apply(d)?;
+        Ok(Self { dp })
+    }
+
+    /// Runs XDP program `prog` once on `input` (repeat = 1).
+    pub fn run_xdp(&self, prog: &str, input: &[u8]) -> Result<Run> {
+        let p: &Xdp = self.dp.ebpf().program(prog).context("no such program")?.try_into()?;
+        let mut out = vec![0u8; input.len() + 256];
+        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx_in = [0u8; 24];
+        ctx_in[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+        let mut ctx_out = [0u8; 24];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        let data = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
+        let meta_off = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()) as usize;
+        let meta_len = data.saturating_sub(meta_off);
+        let meta = out[..meta_len.min(out.len())].to_vec();
+        let output = out[meta_len.min(out.len())..].to_vec();
+        Ok(Run { ret: r.return_value, output, meta, ns: r.duration.as_nanos() as u64 })
+    }
+
+    /// Runs a fixture through `mesh_xdp`.
+    pub fn run(&self, fx: &Fixture) -> Result<Outcome> {
+        let r = self.run_xdp(mesh_common::abi::PROG_XDP, &fx.input)?;
+        let expect = match r.ret {
+            XDP_PASS if r.meta.len() == 8 => {
+                let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
+                if magic != XDP_META_MAGIC {
+                    anyhow::bail!("{}: metadata without the mesh magic: {:02x?}", fx.name, r.meta);
+                }
+                let port = u16::from_be_bytes([r.output[14 + ihl(&r.output) + 2], r.output[14 + ihl(&r.output) + 3]]);
+                Expect::Local { target: port }
+            }
+            XDP_PASS => Expect::Pass,
+            XDP_DROP => Expect::Drop(self.last_drop_reason()?.context("XDP_DROP without a counted reason")?),
+            other => anyhow::bail!("{}: unexpected XDP action {other}", fx.name),
+        };
+        Ok(Outcome { expect, output: r.output })
+    }
+
+    /// The reason whose counter grew since the previous call.
+    fn last_drop_reason(&self) -> Result<Option<DropReason>> {
+        thread_local!(static LAST: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) });
+        let now: Vec<(DropReason, u64)> = self.dp.drops()?;
+        let counts: Vec<u64> = now.iter().map(|(_, n)| *n).collect();
+        let found = LAST.with(|l| {
+            let prev = l.borrow().clone();
+            *l.borrow_mut() = counts.clone();
+            now.iter().enumerate().find(|(i, (_, n))| *n > prev.get(*i).copied().unwrap_or(0)).map(|(_, (r, _))| *r)
+        });
+        Ok(found)
+    }
+}
+
+fn ihl(f: &[u8]) -> usize {
+    (f[14] & 0x0f) as usize * 4
+}
