@@ -150,8 +150,27 @@ fn node_name(a: &StateArgs) -> Result<String> {
     Ok(h.trim().to_string())
 }
 
+/// Reads the state file once; returns its bytes (what a later change is
+/// compared with) and, when they are valid, the state.
+fn read_state(a: &StateArgs, node: &str) -> (Option<Vec<u8>>, Result<State>) {
+    let file = a.state.display().to_string();
+    match std::fs::read(&a.state) {
+        Ok(bytes) => {
+            let s = match String::from_utf8(bytes.clone()) {
+                Ok(text) => State::parse(&text, &file, &a.port_range).map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("{file}: not UTF-8 text")),
+            };
+            (Some(bytes), s.and_then(|s| check_node(a, s, node)))
+        }
+        Err(e) => (None, Err(anyhow::anyhow!("{file}: cannot read: {e}"))),
+    }
+}
+
 fn load_state(a: &StateArgs, node: &str) -> Result<State> {
-    let s = State::load(&a.state, &a.port_range)?;
+    read_state(a, node).1
+}
+
+fn check_node(a: &StateArgs, s: State, node: &str) -> Result<State> {
     if s.node(node).is_none() {
         bail!(
             "{}: this node ({node:?}) is not in nodes[] (pass --node NAME; nodes are: {})",
@@ -194,7 +213,8 @@ async fn run(a: RunArgs) -> Result<()> {
         ct_entries: a.ct_entries,
     };
     limits.validate()?;
-    let state = load_state(&a.state, &node)?;
+    let (mut last, state) = read_state(&a.state, &node);
+    let state = state?;
     let desired = Desired::compute(&state, &node, &a.node_addrs);
     let task_ifaces = task_ifaces(&a, &desired)?;
     let listener = tokio::net::TcpListener::bind(a.admin_addr)
@@ -231,7 +251,6 @@ async fn run(a: RunArgs) -> Result<()> {
         ),
         None => None,
     };
-    let mut last = std::fs::read(&a.state.state).ok();
     let mut generation = 1i64;
     loop {
         let forced = tokio::select! {
@@ -247,12 +266,14 @@ async fn run(a: RunArgs) -> Result<()> {
                 continue;
             }
         };
-        let now = std::fs::read(&a.state.state).ok();
+        // The bytes compared are the bytes parsed: a change that lands
+        // between two reads is never missed.
+        let (now, state) = read_state(&a.state, &node);
         if !forced && now == last {
             continue;
         }
         last = now;
-        match reload(&a, &node, &dp) {
+        match state.and_then(|s| reload(&a, &node, &s, &dp)) {
             Ok(report) => {
                 generation += 1;
                 metrics.state_generation.set(generation);
@@ -271,9 +292,8 @@ async fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn reload(a: &RunArgs, node: &str, dp: &Arc<Mutex<Dataplane>>) -> Result<mesh_userspace::plan::Report> {
-    let state = load_state(&a.state, node)?;
-    let desired = Desired::compute(&state, node, &a.node_addrs);
+fn reload(a: &RunArgs, node: &str, state: &State, dp: &Arc<Mutex<Dataplane>>) -> Result<mesh_userspace::plan::Report> {
+    let desired = Desired::compute(state, node, &a.node_addrs);
     let ifaces = task_ifaces(a, &desired)?;
     let mut dp = dp.lock().unwrap();
     dp.attach_task_ifaces(&ifaces)?;

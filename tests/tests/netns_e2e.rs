@@ -51,3 +51,186 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
     let _ = Duration::ZERO;
 }
+
+/// Applies a new task set and waits for meshd to report it.
+fn apply(lab: &Lab, tasks: &[usize], generation: u32) {
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(&lab.state_toml(tasks)).unwrap();
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(skip, &format!("generation {generation} "), Duration::from_secs(10))
+        .expect("state applied");
+}
+
+#[test]
+fn root_long_lived_connections_survive_backend_changes_and_removed_backends_end() {
+    let lab = lab_with_meshd(4, &[1, 2, 3]);
+    // Connections until every backend holds at least two.
+    let mut conns: Vec<(String, mesh_tests::lab::Conn)> = Vec::new();
+    for _ in 0..200 {
+        let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+        let t = c.task().unwrap();
+        conns.push((t, c));
+        let per = |n: &str| conns.iter().filter(|(t, _)| t == n).count();
+        if ["task1", "task2", "task3"].iter().all(|n| per(n) >= 2) {
+            break;
+        }
+    }
+    assert!(conns.iter().any(|(t, _)| t == "task2"), "no connection reached task2");
+
+    // A fourth backend: every open connection stays where it is.
+    apply(&lab, &[1, 2, 3, 4], 2);
+    for (t, c) in conns.iter_mut() {
+        assert_eq!(&c.task().expect("connection survives the added backend"), t);
+    }
+    // New flows reach the fourth.
+    let mut seen = BTreeMap::new();
+    for i in 0..80 {
+        let a = lab.tcp_request(WEB_TCP, &format!("n{i}")).unwrap();
+        *seen.entry(a.split_whitespace().next().unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert!(seen.contains_key("task4"), "the added backend gets new flows: {seen:?}");
+
+    // Remove task2: its connections end, the others carry on.
+    apply(&lab, &[1, 3, 4], 3);
+    for (t, c) in conns.iter_mut() {
+        let r = c.ask("after");
+        if t == "task2" {
+            assert!(r.is_err(), "a connection to the removed backend must end, got {r:?}");
+        } else {
+            assert_eq!(r.expect("connection to a remaining backend survives").split_whitespace().next().unwrap(), t);
+        }
+    }
+    for i in 0..40 {
+        let a = lab.tcp_request(WEB_TCP, &format!("m{i}")).unwrap();
+        assert!(!a.starts_with("task2 "), "a removed backend got a new flow");
+    }
+}
+
+#[test]
+fn root_unpublished_ports_and_other_traffic_reach_the_node_itself() {
+    let lab = lab_with_meshd(1, &[1]);
+    // A service of the node's own on a port in the range that nobody publishes.
+    let listener = mesh_tests::lab::in_netns(&lab.node_ns, || std::net::TcpListener::bind(("0.0.0.0", 31999)))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+        (&s).write_all(format!("node {line}").as_bytes()).unwrap();
+    });
+    assert_eq!(lab.tcp_request(31999, "hi").unwrap(), "node hi");
+    server.join().unwrap();
+    // ICMP (and the ARP before it) pass untouched.
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.client_ns, "ping", "-c1", "-W2", &lab.node_addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "ping the node: {}", String::from_utf8_lossy(&ping.stdout));
+    // A published port still works beside it.
+    assert!(lab.tcp_request(WEB_TCP, "x").unwrap().starts_with("task1 "));
+}
+
+#[test]
+fn root_updates_are_hitless_under_continuous_traffic() {
+    let lab = lab_with_meshd(4, &[1, 2, 3]);
+    let mut long = lab.tcp_connect(WEB_TCP).unwrap();
+    let long_task = long.task().unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failures) = std::thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut failures) = (0u32, Vec::new());
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // A new UDP flow per request: each one is a fresh Maglev lookup.
+                match lab.udp_request(WEB_UDP, "h") {
+                    Ok((_, from)) if from == SocketAddr::from((lab.node_addr, WEB_UDP)) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                match long.ask("h") {
+                    Ok(a) if a.starts_with(&long_task) => {}
+                    other => failures.push(format!("long-lived: {other:?}")),
+                }
+                sent += 1;
+            }
+            (sent, failures)
+        });
+        // Twenty updates: the fourth task joins and leaves (it keeps serving,
+        // so a request it took just before leaving is still answered).
+        for g in 0..20u32 {
+            let tasks: &[usize] = if g % 2 == 0 { &[1, 2, 3, 4] } else { &[1, 2, 3] };
+            apply(&lab, tasks, g + 2);
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        traffic.join().unwrap()
+    });
+    assert!(sent > 50, "too little traffic to prove anything: {sent}");
+    assert!(failures.is_empty(), "{} of {sent} rounds failed during updates: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0, "drops during updates");
+}
+
+#[test]
+fn root_a_bad_state_file_is_refused_and_the_last_good_state_keeps_serving() {
+    let lab = lab_with_meshd(2, &[1]);
+    let skip = lab.meshd().unwrap().log_len();
+    let bad = lab.state_toml(&[1, 2]).replace("published = 30053", "published = 30080").replace("protocol = \"udp\"", "protocol = \"tcp\"");
+    lab.write_state(&bad).unwrap();
+    let line = lab.meshd().unwrap().wait_log_after(skip, "state refused", Duration::from_secs(10)).unwrap();
+    assert!(line.contains("state.toml") && line.contains("published") && line.contains("30080"), "{line}");
+    assert_eq!(lab.metric("mesh_state_rejected_total", "").unwrap(), 1);
+    for i in 0..20 {
+        assert!(lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap().starts_with("task1 "), "old state serves");
+    }
+    // Unknown fields and bad addresses too.
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(&lab.state_toml(&[1, 2]).replace("addr = ", "adress = ")).unwrap();
+    lab.meshd().unwrap().wait_log_after(skip, "state refused", Duration::from_secs(10)).unwrap();
+    // A good file is applied again.
+    apply(&lab, &[1, 2], 2);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        seen.insert(lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap().split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
+    let mut lab = lab_with_meshd(1, &[1]);
+    let attached = attached_programs(&lab);
+    assert_eq!(attached, ["up0 xdp", "up0 tcx mesh_tc_uplink", "br0 tcx mesh_tc_task"], "attached while running");
+    assert!(lab.tcp_request(WEB_TCP, "x").is_ok());
+    let status = lab.stop_meshd().unwrap();
+    assert!(status.success(), "meshd exit status {status}");
+    let after = attached_programs(&lab);
+    assert!(after.is_empty(), "still attached after SIGTERM: {after:?}");
+    // Without the mesh the node's own stack answers: nothing listens there.
+    assert!(lab.tcp_request(WEB_TCP, "x").is_err());
+
+    let (slot, dir) = (lab.slot, lab.dir.clone());
+    drop(lab);
+    let left = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    assert!(!left.split_whitespace().any(|n| n.starts_with(&format!("mk{slot}"))), "namespaces left: {left}");
+    assert!(!dir.exists(), "lab directory left: {}", dir.display());
+}
+
+/// What is attached in the node: XDP on the uplink, TCX programs on the
+/// uplink and the bridge (queried from inside the node's namespace).
+fn attached_programs(lab: &Lab) -> Vec<String> {
+    let mut out = Vec::new();
+    let link = std::process::Command::new("ip").args(["-n", &lab.node_ns, "-d", "link", "show", "up0"]).output().unwrap();
+    if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
+        out.push("up0 xdp".to_string());
+    }
+    for dev in ["up0", "br0"] {
+        let names = mesh_tests::lab::in_netns(&lab.node_ns, move || {
+            aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
+                .map(|(_, progs)| progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect::<Vec<_>>())
+        })
+        .unwrap()
+        .unwrap_or_default();
+        out.extend(names.into_iter().map(|n| format!("{dev} tcx {n}")));
+    }
+    out
+}
