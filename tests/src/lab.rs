@@ -339,6 +339,11 @@ impl Conn {
         Ok(answer.trim_end().to_string())
     }
 
+    /// The address this connection is connected to.
+    pub fn peer(&self) -> Result<SocketAddr> {
+        Ok(self.stream.peer_addr()?)
+    }
+
     /// The task that answers on this connection.
     pub fn task(&mut self) -> Result<String> {
         Ok(self.ask("who")?.split_whitespace().next().unwrap_or_default().to_string())

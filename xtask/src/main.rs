@@ -1,1 +1,175 @@
-fn main(){}
+//! Project tasks. Needs nothing but std and anyhow, so it builds on a
+//! fresh machine before anything else is installed.
+//!
+//!   cargo xtask setup               install what the build needs (idempotent)
+//!   cargo xtask demo                set up, build, run the demo lab
+//!   cargo xtask test                set up, build, run the whole test suite
+//!   cargo xtask bench micro --out F set up, build, run the micro-benchmark
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: Debian's rustc with a prebuilt BPF `core`
+/// (../shared/TOOLCHAIN.md), LLVM 22 for bpf-linker, and the tools the
+/// labs use.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "clang-19",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "ethtool",
+    "iputils-ping",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <setup | demo | test [cargo test args] | bench micro [--out FILE.json] [--rounds N] [--calls N]>"
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = root();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("demo") => {
+            need_root("the demo builds network namespaces and loads BPF programs")?;
+            setup()?;
+            say("building (release)");
+            cargo(&root, &["build", "--release", "-p", "mesh-userspace", "-p", "mesh-tests", "--bins"])?;
+            say("running the demo");
+            let st = Command::new(root.join("target/release/mesh-demo"))
+                .env("MESHD", root.join("target/release/meshd"))
+                .status()?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        Some("test") => {
+            need_root("the suite includes tests that load BPF programs and build network namespaces")?;
+            setup()?;
+            say("building (the end-to-end tests run the meshd binary)");
+            cargo(&root, &["build", "--workspace", "--bins"])?;
+            say("running the whole test suite");
+            let mut a = vec!["test", "--workspace", "--no-fail-fast"];
+            a.extend(args[1..].iter().map(String::as_str));
+            cargo(&root, &a)
+        }
+        Some("bench") if args.get(1).map(String::as_str) == Some("micro") => {
+            need_root("the benchmark loads BPF programs")?;
+            setup()?;
+            let mut a = vec!["run", "--release", "-p", "mesh-bench", "--", "micro"];
+            a.extend(args[2..].iter().map(String::as_str));
+            cargo(&root, &a)
+        }
+        Some("-h" | "--help" | "help") | None => {
+            println!("{}", usage());
+            Ok(())
+        }
+        Some(other) => bail!("unknown task {other:?}\n{}", usage()),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn say(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn need_root(why: &str) -> Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo).args(args).current_dir(dir).status().context("running cargo")?;
+    if !st.success() {
+        bail!("cargo {} failed ({st})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Installs what is missing, and says so; does nothing when all is there.
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        say("setup: Debian packages present");
+    } else {
+        need_root("installing Debian packages")?;
+        say(&format!("setup: installing Debian packages: {}", missing.join(" ")));
+        run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists() {
+        bail!("/usr/lib/rustlib/bpfel-unknown-none is missing although libstd-rust-web-dev-bpf is installed");
+    }
+    let linker = home().join(".cargo/bin/bpf-linker");
+    let have = Command::new(&linker).arg("--version").output().ok().filter(|o| o.status.success());
+    match have {
+        Some(o) if String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION) => {
+            say(&format!("setup: bpf-linker {BPF_LINKER_VERSION} present"));
+        }
+        _ => {
+            say(&format!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"));
+            let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+            run_cmd(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+                    .args(["--no-default-features", "--features", "llvm-22"])
+                    .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                    .env("PATH", path),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn run_cmd(c: &mut Command) -> Result<()> {
+    let st = c.status().with_context(|| format!("running {c:?}"))?;
+    if !st.success() {
+        bail!("{c:?} failed ({st})");
+    }
+    Ok(())
+}
