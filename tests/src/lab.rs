@@ -71,6 +71,8 @@ pub struct Lab {
     servers: Vec<TaskServer>,
     meshd: Option<Meshd>,
     extra_ns: Vec<String>,
+    /// RUST_LOG for meshd.
+    pub meshd_log: String,
 }
 
 impl Lab {
@@ -104,6 +106,7 @@ impl Lab {
             servers: Vec::new(),
             meshd: None,
             extra_ns: Vec::new(),
+            meshd_log: "info".into(),
         };
         lab.build(tasks).with_context(|| format!("building lab slot {k}"))?;
         Ok(lab)
@@ -238,7 +241,7 @@ impl Lab {
             ADMIN.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let m = Meshd::spawn(&args)?;
+        let m = Meshd::spawn(&args, &self.meshd_log)?;
         self.meshd = Some(m);
         self.meshd()?.wait_log("meshd ready", Duration::from_secs(30))?;
         Ok(())
@@ -437,10 +440,11 @@ pub struct Meshd {
 }
 
 impl Meshd {
-    pub fn spawn(ip_args: &[String]) -> Result<Meshd> {
+    pub fn spawn(ip_args: &[String], rust_log: &str) -> Result<Meshd> {
         let mut child = Command::new("ip")
             .args(ip_args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -234,3 +234,22 @@ fn attached_programs(lab: &Lab) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn root_bpf_log_lines_reach_the_daemon_log_only_when_asked() {
+    // A service without tasks: its packets are dropped (reason no_backend).
+    let mut lab = Lab::new(1).unwrap();
+    lab.write_state(&lab.state_toml(&[])).unwrap();
+    lab.meshd_log = "debug".into();
+    lab.start_meshd(&meshd_path().unwrap(), &["--bpf-log-level", "debug"]).unwrap();
+    assert!(lab.udp_request(WEB_UDP, "x").is_err(), "no task, no answer");
+    lab.meshd().unwrap().wait_log("xdp drop: reason 4", Duration::from_secs(10)).unwrap();
+    assert_eq!(lab.metric("mesh_drops_total", "reason=\"no_backend\"").unwrap(), 1);
+    lab.stop_meshd().unwrap();
+
+    // By default (info) the programs do not even emit them.
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    assert!(lab.udp_request(WEB_UDP, "x").is_err());
+    assert_eq!(lab.metric("mesh_drops_total", "reason=\"no_backend\"").unwrap(), 1);
+    assert!(!lab.meshd().unwrap().log_text().contains("xdp drop"));
+}

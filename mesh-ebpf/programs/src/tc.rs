@@ -11,6 +11,7 @@ use aya_ebpf::bindings::{
 use aya_ebpf::helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
+use aya_log_ebpf::debug;
 use mesh_common::abi::{DropReason, IPPROTO_UDP, XDP_META_MAGIC, XdpMeta};
 use mesh_common::parse::{self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_SADDR, L4_SPORT};
 use mesh_common::pkt::Pkt;
@@ -118,5 +119,6 @@ fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> 
         return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     count_drop(DropReason::FibLookupFailed);
+    debug!(ctx, "no route {:i} -> {:i} (fib lookup {})", u32::from_be(saddr), u32::from_be(daddr), rc);
     TC_ACT_SHOT
 }

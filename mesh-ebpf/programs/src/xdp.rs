@@ -7,6 +7,7 @@ use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::helpers::bpf_xdp_adjust_meta;
 use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
+use aya_log_ebpf::debug;
 use mesh_common::abi::{DropReason, XDP_META_MAGIC, XdpMeta};
 use mesh_common::fwd::{self, Verdict};
 use mesh_common::pkt::Pkt;
@@ -21,6 +22,8 @@ pub fn mesh_xdp(ctx: XdpContext) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop(reason) => {
             count_drop(reason);
+            // Per packet, so debug level: off unless meshd --bpf-log-level debug.
+            debug!(&ctx, "xdp drop: reason {}", reason as u32);
             xdp_action::XDP_DROP
         }
         Verdict::Local { backend_id } => match set_meta(&ctx, backend_id) {
