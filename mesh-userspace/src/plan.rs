@@ -309,6 +309,34 @@ mod tests {
     }
 
     #[test]
+    fn every_node_builds_the_same_table_from_the_same_state() {
+        let text = "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n[[nodes]]\nname='n2'\naddr='198.18.128.2'\n\
+             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080}]\n\
+             [[tasks]]\nservice='web'\nnode='n2'\naddr='198.18.129.9'\n\
+             [[tasks]]\nservice='web'\nnode='n1'\naddr='198.18.129.2'\n\
+             [[tasks]]\nservice='web'\nnode='n2'\naddr='198.18.129.5'\n";
+        let state = State::parse(text, "t", &DEFAULT_PORT_RANGE).unwrap();
+        // Node n2 has applied another state before, so its backend ids
+        // differ from n1's.
+        let mut p2 = Planner::new(limits());
+        p2.plan(&desired(&["198.18.129.7", "198.18.129.8"])).unwrap();
+        let tables = |node: &str, p: &mut Planner| -> Vec<std::net::Ipv4Addr> {
+            // The table as written to the kernel, ids turned back into tasks.
+            let mut fresh = Planner::new(limits());
+            if node == "n2" {
+                fresh = p.clone();
+                fresh.services.clear();
+            }
+            let (ops, _) = fresh.plan(&Desired::compute(&state, node, &[])).unwrap();
+            let ids: HashMap<u32, std::net::Ipv4Addr> = fresh.backends.iter().map(|(k, id)| (*id, k.addr)).collect();
+            let table = ops.iter().find_map(|o| match o { Op::WriteTable { table, .. } => Some(table.clone()), _ => None }).unwrap();
+            table.into_iter().map(|id| ids[&id]).collect()
+        };
+        let mut p1 = Planner::new(limits());
+        assert_eq!(tables("n1", &mut p1), tables("n2", &mut p2));
+    }
+
+    #[test]
     fn an_unchanged_state_plans_nothing() {
         let mut p = Planner::new(limits());
         let d = desired(&["198.18.129.2"]);
