@@ -20,6 +20,7 @@ pub struct Metrics {
     pub state_generation: IntGauge,
     pub state_rejected: IntCounter,
     pub ready: IntGauge,
+    live: Mutex<std::collections::BTreeSet<[String; 3]>>,
 }
 
 impl Metrics {
@@ -48,7 +49,17 @@ impl Metrics {
         registry.register(Box::new(state_generation.clone()))?;
         registry.register(Box::new(state_rejected.clone()))?;
         registry.register(Box::new(ready.clone()))?;
-        Ok(Self { registry, svc_packets, svc_bytes, svc_flows, drops, state_generation, state_rejected, ready })
+        Ok(Self {
+            registry,
+            svc_packets,
+            svc_bytes,
+            svc_flows,
+            drops,
+            state_generation,
+            state_rejected,
+            ready,
+            live: Mutex::default(),
+        })
     }
 
     /// Brings the counters up to the maps' values and renders them.
@@ -59,7 +70,21 @@ impl Metrics {
                 c.inc_by(v - cur);
             }
         }
-        for (name, proto, port, s) in dp.service_stats()? {
+        let stats = dp.service_stats()?;
+        // A published port that went away takes its series with it (its
+        // counters restart at zero if it comes back).
+        let mut live = self.live.lock().unwrap();
+        let now: std::collections::BTreeSet<[String; 3]> =
+            stats.iter().map(|(n, p, port, _)| [n.clone(), p.to_string(), port.to_string()]).collect();
+        for gone in live.difference(&now) {
+            let l = [gone[0].as_str(), gone[1].as_str(), gone[2].as_str()];
+            for c in [&self.svc_packets, &self.svc_bytes, &self.svc_flows] {
+                let _ = c.remove_label_values(&l);
+            }
+        }
+        *live = now;
+        drop(live);
+        for (name, proto, port, s) in stats {
             let (p, port) = (proto.to_string(), port.to_string());
             let l = [name.as_str(), p.as_str(), port.as_str()];
             catch_up(&self.svc_packets.with_label_values(&l), s.packets);

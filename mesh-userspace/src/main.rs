@@ -87,7 +87,9 @@ struct RunArgs {
     /// the largest service's task count for at most 1% imbalance.
     #[arg(long, value_name = "PRIME", default_value_t = mesh_common::abi::DEFAULT_MAGLEV_SIZE)]
     maglev_size: u32,
-    /// Published ports (service, protocol, port) the maps can hold.
+    /// Published ports (service, protocol, port) the maps can hold. The
+    /// Maglev tables take 8 x max-services x maglev-size bytes (two tables
+    /// per published port, for hitless updates).
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_SERVICES)]
     max_services: u32,
     /// Backends (task address and target port) the maps can hold.
@@ -225,6 +227,14 @@ async fn run(a: RunArgs) -> Result<()> {
 
     // Load (the verifier runs), fill, then attach: the first packet the
     // programs see already finds the maps filled.
+    info!(
+        "loading: {} published ports x Maglev {} ({:.1} MiB of tables), {} backends, {} tracked flows",
+        limits.max_services,
+        limits.maglev_size,
+        8.0 * limits.max_services as f64 * limits.maglev_size as f64 / (1 << 20) as f64,
+        limits.max_backends,
+        limits.ct_entries
+    );
     let mut dp = Dataplane::load(limits, a.bpf_log_level as u8)?;
     let report = dp.apply(&desired)?;
     dp.attach_task_ifaces(&task_ifaces)?;

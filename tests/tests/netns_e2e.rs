@@ -63,6 +63,26 @@ fn apply(lab: &Lab, tasks: &[usize], generation: u32) {
 }
 
 #[test]
+fn root_generic_xdp_mode_serves_too() {
+    // For NICs without native XDP: the same path through generic (skb) XDP.
+    let mut lab = Lab::new(2).unwrap();
+    lab.start_task(1).unwrap();
+    lab.start_task(2).unwrap();
+    lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), &["--xdp-mode", "generic"]).unwrap();
+    let link = std::process::Command::new("ip").args(["-n", &lab.node_ns, "-d", "link", "show", "up0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains("xdpgeneric"), "attached in generic mode");
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        seen.insert(lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap().split_whitespace().next().unwrap().to_string());
+        let (_, from) = lab.udp_request(WEB_UDP, "u").unwrap();
+        assert_eq!(from, SocketAddr::from((lab.node_addr, WEB_UDP)));
+    }
+    assert_eq!(seen.len(), 2);
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+}
+
+#[test]
 fn root_long_lived_connections_survive_backend_changes_and_removed_backends_end() {
     let lab = lab_with_meshd(4, &[1, 2, 3]);
     // Connections until every backend holds at least two.

@@ -1,7 +1,8 @@
 //! The client-to-service path, run by the XDP program on the uplink.
 //!
-//! parse -> service lookup (port, proto) -> node address check -> L4
-//! checks -> conntrack, else Maglev -> DNAT to the task -> counters.
+//! parse -> service lookup (port, proto) -> conntrack; for an untracked
+//! flow, node address check -> L4 checks -> Maglev (new or re-picked
+//! flows) -> DNAT to the task -> counters.
 //! Written once, generic over [`Tables`]: the kernel backs it with BPF
 //! maps, host tests and fixtures with hash maps.
 
@@ -55,7 +56,26 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         return Verdict::Pass;
     };
     let svc = *svc;
-    if !t.is_node_addr4(ip.daddr) {
+    let flow = FlowKey4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport_be: sport,
+        dport_be: dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    // A tracked flow was checked against the node addresses when it was
+    // created: the established path skips that lookup.
+    let mut tracked: Option<(u32, Backend)> = None;
+    let mut known = false;
+    if let Some(ct) = t.ct_get(&flow) {
+        known = true;
+        let id = ct.backend_id;
+        if let Some(be) = t.backend(id) {
+            tracked = Some((id, *be));
+        }
+    }
+    if !known && !t.is_node_addr4(ip.daddr) {
         return Verdict::Pass;
     }
     if ip.first_fragment {
@@ -66,32 +86,14 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         Err(L4Error::Truncated) => return Verdict::Drop(DropReason::L4Truncated),
         Err(L4Error::BadLength) => return Verdict::Drop(DropReason::L4BadLength),
     }
-
-    let flow = FlowKey4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport_be: sport,
-        dport_be: dport,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
-    let mut new_flow = false;
-    let mut picked: Option<(u32, Backend)> = None;
-    if let Some(ct) = t.ct_get(&flow) {
-        let id = ct.backend_id;
-        if let Some(be) = t.backend(id) {
-            picked = Some((id, *be));
-        }
-    }
-    let (backend_id, be) = match picked {
+    // New, or its backend is gone: Maglev picks (again).
+    let new_flow = tracked.is_none();
+    let (backend_id, be) = match tracked {
         Some(p) => p,
-        None => {
-            new_flow = true;
-            match select(t, &svc, &flow) {
-                Ok(p) => p,
-                Err(r) => return Verdict::Drop(r),
-            }
-        }
+        None => match select(t, &svc, &flow) {
+            Ok(p) => p,
+            Err(r) => return Verdict::Drop(r),
+        },
     };
     if be.flags & BE_F_LOCAL == 0 {
         return Verdict::Drop(DropReason::RemoteBackend);
