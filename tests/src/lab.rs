@@ -487,6 +487,10 @@ impl Meshd {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_len(&self) -> usize {
         self.log.0.lock().unwrap().len()
     }

@@ -273,3 +273,20 @@ fn root_bpf_log_lines_reach_the_daemon_log_only_when_asked() {
     assert_eq!(lab.metric("mesh_drops_total", "reason=\"no_backend\"").unwrap(), 1);
     assert!(!lab.meshd().unwrap().log_text().contains("xdp drop"));
 }
+
+#[test]
+fn root_a_failing_test_leaves_nothing_behind() {
+    let seen = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(|| {
+        let lab = lab_with_meshd(2, &[1, 2]);
+        let _open = lab.tcp_connect(WEB_TCP).unwrap();
+        *seen.lock().unwrap() = Some((lab.slot, lab.meshd().unwrap().pid(), lab.dir.clone()));
+        panic!("deliberate failure with the lab up");
+    });
+    assert!(r.is_err());
+    let (slot, pid, dir) = seen.lock().unwrap().take().unwrap();
+    let left = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    assert!(!left.split_whitespace().any(|n| n.starts_with(&format!("mk{slot}"))), "namespaces left: {left}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "meshd (pid {pid}) still running");
+    assert!(!dir.exists(), "lab directory left");
+}
