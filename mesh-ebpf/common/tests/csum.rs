@@ -31,7 +31,11 @@ fn put_ne16(b: &mut [u8], off: usize, v: u16) {
 /// incremental functions.
 fn rewrite_incremental(frame: &mut [u8], dst: bool, addr: [u8; 4], port: u16) {
     let v = View(frame);
-    let (a_off, p_off) = if dst { (ETH + 16, v.l4_off() + 2) } else { (ETH + 12, v.l4_off()) };
+    let (a_off, p_off) = if dst {
+        (ETH + 16, v.l4_off() + 2)
+    } else {
+        (ETH + 12, v.l4_off())
+    };
     let c_off = v.l4_csum_off();
     let proto = v.proto();
 
@@ -46,7 +50,11 @@ fn rewrite_incremental(frame: &mut [u8], dst: bool, addr: [u8; 4], port: u16) {
     put_ne16(frame, ETH + 10, update32(ip_check, old_addr, new_addr));
     put_ne16(frame, p_off, new_port);
     let c = update48(l4_check, old_addr, new_addr, old_port, new_port);
-    let c = if proto == IPPROTO_UDP { udp_fixup(l4_check, c) } else { c };
+    let c = if proto == IPPROTO_UDP {
+        udp_fixup(l4_check, c)
+    } else {
+        c
+    };
     put_ne16(frame, c_off, c);
 }
 
@@ -63,7 +71,11 @@ fn fold_reduces_to_16_bits() {
     let mut rng = Rng::new(1);
     for _ in 0..ITERS {
         let s = rng.next_u64() >> rng.below(64);
-        let expect = if s == 0 { 0 } else { ((s - 1) % 0xffff + 1) as u16 };
+        let expect = if s == 0 {
+            0
+        } else {
+            ((s - 1) % 0xffff + 1) as u16
+        };
         assert_eq!(csum::fold(s), expect, "fold({s:#x})");
     }
 }
@@ -115,7 +127,11 @@ fn update32_matches_recomputed_ip_header() {
         // The field holds `want` big-endian; the update works on its native read.
         assert_eq!(got, u16::from_ne_bytes(want.to_be_bytes()), "iteration {i}");
         put_ne16(&mut hdr, 10, got);
-        assert_eq!(checksum(&hdr, 0), 0, "iteration {i}: header no longer verifies");
+        assert_eq!(
+            checksum(&hdr, 0),
+            0,
+            "iteration {i}: header no longer verifies"
+        );
     }
 }
 
@@ -158,7 +174,10 @@ fn update48_rewrite_equals_rebuilt_frame() {
         assert!(v.ip_csum_valid());
         assert!(v.l4_csum_valid(spec.udp_csum == UdpCsum::None));
     }
-    assert!(odd > 100 && even > 100 && udp_none > 20, "coverage: {odd} odd, {even} even, {udp_none} udp-none");
+    assert!(
+        odd > 100 && even > 100 && udp_none > 20,
+        "coverage: {odd} odd, {even} even, {udp_none} udp-none"
+    );
 }
 
 /// The same with only one field changing: update48 with an unchanged
@@ -194,8 +213,14 @@ fn result_zero_matches_recomputation() {
     for i in 0..2000 {
         let proto = if i % 2 == 0 { IPPROTO_TCP } else { IPPROTO_UDP };
         let plen = rng.range(0, 200);
-        let spec = Spec::new(proto, rng.addr(), rng.next_u16(), rng.addr(), rng.next_u16())
-            .payload(rng.bytes(plen));
+        let spec = Spec::new(
+            proto,
+            rng.addr(),
+            rng.next_u16(),
+            rng.addr(),
+            rng.next_u16(),
+        )
+        .payload(rng.bytes(plen));
         let frame = build(&spec);
         let v = View(&frame);
         let l4 = v.l4().to_vec();
@@ -219,10 +244,23 @@ fn result_zero_matches_recomputation() {
 
         let l4_check = ne16(&frame, v.l4_csum_off());
         let daddr = ne32(&frame, ETH + 16);
-        let inc = update48(l4_check, daddr, u32::from_ne_bytes(new), ne16(&frame, v.l4_off() + 2), ne16(&frame, v.l4_off() + 2));
-        assert_eq!(inc, 0x0000, "iteration {i}: eqn. 3 gives +0 like a full recomputation");
+        let inc = update48(
+            l4_check,
+            daddr,
+            u32::from_ne_bytes(new),
+            ne16(&frame, v.l4_off() + 2),
+            ne16(&frame, v.l4_off() + 2),
+        );
+        assert_eq!(
+            inc, 0x0000,
+            "iteration {i}: eqn. 3 gives +0 like a full recomputation"
+        );
         if proto == IPPROTO_UDP {
-            assert_eq!(udp_fixup(l4_check, inc), 0xffff, "computed zero goes out as 0xffff");
+            assert_eq!(
+                udp_fixup(l4_check, inc),
+                0xffff,
+                "computed zero goes out as 0xffff"
+            );
         }
 
         let mut f = frame.clone();
@@ -296,7 +334,10 @@ fn minus_zero_input_is_normalised() {
         let (c, a, b) = (rng.next_u16(), rng.next_u32(), rng.next_u32());
         let r = update32(c, a, b);
         if r == 0xffff {
-            assert!(c == 0xffff && a == 0xffff_ffff && b == 0, "{c:#x} {a:#x} {b:#x}");
+            assert!(
+                c == 0xffff && a == 0xffff_ffff && b == 0,
+                "{c:#x} {a:#x} {b:#x}"
+            );
         }
     }
 }
@@ -328,7 +369,8 @@ fn udp_zero_checksum_stays_zero() {
     let mut rng = Rng::new(9);
     for _ in 0..500 {
         let plen = rng.range(0, 100);
-        let mut spec = Spec::udp(rng.addr(), rng.next_u16(), rng.addr(), rng.next_u16()).payload(rng.bytes(plen));
+        let mut spec = Spec::udp(rng.addr(), rng.next_u16(), rng.addr(), rng.next_u16())
+            .payload(rng.bytes(plen));
         spec.udp_csum = UdpCsum::None;
         let mut f = build(&spec);
         assert_eq!(View(&f).l4_csum(), 0);

@@ -138,7 +138,13 @@ impl Spec {
     /// checksum).
     pub fn random(rng: &mut Rng) -> Self {
         let proto = if rng.bool() { IPPROTO_TCP } else { IPPROTO_UDP };
-        let mut s = Self::new(proto, rng.addr(), rng.next_u16(), rng.addr(), rng.next_u16());
+        let mut s = Self::new(
+            proto,
+            rng.addr(),
+            rng.next_u16(),
+            rng.addr(),
+            rng.next_u16(),
+        );
         let plen = rng.range(0, 1472);
         s.payload = rng.bytes(plen);
         if rng.below(4) == 0 {
@@ -175,8 +181,8 @@ pub const ETH: usize = 14;
 
 /// Builds Ethernet + IPv4 + TCP/UDP with correct checksums.
 pub fn build(s: &Spec) -> Vec<u8> {
-    assert!(s.ip_opts.len() % 4 == 0 && s.ip_opts.len() <= 40);
-    assert!(s.tcp_opts.len() % 4 == 0 && s.tcp_opts.len() <= 40);
+    assert!(s.ip_opts.len().is_multiple_of(4) && s.ip_opts.len() <= 40);
+    assert!(s.tcp_opts.len().is_multiple_of(4) && s.tcp_opts.len() <= 40);
     let ihl = 5 + s.ip_opts.len() / 4;
     let l4 = l4_segment(s);
     let tot_len = ihl * 4 + l4.len();
@@ -248,7 +254,11 @@ pub fn l4_csum(seg: &[u8], saddr: [u8; 4], daddr: [u8; 4], proto: u8) -> u16 {
     seg[off] = 0;
     seg[off + 1] = 0;
     let c = csum::checksum(&seg, csum::pseudo4(saddr, daddr, proto, seg.len() as u16));
-    if proto == IPPROTO_UDP && c == 0 { 0xffff } else { c }
+    if proto == IPPROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    }
 }
 
 /// A parsed view of a frame built by [`build`] (no padding knowledge

@@ -1,0 +1,570 @@
+//! The forward path (`fwd::process`) and the reply path (`rev::lookup` +
+//! `rev::snat_full`) end to end, over hash-map tables: DNAT to the Maglev
+//! pick, replies SNATed back to the published address, checksums checked
+//! by full recomputation, conntrack stickiness and re-picks.
+#![cfg(feature = "user")]
+
+mod util;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+
+use mesh_common::abi::*;
+use mesh_common::fwd::{self, Tables, Verdict};
+use mesh_common::hash::flow_hash4;
+use mesh_common::maglev;
+use mesh_common::pkt::Pkt;
+use mesh_common::rev::{self, RevTables};
+use util::{ETH, Rng, Spec, UdpCsum, View, build};
+
+const NODE: [u8; 4] = [198, 18, 0, 1];
+const OTHER_NODE_ADDR: [u8; 4] = [198, 18, 0, 2];
+const PUBLISHED: u16 = 8080;
+const TARGET: u16 = 80;
+const SVC_ID: u32 = 7;
+const M: u32 = 251;
+const TABLE_OFF: u32 = 1000;
+
+/// The maps, as hash maps. `ct`/`rev` are written through `&self` (as BPF
+/// maps are) while the traits hand out references tied to `&self`; values
+/// are leaked so those references stay valid when an entry is replaced
+/// (a few bytes per flow, in a test).
+#[derive(Default)]
+struct World {
+    services: HashMap<SvcKey, SvcValue>,
+    node_addrs: HashSet<u32>,
+    backends: HashMap<u32, Backend>,
+    maglev: HashMap<u32, u32>,
+    ct: RefCell<HashMap<FlowKey4, &'static CtValue>>,
+    rev: RefCell<HashMap<FlowKey4, &'static RevValue>>,
+    stats: RefCell<HashMap<u32, SvcStats>>,
+    /// Calls of `is_node_addr4`.
+    node_lookups: Cell<u32>,
+}
+
+impl Tables for World {
+    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
+        self.services.get(key)
+    }
+    fn is_node_addr4(&self, addr: u32) -> bool {
+        self.node_lookups.set(self.node_lookups.get() + 1);
+        self.node_addrs.contains(&addr)
+    }
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+        self.ct.borrow().get(key).copied()
+    }
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue) {
+        self.ct.borrow_mut().insert(*key, Box::leak(Box::new(*ct)));
+        self.rev
+            .borrow_mut()
+            .insert(*rkey, Box::leak(Box::new(*rev)));
+    }
+    fn maglev(&self, index: u32) -> Option<u32> {
+        self.maglev.get(&index).copied()
+    }
+    fn backend(&self, id: u32) -> Option<&Backend> {
+        self.backends.get(&id)
+    }
+    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
+        let mut s = self.stats.borrow_mut();
+        let e = s.entry(svc_id).or_default();
+        e.packets += 1;
+        e.bytes += bytes;
+        e.new_flows += new_flow as u64;
+    }
+}
+
+impl RevTables for World {
+    fn rev_get(&self, key: &FlowKey4) -> Option<&RevValue> {
+        self.rev.borrow().get(key).copied()
+    }
+}
+
+fn raw(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// Backend `i` of the test service: 10.0.1.i:80, on this node.
+fn be_addr(i: u32) -> [u8; 4] {
+    [10, 0, 1, i as u8]
+}
+
+fn be_id(i: u32) -> u32 {
+    100 + i
+}
+
+impl World {
+    fn new() -> Self {
+        let mut w = World::default();
+        w.node_addrs.insert(raw(NODE));
+        w.node_addrs.insert(raw(OTHER_NODE_ADDR));
+        w
+    }
+
+    fn add_backend(&mut self, i: u32, flags: u32) {
+        let b = Backend {
+            addr: [raw(be_addr(i)), 0, 0, 0],
+            port_be: TARGET.to_be(),
+            family: FAMILY_V4,
+            flags,
+            node_id: 0,
+            ..Default::default()
+        };
+        self.backends.insert(be_id(i), b);
+    }
+
+    /// Writes the Maglev table over backends `idx` (by their real key
+    /// format "addr:port") and (re)publishes the service, like the planner.
+    fn publish(&mut self, proto: u8, idx: &[u32]) {
+        let keys: Vec<String> = idx
+            .iter()
+            .map(|&i| {
+                let a = be_addr(i);
+                format!("{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], TARGET)
+            })
+            .collect();
+        let t = maglev::table(&keys, M);
+        for (slot, &k) in t.iter().enumerate() {
+            self.maglev
+                .insert(TABLE_OFF + slot as u32, be_id(idx[k as usize]));
+        }
+        let size = if idx.is_empty() { 0 } else { M };
+        self.services.insert(
+            SvcKey::new(PUBLISHED, proto),
+            SvcValue {
+                svc_id: SVC_ID,
+                flags: 0,
+                table_off: TABLE_OFF,
+                table_size: size,
+                backend_count: idx.len() as u32,
+                _pad: 0,
+            },
+        );
+    }
+
+    /// Points every slot of the table at one backend.
+    fn fill_table(&mut self, id: u32) {
+        for slot in 0..M {
+            self.maglev.insert(TABLE_OFF + slot, id);
+        }
+    }
+
+    fn stats(&self) -> SvcStats {
+        self.stats
+            .borrow()
+            .get(&SVC_ID)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn process(&self, frame: &mut [u8]) -> Verdict {
+        fwd::process(&Pkt::from_slice(frame), self)
+    }
+
+    /// Backend `process` must pick for a new flow, from the table alone
+    /// (independently of `fwd::select`).
+    fn expected_pick(&self, client: [u8; 4], sport: u16, proto: u8) -> u32 {
+        let svc = self.services[&SvcKey::new(PUBLISHED, proto)];
+        let h = flow_hash4(raw(client), sport.to_be(), PUBLISHED.to_be(), proto);
+        self.maglev[&(svc.table_off + h % svc.table_size)]
+    }
+
+    fn backend_of(&self, id: u32) -> ([u8; 4], u16) {
+        let b = self.backends[&id];
+        (b.addr[0].to_ne_bytes(), u16::from_be(b.port_be))
+    }
+}
+
+fn world(proto: u8, n: u32) -> World {
+    let mut w = World::new();
+    for i in 1..=n {
+        w.add_backend(i, BE_F_LOCAL);
+    }
+    let idx: Vec<u32> = (1..=n).collect();
+    w.publish(proto, &idx);
+    w
+}
+
+fn client_flow(spec: &Spec) -> FlowKey4 {
+    FlowKey4 {
+        saddr: raw(spec.saddr),
+        daddr: raw(spec.daddr),
+        sport_be: spec.sport.to_be(),
+        dport_be: spec.dport.to_be(),
+        proto: spec.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Sends `spec` through the forward path; on `Local`, checks the frame is
+/// exactly the client's frame with the destination replaced by the
+/// backend (so every checksum equals a full recomputation).
+fn forward(w: &World, spec: &Spec) -> Verdict {
+    let mut f = build(spec);
+    let before = f.clone();
+    let v = w.process(&mut f);
+    match v {
+        Verdict::Local { backend_id } => {
+            let (addr, port) = w.backend_of(backend_id);
+            let mut want = spec.clone();
+            want.daddr = addr;
+            want.dport = port;
+            assert_eq!(
+                f,
+                build(&want),
+                "DNATed frame differs from a rebuilt one: {spec:?}"
+            );
+            let view = View(&f);
+            assert!(view.ip_csum_valid());
+            assert!(view.l4_csum_valid(spec.udp_csum == UdpCsum::None));
+            if spec.udp_csum == UdpCsum::None {
+                assert_eq!(view.l4_csum(), 0, "UDP without checksum stays without");
+            }
+        }
+        _ => assert_eq!(f, before, "{v:?}: the frame must not be touched"),
+    }
+    v
+}
+
+/// The task's reply to `spec` (as the task sends it: from its own address
+/// and port to the client), through the reply path; checks the client gets
+/// a frame from the node address and published port, checksums exact.
+fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
+    let (addr, port) = w.backend_of(backend_id);
+    let mut r = spec.clone();
+    r.saddr = addr;
+    r.sport = port;
+    r.daddr = spec.saddr;
+    r.dport = spec.sport;
+    let plen = rng.range(0, 300);
+    r.payload = rng.bytes(plen);
+    r.tcp_opts = Vec::new();
+    r.ip_opts = Vec::new();
+    let mut f = build(&r);
+
+    let pkt = Pkt::from_slice(&mut f);
+    let rep = rev::lookup(&pkt, w).expect("reply of a tracked flow is found");
+    assert_eq!(rep.rev.addr, raw(spec.daddr));
+    assert_eq!(rep.rev.port_be, PUBLISHED.to_be());
+    assert_eq!(rep.rev.svc_id, SVC_ID);
+    assert_eq!(rep.sport_be, port.to_be());
+    rev::snat_full(&pkt, &rep).expect("rewrite fits");
+
+    let mut want = r.clone();
+    want.saddr = spec.daddr;
+    want.sport = PUBLISHED;
+    assert_eq!(f, build(&want), "SNATed reply differs from a rebuilt one");
+    let view = View(&f);
+    assert_eq!(view.saddr(), spec.daddr);
+    assert_eq!(view.sport(), PUBLISHED);
+    assert!(view.ip_csum_valid());
+    assert!(view.l4_csum_valid(r.udp_csum == UdpCsum::None));
+}
+
+/// One TCP flow, step by step.
+#[test]
+fn tcp_flow_dnat_then_reply_snat() {
+    let w = world(IPPROTO_TCP, 5);
+    let mut rng = Rng::new(1);
+    let spec = Spec::tcp([203, 0, 113, 5], 40000, NODE, PUBLISHED)
+        .payload(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+    let want = w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP);
+    let len = build(&spec).len() as u64;
+
+    assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: want });
+    assert_eq!(
+        w.stats(),
+        SvcStats {
+            packets: 1,
+            bytes: len,
+            new_flows: 1
+        }
+    );
+
+    // Conntrack in both directions.
+    let ct = *w.ct.borrow()[&client_flow(&spec)];
+    assert_eq!(
+        ct,
+        CtValue {
+            backend_id: want,
+            svc_id: SVC_ID,
+            flags: 0,
+            _pad: 0
+        }
+    );
+    let (baddr, bport) = w.backend_of(want);
+    let rkey = FlowKey4 {
+        saddr: raw(baddr),
+        daddr: raw(spec.saddr),
+        sport_be: bport.to_be(),
+        dport_be: spec.sport.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    assert_eq!(
+        *w.rev.borrow()[&rkey],
+        RevValue {
+            addr: raw(NODE),
+            port_be: PUBLISHED.to_be(),
+            _pad0: 0,
+            svc_id: SVC_ID,
+            _pad1: 0
+        }
+    );
+
+    // Next packet: same backend, not a new flow.
+    assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: want });
+    assert_eq!(
+        w.stats(),
+        SvcStats {
+            packets: 2,
+            bytes: 2 * len,
+            new_flows: 1
+        }
+    );
+
+    reply(&w, &spec, want, &mut rng);
+
+    // A reply that is not of a tracked flow is not ours.
+    for (sport, dport) in [(TARGET, 40001), (TARGET + 1, 40000)] {
+        let mut f = build(&Spec::tcp(baddr, sport, spec.saddr, dport));
+        assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w), None);
+    }
+    // Nor is a tracked flow's reply with a broken L4 header.
+    let mut f = build(&Spec::tcp(baddr, TARGET, spec.saddr, spec.sport));
+    f[ETH + 20 + 12] = 4 << 4;
+    assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w), None);
+}
+
+/// Many random flows, TCP and UDP, payloads of every parity, IP and TCP
+/// options, UDP with and without checksum, Ethernet padding, both node
+/// addresses: each is DNATed to the Maglev pick and its reply SNATed back.
+#[test]
+fn random_flows_round_trip() {
+    let mut rng = Rng::new(2);
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        let w = world(proto, 7);
+        let mut picked = HashSet::new();
+        let mut padded = 0;
+        for i in 0..2000 {
+            let mut spec = Spec::random(&mut rng);
+            spec.proto = proto;
+            if proto == IPPROTO_TCP {
+                spec.udp_csum = UdpCsum::Computed;
+            } else {
+                spec.tcp_opts.clear();
+            }
+            spec.daddr = if i % 3 == 0 { OTHER_NODE_ADDR } else { NODE };
+            spec.dport = PUBLISHED;
+            if i % 4 == 0 {
+                spec.payload.truncate(rng.range(0, 9));
+                spec.ip_opts.clear();
+                spec.tcp_opts.clear();
+            }
+            // Short frames come padded to the Ethernet minimum.
+            let len = build(&spec).len();
+            if len < 60 {
+                spec.pad = 60 - len;
+                padded += 1;
+            }
+            let want = w.expected_pick(spec.saddr, spec.sport, proto);
+            assert_eq!(
+                forward(&w, &spec),
+                Verdict::Local { backend_id: want },
+                "{spec:?}"
+            );
+            picked.insert(want);
+            reply(&w, &spec, want, &mut rng);
+        }
+        assert_eq!(picked.len(), 7, "every backend gets flows");
+        assert!(padded > 100, "{padded} padded frames");
+        assert_eq!(w.stats().new_flows, 2000);
+    }
+}
+
+/// The conntrack entry keeps an established flow on its backend when the
+/// Maglev table changes; new flows follow the new table.
+#[test]
+fn conntrack_pins_flow_across_table_change() {
+    let mut w = world(IPPROTO_TCP, 5);
+    let mut rng = Rng::new(3);
+    let spec = Spec::tcp([203, 0, 113, 9], 50000, NODE, PUBLISHED).payload(vec![1; 33]);
+    let Verdict::Local { backend_id: first } = forward(&w, &spec) else {
+        panic!()
+    };
+
+    // Another backend takes over the whole table.
+    let other = (1..=5).map(be_id).find(|&id| id != first).unwrap();
+    w.fill_table(other);
+    assert_eq!(w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP), other);
+    let svc = w.services[&SvcKey::new(PUBLISHED, IPPROTO_TCP)];
+    assert_eq!(fwd::select(&w, &svc, &client_flow(&spec)).unwrap().0, other);
+
+    for _ in 0..3 {
+        assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: first });
+    }
+    assert_eq!(w.stats().new_flows, 1);
+    reply(&w, &spec, first, &mut rng);
+
+    // A new flow goes by the new table.
+    let fresh = Spec::tcp([203, 0, 113, 9], 50001, NODE, PUBLISHED);
+    assert_eq!(forward(&w, &fresh), Verdict::Local { backend_id: other });
+    assert_eq!(w.stats().new_flows, 2);
+
+    // Also with a real Maglev rebuild over a different set: flows whose
+    // pick changed stay where they were.
+    let mut w = world(IPPROTO_TCP, 5);
+    let specs: Vec<Spec> = (0..300)
+        .map(|i| Spec::tcp([203, 0, 114, (i % 250) as u8], 20000 + i, NODE, PUBLISHED))
+        .collect();
+    let before: Vec<u32> = specs
+        .iter()
+        .map(|s| match forward(&w, s) {
+            Verdict::Local { backend_id } => backend_id,
+            v => panic!("{v:?}"),
+        })
+        .collect();
+    w.add_backend(6, BE_F_LOCAL);
+    w.publish(IPPROTO_TCP, &[1, 2, 3, 4, 5, 6]);
+    let mut would_move = 0;
+    for (s, &b) in specs.iter().zip(&before) {
+        if w.expected_pick(s.saddr, s.sport, IPPROTO_TCP) != b {
+            would_move += 1;
+        }
+        assert_eq!(forward(&w, s), Verdict::Local { backend_id: b });
+    }
+    assert!(
+        would_move > 20,
+        "the rebuild must move some picks ({would_move})"
+    );
+    assert_eq!(w.stats().new_flows, 300);
+}
+
+/// A flow whose backend leaves the backend table is re-picked from the
+/// (rebuilt) Maglev table, counted as a new flow, and its conntrack and
+/// reverse entries now name the new backend. While the table still names
+/// the missing backend the packet is dropped (`BackendMissing`).
+#[test]
+fn removed_backend_flow_is_repicked() {
+    let mut w = world(IPPROTO_UDP, 4);
+    let mut rng = Rng::new(4);
+    let spec = Spec::udp([203, 0, 113, 77], 33333, NODE, PUBLISHED).payload(vec![2; 21]);
+    let Verdict::Local { backend_id: old } = forward(&w, &spec) else {
+        panic!()
+    };
+    assert_eq!(w.stats().new_flows, 1);
+    let old_i = old - 100;
+
+    // The backend goes away before the table is rewritten.
+    w.backends.remove(&old);
+    assert_eq!(
+        forward(&w, &spec),
+        Verdict::Drop(DropReason::BackendMissing)
+    );
+    assert_eq!(w.stats().packets, 1, "a dropped packet is not accounted");
+
+    // The planner rebuilds the table over the survivors.
+    let rest: Vec<u32> = (1..=4).filter(|&i| i != old_i).collect();
+    w.publish(IPPROTO_UDP, &rest);
+    let new = w.expected_pick(spec.saddr, spec.sport, IPPROTO_UDP);
+    assert_ne!(new, old);
+    assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: new });
+    assert_eq!(w.stats().new_flows, 2, "the re-pick counts as a new flow");
+    assert_eq!(w.stats().packets, 2);
+    assert_eq!(w.ct.borrow()[&client_flow(&spec)].backend_id, new);
+    reply(&w, &spec, new, &mut rng);
+
+    // And it sticks there.
+    assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: new });
+    assert_eq!(w.stats().new_flows, 2);
+}
+
+/// A tracked flow was checked against the node addresses when it was
+/// created: its later packets skip that lookup, and keep flowing if the
+/// address is withdrawn from the node, while new flows to it pass.
+#[test]
+fn established_flow_skips_node_address_lookup() {
+    let mut w = world(IPPROTO_TCP, 3);
+    let mut rng = Rng::new(5);
+    let spec = Spec::tcp([203, 0, 113, 50], 45000, NODE, PUBLISHED).payload(vec![3; 10]);
+    let Verdict::Local { backend_id } = forward(&w, &spec) else {
+        panic!()
+    };
+    assert_eq!(w.node_lookups.get(), 1, "a new flow checks the address");
+    assert_eq!(forward(&w, &spec), Verdict::Local { backend_id });
+    assert_eq!(w.node_lookups.get(), 1, "an established flow does not");
+
+    w.node_addrs.remove(&raw(NODE));
+    assert_eq!(forward(&w, &spec), Verdict::Local { backend_id });
+    reply(&w, &spec, backend_id, &mut rng);
+    let fresh = Spec::tcp([203, 0, 113, 50], 45001, NODE, PUBLISHED);
+    assert_eq!(forward(&w, &fresh), Verdict::Pass);
+    assert_eq!(w.stats().new_flows, 1);
+
+    // Established flows still get their L4 header checked.
+    let mut f = build(&spec);
+    f[ETH + 20 + 12] = 2 << 4;
+    assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4BadLength));
+}
+
+/// What the forward path leaves alone or drops, and that it writes
+/// nothing in those cases (checked in `forward`).
+#[test]
+fn verdicts_for_other_traffic() {
+    let mut w = world(IPPROTO_TCP, 3);
+    let client = [203, 0, 113, 1];
+    // Another port, another protocol on the published port, another
+    // destination address.
+    assert_eq!(
+        forward(&w, &Spec::tcp(client, 1, NODE, PUBLISHED + 1)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        forward(&w, &Spec::udp(client, 1, NODE, PUBLISHED)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        forward(&w, &Spec::tcp(client, 1, [198, 18, 0, 3], PUBLISHED)),
+        Verdict::Pass
+    );
+
+    // Fragments to the service: the first is dropped, later ones pass.
+    let mut s = Spec::tcp(client, 1, NODE, PUBLISHED).payload(vec![0; 16]);
+    s.frag = 0x2000;
+    assert_eq!(forward(&w, &s), Verdict::Drop(DropReason::Fragment));
+    s.frag = 0x0003;
+    assert_eq!(forward(&w, &s), Verdict::Pass);
+
+    // Broken TCP header to the service.
+    let mut f = build(&Spec::tcp(client, 1, NODE, PUBLISHED));
+    f[ETH + 20 + 12] = 3 << 4;
+    assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4BadLength));
+    let mut f = build(&Spec::tcp(client, 1, NODE, PUBLISHED));
+    f[ETH + 20 + 12] = 6 << 4;
+    assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4Truncated));
+
+    // A service whose backend is remote.
+    let spec = Spec::tcp(client, 2, NODE, PUBLISHED);
+    let id = w.expected_pick(client, 2, IPPROTO_TCP);
+    w.backends.get_mut(&id).unwrap().flags = BE_F_REMOTE;
+    assert_eq!(forward(&w, &spec), Verdict::Drop(DropReason::RemoteBackend));
+
+    // A table pointing outside the Maglev map.
+    w.services
+        .get_mut(&SvcKey::new(PUBLISHED, IPPROTO_TCP))
+        .unwrap()
+        .table_off = 1_000_000;
+    assert_eq!(
+        forward(&w, &Spec::tcp(client, 3, NODE, PUBLISHED)),
+        Verdict::Drop(DropReason::TableOutOfRange)
+    );
+
+    // No backend at all.
+    w.publish(IPPROTO_TCP, &[]);
+    assert_eq!(
+        forward(&w, &Spec::tcp(client, 4, NODE, PUBLISHED)),
+        Verdict::Drop(DropReason::NoBackend)
+    );
+    assert_eq!(w.stats().packets, 0);
+    assert!(w.ct.borrow().is_empty());
+}
