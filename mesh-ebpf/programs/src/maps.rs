@@ -1,7 +1,7 @@
 //! The BPF maps, and the [`Tables`] implementation the shared logic runs on.
 //! Sizes here are defaults; the daemon sets them at load time.
 
-use aya_ebpf::bindings::BPF_F_MMAPABLE;
+use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use mesh_common::abi::*;
@@ -24,11 +24,12 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_M
 pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
 
 #[map(name = "MESH_CT4_V1")]
-pub static CT4: LruHashMap<FlowKey4, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+pub static CT4: LruHashMap<FlowKey4, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "MESH_REV4_V1")]
 pub static REV4: LruHashMap<FlowKey4, RevValue> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "MESH_SVCST_V1")]
 pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
