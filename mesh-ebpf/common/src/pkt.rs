@@ -44,6 +44,10 @@ impl Pkt {
         // Laundered so that LLVM cannot prove this check redundant from
         // earlier ones (it can, the verifier cannot) nor rebuild the
         // pointer differently for the access that follows.
+        // `off > len` first: past it `start + off` could wrap around.
+        if off > self.len() {
+            return None;
+        }
         let p = opaque(self.start + off);
         if p + size_of::<T>() > self.end {
             return None;
