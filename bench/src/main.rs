@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use clap::{Parser, Subcommand};
 use mesh_common::abi::{
-    CtValue, FlowKey4, MAP_CT4, MAP_REV4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP, RevValue,
+    CtValue, FlowKey4, MAP_CT4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP,
     XDP_META_MAGIC,
 };
 use mesh_tests::fixtures::{BpfWorld, CLIENT, NODE, Run, WEB_TCP, XDP_PASS};
@@ -197,7 +197,7 @@ struct Case {
     frames: Frames,
     expect: Expect,
     stats: Option<StatsCheck>,
-    /// Empty the world's conntrack (CT4 and REV4) after every batch,
+    /// Empty the world's conntrack (CT4) after every batch,
     /// untimed, so that every batch starts from the same table and its
     /// flows are unseen again.
     clear_ct: bool,
@@ -313,7 +313,7 @@ fn open_flow(w: &World) -> Result<()> {
 
 /// Client address and port of new flow `i`: 50,000 ports per address.
 fn new_flow_frame(i: usize) -> Vec<u8> {
-    let saddr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + (i / 50_000) as u32);
+    let saddr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + (i / 50_000) as u32);
     let sport = 10_000 + (i % 50_000) as u16;
     Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
 }
@@ -328,7 +328,7 @@ fn svc_counters(w: &World) -> Result<(u64, u64)> {
     Ok((s.packets, s.new_flows))
 }
 
-/// Deletes every conntrack entry (both directions); returns how many.
+/// Deletes every conntrack entry (one per flow); returns how many.
 fn clear_conntrack(w: &mut World) -> Result<usize> {
     let ebpf = w.bpf.dp.ebpf_mut();
     let mut ct: BpfHashMap<_, FlowKey4, CtValue> =
@@ -337,15 +337,7 @@ fn clear_conntrack(w: &mut World) -> Result<usize> {
     for k in &keys {
         ct.remove(k)?;
     }
-    let mut n = keys.len();
-    let mut rev: BpfHashMap<_, FlowKey4, RevValue> =
-        BpfHashMap::try_from(ebpf.map_mut(MAP_REV4).context("no REV4 map")?)?;
-    let keys = rev.keys().collect::<Result<Vec<_>, _>>()?;
-    for k in &keys {
-        rev.remove(k)?;
-    }
-    n += keys.len();
-    Ok(n)
+    Ok(keys.len())
 }
 
 /// `n` timed calls; returns the sum of the kernel-reported durations.
@@ -375,10 +367,10 @@ fn batch(w: &mut World, c: &mut Case, n: usize) -> Result<u64> {
     if c.clear_ct {
         let cleared = clear_conntrack(w)?;
         ensure!(
-            cleared == 2 * n,
+            cleared == n,
             "{}: {n} new flows left {cleared} conntrack entries, expected {}",
             c.name,
-            2 * n
+            n
         );
     }
     Ok(total)
@@ -504,7 +496,7 @@ fn micro(a: MicroArgs) -> Result<()> {
     let big = desired_10k(&base);
     ensure!(big.services.len() == SERVICES_10K);
     // new_flow replays the same flows in every batch, conntrack emptied in
-    // between. CT4 and REV4 never get full: LRU inserts without eviction.
+    // between. CT4 never gets full: LRU inserts without eviction.
     let new_flows_needed = a.calls.max(a.warmup).max(1);
     let ct_new = (new_flows_needed + new_flows_needed / 4)
         .next_power_of_two()
@@ -595,7 +587,7 @@ fn micro(a: MicroArgs) -> Result<()> {
             "new_flow",
             PROG_XDP,
             w_new,
-            "mesh_xdp, TCP SYN of an unseen flow: Maglev pick + CT4 and REV4 LRU inserts + DNAT",
+            "mesh_xdp, TCP SYN of an unseen flow: Maglev pick + one CT4 LRU insert + DNAT",
             Frames::Each {
                 frames: syns,
                 next: 0,
@@ -834,7 +826,7 @@ fn micro(a: MicroArgs) -> Result<()> {
             "Rounds run every case once, round-robin, starting one case later each round, so noise and drift hit all cases alike.",
             "overhead_ns = ns - floor_pass ns from the same run (medians); floor_pass's ns is the test-run harness itself (timer reads, program dispatch). overhead_rounds pairs each round with floor_pass's same round.",
             "Every call's verdict is checked (XDP_PASS with 8 bytes of metadata for established/new_flow/established_10k, XDP_PASS without for non_service, XDP_TX for floor_lookup), and after every batch the service's packet and new-flow counters must have grown by exactly what the case claims.",
-            format!("new_flow: every call is a flow conntrack has not seen (client 100.64.0.0/16, 50,000 source ports per address); it measures a conntrack miss, Maglev selection and two LRU hash inserts (MESH_CT4_V1 and MESH_REV4_V1, {ct_new} entries each, never full, so no eviction). Conntrack is emptied after every batch (untimed) and the same flows replayed, so every batch inserts into a table holding 0..calls_per_case_per_round flows: the cost grows with the table's fill (longer hash chains), and this keeps it independent of --rounds."),
+            format!("new_flow: every call is a flow conntrack has not seen (clients in 198.19.0.0/16, 50,000 source ports per address); it measures a conntrack miss, Maglev selection and one LRU hash insert (MESH_CT4_V1, per-CPU LRU lists, {ct_new} entries, never full, so no eviction; replies find the flow through the per-backend reply table, so there is no second insert). Conntrack is emptied after every batch (untimed) and the same flows replayed, so every batch inserts into a table holding 0..calls_per_case_per_round flows: the cost grows with the table's fill (longer hash chains), and this keeps it independent of --rounds."),
             format!("established and established_10k: same ACK frame, same 16-backend service and maglev_size {MAGLEV_SIZE}; established_10k has 9,999 more tcp services loaded (ports {FILLER_PORT0}.., 2-16 backends each, {} backends in all). Load time is not counted.", worlds[w_10k].backends),
             "Targets are overheads over floor_pass in the same run; a missed target is reported, not enforced.",
         ],

@@ -76,7 +76,7 @@ impl Dataplane {
             .map_max_entries(MAP_BACKENDS, limits.max_backends)
             .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
             .map_max_entries(MAP_CT4, limits.ct_entries)
-            .map_max_entries(MAP_REV4, limits.ct_entries)
+            .map_max_entries(MAP_REPLY4, limits.max_backends)
             .override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
         let mut bpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
         let logger = match aya_log::EbpfLogger::init(&mut bpf) {
@@ -185,6 +185,17 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// Deletes reply entries whose grace period ended (call periodically).
+    pub fn expire(&mut self) -> Result<usize> {
+        let mut next = self.planner.clone();
+        let ops = next.expire(std::time::Instant::now());
+        for op in &ops {
+            self.exec(op).with_context(|| format!("applying {op:?}"))?;
+        }
+        self.planner = next;
+        Ok(ops.len())
+    }
+
     fn exec(&mut self, op: &Op) -> Result<()> {
         match op {
             Op::PutBackend(id, be) => {
@@ -213,6 +224,12 @@ impl Dataplane {
             }
             Op::DelNodeAddr(a) => ignore_missing(
                 BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?.remove(a),
+            )?,
+            Op::PutReply(k, v) => {
+                BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?.insert(k, v, 0)?
+            }
+            Op::DelReply(k) => ignore_missing(
+                BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?.remove(k),
             )?,
         }
         Ok(())

@@ -281,6 +281,9 @@ async fn run(a: RunArgs) -> Result<()> {
         // between two reads is never missed.
         let (now, state) = read_state(&a.state, &node);
         if !forced && now == last {
+            if let Err(e) = dp.lock().unwrap().expire() {
+                warn!("expiring reply entries: {e:#}");
+            }
             continue;
         }
         last = now;

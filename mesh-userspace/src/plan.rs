@@ -9,9 +9,15 @@
 //!    region no packet reads, then one write of its service entry;
 //! 3. removed services; 4. backends nothing refers to; 5. node addresses
 //!    (added before removed).
+//!
+//! Reply entries (how a local task's replies find their flow) are written
+//! with their backend, before any table can send a flow there, and outlive
+//! a removed backend by [`REPLY_GRACE`], so replies already on their way
+//! (or a removed task still answering an open flow) are still translated.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use mesh_common::abi::*;
@@ -33,6 +39,17 @@ pub enum Op {
     DelBackend(u32),
     PutNodeAddr(u32),
     DelNodeAddr(u32),
+    PutReply(ReplyKey4, ReplyValue4),
+    DelReply(ReplyKey4),
+}
+
+/// How long the reply entry of a removed backend stays.
+pub const REPLY_GRACE: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+struct ReplyState {
+    value: ReplyValue4,
+    retired_at: Option<Instant>,
 }
 
 /// Sizes fixed at load time.
@@ -115,6 +132,7 @@ pub struct Planner {
     free_svc_ids: Vec<u32>,
     next_svc_id: u32,
     node_addrs: BTreeSet<Ipv4Addr>,
+    replies: BTreeMap<ReplyKey4, ReplyState>,
 }
 
 pub fn raw4(a: Ipv4Addr) -> u32 {
@@ -131,6 +149,7 @@ impl Planner {
             free_svc_ids: Vec::new(),
             next_svc_id: 0,
             node_addrs: BTreeSet::new(),
+            replies: BTreeMap::new(),
         }
     }
 
@@ -141,6 +160,11 @@ impl Planner {
     /// The ops that take the maps from the applied state to `d`. Refuses a
     /// state that does not fit the maps before producing any op.
     pub fn plan(&mut self, d: &Desired) -> Result<(Vec<Op>, Report)> {
+        self.plan_at(d, Instant::now())
+    }
+
+    /// `plan` at a given time (reply entries of removed backends expire).
+    pub fn plan_at(&mut self, d: &Desired, now: Instant) -> Result<(Vec<Op>, Report)> {
         let lim = &self.limits;
         if d.services.len() > lim.max_services as usize {
             bail!("{} published ports exceed --max-services {}; nothing applied", d.services.len(), lim.max_services);
@@ -154,6 +178,7 @@ impl Planner {
         if d.node_addrs.len() > MAX_NODE_ADDRS as usize {
             bail!("more than {MAX_NODE_ADDRS} node addresses; nothing applied");
         }
+        let replies = reply_candidates(d)?;
         let m = lim.maglev_size;
         let mut ops = Vec::new();
         let mut report = Report::default();
@@ -178,6 +203,23 @@ impl Planner {
             ));
             self.backends.insert((*k).clone(), id);
             report.backends_added += 1;
+        }
+
+        // Replies of local tasks: in place before any table sends a flow.
+        for (key, (backend, cands)) in &replies {
+            let mut value = ReplyValue4 {
+                backend_id: self.backends[backend],
+                count: cands.len() as u32,
+                cands: [ReplyCand::default(); MAX_REPLY_CANDS],
+            };
+            value.cands[..cands.len()].copy_from_slice(cands);
+            match self.replies.get(key) {
+                Some(r) if r.value == value && r.retired_at.is_none() => {}
+                _ => {
+                    ops.push(Op::PutReply(*key, value));
+                    self.replies.insert(*key, ReplyState { value, retired_at: None });
+                }
+            }
         }
 
         for (key, ds) in &d.services {
@@ -246,13 +288,72 @@ impl Planner {
             ops.push(Op::DelNodeAddr(raw4(*a)));
         }
         self.node_addrs = want;
+
+        for (key, r) in self.replies.iter_mut() {
+            if !replies.contains_key(key) && r.retired_at.is_none() {
+                r.retired_at = Some(now);
+            }
+        }
+        ops.extend(self.expire(now));
         Ok((ops, report))
+    }
+
+    /// Deletes the reply entries of backends removed more than
+    /// [`REPLY_GRACE`] before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Op> {
+        let old: Vec<ReplyKey4> = self
+            .replies
+            .iter()
+            .filter(|(_, r)| r.retired_at.is_some_and(|t| now.duration_since(t) >= REPLY_GRACE))
+            .map(|(k, _)| *k)
+            .collect();
+        old.into_iter()
+            .map(|k| {
+                self.replies.remove(&k);
+                Op::DelReply(k)
+            })
+            .collect()
+    }
+
+    /// Reply entries applied (retired ones included).
+    pub fn reply_count(&self) -> usize {
+        self.replies.len()
     }
 
     /// The backend id of a task address and target port, if applied.
     pub fn backend_id(&self, addr: Ipv4Addr, port: u16) -> Option<u32> {
         self.backends.iter().find(|(k, _)| k.addr == addr && k.port == port).map(|(_, id)| *id)
     }
+}
+
+/// For each local backend, the (node address, published port) pairs its
+/// flows can come through. Refuses more than `MAX_REPLY_CANDS`.
+fn reply_candidates(d: &Desired) -> Result<BTreeMap<ReplyKey4, (&BackendKey, Vec<ReplyCand>)>> {
+    let mut out: BTreeMap<ReplyKey4, (&BackendKey, Vec<ReplyCand>)> = BTreeMap::new();
+    for ((proto, port), s) in &d.services {
+        for b in s.backends.iter().filter(|b| b.local) {
+            let key = ReplyKey4 { addr: raw4(b.addr), port_be: b.port.to_be(), proto: proto.number(), _pad: 0 };
+            let e = out.entry(key).or_insert_with(|| (b, Vec::new()));
+            for a in &d.node_addrs {
+                e.1.push(ReplyCand { addr: raw4(*a), port_be: port.to_be(), _pad: 0 });
+            }
+        }
+    }
+    for (k, (b, cands)) in out.iter_mut() {
+        cands.sort();
+        cands.dedup();
+        if cands.len() > MAX_REPLY_CANDS {
+            bail!(
+                "task {} port {}/{}: its replies could belong to {} (node address, published port) pairs; \
+                 at most {MAX_REPLY_CANDS} are supported; nothing applied",
+                b.addr,
+                if k.proto == IPPROTO_TCP { "tcp" } else { "udp" },
+                b.port,
+                cands.len()
+            );
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -285,6 +386,7 @@ mod tests {
         let svc = pos(&|o| matches!(o, Op::PutService(..)));
         let table = pos(&|o| matches!(o, Op::WriteTable { .. }));
         assert!(ops[..table].iter().filter(|o| matches!(o, Op::PutBackend(..))).count() == 2);
+        assert!(ops[..table].iter().filter(|o| matches!(o, Op::PutReply(..))).count() == 2);
         assert!(table < svc);
         assert!(matches!(ops.last(), Some(Op::PutNodeAddr(_))));
     }
@@ -296,7 +398,8 @@ mod tests {
         let (ops, r) = p.plan(&desired(&["198.18.129.2", "198.18.129.4"])).unwrap();
         assert_eq!((r.services_changed, r.backends_added, r.backends_removed), (1, 1, 1));
         match &ops[..] {
-            [Op::PutBackend(new, _), Op::WriteTable { offset, table }, Op::PutService(_, v), Op::DelBackend(old)] => {
+            [Op::PutBackend(new, _), Op::PutReply(_, r), Op::WriteTable { offset, table }, Op::PutService(_, v), Op::DelBackend(old)] => {
+                assert_eq!(r.backend_id, *new);
                 assert_eq!(*offset, 251, "second half of service 0's region");
                 assert_eq!(v.table_off, 251);
                 assert!(table.contains(new) && !table.contains(old));
@@ -364,5 +467,54 @@ mod tests {
         assert!(ops.iter().any(|o| matches!(o, Op::DelService(_))));
         let (ops, _) = p.plan(&desired(&["198.18.129.2"])).unwrap();
         assert!(ops.contains(&Op::ResetStats(0)));
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::*;
+    use crate::state::{DEFAULT_PORT_RANGE, State};
+
+    fn desired(text_tasks: &[&str], extra: &[Ipv4Addr]) -> Desired {
+        let mut text = String::from(
+            "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n\
+             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080},{protocol='tcp',published=30081,target=8080}]\n",
+        );
+        for t in text_tasks {
+            text += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{t}'\n");
+        }
+        Desired::compute(&State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(), "n1", extra)
+    }
+
+    #[test]
+    fn a_task_behind_two_published_ports_gets_both_candidates() {
+        let mut p = Planner::new(Limits { maglev_size: 251, ..Limits::default() });
+        let (ops, _) = p.plan(&desired(&["198.18.129.2"], &[])).unwrap();
+        let r = ops.iter().find_map(|o| match o { Op::PutReply(_, v) => Some(*v), _ => None }).unwrap();
+        assert_eq!(r.count, 2);
+        let ports: Vec<u16> = r.cands[..2].iter().map(|c| u16::from_be(c.port_be)).collect();
+        assert_eq!(ports, [30080, 30081]);
+    }
+
+    #[test]
+    fn too_many_candidates_are_refused_before_any_op() {
+        let mut p = Planner::new(Limits { maglev_size: 251, ..Limits::default() });
+        let extra = [Ipv4Addr::new(198, 18, 128, 5), Ipv4Addr::new(198, 18, 128, 6)];
+        let e = p.plan(&desired(&["198.18.129.2"], &extra)).unwrap_err().to_string();
+        assert!(e.contains("198.18.129.2") && e.contains("6 (node address, published port) pairs"), "{e}");
+        assert_eq!(p.reply_count(), 0);
+    }
+
+    #[test]
+    fn a_removed_backends_reply_entry_outlives_it_by_the_grace_period() {
+        let mut p = Planner::new(Limits { maglev_size: 251, ..Limits::default() });
+        let t0 = Instant::now();
+        p.plan_at(&desired(&["198.18.129.2", "198.18.129.3"], &[]), t0).unwrap();
+        let (ops, _) = p.plan_at(&desired(&["198.18.129.2"], &[]), t0).unwrap();
+        assert!(ops.iter().any(|o| matches!(o, Op::DelBackend(_))));
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelReply(_))), "kept during the grace period");
+        assert!(p.expire(t0 + REPLY_GRACE / 2).is_empty());
+        assert!(matches!(p.expire(t0 + REPLY_GRACE)[..], [Op::DelReply(k)] if k.addr == raw4(Ipv4Addr::new(198, 18, 129, 3))));
+        assert_eq!(p.reply_count(), 1);
     }
 }

@@ -21,7 +21,7 @@ pub struct Sim {
     pub backends: HashMap<u32, Backend>,
     pub maglev: Vec<u32>,
     pub ct: RefCell<HashMap<FlowKey4, CtValue>>,
-    pub rev: RefCell<HashMap<FlowKey4, RevValue>>,
+    pub replies: HashMap<ReplyKey4, ReplyValue4>,
     pub stats: RefCell<HashMap<u32, SvcStats>>,
 }
 
@@ -35,7 +35,7 @@ impl Sim {
             backends: HashMap::new(),
             maglev: vec![0; n],
             ct: RefCell::default(),
-            rev: RefCell::default(),
+            replies: HashMap::new(),
             stats: RefCell::default(),
         }
     }
@@ -75,6 +75,12 @@ impl Sim {
             Op::DelNodeAddr(a) => {
                 self.node_addrs.remove(&a);
             }
+            Op::PutReply(k, v) => {
+                self.replies.insert(k, v);
+            }
+            Op::DelReply(k) => {
+                self.replies.remove(&k);
+            }
         }
     }
 }
@@ -92,8 +98,7 @@ impl Tables for Sim {
         // call (which reads before it writes).
         unsafe { (*self.ct.as_ptr()).get(key) }
     }
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue) {
-        self.rev.borrow_mut().insert(*rkey, *rev);
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
         self.ct.borrow_mut().insert(*key, *ct);
     }
     fn maglev(&self, index: u32) -> Option<u32> {
@@ -112,8 +117,10 @@ impl Tables for Sim {
 }
 
 impl RevTables for Sim {
-    fn rev_get(&self, key: &FlowKey4) -> Option<&RevValue> {
-        // SAFETY: as for `ct_get`.
-        unsafe { (*self.rev.as_ptr()).get(key) }
+    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
+        self.replies.get(key)
+    }
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+        Tables::ct_get(self, key)
     }
 }

@@ -19,8 +19,12 @@ pub const MAP_BACKENDS: &str = "MESH_BE_V1";
 pub const MAP_MAGLEV: &str = "MESH_MAGLEV_V1";
 /// Connection tracking, client side: `FlowKey4` (as the client sent it) -> `CtValue`.
 pub const MAP_CT4: &str = "MESH_CT4_V1";
-/// Reverse NAT, task side: `FlowKey4` (as the task replies) -> `RevValue`.
-pub const MAP_REV4: &str = "MESH_REV4_V1";
+/// Reverse NAT, task side: `ReplyKey4` (a local task's address, target
+/// port, protocol) -> `ReplyValue4` (the node addresses and published ports
+/// its flows can have come through). Per backend, not per flow: a reply
+/// finds its flow's conntrack entry by trying these few candidates, so a
+/// new flow costs one map insert, not two.
+pub const MAP_REPLY4: &str = "MESH_REPLY4_V1";
 /// Per-service counters, per CPU: svc id -> `SvcStats`.
 pub const MAP_SVC_STATS: &str = "MESH_SVCST_V1";
 /// Drop counters, per CPU: `DropReason` -> `u64`.
@@ -144,17 +148,41 @@ pub struct CtValue {
 }
 const _: () = assert!(size_of::<CtValue>() == 16);
 
-/// Reverse NAT value: the address and port the client connected to.
+/// Key of the reply table: where a local task's replies come from.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct RevValue {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct ReplyKey4 {
     pub addr: u32,
     pub port_be: u16,
-    pub _pad0: u16,
-    pub svc_id: u32,
-    pub _pad1: u32,
+    pub proto: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(size_of::<RevValue>() == 16);
+const _: () = assert!(size_of::<ReplyKey4>() == 8);
+
+/// An address and published port a client may have connected to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
+pub struct ReplyCand {
+    pub addr: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ReplyCand>() == 8);
+
+/// Node addresses x published ports that lead to one backend. User space
+/// refuses a state that needs more than `MAX_REPLY_CANDS`.
+pub const MAX_REPLY_CANDS: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct ReplyValue4 {
+    /// The backend whose flows these are (a conntrack entry must name it).
+    pub backend_id: u32,
+    /// Valid entries in `cands`.
+    pub count: u32,
+    pub cands: [ReplyCand; MAX_REPLY_CANDS],
+}
+const _: () = assert!(size_of::<ReplyValue4>() == 8 + 8 * MAX_REPLY_CANDS);
 
 /// Per-service counters (per CPU; user space sums them).
 #[repr(C)]
@@ -252,6 +280,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for RevValue {}
+    unsafe impl aya::Pod for ReplyKey4 {}
+    unsafe impl aya::Pod for ReplyValue4 {}
     unsafe impl aya::Pod for SvcStats {}
 }

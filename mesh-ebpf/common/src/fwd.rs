@@ -7,7 +7,7 @@
 //! maps, host tests and fixtures with hash maps.
 
 use crate::abi::{
-    BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_UDP, RevValue, SvcKey, SvcValue,
+    BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_UDP, SvcKey, SvcValue,
 };
 use crate::csum;
 use crate::hash::flow_hash4;
@@ -19,9 +19,9 @@ pub trait Tables {
     fn service(&self, key: &SvcKey) -> Option<&SvcValue>;
     fn is_node_addr4(&self, addr: u32) -> bool;
     fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue>;
-    /// Record a new flow in both directions. Failure (a full map that is
-    /// not LRU) is not fatal: the flow's next packet hashes the same way.
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue);
+    /// Record a new flow. Failure (a full map that is not LRU) is not
+    /// fatal: the flow's next packet hashes the same way.
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue);
     /// Entry `index` of the Maglev map: a backend id.
     fn maglev(&self, index: u32) -> Option<u32>;
     fn backend(&self, id: u32) -> Option<&Backend>;
@@ -99,23 +99,9 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         return Verdict::Drop(DropReason::RemoteBackend);
     }
     if new_flow {
-        let ct = CtValue { backend_id, svc_id: svc.svc_id, flags: 0, _pad: 0 };
-        let rkey = FlowKey4 {
-            saddr: be.addr[0],
-            daddr: ip.saddr,
-            sport_be: be.port_be,
-            dport_be: sport,
-            proto: ip.proto,
-            _pad: [0; 3],
-        };
-        let rev = RevValue {
-            addr: ip.daddr,
-            port_be: dport,
-            _pad0: 0,
-            svc_id: svc.svc_id,
-            _pad1: 0,
-        };
-        t.ct_put(&flow, &ct, &rkey, &rev);
+        // One entry serves both directions: replies find it through the
+        // backend's reply candidates (see `rev`).
+        t.ct_put(&flow, &CtValue { backend_id, svc_id: svc.svc_id, flags: 0, _pad: 0 });
     }
     if dnat(pkt, &ip, be.addr[0], be.port_be).is_none() {
         // Unreachable after check_l4; kept so no path writes half a packet

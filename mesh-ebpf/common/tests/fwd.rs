@@ -36,7 +36,7 @@ struct World {
     backends: HashMap<u32, Backend>,
     maglev: HashMap<u32, u32>,
     ct: RefCell<HashMap<FlowKey4, &'static CtValue>>,
-    rev: RefCell<HashMap<FlowKey4, &'static RevValue>>,
+    replies: HashMap<ReplyKey4, ReplyValue4>,
     stats: RefCell<HashMap<u32, SvcStats>>,
     /// Calls of `is_node_addr4`.
     node_lookups: Cell<u32>,
@@ -53,11 +53,8 @@ impl Tables for World {
     fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
         self.ct.borrow().get(key).copied()
     }
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue) {
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
         self.ct.borrow_mut().insert(*key, Box::leak(Box::new(*ct)));
-        self.rev
-            .borrow_mut()
-            .insert(*rkey, Box::leak(Box::new(*rev)));
     }
     fn maglev(&self, index: u32) -> Option<u32> {
         self.maglev.get(&index).copied()
@@ -75,8 +72,11 @@ impl Tables for World {
 }
 
 impl RevTables for World {
-    fn rev_get(&self, key: &FlowKey4) -> Option<&RevValue> {
-        self.rev.borrow().get(key).copied()
+    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
+        self.replies.get(key)
+    }
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+        Tables::ct_get(self, key)
     }
 }
 
@@ -84,9 +84,9 @@ fn raw(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
 
-/// Backend `i` of the test service: 10.0.1.i:80, on this node.
+/// Backend `i` of the test service: 198.18.1.i:80, on this node.
 fn be_addr(i: u32) -> [u8; 4] {
-    [10, 0, 1, i as u8]
+    [198, 18, 1, i as u8]
 }
 
 fn be_id(i: u32) -> u32 {
@@ -123,6 +123,14 @@ impl World {
                 format!("{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], TARGET)
             })
             .collect();
+        // Reply entries, as the planner writes them: both node addresses.
+        for &i in idx {
+            let mut v = ReplyValue4 { backend_id: be_id(i), count: 2, ..Default::default() };
+            v.cands[0] = ReplyCand { addr: raw(NODE), port_be: PUBLISHED.to_be(), _pad: 0 };
+            v.cands[1] = ReplyCand { addr: raw(OTHER_NODE_ADDR), port_be: PUBLISHED.to_be(), _pad: 0 };
+            let key = ReplyKey4 { addr: raw(be_addr(i)), port_be: TARGET.to_be(), proto, _pad: 0 };
+            self.replies.insert(key, v);
+        }
         let t = maglev::table(&keys, M);
         for (slot, &k) in t.iter().enumerate() {
             self.maglev
@@ -244,9 +252,8 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
 
     let pkt = Pkt::from_slice(&mut f);
     let rep = rev::lookup(&pkt, w).expect("reply of a tracked flow is found");
-    assert_eq!(rep.rev.addr, raw(spec.daddr));
-    assert_eq!(rep.rev.port_be, PUBLISHED.to_be());
-    assert_eq!(rep.rev.svc_id, SVC_ID);
+    assert_eq!(rep.addr, raw(spec.daddr));
+    assert_eq!(rep.port_be, PUBLISHED.to_be());
     assert_eq!(rep.sport_be, port.to_be());
     rev::snat_full(&pkt, &rep).expect("rewrite fits");
 
@@ -266,7 +273,7 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
 fn tcp_flow_dnat_then_reply_snat() {
     let w = world(IPPROTO_TCP, 5);
     let mut rng = Rng::new(1);
-    let spec = Spec::tcp([203, 0, 113, 5], 40000, NODE, PUBLISHED)
+    let spec = Spec::tcp([198, 19, 113, 5], 40000, NODE, PUBLISHED)
         .payload(b"GET / HTTP/1.1\r\n\r\n".to_vec());
     let want = w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP);
     let len = build(&spec).len() as u64;
@@ -281,7 +288,7 @@ fn tcp_flow_dnat_then_reply_snat() {
         }
     );
 
-    // Conntrack in both directions.
+    // Conntrack.
     let ct = *w.ct.borrow()[&client_flow(&spec)];
     assert_eq!(
         ct,
@@ -292,25 +299,10 @@ fn tcp_flow_dnat_then_reply_snat() {
             _pad: 0
         }
     );
-    let (baddr, bport) = w.backend_of(want);
-    let rkey = FlowKey4 {
-        saddr: raw(baddr),
-        daddr: raw(spec.saddr),
-        sport_be: bport.to_be(),
-        dport_be: spec.sport.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
-    assert_eq!(
-        *w.rev.borrow()[&rkey],
-        RevValue {
-            addr: raw(NODE),
-            port_be: PUBLISHED.to_be(),
-            _pad0: 0,
-            svc_id: SVC_ID,
-            _pad1: 0
-        }
-    );
+    // One entry per flow: the reply path finds it through the backend's
+    // reply candidates.
+    assert_eq!(w.ct.borrow().len(), 1);
+    let (baddr, _) = w.backend_of(want);
 
     // Next packet: same backend, not a new flow.
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: want });
@@ -388,7 +380,7 @@ fn random_flows_round_trip() {
 fn conntrack_pins_flow_across_table_change() {
     let mut w = world(IPPROTO_TCP, 5);
     let mut rng = Rng::new(3);
-    let spec = Spec::tcp([203, 0, 113, 9], 50000, NODE, PUBLISHED).payload(vec![1; 33]);
+    let spec = Spec::tcp([198, 19, 113, 9], 50000, NODE, PUBLISHED).payload(vec![1; 33]);
     let Verdict::Local { backend_id: first } = forward(&w, &spec) else {
         panic!()
     };
@@ -407,7 +399,7 @@ fn conntrack_pins_flow_across_table_change() {
     reply(&w, &spec, first, &mut rng);
 
     // A new flow goes by the new table.
-    let fresh = Spec::tcp([203, 0, 113, 9], 50001, NODE, PUBLISHED);
+    let fresh = Spec::tcp([198, 19, 113, 9], 50001, NODE, PUBLISHED);
     assert_eq!(forward(&w, &fresh), Verdict::Local { backend_id: other });
     assert_eq!(w.stats().new_flows, 2);
 
@@ -448,7 +440,7 @@ fn conntrack_pins_flow_across_table_change() {
 fn removed_backend_flow_is_repicked() {
     let mut w = world(IPPROTO_UDP, 4);
     let mut rng = Rng::new(4);
-    let spec = Spec::udp([203, 0, 113, 77], 33333, NODE, PUBLISHED).payload(vec![2; 21]);
+    let spec = Spec::udp([198, 19, 113, 77], 33333, NODE, PUBLISHED).payload(vec![2; 21]);
     let Verdict::Local { backend_id: old } = forward(&w, &spec) else {
         panic!()
     };
@@ -486,7 +478,7 @@ fn removed_backend_flow_is_repicked() {
 fn established_flow_skips_node_address_lookup() {
     let mut w = world(IPPROTO_TCP, 3);
     let mut rng = Rng::new(5);
-    let spec = Spec::tcp([203, 0, 113, 50], 45000, NODE, PUBLISHED).payload(vec![3; 10]);
+    let spec = Spec::tcp([198, 19, 113, 50], 45000, NODE, PUBLISHED).payload(vec![3; 10]);
     let Verdict::Local { backend_id } = forward(&w, &spec) else {
         panic!()
     };
@@ -497,7 +489,7 @@ fn established_flow_skips_node_address_lookup() {
     w.node_addrs.remove(&raw(NODE));
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id });
     reply(&w, &spec, backend_id, &mut rng);
-    let fresh = Spec::tcp([203, 0, 113, 50], 45001, NODE, PUBLISHED);
+    let fresh = Spec::tcp([198, 19, 113, 50], 45001, NODE, PUBLISHED);
     assert_eq!(forward(&w, &fresh), Verdict::Pass);
     assert_eq!(w.stats().new_flows, 1);
 
@@ -512,7 +504,7 @@ fn established_flow_skips_node_address_lookup() {
 #[test]
 fn verdicts_for_other_traffic() {
     let mut w = world(IPPROTO_TCP, 3);
-    let client = [203, 0, 113, 1];
+    let client = [198, 19, 113, 1];
     // Another port, another protocol on the published port, another
     // destination address.
     assert_eq!(

@@ -8,7 +8,7 @@ use mesh_common::parse::{self, Ip4, L4Error};
 use mesh_common::pkt::Pkt;
 use util::{ETH, Rng, Spec, build, ip_options, tcp_options};
 
-const CLIENT: [u8; 4] = [203, 0, 113, 7];
+const CLIENT: [u8; 4] = [198, 19, 113, 7];
 const NODE: [u8; 4] = [198, 18, 0, 1];
 
 fn ipv4(buf: &mut [u8]) -> Option<Ip4> {

@@ -27,9 +27,8 @@ pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(DEFAULT_MAX_SERVICE
 pub static CT4: LruHashMap<FlowKey4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, BPF_F_NO_COMMON_LRU);
 
-#[map(name = "MESH_REV4_V1")]
-pub static REV4: LruHashMap<FlowKey4, RevValue> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, BPF_F_NO_COMMON_LRU);
+#[map(name = "MESH_REPLY4_V1")]
+pub static REPLY4: HashMap<ReplyKey4, ReplyValue4> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "MESH_SVCST_V1")]
 pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
@@ -68,10 +67,9 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue, rkey: &FlowKey4, rev: &RevValue) {
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
         // An LRU map evicts instead of failing; an error here can only be
         // -ENOMEM, and the flow's next packet hashes to the same backend.
-        let _ = REV4.insert(rkey, rev, 0);
         let _ = CT4.insert(key, ct, 0);
     }
 
@@ -103,8 +101,14 @@ impl Tables for Maps {
 
 impl RevTables for Maps {
     #[inline(always)]
-    fn rev_get(&self, key: &FlowKey4) -> Option<&RevValue> {
-        // SAFETY: as for CT4.
-        unsafe { REV4.get(key) }
+    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
+        // SAFETY: replaced whole by user space.
+        unsafe { REPLY4.get(key) }
+    }
+
+    #[inline(always)]
+    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+        // SAFETY: as in `Tables`.
+        unsafe { CT4.get(key) }
     }
 }

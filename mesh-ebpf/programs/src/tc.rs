@@ -72,8 +72,8 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     };
     let l4c = parse::l4_csum_off(&r.ip) as u32;
     let mangle = if r.ip.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    let (old_a, new_a) = (r.ip.saddr, r.rev.addr);
-    let (old_p, new_p) = (r.sport_be, r.rev.port_be);
+    let (old_a, new_a) = (r.ip.saddr, r.addr);
+    let (old_p, new_p) = (r.sport_be, r.port_be);
     let ok = ctx
         .l4_csum_replace(l4c as usize, old_a as u64, new_a as u64, BPF_F_PSEUDO_HDR as u64 | mangle | 4)
         .and_then(|_| ctx.l4_csum_replace(l4c as usize, old_p as u64, new_p as u64, mangle | 2))
