@@ -11,7 +11,12 @@ fn main() {
     let root = manifest.parent().unwrap();
     let progs = root.join("mesh-ebpf/programs");
     let common = root.join("mesh-ebpf/common");
-    for p in [progs.join("src"), progs.join("Cargo.toml"), common.join("src"), common.join("Cargo.toml")] {
+    for p in [
+        progs.join("src"),
+        progs.join("Cargo.toml"),
+        common.join("src"),
+        common.join("Cargo.toml"),
+    ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     let target_dir = root.join("target/bpf");
@@ -33,7 +38,13 @@ fn main() {
     }
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&progs)
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .env("RUSTC", &rustc)
         .env("RUSTC_BOOTSTRAP", "1")
@@ -48,7 +59,8 @@ fn main() {
             cmd.env_remove(&k);
         }
     }
-    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS").env_remove("RUSTC_WORKSPACE_WRAPPER");
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
     let status = cmd.status().expect("run cargo for the BPF programs");
     if !status.success() {
         panic!("building the BPF programs failed ({status}); see the errors above");

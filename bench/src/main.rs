@@ -11,8 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use clap::{Parser, Subcommand};
 use mesh_common::abi::{
-    CtValue, FlowKey4, MAP_CT4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP,
-    XDP_META_MAGIC,
+    CtValue, FlowKey4, MAP_CT4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP, XDP_META_MAGIC,
 };
 use mesh_tests::fixtures::{BpfWorld, CLIENT, NODE, Run, WEB_TCP, XDP_PASS};
 use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, checksums_ok};

@@ -28,21 +28,40 @@ impl Metrics {
         let registry = Registry::new();
         let labels = &["service", "protocol", "port"];
         let svc_packets = IntCounterVec::new(
-            Opts::new("mesh_service_packets_total", "Packets the dataplane delivered to a service's tasks."),
+            Opts::new(
+                "mesh_service_packets_total",
+                "Packets the dataplane delivered to a service's tasks.",
+            ),
             labels,
         )?;
         let svc_bytes = IntCounterVec::new(
-            Opts::new("mesh_service_bytes_total", "Bytes (whole frames) delivered to a service's tasks."),
+            Opts::new(
+                "mesh_service_bytes_total",
+                "Bytes (whole frames) delivered to a service's tasks.",
+            ),
             labels,
         )?;
         let svc_flows = IntCounterVec::new(
-            Opts::new("mesh_service_new_flows_total", "Flows assigned a backend by Maglev (new or moved)."),
+            Opts::new(
+                "mesh_service_new_flows_total",
+                "Flows assigned a backend by Maglev (new or moved).",
+            ),
             labels,
         )?;
-        let drops = IntCounterVec::new(Opts::new("mesh_drops_total", "Packets dropped, by reason."), &["reason"])?;
-        let state_generation = IntGauge::new("mesh_state_generation", "State files applied since start.")?;
-        let state_rejected = IntCounter::new("mesh_state_rejected_total", "State files refused as invalid.")?;
-        let ready = IntGauge::new("mesh_ready", "1 once programs are attached and maps filled.")?;
+        let drops = IntCounterVec::new(
+            Opts::new("mesh_drops_total", "Packets dropped, by reason."),
+            &["reason"],
+        )?;
+        let state_generation =
+            IntGauge::new("mesh_state_generation", "State files applied since start.")?;
+        let state_rejected = IntCounter::new(
+            "mesh_state_rejected_total",
+            "State files refused as invalid.",
+        )?;
+        let ready = IntGauge::new(
+            "mesh_ready",
+            "1 once programs are attached and maps filled.",
+        )?;
         for c in [&svc_packets, &svc_bytes, &svc_flows, &drops] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -74,8 +93,10 @@ impl Metrics {
         // A published port that went away takes its series with it (its
         // counters restart at zero if it comes back).
         let mut live = self.live.lock().unwrap();
-        let now: std::collections::BTreeSet<[String; 3]> =
-            stats.iter().map(|(n, p, port, _)| [n.clone(), p.to_string(), port.to_string()]).collect();
+        let now: std::collections::BTreeSet<[String; 3]> = stats
+            .iter()
+            .map(|(n, p, port, _)| [n.clone(), p.to_string(), port.to_string()])
+            .collect();
         for gone in live.difference(&now) {
             let l = [gone[0].as_str(), gone[1].as_str(), gone[2].as_str()];
             for c in [&self.svc_packets, &self.svc_bytes, &self.svc_flows] {
@@ -105,14 +126,19 @@ impl Metrics {
 /// Serves the admin endpoint until the process exits.
 pub async fn serve(listener: TcpListener, dp: Arc<Mutex<Dataplane>>, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
         let (dp, metrics) = (dp.clone(), metrics.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {

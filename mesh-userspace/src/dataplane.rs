@@ -87,17 +87,26 @@ impl Dataplane {
             }
         };
         for name in [PROG_XDP, PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP] {
-            let p: &mut Xdp = bpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
-            p.load().with_context(|| format!("the verifier refused {name}"))?;
+            let p: &mut Xdp = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the verifier refused {name}"))?;
         }
         for name in [PROG_TC_UPLINK, PROG_TC_TASK] {
-            let p: &mut SchedClassifier =
-                bpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?;
-            p.load().with_context(|| format!("the verifier refused {name}"))?;
+            let p: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the verifier refused {name}"))?;
         }
         let maglev = {
             let map = bpf.map(MAP_MAGLEV).context("map MESH_MAGLEV_V1 missing")?;
-            let Map::Array(data) = map else { bail!("MESH_MAGLEV_V1 is not an array") };
+            let Map::Array(data) = map else {
+                bail!("MESH_MAGLEV_V1 is not an array")
+            };
             MaglevMap::new(data, limits.maglev_entries() as usize)?
         };
         Ok(Self {
@@ -141,20 +150,24 @@ impl Dataplane {
         let prog: &mut Xdp = self.bpf.program_mut(PROG_XDP).unwrap().try_into()?;
         match mode {
             XdpAttach::Native => {
-                prog.attach(iface, XdpMode::Driver).with_context(|| format!("attaching XDP (native) to {iface}"))?;
+                prog.attach(iface, XdpMode::Driver)
+                    .with_context(|| format!("attaching XDP (native) to {iface}"))?;
             }
             XdpAttach::Generic => {
-                prog.attach(iface, XdpMode::Skb).with_context(|| format!("attaching XDP (generic) to {iface}"))?;
+                prog.attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP (generic) to {iface}"))?;
             }
             XdpAttach::Auto => {
                 if let Err(e) = prog.attach(iface, XdpMode::Driver) {
                     warn!(%iface, "native XDP unavailable ({e}); using generic XDP");
-                    prog.attach(iface, XdpMode::Skb).with_context(|| format!("attaching XDP to {iface}"))?;
+                    prog.attach(iface, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP to {iface}"))?;
                 }
             }
         }
         let tc: &mut SchedClassifier = self.bpf.program_mut(PROG_TC_UPLINK).unwrap().try_into()?;
-        tc.attach(iface, TcAttachType::Ingress).with_context(|| format!("attaching TC ingress to {iface}"))?;
+        tc.attach(iface, TcAttachType::Ingress)
+            .with_context(|| format!("attaching TC ingress to {iface}"))?;
         info!(%iface, "attached XDP and TC to the uplink");
         Ok(())
     }
@@ -163,7 +176,8 @@ impl Dataplane {
     /// not have it yet (interfaces leading to local tasks).
     pub fn attach_task_ifaces(&mut self, ifaces: &BTreeSet<String>) -> Result<()> {
         for iface in ifaces.difference(&self.tc_ifaces.clone()) {
-            let tc: &mut SchedClassifier = self.bpf.program_mut(PROG_TC_TASK).unwrap().try_into()?;
+            let tc: &mut SchedClassifier =
+                self.bpf.program_mut(PROG_TC_TASK).unwrap().try_into()?;
             tc.attach(iface, TcAttachType::Ingress)
                 .with_context(|| format!("attaching TC ingress (replies) to {iface}"))?;
             info!(%iface, "attached the reply program");
@@ -199,10 +213,12 @@ impl Dataplane {
     fn exec(&mut self, op: &Op) -> Result<()> {
         match op {
             Op::PutBackend(id, be) => {
-                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?.insert(id, be, 0)?
+                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?
+                    .insert(id, be, 0)?
             }
             Op::DelBackend(id) => ignore_missing(
-                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?.remove(id),
+                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?
+                    .remove(id),
             )?,
             Op::WriteTable { offset, table } => self.maglev.write(*offset as usize, table)?,
             Op::ResetStats(id) => {
@@ -214,22 +230,27 @@ impl Dataplane {
                 )?
             }
             Op::PutService(k, v) => {
-                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?.insert(k, v, 0)?
+                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?
+                    .insert(k, v, 0)?
             }
             Op::DelService(k) => ignore_missing(
-                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?.remove(k),
+                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?
+                    .remove(k),
             )?,
             Op::PutNodeAddr(a) => {
-                BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?.insert(a, 1, 0)?
+                BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?
+                    .insert(a, 1, 0)?
             }
             Op::DelNodeAddr(a) => ignore_missing(
                 BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?.remove(a),
             )?,
             Op::PutReply(k, v) => {
-                BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?.insert(k, v, 0)?
+                BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?
+                    .insert(k, v, 0)?
             }
             Op::DelReply(k) => ignore_missing(
-                BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?.remove(k),
+                BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?
+                    .remove(k),
             )?,
         }
         Ok(())
@@ -237,7 +258,8 @@ impl Dataplane {
 
     /// Per service (name, protocol, published port) counters, summed over CPUs.
     pub fn service_stats(&self) -> Result<Vec<(String, Proto, u16, SvcStats)>> {
-        let stats: PerCpuArray<_, SvcStats> = PerCpuArray::try_from(self.bpf.map(MAP_SVC_STATS).unwrap())?;
+        let stats: PerCpuArray<_, SvcStats> =
+            PerCpuArray::try_from(self.bpf.map(MAP_SVC_STATS).unwrap())?;
         let mut out = Vec::new();
         for ((proto, port), slot) in &self.planner.services {
             let per_cpu = stats.get(&slot.svc_id, 0)?;
@@ -263,7 +285,6 @@ impl Dataplane {
         Ok(out)
     }
 
-
     /// Reads one Maglev entry (for tests and tools).
     pub fn maglev_entry(&self, index: usize) -> Option<u32> {
         (index < self.maglev.len).then(|| {
@@ -279,7 +300,8 @@ impl Dataplane {
     /// Every map's entries read back, for checks that no state is half
     /// applied: services and backends.
     pub fn service_entries(&self) -> Result<Vec<(SvcKey, SvcValue)>> {
-        let svcs: BpfHashMap<_, SvcKey, SvcValue> = BpfHashMap::try_from(self.bpf.map(MAP_SERVICES).unwrap())?;
+        let svcs: BpfHashMap<_, SvcKey, SvcValue> =
+            BpfHashMap::try_from(self.bpf.map(MAP_SERVICES).unwrap())?;
         Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -298,17 +320,35 @@ impl MaglevMap {
         let fd = data.fd().as_fd().as_raw_fd();
         // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 entries.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
-            bail!("mmap of {MAP_MAGLEV} failed: {}", std::io::Error::last_os_error());
+            bail!(
+                "mmap of {MAP_MAGLEV} failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
-        Ok(Self { ptr: p as *mut u32, len, bytes })
+        Ok(Self {
+            ptr: p as *mut u32,
+            len,
+            bytes,
+        })
     }
 
     fn write(&mut self, off: usize, table: &[u32]) -> Result<()> {
         if off + table.len() > self.len {
-            bail!("Maglev region {off}+{} outside the map ({})", table.len(), self.len);
+            bail!(
+                "Maglev region {off}+{} outside the map ({})",
+                table.len(),
+                self.len
+            );
         }
         // SAFETY: in bounds (checked); the region is not read by any packet
         // until the service entry is switched to it.
@@ -326,14 +366,21 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
 }
 
 fn map<'a>(bpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
-    bpf.map_mut(name).with_context(|| format!("map {name} missing"))
+    bpf.map_mut(name)
+        .with_context(|| format!("map {name} missing"))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 fn raise_memlock() {
-    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
-        debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+        debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

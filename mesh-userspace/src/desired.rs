@@ -47,7 +47,8 @@ impl Desired {
                 node_addrs.push(*a);
             }
         }
-        let node_index = |name: &str| state.nodes.iter().position(|n| n.name == name).unwrap_or(0) as u32;
+        let node_index =
+            |name: &str| state.nodes.iter().position(|n| n.name == name).unwrap_or(0) as u32;
         let mut services = BTreeMap::new();
         for s in &state.services {
             for p in &s.ports {
@@ -65,11 +66,18 @@ impl Desired {
                 backends.sort();
                 services.insert(
                     (p.protocol, p.published),
-                    DesiredService { name: s.name.clone(), target: p.target, backends },
+                    DesiredService {
+                        name: s.name.clone(),
+                        target: p.target,
+                        backends,
+                    },
                 );
             }
         }
-        Desired { node_addrs, services }
+        Desired {
+            node_addrs,
+            services,
+        }
     }
 
     /// Addresses of tasks on this node (to find the interfaces they sit behind).

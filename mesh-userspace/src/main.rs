@@ -15,9 +15,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_userspace::admin::{self, Metrics};
 use mesh_userspace::dataplane::{Dataplane, XdpAttach};
-use mesh_userspace::plan::Limits;
 use mesh_userspace::desired::Desired;
 use mesh_userspace::net;
+use mesh_userspace::plan::Limits;
 use mesh_userspace::state::{self, State};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -149,7 +149,8 @@ fn node_name(a: &StateArgs) -> Result<String> {
     if let Some(n) = &a.node {
         return Ok(n.clone());
     }
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name (pass --node)")?;
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the host name (pass --node)")?;
     Ok(h.trim().to_string())
 }
 
@@ -178,7 +179,11 @@ fn check_node(a: &StateArgs, s: State, node: &str) -> Result<State> {
         bail!(
             "{}: this node ({node:?}) is not in nodes[] (pass --node NAME; nodes are: {})",
             a.state.display(),
-            s.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+            s.nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(s)
@@ -188,7 +193,11 @@ fn check(a: CheckArgs) -> Result<()> {
     let node = node_name(&a.state)?;
     let s = load_state(&a.state, &node)?;
     let d = Desired::compute(&s, &node, &[]);
-    println!("{}: valid; node {node} answers on {:?}", a.state.state.display(), d.node_addrs);
+    println!(
+        "{}: valid; node {node} answers on {:?}",
+        a.state.state.display(),
+        d.node_addrs
+    );
     for ((proto, port), svc) in &d.services {
         let local = svc.backends.iter().filter(|b| b.local).count();
         println!(
@@ -257,8 +266,10 @@ async fn run(a: RunArgs) -> Result<()> {
         // SAFETY: the fd is the aya-log ring buffer owned by the dataplane,
         // which outlives this registration (dropped first, below).
         Some(fd) => Some(
-            unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-                .map_err(|e| anyhow::anyhow!("watching the BPF log buffer: {}", e))?,
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+            .map_err(|e| anyhow::anyhow!("watching the BPF log buffer: {}", e))?,
         ),
         None => None,
     };
@@ -306,7 +317,12 @@ async fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn reload(a: &RunArgs, node: &str, state: &State, dp: &Arc<Mutex<Dataplane>>) -> Result<mesh_userspace::plan::Report> {
+fn reload(
+    a: &RunArgs,
+    node: &str,
+    state: &State,
+    dp: &Arc<Mutex<Dataplane>>,
+) -> Result<mesh_userspace::plan::Report> {
     let desired = Desired::compute(state, node, &a.node_addrs);
     let ifaces = task_ifaces(a, &desired)?;
     let mut dp = dp.lock().unwrap();
@@ -322,7 +338,9 @@ fn task_ifaces(a: &RunArgs, d: &Desired) -> Result<BTreeSet<String>> {
     for addr in d.local_task_addrs() {
         match net::route_dev(addr) {
             Ok(dev) if dev == a.iface => {
-                warn!("task {addr} is reached through the uplink {dev}; its replies are not rewritten");
+                warn!(
+                    "task {addr} is reached through the uplink {dev}; its replies are not rewritten"
+                );
             }
             Ok(dev) => {
                 set.insert(dev);

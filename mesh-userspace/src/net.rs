@@ -12,9 +12,13 @@ pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
         .output()
         .context("running `ip route get` (iproute2)")?;
     if !out.status.success() {
-        bail!("no route to task {addr}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "no route to task {addr}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j route get`")?;
     let dev = v.get(0).and_then(|r| r.get("dev")).and_then(|d| d.as_str());
     match dev {
         Some("lo") => bail!("task {addr} is an address of this host, not behind an interface"),
@@ -30,13 +34,25 @@ pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
         .output()
         .context("running `ip addr show`")?;
     if !out.status.success() {
-        bail!("interface {iface}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "interface {iface}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let mut addrs = Vec::new();
     for link in v.as_array().into_iter().flatten() {
-        for a in link.get("addr_info").and_then(|a| a.as_array()).into_iter().flatten() {
-            if let Some(ip) = a.get("local").and_then(|l| l.as_str()).and_then(|s| s.parse().ok()) {
+        for a in link
+            .get("addr_info")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(ip) = a
+                .get("local")
+                .and_then(|l| l.as_str())
+                .and_then(|s| s.parse().ok())
+            {
                 addrs.push(ip);
             }
         }

@@ -31,7 +31,10 @@ use crate::state::Proto;
 pub enum Op {
     PutBackend(u32, Backend),
     /// Write `table` into the Maglev map at `offset`.
-    WriteTable { offset: u32, table: Vec<u32> },
+    WriteTable {
+        offset: u32,
+        table: Vec<u32>,
+    },
     /// Zero a (new or reused) service's counters.
     ResetStats(u32),
     PutService(SvcKey, SvcValue),
@@ -167,13 +170,24 @@ impl Planner {
     pub fn plan_at(&mut self, d: &Desired, now: Instant) -> Result<(Vec<Op>, Report)> {
         let lim = &self.limits;
         if d.services.len() > lim.max_services as usize {
-            bail!("{} published ports exceed --max-services {}; nothing applied", d.services.len(), lim.max_services);
+            bail!(
+                "{} published ports exceed --max-services {}; nothing applied",
+                d.services.len(),
+                lim.max_services
+            );
         }
-        let wanted: BTreeSet<&BackendKey> = d.services.values().flat_map(|s| s.backends.iter()).collect();
+        let wanted: BTreeSet<&BackendKey> = d
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .collect();
         // Old and new backends coexist between steps 1 and 4.
         let peak = wanted.len() + self.backends.keys().filter(|k| !wanted.contains(k)).count();
         if peak > lim.max_backends as usize {
-            bail!("{peak} backends (old and new during the update) exceed --max-backends {}; nothing applied", lim.max_backends);
+            bail!(
+                "{peak} backends (old and new during the update) exceed --max-backends {}; nothing applied",
+                lim.max_backends
+            );
         }
         if d.node_addrs.len() > MAX_NODE_ADDRS as usize {
             bail!("more than {MAX_NODE_ADDRS} node addresses; nothing applied");
@@ -217,7 +231,13 @@ impl Planner {
                 Some(r) if r.value == value && r.retired_at.is_none() => {}
                 _ => {
                     ops.push(Op::PutReply(*key, value));
-                    self.replies.insert(*key, ReplyState { value, retired_at: None });
+                    self.replies.insert(
+                        *key,
+                        ReplyState {
+                            value,
+                            retired_at: None,
+                        },
+                    );
                 }
             }
         }
@@ -239,7 +259,10 @@ impl Planner {
             };
             let ids: Vec<u32> = ds.backends.iter().map(|b| self.backends[b]).collect();
             let keys: Vec<String> = ds.backends.iter().map(|b| b.maglev_key()).collect();
-            let table: Vec<u32> = maglev::table(&keys, m).into_iter().map(|i| ids[i as usize]).collect();
+            let table: Vec<u32> = maglev::table(&keys, m)
+                .into_iter()
+                .map(|i| ids[i as usize])
+                .collect();
             let offset = (svc_id * 2 + half) * m;
             let table_size = if table.is_empty() { 0 } else { m };
             if !table.is_empty() {
@@ -250,11 +273,24 @@ impl Planner {
             }
             ops.push(Op::PutService(
                 SvcKey::new(key.1, key.0.number()),
-                SvcValue { svc_id, flags: 0, table_off: offset, table_size, backend_count: ids.len() as u32, _pad: 0 },
+                SvcValue {
+                    svc_id,
+                    flags: 0,
+                    table_off: offset,
+                    table_size,
+                    backend_count: ids.len() as u32,
+                    _pad: 0,
+                },
             ));
             self.services.insert(
                 *key,
-                SvcSlot { svc_id, half, name: ds.name.clone(), target: ds.target, backends: ds.backends.clone() },
+                SvcSlot {
+                    svc_id,
+                    half,
+                    name: ds.name.clone(),
+                    target: ds.target,
+                    backends: ds.backends.clone(),
+                },
             );
             if is_new {
                 report.services_added += 1;
@@ -263,7 +299,12 @@ impl Planner {
             }
         }
 
-        let gone: Vec<(Proto, u16)> = self.services.keys().filter(|k| !d.services.contains_key(k)).copied().collect();
+        let gone: Vec<(Proto, u16)> = self
+            .services
+            .keys()
+            .filter(|k| !d.services.contains_key(k))
+            .copied()
+            .collect();
         for key in gone {
             ops.push(Op::DelService(SvcKey::new(key.1, key.0.number())));
             let slot = self.services.remove(&key).expect("listed above");
@@ -271,8 +312,12 @@ impl Planner {
             report.services_removed += 1;
         }
 
-        let mut stale: Vec<(BackendKey, u32)> =
-            self.backends.iter().filter(|(k, _)| !wanted.contains(k)).map(|(k, id)| (k.clone(), *id)).collect();
+        let mut stale: Vec<(BackendKey, u32)> = self
+            .backends
+            .iter()
+            .filter(|(k, _)| !wanted.contains(k))
+            .map(|(k, id)| (k.clone(), *id))
+            .collect();
         stale.sort_by_key(|(_, id)| *id);
         for (k, id) in stale {
             ops.push(Op::DelBackend(id));
@@ -304,7 +349,10 @@ impl Planner {
         let old: Vec<ReplyKey4> = self
             .replies
             .iter()
-            .filter(|(_, r)| r.retired_at.is_some_and(|t| now.duration_since(t) >= REPLY_GRACE))
+            .filter(|(_, r)| {
+                r.retired_at
+                    .is_some_and(|t| now.duration_since(t) >= REPLY_GRACE)
+            })
             .map(|(k, _)| *k)
             .collect();
         old.into_iter()
@@ -322,7 +370,10 @@ impl Planner {
 
     /// The backend id of a task address and target port, if applied.
     pub fn backend_id(&self, addr: Ipv4Addr, port: u16) -> Option<u32> {
-        self.backends.iter().find(|(k, _)| k.addr == addr && k.port == port).map(|(_, id)| *id)
+        self.backends
+            .iter()
+            .find(|(k, _)| k.addr == addr && k.port == port)
+            .map(|(_, id)| *id)
     }
 }
 
@@ -332,10 +383,19 @@ fn reply_candidates(d: &Desired) -> Result<BTreeMap<ReplyKey4, (&BackendKey, Vec
     let mut out: BTreeMap<ReplyKey4, (&BackendKey, Vec<ReplyCand>)> = BTreeMap::new();
     for ((proto, port), s) in &d.services {
         for b in s.backends.iter().filter(|b| b.local) {
-            let key = ReplyKey4 { addr: raw4(b.addr), port_be: b.port.to_be(), proto: proto.number(), _pad: 0 };
+            let key = ReplyKey4 {
+                addr: raw4(b.addr),
+                port_be: b.port.to_be(),
+                proto: proto.number(),
+                _pad: 0,
+            };
             let e = out.entry(key).or_insert_with(|| (b, Vec::new()));
             for a in &d.node_addrs {
-                e.1.push(ReplyCand { addr: raw4(*a), port_be: port.to_be(), _pad: 0 });
+                e.1.push(ReplyCand {
+                    addr: raw4(*a),
+                    port_be: port.to_be(),
+                    _pad: 0,
+                });
             }
         }
     }
@@ -369,11 +429,18 @@ mod tests {
         for t in tasks {
             text += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{t}'\n");
         }
-        Desired::compute(&State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(), "n1", &[])
+        Desired::compute(
+            &State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(),
+            "n1",
+            &[],
+        )
     }
 
     fn limits() -> Limits {
-        Limits { maglev_size: 251, ..Limits::default() }
+        Limits {
+            maglev_size: 251,
+            ..Limits::default()
+        }
     }
 
     #[test]
@@ -385,8 +452,20 @@ mod tests {
         let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
         let svc = pos(&|o| matches!(o, Op::PutService(..)));
         let table = pos(&|o| matches!(o, Op::WriteTable { .. }));
-        assert!(ops[..table].iter().filter(|o| matches!(o, Op::PutBackend(..))).count() == 2);
-        assert!(ops[..table].iter().filter(|o| matches!(o, Op::PutReply(..))).count() == 2);
+        assert!(
+            ops[..table]
+                .iter()
+                .filter(|o| matches!(o, Op::PutBackend(..)))
+                .count()
+                == 2
+        );
+        assert!(
+            ops[..table]
+                .iter()
+                .filter(|o| matches!(o, Op::PutReply(..)))
+                .count()
+                == 2
+        );
         assert!(table < svc);
         assert!(matches!(ops.last(), Some(Op::PutNodeAddr(_))));
     }
@@ -396,9 +475,18 @@ mod tests {
         let mut p = Planner::new(limits());
         p.plan(&desired(&["198.18.129.2", "198.18.129.3"])).unwrap();
         let (ops, r) = p.plan(&desired(&["198.18.129.2", "198.18.129.4"])).unwrap();
-        assert_eq!((r.services_changed, r.backends_added, r.backends_removed), (1, 1, 1));
+        assert_eq!(
+            (r.services_changed, r.backends_added, r.backends_removed),
+            (1, 1, 1)
+        );
         match &ops[..] {
-            [Op::PutBackend(new, _), Op::PutReply(_, r), Op::WriteTable { offset, table }, Op::PutService(_, v), Op::DelBackend(old)] => {
+            [
+                Op::PutBackend(new, _),
+                Op::PutReply(_, r),
+                Op::WriteTable { offset, table },
+                Op::PutService(_, v),
+                Op::DelBackend(old),
+            ] => {
                 assert_eq!(r.backend_id, *new);
                 assert_eq!(*offset, 251, "second half of service 0's region");
                 assert_eq!(v.table_off, 251);
@@ -408,7 +496,10 @@ mod tests {
         }
         // And back: the first half again.
         let (ops, _) = p.plan(&desired(&["198.18.129.2"])).unwrap();
-        assert!(ops.iter().any(|o| matches!(o, Op::WriteTable { offset: 0, .. })));
+        assert!(
+            ops.iter()
+                .any(|o| matches!(o, Op::WriteTable { offset: 0, .. }))
+        );
     }
 
     #[test]
@@ -422,7 +513,8 @@ mod tests {
         // Node n2 has applied another state before, so its backend ids
         // differ from n1's.
         let mut p2 = Planner::new(limits());
-        p2.plan(&desired(&["198.18.129.7", "198.18.129.8"])).unwrap();
+        p2.plan(&desired(&["198.18.129.7", "198.18.129.8"]))
+            .unwrap();
         let tables = |node: &str, p: &mut Planner| -> Vec<std::net::Ipv4Addr> {
             // The table as written to the kernel, ids turned back into tasks.
             let mut fresh = Planner::new(limits());
@@ -431,8 +523,15 @@ mod tests {
                 fresh.services.clear();
             }
             let (ops, _) = fresh.plan(&Desired::compute(&state, node, &[])).unwrap();
-            let ids: HashMap<u32, std::net::Ipv4Addr> = fresh.backends.iter().map(|(k, id)| (*id, k.addr)).collect();
-            let table = ops.iter().find_map(|o| match o { Op::WriteTable { table, .. } => Some(table.clone()), _ => None }).unwrap();
+            let ids: HashMap<u32, std::net::Ipv4Addr> =
+                fresh.backends.iter().map(|(k, id)| (*id, k.addr)).collect();
+            let table = ops
+                .iter()
+                .find_map(|o| match o {
+                    Op::WriteTable { table, .. } => Some(table.clone()),
+                    _ => None,
+                })
+                .unwrap();
             table.into_iter().map(|id| ids[&id]).collect()
         };
         let mut p1 = Planner::new(limits());
@@ -449,11 +548,17 @@ mod tests {
 
     #[test]
     fn too_many_backends_is_refused_before_any_op() {
-        let mut p = Planner::new(Limits { max_backends: 2, ..limits() });
+        let mut p = Planner::new(Limits {
+            max_backends: 2,
+            ..limits()
+        });
         p.plan(&desired(&["198.18.129.2", "198.18.129.3"])).unwrap();
         let before = p.clone();
         // Replacing both needs 4 live backends for a moment.
-        let e = p.plan(&desired(&["198.18.129.4", "198.18.129.5"])).unwrap_err().to_string();
+        let e = p
+            .plan(&desired(&["198.18.129.4", "198.18.129.5"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("exceed --max-backends 2"), "{e}");
         assert_eq!(p.backends, before.backends);
     }
@@ -462,7 +567,12 @@ mod tests {
     fn removed_service_frees_its_id_for_reuse_with_reset_counters() {
         let mut p = Planner::new(limits());
         p.plan(&desired(&["198.18.129.2"])).unwrap();
-        let (ops, r) = p.plan(&Desired { node_addrs: vec![], services: BTreeMap::new() }).unwrap();
+        let (ops, r) = p
+            .plan(&Desired {
+                node_addrs: vec![],
+                services: BTreeMap::new(),
+            })
+            .unwrap();
         assert_eq!(r.services_removed, 1);
         assert!(ops.iter().any(|o| matches!(o, Op::DelService(_))));
         let (ops, _) = p.plan(&desired(&["198.18.129.2"])).unwrap();
@@ -483,38 +593,75 @@ mod reply_tests {
         for t in text_tasks {
             text += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{t}'\n");
         }
-        Desired::compute(&State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(), "n1", extra)
+        Desired::compute(
+            &State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(),
+            "n1",
+            extra,
+        )
     }
 
     #[test]
     fn a_task_behind_two_published_ports_gets_both_candidates() {
-        let mut p = Planner::new(Limits { maglev_size: 251, ..Limits::default() });
+        let mut p = Planner::new(Limits {
+            maglev_size: 251,
+            ..Limits::default()
+        });
         let (ops, _) = p.plan(&desired(&["198.18.129.2"], &[])).unwrap();
-        let r = ops.iter().find_map(|o| match o { Op::PutReply(_, v) => Some(*v), _ => None }).unwrap();
+        let r = ops
+            .iter()
+            .find_map(|o| match o {
+                Op::PutReply(_, v) => Some(*v),
+                _ => None,
+            })
+            .unwrap();
         assert_eq!(r.count, 2);
-        let ports: Vec<u16> = r.cands[..2].iter().map(|c| u16::from_be(c.port_be)).collect();
+        let ports: Vec<u16> = r.cands[..2]
+            .iter()
+            .map(|c| u16::from_be(c.port_be))
+            .collect();
         assert_eq!(ports, [30080, 30081]);
     }
 
     #[test]
     fn too_many_candidates_are_refused_before_any_op() {
-        let mut p = Planner::new(Limits { maglev_size: 251, ..Limits::default() });
-        let extra = [Ipv4Addr::new(198, 18, 128, 5), Ipv4Addr::new(198, 18, 128, 6)];
-        let e = p.plan(&desired(&["198.18.129.2"], &extra)).unwrap_err().to_string();
-        assert!(e.contains("198.18.129.2") && e.contains("6 (node address, published port) pairs"), "{e}");
+        let mut p = Planner::new(Limits {
+            maglev_size: 251,
+            ..Limits::default()
+        });
+        let extra = [
+            Ipv4Addr::new(198, 18, 128, 5),
+            Ipv4Addr::new(198, 18, 128, 6),
+        ];
+        let e = p
+            .plan(&desired(&["198.18.129.2"], &extra))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("198.18.129.2") && e.contains("6 (node address, published port) pairs"),
+            "{e}"
+        );
         assert_eq!(p.reply_count(), 0);
     }
 
     #[test]
     fn a_removed_backends_reply_entry_outlives_it_by_the_grace_period() {
-        let mut p = Planner::new(Limits { maglev_size: 251, ..Limits::default() });
+        let mut p = Planner::new(Limits {
+            maglev_size: 251,
+            ..Limits::default()
+        });
         let t0 = Instant::now();
-        p.plan_at(&desired(&["198.18.129.2", "198.18.129.3"], &[]), t0).unwrap();
+        p.plan_at(&desired(&["198.18.129.2", "198.18.129.3"], &[]), t0)
+            .unwrap();
         let (ops, _) = p.plan_at(&desired(&["198.18.129.2"], &[]), t0).unwrap();
         assert!(ops.iter().any(|o| matches!(o, Op::DelBackend(_))));
-        assert!(!ops.iter().any(|o| matches!(o, Op::DelReply(_))), "kept during the grace period");
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::DelReply(_))),
+            "kept during the grace period"
+        );
         assert!(p.expire(t0 + REPLY_GRACE / 2).is_empty());
-        assert!(matches!(p.expire(t0 + REPLY_GRACE)[..], [Op::DelReply(k)] if k.addr == raw4(Ipv4Addr::new(198, 18, 129, 3))));
+        assert!(
+            matches!(p.expire(t0 + REPLY_GRACE)[..], [Op::DelReply(k)] if k.addr == raw4(Ipv4Addr::new(198, 18, 129, 3)))
+        );
         assert_eq!(p.reply_count(), 1);
     }
 }

@@ -94,11 +94,18 @@ pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     #[error("{file}: {field}: {message}")]
-    Invalid { file: String, field: String, message: String },
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
 }
 
 // The file's shape. Unknown fields are refused.
@@ -147,8 +154,10 @@ impl State {
     /// Reads and validates a state file.
     pub fn load(path: &Path, range: &RangeInclusive<u16>) -> Result<State, StateError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| StateError::Read { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
+            file: file.clone(),
+            source,
+        })?;
         Self::parse(&text, &file, range)
     }
 
@@ -170,7 +179,10 @@ impl State {
         for (i, n) in raw.nodes.iter().enumerate() {
             check_name(&n.name).map_err(|m| invalid(format!("nodes[{i}].name"), m))?;
             if !node_names.insert(n.name.clone()) {
-                return Err(invalid(format!("nodes[{i}].name"), format!("{:?} is listed twice", n.name)));
+                return Err(invalid(
+                    format!("nodes[{i}].name"),
+                    format!("{:?} is listed twice", n.name),
+                ));
             }
             let addr = parse_v4(&n.addr).map_err(|m| invalid(format!("nodes[{i}].addr"), m))?;
             if let Some(other) = node_addrs.insert(addr, n.name.clone()) {
@@ -179,7 +191,10 @@ impl State {
                     format!("{addr} is already the address of node {other:?}"),
                 ));
             }
-            nodes.push(Node { name: n.name.clone(), addr });
+            nodes.push(Node {
+                name: n.name.clone(),
+                addr,
+            });
         }
 
         // Explicit published ports first, so that auto-assignment (lowest
@@ -190,10 +205,16 @@ impl State {
         for (i, s) in raw.services.iter().enumerate() {
             check_name(&s.name).map_err(|m| invalid(format!("services[{i}].name"), m))?;
             if !service_names.insert(s.name.clone()) {
-                return Err(invalid(format!("services[{i}].name"), format!("{:?} is listed twice", s.name)));
+                return Err(invalid(
+                    format!("services[{i}].name"),
+                    format!("{:?} is listed twice", s.name),
+                ));
             }
             if s.ports.is_empty() {
-                return Err(invalid(format!("services[{i}].ports"), "a service needs at least one port".into()));
+                return Err(invalid(
+                    format!("services[{i}].ports"),
+                    "a service needs at least one port".into(),
+                ));
             }
             let mut ps = Vec::new();
             for (j, p) in s.ports.iter().enumerate() {
@@ -202,16 +223,22 @@ impl State {
                     "tcp" => Proto::Tcp,
                     "udp" => Proto::Udp,
                     other => {
-                        return Err(invalid(field("protocol"), format!("{other:?} is not \"tcp\" or \"udp\"")));
+                        return Err(invalid(
+                            field("protocol"),
+                            format!("{other:?} is not \"tcp\" or \"udp\""),
+                        ));
                     }
                 };
                 let target = check_port(p.target).map_err(|m| invalid(field("target"), m))?;
                 if let Some(published) = p.published {
-                    let published = check_port(published).map_err(|m| invalid(field("published"), m))?;
+                    let published =
+                        check_port(published).map_err(|m| invalid(field("published"), m))?;
                     if let Some(owner) = taken.insert((proto, published), s.name.clone()) {
                         return Err(invalid(
                             field("published"),
-                            format!("{proto} port {published} is already published by service {owner:?}"),
+                            format!(
+                                "{proto} port {published} is already published by service {owner:?}"
+                            ),
                         ));
                     }
                 }
@@ -240,27 +267,51 @@ impl State {
                         free
                     }
                 };
-                ports.push(Port { protocol, published, target });
+                ports.push(Port {
+                    protocol,
+                    published,
+                    target,
+                });
             }
-            services.push(Service { name: s.name.clone(), ports });
+            services.push(Service {
+                name: s.name.clone(),
+                ports,
+            });
         }
 
         let mut tasks = Vec::new();
         let mut seen: HashMap<Ipv4Addr, usize> = HashMap::new();
         for (i, t) in raw.tasks.iter().enumerate() {
             if !service_names.contains(&t.service) {
-                return Err(invalid(format!("tasks[{i}].service"), format!("{:?} is not a service in this file", t.service)));
+                return Err(invalid(
+                    format!("tasks[{i}].service"),
+                    format!("{:?} is not a service in this file", t.service),
+                ));
             }
             if !node_names.contains(&t.node) {
-                return Err(invalid(format!("tasks[{i}].node"), format!("{:?} is not a node in this file", t.node)));
+                return Err(invalid(
+                    format!("tasks[{i}].node"),
+                    format!("{:?} is not a node in this file", t.node),
+                ));
             }
             let addr = parse_v4(&t.addr).map_err(|m| invalid(format!("tasks[{i}].addr"), m))?;
             if let Some(j) = seen.insert(addr, i) {
-                return Err(invalid(format!("tasks[{i}].addr"), format!("{addr} is already the address of tasks[{j}]")));
+                return Err(invalid(
+                    format!("tasks[{i}].addr"),
+                    format!("{addr} is already the address of tasks[{j}]"),
+                ));
             }
-            tasks.push(Task { service: t.service.clone(), node: t.node.clone(), addr });
+            tasks.push(Task {
+                service: t.service.clone(),
+                node: t.node.clone(),
+                addr,
+            });
         }
-        Ok(State { nodes, services, tasks })
+        Ok(State {
+            nodes,
+            services,
+            tasks,
+        })
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
@@ -272,8 +323,14 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
-    if name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(format!("{name:?} is not a name (up to 63 of A-Z a-z 0-9 - _ .)"));
+    if name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "{name:?} is not a name (up to 63 of A-Z a-z 0-9 - _ .)"
+        ));
     }
     Ok(())
 }
@@ -288,7 +345,9 @@ fn check_port(p: i64) -> Result<u16, String> {
 
 fn parse_v4(s: &str) -> Result<Ipv4Addr, String> {
     match s.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() => {
+        Ok(IpAddr::V4(a))
+            if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() =>
+        {
             Err(format!("{s:?} is not a unicast address"))
         }
         Ok(IpAddr::V4(a)) => Ok(a),
@@ -299,9 +358,17 @@ fn parse_v4(s: &str) -> Result<Ipv4Addr, String> {
 
 /// Parses a port range such as `30000-32767`.
 pub fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
-    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not a range like 30000-32767"))?;
-    let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
-    let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not a range like 30000-32767"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port"))?;
     if a == 0 || a > b {
         return Err(format!("{s:?} is not a range of ports (1 <= low <= high)"));
     }
@@ -335,7 +402,9 @@ addr = "198.18.129.2"
 "#;
 
     fn err(text: &str) -> String {
-        State::parse(text, "s.toml", &DEFAULT_PORT_RANGE).unwrap_err().to_string()
+        State::parse(text, "s.toml", &DEFAULT_PORT_RANGE)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -359,21 +428,35 @@ addr = "198.18.129.2"
             "name = \"dns\"\nports = [ { protocol = \"udp\", target = 53 } ]",
             "name = \"dns\"\nports = [ { protocol = \"tcp\", published = 30080, target = 53 } ]",
         ));
-        assert!(e.contains("services[1].ports[0].published") && e.contains("30080") && e.contains("\"web\""), "{e}");
+        assert!(
+            e.contains("services[1].ports[0].published")
+                && e.contains("30080")
+                && e.contains("\"web\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn port_out_of_range() {
         let e = err(&GOOD.replace("published = 30080", "published = 70000"));
-        assert!(e.contains("services[0].ports[0].published: 70000 is not a port"), "{e}");
+        assert!(
+            e.contains("services[0].ports[0].published: 70000 is not a port"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("target = 8080", "target = 0"));
-        assert!(e.contains("services[0].ports[0].target: 0 is not a port"), "{e}");
+        assert!(
+            e.contains("services[0].ports[0].target: 0 is not a port"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_address() {
         let e = err(&GOOD.replace("198.18.129.2", "198.18.129.300"));
-        assert!(e.contains("tasks[0].addr: \"198.18.129.300\" is not an IPv4 address"), "{e}");
+        assert!(
+            e.contains("tasks[0].addr: \"198.18.129.300\" is not an IPv4 address"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("198.18.128.2", "2001:2::1"));
         assert!(e.contains("nodes[1].addr") && e.contains("IPv6"), "{e}");
     }
@@ -383,12 +466,17 @@ addr = "198.18.129.2"
         let e = err(&GOOD.replace("node = \"n1\"", "node = \"n9\""));
         assert!(e.contains("tasks[0].node: \"n9\" is not a node"), "{e}");
         let e = err(&GOOD.replace("service = \"web\"", "service = \"db\""));
-        assert!(e.contains("tasks[0].service: \"db\" is not a service"), "{e}");
+        assert!(
+            e.contains("tasks[0].service: \"db\" is not a service"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unreadable_file_names_it() {
-        let e = State::load(Path::new("/nonexistent/mesh.toml"), &DEFAULT_PORT_RANGE).unwrap_err().to_string();
+        let e = State::load(Path::new("/nonexistent/mesh.toml"), &DEFAULT_PORT_RANGE)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("/nonexistent/mesh.toml: cannot read"), "{e}");
     }
 
@@ -402,7 +490,10 @@ addr = "198.18.129.2"
     fn range_exhaustion_and_parse() {
         let r = parse_range("30000-30000").unwrap();
         let e = State::parse(GOOD, "s.toml", &r).unwrap_err().to_string();
-        assert!(e.contains("services[1].ports[0].published") && e.contains("no udp port is free"), "{e}");
+        assert!(
+            e.contains("services[1].ports[0].published") && e.contains("no udp port is free"),
+            "{e}"
+        );
         assert!(parse_range("5-4").is_err());
         assert!(parse_range("x").is_err());
     }

@@ -23,8 +23,11 @@ use crate::packet::{Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
 pub const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 2);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
-pub const TASKS: [Ipv4Addr; 3] =
-    [Ipv4Addr::new(198, 18, 129, 2), Ipv4Addr::new(198, 18, 129, 3), Ipv4Addr::new(198, 18, 129, 4)];
+pub const TASKS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 129, 2),
+    Ipv4Addr::new(198, 18, 129, 3),
+    Ipv4Addr::new(198, 18, 129, 4),
+];
 pub const FAR_TASK: Ipv4Addr = Ipv4Addr::new(198, 18, 130, 2);
 pub const WEB_TCP: u16 = 30080;
 pub const WEB_UDP: u16 = 30053;
@@ -70,12 +73,18 @@ addr = "{FAR_TASK}"
 }
 
 pub fn world() -> Desired {
-    let state = State::parse(&world_toml(), "world.toml", &DEFAULT_PORT_RANGE).expect("world parses");
+    let state =
+        State::parse(&world_toml(), "world.toml", &DEFAULT_PORT_RANGE).expect("world parses");
     Desired::compute(&state, "n1", &[])
 }
 
 pub fn limits() -> Limits {
-    Limits { maglev_size: 1021, max_services: 64, max_backends: 1024, ct_entries: 65536 }
+    Limits {
+        maglev_size: 1021,
+        max_services: 64,
+        max_backends: 1024,
+        ct_entries: 65536,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,7 +93,9 @@ pub enum Expect {
     Drop(DropReason),
     /// DNAT to one of the service's tasks: the output must equal `spec`
     /// rebuilt from scratch with the chosen task's address and target port.
-    Local { target: u16 },
+    Local {
+        target: u16,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -115,30 +126,97 @@ fn set_tot_len(f: &mut [u8], len: u16) {
 pub fn all() -> Vec<Fixture> {
     let mut v = Vec::new();
     let tcp = |flags| Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, flags);
-    let local = |name, spec: Spec, target| Fixture { name, input: spec.build(), spec: Some(spec), expect: Expect::Local { target } };
-    let raw = |name, input: Vec<u8>, expect| Fixture { name, input, spec: None, expect };
+    let local = |name, spec: Spec, target| Fixture {
+        name,
+        input: spec.build(),
+        spec: Some(spec),
+        expect: Expect::Local { target },
+    };
+    let raw = |name, input: Vec<u8>, expect| Fixture {
+        name,
+        input,
+        spec: None,
+        expect,
+    };
 
     v.push(local("tcp_syn_new_flow", tcp(TCP_SYN), 8080));
     v.push(local("tcp_ack_established", tcp(TCP_ACK), 8080));
-    v.push(local("tcp_data_established", Spec { payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(), ..tcp(TCP_ACK | TCP_PSH) }, 8080));
+    v.push(local(
+        "tcp_data_established",
+        Spec {
+            payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+            ..tcp(TCP_ACK | TCP_PSH)
+        },
+        8080,
+    ));
     v.push(local("tcp_fin", tcp(TCP_FIN | TCP_ACK), 8080));
     v.push(local("tcp_rst", tcp(TCP_RST), 8080));
-    v.push(local("tcp_ip_options", Spec { ip_options: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0], ..Spec::tcp(CLIENT, 40002, NODE, WEB_TCP, TCP_SYN) }, 8080));
-    v.push(local("udp_request", Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"ping"), 5353));
-    v.push(local("udp_empty_payload", Spec::udp(CLIENT, 5001, NODE, WEB_UDP, b""), 5353));
-    v.push(local("udp_no_checksum", Spec { udp_no_csum: true, ..Spec::udp(CLIENT, 5002, NODE, WEB_UDP, b"x") }, 5353));
+    v.push(local(
+        "tcp_ip_options",
+        Spec {
+            ip_options: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0],
+            ..Spec::tcp(CLIENT, 40002, NODE, WEB_TCP, TCP_SYN)
+        },
+        8080,
+    ));
+    v.push(local(
+        "udp_request",
+        Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"ping"),
+        5353,
+    ));
+    v.push(local(
+        "udp_empty_payload",
+        Spec::udp(CLIENT, 5001, NODE, WEB_UDP, b""),
+        5353,
+    ));
+    v.push(local(
+        "udp_no_checksum",
+        Spec {
+            udp_no_csum: true,
+            ..Spec::udp(CLIENT, 5002, NODE, WEB_UDP, b"x")
+        },
+        5353,
+    ));
     {
         // Ethernet padding after a short datagram must survive untouched.
         let spec = Spec::udp(CLIENT, 5003, NODE, WEB_UDP, b"pad");
         let mut input = spec.build();
         input.resize(60, 0xee);
-        v.push(Fixture { name: "udp_ethernet_padding", input, spec: Some(spec), expect: Expect::Local { target: 5353 } });
+        v.push(Fixture {
+            name: "udp_ethernet_padding",
+            input,
+            spec: Some(spec),
+            expect: Expect::Local { target: 5353 },
+        });
     }
 
-    v.push(raw("tcp_unpublished_port", Spec::tcp(CLIENT, 40001, NODE, 30081, TCP_SYN).build(), Expect::Pass));
-    v.push(raw("tcp_ssh_port", Spec::tcp(CLIENT, 40001, NODE, 22, TCP_SYN).build(), Expect::Pass));
-    v.push(raw("tcp_other_address", Spec::tcp(CLIENT, 40001, Ipv4Addr::new(198, 18, 128, 9), WEB_TCP, TCP_SYN).build(), Expect::Pass));
-    v.push(raw("udp_unpublished_port", Spec::udp(CLIENT, 5000, NODE, 30054, b"x").build(), Expect::Pass));
+    v.push(raw(
+        "tcp_unpublished_port",
+        Spec::tcp(CLIENT, 40001, NODE, 30081, TCP_SYN).build(),
+        Expect::Pass,
+    ));
+    v.push(raw(
+        "tcp_ssh_port",
+        Spec::tcp(CLIENT, 40001, NODE, 22, TCP_SYN).build(),
+        Expect::Pass,
+    ));
+    v.push(raw(
+        "tcp_other_address",
+        Spec::tcp(
+            CLIENT,
+            40001,
+            Ipv4Addr::new(198, 18, 128, 9),
+            WEB_TCP,
+            TCP_SYN,
+        )
+        .build(),
+        Expect::Pass,
+    ));
+    v.push(raw(
+        "udp_unpublished_port",
+        Spec::udp(CLIENT, 5000, NODE, 30054, b"x").build(),
+        Expect::Pass,
+    ));
     {
         let mut arp = vec![0xffu8; 6];
         arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
@@ -149,7 +227,16 @@ pub fn all() -> Vec<Fixture> {
         arp.extend_from_slice(&NODE.octets());
         v.push(raw("arp_request", arp, Expect::Pass));
     }
-    v.push(raw("icmp_echo", Spec { proto: 1, payload: vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0], ..Spec::tcp(CLIENT, 0, NODE, 0, 0) }.build(), Expect::Pass));
+    v.push(raw(
+        "icmp_echo",
+        Spec {
+            proto: 1,
+            payload: vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0],
+            ..Spec::tcp(CLIENT, 0, NODE, 0, 0)
+        }
+        .build(),
+        Expect::Pass,
+    ));
     {
         let mut v6 = Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, TCP_SYN).build();
         v6[12] = 0x86;
@@ -187,7 +274,11 @@ pub fn all() -> Vec<Fixture> {
         let mut f = tcp(TCP_SYN).build();
         set_tot_len(&mut f, 20 + 10);
         f.truncate(14 + 30);
-        v.push(raw("truncated_tcp_header", f, Expect::Drop(DropReason::L4Truncated)));
+        v.push(raw(
+            "truncated_tcp_header",
+            f,
+            Expect::Drop(DropReason::L4Truncated),
+        ));
     }
     {
         let mut f = tcp(TCP_SYN).build();
@@ -198,34 +289,78 @@ pub fn all() -> Vec<Fixture> {
     {
         let mut f = tcp(TCP_SYN).build();
         f[14 + 20 + 12] = 4 << 4;
-        v.push(raw("tcp_data_offset_below_5", f, Expect::Drop(DropReason::L4BadLength)));
+        v.push(raw(
+            "tcp_data_offset_below_5",
+            f,
+            Expect::Drop(DropReason::L4BadLength),
+        ));
     }
     {
         let mut f = tcp(TCP_SYN).build();
         f[14 + 20 + 12] = 15 << 4;
-        v.push(raw("tcp_data_offset_past_end", f, Expect::Drop(DropReason::L4Truncated)));
+        v.push(raw(
+            "tcp_data_offset_past_end",
+            f,
+            Expect::Drop(DropReason::L4Truncated),
+        ));
     }
     {
         let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"").build();
         set_tot_len(&mut f, 20 + 4);
         f.truncate(14 + 24);
-        v.push(raw("truncated_udp_header", f, Expect::Drop(DropReason::L4Truncated)));
+        v.push(raw(
+            "truncated_udp_header",
+            f,
+            Expect::Drop(DropReason::L4Truncated),
+        ));
     }
     {
         let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"abcd").build();
         f[14 + 20 + 4] = 0;
         f[14 + 20 + 5] = 0;
-        v.push(raw("udp_length_zero", f, Expect::Drop(DropReason::L4BadLength)));
+        v.push(raw(
+            "udp_length_zero",
+            f,
+            Expect::Drop(DropReason::L4BadLength),
+        ));
     }
     {
         let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"abcd").build();
         f[14 + 20 + 5] = 200;
-        v.push(raw("udp_length_past_datagram", f, Expect::Drop(DropReason::L4BadLength)));
+        v.push(raw(
+            "udp_length_past_datagram",
+            f,
+            Expect::Drop(DropReason::L4BadLength),
+        ));
     }
-    v.push(raw("first_fragment", Spec { frag: 0x2000, ..Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"frag") }.build(), Expect::Drop(DropReason::Fragment)));
-    v.push(raw("later_fragment", Spec { frag: 0x0010, ..Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"frag") }.build(), Expect::Pass));
-    v.push(raw("service_without_tasks", Spec::tcp(CLIENT, 40001, NODE, EMPTY_TCP, TCP_SYN).build(), Expect::Drop(DropReason::NoBackend)));
-    v.push(raw("task_on_other_node", Spec::tcp(CLIENT, 40001, NODE, FAR_TCP, TCP_SYN).build(), Expect::Drop(DropReason::RemoteBackend)));
+    v.push(raw(
+        "first_fragment",
+        Spec {
+            frag: 0x2000,
+            ..Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"frag")
+        }
+        .build(),
+        Expect::Drop(DropReason::Fragment),
+    ));
+    v.push(raw(
+        "later_fragment",
+        Spec {
+            frag: 0x0010,
+            ..Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"frag")
+        }
+        .build(),
+        Expect::Pass,
+    ));
+    v.push(raw(
+        "service_without_tasks",
+        Spec::tcp(CLIENT, 40001, NODE, EMPTY_TCP, TCP_SYN).build(),
+        Expect::Drop(DropReason::NoBackend),
+    ));
+    v.push(raw(
+        "task_on_other_node",
+        Spec::tcp(CLIENT, 40001, NODE, FAR_TCP, TCP_SYN).build(),
+        Expect::Drop(DropReason::RemoteBackend),
+    ));
     v
 }
 
@@ -240,7 +375,10 @@ pub struct Outcome {
 /// run delivered to (read from the output for `Local`).
 pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
     if got.expect != fx.expect {
-        return Err(format!("{}: verdict {:?}, expected {:?}", fx.name, got.expect, fx.expect));
+        return Err(format!(
+            "{}: verdict {:?}, expected {:?}",
+            fx.name, got.expect, fx.expect
+        ));
     }
     match &fx.expect {
         Expect::Local { target } => {
@@ -256,18 +394,33 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
                 proto: spec.proto,
                 _pad: [0; 3],
             };
-            let svc = world.services.get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto)).ok_or("no service")?;
-            let (_, be) = fwd::select(world, svc, &flow).map_err(|r| format!("{}: select {r:?}", fx.name))?;
+            let svc = world
+                .services
+                .get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
+                .ok_or("no service")?;
+            let (_, be) =
+                fwd::select(world, svc, &flow).map_err(|r| format!("{}: select {r:?}", fx.name))?;
             let maglev_pick = Ipv4Addr::from(be.addr[0].to_ne_bytes());
             if chosen != maglev_pick {
-                return Err(format!("{}: delivered to {chosen}, Maglev picks {maglev_pick}", fx.name));
+                return Err(format!(
+                    "{}: delivered to {chosen}, Maglev picks {maglev_pick}",
+                    fx.name
+                ));
             }
-            let mut expected = Spec { daddr: chosen, dport: *target, ..spec.clone() }.build();
+            let mut expected = Spec {
+                daddr: chosen,
+                dport: *target,
+                ..spec.clone()
+            }
+            .build();
             if fx.input.len() > expected.len() {
                 expected.extend_from_slice(&fx.input[expected.len()..]);
             }
             if *out != expected {
-                return Err(format!("{}: output differs\n got      {:02x?}\n expected {:02x?}", fx.name, out, expected));
+                return Err(format!(
+                    "{}: output differs\n got      {:02x?}\n expected {:02x?}",
+                    fx.name, out, expected
+                ));
             }
             if !checksums_ok(out) {
                 return Err(format!("{}: bad checksum in output", fx.name));
@@ -275,7 +428,10 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
         }
         _ => {
             if got.output != fx.input {
-                return Err(format!("{}: a {:?} verdict must not rewrite the packet", fx.name, fx.expect));
+                return Err(format!(
+                    "{}: a {:?} verdict must not rewrite the packet",
+                    fx.name, fx.expect
+                ));
             }
         }
     }
@@ -296,9 +452,14 @@ pub fn run_host(sim: &Sim, fx: &Fixture) -> Outcome {
     let expect = match v {
         Verdict::Pass => Expect::Pass,
         Verdict::Drop(r) => Expect::Drop(r),
-        Verdict::Local { backend_id } => Expect::Local { target: u16::from_be(sim.backends[&backend_id].port_be) },
+        Verdict::Local { backend_id } => Expect::Local {
+            target: u16::from_be(sim.backends[&backend_id].port_be),
+        },
     };
-    Outcome { expect, output: buf }
+    Outcome {
+        expect,
+        output: buf,
+    }
 }
 
 /// The real object, loaded (not attached) and filled with the world.
@@ -329,7 +490,12 @@ impl BpfWorld {
 
     /// Runs XDP program `prog` once on `input` (repeat = 1).
     pub fn run_xdp(&self, prog: &str, input: &[u8]) -> Result<Run> {
-        let p: &Xdp = self.dp.ebpf().program(prog).context("no such program")?.try_into()?;
+        let p: &Xdp = self
+            .dp
+            .ebpf()
+            .program(prog)
+            .context("no such program")?
+            .try_into()?;
         let mut out = vec![0u8; input.len() + 256];
         // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
         let mut ctx_in = [0u8; 24];
@@ -348,7 +514,12 @@ impl BpfWorld {
         let meta_len = data.saturating_sub(meta_off);
         let meta = out[..meta_len.min(out.len())].to_vec();
         let output = out[meta_len.min(out.len())..].to_vec();
-        Ok(Run { ret: r.return_value, output, meta, ns: r.duration.as_nanos() as u64 })
+        Ok(Run {
+            ret: r.return_value,
+            output,
+            meta,
+            ns: r.duration.as_nanos() as u64,
+        })
     }
 
     /// Runs a fixture through `mesh_xdp`.
@@ -358,16 +529,29 @@ impl BpfWorld {
             XDP_PASS if r.meta.len() == 8 => {
                 let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
                 if magic != XDP_META_MAGIC {
-                    anyhow::bail!("{}: metadata without the mesh magic: {:02x?}", fx.name, r.meta);
+                    anyhow::bail!(
+                        "{}: metadata without the mesh magic: {:02x?}",
+                        fx.name,
+                        r.meta
+                    );
                 }
-                let port = u16::from_be_bytes([r.output[14 + ihl(&r.output) + 2], r.output[14 + ihl(&r.output) + 3]]);
+                let port = u16::from_be_bytes([
+                    r.output[14 + ihl(&r.output) + 2],
+                    r.output[14 + ihl(&r.output) + 3],
+                ]);
                 Expect::Local { target: port }
             }
             XDP_PASS => Expect::Pass,
-            XDP_DROP => Expect::Drop(self.last_drop_reason()?.context("XDP_DROP without a counted reason")?),
+            XDP_DROP => Expect::Drop(
+                self.last_drop_reason()?
+                    .context("XDP_DROP without a counted reason")?,
+            ),
             other => anyhow::bail!("{}: unexpected XDP action {other}", fx.name),
         };
-        Ok(Outcome { expect, output: r.output })
+        Ok(Outcome {
+            expect,
+            output: r.output,
+        })
     }
 
     /// The reason whose counter grew since the previous call.
@@ -378,7 +562,10 @@ impl BpfWorld {
         let found = LAST.with(|l| {
             let prev = l.borrow().clone();
             *l.borrow_mut() = counts.clone();
-            now.iter().enumerate().find(|(i, (_, n))| *n > prev.get(*i).copied().unwrap_or(0)).map(|(_, (r, _))| *r)
+            now.iter()
+                .enumerate()
+                .find(|(i, (_, n))| *n > prev.get(*i).copied().unwrap_or(0))
+                .map(|(_, (r, _))| *r)
         });
         Ok(found)
     }

@@ -31,9 +31,15 @@ pub const ADMIN: &str = "127.0.0.1:9469";
 
 /// Runs a command, failing with its stderr.
 pub fn sh(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
-        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -46,7 +52,10 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     std::thread::spawn(move || {
         // SAFETY: plain syscall on a valid fd.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(anyhow!("setns into {path}: {}", std::io::Error::last_os_error()));
+            return Err(anyhow!(
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         Ok(f())
     })
@@ -56,8 +65,29 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 
 /// The guard routes of LAB.md: nothing for the lab ranges leaves the machine.
 pub fn guard_routes() {
-    let _ = Command::new("ip").args(["route", "add", "unreachable", "198.18.0.0/15", "metric", "4000"]).stderr(Stdio::null()).status();
-    let _ = Command::new("ip").args(["-6", "route", "add", "unreachable", "2001:2::/48", "metric", "4000"]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args([
+            "route",
+            "add",
+            "unreachable",
+            "198.18.0.0/15",
+            "metric",
+            "4000",
+        ])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args([
+            "-6",
+            "route",
+            "add",
+            "unreachable",
+            "2001:2::/48",
+            "metric",
+            "4000",
+        ])
+        .stderr(Stdio::null())
+        .status();
 }
 
 pub struct Lab {
@@ -84,7 +114,11 @@ impl Lab {
         let mut slot = None;
         for k in 0..64u32 {
             let ns = format!("mk{k}n");
-            let ok = Command::new("ip").args(["netns", "add", &ns]).stderr(Stdio::null()).status()?.success();
+            let ok = Command::new("ip")
+                .args(["netns", "add", &ns])
+                .stderr(Stdio::null())
+                .status()?
+                .success();
             if ok {
                 slot = Some(k);
                 break;
@@ -108,7 +142,8 @@ impl Lab {
             extra_ns: Vec::new(),
             meshd_log: "info".into(),
         };
-        lab.build(tasks).with_context(|| format!("building lab slot {k}"))?;
+        lab.build(tasks)
+            .with_context(|| format!("building lab slot {k}"))?;
         Ok(lab)
     }
 
@@ -119,21 +154,71 @@ impl Lab {
         self.extra_ns.push(c.clone());
         sh(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
         sh(&["ip", "-n", &c, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", &n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &c])?;
-        sh(&["ip", "-n", &n, "addr", "add", &format!("198.18.{b}.1/24"), "dev", "up0"])?;
-        sh(&["ip", "-n", &c, "addr", "add", &format!("198.18.{b}.2/24"), "dev", "eth0"])?;
+        sh(&[
+            "ip", "-n", &n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
+            &c,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("198.18.{b}.1/24"),
+            "dev",
+            "up0",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &c,
+            "addr",
+            "add",
+            &format!("198.18.{b}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
         sh(&["ip", "-n", &n, "link", "set", "up0", "up"])?;
         sh(&["ip", "-n", &c, "link", "set", "eth0", "up"])?;
         // Packets from a wire carry complete checksums; make the client's
         // do too, so the tasks' kernels judge the DNAT's checksum updates.
-        sh(&["ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off"])?;
+        sh(&[
+            "ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off",
+        ])?;
         sh(&["ip", "-n", &n, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &n, "addr", "add", &format!("198.18.{}.1/24", b + 1), "dev", "br0"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("198.18.{}.1/24", b + 1),
+            "dev",
+            "br0",
+        ])?;
         sh(&["ip", "-n", &n, "link", "set", "br0", "up"])?;
-        sh(&["ip", "netns", "exec", &n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
         // As dockerd leaves a host: bridged frames through iptables, FORWARD DROP.
-        let _ = sh(&["ip", "netns", "exec", &n, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-        sh(&["ip", "netns", "exec", &n, "iptables", "-P", "FORWARD", "DROP"])?;
+        let _ = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &n,
+            "sysctl",
+            "-qw",
+            "net.bridge.bridge-nf-call-iptables=1",
+        ]);
+        sh(&[
+            "ip", "netns", "exec", &n, "iptables", "-P", "FORWARD", "DROP",
+        ])?;
         for _ in 0..tasks {
             self.add_task_host()?;
         }
@@ -149,15 +234,37 @@ impl Lab {
         self.task_ns.push(t.clone());
         let vt = format!("vt{i}");
         sh(&["ip", "-n", &t, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", &n, "link", "add", &vt, "type", "veth", "peer", "name", "eth0", "netns", &t])?;
+        sh(&[
+            "ip", "-n", &n, "link", "add", &vt, "type", "veth", "peer", "name", "eth0", "netns", &t,
+        ])?;
         sh(&["ip", "-n", &n, "link", "set", &vt, "master", "br0", "up"])?;
-        sh(&["ip", "-n", &t, "addr", "add", &format!("{}/24", self.task_addr(i)), "dev", "eth0"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &t,
+            "addr",
+            "add",
+            &format!("{}/24", self.task_addr(i)),
+            "dev",
+            "eth0",
+        ])?;
         sh(&["ip", "-n", &t, "link", "set", "eth0", "up"])?;
-        sh(&["ip", "-n", &t, "route", "add", &format!("198.18.{b}.0/24"), "via", &format!("198.18.{}.1", b + 1)])?;
-        if i % 2 == 0 {
+        sh(&[
+            "ip",
+            "-n",
+            &t,
+            "route",
+            "add",
+            &format!("198.18.{b}.0/24"),
+            "via",
+            &format!("198.18.{}.1", b + 1),
+        ])?;
+        if i.is_multiple_of(2) {
             // Half the tasks send complete checksums, half leave them partial
             // (as containers do on veth): both reply rewrites are exercised.
-            sh(&["ip", "netns", "exec", &t, "ethtool", "-K", "eth0", "tx", "off"])?;
+            sh(&[
+                "ip", "netns", "exec", &t, "ethtool", "-K", "eth0", "tx", "off",
+            ])?;
         }
         Ok(i)
     }
@@ -198,7 +305,10 @@ impl Lab {
             self.node_addr
         );
         for &i in tasks {
-            s += &format!("\n[[tasks]]\nservice = \"web\"\nnode = \"n1\"\naddr = \"{}\"\n", self.task_addr(i));
+            s += &format!(
+                "\n[[tasks]]\nservice = \"web\"\nnode = \"n1\"\naddr = \"{}\"\n",
+                self.task_addr(i)
+            );
         }
         s
     }
@@ -243,7 +353,8 @@ impl Lab {
         args.extend(extra.iter().map(|s| s.to_string()));
         let m = Meshd::spawn(&args, &self.meshd_log)?;
         self.meshd = Some(m);
-        self.meshd()?.wait_log("meshd ready", Duration::from_secs(30))?;
+        self.meshd()?
+            .wait_log("meshd ready", Duration::from_secs(30))?;
         Ok(())
     }
 
@@ -278,10 +389,15 @@ impl Lab {
     /// A TCP connection from the client to the node's `port`.
     pub fn tcp_connect(&self, port: u16) -> Result<Conn> {
         let addr = SocketAddr::from((self.node_addr, port));
-        let s = in_netns(&self.client_ns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(3)))??;
+        let s = in_netns(&self.client_ns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        })??;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         s.set_write_timeout(Some(Duration::from_secs(3)))?;
-        Ok(Conn { reader: BufReader::new(s.try_clone()?), stream: s })
+        Ok(Conn {
+            reader: BufReader::new(s.try_clone()?),
+            stream: s,
+        })
     }
 
     /// One UDP request from the client; returns the answer and the address
@@ -303,7 +419,9 @@ impl Lab {
         let to = SocketAddr::from((self.node_addr, port));
         sock.send_to(msg.as_bytes(), to)?;
         let mut buf = [0u8; 1500];
-        let (n, from) = sock.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .with_context(|| format!("no UDP answer from {to}"))?;
         Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
     }
 }
@@ -317,8 +435,16 @@ impl Drop for Lab {
             s.stop();
         }
         self.servers.clear();
-        for ns in self.task_ns.iter().chain(self.extra_ns.iter()).chain(std::iter::once(&self.node_ns)) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+        for ns in self
+            .task_ns
+            .iter()
+            .chain(self.extra_ns.iter())
+            .chain(std::iter::once(&self.node_ns))
+        {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -349,7 +475,12 @@ impl Conn {
 
     /// The task that answers on this connection.
     pub fn task(&mut self) -> Result<String> {
-        Ok(self.ask("who")?.split_whitespace().next().unwrap_or_default().to_string())
+        Ok(self
+            .ask("who")?
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
     }
 }
 
@@ -402,7 +533,12 @@ impl TaskServer {
                 }
             }));
         }
-        Ok(TaskServer { name: name.to_string(), stop, threads, conns })
+        Ok(TaskServer {
+            name: name.to_string(),
+            stop,
+            threads,
+            conns,
+        })
     }
 
     pub fn stop(&mut self) {
@@ -481,7 +617,10 @@ impl Meshd {
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!("meshd did not log {pat:?} within {timeout:?}; its log:\n{}", lines.join("\n"));
+                bail!(
+                    "meshd did not log {pat:?} within {timeout:?}; its log:\n{}",
+                    lines.join("\n")
+                );
             }
             lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
         }
@@ -547,7 +686,10 @@ pub fn http_get(addr: &str, path: &str) -> Result<String> {
 pub fn parse_metric(text: &str, name: &str, labels: &str) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
         .filter(|l| labels.is_empty() || l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
@@ -567,5 +709,8 @@ pub fn meshd_path() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("meshd binary not found near {} (build it: cargo build -p mesh-userspace, or set MESHD)", exe.display())
+    bail!(
+        "meshd binary not found near {} (build it: cargo build -p mesh-userspace, or set MESHD)",
+        exe.display()
+    )
 }

@@ -53,7 +53,13 @@ impl Spec {
     }
 
     pub fn udp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, payload: &[u8]) -> Self {
-        Self { proto: 17, tcp_flags: 0, payload: payload.to_vec(), frag: 0, ..Self::tcp(saddr, sport, daddr, dport, 0) }
+        Self {
+            proto: 17,
+            tcp_flags: 0,
+            payload: payload.to_vec(),
+            frag: 0,
+            ..Self::tcp(saddr, sport, daddr, dport, 0)
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -63,12 +69,22 @@ impl Spec {
                 t[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 t[2..4].copy_from_slice(&self.dport.to_be_bytes());
                 t[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
-                t[8..12].copy_from_slice(&(if self.tcp_flags & TCP_ACK != 0 { 0x0a0b_0c0du32 } else { 0 }).to_be_bytes());
+                t[8..12].copy_from_slice(
+                    &(if self.tcp_flags & TCP_ACK != 0 {
+                        0x0a0b_0c0du32
+                    } else {
+                        0
+                    })
+                    .to_be_bytes(),
+                );
                 t[12] = 5 << 4;
                 t[13] = self.tcp_flags;
                 t[14..16].copy_from_slice(&64240u16.to_be_bytes());
                 t.extend_from_slice(&self.payload);
-                let c = checksum(&t, pseudo4(self.saddr.octets(), self.daddr.octets(), 6, t.len() as u16));
+                let c = checksum(
+                    &t,
+                    pseudo4(self.saddr.octets(), self.daddr.octets(), 6, t.len() as u16),
+                );
                 t[16..18].copy_from_slice(&c.to_be_bytes());
                 t
             }
@@ -79,7 +95,10 @@ impl Spec {
                 u[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
                 u.extend_from_slice(&self.payload);
                 if !self.udp_no_csum {
-                    let mut c = checksum(&u, pseudo4(self.saddr.octets(), self.daddr.octets(), 17, u.len() as u16));
+                    let mut c = checksum(
+                        &u,
+                        pseudo4(self.saddr.octets(), self.daddr.octets(), 17, u.len() as u16),
+                    );
                     if c == 0 {
                         c = 0xffff;
                     }
@@ -121,7 +140,10 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
         return false;
     }
     let l4 = &frame[14 + ihl..14 + tot];
-    let (s, d) = ([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]]);
+    let (s, d) = (
+        [ip[12], ip[13], ip[14], ip[15]],
+        [ip[16], ip[17], ip[18], ip[19]],
+    );
     match ip[9] {
         17 if l4[6] == 0 && l4[7] == 0 => true,
         p @ (6 | 17) => checksum(l4, pseudo4(s, d, p, l4.len() as u16)) == 0,

@@ -12,7 +12,11 @@ fn root_every_fixture_holds_on_the_bpf_object() {
         if fx.input.len() < 14 {
             // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet
             // header (as drivers never hand XDP one); the host run covers it.
-            assert!(bpf.run(&fx).is_err(), "{}: the kernel ran XDP on a runt", fx.name);
+            assert!(
+                bpf.run(&fx).is_err(),
+                "{}: the kernel ran XDP on a runt",
+                fx.name
+            );
             continue;
         }
         match bpf.run(&fx) {
@@ -24,5 +28,10 @@ fn root_every_fixture_holds_on_the_bpf_object() {
             Err(e) => failures.push(format!("{}: {e:#}", fx.name)),
         }
     }
-    assert!(failures.is_empty(), "{} fixture(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixture(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -13,7 +13,12 @@ fn every_fixture_holds_on_the_host_logic() {
             failures.push(e);
         }
     }
-    assert!(failures.is_empty(), "{} fixture(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixture(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // Conntrack: the established fixtures found the SYN's entry.
     assert!(sim.ct.borrow().len() >= 2);
     let _ = fixtures::NODE;

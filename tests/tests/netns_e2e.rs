@@ -15,7 +15,8 @@ fn lab_with_meshd(tasks: usize, serving: &[usize]) -> Lab {
         lab.start_task(i).expect("task servers");
     }
     lab.write_state(&lab.state_toml(serving)).unwrap();
-    lab.start_meshd(&meshd_path().unwrap(), &[]).expect("meshd starts");
+    lab.start_meshd(&meshd_path().unwrap(), &[])
+        .expect("meshd starts");
     lab
 }
 
@@ -24,7 +25,9 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     let lab = lab_with_meshd(3, &[1, 2, 3]);
     let mut tcp: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
-        let a = lab.tcp_request(WEB_TCP, &format!("req{i}")).expect("tcp request");
+        let a = lab
+            .tcp_request(WEB_TCP, &format!("req{i}"))
+            .expect("tcp request");
         let (task, echo) = a.split_once(' ').unwrap();
         assert_eq!(echo, format!("req{i}"));
         *tcp.entry(task.to_string()).or_default() += 1;
@@ -35,18 +38,34 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     // Sixty distinct flows: keep every socket (and so its port) until the end.
     let socks: Vec<_> = (0..60).map(|_| lab.udp_socket().unwrap()).collect();
     for (i, sock) in socks.iter().enumerate() {
-        let (a, from) = lab.udp_ask(sock, WEB_UDP, &format!("u{i}")).expect("udp request");
-        assert_eq!(from, SocketAddr::from((lab.node_addr, WEB_UDP)), "UDP reply source");
-        *udp.entry(a.split_whitespace().next().unwrap().to_string()).or_default() += 1;
+        let (a, from) = lab
+            .udp_ask(sock, WEB_UDP, &format!("u{i}"))
+            .expect("udp request");
+        assert_eq!(
+            from,
+            SocketAddr::from((lab.node_addr, WEB_UDP)),
+            "UDP reply source"
+        );
+        *udp.entry(a.split_whitespace().next().unwrap().to_string())
+            .or_default() += 1;
     }
     assert_eq!(udp.len(), 3, "every backend answers UDP: {udp:?}");
 
     // Per-service counters: 60 new TCP flows, 60 new UDP flows, no drops.
-    let flows_tcp = lab.metric("mesh_service_new_flows_total", "protocol=\"tcp\"").unwrap();
-    let flows_udp = lab.metric("mesh_service_new_flows_total", "protocol=\"udp\"").unwrap();
+    let flows_tcp = lab
+        .metric("mesh_service_new_flows_total", "protocol=\"tcp\"")
+        .unwrap();
+    let flows_udp = lab
+        .metric("mesh_service_new_flows_total", "protocol=\"udp\"")
+        .unwrap();
     assert_eq!((flows_tcp, flows_udp), (60, 60));
-    let pkts = lab.metric("mesh_service_packets_total", "protocol=\"tcp\"").unwrap();
-    assert!(pkts >= 60 * 4, "at least SYN, ACK, data, FIN per connection: {pkts}");
+    let pkts = lab
+        .metric("mesh_service_packets_total", "protocol=\"tcp\"")
+        .unwrap();
+    assert!(
+        pkts >= 60 * 4,
+        "at least SYN, ACK, data, FIN per connection: {pkts}"
+    );
     assert!(lab.metric("mesh_service_bytes_total", "").unwrap() > 0);
     assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
     let _ = Duration::ZERO;
@@ -58,7 +77,11 @@ fn apply(lab: &Lab, tasks: &[usize], generation: u32) {
     lab.write_state(&lab.state_toml(tasks)).unwrap();
     lab.meshd()
         .unwrap()
-        .wait_log_after(skip, &format!("generation {generation} "), Duration::from_secs(10))
+        .wait_log_after(
+            skip,
+            &format!("generation {generation} "),
+            Duration::from_secs(10),
+        )
         .expect("state applied");
 }
 
@@ -69,12 +92,26 @@ fn root_generic_xdp_mode_serves_too() {
     lab.start_task(1).unwrap();
     lab.start_task(2).unwrap();
     lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
-    lab.start_meshd(&meshd_path().unwrap(), &["--xdp-mode", "generic"]).unwrap();
-    let link = std::process::Command::new("ip").args(["-n", &lab.node_ns, "-d", "link", "show", "up0"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&link.stdout).contains("xdpgeneric"), "attached in generic mode");
+    lab.start_meshd(&meshd_path().unwrap(), &["--xdp-mode", "generic"])
+        .unwrap();
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lab.node_ns, "-d", "link", "show", "up0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("xdpgeneric"),
+        "attached in generic mode"
+    );
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..30 {
-        seen.insert(lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap().split_whitespace().next().unwrap().to_string());
+        seen.insert(
+            lab.tcp_request(WEB_TCP, &format!("{i}"))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+        );
         let (_, from) = lab.udp_request(WEB_UDP, "u").unwrap();
         assert_eq!(from, SocketAddr::from((lab.node_addr, WEB_UDP)));
     }
@@ -96,7 +133,10 @@ fn root_long_lived_connections_survive_backend_changes_and_removed_backends_end(
             break;
         }
     }
-    assert!(conns.iter().any(|(t, _)| t == "task2"), "no connection reached task2");
+    assert!(
+        conns.iter().any(|(t, _)| t == "task2"),
+        "no connection reached task2"
+    );
 
     // A fourth backend: every open connection stays where it is.
     apply(&lab, &[1, 2, 3, 4], 2);
@@ -107,18 +147,32 @@ fn root_long_lived_connections_survive_backend_changes_and_removed_backends_end(
     let mut seen = BTreeMap::new();
     for i in 0..80 {
         let a = lab.tcp_request(WEB_TCP, &format!("n{i}")).unwrap();
-        *seen.entry(a.split_whitespace().next().unwrap().to_string()).or_insert(0) += 1;
+        *seen
+            .entry(a.split_whitespace().next().unwrap().to_string())
+            .or_insert(0) += 1;
     }
-    assert!(seen.contains_key("task4"), "the added backend gets new flows: {seen:?}");
+    assert!(
+        seen.contains_key("task4"),
+        "the added backend gets new flows: {seen:?}"
+    );
 
     // Remove task2: its connections end, the others carry on.
     apply(&lab, &[1, 3, 4], 3);
     for (t, c) in conns.iter_mut() {
         let r = c.ask("after");
         if t == "task2" {
-            assert!(r.is_err(), "a connection to the removed backend must end, got {r:?}");
+            assert!(
+                r.is_err(),
+                "a connection to the removed backend must end, got {r:?}"
+            );
         } else {
-            assert_eq!(r.expect("connection to a remaining backend survives").split_whitespace().next().unwrap(), t);
+            assert_eq!(
+                r.expect("connection to a remaining backend survives")
+                    .split_whitespace()
+                    .next()
+                    .unwrap(),
+                t
+            );
         }
     }
     for i in 0..40 {
@@ -131,24 +185,40 @@ fn root_long_lived_connections_survive_backend_changes_and_removed_backends_end(
 fn root_unpublished_ports_and_other_traffic_reach_the_node_itself() {
     let lab = lab_with_meshd(1, &[1]);
     // A service of the node's own on a port in the range that nobody publishes.
-    let listener = mesh_tests::lab::in_netns(&lab.node_ns, || std::net::TcpListener::bind(("0.0.0.0", 31999)))
-        .unwrap()
-        .unwrap();
+    let listener = mesh_tests::lab::in_netns(&lab.node_ns, || {
+        std::net::TcpListener::bind(("0.0.0.0", 31999))
+    })
+    .unwrap()
+    .unwrap();
     let server = std::thread::spawn(move || {
         use std::io::{BufRead, Write};
         let (s, _) = listener.accept().unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         (&s).write_all(format!("node {line}").as_bytes()).unwrap();
     });
     assert_eq!(lab.tcp_request(31999, "hi").unwrap(), "node hi");
     server.join().unwrap();
     // ICMP (and the ARP before it) pass untouched.
     let ping = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.client_ns, "ping", "-c1", "-W2", &lab.node_addr.to_string()])
+        .args([
+            "netns",
+            "exec",
+            &lab.client_ns,
+            "ping",
+            "-c1",
+            "-W2",
+            &lab.node_addr.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(ping.status.success(), "ping the node: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "ping the node: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     // A published port still works beside it.
     assert!(lab.tcp_request(WEB_TCP, "x").unwrap().starts_with("task1 "));
 }
@@ -179,38 +249,77 @@ fn root_updates_are_hitless_under_continuous_traffic() {
         // Twenty updates: the fourth task joins and leaves (it keeps serving,
         // so a request it took just before leaving is still answered).
         for g in 0..20u32 {
-            let tasks: &[usize] = if g % 2 == 0 { &[1, 2, 3, 4] } else { &[1, 2, 3] };
+            let tasks: &[usize] = if g % 2 == 0 {
+                &[1, 2, 3, 4]
+            } else {
+                &[1, 2, 3]
+            };
             apply(&lab, tasks, g + 2);
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         traffic.join().unwrap()
     });
     assert!(sent > 50, "too little traffic to prove anything: {sent}");
-    assert!(failures.is_empty(), "{} of {sent} rounds failed during updates: {:?}", failures.len(), &failures[..failures.len().min(5)]);
-    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0, "drops during updates");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} rounds failed during updates: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        lab.metric("mesh_drops_total", "").unwrap(),
+        0,
+        "drops during updates"
+    );
 }
 
 #[test]
 fn root_a_bad_state_file_is_refused_and_the_last_good_state_keeps_serving() {
     let lab = lab_with_meshd(2, &[1]);
     let skip = lab.meshd().unwrap().log_len();
-    let bad = lab.state_toml(&[1, 2]).replace("published = 30053", "published = 30080").replace("protocol = \"udp\"", "protocol = \"tcp\"");
+    let bad = lab
+        .state_toml(&[1, 2])
+        .replace("published = 30053", "published = 30080")
+        .replace("protocol = \"udp\"", "protocol = \"tcp\"");
     lab.write_state(&bad).unwrap();
-    let line = lab.meshd().unwrap().wait_log_after(skip, "state refused", Duration::from_secs(10)).unwrap();
-    assert!(line.contains("state.toml") && line.contains("published") && line.contains("30080"), "{line}");
+    let line = lab
+        .meshd()
+        .unwrap()
+        .wait_log_after(skip, "state refused", Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        line.contains("state.toml") && line.contains("published") && line.contains("30080"),
+        "{line}"
+    );
     assert_eq!(lab.metric("mesh_state_rejected_total", "").unwrap(), 1);
     for i in 0..20 {
-        assert!(lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap().starts_with("task1 "), "old state serves");
+        assert!(
+            lab.tcp_request(WEB_TCP, &format!("{i}"))
+                .unwrap()
+                .starts_with("task1 "),
+            "old state serves"
+        );
     }
     // Unknown fields and bad addresses too.
     let skip = lab.meshd().unwrap().log_len();
-    lab.write_state(&lab.state_toml(&[1, 2]).replace("addr = ", "adress = ")).unwrap();
-    lab.meshd().unwrap().wait_log_after(skip, "state refused", Duration::from_secs(10)).unwrap();
+    lab.write_state(&lab.state_toml(&[1, 2]).replace("addr = ", "adress = "))
+        .unwrap();
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(skip, "state refused", Duration::from_secs(10))
+        .unwrap();
     // A good file is applied again.
     apply(&lab, &[1, 2], 2);
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..40 {
-        seen.insert(lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap().split_whitespace().next().unwrap().to_string());
+        seen.insert(
+            lab.tcp_request(WEB_TCP, &format!("{i}"))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(seen.len(), 2);
 }
@@ -219,7 +328,11 @@ fn root_a_bad_state_file_is_refused_and_the_last_good_state_keeps_serving() {
 fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
     let mut lab = lab_with_meshd(1, &[1]);
     let attached = attached_programs(&lab);
-    assert_eq!(attached, ["up0 xdp", "up0 tcx mesh_tc_uplink", "br0 tcx mesh_tc_task"], "attached while running");
+    assert_eq!(
+        attached,
+        ["up0 xdp", "up0 tcx mesh_tc_uplink", "br0 tcx mesh_tc_task"],
+        "attached while running"
+    );
     assert!(lab.tcp_request(WEB_TCP, "x").is_ok());
     let status = lab.stop_meshd().unwrap();
     assert!(status.success(), "meshd exit status {status}");
@@ -230,8 +343,20 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
 
     let (slot, dir) = (lab.slot, lab.dir.clone());
     drop(lab);
-    let left = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
-    assert!(!left.split_whitespace().any(|n| n.starts_with(&format!("mk{slot}"))), "namespaces left: {left}");
+    let left = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !left
+            .split_whitespace()
+            .any(|n| n.starts_with(&format!("mk{slot}"))),
+        "namespaces left: {left}"
+    );
     assert!(!dir.exists(), "lab directory left: {}", dir.display());
 }
 
@@ -239,14 +364,22 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
 /// uplink and the bridge (queried from inside the node's namespace).
 fn attached_programs(lab: &Lab) -> Vec<String> {
     let mut out = Vec::new();
-    let link = std::process::Command::new("ip").args(["-n", &lab.node_ns, "-d", "link", "show", "up0"]).output().unwrap();
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lab.node_ns, "-d", "link", "show", "up0"])
+        .output()
+        .unwrap();
     if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
         out.push("up0 xdp".to_string());
     }
     for dev in ["up0", "br0"] {
         let names = mesh_tests::lab::in_netns(&lab.node_ns, move || {
             aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
-                .map(|(_, progs)| progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect::<Vec<_>>())
+                .map(|(_, progs)| {
+                    progs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                        .collect::<Vec<_>>()
+                })
         })
         .unwrap()
         .unwrap_or_default();
@@ -261,16 +394,28 @@ fn root_bpf_log_lines_reach_the_daemon_log_only_when_asked() {
     let mut lab = Lab::new(1).unwrap();
     lab.write_state(&lab.state_toml(&[])).unwrap();
     lab.meshd_log = "debug".into();
-    lab.start_meshd(&meshd_path().unwrap(), &["--bpf-log-level", "debug"]).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), &["--bpf-log-level", "debug"])
+        .unwrap();
     assert!(lab.udp_request(WEB_UDP, "x").is_err(), "no task, no answer");
-    lab.meshd().unwrap().wait_log("xdp drop: reason 4", Duration::from_secs(10)).unwrap();
-    assert_eq!(lab.metric("mesh_drops_total", "reason=\"no_backend\"").unwrap(), 1);
+    lab.meshd()
+        .unwrap()
+        .wait_log("xdp drop: reason 4", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        lab.metric("mesh_drops_total", "reason=\"no_backend\"")
+            .unwrap(),
+        1
+    );
     lab.stop_meshd().unwrap();
 
     // By default (info) the programs do not even emit them.
     lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
     assert!(lab.udp_request(WEB_UDP, "x").is_err());
-    assert_eq!(lab.metric("mesh_drops_total", "reason=\"no_backend\"").unwrap(), 1);
+    assert_eq!(
+        lab.metric("mesh_drops_total", "reason=\"no_backend\"")
+            .unwrap(),
+        1
+    );
     assert!(!lab.meshd().unwrap().log_text().contains("xdp drop"));
 }
 
@@ -285,8 +430,23 @@ fn root_a_failing_test_leaves_nothing_behind() {
     });
     assert!(r.is_err());
     let (slot, pid, dir) = seen.lock().unwrap().take().unwrap();
-    let left = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
-    assert!(!left.split_whitespace().any(|n| n.starts_with(&format!("mk{slot}"))), "namespaces left: {left}");
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "meshd (pid {pid}) still running");
+    let left = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !left
+            .split_whitespace()
+            .any(|n| n.starts_with(&format!("mk{slot}"))),
+        "namespaces left: {left}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "meshd (pid {pid}) still running"
+    );
     assert!(!dir.exists(), "lab directory left");
 }

@@ -52,7 +52,18 @@ fn run() -> Result<()> {
             need_root("the demo builds network namespaces and loads BPF programs")?;
             setup()?;
             say("building (release)");
-            cargo(&root, &["build", "--release", "-p", "mesh-userspace", "-p", "mesh-tests", "--bins"])?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "mesh-userspace",
+                    "-p",
+                    "mesh-tests",
+                    "--bins",
+                ],
+            )?;
             say("running the demo");
             let st = Command::new(root.join("target/release/mesh-demo"))
                 .env("MESHD", root.join("target/release/meshd"))
@@ -60,7 +71,9 @@ fn run() -> Result<()> {
             std::process::exit(st.code().unwrap_or(1));
         }
         Some("test") => {
-            need_root("the suite includes tests that load BPF programs and build network namespaces")?;
+            need_root(
+                "the suite includes tests that load BPF programs and build network namespaces",
+            )?;
             setup()?;
             say("building (the end-to-end tests run the meshd binary)");
             cargo(&root, &["build", "--workspace", "--bins"])?;
@@ -85,7 +98,10 @@ fn run() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn say(what: &str) {
@@ -107,7 +123,11 @@ unsafe extern "C" {
 
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo).args(args).current_dir(dir).status().context("running cargo")?;
+    let st = Command::new(cargo)
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .context("running cargo")?;
     if !st.success() {
         bail!("cargo {} failed ({st})", args.join(" "));
     }
@@ -116,12 +136,19 @@ fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
 
 /// Installs what is missing, and says so; does nothing when all is there.
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         say("setup: Debian packages present");
     } else {
         need_root("installing Debian packages")?;
-        say(&format!("setup: installing Debian packages: {}", missing.join(" ")));
+        say(&format!(
+            "setup: installing Debian packages: {}",
+            missing.join(" ")
+        ));
         run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
         run_cmd(
             Command::new("apt-get")
@@ -131,20 +158,37 @@ fn setup() -> Result<()> {
         )?;
     }
     if !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists() {
-        bail!("/usr/lib/rustlib/bpfel-unknown-none is missing although libstd-rust-web-dev-bpf is installed");
+        bail!(
+            "/usr/lib/rustlib/bpfel-unknown-none is missing although libstd-rust-web-dev-bpf is installed"
+        );
     }
     let linker = home().join(".cargo/bin/bpf-linker");
-    let have = Command::new(&linker).arg("--version").output().ok().filter(|o| o.status.success());
+    let have = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
     match have {
         Some(o) if String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION) => {
             say(&format!("setup: bpf-linker {BPF_LINKER_VERSION} present"));
         }
         _ => {
-            say(&format!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"));
-            let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+            say(&format!(
+                "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+            ));
+            let path = format!(
+                "/usr/lib/llvm-22/bin:{}",
+                std::env::var("PATH").unwrap_or_default()
+            );
             run_cmd(
                 Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+                    .args([
+                        "install",
+                        "bpf-linker",
+                        "--version",
+                        BPF_LINKER_VERSION,
+                        "--locked",
+                    ])
                     .args(["--no-default-features", "--features", "llvm-22"])
                     .env("LLVM_PREFIX", "/usr/lib/llvm-22")
                     .env("PATH", path),
@@ -155,7 +199,9 @@ fn setup() -> Result<()> {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into())
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

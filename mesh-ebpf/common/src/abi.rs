@@ -68,7 +68,11 @@ const _: () = assert!(size_of::<SvcKey>() == 4);
 
 impl SvcKey {
     pub fn new(port: u16, proto: u8) -> Self {
-        Self { port_be: port.to_be(), proto, _pad: 0 }
+        Self {
+            port_be: port.to_be(),
+            proto,
+            _pad: 0,
+        }
     }
 }
 

@@ -35,7 +35,9 @@ pub enum Verdict {
     Pass,
     Drop(DropReason),
     /// Rewritten for a task on this node: deliver it there.
-    Local { backend_id: u32 },
+    Local {
+        backend_id: u32,
+    },
 }
 
 /// Runs the forward path on `pkt`, rewriting it in place when the verdict
@@ -51,7 +53,11 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     let Some((sport, dport)) = parse::ports(pkt, &ip) else {
         return Verdict::Pass;
     };
-    let key = SvcKey { port_be: dport, proto: ip.proto, _pad: 0 };
+    let key = SvcKey {
+        port_be: dport,
+        proto: ip.proto,
+        _pad: 0,
+    };
     let Some(svc) = t.service(&key) else {
         return Verdict::Pass;
     };
@@ -101,7 +107,15 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     if new_flow {
         // One entry serves both directions: replies find it through the
         // backend's reply candidates (see `rev`).
-        t.ct_put(&flow, &CtValue { backend_id, svc_id: svc.svc_id, flags: 0, _pad: 0 });
+        t.ct_put(
+            &flow,
+            &CtValue {
+                backend_id,
+                svc_id: svc.svc_id,
+                flags: 0,
+                _pad: 0,
+            },
+        );
     }
     if dnat(pkt, &ip, be.addr[0], be.port_be).is_none() {
         // Unreachable after check_l4; kept so no path writes half a packet
@@ -114,7 +128,11 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
 
 /// Picks a backend for a flow from the service's Maglev table.
 #[inline(always)]
-pub fn select<T: Tables>(t: &T, svc: &SvcValue, flow: &FlowKey4) -> Result<(u32, Backend), DropReason> {
+pub fn select<T: Tables>(
+    t: &T,
+    svc: &SvcValue,
+    flow: &FlowKey4,
+) -> Result<(u32, Backend), DropReason> {
     if svc.table_size == 0 {
         return Err(DropReason::NoBackend);
     }
@@ -139,6 +157,10 @@ fn dnat(pkt: &Pkt, ip: &parse::Ip4, addr: u32, port_be: u16) -> Option<()> {
     pkt.store(ETH_HLEN + IP_CSUM, csum::update32(ip_check, old_addr, addr))?;
     pkt.store(ip.l4_off + L4_DPORT, port_be)?;
     let new = csum::update48(l4_check, old_addr, addr, old_port, port_be);
-    let new = if ip.proto == IPPROTO_UDP { csum::udp_fixup(l4_check, new) } else { new };
+    let new = if ip.proto == IPPROTO_UDP {
+        csum::udp_fixup(l4_check, new)
+    } else {
+        new
+    };
     pkt.store(l4c_off, new)
 }

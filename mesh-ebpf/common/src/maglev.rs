@@ -26,7 +26,11 @@ pub fn table<K: AsRef<[u8]>>(keys: &[K], m: u32) -> Vec<u32> {
         .map(|&i| {
             let k = keys[i].as_ref();
             let offset = hash(k, 0x6f66_6673_6574) % m64;
-            let skip = if m > 1 { hash(k, 0x736b_6970) % (m64 - 1) + 1 } else { 1 };
+            let skip = if m > 1 {
+                hash(k, 0x736b_6970) % (m64 - 1) + 1
+            } else {
+                1
+            };
             (offset, skip)
         })
         .collect();

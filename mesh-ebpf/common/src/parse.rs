@@ -88,7 +88,10 @@ pub fn ports(pkt: &Pkt, ip: &Ip4) -> Option<(u16, u16)> {
     if ip.l4_off + 4 > ip.l3_end {
         return None;
     }
-    Some((pkt.load(ip.l4_off + L4_SPORT)?, pkt.load(ip.l4_off + L4_DPORT)?))
+    Some((
+        pkt.load(ip.l4_off + L4_SPORT)?,
+        pkt.load(ip.l4_off + L4_DPORT)?,
+    ))
 }
 
 /// Why a service packet's L4 header is unusable.
@@ -117,8 +120,10 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
         if ip.l4_off + 8 > ip.l3_end {
             return Err(L4Error::Truncated);
         }
-        let ulen =
-            u16::from_be(pkt.load::<u16>(ip.l4_off + UDP_LEN).ok_or(L4Error::Truncated)?) as usize;
+        let ulen = u16::from_be(
+            pkt.load::<u16>(ip.l4_off + UDP_LEN)
+                .ok_or(L4Error::Truncated)?,
+        ) as usize;
         if ulen < 8 || ip.l4_off + ulen > ip.l3_end {
             return Err(L4Error::BadLength);
         }

@@ -26,7 +26,10 @@ impl Pkt {
     #[inline(always)]
     pub fn from_slice(buf: &mut [u8]) -> Self {
         let start = buf.as_mut_ptr() as usize;
-        Self { start, end: start + buf.len() }
+        Self {
+            start,
+            end: start + buf.len(),
+        }
     }
 
     #[inline(always)]
@@ -59,14 +62,16 @@ impl Pkt {
     #[inline(always)]
     pub fn load<T: Copy>(&self, off: usize) -> Option<T> {
         // SAFETY: bounds checked by `ptr`; the constructor's contract.
-        self.ptr::<T>(off).map(|p| unsafe { core::ptr::read_unaligned(p) })
+        self.ptr::<T>(off)
+            .map(|p| unsafe { core::ptr::read_unaligned(p) })
     }
 
     /// Writes a `T` at `off` (unaligned); `None` past the end.
     #[inline(always)]
     pub fn store<T: Copy>(&self, off: usize, v: T) -> Option<()> {
         // SAFETY: as for `load`.
-        self.ptr::<T>(off).map(|p| unsafe { core::ptr::write_unaligned(p, v) })
+        self.ptr::<T>(off)
+            .map(|p| unsafe { core::ptr::write_unaligned(p, v) })
     }
 }
 

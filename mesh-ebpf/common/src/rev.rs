@@ -42,7 +42,12 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T) -> Option<Reply> {
         return None;
     }
     let (sport, dport) = parse::ports(pkt, &ip)?;
-    let r = t.reply(&ReplyKey4 { addr: ip.saddr, port_be: sport, proto: ip.proto, _pad: 0 })?;
+    let r = t.reply(&ReplyKey4 {
+        addr: ip.saddr,
+        port_be: sport,
+        proto: ip.proto,
+        _pad: 0,
+    })?;
     let (backend_id, count) = (r.backend_id, r.count as usize);
     let cands = r.cands;
     let mut found = None;
@@ -67,7 +72,12 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T) -> Option<Reply> {
     }
     let c = found?;
     parse::check_l4(pkt, &ip).ok()?;
-    Some(Reply { ip, sport_be: sport, addr: c.addr, port_be: c.port_be })
+    Some(Reply {
+        ip,
+        sport_be: sport,
+        addr: c.addr,
+        port_be: c.port_be,
+    })
 }
 
 /// Host-side rewrite of a reply with a complete checksum.
@@ -76,9 +86,16 @@ pub fn snat_full(pkt: &Pkt, r: &Reply) -> Option<()> {
     let l4c_off = parse::l4_csum_off(&r.ip);
     let l4_check: u16 = pkt.load(l4c_off)?;
     pkt.store(ETH_HLEN + IP_SADDR, r.addr)?;
-    pkt.store(ETH_HLEN + IP_CSUM, csum::update32(ip_check, r.ip.saddr, r.addr))?;
+    pkt.store(
+        ETH_HLEN + IP_CSUM,
+        csum::update32(ip_check, r.ip.saddr, r.addr),
+    )?;
     pkt.store(r.ip.l4_off + L4_SPORT, r.port_be)?;
     let new = csum::update48(l4_check, r.ip.saddr, r.addr, r.sport_be, r.port_be);
-    let new = if r.ip.proto == IPPROTO_UDP { csum::udp_fixup(l4_check, new) } else { new };
+    let new = if r.ip.proto == IPPROTO_UDP {
+        csum::udp_fixup(l4_check, new)
+    } else {
+        new
+    };
     pkt.store(l4c_off, new)
 }

@@ -125,10 +125,27 @@ impl World {
             .collect();
         // Reply entries, as the planner writes them: both node addresses.
         for &i in idx {
-            let mut v = ReplyValue4 { backend_id: be_id(i), count: 2, ..Default::default() };
-            v.cands[0] = ReplyCand { addr: raw(NODE), port_be: PUBLISHED.to_be(), _pad: 0 };
-            v.cands[1] = ReplyCand { addr: raw(OTHER_NODE_ADDR), port_be: PUBLISHED.to_be(), _pad: 0 };
-            let key = ReplyKey4 { addr: raw(be_addr(i)), port_be: TARGET.to_be(), proto, _pad: 0 };
+            let mut v = ReplyValue4 {
+                backend_id: be_id(i),
+                count: 2,
+                ..Default::default()
+            };
+            v.cands[0] = ReplyCand {
+                addr: raw(NODE),
+                port_be: PUBLISHED.to_be(),
+                _pad: 0,
+            };
+            v.cands[1] = ReplyCand {
+                addr: raw(OTHER_NODE_ADDR),
+                port_be: PUBLISHED.to_be(),
+                _pad: 0,
+            };
+            let key = ReplyKey4 {
+                addr: raw(be_addr(i)),
+                port_be: TARGET.to_be(),
+                proto,
+                _pad: 0,
+            };
             self.replies.insert(key, v);
         }
         let t = maglev::table(&keys, M);

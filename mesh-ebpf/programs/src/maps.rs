@@ -21,17 +21,20 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_M
 /// elements are 8-byte aligned, so entries are stored in pairs: entry `i`
 /// is `MAGLEV[i / 2][i % 2]`, and the mapping is a flat `u32` array.
 #[map(name = "MESH_MAGLEV_V1")]
-pub static MAGLEV: Array<[u32; 2]> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
+pub static MAGLEV: Array<[u32; 2]> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
 
 #[map(name = "MESH_CT4_V1")]
 pub static CT4: LruHashMap<FlowKey4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "MESH_REPLY4_V1")]
-pub static REPLY4: HashMap<ReplyKey4, ReplyValue4> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static REPLY4: HashMap<ReplyKey4, ReplyValue4> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "MESH_SVCST_V1")]
-pub static SVC_STATS: PerCpuArray<SvcStats> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+pub static SVC_STATS: PerCpuArray<SvcStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "MESH_DROPS_V1")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
@@ -75,7 +78,9 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn maglev(&self, index: u32) -> Option<u32> {
-        MAGLEV.get(index >> 1).map(|pair| pair[(index & 1) as usize])
+        MAGLEV
+            .get(index >> 1)
+            .map(|pair| pair[(index & 1) as usize])
     }
 
     #[inline(always)]

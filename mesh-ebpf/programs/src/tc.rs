@@ -25,8 +25,13 @@ const AF_INET: u8 = 2;
 pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: reading the context's own fields.
-    let (meta, data, data_end) =
-        unsafe { ((*skb).data_meta as usize, (*skb).data as usize, (*skb).data_end as usize) };
+    let (meta, data, data_end) = unsafe {
+        (
+            (*skb).data_meta as usize,
+            (*skb).data as usize,
+            (*skb).data_end as usize,
+        )
+    };
     if meta + core::mem::size_of::<XdpMeta>() > data {
         return TC_ACT_UNSPEC;
     }
@@ -37,9 +42,10 @@ pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     }
     // SAFETY: data..data_end is the packet.
     let pkt = unsafe { Pkt::new(data, data_end) };
-    let (Some(saddr), Some(daddr)) =
-        (pkt.load::<u32>(ETH_HLEN + IP_SADDR), pkt.load::<u32>(ETH_HLEN + IP_DADDR))
-    else {
+    let (Some(saddr), Some(daddr)) = (
+        pkt.load::<u32>(ETH_HLEN + IP_SADDR),
+        pkt.load::<u32>(ETH_HLEN + IP_DADDR),
+    ) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: context field read.
@@ -71,11 +77,20 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     let l4c = parse::l4_csum_off(&r.ip) as u32;
-    let mangle = if r.ip.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangle = if r.ip.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let (old_a, new_a) = (r.ip.saddr, r.addr);
     let (old_p, new_p) = (r.sport_be, r.port_be);
     let ok = ctx
-        .l4_csum_replace(l4c as usize, old_a as u64, new_a as u64, BPF_F_PSEUDO_HDR as u64 | mangle | 4)
+        .l4_csum_replace(
+            l4c as usize,
+            old_a as u64,
+            new_a as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangle | 4,
+        )
         .and_then(|_| ctx.l4_csum_replace(l4c as usize, old_p as u64, new_p as u64, mangle | 2))
         .and_then(|_| ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, old_a as u64, new_a as u64, 4))
         .and_then(|_| ctx.store(ETH_HLEN + IP_SADDR, &new_a, 0))
@@ -103,7 +118,12 @@ fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> 
     p.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: helper call with a valid context and parameter block.
     let rc = unsafe {
-        bpf_fib_lookup(ctx.skb.skb as *mut _, &mut p, core::mem::size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         if pkt.store(0, p.dmac).is_none() || pkt.store(6, p.smac).is_none() {
@@ -119,6 +139,12 @@ fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> 
         return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
     count_drop(DropReason::FibLookupFailed);
-    debug!(ctx, "no route {:i} -> {:i} (fib lookup {})", u32::from_be(saddr), u32::from_be(daddr), rc);
+    debug!(
+        ctx,
+        "no route {:i} -> {:i} (fib lookup {})",
+        u32::from_be(saddr),
+        u32::from_be(daddr),
+        rc
+    );
     TC_ACT_SHOT
 }

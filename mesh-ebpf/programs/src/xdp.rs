@@ -49,7 +49,13 @@ fn set_meta(ctx: &XdpContext, backend_id: u32) -> Result<(), ()> {
     }
     // SAFETY: bounds checked against data just above.
     unsafe {
-        core::ptr::write_unaligned(meta as *mut XdpMeta, XdpMeta { magic: XDP_META_MAGIC, backend_id });
+        core::ptr::write_unaligned(
+            meta as *mut XdpMeta,
+            XdpMeta {
+                magic: XDP_META_MAGIC,
+                backend_id,
+            },
+        );
     }
     Ok(())
 }

@@ -23,7 +23,12 @@ struct Tally {
 }
 
 fn main() {
-    let mut t = Tally { requests: 0, errors: Vec::new(), mismatched: 0, served: BTreeMap::new() };
+    let mut t = Tally {
+        requests: 0,
+        errors: Vec::new(),
+        mismatched: 0,
+        served: BTreeMap::new(),
+    };
     if let Err(e) = demo(&mut t) {
         t.errors.push(format!("{e:#}"));
     }
@@ -54,11 +59,18 @@ fn demo(t: &mut Tally) -> Result<()> {
     }
     let state = lab.state_toml(&(1..=TASKS).collect::<Vec<_>>());
     lab.write_state(&state)?;
-    println!("demo: state file ({}):\n{}", lab.state_path().display(), indent(&state));
+    println!(
+        "demo: state file ({}):\n{}",
+        lab.state_path().display(),
+        indent(&state)
+    );
     println!("demo: starting meshd on the node ({})", meshd.display());
     lab.start_meshd(&meshd, &[])?;
     let node = lab.node_addr;
-    println!("demo: client {} -> node {node}: {TCP_REQUESTS} TCP requests to :{WEB_TCP}, {UDP_REQUESTS} UDP to :{WEB_UDP}", lab.client_addr);
+    println!(
+        "demo: client {} -> node {node}: {TCP_REQUESTS} TCP requests to :{WEB_TCP}, {UDP_REQUESTS} UDP to :{WEB_UDP}",
+        lab.client_addr
+    );
 
     for i in 0..TCP_REQUESTS {
         t.requests += 1;
@@ -76,7 +88,9 @@ fn demo(t: &mut Tally) -> Result<()> {
             Err(e) => t.errors.push(format!("tcp request {i}: {e:#}")),
         }
     }
-    let socks: Vec<_> = (0..UDP_REQUESTS).map(|_| lab.udp_socket()).collect::<Result<_>>()?;
+    let socks: Vec<_> = (0..UDP_REQUESTS)
+        .map(|_| lab.udp_socket())
+        .collect::<Result<_>>()?;
     for (i, s) in socks.iter().enumerate() {
         t.requests += 1;
         match lab.udp_ask(s, WEB_UDP, &format!("hello {i}")) {
@@ -91,20 +105,29 @@ fn demo(t: &mut Tally) -> Result<()> {
     }
 
     println!("demo: who served the requests");
-    println!("  {:<8} {:<16} {:>5} {:>5}", "backend", "address", "tcp", "udp");
+    println!(
+        "  {:<8} {:<16} {:>5} {:>5}",
+        "backend", "address", "tcp", "udp"
+    );
     for i in 1..=TASKS {
         let name = format!("task{i}");
         let (tcp, udp) = t.served.get(&name).copied().unwrap_or_default();
-        println!("  {name:<8} {:<16} {tcp:>5} {udp:>5}", lab.task_addr(i).to_string());
+        println!(
+            "  {name:<8} {:<16} {tcp:>5} {udp:>5}",
+            lab.task_addr(i).to_string()
+        );
     }
     let metrics = lab.admin_get("/metrics")?;
     println!("demo: meshd's counters (from the per-CPU BPF maps)");
-    for l in metrics.lines().filter(|l| l.starts_with("mesh_service_") || (l.starts_with("mesh_drops_total") && !l.ends_with(" 0"))) {
+    for l in metrics.lines().filter(|l| {
+        l.starts_with("mesh_service_") || (l.starts_with("mesh_drops_total") && !l.ends_with(" 0"))
+    }) {
         println!("  {l}");
     }
     let drops = mesh_tests::lab::parse_metric(&metrics, "mesh_drops_total", "");
     if drops > 0 {
-        t.errors.push(format!("{drops} packets dropped by the dataplane"));
+        t.errors
+            .push(format!("{drops} packets dropped by the dataplane"));
     }
     let st = lab.stop_meshd()?;
     if !st.success() {
@@ -116,9 +139,16 @@ fn demo(t: &mut Tally) -> Result<()> {
 }
 
 fn task_of(answer: &str) -> String {
-    answer.split_whitespace().next().unwrap_or_default().to_string()
+    answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
