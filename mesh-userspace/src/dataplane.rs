@@ -130,10 +130,6 @@ impl Dataplane {
         self.planner.limits()
     }
 
-    pub fn planner(&self) -> &Planner {
-        &self.planner
-    }
-
     /// Drains the programs' aya-log records into `log`/tracing.
     pub fn flush_logs(&mut self) {
         if let Some(l) = self.logger.as_mut() {
@@ -285,32 +281,8 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Reads one Maglev entry (for tests and tools).
-    pub fn maglev_entry(&self, index: usize) -> Option<u32> {
-        (index < self.maglev.len).then(|| {
-            // SAFETY: in bounds of the mapping.
-            unsafe { std::ptr::read_volatile(self.maglev.ptr.add(index)) }
-        })
-    }
-
     pub fn floor_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
         Ok(BpfHashMap::try_from(self.bpf.map_mut(MAP_FLOOR).unwrap())?)
-    }
-
-    /// Every map's entries read back, for checks that no state is half
-    /// applied: services and backends.
-    pub fn service_entries(&self) -> Result<Vec<(SvcKey, SvcValue)>> {
-        let svcs: BpfHashMap<_, SvcKey, SvcValue> =
-            BpfHashMap::try_from(self.bpf.map(MAP_SERVICES).unwrap())?;
-        Ok(svcs.iter().collect::<Result<Vec<_>, _>>()?)
-    }
-
-    pub fn tc_ifaces(&self) -> &BTreeSet<String> {
-        &self.tc_ifaces
-    }
-
-    pub fn maglev_len(&self) -> usize {
-        self.maglev.len
     }
 }
 

@@ -211,13 +211,9 @@ fn check(a: CheckArgs) -> Result<()> {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
-    // Everything that can be checked is checked before the kernel is touched.
+    // Everything that can be checked is checked before the kernel is
+    // touched: the configuration first, then the host it meets.
     let node = node_name(&a.state)?;
-    net::check_iface(&a.iface)?;
-    net::check_forwarding(&a.iface)?;
-    for i in &a.task_ifaces {
-        net::check_iface(i)?;
-    }
     let limits = Limits {
         maglev_size: a.maglev_size,
         max_services: a.max_services,
@@ -227,6 +223,11 @@ async fn run(a: RunArgs) -> Result<()> {
     limits.validate()?;
     let (mut last, state) = read_state(&a.state, &node);
     let state = state?;
+    net::check_iface(&a.iface)?;
+    net::check_forwarding(&a.iface)?;
+    for i in &a.task_ifaces {
+        net::check_iface(i)?;
+    }
     let desired = Desired::compute(&state, &node, &a.node_addrs);
     let task_ifaces = task_ifaces(&a, &desired)?;
     let listener = tokio::net::TcpListener::bind(a.admin_addr)

@@ -465,6 +465,8 @@ pub fn run_host(sim: &Sim, fx: &Fixture) -> Outcome {
 /// The real object, loaded (not attached) and filled with the world.
 pub struct BpfWorld {
     pub dp: Dataplane,
+    /// Drop counters after the previous run, to tell which one grew.
+    last_drops: std::cell::RefCell<Vec<u64>>,
 }
 
 /// One BPF_PROG_TEST_RUN.
@@ -485,7 +487,10 @@ impl BpfWorld {
     pub fn with(limits: Limits, d: &Desired) -> Result<Self> {
         let mut dp = Dataplane::load(limits, 0).context("loading the BPF object (needs root)")?;
         dp.apply(d)?;
-        Ok(Self { dp })
+        Ok(Self {
+            dp,
+            last_drops: Default::default(),
+        })
     }
 
     /// Runs XDP program `prog` once on `input` (repeat = 1).
@@ -556,18 +561,15 @@ impl BpfWorld {
 
     /// The reason whose counter grew since the previous call.
     fn last_drop_reason(&self) -> Result<Option<DropReason>> {
-        thread_local!(static LAST: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) });
-        let now: Vec<(DropReason, u64)> = self.dp.drops()?;
-        let counts: Vec<u64> = now.iter().map(|(_, n)| *n).collect();
-        let found = LAST.with(|l| {
-            let prev = l.borrow().clone();
-            *l.borrow_mut() = counts.clone();
-            now.iter()
-                .enumerate()
-                .find(|(i, (_, n))| *n > prev.get(*i).copied().unwrap_or(0))
-                .map(|(_, (r, _))| *r)
-        });
-        Ok(found)
+        let now = self.dp.drops()?;
+        let prev = self
+            .last_drops
+            .replace(now.iter().map(|(_, n)| *n).collect());
+        Ok(now
+            .iter()
+            .enumerate()
+            .find(|(i, (_, n))| *n > prev.get(*i).copied().unwrap_or(0))
+            .map(|(_, (r, _))| *r))
     }
 }
 
