@@ -50,7 +50,10 @@ fn main() {
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "RUSTFLAGS",
-            format!("-C link-arg=--btf -C debuginfo=2 --cfg=bpf_target_arch=\"{arch}\""),
+            format!(
+                "-C link-arg=--btf -C debuginfo=2 --cfg=bpf_target_arch=\"{arch}\" \
+                 -C target-feature=+allows-misaligned-mem-access"
+            ),
         )
         .env("PATH", path);
     // Do not leak the outer build's settings into the BPF build.

@@ -126,7 +126,14 @@ fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> 
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        if pkt.store(0, p.dmac).is_none() || pkt.store(6, p.smac).is_none() {
+        let (d, s) = (mac(&p.dmac), mac(&p.smac));
+        if pkt
+            .store(0, d.0)
+            .and(pkt.store(4, d.1))
+            .and(pkt.store(6, s.0))
+            .and(pkt.store(10, s.1))
+            .is_none()
+        {
             count_drop(DropReason::RewriteFailed);
             return TC_ACT_SHOT;
         }
@@ -147,4 +154,18 @@ fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> 
         rc
     );
     TC_ACT_SHOT
+}
+
+/// A MAC address out of the FIB result, byte by byte: the objects are built
+/// with misaligned access allowed (single loads for packet fields), which
+/// the verifier permits on packet memory but not on the stack, where these
+/// six-byte fields sit at two-byte offsets.
+#[inline(always)]
+fn mac(m: &[u8; 6]) -> (u32, u16) {
+    // SAFETY: reads of bytes of a live stack object.
+    let b = |i: usize| unsafe { core::ptr::read_volatile(&m[i]) };
+    (
+        u32::from_ne_bytes([b(0), b(1), b(2), b(3)]),
+        u16::from_ne_bytes([b(4), b(5)]),
+    )
 }
