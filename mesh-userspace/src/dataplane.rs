@@ -32,7 +32,9 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_BPF_OBJ"))
 pub enum XdpAttach {
     /// Native (driver) mode, falling back to generic where the driver has none.
     Auto,
+    /// Native (driver) mode only; fail where the driver has none.
     Native,
+    /// Generic (skb) mode: any device, at the cost of an skb per packet.
     Generic,
 }
 

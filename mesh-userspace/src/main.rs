@@ -36,9 +36,17 @@ enum Cmd {
     /// Load and attach the dataplane, fill it from the state file, and keep
     /// it in sync as the file changes (checked every --watch-interval-ms and
     /// on SIGHUP). SIGTERM or SIGINT detaches everything and exits.
+    #[command(
+        after_long_help = "Example:\n  meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
+        Needs root (BPF), IPv4 forwarding on the uplink and the tasks' interfaces, and iproute2.\n\
+        Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled."
+    )]
     Run(RunArgs),
     /// Validate a state file and print what this node would serve; touches
     /// nothing.
+    #[command(
+        after_long_help = "Example:\n  meshd check --state /etc/mesh/state.toml --node node1"
+    )]
     Check(CheckArgs),
 }
 
@@ -95,8 +103,10 @@ struct RunArgs {
     /// Backends (task address and target port) the maps can hold.
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Flows the connection-tracking maps hold (LRU: the least recently
-    /// used flow is forgotten when full).
+    /// Flows connection tracking holds, one entry per flow. LRU with
+    /// per-CPU lists: when full, each CPU forgets its least recently used
+    /// flows (a forgotten flow is re-hashed by Maglev, to the same task if
+    /// the service has not changed).
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_CT_ENTRIES)]
     ct_entries: u32,
     /// Where /metrics, /ready and /live are served.
