@@ -44,6 +44,33 @@ pub fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `ip -n NS <args>` (arguments split on white space).
+pub fn ip(ns: &str, args: &str) -> Result<String> {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend(args.split_whitespace());
+    sh(&v)
+}
+
+/// `ip netns exec NS <args>` (arguments split on white space).
+pub fn exec(ns: &str, args: &str) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend(args.split_whitespace());
+    sh(&v)
+}
+
+/// Namespaces of lab slot `slot` that still exist.
+pub fn slot_namespaces(slot: u32) -> Vec<String> {
+    let list = sh(&["ip", "netns", "list"]).unwrap_or_default();
+    let prefix = format!("mk{slot}");
+    list.split_whitespace()
+        .filter(|n| {
+            n.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with(['n', 'c', 't']))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 /// Runs `f` on a thread inside network namespace `ns` (setns affects only
 /// the calling thread). Sockets it creates stay in that namespace.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -152,73 +179,26 @@ impl Lab {
         let b = 128 + 2 * self.slot;
         sh(&["ip", "netns", "add", &c])?;
         self.extra_ns.push(c.clone());
-        sh(&["ip", "-n", &n, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", &c, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip", "-n", &n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
-            &c,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
+        ip(&n, "link set lo up")?;
+        ip(&c, "link set lo up")?;
+        ip(
             &n,
-            "addr",
-            "add",
-            &format!("198.18.{b}.1/24"),
-            "dev",
-            "up0",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &c,
-            "addr",
-            "add",
-            &format!("198.18.{b}.2/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", &n, "link", "set", "up0", "up"])?;
-        sh(&["ip", "-n", &c, "link", "set", "eth0", "up"])?;
+            &format!("link add up0 type veth peer name eth0 netns {c}"),
+        )?;
+        ip(&n, &format!("addr add 198.18.{b}.1/24 dev up0"))?;
+        ip(&c, &format!("addr add 198.18.{b}.2/24 dev eth0"))?;
+        ip(&n, "link set up0 up")?;
+        ip(&c, "link set eth0 up")?;
         // Packets from a wire carry complete checksums; make the client's
         // do too, so the tasks' kernels judge the DNAT's checksum updates.
-        sh(&[
-            "ip", "netns", "exec", &c, "ethtool", "-K", "eth0", "tx", "off",
-        ])?;
-        sh(&["ip", "-n", &n, "link", "add", "br0", "type", "bridge"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &n,
-            "addr",
-            "add",
-            &format!("198.18.{}.1/24", b + 1),
-            "dev",
-            "br0",
-        ])?;
-        sh(&["ip", "-n", &n, "link", "set", "br0", "up"])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
+        exec(&c, "ethtool -K eth0 tx off")?;
+        ip(&n, "link add br0 type bridge")?;
+        ip(&n, &format!("addr add 198.18.{}.1/24 dev br0", b + 1))?;
+        ip(&n, "link set br0 up")?;
+        exec(&n, "sysctl -qw net.ipv4.ip_forward=1")?;
         // As dockerd leaves a host: bridged frames through iptables, FORWARD DROP.
-        let _ = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n,
-            "sysctl",
-            "-qw",
-            "net.bridge.bridge-nf-call-iptables=1",
-        ]);
-        sh(&[
-            "ip", "netns", "exec", &n, "iptables", "-P", "FORWARD", "DROP",
-        ])?;
+        let _ = exec(&n, "sysctl -qw net.bridge.bridge-nf-call-iptables=1");
+        exec(&n, "iptables -P FORWARD DROP")?;
         for _ in 0..tasks {
             self.add_task_host()?;
         }
@@ -232,39 +212,22 @@ impl Lab {
         let (n, t) = (self.node_ns.clone(), format!("mk{}t{i}", self.slot));
         sh(&["ip", "netns", "add", &t])?;
         self.task_ns.push(t.clone());
-        let vt = format!("vt{i}");
-        sh(&["ip", "-n", &t, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip", "-n", &n, "link", "add", &vt, "type", "veth", "peer", "name", "eth0", "netns", &t,
-        ])?;
-        sh(&["ip", "-n", &n, "link", "set", &vt, "master", "br0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
+        ip(&t, "link set lo up")?;
+        ip(
+            &n,
+            &format!("link add vt{i} type veth peer name eth0 netns {t}"),
+        )?;
+        ip(&n, &format!("link set vt{i} master br0 up"))?;
+        ip(&t, &format!("addr add {}/24 dev eth0", self.task_addr(i)))?;
+        ip(&t, "link set eth0 up")?;
+        ip(
             &t,
-            "addr",
-            "add",
-            &format!("{}/24", self.task_addr(i)),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", &t, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &t,
-            "route",
-            "add",
-            &format!("198.18.{b}.0/24"),
-            "via",
-            &format!("198.18.{}.1", b + 1),
-        ])?;
+            &format!("route add 198.18.{b}.0/24 via 198.18.{}.1", b + 1),
+        )?;
         if i.is_multiple_of(2) {
             // Half the tasks send complete checksums, half leave them partial
             // (as containers do on veth): both reply rewrites are exercised.
-            sh(&[
-                "ip", "netns", "exec", &t, "ethtool", "-K", "eth0", "tx", "off",
-            ])?;
+            exec(&t, "ethtool -K eth0 tx off")?;
         }
         Ok(i)
     }

@@ -343,20 +343,8 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
 
     let (slot, dir) = (lab.slot, lab.dir.clone());
     drop(lab);
-    let left = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert!(
-        !left
-            .split_whitespace()
-            .any(|n| n.starts_with(&format!("mk{slot}"))),
-        "namespaces left: {left}"
-    );
+    let left = mesh_tests::lab::slot_namespaces(slot);
+    assert!(left.is_empty(), "namespaces left: {left:?}");
     assert!(!dir.exists(), "lab directory left: {}", dir.display());
 }
 
@@ -430,20 +418,8 @@ fn root_a_failing_test_leaves_nothing_behind() {
     });
     assert!(r.is_err());
     let (slot, pid, dir) = seen.lock().unwrap().take().unwrap();
-    let left = String::from_utf8(
-        std::process::Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert!(
-        !left
-            .split_whitespace()
-            .any(|n| n.starts_with(&format!("mk{slot}"))),
-        "namespaces left: {left}"
-    );
+    let left = mesh_tests::lab::slot_namespaces(slot);
+    assert!(left.is_empty(), "namespaces left: {left:?}");
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "meshd (pid {pid}) still running"
