@@ -37,6 +37,7 @@ enum Cmd {
     /// it in sync as the file changes (checked every --watch-interval-ms and
     /// on SIGHUP). SIGTERM or SIGINT detaches everything and exits.
     #[command(
+        args_override_self = true,
         after_long_help = "Example:\n  meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
         Needs root (BPF), IPv4 forwarding on the uplink and the tasks' interfaces, and iproute2.\n\
         Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled."

@@ -426,3 +426,41 @@ fn root_a_failing_test_leaves_nothing_behind() {
     );
     assert!(!dir.exists(), "lab directory left");
 }
+
+#[test]
+fn root_admin_endpoint_and_sighup_reload() {
+    let mut lab = Lab::new(2).unwrap();
+    lab.start_task(1).unwrap();
+    lab.start_task(2).unwrap();
+    lab.write_state(&lab.state_toml(&[1])).unwrap();
+    // A watcher too slow to matter: only SIGHUP can apply the change below.
+    lab.start_meshd(&meshd_path().unwrap(), &["--watch-interval-ms", "3600000"])
+        .unwrap();
+    assert_eq!(lab.admin_get("/ready").unwrap().trim(), "ready");
+    assert_eq!(lab.admin_get("/live").unwrap().trim(), "live");
+    assert!(lab.admin_get("/nope").is_err(), "unknown paths are 404");
+    assert_eq!(lab.metric("mesh_ready", "").unwrap(), 1);
+    assert_eq!(lab.metric("mesh_state_generation", "").unwrap(), 1);
+
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(lab.meshd().unwrap().pid() as i32, libc::SIGHUP) };
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(lab.metric("mesh_state_generation", "").unwrap(), 2);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..30 {
+        seen.insert(
+            lab.tcp_request(WEB_TCP, &format!("{i}"))
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen.len(), 2);
+}
