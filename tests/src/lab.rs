@@ -436,6 +436,11 @@ impl Conn {
         Ok(self.stream.peer_addr()?)
     }
 
+    /// The local address of this connection (the client's side).
+    pub fn local(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
     /// The task that answers on this connection.
     pub fn task(&mut self) -> Result<String> {
         Ok(self
@@ -490,8 +495,8 @@ impl TaskServer {
                 let mut buf = [0u8; 1500];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                        let answer = format!("{name} {}", String::from_utf8_lossy(&buf[..n]));
-                        let _ = udp.send_to(answer.as_bytes(), from);
+                        let a = answer(&name, &String::from_utf8_lossy(&buf[..n]), from);
+                        let _ = udp.send_to(a.as_bytes(), from);
                     }
                 }
             }));
@@ -521,12 +526,26 @@ impl Drop for TaskServer {
     }
 }
 
+/// The line protocol: "peer" is answered with the address the task sees
+/// the client at; anything else is echoed. Every answer starts with the
+/// task's name.
+fn answer(name: &str, line: &str, peer: SocketAddr) -> String {
+    if line == "peer" {
+        format!("{name} {peer}")
+    } else {
+        format!("{name} {line}")
+    }
+}
+
 fn serve_tcp(s: TcpStream, name: &str) {
     let Ok(read) = s.try_clone() else { return };
+    let Ok(peer) = s.peer_addr() else { return };
     let mut w = s;
     for line in BufReader::new(read).lines() {
         let Ok(line) = line else { return };
-        if w.write_all(format!("{name} {line}\n").as_bytes()).is_err() {
+        if w.write_all(format!("{}\n", answer(name, &line, peer)).as_bytes())
+            .is_err()
+        {
             return;
         }
     }

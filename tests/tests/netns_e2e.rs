@@ -34,6 +34,24 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     }
     assert_eq!(tcp.len(), 3, "every backend answers TCP: {tcp:?}");
 
+    // The tasks see the client's own address and port (Docker's IPVS mesh
+    // shows them the ingress sandbox's address instead).
+    let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+    let seen = c.ask("peer").unwrap();
+    assert_eq!(
+        seen.split_whitespace().nth(1).unwrap(),
+        c.local().unwrap().to_string()
+    );
+    let sock = lab.udp_socket().unwrap();
+    let (seen, _) = lab.udp_ask(&sock, WEB_UDP, "peer").unwrap();
+    assert_eq!(
+        seen.split_whitespace().nth(1).unwrap(),
+        sock.local_addr()
+            .unwrap()
+            .to_string()
+            .replace("0.0.0.0", &lab.client_addr.to_string())
+    );
+
     let mut udp: BTreeMap<String, usize> = BTreeMap::new();
     // Sixty distinct flows: keep every socket (and so its port) until the end.
     let socks: Vec<_> = (0..60).map(|_| lab.udp_socket().unwrap()).collect();
@@ -51,14 +69,15 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     }
     assert_eq!(udp.len(), 3, "every backend answers UDP: {udp:?}");
 
-    // Per-service counters: 60 new TCP flows, 60 new UDP flows, no drops.
+    // Per-service counters: 61 new TCP flows and 61 UDP flows (60 requests
+    // and one "peer" question each), no drops.
     let flows_tcp = lab
         .metric("mesh_service_new_flows_total", "protocol=\"tcp\"")
         .unwrap();
     let flows_udp = lab
         .metric("mesh_service_new_flows_total", "protocol=\"udp\"")
         .unwrap();
-    assert_eq!((flows_tcp, flows_udp), (60, 60));
+    assert_eq!((flows_tcp, flows_udp), (61, 61));
     let pkts = lab
         .metric("mesh_service_packets_total", "protocol=\"tcp\"")
         .unwrap();

@@ -104,6 +104,27 @@ fn demo(t: &mut Tally) -> Result<()> {
         }
     }
 
+    // What the task sees as the client: its real address and port.
+    t.requests += 1;
+    match lab
+        .tcp_connect(WEB_TCP)
+        .and_then(|mut c| Ok((c.ask("peer")?, c.local()?)))
+    {
+        Ok((a, local)) => {
+            let seen = a.split_whitespace().nth(1).unwrap_or_default().to_string();
+            println!(
+                "demo: {} sees the client as {seen} (the client's socket: {local})",
+                task_of(&a)
+            );
+            if seen != local.to_string() {
+                t.errors
+                    .push(format!("the task saw the client as {seen}, not {local}"));
+            }
+            t.served.entry(task_of(&a)).or_default().0 += 1;
+        }
+        Err(e) => t.errors.push(format!("peer request: {e:#}")),
+    }
+
     println!("demo: who served the requests");
     println!(
         "  {:<8} {:<16} {:>5} {:>5}",
