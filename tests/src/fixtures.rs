@@ -18,7 +18,7 @@ use mesh_userspace::plan::Limits;
 use mesh_userspace::sim::Sim;
 use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
 
-use crate::packet::{Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums_ok};
+use crate::packet::{IcmpErrSpec, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums_ok};
 
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
 pub const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 2);
@@ -96,14 +96,20 @@ pub enum Expect {
     Local {
         target: u16,
     },
+    /// An ICMP error about a tracked flow's reply, to the flow's task: the
+    /// output must equal `icmp` rebuilt with the task in place of the node.
+    LocalIcmp,
 }
 
 #[derive(Clone, Debug)]
 pub struct Fixture {
     pub name: &'static str,
     pub input: Vec<u8>,
-    /// For `Local`: the spec the input was built from.
+    /// For `Local`: the spec the input was built from; for `LocalIcmp`,
+    /// the client flow the error is about.
     pub spec: Option<Spec>,
+    /// For `LocalIcmp`: the error the input was built from.
+    pub icmp: Option<IcmpErrSpec>,
     pub expect: Expect,
 }
 
@@ -130,12 +136,14 @@ pub fn all() -> Vec<Fixture> {
         name,
         input: spec.build(),
         spec: Some(spec),
+        icmp: None,
         expect: Expect::Local { target },
     };
     let raw = |name, input: Vec<u8>, expect| Fixture {
         name,
         input,
         spec: None,
+        icmp: None,
         expect,
     };
 
@@ -149,6 +157,46 @@ pub fn all() -> Vec<Fixture> {
         },
         8080,
     ));
+    {
+        // A router between the node and the client cannot forward one of
+        // the flow's replies: its "fragmentation needed" quotes the reply as
+        // the client would have seen it, and must reach the task.
+        let reply = Spec {
+            payload: vec![0x5a; 64],
+            ..Spec::tcp(NODE, WEB_TCP, CLIENT, 40001, TCP_ACK)
+        };
+        let router = Ipv4Addr::new(198, 18, 200, 1);
+        for (name, quote_len) in [
+            ("icmp_frag_needed_for_tracked_flow", None),
+            ("icmp_frag_needed_quoting_8_l4_bytes", Some(28)),
+        ] {
+            let e = IcmpErrSpec {
+                quote_len,
+                ..IcmpErrSpec::frag_needed(router, NODE, 1280, reply.clone())
+            };
+            v.push(Fixture {
+                name,
+                input: e.build(),
+                spec: Some(tcp(TCP_SYN)),
+                icmp: Some(e),
+                expect: Expect::LocalIcmp,
+            });
+        }
+        let mut unknown = IcmpErrSpec::frag_needed(router, NODE, 1280, reply.clone());
+        unknown.quoted.dport = 40999;
+        v.push(raw(
+            "icmp_about_an_unknown_flow",
+            unknown.build(),
+            Expect::Pass,
+        ));
+        let mut other = IcmpErrSpec::frag_needed(router, NODE, 1280, reply);
+        other.quoted.saddr = Ipv4Addr::new(198, 18, 128, 77);
+        v.push(raw(
+            "icmp_quoting_another_source",
+            other.build(),
+            Expect::Pass,
+        ));
+    }
     v.push(local("tcp_fin", tcp(TCP_FIN | TCP_ACK), 8080));
     v.push(local("tcp_rst", tcp(TCP_RST), 8080));
     v.push(local(
@@ -186,6 +234,7 @@ pub fn all() -> Vec<Fixture> {
             name: "udp_ethernet_padding",
             input,
             spec: Some(spec),
+            icmp: None,
             expect: Expect::Local { target: 5353 },
         });
     }
@@ -426,6 +475,44 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
                 return Err(format!("{}: bad checksum in output", fx.name));
             }
         }
+        Expect::LocalIcmp => {
+            let out = &got.output;
+            let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+            let flow = fx.spec.as_ref().expect("the client flow");
+            let svc = world
+                .services
+                .get(&mesh_common::abi::SvcKey::new(flow.dport, flow.proto))
+                .ok_or("no service")?;
+            let key = mesh_common::abi::FlowKey4 {
+                saddr: u32::from_ne_bytes(flow.saddr.octets()),
+                daddr: u32::from_ne_bytes(flow.daddr.octets()),
+                sport_be: flow.sport.to_be(),
+                dport_be: flow.dport.to_be(),
+                proto: flow.proto,
+                _pad: [0; 3],
+            };
+            let (_, be) =
+                fwd::select(world, svc, &key).map_err(|r| format!("{}: select {r:?}", fx.name))?;
+            let task = Ipv4Addr::from(be.addr[0].to_ne_bytes());
+            if chosen != task {
+                return Err(format!(
+                    "{}: delivered to {chosen}, the flow's task is {task}",
+                    fx.name
+                ));
+            }
+            let e = fx.icmp.as_ref().expect("icmp fixtures carry their spec");
+            let mut want = e.clone();
+            want.to = task;
+            want.quoted.saddr = task;
+            want.quoted.sport = u16::from_be(be.port_be);
+            let expected = want.build();
+            if *out != expected {
+                return Err(format!(
+                    "{}: output differs\n got      {:02x?}\n expected {:02x?}",
+                    fx.name, out, expected
+                ));
+            }
+        }
         _ => {
             if got.output != fx.input {
                 return Err(format!(
@@ -452,6 +539,7 @@ pub fn run_host(sim: &Sim, fx: &Fixture) -> Outcome {
     let expect = match v {
         Verdict::Pass => Expect::Pass,
         Verdict::Drop(r) => Expect::Drop(r),
+        Verdict::Local { .. } if buf.len() > 23 && buf[23] == 1 => Expect::LocalIcmp,
         Verdict::Local { backend_id } => Expect::Local {
             target: u16::from_be(sim.backends[&backend_id].port_be),
         },
@@ -540,11 +628,15 @@ impl BpfWorld {
                         r.meta
                     );
                 }
-                let port = u16::from_be_bytes([
-                    r.output[14 + ihl(&r.output) + 2],
-                    r.output[14 + ihl(&r.output) + 3],
-                ]);
-                Expect::Local { target: port }
+                if r.output[23] == 1 {
+                    Expect::LocalIcmp
+                } else {
+                    let port = u16::from_be_bytes([
+                        r.output[14 + ihl(&r.output) + 2],
+                        r.output[14 + ihl(&r.output) + 3],
+                    ]);
+                    Expect::Local { target: port }
+                }
             }
             XDP_PASS => Expect::Pass,
             XDP_DROP => Expect::Drop(

@@ -65,7 +65,7 @@ pub fn slot_namespaces(slot: u32) -> Vec<String> {
     list.split_whitespace()
         .filter(|n| {
             n.strip_prefix(&prefix)
-                .is_some_and(|rest| rest.starts_with(['n', 'c', 't']))
+                .is_some_and(|rest| rest.starts_with(['n', 'c', 't', 'r']))
         })
         .map(str::to_string)
         .collect()
@@ -137,6 +137,21 @@ impl Lab {
     /// see `start_task`). The node's FORWARD policy is DROP, as on a Docker
     /// host, with bridged frames going through iptables.
     pub fn new(tasks: usize) -> Result<Lab> {
+        Self::create(tasks, None)
+    }
+
+    /// As `new`, with a router between the client and the node whose link
+    /// towards the client has MTU `mtu` (the client's own link stays at
+    /// 1500, so it advertises a large MSS): replies larger than `mtu` make
+    /// the router send "fragmentation needed" to the node address.
+    ///
+    /// Addresses: node 198.18.b.1 and router 198.18.b.2 in 198.18.b.0/25;
+    /// router 198.18.b.129 and client 198.18.b.130 in 198.18.b.128/25.
+    pub fn new_routed(tasks: usize, mtu: u32) -> Result<Lab> {
+        Self::create(tasks, Some(mtu))
+    }
+
+    fn create(tasks: usize, router_mtu: Option<u32>) -> Result<Lab> {
         guard_routes();
         let mut slot = None;
         for k in 0..64u32 {
@@ -162,25 +177,57 @@ impl Lab {
             client_ns: format!("mk{k}c"),
             task_ns: Vec::new(),
             node_addr: Ipv4Addr::new(198, 18, b as u8, 1),
-            client_addr: Ipv4Addr::new(198, 18, b as u8, 2),
+            client_addr: Ipv4Addr::new(
+                198,
+                18,
+                b as u8,
+                if router_mtu.is_some() { 130 } else { 2 },
+            ),
             dir,
             servers: Vec::new(),
             meshd: None,
             extra_ns: Vec::new(),
             meshd_log: "info".into(),
         };
-        lab.build(tasks)
+        lab.build(tasks, router_mtu)
             .with_context(|| format!("building lab slot {k}"))?;
         Ok(lab)
     }
 
-    fn build(&mut self, tasks: usize) -> Result<()> {
-        let (n, c) = (self.node_ns.clone(), self.client_ns.clone());
+    fn build(&mut self, tasks: usize, router_mtu: Option<u32>) -> Result<()> {
         let b = 128 + 2 * self.slot;
+        let (n, c) = (self.node_ns.clone(), self.client_ns.clone());
         sh(&["ip", "netns", "add", &c])?;
         self.extra_ns.push(c.clone());
         ip(&n, "link set lo up")?;
         ip(&c, "link set lo up")?;
+        if let Some(mtu) = router_mtu {
+            let r = format!("mk{}r", self.slot);
+            sh(&["ip", "netns", "add", &r])?;
+            self.extra_ns.push(r.clone());
+            ip(&r, "link set lo up")?;
+            ip(
+                &n,
+                &format!("link add up0 type veth peer name rt0 netns {r}"),
+            )?;
+            ip(&n, &format!("addr add 198.18.{b}.1/25 dev up0"))?;
+            ip(&r, &format!("addr add 198.18.{b}.2/25 dev rt0"))?;
+            ip(
+                &r,
+                &format!("link add rt1 type veth peer name eth0 netns {c}"),
+            )?;
+            ip(&r, &format!("addr add 198.18.{b}.129/25 dev rt1"))?;
+            ip(&r, &format!("link set rt1 mtu {mtu}"))?;
+            ip(&c, &format!("addr add 198.18.{b}.130/25 dev eth0"))?;
+            for (ns, dev) in [(&n, "up0"), (&r, "rt0"), (&r, "rt1"), (&c, "eth0")] {
+                ip(ns, &format!("link set {dev} up"))?;
+            }
+            exec(&r, "sysctl -qw net.ipv4.ip_forward=1")?;
+            ip(&n, &format!("route add 198.18.{b}.128/25 via 198.18.{b}.2"))?;
+            ip(&c, &format!("route add 198.18.{b}.0/25 via 198.18.{b}.129"))?;
+            exec(&c, "ethtool -K eth0 tx off")?;
+            return self.build_node(tasks);
+        }
         ip(
             &n,
             &format!("link add up0 type veth peer name eth0 netns {c}"),
@@ -192,6 +239,14 @@ impl Lab {
         // Packets from a wire carry complete checksums; make the client's
         // do too, so the tasks' kernels judge the DNAT's checksum updates.
         exec(&c, "ethtool -K eth0 tx off")?;
+        self.build_node(tasks)
+    }
+
+    /// The node's bridge for the tasks, its forwarding and firewall, and
+    /// the task hosts.
+    fn build_node(&mut self, tasks: usize) -> Result<()> {
+        let b = 128 + 2 * self.slot;
+        let n = self.node_ns.clone();
         ip(&n, "link add br0 type bridge")?;
         ip(&n, &format!("addr add 198.18.{}.1/24 dev br0", b + 1))?;
         ip(&n, "link set br0 up")?;
@@ -377,6 +432,19 @@ impl Lab {
         Ok(sock)
     }
 
+    /// A UDP socket in the client namespace connected to the node's `port`
+    /// (so ICMP errors about its flow surface as errors on it).
+    pub fn udp_connected(&self, port: u16) -> Result<UdpSocket> {
+        let to = SocketAddr::from((self.node_addr, port));
+        let sock = in_netns(&self.client_ns, move || -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            Ok(s)
+        })??;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(sock)
+    }
+
     /// One UDP request on `sock`.
     pub fn udp_ask(&self, sock: &UdpSocket, port: u16, msg: &str) -> Result<(String, SocketAddr)> {
         let to = SocketAddr::from((self.node_addr, port));
@@ -527,14 +595,19 @@ impl Drop for TaskServer {
 }
 
 /// The line protocol: "peer" is answered with the address the task sees
-/// the client at; anything else is echoed. Every answer starts with the
-/// task's name.
+/// the client at, "big N" with N bytes of 'x'; anything else is echoed.
+/// Every answer starts with the task's name.
 fn answer(name: &str, line: &str, peer: SocketAddr) -> String {
     if line == "peer" {
-        format!("{name} {peer}")
-    } else {
-        format!("{name} {line}")
+        return format!("{name} {peer}");
     }
+    if let Some(n) = line
+        .strip_prefix("big ")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return format!("{name} {}", "x".repeat(n.min(1 << 20)));
+    }
+    format!("{name} {line}")
 }
 
 fn serve_tcp(s: TcpStream, name: &str) {

@@ -150,3 +150,52 @@ pub fn checksums_ok(frame: &[u8]) -> bool {
         _ => true,
     }
 }
+
+/// An ICMP error quoting `quoted` (its IPv4 datagram, cut to `quote_len`
+/// bytes when given), sent from `from` to `to`.
+#[derive(Clone, Debug)]
+pub struct IcmpErrSpec {
+    pub from: Ipv4Addr,
+    pub to: Ipv4Addr,
+    pub typ: u8,
+    pub code: u8,
+    /// Next-hop MTU (fragmentation needed).
+    pub mtu: u16,
+    pub quoted: Spec,
+    pub quote_len: Option<usize>,
+}
+
+impl IcmpErrSpec {
+    /// "Fragmentation needed" (type 3 code 4).
+    pub fn frag_needed(from: Ipv4Addr, to: Ipv4Addr, mtu: u16, quoted: Spec) -> Self {
+        Self {
+            from,
+            to,
+            typ: 3,
+            code: 4,
+            mtu,
+            quoted,
+            quote_len: None,
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let inner = self.quoted.build();
+        let mut quote = inner[14..].to_vec();
+        if let Some(n) = self.quote_len {
+            quote.truncate(n);
+        }
+        let mut icmp = vec![self.typ, self.code, 0, 0, 0, 0];
+        icmp.extend_from_slice(&self.mtu.to_be_bytes());
+        icmp.extend_from_slice(&quote);
+        let c = checksum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        Spec {
+            proto: 1,
+            payload: icmp,
+            frag: 0,
+            ..Spec::tcp(self.from, 0, self.to, 0, 0)
+        }
+        .build()
+    }
+}

@@ -34,6 +34,15 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     }
     assert_eq!(tcp.len(), 3, "every backend answers TCP: {tcp:?}");
 
+    // Bulk replies: the task's TCP sends GSO packets far larger than what
+    // the reply program can read directly.
+    let mut bulk = lab.tcp_connect(WEB_TCP).unwrap();
+    let a = bulk.ask("big 300000").expect("a 300 kB answer");
+    assert_eq!(
+        a.len(),
+        a.split_whitespace().next().unwrap().len() + 1 + 300000
+    );
+
     // The tasks see the client's own address and port (Docker's IPVS mesh
     // shows them the ingress sandbox's address instead).
     let mut c = lab.tcp_connect(WEB_TCP).unwrap();
@@ -69,15 +78,15 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     }
     assert_eq!(udp.len(), 3, "every backend answers UDP: {udp:?}");
 
-    // Per-service counters: 61 new TCP flows and 61 UDP flows (60 requests
-    // and one "peer" question each), no drops.
+    // Per-service counters: 62 new TCP flows and 61 UDP flows (60 requests,
+    // one "peer" question each, one bulk transfer), no drops.
     let flows_tcp = lab
         .metric("mesh_service_new_flows_total", "protocol=\"tcp\"")
         .unwrap();
     let flows_udp = lab
         .metric("mesh_service_new_flows_total", "protocol=\"udp\"")
         .unwrap();
-    assert_eq!((flows_tcp, flows_udp), (61, 61));
+    assert_eq!((flows_tcp, flows_udp), (62, 61));
     let pkts = lab
         .metric("mesh_service_packets_total", "protocol=\"tcp\"")
         .unwrap();
@@ -482,4 +491,60 @@ fn root_admin_endpoint_and_sighup_reload() {
         );
     }
     assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn root_a_tasks_icmp_errors_reach_the_client_translated() {
+    // Task 2 serves nothing: its kernel answers UDP with "port unreachable",
+    // which must reach the client as coming from the node's published port,
+    // quoting the datagram the client sent, or the client just times out.
+    let mut lab = Lab::new(2).unwrap();
+    lab.start_task(1).unwrap();
+    // The kernel rate-limits ICMP errors per destination; not what is tested.
+    mesh_tests::lab::exec(&lab.task_ns[1], "sysctl -qw net.ipv4.icmp_ratelimit=0").unwrap();
+    lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    let (mut answered, mut refused) = (0, 0);
+    for i in 0..40 {
+        let s = lab.udp_connected(WEB_UDP).unwrap();
+        s.send(format!("q{i}").as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        match s.recv(&mut buf) {
+            Ok(n) => {
+                assert!(buf[..n].starts_with(b"task1 "));
+                answered += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+            Err(e) => panic!("request {i}: neither an answer nor a refusal: {e}"),
+        }
+    }
+    assert!(
+        answered > 0 && refused > 0,
+        "answered {answered}, refused {refused}"
+    );
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+}
+
+#[test]
+fn root_path_mtu_discovery_works_through_the_mesh() {
+    // A router with a 1000-byte link towards the client: replies of 1500
+    // bytes make it send "fragmentation needed" to the node address. Only if
+    // that reaches the task (translated) does its TCP lower the segment size;
+    // otherwise the big answer never arrives.
+    let mut lab = Lab::new_routed(1, 1000).unwrap();
+    lab.start_task(1).unwrap();
+    lab.write_state(&lab.state_toml(&[1])).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+    assert_eq!(c.ask("small").unwrap(), "task1 small");
+    let a = c
+        .ask("big 6000")
+        .expect("the big answer crosses the 1000-byte link");
+    assert_eq!(a.len(), "task1 ".len() + 6000);
+    let route =
+        mesh_tests::lab::ip(&lab.task_ns[0], &format!("route get {}", lab.client_addr)).unwrap();
+    assert!(
+        route.contains("mtu 1000"),
+        "the task learned the path MTU: {route}"
+    );
 }

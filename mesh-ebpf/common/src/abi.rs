@@ -39,6 +39,7 @@ pub const PROG_TC_TASK: &str = "mesh_tc_task";
 pub const PROG_FLOOR_PASS: &str = "floor_pass";
 pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_P_IP: u16 = 0x0800;

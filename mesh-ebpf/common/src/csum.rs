@@ -40,6 +40,34 @@ pub const fn update48(check: u16, old: u32, new: u32, old16: u16, new16: u16) ->
     !fold(s)
 }
 
+/// Several fields changing under one checksum: collect their changes, then
+/// apply them with one fold.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Delta(u64);
+
+impl Delta {
+    #[inline(always)]
+    pub const fn add32(self, old: u32, new: u32) -> Self {
+        Self(
+            self.0
+                + (!old as u64 & 0xffff)
+                + ((!old >> 16) as u64)
+                + (new as u64 & 0xffff)
+                + ((new >> 16) as u64),
+        )
+    }
+
+    #[inline(always)]
+    pub const fn add16(self, old: u16, new: u16) -> Self {
+        Self(self.0 + (!old) as u64 + new as u64)
+    }
+
+    #[inline(always)]
+    pub const fn apply(self, check: u16) -> u16 {
+        !fold((!check) as u64 + self.0)
+    }
+}
+
 /// UDP over IPv4: a zero checksum means "none" and stays zero; a computed
 /// zero is sent as 0xffff (RFC 768).
 #[inline(always)]

@@ -7,10 +7,12 @@
 //! maps, host tests and fixtures with hash maps.
 
 use crate::abi::{
-    BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_UDP, SvcKey, SvcValue,
+    BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    SvcKey, SvcValue,
 };
 use crate::csum;
 use crate::hash::flow_hash4;
+use crate::icmp::{self, Quoted};
 use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_DADDR, L4_DPORT, L4Error};
 use crate::pkt::Pkt;
 
@@ -44,9 +46,15 @@ pub enum Verdict {
 /// is `Local`. Nothing is written for any other verdict.
 #[inline(always)]
 pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
-    let Some(ip) = parse::ipv4(pkt) else {
+    let Some(ip) = parse::ipv4_any(pkt) else {
         return Verdict::Pass;
     };
+    if ip.proto == IPPROTO_ICMP {
+        return icmp_to_task(pkt, &ip, t);
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Verdict::Pass;
+    }
     if ip.later_fragment {
         return Verdict::Pass;
     }
@@ -123,6 +131,45 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         return Verdict::Drop(DropReason::L4Truncated);
     }
     t.account(svc.svc_id, pkt.len() as u64, new_flow);
+    Verdict::Local { backend_id }
+}
+
+/// An ICMP error about one of our replies (it quotes a datagram from a
+/// node address and published port to a client): to the flow's task, with
+/// the quote translated back, so the task's kernel finds its socket (path
+/// MTU, unreachable client). Anything else is the node's own: `Pass`.
+#[inline(always)]
+fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
+    let Some(e) = parse::icmp_error(pkt, ip) else {
+        return Verdict::Pass;
+    };
+    if e.saddr != ip.daddr {
+        return Verdict::Pass;
+    }
+    // The client's flow: from the quoted destination to the quoted source.
+    let flow = FlowKey4 {
+        saddr: e.daddr,
+        daddr: e.saddr,
+        sport_be: e.dport_be,
+        dport_be: e.sport_be,
+        proto: e.proto,
+        _pad: [0; 3],
+    };
+    let Some(ct) = t.ct_get(&flow) else {
+        return Verdict::Pass;
+    };
+    let (backend_id, svc_id) = (ct.backend_id, ct.svc_id);
+    let Some(be) = t.backend(backend_id) else {
+        return Verdict::Pass;
+    };
+    if be.flags & BE_F_LOCAL == 0 {
+        return Verdict::Pass;
+    }
+    let (addr, port) = (be.addr[0], be.port_be);
+    if icmp::rewrite(pkt, ip, &e, Quoted::Src, addr, port).is_none() {
+        return Verdict::Drop(DropReason::L4Truncated);
+    }
+    t.account(svc_id, pkt.len() as u64, false);
     Verdict::Local { backend_id }
 }
 

@@ -10,6 +10,7 @@
 //! - [`parse`]: Ethernet / IPv4 / TCP / UDP parsing into a [`parse::Flow4`].
 //! - [`hash`]: the flow hash that indexes a Maglev table.
 //! - [`csum`]: incremental Internet checksum updates (RFC 1624).
+//! - [`icmp`]: ICMP errors about mesh flows, translated like the flows.
 //! - [`fwd`]: the client-to-service path (service lookup, conntrack,
 //!   Maglev, DNAT), generic over [`fwd::Tables`].
 //! - [`rev`]: the task-to-client path (reverse NAT lookup).
@@ -24,6 +25,7 @@ pub mod abi;
 pub mod csum;
 pub mod fwd;
 pub mod hash;
+pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod parse;

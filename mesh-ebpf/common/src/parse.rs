@@ -7,7 +7,7 @@
 //! which applies its own checks. Service traffic that is malformed above
 //! IPv4 is dropped with a reason (see `fwd`).
 
-use crate::abi::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
+use crate::abi::{ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::pkt::Pkt;
 
 pub const ETH_HLEN: usize = 14;
@@ -28,7 +28,8 @@ pub struct Ip4 {
     /// Offset of the TCP/UDP header in the frame (14 + IHL * 4).
     pub l4_off: usize,
     /// End of the IPv4 datagram in the frame (14 + total length); bytes
-    /// after it are Ethernet padding.
+    /// after it are Ethernet padding. May lie past the readable part of a
+    /// socket buffer.
     pub l3_end: usize,
     pub saddr: u32,
     pub daddr: u32,
@@ -43,6 +44,16 @@ pub struct Ip4 {
 /// to judge" (pass it to the kernel).
 #[inline(always)]
 pub fn ipv4(pkt: &Pkt) -> Option<Ip4> {
+    let ip = ipv4_any(pkt)?;
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return None;
+    }
+    Some(ip)
+}
+
+/// As [`ipv4`], for any protocol.
+#[inline(always)]
+pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
     let ethertype: u16 = pkt.load(12)?;
     if ethertype != ETH_P_IP.to_be() {
         return None;
@@ -60,13 +71,12 @@ pub fn ipv4(pkt: &Pkt) -> Option<Ip4> {
     let tot_len = u16::from_be(pkt.load::<u16>(ETH_HLEN + 2)?) as usize;
     let l4_off = ETH_HLEN + ihl * 4;
     let l3_end = ETH_HLEN + tot_len;
-    if tot_len < ihl * 4 || l3_end > pkt.len() {
+    // Against the whole length: a socket buffer's readable part can be
+    // shorter than its datagram (GSO), and every read is bounds-checked.
+    if tot_len < ihl * 4 || l3_end > pkt.wire_len() {
         return None;
     }
     let proto: u8 = pkt.load(ETH_HLEN + 9)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
-    }
     let frag = u16::from_be(pkt.load::<u16>(ETH_HLEN + 6)?);
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
@@ -139,4 +149,62 @@ pub fn l4_csum_off(ip: &Ip4) -> usize {
     } else {
         ip.l4_off + UDP_CSUM
     }
+}
+
+/// An ICMP error (destination unreachable, time exceeded) and the TCP/UDP
+/// datagram it quotes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpErr {
+    pub icmp_off: usize,
+    /// Offsets of the quoted IPv4 header and of its TCP/UDP header.
+    pub inner_ip: usize,
+    pub inner_l4: usize,
+    /// The quoted datagram's addresses and ports (raw, network order).
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_CSUM: usize = 2;
+
+/// Parses an ICMP error about a TCP or UDP datagram whose first 8 L4 bytes
+/// are quoted; `None` for anything else (echo, other types, fragments,
+/// quotes too short to hold the ports).
+#[inline(always)]
+pub fn icmp_error(pkt: &Pkt, ip: &Ip4) -> Option<IcmpErr> {
+    if ip.proto != IPPROTO_ICMP || ip.first_fragment || ip.later_fragment {
+        return None;
+    }
+    let typ: u8 = pkt.load(ip.l4_off)?;
+    if typ != ICMP_DEST_UNREACH && typ != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_ip = ip.l4_off + 8;
+    let vihl: u8 = pkt.load(inner_ip)?;
+    let ihl = (vihl & 0x0f) as usize;
+    if vihl >> 4 != 4 || ihl < 5 {
+        return None;
+    }
+    let inner_l4 = inner_ip + ihl * 4;
+    if inner_l4 + 8 > ip.l3_end {
+        return None;
+    }
+    let proto: u8 = pkt.load(inner_ip + 9)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    Some(IcmpErr {
+        icmp_off: ip.l4_off,
+        inner_ip,
+        inner_l4,
+        saddr: pkt.load(inner_ip + IP_SADDR)?,
+        daddr: pkt.load(inner_ip + IP_DADDR)?,
+        proto,
+        sport_be: pkt.load(inner_l4 + L4_SPORT)?,
+        dport_be: pkt.load(inner_l4 + L4_DPORT)?,
+    })
 }

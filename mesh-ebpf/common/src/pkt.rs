@@ -11,6 +11,10 @@ use core::mem::size_of;
 pub struct Pkt {
     start: usize,
     end: usize,
+    /// The packet's whole length. Equal to `end - start` except for a
+    /// socket buffer (TC), whose directly readable part may be shorter
+    /// (a GSO packet's payload sits in page fragments).
+    wire_len: usize,
 }
 
 impl Pkt {
@@ -19,7 +23,30 @@ impl Pkt {
     /// is used (a packet's data, or a live buffer).
     #[inline(always)]
     pub unsafe fn new(start: usize, end: usize) -> Self {
-        Self { start, end }
+        Self {
+            start,
+            end,
+            wire_len: end - start,
+        }
+    }
+
+    /// A socket buffer: `start..end` is its linear part, `len` its length.
+    ///
+    /// # Safety
+    /// As for [`Pkt::new`].
+    #[inline(always)]
+    pub unsafe fn with_len(start: usize, end: usize, len: usize) -> Self {
+        Self {
+            start,
+            end,
+            wire_len: len,
+        }
+    }
+
+    /// The whole packet's length, readable or not.
+    #[inline(always)]
+    pub fn wire_len(&self) -> usize {
+        self.wire_len
     }
 
     /// A view over a host buffer (tests, fixtures, tools).
@@ -29,9 +56,11 @@ impl Pkt {
         Self {
             start,
             end: start + buf.len(),
+            wire_len: buf.len(),
         }
     }
 
+    /// The directly readable length.
     #[inline(always)]
     pub fn len(&self) -> usize {
         self.end - self.start

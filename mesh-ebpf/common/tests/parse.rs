@@ -447,3 +447,35 @@ fn pkt_offset_overflow_is_out_of_bounds() {
     }
     assert_eq!(buf[0], 0, "the byte before the view is untouched");
 }
+
+/// A socket buffer whose readable part holds only the headers (a GSO
+/// packet's payload sits in page fragments): its datagram is still parsed,
+/// the length checks use the whole length, and nothing past the readable
+/// part is read.
+#[test]
+fn socket_buffer_longer_than_its_readable_part() {
+    let mut f = tcp_frame(4000);
+    let whole = f.len();
+    let readable = ETH + 20 + 20;
+    let start = f.as_mut_ptr() as usize;
+    // SAFETY: start..start+readable lies inside `f`.
+    let pkt = unsafe { Pkt::with_len(start, start + readable, whole) };
+    let ip = parse::ipv4(&pkt).expect("parsed from its headers");
+    assert_eq!(ip.l3_end, whole);
+    assert_eq!(parse::check_l4(&pkt, &ip), Ok(()));
+    // The same view without the whole length is a lying total length.
+    // SAFETY: as above.
+    let short = unsafe { Pkt::new(start, start + readable) };
+    assert_eq!(parse::ipv4(&short), None);
+    // A total length past even the whole packet is still refused.
+    set_tot_len(&mut f, whole);
+    // SAFETY: as above.
+    let lying = unsafe {
+        Pkt::with_len(
+            f.as_mut_ptr() as usize,
+            f.as_mut_ptr() as usize + readable,
+            whole,
+        )
+    };
+    assert_eq!(parse::ipv4(&lying), None);
+}

@@ -61,8 +61,9 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     // SAFETY: context field read.
     let (data, data_end, len) =
         unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).len) };
-    let (data, data_end) = if data_end - data < 128 && (len as usize) > data_end - data {
-        let want = if len < 128 { len } else { 128 };
+    // (An ICMP error quotes a second IPv4 header and 8 L4 bytes: 172 at most.)
+    let (data, data_end) = if data_end - data < 176 && (len as usize) > data_end - data {
+        let want = if len < 176 { len } else { 176 };
         if ctx.pull_data(want).is_err() {
             return TC_ACT_UNSPEC;
         }
@@ -71,11 +72,18 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     } else {
         (data, data_end)
     };
-    // SAFETY: data..data_end is the packet.
-    let pkt = unsafe { Pkt::new(data, data_end) };
+    // SAFETY: data..data_end is the packet's linear part, `len` its length.
+    let pkt = unsafe { Pkt::with_len(data, data_end, len as usize) };
     let Some(r) = rev::lookup(&pkt, &Maps) else {
         return TC_ACT_UNSPEC;
     };
+    if r.icmp.is_some() {
+        if rev::rewrite_icmp(&pkt, &r).is_none() {
+            count_drop(DropReason::RewriteFailed);
+            return TC_ACT_SHOT;
+        }
+        return forward(&ctx, &pkt, r.addr, r.ip.daddr, ifindex_of(&ctx));
+    }
     let l4c = parse::l4_csum_off(&r.ip) as u32;
     let mangle = if r.ip.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 as u64
@@ -102,8 +110,13 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     // The helpers invalidated packet pointers: re-read them.
     // SAFETY: context field reads.
     let pkt = unsafe { Pkt::new((*skb).data as usize, (*skb).data_end as usize) };
-    let ifindex = unsafe { (*skb).ingress_ifindex };
-    forward(&ctx, &pkt, new_a, r.ip.daddr, ifindex)
+    forward(&ctx, &pkt, new_a, r.ip.daddr, ifindex_of(&ctx))
+}
+
+#[inline(always)]
+fn ifindex_of(ctx: &TcContext) -> u32 {
+    // SAFETY: context field read.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
 /// Routes the (rewritten) packet as the kernel would forward it, writes
