@@ -56,13 +56,15 @@ pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
-    // Headers normally sit in the linear part; make sure of it for the
-    // largest we parse (Ethernet + IPv4 with options + TCP).
+    // A local socket's packets, GSO ones included, carry all their headers
+    // in the linear part, so pulling (a copy, maybe an allocation, per
+    // packet) is needed only for the odd packet whose linear part is
+    // shorter than Ethernet + IPv4 + a TCP header; then up to what an ICMP
+    // error quoting headers with options can need.
     // SAFETY: context field read.
     let (data, data_end, len) =
         unsafe { ((*skb).data as usize, (*skb).data_end as usize, (*skb).len) };
-    // (An ICMP error quotes a second IPv4 header and 8 L4 bytes: 172 at most.)
-    let (data, data_end) = if data_end - data < 176 && (len as usize) > data_end - data {
+    let (data, data_end) = if data_end - data < 54 && (len as usize) > data_end - data {
         let want = if len < 176 { len } else { 176 };
         if ctx.pull_data(want).is_err() {
             return TC_ACT_UNSPEC;
