@@ -194,20 +194,30 @@ pub fn select<T: Tables>(
 /// checksum and the TCP/UDP checksum incrementally.
 #[inline(always)]
 fn dnat(pkt: &Pkt, ip: &parse::Ip4, addr: u32, port_be: u16) -> Option<()> {
-    let old_addr = ip.daddr;
-    let old_port: u16 = pkt.load(ip.l4_off + L4_DPORT)?;
-    let ip_check: u16 = pkt.load(ETH_HLEN + IP_CSUM)?;
-    let l4c_off = parse::l4_csum_off(ip);
-    let l4_check: u16 = pkt.load(l4c_off)?;
-
-    pkt.store(ETH_HLEN + IP_DADDR, addr)?;
-    pkt.store(ETH_HLEN + IP_CSUM, csum::update32(ip_check, old_addr, addr))?;
-    pkt.store(ip.l4_off + L4_DPORT, port_be)?;
-    let new = csum::update48(l4_check, old_addr, addr, old_port, port_be);
-    let new = if ip.proto == IPPROTO_UDP {
-        csum::udp_fixup(l4_check, new)
-    } else {
-        new
+    // Every bounds check before the first write: all or nothing. (The L4
+    // header was validated against the datagram by `check_l4`.)
+    let ip_hdr = pkt.view::<{ ETH_HLEN + 20 }>(0)?;
+    let ip_check: u16 = ip_hdr.get(ETH_HLEN + IP_CSUM);
+    let set_ip = || {
+        ip_hdr.set(ETH_HLEN + IP_DADDR, addr);
+        ip_hdr.set(ETH_HLEN + IP_CSUM, csum::update32(ip_check, ip.daddr, addr));
     };
-    pkt.store(l4c_off, new)
+    if ip.proto == IPPROTO_UDP {
+        let l4 = pkt.view::<8>(ip.l4_off)?;
+        let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::UDP_CSUM));
+        let new = csum::update48(check, ip.daddr, addr, old_port, port_be);
+        set_ip();
+        l4.set(L4_DPORT, port_be);
+        l4.set(parse::UDP_CSUM, csum::udp_fixup(check, new));
+    } else {
+        let l4 = pkt.view::<20>(ip.l4_off)?;
+        let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::TCP_CSUM));
+        set_ip();
+        l4.set(L4_DPORT, port_be);
+        l4.set(
+            parse::TCP_CSUM,
+            csum::update48(check, ip.daddr, addr, old_port, port_be),
+        );
+    }
+    Some(())
 }

@@ -54,13 +54,12 @@ pub fn ipv4(pkt: &Pkt) -> Option<Ip4> {
 /// As [`ipv4`], for any protocol.
 #[inline(always)]
 pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
-    let ethertype: u16 = pkt.load(12)?;
-    if ethertype != ETH_P_IP.to_be() {
+    // Ethernet and the fixed IPv4 header, checked once.
+    let h = pkt.view::<{ ETH_HLEN + 20 }>(0)?;
+    if h.get::<u16>(12) != ETH_P_IP.to_be() {
         return None;
     }
-    let vihl: u8 = pkt.load(ETH_HLEN)?;
-    // The fixed header is needed whole before any field is trusted.
-    let _: [u8; 20] = pkt.load(ETH_HLEN)?;
+    let vihl: u8 = h.get(ETH_HLEN);
     if vihl >> 4 != 4 {
         return None;
     }
@@ -68,7 +67,7 @@ pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
     if ihl < 5 {
         return None;
     }
-    let tot_len = u16::from_be(pkt.load::<u16>(ETH_HLEN + 2)?) as usize;
+    let tot_len = u16::from_be(h.get::<u16>(ETH_HLEN + 2)) as usize;
     let l4_off = ETH_HLEN + ihl * 4;
     let l3_end = ETH_HLEN + tot_len;
     // Against the whole length: a socket buffer's readable part can be
@@ -76,16 +75,15 @@ pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
     if tot_len < ihl * 4 || l3_end > pkt.wire_len() {
         return None;
     }
-    let proto: u8 = pkt.load(ETH_HLEN + 9)?;
-    let frag = u16::from_be(pkt.load::<u16>(ETH_HLEN + 6)?);
+    let frag = u16::from_be(h.get::<u16>(ETH_HLEN + 6));
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
     Some(Ip4 {
         l4_off,
         l3_end,
-        saddr: pkt.load(ETH_HLEN + IP_SADDR)?,
-        daddr: pkt.load(ETH_HLEN + IP_DADDR)?,
-        proto,
+        saddr: h.get(ETH_HLEN + IP_SADDR),
+        daddr: h.get(ETH_HLEN + IP_DADDR),
+        proto: h.get(ETH_HLEN + 9),
         first_fragment: offset == 0 && more,
         later_fragment: offset != 0,
     })

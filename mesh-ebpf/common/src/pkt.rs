@@ -107,6 +107,41 @@ impl Pkt {
     }
 }
 
+/// `N` bytes of a packet, bounds-checked once: reads and writes inside them
+/// need no further check (the verifier knows the range from the one
+/// comparison).
+#[derive(Clone, Copy, Debug)]
+pub struct View<const N: usize> {
+    p: usize,
+}
+
+impl Pkt {
+    /// The `N` bytes at `off`, or `None` past the end.
+    #[inline(always)]
+    pub fn view<const N: usize>(&self, off: usize) -> Option<View<N>> {
+        self.ptr::<[u8; N]>(off).map(|p| View { p: p as usize })
+    }
+}
+
+impl<const N: usize> View<N> {
+    /// Reads a `T` at `k` (unaligned); `k + size_of::<T>()` must be at
+    /// most `N` (checked at compile time where `k` is constant).
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, k: usize) -> T {
+        assert!(k + size_of::<T>() <= N);
+        // SAFETY: inside the N bytes checked by `Pkt::view`.
+        unsafe { core::ptr::read_unaligned((self.p + k) as *const T) }
+    }
+
+    /// Writes a `T` at `k`; as for `get`.
+    #[inline(always)]
+    pub fn set<T: Copy>(&self, k: usize, v: T) {
+        assert!(k + size_of::<T>() <= N);
+        // SAFETY: as for `get`.
+        unsafe { core::ptr::write_unaligned((self.p + k) as *mut T, v) }
+    }
+}
+
 /// Hides a value from the optimiser: one register move it cannot see
 /// through (an empty asm block would leave two BTF line records on one
 /// instruction, which the kernel refuses).
