@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::abi::*;
@@ -212,13 +212,10 @@ impl Dataplane {
     fn exec(&mut self, op: &Op) -> Result<()> {
         match op {
             Op::PutBackend(id, be) => {
-                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?
-                    .insert(id, be, 0)?
+                Array::<_, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?.set(*id, be, 0)?
             }
-            Op::DelBackend(id) => ignore_missing(
-                BpfHashMap::<_, u32, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?
-                    .remove(id),
-            )?,
+            Op::DelBackend(id) => Array::<_, Backend>::try_from(map(&mut self.bpf, MAP_BACKENDS)?)?
+                .set(*id, Backend::default(), 0)?,
             Op::WriteTable { offset, table } => self.maglev.write(*offset as usize, table)?,
             Op::ResetStats(id) => {
                 let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;

@@ -29,6 +29,7 @@ use crate::state::Proto;
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Fill backend slot `.0`.
     PutBackend(u32, Backend),
     /// Write `table` into the Maglev map at `offset`.
     WriteTable {
@@ -39,6 +40,7 @@ pub enum Op {
     ResetStats(u32),
     PutService(SvcKey, SvcValue),
     DelService(SvcKey),
+    /// Free backend slot `.0` (all zero).
     DelBackend(u32),
     PutNodeAddr(u32),
     DelNodeAddr(u32),
@@ -131,7 +133,10 @@ pub struct Planner {
     limits: Limits,
     pub services: BTreeMap<(Proto, u16), SvcSlot>,
     pub backends: HashMap<BackendKey, u32>,
-    next_backend_id: u32,
+    /// Backend slots: the last generation each was given, the free ones.
+    gens: HashMap<u32, u32>,
+    free_slots: BTreeSet<u32>,
+    next_slot: u32,
     free_svc_ids: Vec<u32>,
     next_svc_id: u32,
     node_addrs: BTreeSet<Ipv4Addr>,
@@ -148,7 +153,9 @@ impl Planner {
             limits,
             services: BTreeMap::new(),
             backends: HashMap::new(),
-            next_backend_id: 1,
+            gens: HashMap::new(),
+            free_slots: BTreeSet::new(),
+            next_slot: 0,
             free_svc_ids: Vec::new(),
             next_svc_id: 0,
             node_addrs: BTreeSet::new(),
@@ -201,8 +208,15 @@ impl Planner {
             if self.backends.contains_key(*k) {
                 continue;
             }
-            let id = self.next_backend_id;
-            self.next_backend_id += 1;
+            // A slot freed by an earlier plan (never by this one: frees come
+            // after every allocation), with its next generation.
+            let id = self.free_slots.pop_first().unwrap_or_else(|| {
+                self.next_slot += 1;
+                self.next_slot - 1
+            });
+            let gen_ = self.gens.entry(id).or_insert(0);
+            *gen_ += 1;
+            let gen_ = *gen_;
             ops.push(Op::PutBackend(
                 id,
                 Backend {
@@ -212,7 +226,7 @@ impl Planner {
                     _pad0: 0,
                     flags: if k.local { BE_F_LOCAL } else { BE_F_REMOTE },
                     node_id: k.node_id,
-                    _pad1: 0,
+                    gen_,
                 },
             ));
             self.backends.insert((*k).clone(), id);
@@ -221,9 +235,12 @@ impl Planner {
 
         // Replies of local tasks: in place before any table sends a flow.
         for (key, (backend, cands)) in &replies {
+            let slot = self.backends[backend];
             let mut value = ReplyValue4 {
-                backend_id: self.backends[backend],
+                backend_id: slot,
+                backend_gen: self.gens[&slot],
                 count: cands.len() as u32,
+                _pad: 0,
                 cands: [ReplyCand::default(); MAX_REPLY_CANDS],
             };
             value.cands[..cands.len()].copy_from_slice(cands);
@@ -322,6 +339,7 @@ impl Planner {
         for (k, id) in stale {
             ops.push(Op::DelBackend(id));
             self.backends.remove(&k);
+            self.free_slots.insert(id);
             report.backends_removed += 1;
         }
 

@@ -23,3 +23,74 @@ fn every_fixture_holds_on_the_host_logic() {
     assert!(sim.ct.borrow().len() >= 2);
     let _ = fixtures::NODE;
 }
+
+/// Backend slots are reused with a new generation: a flow pinned to a
+/// removed task is re-picked (a new flow), not handed to whichever task
+/// took its slot.
+#[test]
+fn a_reused_backend_slot_does_not_inherit_stale_flows() {
+    use mesh_common::fwd::{self, Verdict};
+    use mesh_common::pkt::Pkt;
+    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN};
+    use mesh_userspace::desired::Desired;
+    use mesh_userspace::sim::Sim;
+    use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
+    use std::net::Ipv4Addr;
+
+    let state = |tasks: &[&str]| {
+        let mut t = String::from(
+            "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n\
+             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080}]\n",
+        );
+        for a in tasks {
+            t += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{a}'\n");
+        }
+        Desired::compute(
+            &State::parse(&t, "t", &DEFAULT_PORT_RANGE).unwrap(),
+            "n1",
+            &[],
+        )
+    };
+    let mut sim = Sim::new(fixtures::limits());
+    sim.apply(&state(&["198.18.129.2", "198.18.129.3"]))
+        .unwrap();
+    let node = Ipv4Addr::new(198, 18, 128, 1);
+    let send = |sim: &Sim, sport: u16, flags: u8| {
+        let mut f = Spec::tcp(Ipv4Addr::new(198, 18, 200, 7), sport, node, 30080, flags).build();
+        let v = fwd::process(&Pkt::from_slice(&mut f), sim);
+        (v, Ipv4Addr::new(f[30], f[31], f[32], f[33]))
+    };
+    // A flow on 198.18.129.3.
+    let sport = (40000..41000)
+        .find(|&p| send(&sim, p, TCP_SYN).1 == Ipv4Addr::new(198, 18, 129, 3))
+        .unwrap();
+    let Verdict::Local {
+        backend_id: old_slot,
+    } = send(&sim, sport, TCP_ACK).0
+    else {
+        panic!()
+    };
+    // Its task goes; a new one comes and takes the freed slot.
+    sim.apply(&state(&["198.18.129.2"])).unwrap();
+    sim.apply(&state(&["198.18.129.2", "198.18.129.9"]))
+        .unwrap();
+    let new_slot = sim
+        .planner
+        .backend_id(Ipv4Addr::new(198, 18, 129, 9), 8080)
+        .unwrap();
+    assert_eq!(new_slot, old_slot, "the slot is reused");
+    let flows = |sim: &Sim| {
+        sim.stats
+            .borrow()
+            .values()
+            .map(|s| s.new_flows)
+            .sum::<u64>()
+    };
+    let before = flows(&sim);
+    send(&sim, sport, TCP_ACK);
+    assert_eq!(
+        flows(&sim),
+        before + 1,
+        "the stale flow is re-picked as a new flow"
+    );
+}

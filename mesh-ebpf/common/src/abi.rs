@@ -12,7 +12,7 @@ use core::mem::size_of;
 pub const MAP_SERVICES: &str = "MESH_SVC_V1";
 /// Addresses this node answers published ports on: IPv4 raw `u32` -> `u32` flags.
 pub const MAP_NODE_ADDR4: &str = "MESH_ADDR4_V1";
-/// Backends by stable id: `u32` -> `Backend`.
+/// Backends by slot: an array; a free slot is all zero (`flags == 0`).
 pub const MAP_BACKENDS: &str = "MESH_BE_V1";
 /// All Maglev tables, back to back: a flat array of backend ids (`u32`),
 /// stored as `[u32; 2]` elements (array elements are 8-byte aligned).
@@ -101,9 +101,10 @@ const _: () = assert!(size_of::<SvcValue>() == 24);
 /// Reserved: serve the service only from tasks on this node.
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 0;
 
-/// A backend (a task's address and target port). Ids are never reused
-/// while the daemon runs, so a conntrack entry naming a removed backend
-/// misses and the flow moves (and a TCP flow ends with the new task's RST).
+/// A backend (a task's address and target port), in an array slot. Slots
+/// are reused, each time with the next generation: a conntrack entry
+/// naming a removed backend (freed slot, or another generation) misses and
+/// the flow moves (a TCP flow ends with the new task's RST).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
@@ -117,7 +118,8 @@ pub struct Backend {
     pub flags: u32,
     /// Node the task runs on (index in the daemon's node list).
     pub node_id: u32,
-    pub _pad1: u32,
+    /// Generation of the slot (from 1; 0 in a free slot).
+    pub gen_: u32,
 }
 const _: () = assert!(size_of::<Backend>() == 32);
 
@@ -146,10 +148,11 @@ const _: () = assert!(size_of::<FlowKey4>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
+    /// Slot and generation of the backend the flow is pinned to.
     pub backend_id: u32,
     pub svc_id: u32,
     pub flags: u32,
-    pub _pad: u32,
+    pub backend_gen: u32,
 }
 const _: () = assert!(size_of::<CtValue>() == 16);
 
@@ -181,13 +184,16 @@ pub const MAX_REPLY_CANDS: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
 pub struct ReplyValue4 {
-    /// The backend whose flows these are (a conntrack entry must name it).
+    /// The backend whose flows these are (a conntrack entry must name this
+    /// slot and generation).
     pub backend_id: u32,
+    pub backend_gen: u32,
     /// Valid entries in `cands`.
     pub count: u32,
+    pub _pad: u32,
     pub cands: [ReplyCand; MAX_REPLY_CANDS],
 }
-const _: () = assert!(size_of::<ReplyValue4>() == 8 + 8 * MAX_REPLY_CANDS);
+const _: () = assert!(size_of::<ReplyValue4>() == 16 + 8 * MAX_REPLY_CANDS);
 
 /// Per-service counters (per CPU; user space sums them).
 #[repr(C)]

@@ -26,6 +26,8 @@ pub trait Tables {
     fn ct_put(&self, key: &FlowKey4, ct: &CtValue);
     /// Entry `index` of the Maglev map: a backend id.
     fn maglev(&self, index: u32) -> Option<u32>;
+    /// The backend in slot `id`, if the slot is in use (its generation
+    /// is for the caller to compare).
     fn backend(&self, id: u32) -> Option<&Backend>;
     fn account(&self, svc_id: u32, bytes: u64, new_flow: bool);
 }
@@ -84,8 +86,10 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     let mut known = false;
     if let Some(ct) = t.ct_get(&flow) {
         known = true;
-        let id = ct.backend_id;
-        if let Some(be) = t.backend(id) {
+        let (id, gen_) = (ct.backend_id, ct.backend_gen);
+        if let Some(be) = t.backend(id)
+            && be.gen_ == gen_
+        {
             tracked = Some((id, *be));
         }
     }
@@ -121,7 +125,7 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
                 backend_id,
                 svc_id: svc.svc_id,
                 flags: 0,
-                _pad: 0,
+                backend_gen: be.gen_,
             },
         );
     }
@@ -158,10 +162,13 @@ fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
     let Some(ct) = t.ct_get(&flow) else {
         return Verdict::Pass;
     };
-    let (backend_id, svc_id) = (ct.backend_id, ct.svc_id);
+    let (backend_id, svc_id, gen_) = (ct.backend_id, ct.svc_id, ct.backend_gen);
     let Some(be) = t.backend(backend_id) else {
         return Verdict::Pass;
     };
+    if be.gen_ != gen_ {
+        return Verdict::Pass;
+    }
     if be.flags & BE_F_LOCAL == 0 {
         return Verdict::Pass;
     }

@@ -117,7 +117,8 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
         if ip.l4_off + 20 > ip.l3_end {
             return Err(L4Error::Truncated);
         }
-        let doff = (pkt.load::<u8>(ip.l4_off + 12).ok_or(L4Error::Truncated)? >> 4) as usize;
+        let h = pkt.view::<20>(ip.l4_off).ok_or(L4Error::Truncated)?;
+        let doff = (h.get::<u8>(12) >> 4) as usize;
         if doff < 5 {
             return Err(L4Error::BadLength);
         }
@@ -128,10 +129,8 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
         if ip.l4_off + 8 > ip.l3_end {
             return Err(L4Error::Truncated);
         }
-        let ulen = u16::from_be(
-            pkt.load::<u16>(ip.l4_off + UDP_LEN)
-                .ok_or(L4Error::Truncated)?,
-        ) as usize;
+        let h = pkt.view::<8>(ip.l4_off).ok_or(L4Error::Truncated)?;
+        let ulen = u16::from_be(h.get::<u16>(UDP_LEN)) as usize;
         if ulen < 8 || ip.l4_off + ulen > ip.l3_end {
             return Err(L4Error::BadLength);
         }

@@ -92,7 +92,7 @@ fn find<T: RevTables>(
         proto,
         _pad: 0,
     })?;
-    let (backend_id, count) = (r.backend_id, r.count as usize);
+    let (backend_id, backend_gen, count) = (r.backend_id, r.backend_gen, r.count as usize);
     let cands = r.cands;
     for (i, c) in cands.iter().enumerate().take(MAX_REPLY_CANDS) {
         if i >= count {
@@ -108,6 +108,7 @@ fn find<T: RevTables>(
         };
         if let Some(ct) = t.ct_get(&flow)
             && ct.backend_id == backend_id
+            && ct.backend_gen == backend_gen
         {
             return Some(*c);
         }

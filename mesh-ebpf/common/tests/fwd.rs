@@ -313,7 +313,7 @@ fn tcp_flow_dnat_then_reply_snat() {
             backend_id: want,
             svc_id: SVC_ID,
             flags: 0,
-            _pad: 0
+            backend_gen: 0
         }
     );
     // One entry per flow: the reply path finds it through the backend's

@@ -14,8 +14,10 @@ pub static SERVICES: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(DEFAU
 #[map(name = "MESH_ADDR4_V1")]
 pub static NODE_ADDR4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
 
+/// An array: the lookup is inlined, and costs the same however many
+/// backends there are.
 #[map(name = "MESH_BE_V1")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 /// Memory-mappable, so user space writes whole tables with a memcpy. Array
 /// elements are 8-byte aligned, so entries are stored in pairs: entry `i`
@@ -85,8 +87,10 @@ impl Tables for Maps {
 
     #[inline(always)]
     fn backend(&self, id: u32) -> Option<&Backend> {
-        // SAFETY: backends are written once and then only removed.
-        unsafe { BACKENDS.get(id) }
+        // A slot is rewritten only when no table names it: a reader coming
+        // from a stale conntrack entry may see it change, and then either
+        // a free slot or another generation (and moves the flow).
+        BACKENDS.get(id).filter(|b| b.flags != 0)
     }
 
     #[inline(always)]
