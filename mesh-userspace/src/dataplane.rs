@@ -40,23 +40,24 @@ pub enum XdpAttach {
 
 pub struct Dataplane {
     bpf: Ebpf,
-    maglev: MaglevMap,
+    maglev: MmapU32,
+    ports: MmapU32,
     planner: Planner,
     tc_ifaces: BTreeSet<String>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-/// The Maglev array, mapped into our memory.
-struct MaglevMap {
+/// A BPF_F_MMAPABLE array of `u32`, mapped into our memory.
+struct MmapU32 {
     ptr: *mut u32,
     len: usize,
     bytes: usize,
 }
 
 // SAFETY: the mapping is owned by the Dataplane and only touched through &mut.
-unsafe impl Send for MaglevMap {}
+unsafe impl Send for MmapU32 {}
 
-impl Drop for MaglevMap {
+impl Drop for MmapU32 {
     fn drop(&mut self) {
         // SAFETY: unmapping what `new` mapped.
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.bytes) };
@@ -73,7 +74,7 @@ impl Dataplane {
         raise_memlock();
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(MAP_SERVICES, limits.max_services)
+            .map_max_entries(MAP_SERVICES, 2 * limits.max_services)
             .map_max_entries(MAP_SVC_STATS, limits.max_services)
             .map_max_entries(MAP_BACKENDS, limits.max_backends)
             .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
@@ -104,16 +105,12 @@ impl Dataplane {
             p.load()
                 .with_context(|| format!("the verifier refused {name}"))?;
         }
-        let maglev = {
-            let map = bpf.map(MAP_MAGLEV).context("map MESH_MAGLEV_V1 missing")?;
-            let Map::Array(data) = map else {
-                bail!("MESH_MAGLEV_V1 is not an array")
-            };
-            MaglevMap::new(data, limits.maglev_entries() as usize)?
-        };
+        let maglev = MmapU32::new(&bpf, MAP_MAGLEV, limits.maglev_entries() as usize)?;
+        let ports = MmapU32::new(&bpf, MAP_PORTS, PORT_INDEX_ENTRIES as usize)?;
         Ok(Self {
             bpf,
             maglev,
+            ports,
             planner: Planner::new(limits),
             tc_ifaces: BTreeSet::new(),
             logger,
@@ -226,13 +223,18 @@ impl Dataplane {
                 )?
             }
             Op::PutService(k, v) => {
-                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?
-                    .insert(k, v, 0)?
+                // The slot of the half this value's table lives in: no
+                // packet reads it until the port is switched to it.
+                let slot = v.table_off / self.planner.limits().maglev_size;
+                Array::<_, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?
+                    .set(slot, v, 0)?;
+                let i = port_index(k.proto, k.port_be).context("service of another protocol")?;
+                self.ports.store(i as usize, slot + 1)?;
             }
-            Op::DelService(k) => ignore_missing(
-                BpfHashMap::<_, SvcKey, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?
-                    .remove(k),
-            )?,
+            Op::DelService(k) => {
+                let i = port_index(k.proto, k.port_be).context("service of another protocol")?;
+                self.ports.store(i as usize, 0)?;
+            }
             Op::PutNodeAddr(a) => {
                 BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?
                     .insert(a, 1, 0)?
@@ -286,11 +288,14 @@ impl Dataplane {
     }
 }
 
-impl MaglevMap {
-    fn new(data: &MapData, len: usize) -> Result<Self> {
+impl MmapU32 {
+    fn new(bpf: &Ebpf, name: &str, len: usize) -> Result<Self> {
+        let Some(Map::Array(data)) = bpf.map(name) else {
+            bail!("map {name} missing or not an array")
+        };
         let bytes = (len * 4).next_multiple_of(4096);
         let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 entries.
+        // SAFETY: mapping a BPF_F_MMAPABLE array of at least `len` u32.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -302,10 +307,7 @@ impl MaglevMap {
             )
         };
         if p == libc::MAP_FAILED {
-            bail!(
-                "mmap of {MAP_MAGLEV} failed: {}",
-                std::io::Error::last_os_error()
-            );
+            bail!("mmap of {name} failed: {}", std::io::Error::last_os_error());
         }
         Ok(Self {
             ptr: p as *mut u32,
@@ -314,18 +316,29 @@ impl MaglevMap {
         })
     }
 
+    /// Copies `table` to `off`, for a region no packet reads yet.
     fn write(&mut self, off: usize, table: &[u32]) -> Result<()> {
         if off + table.len() > self.len {
             bail!(
-                "Maglev region {off}+{} outside the map ({})",
+                "region {off}+{} outside the map ({})",
                 table.len(),
                 self.len
             );
         }
-        // SAFETY: in bounds (checked); the region is not read by any packet
-        // until the service entry is switched to it.
+        // SAFETY: in bounds (checked).
         unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.add(off), table.len()) };
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// One atomic 32-bit store, after everything written before it.
+    fn store(&mut self, i: usize, v: u32) -> Result<()> {
+        if i >= self.len {
+            bail!("index {i} outside the map ({})", self.len);
+        }
+        // SAFETY: in bounds and 4-byte aligned (page-aligned base).
+        let a = unsafe { &*(self.ptr.add(i) as *const std::sync::atomic::AtomicU32) };
+        a.store(v, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }

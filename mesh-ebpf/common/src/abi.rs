@@ -8,8 +8,13 @@
 
 use core::mem::size_of;
 
-/// Service table: `SvcKey` -> `SvcValue`.
-pub const MAP_SERVICES: &str = "MESH_SVC_V1";
+/// Published ports: a flat `u32` array (mmap, stored as `[u32; 2]`
+/// elements) indexed by [`port_index`]; 0, or a service slot + 1.
+pub const MAP_PORTS: &str = "MESH_PORTS_V1";
+/// Services by slot (`svc_id * 2 + half`): an array of `SvcValue`. The
+/// entry of the half in use is never written; an update fills the other
+/// half, then switches the port to it with one 32-bit store.
+pub const MAP_SERVICES: &str = "MESH_SVC_V2";
 /// Addresses this node answers published ports on: IPv4 raw `u32` -> `u32` flags.
 pub const MAP_NODE_ADDR4: &str = "MESH_ADDR4_V1";
 /// Backends by slot: an array; a free slot is all zero (`flags == 0`).
@@ -54,10 +59,10 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
 pub const MAX_NODE_ADDRS: u32 = 256;
 pub const MAX_DROP_REASONS: u32 = 64;
 
-/// Key of the service table: the published port and protocol. Docker
-/// publishes a port on every node address, so the address is checked
-/// separately (`MAP_NODE_ADDR4`), and only for packets whose port matched:
-/// traffic to other ports costs one lookup.
+/// A published port and protocol. Docker publishes a port on every node
+/// address, so the address is checked separately (`MAP_NODE_ADDR4`), and
+/// only for packets whose port matched: traffic to other ports costs one
+/// inlined array read.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SvcKey {
@@ -77,10 +82,26 @@ impl SvcKey {
     }
 }
 
-/// Value of the service table. Replaced whole (a hash-map update is atomic
-/// for readers), so a packet sees either the old or the new table, never a
-/// mix: user space writes the new Maglev table into the half of the
-/// service's region that no packet reads, then switches `table_off` here.
+/// Entries of `MAP_PORTS`: every TCP port, then every UDP port.
+pub const PORT_INDEX_ENTRIES: u32 = 2 * 65536;
+
+/// Where a (protocol, port) sits in `MAP_PORTS`; `None` for protocols
+/// other than TCP and UDP.
+#[inline(always)]
+pub fn port_index(proto: u8, port_be: u16) -> Option<u32> {
+    let base = match proto {
+        IPPROTO_TCP => 0,
+        IPPROTO_UDP => 65536,
+        _ => return None,
+    };
+    Some(base + u16::from_be(port_be) as u32)
+}
+
+/// A service (one published port). Never written while packets can read
+/// it: user space writes the new value and the new Maglev table into the
+/// half of the service's slots that no packet reads, then switches the
+/// port's entry in `MAP_PORTS` to it (one 32-bit store). A packet sees the
+/// old service and table or the new ones, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SvcValue {

@@ -8,8 +8,13 @@ use mesh_common::abi::*;
 use mesh_common::fwd::Tables;
 use mesh_common::rev::RevTables;
 
-#[map(name = "MESH_SVC_V1")]
-pub static SERVICES: HashMap<SvcKey, SvcValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+/// Memory-mappable: user space switches a port with one 32-bit store.
+/// Pairs per element, as in `MAGLEV`.
+#[map(name = "MESH_PORTS_V1")]
+pub static PORTS: Array<[u32; 2]> = Array::with_max_entries(PORT_INDEX_ENTRIES / 2, BPF_F_MMAPABLE);
+
+#[map(name = "MESH_SVC_V2")]
+pub static SERVICES: Array<SvcValue> = Array::with_max_entries(2 * DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "MESH_ADDR4_V1")]
 pub static NODE_ADDR4: HashMap<u32, u32> = HashMap::with_max_entries(MAX_NODE_ADDRS, 0);
@@ -55,9 +60,12 @@ pub struct Maps;
 impl Tables for Maps {
     #[inline(always)]
     fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
-        // SAFETY: values are replaced whole by user space (preallocated
-        // hash: an update swaps in a new element under RCU).
-        unsafe { SERVICES.get(key) }
+        let i = port_index(key.proto, key.port_be)?;
+        let slot = PORTS.get(i >> 1)?[(i & 1) as usize];
+        if slot == 0 {
+            return None;
+        }
+        SERVICES.get(slot - 1)
     }
 
     #[inline(always)]
