@@ -42,6 +42,7 @@ pub struct Dataplane {
     bpf: Ebpf,
     maglev: MmapU32,
     ports: MmapU32,
+    addrs: MmapU32,
     planner: Planner,
     tc_ifaces: BTreeSet<String>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -107,10 +108,12 @@ impl Dataplane {
         }
         let maglev = MmapU32::new(&bpf, MAP_MAGLEV, limits.maglev_entries() as usize)?;
         let ports = MmapU32::new(&bpf, MAP_PORTS, PORT_INDEX_ENTRIES as usize)?;
+        let addrs = MmapU32::new(&bpf, MAP_NODE_ADDR4, MAX_NODE_ADDRS as usize)?;
         Ok(Self {
             bpf,
             maglev,
             ports,
+            addrs,
             planner: Planner::new(limits),
             tc_ifaces: BTreeSet::new(),
             logger,
@@ -236,12 +239,19 @@ impl Dataplane {
                 self.ports.store(i as usize, 0)?;
             }
             Op::PutNodeAddr(a) => {
-                BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?
-                    .insert(a, 1, 0)?
+                if self.addrs.find(*a).is_none() {
+                    let free = self
+                        .addrs
+                        .find(0)
+                        .context("no free place for a node address")?;
+                    self.addrs.store(free, *a)?;
+                }
             }
-            Op::DelNodeAddr(a) => ignore_missing(
-                BpfHashMap::<_, u32, u32>::try_from(map(&mut self.bpf, MAP_NODE_ADDR4)?)?.remove(a),
-            )?,
+            Op::DelNodeAddr(a) => {
+                if let Some(i) = self.addrs.find(*a) {
+                    self.addrs.store(i, 0)?;
+                }
+            }
             Op::PutReply(k, v) => {
                 BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?
                     .insert(k, v, 0)?
@@ -329,6 +339,12 @@ impl MmapU32 {
         unsafe { std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.add(off), table.len()) };
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The first place holding `v`.
+    fn find(&self, v: u32) -> Option<usize> {
+        // SAFETY: in bounds; aligned 32-bit reads of shared memory.
+        (0..self.len).find(|&i| unsafe { (*(self.ptr.add(i) as *const std::sync::atomic::AtomicU32)).load(std::sync::atomic::Ordering::SeqCst) } == v)
     }
 
     /// One atomic 32-bit store, after everything written before it.

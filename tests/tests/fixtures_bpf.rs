@@ -35,3 +35,41 @@ fn root_every_fixture_holds_on_the_bpf_object() {
         failures.join("\n")
     );
 }
+
+/// The node-address set in the kernel follows the state: an address that
+/// leaves stops being answered, one that arrives starts (places are
+/// reused, never moved).
+#[test]
+fn root_node_addresses_follow_the_state() {
+    use mesh_tests::fixtures::{CLIENT, NODE, WEB_TCP, XDP_PASS, world};
+    use mesh_tests::packet::{Spec, TCP_SYN};
+    use std::net::Ipv4Addr;
+
+    let mut bpf = BpfWorld::new().unwrap();
+    let other = Ipv4Addr::new(198, 18, 128, 3);
+    let syn = |to: Ipv4Addr, sport: u16| Spec::tcp(CLIENT, sport, to, WEB_TCP, TCP_SYN).build();
+    let meta = |bpf: &BpfWorld, to, sport| {
+        let r = bpf
+            .run_xdp(mesh_common::abi::PROG_XDP, &syn(to, sport))
+            .unwrap();
+        assert_eq!(r.ret, XDP_PASS);
+        r.meta.len() == 8
+    };
+    assert!(meta(&bpf, NODE, 50001), "answered on the node address");
+    assert!(!meta(&bpf, other, 50002), "not on another address");
+    let mut d = world();
+    d.node_addrs = vec![other];
+    bpf.dp.apply(&d).unwrap();
+    assert!(
+        !meta(&bpf, NODE, 50003),
+        "the old address is no longer answered"
+    );
+    assert!(meta(&bpf, other, 50004), "the new one is");
+    d.node_addrs = vec![NODE, other];
+    bpf.dp.apply(&d).unwrap();
+    assert!(meta(&bpf, NODE, 50005) && meta(&bpf, other, 50006));
+    // Seventeen addresses do not fit: refused before anything is written.
+    d.node_addrs = (1..=17).map(|i| Ipv4Addr::new(198, 18, 127, i)).collect();
+    assert!(bpf.dp.apply(&d).is_err());
+    assert!(meta(&bpf, NODE, 50007), "the last good state still serves");
+}

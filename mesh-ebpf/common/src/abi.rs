@@ -14,8 +14,10 @@ pub const MAP_PORTS: &str = "MESH_PORTS_V1";
 /// Services by slot (`svc_id * 2 + half`): an array of `SvcValue`. The
 /// entry of the half in use is never written; an update fills the other
 /// half, then switches the port to it with one 32-bit store.
-pub const MAP_SERVICES: &str = "MESH_SVC_V2";
-/// Addresses this node answers published ports on: IPv4 raw `u32` -> `u32` flags.
+pub const MAP_SERVICES: &str = "MESH_SVC_V1";
+/// A memory-mapped array of `MAX_NODE_ADDRS` raw IPv4 addresses (one
+/// element); 0 marks a free place. Places never move: adding or removing
+/// an address is one 32-bit store, and a packet never sees a torn set.
 pub const MAP_NODE_ADDR4: &str = "MESH_ADDR4_V1";
 /// Backends by slot: an array; a free slot is all zero (`flags == 0`).
 pub const MAP_BACKENDS: &str = "MESH_BE_V1";
@@ -56,7 +58,7 @@ pub const DEFAULT_MAX_SERVICES: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
-pub const MAX_NODE_ADDRS: u32 = 256;
+pub const MAX_NODE_ADDRS: u32 = 16;
 pub const MAX_DROP_REASONS: u32 = 64;
 
 /// A published port and protocol. Docker publishes a port on every node
