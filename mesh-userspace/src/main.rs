@@ -82,7 +82,7 @@ struct RunArgs {
     #[arg(long, value_name = "IF")]
     iface: String,
     /// Another address this node answers published ports on, besides its
-    /// address in the state file (repeatable).
+    /// address in the state file (repeatable; 16 addresses in all).
     #[arg(long = "node-addr", value_name = "ADDR")]
     node_addrs: Vec<Ipv4Addr>,
     /// Interfaces leading to local tasks, where the reply program is
