@@ -1,14 +1,10 @@
 //! Loads the BPF object, attaches its programs, and keeps its maps equal to
 //! a [`Desired`] state.
 //!
-//! Updates are make-before-break and never expose a half-written table:
-//! 1. new backends are added (nothing points at them yet);
-//! 2. a changed service gets its new Maglev table written into the half of
-//!    its region that no packet reads, then one hash-map update of its
-//!    service entry switches to it;
-//! 3. removed services, then backends nothing points at, are deleted;
-//!    conntrack entries that named a removed backend then miss, and only
-//!    those flows move.
+//! The order of the writes comes from [`crate::plan`]; this module carries
+//! them out. The tables, the published ports and the node addresses are
+//! memory-mapped arrays: a table is copied into a region no packet reads,
+//! and a port or an address changes with one atomic 32-bit store.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, AsRawFd};

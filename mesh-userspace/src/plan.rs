@@ -4,11 +4,13 @@
 //! ordering is unit-tested here.
 //!
 //! Order (make-before-break; a packet never sees a half-written table):
-//! 1. new backends (nothing refers to them yet);
-//! 2. per changed service: its new Maglev table into the half of its
-//!    region no packet reads, then one write of its service entry;
-//! 3. removed services; 4. backends nothing refers to; 5. node addresses
-//!    (added before removed).
+//! 1. new backends, in free slots with a new generation (nothing refers to
+//!    them yet);
+//! 2. per changed service: its entry and Maglev table into the one of its
+//!    two slots no packet reads, then the port switched to that slot;
+//! 3. removed services; 4. backends nothing refers to (their slots are
+//!    reused by a later plan, never this one); 5. node addresses (added
+//!    before removed).
 //!
 //! Reply entries (how a local task's replies find their flow) are written
 //! with their backend, before any table can send a flow there, and outlive
