@@ -6,7 +6,7 @@
 //! memory-mapped arrays: a table is copied into a region no packet reads,
 //! and a port or an address changes with one atomic 32-bit store.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result, bail};
@@ -40,7 +40,8 @@ pub struct Dataplane {
     ports: MmapU32,
     addrs: MmapU32,
     planner: Planner,
-    tc_ifaces: BTreeSet<String>,
+    /// Interfaces with the reply program, and their ifindex then.
+    tc_ifaces: BTreeMap<String, u32>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -111,7 +112,7 @@ impl Dataplane {
             ports,
             addrs,
             planner: Planner::new(limits),
-            tc_ifaces: BTreeSet::new(),
+            tc_ifaces: BTreeMap::new(),
             logger,
         })
     }
@@ -166,18 +167,36 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches the reply program to every interface in `ifaces` that does
-    /// not have it yet (interfaces leading to local tasks).
-    pub fn attach_task_ifaces(&mut self, ifaces: &BTreeSet<String>) -> Result<()> {
-        for iface in ifaces.difference(&self.tc_ifaces.clone()) {
-            let tc: &mut SchedClassifier =
-                self.bpf.program_mut(PROG_TC_TASK).unwrap().try_into()?;
-            tc.attach(iface, TcAttachType::Ingress)
-                .with_context(|| format!("attaching TC ingress (replies) to {iface}"))?;
-            info!(%iface, "attached the reply program");
-            self.tc_ifaces.insert(iface.clone());
+    /// Attaches the reply program to every interface in `ifaces` (name and
+    /// ifindex) that does not have it yet, or got a new ifindex since.
+    /// Failures are logged, not fatal: one broken port must not stop the
+    /// others from being served.
+    pub fn attach_task_ifaces(&mut self, ifaces: &BTreeMap<String, u32>) {
+        for (iface, ifindex) in ifaces {
+            if self.tc_ifaces.get(iface) == Some(ifindex) {
+                continue;
+            }
+            if let Err(e) = crate::net::check_forwarding(iface) {
+                warn!("{e:#}: replies from tasks behind it will be dropped");
+            }
+            let r = self
+                .bpf
+                .program_mut(PROG_TC_TASK)
+                .context("program missing")
+                .and_then(|p| {
+                    let tc: &mut SchedClassifier = p.try_into()?;
+                    tc.attach(iface, TcAttachType::Ingress)
+                        .with_context(|| format!("attaching TC ingress (replies) to {iface}"))?;
+                    Ok(())
+                });
+            match r {
+                Ok(()) => {
+                    info!(%iface, "attached the reply program");
+                    self.tc_ifaces.insert(iface.clone(), *ifindex);
+                }
+                Err(e) => warn!("{e:#}"),
+            }
         }
-        Ok(())
     }
 
     /// Makes the maps hold `d`. A state that does not fit is refused

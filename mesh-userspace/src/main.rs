@@ -86,7 +86,8 @@ struct RunArgs {
     #[arg(long = "node-addr", value_name = "ADDR")]
     node_addrs: Vec<Ipv4Addr>,
     /// Interfaces leading to local tasks, where the reply program is
-    /// attached. By default: the interface the route to each local task uses.
+    /// attached (a bridge: each of its ports, as ports come and go). By
+    /// default: the interface the route to each local task uses.
     #[arg(long = "task-iface", value_name = "IF")]
     task_ifaces: Vec<String>,
     /// XDP attach mode.
@@ -240,7 +241,7 @@ async fn run(a: RunArgs) -> Result<()> {
         net::check_iface(i)?;
     }
     let desired = Desired::compute(&state, &node, &a.node_addrs);
-    let task_ifaces = task_ifaces(&a, &desired)?;
+    let mut task_links = task_links(&a, &desired);
     let listener = tokio::net::TcpListener::bind(a.admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint {}", a.admin_addr))?;
@@ -258,7 +259,7 @@ async fn run(a: RunArgs) -> Result<()> {
     );
     let mut dp = Dataplane::load(limits, a.bpf_log_level as u8)?;
     let report = dp.apply(&desired)?;
-    dp.attach_task_ifaces(&task_ifaces)?;
+    dp.attach_task_ifaces(&net::reply_ifaces(&task_links));
     dp.attach_uplink(&a.iface, a.xdp_mode)?;
     metrics.state_generation.set(1);
     metrics.ready.set(1);
@@ -304,14 +305,18 @@ async fn run(a: RunArgs) -> Result<()> {
         // between two reads is never missed.
         let (now, state) = read_state(&a.state, &node);
         if !forced && now == last {
-            if let Err(e) = dp.lock().unwrap().expire() {
+            let mut dp = dp.lock().unwrap();
+            if let Err(e) = dp.expire() {
                 warn!("expiring reply entries: {e:#}");
             }
+            // Bridge ports come and go with containers: attach to new ones.
+            dp.attach_task_ifaces(&net::reply_ifaces(&task_links));
             continue;
         }
         last = now;
         match state.and_then(|s| reload(&a, &node, &s, &dp)) {
-            Ok(report) => {
+            Ok((report, links)) => {
+                task_links = links;
                 generation += 1;
                 metrics.state_generation.set(generation);
                 info!("state applied: generation {generation} ({report:?})");
@@ -329,22 +334,26 @@ async fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Applies a new state; returns what changed and the links to its tasks.
 fn reload(
     a: &RunArgs,
     node: &str,
     state: &State,
     dp: &Arc<Mutex<Dataplane>>,
-) -> Result<mesh_userspace::plan::Report> {
+) -> Result<(mesh_userspace::plan::Report, BTreeSet<String>)> {
     let desired = Desired::compute(state, node, &a.node_addrs);
-    let ifaces = task_ifaces(a, &desired)?;
+    let links = task_links(a, &desired);
     let mut dp = dp.lock().unwrap();
-    dp.attach_task_ifaces(&ifaces)?;
-    dp.apply(&desired)
+    // Replies first: a task that gets flows can already answer them.
+    dp.attach_task_ifaces(&net::reply_ifaces(&links));
+    Ok((dp.apply(&desired)?, links))
 }
 
-fn task_ifaces(a: &RunArgs, d: &Desired) -> Result<BTreeSet<String>> {
+/// The links that lead to this node's tasks (`--task-iface`, or the
+/// device of the route to each local task). A bridge stands for its ports.
+fn task_links(a: &RunArgs, d: &Desired) -> BTreeSet<String> {
     if !a.task_ifaces.is_empty() {
-        return Ok(a.task_ifaces.iter().cloned().collect());
+        return a.task_ifaces.iter().cloned().collect();
     }
     let mut set = BTreeSet::new();
     for addr in d.local_task_addrs() {
@@ -360,8 +369,5 @@ fn task_ifaces(a: &RunArgs, d: &Desired) -> Result<BTreeSet<String>> {
             Err(e) => warn!("{e:#}; its flows will be dropped until a route appears"),
         }
     }
-    for dev in &set {
-        net::check_forwarding(dev)?;
-    }
-    Ok(set)
+    set
 }

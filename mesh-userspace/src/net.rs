@@ -81,3 +81,40 @@ pub fn check_forwarding(iface: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// The interfaces to attach the reply program to for the links that lead
+/// to tasks: a bridge's ports (a task's replies are caught where they
+/// enter the bridge, before the bridge and its netfilter hooks see them),
+/// any other link itself. With each, its current ifindex (a port that was
+/// replaced under the same name needs attaching again).
+pub fn reply_ifaces(
+    links: &std::collections::BTreeSet<String>,
+) -> std::collections::BTreeMap<String, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for link in links {
+        let brif = std::path::Path::new("/sys/class/net")
+            .join(link)
+            .join("brif");
+        let names: Vec<String> = match std::fs::read_dir(&brif) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => vec![link.clone()],
+        };
+        for n in names {
+            if let Some(i) = ifindex(&n) {
+                out.insert(n, i);
+            }
+        }
+    }
+    out
+}
+
+/// An interface's index, if it exists.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    let p = std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("ifindex");
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}

@@ -358,7 +358,7 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
     let attached = attached_programs(&lab);
     assert_eq!(
         attached,
-        ["up0 xdp", "up0 tcx mesh_tc_uplink", "br0 tcx mesh_tc_task"],
+        ["up0 xdp", "up0 tcx mesh_tc_uplink", "vt1 tcx mesh_tc_task"],
         "attached while running"
     );
     assert!(lab.tcp_request(WEB_TCP, "x").is_ok());
@@ -387,7 +387,7 @@ fn attached_programs(lab: &Lab) -> Vec<String> {
     if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
         out.push("up0 xdp".to_string());
     }
-    for dev in ["up0", "br0"] {
+    for dev in ["up0", "br0", "vt1"] {
         let names = mesh_tests::lab::in_netns(&lab.node_ns, move || {
             aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
                 .map(|(_, progs)| {
@@ -546,5 +546,33 @@ fn root_path_mtu_discovery_works_through_the_mesh() {
     assert!(
         route.contains("mtu 1000"),
         "the task learned the path MTU: {route}"
+    );
+}
+
+#[test]
+fn root_a_bridge_port_that_appears_later_gets_the_reply_program() {
+    // Task 2 is in the state before its host exists (a container that has
+    // not started yet); when its veth joins the bridge, meshd attaches to
+    // it without any state change, and task 2's replies get through.
+    let mut lab = Lab::new(1).unwrap();
+    lab.start_task(1).unwrap();
+    lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    let skip = lab.meshd().unwrap().log_len();
+    assert_eq!(lab.add_task_host().unwrap(), 2);
+    lab.start_task(2).unwrap();
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(skip, "iface=vt2", Duration::from_secs(10))
+        .expect("the new port gets the reply program");
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        if let Ok(a) = lab.tcp_request(WEB_TCP, &format!("{i}")) {
+            seen.insert(a.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    assert!(
+        seen.contains("task2"),
+        "task 2 answers through the mesh: {seen:?}"
     );
 }
