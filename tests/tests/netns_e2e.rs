@@ -99,6 +99,18 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
     let _ = Duration::ZERO;
 }
 
+/// The tasks that answer `n` new TCP connections to the web service.
+fn tasks_answering(lab: &Lab, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|i| {
+            let a = lab
+                .tcp_request(WEB_TCP, &format!("{i}"))
+                .expect("tcp request");
+            a.split_whitespace().next().unwrap().to_string()
+        })
+        .collect()
+}
+
 /// Applies a new task set and waits for meshd to report it.
 fn apply(lab: &Lab, tasks: &[usize], generation: u32) {
     let skip = lab.meshd().unwrap().log_len();
@@ -338,17 +350,7 @@ fn root_a_bad_state_file_is_refused_and_the_last_good_state_keeps_serving() {
         .unwrap();
     // A good file is applied again.
     apply(&lab, &[1, 2], 2);
-    let mut seen = std::collections::BTreeSet::new();
-    for i in 0..40 {
-        seen.insert(
-            lab.tcp_request(WEB_TCP, &format!("{i}"))
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let seen = tasks_answering(&lab, 40);
     assert_eq!(seen.len(), 2);
 }
 
@@ -479,17 +481,7 @@ fn root_admin_endpoint_and_sighup_reload() {
         .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
         .unwrap();
     assert_eq!(lab.metric("mesh_state_generation", "").unwrap(), 2);
-    let mut seen = std::collections::BTreeSet::new();
-    for i in 0..30 {
-        seen.insert(
-            lab.tcp_request(WEB_TCP, &format!("{i}"))
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let seen = tasks_answering(&lab, 30);
     assert_eq!(seen.len(), 2);
 }
 
