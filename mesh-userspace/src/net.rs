@@ -27,39 +27,6 @@ pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
     }
 }
 
-/// The IPv4 addresses of an interface.
-pub fn iface_addrs(iface: &str) -> Result<Vec<Ipv4Addr>> {
-    let out = Command::new("ip")
-        .args(["-j", "-4", "addr", "show", "dev", iface])
-        .output()
-        .context("running `ip addr show`")?;
-    if !out.status.success() {
-        bail!(
-            "interface {iface}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mut addrs = Vec::new();
-    for link in v.as_array().into_iter().flatten() {
-        for a in link
-            .get("addr_info")
-            .and_then(|a| a.as_array())
-            .into_iter()
-            .flatten()
-        {
-            if let Some(ip) = a
-                .get("local")
-                .and_then(|l| l.as_str())
-                .and_then(|s| s.parse().ok())
-            {
-                addrs.push(ip);
-            }
-        }
-    }
-    Ok(addrs)
-}
-
 /// Fails unless `iface` exists.
 pub fn check_iface(iface: &str) -> Result<()> {
     if !std::path::Path::new("/sys/class/net").join(iface).exists() {

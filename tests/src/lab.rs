@@ -300,19 +300,6 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops task host `i`'s servers (its open connections are reset).
-    pub fn stop_task(&mut self, i: usize) {
-        let name = format!("task{i}");
-        self.servers.retain_mut(|s| {
-            if s.name == name {
-                s.stop();
-                false
-            } else {
-                true
-            }
-        });
-    }
-
     /// A state file with node n1 (this node) and the web service
     /// (tcp 30080 -> 8080, udp 30053 -> 5353) on the given task hosts.
     pub fn state_toml(&self, tasks: &[usize]) -> String {
