@@ -167,19 +167,15 @@ fn node_name(a: &StateArgs) -> Result<String> {
 }
 
 /// Reads the state file once; returns its bytes (what a later change is
-/// compared with) and, when they are valid, the state.
+/// compared with) and, when they are valid for this node, the state.
 fn read_state(a: &StateArgs, node: &str) -> (Option<Vec<u8>>, Result<State>) {
-    let file = a.state.display().to_string();
-    match std::fs::read(&a.state) {
-        Ok(bytes) => {
-            let s = match String::from_utf8(bytes.clone()) {
-                Ok(text) => State::parse(&text, &file, &a.port_range).map_err(anyhow::Error::from),
-                Err(_) => Err(anyhow::anyhow!("{file}: not UTF-8 text")),
-            };
-            (Some(bytes), s.and_then(|s| check_node(a, s, node)))
-        }
-        Err(e) => (None, Err(anyhow::anyhow!("{file}: cannot read: {e}"))),
-    }
+    let (bytes, state) = State::read(&a.state, &a.port_range);
+    (
+        bytes,
+        state
+            .map_err(anyhow::Error::from)
+            .and_then(|s| check_node(a, s, node)),
+    )
 }
 
 fn load_state(a: &StateArgs, node: &str) -> Result<State> {

@@ -153,12 +153,29 @@ struct RawTask {
 impl State {
     /// Reads and validates a state file.
     pub fn load(path: &Path, range: &RangeInclusive<u16>) -> Result<State, StateError> {
+        Self::read(path, range).1
+    }
+
+    /// Reads a state file once: its bytes (what a watcher compares with
+    /// the next read), and the state they hold, validated.
+    pub fn read(
+        path: &Path,
+        range: &RangeInclusive<u16>,
+    ) -> (Option<Vec<u8>>, Result<State, StateError>) {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Self::parse(&text, &file, range)
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let state = match std::str::from_utf8(&bytes) {
+                    Ok(text) => Self::parse(text, &file, range),
+                    Err(e) => Err(StateError::Syntax {
+                        file,
+                        message: format!("not UTF-8 text: {e}"),
+                    }),
+                };
+                (Some(bytes), state)
+            }
+            Err(source) => (None, Err(StateError::Read { file, source })),
+        }
     }
 
     /// Parses and validates state text; `file` names it in errors.
