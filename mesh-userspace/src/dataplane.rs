@@ -240,13 +240,11 @@ impl Dataplane {
                     0,
                 )?
             }
-            Op::PutService(k, v) => {
-                // The slot of the half this value's table lives in: no
-                // packet reads it until the port is switched to it.
-                let slot = v.table_off / self.planner.limits().maglev_size;
+            Op::PutService { key, slot, value } => {
                 Array::<_, SvcValue>::try_from(map(&mut self.bpf, MAP_SERVICES)?)?
-                    .set(slot, v, 0)?;
-                let i = port_index(k.proto, k.port_be).context("service of another protocol")?;
+                    .set(*slot, value, 0)?;
+                let i =
+                    port_index(key.proto, key.port_be).context("service of another protocol")?;
                 self.ports.store(i as usize, slot + 1)?;
             }
             Op::DelService(k) => {

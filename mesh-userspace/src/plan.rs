@@ -40,7 +40,13 @@ pub enum Op {
     },
     /// Zero a (new or reused) service's counters.
     ResetStats(u32),
-    PutService(SvcKey, SvcValue),
+    /// Write a service into its slot (`svc_id * 2 + half`, one no packet
+    /// reads), then switch the port to that slot.
+    PutService {
+        key: SvcKey,
+        slot: u32,
+        value: SvcValue,
+    },
     DelService(SvcKey),
     /// Free backend slot `.0` (all zero).
     DelBackend(u32),
@@ -282,7 +288,8 @@ impl Planner {
                 .into_iter()
                 .map(|i| ids[i as usize])
                 .collect();
-            let offset = (svc_id * 2 + half) * m;
+            let slot = svc_id * 2 + half;
+            let offset = slot * m;
             let table_size = if table.is_empty() { 0 } else { m };
             if !table.is_empty() {
                 ops.push(Op::WriteTable { offset, table });
@@ -290,9 +297,10 @@ impl Planner {
             if is_new {
                 ops.push(Op::ResetStats(svc_id));
             }
-            ops.push(Op::PutService(
-                SvcKey::new(key.1, key.0.number()),
-                SvcValue {
+            ops.push(Op::PutService {
+                key: SvcKey::new(key.1, key.0.number()),
+                slot,
+                value: SvcValue {
                     svc_id,
                     flags: 0,
                     table_off: offset,
@@ -300,7 +308,7 @@ impl Planner {
                     backend_count: ids.len() as u32,
                     _pad: 0,
                 },
-            ));
+            });
             self.services.insert(
                 *key,
                 SvcSlot {
@@ -470,7 +478,7 @@ mod tests {
         assert_eq!(r.services_added, 1);
         assert_eq!(r.backends_added, 2);
         let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
-        let svc = pos(&|o| matches!(o, Op::PutService(..)));
+        let svc = pos(&|o| matches!(o, Op::PutService { .. }));
         let table = pos(&|o| matches!(o, Op::WriteTable { .. }));
         assert!(
             ops[..table]
@@ -504,7 +512,7 @@ mod tests {
                 Op::PutBackend(new, _),
                 Op::PutReply(_, r),
                 Op::WriteTable { offset, table },
-                Op::PutService(_, v),
+                Op::PutService { value: v, .. },
                 Op::DelBackend(old),
             ] => {
                 assert_eq!(r.backend_id, *new);

@@ -63,8 +63,8 @@ impl Sim {
             Op::ResetStats(id) => {
                 self.stats.borrow_mut().remove(&id);
             }
-            Op::PutService(k, v) => {
-                self.services.insert(k, v);
+            Op::PutService { key, value, .. } => {
+                self.services.insert(key, value);
             }
             Op::DelService(k) => {
                 self.services.remove(&k);
