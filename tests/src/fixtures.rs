@@ -422,6 +422,31 @@ pub struct Outcome {
 
 /// Checks an outcome against a fixture; `chosen` is the task address the
 /// run delivered to (read from the output for `Local`).
+/// The task the host logic picks for the client flow `spec` from a fresh
+/// table (the fixtures never change the table, so that is the task any
+/// tracked flow is pinned to).
+fn maglev_pick(
+    world: &Sim,
+    fx: &Fixture,
+    spec: &Spec,
+) -> Result<mesh_common::abi::Backend, String> {
+    let flow = mesh_common::abi::FlowKey4 {
+        saddr: u32::from_ne_bytes(spec.saddr.octets()),
+        daddr: u32::from_ne_bytes(spec.daddr.octets()),
+        sport_be: spec.sport.to_be(),
+        dport_be: spec.dport.to_be(),
+        proto: spec.proto,
+        _pad: [0; 3],
+    };
+    let svc = world
+        .services
+        .get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
+        .ok_or(format!("{}: no service", fx.name))?;
+    fwd::select(world, svc, &flow)
+        .map(|(_, be)| be)
+        .map_err(|r| format!("{}: select {r:?}", fx.name))
+}
+
 pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
     if got.expect != fx.expect {
         return Err(format!(
@@ -434,22 +459,7 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
             let out = &got.output;
             let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
             let spec = fx.spec.as_ref().expect("local fixtures carry their spec");
-            // The task the host logic would pick for this flow from a fresh table.
-            let flow = mesh_common::abi::FlowKey4 {
-                saddr: u32::from_ne_bytes(spec.saddr.octets()),
-                daddr: u32::from_ne_bytes(spec.daddr.octets()),
-                sport_be: spec.sport.to_be(),
-                dport_be: spec.dport.to_be(),
-                proto: spec.proto,
-                _pad: [0; 3],
-            };
-            let svc = world
-                .services
-                .get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
-                .ok_or("no service")?;
-            let (_, be) =
-                fwd::select(world, svc, &flow).map_err(|r| format!("{}: select {r:?}", fx.name))?;
-            let maglev_pick = Ipv4Addr::from(be.addr[0].to_ne_bytes());
+            let maglev_pick = Ipv4Addr::from(maglev_pick(world, fx, spec)?.addr[0].to_ne_bytes());
             if chosen != maglev_pick {
                 return Err(format!(
                     "{}: delivered to {chosen}, Maglev picks {maglev_pick}",
@@ -478,21 +488,7 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
         Expect::LocalIcmp => {
             let out = &got.output;
             let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-            let flow = fx.spec.as_ref().expect("the client flow");
-            let svc = world
-                .services
-                .get(&mesh_common::abi::SvcKey::new(flow.dport, flow.proto))
-                .ok_or("no service")?;
-            let key = mesh_common::abi::FlowKey4 {
-                saddr: u32::from_ne_bytes(flow.saddr.octets()),
-                daddr: u32::from_ne_bytes(flow.daddr.octets()),
-                sport_be: flow.sport.to_be(),
-                dport_be: flow.dport.to_be(),
-                proto: flow.proto,
-                _pad: [0; 3],
-            };
-            let (_, be) =
-                fwd::select(world, svc, &key).map_err(|r| format!("{}: select {r:?}", fx.name))?;
+            let be = maglev_pick(world, fx, fx.spec.as_ref().expect("the client flow"))?;
             let task = Ipv4Addr::from(be.addr[0].to_ne_bytes());
             if chosen != task {
                 return Err(format!(
