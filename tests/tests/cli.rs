@@ -73,41 +73,32 @@ fn check_refuses_bad_input_naming_file_field_and_value() {
     ];
     for (name, text, want) in cases {
         let p = state_file(name, &text);
-        let (code, _, err) = meshd(&["check", "--state", p.to_str().unwrap(), "--node", "n1"]);
-        assert_eq!(code, 1, "{name}: {err}");
-        assert!(err.contains(name) && err.contains(want), "{name}: {err}");
+        let args = format!("check --state {} --node n1", p.display());
+        refused(&args, name);
+        refused(&args, want);
     }
-    let (code, _, err) = meshd(&[
-        "check",
-        "--state",
-        "/nonexistent/state.toml",
-        "--node",
-        "n1",
-    ]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("/nonexistent/state.toml: cannot read"),
-        "{err}"
+    refused(
+        "check --state /nonexistent/state.toml --node n1",
+        "/nonexistent/state.toml: cannot read",
     );
+}
+
+/// Runs meshd with `args` (split on white space) and checks it exits 1
+/// saying `want`.
+fn refused(args: &str, want: &str) {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let (code, _, err) = meshd(&args);
+    assert_eq!(code, 1, "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: wanted {want:?} in: {err}");
 }
 
 #[test]
 fn run_refuses_bad_flags_before_touching_the_kernel() {
     let p = state_file("run.toml", GOOD);
-    let s = p.to_str().unwrap();
-    let (code, _, err) = meshd(&[
-        "run",
-        "--state",
-        s,
-        "--iface",
-        "no-such-if0",
-        "--node",
-        "n1",
-    ]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("interface \"no-such-if0\" does not exist"),
-        "{err}"
+    let run = |rest: &str| format!("run --state {} {rest}", p.display());
+    refused(
+        &run("--iface no-such-if0 --node n1"),
+        "interface \"no-such-if0\" does not exist",
     );
     // lo has IPv4 forwarding off on these machines: said before loading.
     // (Where it is on, meshd would go on to attach to lo: not tried.)
@@ -116,33 +107,19 @@ fn run_refuses_bad_flags_before_touching_the_kernel() {
         .trim()
         == "0"
     {
-        let (code, _, err) = meshd(&["run", "--state", s, "--iface", "lo", "--node", "n1"]);
-        assert_eq!(code, 1);
-        assert!(
-            err.contains("IPv4 forwarding is off on lo") && err.contains("sysctl -w"),
-            "{err}"
-        );
+        refused(&run("--iface lo --node n1"), "IPv4 forwarding is off on lo");
+        refused(&run("--iface lo --node n1"), "sysctl -w");
     }
-    let (code, _, err) = meshd(&[
-        "run",
-        "--state",
-        s,
-        "--iface",
-        "lo",
-        "--node",
-        "n1",
-        "--maglev-size",
-        "1000",
-    ]);
-    assert_eq!(code, 1);
-    assert!(err.contains("--maglev-size 1000: must be a prime"), "{err}");
-    let (code, _, err) = meshd(&["run", "--state", s, "--iface", "lo", "--node", "n9"]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("this node (\"n9\") is not in nodes[]"),
-        "{err}"
+    refused(
+        &run("--iface lo --node n1 --maglev-size 1000"),
+        "--maglev-size 1000: must be a prime",
     );
-    let (code, _, err) = meshd(&["run", "--state", s, "--iface", "lo", "--port-range", "5-4"]);
+    refused(
+        &run("--iface lo --node n9"),
+        "this node (\"n9\") is not in nodes[]",
+    );
+    let args = run("--iface lo --port-range 5-4");
+    let (code, _, err) = meshd(&args.split_whitespace().collect::<Vec<_>>());
     assert_eq!(code, 2, "clap refuses it: {err}");
 }
 
