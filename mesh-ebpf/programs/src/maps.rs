@@ -17,7 +17,8 @@ pub static PORTS: Array<[u32; 2]> = Array::with_max_entries(PORT_INDEX_ENTRIES /
 pub static SERVICES: Array<SvcValue> = Array::with_max_entries(2 * DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "MESH_ADDR4_V1")]
-pub static NODE_ADDR4: Array<[u32; MAX_NODE_ADDRS as usize]> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+pub static NODE_ADDR4: Array<[u32; MAX_NODE_ADDRS as usize]> =
+    Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// An array: the lookup is inlined, and costs the same however many
 /// backends there are.

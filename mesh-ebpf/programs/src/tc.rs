@@ -42,12 +42,10 @@ pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     }
     // SAFETY: data..data_end is the packet.
     let pkt = unsafe { Pkt::new(data, data_end) };
-    let (Some(saddr), Some(daddr)) = (
-        pkt.load::<u32>(ETH_HLEN + IP_SADDR),
-        pkt.load::<u32>(ETH_HLEN + IP_DADDR),
-    ) else {
+    let Some(ip) = pkt.view::<{ ETH_HLEN + 20 }>(0) else {
         return TC_ACT_UNSPEC;
     };
+    let (saddr, daddr): (u32, u32) = (ip.get(ETH_HLEN + IP_SADDR), ip.get(ETH_HLEN + IP_DADDR));
     // SAFETY: context field read.
     let ifindex = unsafe { (*skb).ingress_ifindex };
     forward(&ctx, &pkt, saddr, daddr, ifindex)
@@ -141,17 +139,15 @@ fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> 
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let (d, s) = (mac(&p.dmac), mac(&p.smac));
-        if pkt
-            .store(0, d.0)
-            .and(pkt.store(4, d.1))
-            .and(pkt.store(6, s.0))
-            .and(pkt.store(10, s.1))
-            .is_none()
-        {
+        let Some(eth) = pkt.view::<12>(0) else {
             count_drop(DropReason::RewriteFailed);
             return TC_ACT_SHOT;
-        }
+        };
+        let (d, s) = (mac(&p.dmac), mac(&p.smac));
+        eth.set(0, d.0);
+        eth.set(4, d.1);
+        eth.set(6, s.0);
+        eth.set(10, s.1);
         // SAFETY: helper call.
         return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
     }
