@@ -1,10 +1,10 @@
 //! What the maps should hold, computed from a validated [`State`] for one
 //! node. Pure: no kernel involved, so it is unit-tested on the host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use crate::state::{Proto, State};
+use crate::state::{Proto, State, Task};
 
 /// A backend: a task's address and the target port of one published port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,19 +47,30 @@ impl Desired {
                 node_addrs.push(*a);
             }
         }
-        let node_index =
-            |name: &str| state.nodes.iter().position(|n| n.name == name).unwrap_or(0) as u32;
+        // Indexes first: linear in the state's size, not services x tasks.
+        let node_index: HashMap<&str, u32> = state
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i as u32))
+            .collect();
+        let mut tasks_of: HashMap<&str, Vec<&Task>> = HashMap::new();
+        for t in &state.tasks {
+            tasks_of.entry(t.service.as_str()).or_default().push(t);
+        }
         let mut services = BTreeMap::new();
         for s in &state.services {
+            let tasks = tasks_of
+                .get(s.name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             for p in &s.ports {
-                let mut backends: Vec<BackendKey> = state
-                    .tasks
+                let mut backends: Vec<BackendKey> = tasks
                     .iter()
-                    .filter(|t| t.service == s.name)
                     .map(|t| BackendKey {
                         addr: t.addr,
                         port: p.target,
-                        node_id: node_index(&t.node),
+                        node_id: node_index.get(t.node.as_str()).copied().unwrap_or(0),
                         local: t.node == node,
                     })
                     .collect();
