@@ -16,8 +16,8 @@ use mesh_common::abi::{
 use mesh_tests::fixtures::{BpfWorld, CLIENT, NODE, Run, WEB_TCP, XDP_PASS};
 use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, checksums_ok};
 use mesh_userspace::desired::{BackendKey, Desired, DesiredService};
+use mesh_userspace::model::{Proto, StateBuilder};
 use mesh_userspace::plan::Limits;
-use mesh_userspace::state::{DEFAULT_PORT_RANGE, Proto, State};
 use serde_json::{Value, json};
 
 const XDP_TX: u32 = 3;
@@ -219,21 +219,13 @@ fn tasks() -> Vec<Ipv4Addr> {
 }
 
 /// One node (n1), one tcp service with 16 tasks on n1.
-fn base_toml() -> String {
-    let mut s = format!(
-        "[[nodes]]\nname = \"n1\"\naddr = \"{NODE}\"\n\n\
-         [[services]]\nname = \"web\"\n\
-         ports = [ {{ protocol = \"tcp\", published = {WEB_TCP}, target = {TARGET_PORT} }} ]\n"
-    );
-    for t in tasks() {
-        s += &format!("[[tasks]]\nservice = \"web\"\nnode = \"n1\"\naddr = \"{t}\"\n");
-    }
-    s
-}
-
 fn base_desired() -> Result<Desired> {
-    let state = State::parse(&base_toml(), "bench.toml", &DEFAULT_PORT_RANGE)?;
-    let d = Desired::compute(&state, "n1", &[]);
+    let state = StateBuilder::new()
+        .node("n1", NODE)
+        .service("web", &[(Proto::Tcp, WEB_TCP, TARGET_PORT)])
+        .tasks("web", "n1", tasks())
+        .build()?;
+    let d = Desired::compute(&state, "n1", &[])?;
     ensure!(
         d.services.len() == 1
             && d.services
@@ -245,8 +237,7 @@ fn base_desired() -> Result<Desired> {
 
 /// The base world plus 9,999 more tcp services on ports 20000.., with 2 to
 /// 16 tasks each (all on n1, each task its own address). Built as a
-/// `Desired` directly: `Desired::compute` scans every task per service,
-/// which is quadratic at this size.
+/// `Desired` directly, so that loading it costs only the planner.
 fn desired_10k(base: &Desired) -> Desired {
     let mut d = base.clone();
     let mut next = u32::from(Ipv4Addr::new(10, 0, 0, 1));
@@ -260,7 +251,7 @@ fn desired_10k(base: &Desired) -> Desired {
                 BackendKey {
                     addr,
                     port: 80,
-                    node_id: 0,
+                    node: "n1".into(),
                     local: true,
                 }
             })
@@ -505,6 +496,7 @@ fn micro(a: MicroArgs) -> Result<()> {
         max_services,
         max_backends,
         ct_entries,
+        ..Limits::default()
     };
     let mut worlds = [
         load("base", lim(64, 1024, 65_536), &base)?,

@@ -1,7 +1,10 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/ready` (200 once the
-//! programs are attached and the maps filled), `/live`.
+//! programs are attached and the maps filled), `/live`. It reads the
+//! counter maps through its own [`StatsReader`] and the applied services'
+//! names from the last snapshot the daemon published: it never waits for
+//! the daemon's writes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Result;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
@@ -9,7 +12,36 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::StatsReader;
+use crate::dataplane::stats::ServiceIndex;
+
+/// What the admin endpoint serves from.
+pub struct Admin {
+    pub metrics: Metrics,
+    stats: StatsReader,
+    services: RwLock<ServiceIndex>,
+}
+
+impl Admin {
+    pub fn new(stats: StatsReader) -> Result<Self> {
+        Ok(Self {
+            metrics: Metrics::new()?,
+            stats,
+            services: RwLock::default(),
+        })
+    }
+
+    /// The services applied now (names for the counters' labels).
+    pub fn set_services(&self, index: ServiceIndex) {
+        *self.services.write().unwrap() = index;
+    }
+
+    /// Brings the counters up to the maps' values and renders them.
+    pub fn render(&self) -> Result<String> {
+        let index = self.services.read().unwrap().clone();
+        self.metrics.render(&self.stats, &index)
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -82,14 +114,14 @@ impl Metrics {
     }
 
     /// Brings the counters up to the maps' values and renders them.
-    pub fn render(&self, dp: &Dataplane) -> Result<String> {
+    pub fn render(&self, reader: &StatsReader, index: &ServiceIndex) -> Result<String> {
         fn catch_up(c: &IntCounter, v: u64) {
             let cur = c.get();
             if v > cur {
                 c.inc_by(v - cur);
             }
         }
-        let stats = dp.service_stats()?;
+        let stats = reader.services(index)?;
         // A published port that went away takes its series with it (its
         // counters restart at zero if it comes back).
         let mut live = self.live.lock().unwrap();
@@ -112,7 +144,7 @@ impl Metrics {
             catch_up(&self.svc_bytes.with_label_values(&l), s.bytes);
             catch_up(&self.svc_flows.with_label_values(&l), s.new_flows);
         }
-        for (reason, n) in dp.drops()? {
+        for (reason, n) in reader.drops()? {
             if reason as u32 != 0 {
                 catch_up(&self.drops.with_label_values(&[reason.name()]), n);
             }
@@ -124,12 +156,12 @@ impl Metrics {
 }
 
 /// Serves the admin endpoint until the process exits.
-pub async fn serve(listener: TcpListener, dp: Arc<Mutex<Dataplane>>, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let (dp, metrics) = (dp.clone(), metrics.clone());
+        let admin = admin.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n =
@@ -143,10 +175,10 @@ pub async fn serve(listener: TcpListener, dp: Arc<Mutex<Dataplane>>, metrics: Ar
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/live" => ("200 OK", "live\n".to_string()),
-                "/ready" if metrics.ready.get() == 1 => ("200 OK", "ready\n".to_string()),
+                "/ready" if admin.metrics.ready.get() == 1 => ("200 OK", "ready\n".to_string()),
                 "/ready" => ("503 Service Unavailable", "not ready\n".to_string()),
                 "/metrics" => {
-                    let r = { metrics.render(&dp.lock().unwrap()) };
+                    let r = admin.render();
                     match r {
                         Ok(b) => ("200 OK", b),
                         Err(e) => {

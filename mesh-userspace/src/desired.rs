@@ -1,18 +1,26 @@
 //! What the maps should hold, computed from a validated [`State`] for one
 //! node. Pure: no kernel involved, so it is unit-tested on the host.
+//!
+//! Nodes and backends are named by what identifies them in the swarm (a
+//! node's name; a task's address and target port), never by a position in
+//! the state: the planner gives them map slots that stay put while they
+//! exist, whatever else comes and goes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use crate::state::{Proto, State, Task};
+use anyhow::{Result, bail};
+
+use crate::model::{Proto, State, Task};
 
 /// A backend: a task's address and the target port of one published port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
     pub addr: Ipv4Addr,
     pub port: u16,
-    /// Index of the task's node in the state's node list.
-    pub node_id: u32,
+    /// The node the task runs on (its name).
+    pub node: String,
+    /// The task runs on this node.
     pub local: bool,
 }
 
@@ -31,29 +39,58 @@ pub struct DesiredService {
     pub backends: Vec<BackendKey>,
 }
 
+/// A node of the swarm, as the dataplane needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredNode {
+    pub addr: Ipv4Addr,
+    /// This node.
+    pub local: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Desired {
     /// Addresses this node answers published ports on.
     pub node_addrs: Vec<Ipv4Addr>,
+    /// Every node, by name.
+    pub nodes: BTreeMap<String, DesiredNode>,
     pub services: BTreeMap<(Proto, u16), DesiredService>,
 }
 
 impl Desired {
-    /// `node` must be a node of `state` (checked by the caller).
-    pub fn compute(state: &State, node: &str, extra_addrs: &[Ipv4Addr]) -> Desired {
-        let mut node_addrs: Vec<Ipv4Addr> = state.node(node).map(|n| n.addr).into_iter().collect();
+    /// What node `node` should hold for `state`; `extra_addrs` are more
+    /// addresses it answers on. Refused when `node` is not in the state.
+    pub fn compute(state: &State, node: &str, extra_addrs: &[Ipv4Addr]) -> Result<Desired> {
+        let Some(me) = state.node(node) else {
+            bail!(
+                "this node ({node:?}) is not in nodes[] (pass --node NAME; nodes are: {})",
+                state
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        let mut node_addrs = vec![me.addr];
         for a in extra_addrs {
             if !node_addrs.contains(a) {
                 node_addrs.push(*a);
             }
         }
-        // Indexes first: linear in the state's size, not services x tasks.
-        let node_index: HashMap<&str, u32> = state
+        let nodes = state
             .nodes
             .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.as_str(), i as u32))
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    DesiredNode {
+                        addr: n.addr,
+                        local: n.name == node,
+                    },
+                )
+            })
             .collect();
+        // Tasks indexed by service first: linear in the state's size.
         let mut tasks_of: HashMap<&str, Vec<&Task>> = HashMap::new();
         for t in &state.tasks {
             tasks_of.entry(t.service.as_str()).or_default().push(t);
@@ -70,7 +107,7 @@ impl Desired {
                     .map(|t| BackendKey {
                         addr: t.addr,
                         port: p.target,
-                        node_id: node_index.get(t.node.as_str()).copied().unwrap_or(0),
+                        node: t.node.clone(),
                         local: t.node == node,
                     })
                     .collect();
@@ -85,10 +122,11 @@ impl Desired {
                 );
             }
         }
-        Desired {
+        Ok(Desired {
             node_addrs,
+            nodes,
             services,
-        }
+        })
     }
 
     /// Addresses of tasks on this node (to find the interfaces they sit behind).
@@ -101,5 +139,45 @@ impl Desired {
         v.sort();
         v.dedup();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::StateBuilder;
+
+    #[test]
+    fn a_node_missing_from_the_state_is_refused_naming_the_others() {
+        let s = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .node("n2", [198, 18, 128, 2])
+            .build()
+            .unwrap();
+        let e = Desired::compute(&s, "n9", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("this node (\"n9\") is not in nodes[]") && e.contains("n1, n2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn backends_name_their_node_not_its_position() {
+        let b = |nodes: &[&str]| {
+            let mut s = StateBuilder::new();
+            for (i, n) in nodes.iter().enumerate() {
+                s = s.node(n, [198, 18, 128, 1 + i as u8]);
+            }
+            let s = s
+                .service("web", &[(Proto::Tcp, 30080, 8080)])
+                .task("web", "n2", [198, 18, 129, 2])
+                .build()
+                .unwrap();
+            Desired::compute(&s, "n1", &[]).unwrap().services[&(Proto::Tcp, 30080)]
+                .backends
+                .clone()
+        };
+        // A node added in front of n2 renumbers nothing.
+        assert_eq!(b(&["n1", "n2"]), b(&["n0", "n1", "n2"]));
     }
 }

@@ -3,19 +3,29 @@
 //! ([`crate::dataplane`]) and the host simulation ([`crate::sim`]), and its
 //! ordering is unit-tested here.
 //!
-//! Order (make-before-break; a packet never sees a half-written table):
-//! 1. new backends, in free slots with a new generation (nothing refers to
-//!    them yet);
-//! 2. per changed service: its entry and Maglev table into the one of its
-//!    two slots no packet reads, then the port switched to that slot;
-//! 3. removed services; 4. backends nothing refers to (their slots are
-//!    reused by a later plan, never this one); 5. node addresses (added
-//!    before removed).
+//! Order (make-before-break; a packet never sees a half-written table),
+//! one method of [`Planner`] each:
+//! 1. [`Planner::put_nodes`]: new and changed nodes (backends name them);
+//! 2. [`Planner::add_backends`]: new backends, in free slots with a new
+//!    generation (nothing refers to them yet);
+//! 3. [`Planner::put_replies`]: reply entries of local backends (before any
+//!    table can send them a flow);
+//! 4. [`Planner::put_services`]: per changed service, its entry and Maglev
+//!    table into the one of its two slots no packet reads, then the port
+//!    switched to that slot;
+//! 5. [`Planner::del_services`]: removed services;
+//! 6. [`Planner::del_backends`]: backends nothing refers to (their slots
+//!    are reused by a later plan, never this one);
+//! 7. [`Planner::del_nodes`]: nodes no backend names any more;
+//! 8. [`Planner::put_node_addrs`]: this node's addresses (added before
+//!    removed);
+//! 9. reply entries of removed backends are retired, and deleted
+//!    [`REPLY_GRACE`] later ([`Planner::expire`]), so replies already on
+//!    their way (or a removed task still answering an open flow) are
+//!    still translated.
 //!
-//! Reply entries (how a local task's replies find their flow) are written
-//! with their backend, before any table can send a flow there, and outlive
-//! a removed backend by [`REPLY_GRACE`], so replies already on their way
-//! (or a removed task still answering an open flow) are still translated.
+//! A state that does not fit the maps is refused before any op
+//! ([`Planner::check_fits`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -26,11 +36,15 @@ use mesh_common::abi::*;
 use mesh_common::maglev;
 
 use crate::desired::{BackendKey, Desired};
-use crate::state::Proto;
+use crate::model::Proto;
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Fill node slot `.0`.
+    PutNode(u32, NodeValue),
+    /// Free node slot `.0` (all zero).
+    DelNode(u32),
     /// Fill backend slot `.0`.
     PutBackend(u32, Backend),
     /// Write `table` into the Maglev map at `offset`.
@@ -72,8 +86,9 @@ pub struct Limits {
     pub maglev_size: u32,
     pub max_services: u32,
     pub max_backends: u32,
-    /// Entries in each of the two conntrack maps.
+    /// Entries in the conntrack map (one per flow).
     pub ct_entries: u32,
+    pub max_nodes: u32,
 }
 
 impl Default for Limits {
@@ -83,6 +98,7 @@ impl Default for Limits {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             ct_entries: DEFAULT_CT_ENTRIES,
+            max_nodes: DEFAULT_MAX_NODES,
         }
     }
 }
@@ -95,7 +111,11 @@ impl Limits {
                 self.maglev_size
             );
         }
-        if self.max_services == 0 || self.max_backends == 0 || self.ct_entries == 0 {
+        if self.max_services == 0
+            || self.max_backends == 0
+            || self.ct_entries == 0
+            || self.max_nodes == 0
+        {
             bail!("map sizes must be positive");
         }
         let entries = 2u64 * self.max_services as u64 * self.maglev_size as u64;
@@ -124,6 +144,13 @@ pub struct SvcSlot {
     pub backends: Vec<BackendKey>,
 }
 
+/// A node's slot in the node map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSlot {
+    pub slot: u32,
+    pub value: NodeValue,
+}
+
 /// What one plan changes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -134,17 +161,60 @@ pub struct Report {
     pub backends_removed: usize,
 }
 
-/// What has been applied: ids and table halves. Clone it, plan on the
-/// clone, and keep the clone only once every op has been written.
+/// Array slots handed out with generations: a freed slot is reused only by
+/// a later plan, with the next generation, so whatever still names the old
+/// (slot, generation) misses instead of finding the newcomer.
+#[derive(Clone, Debug, Default)]
+struct Slots {
+    gens: HashMap<u32, u32>,
+    free: BTreeSet<u32>,
+    next: u32,
+}
+
+impl Slots {
+    /// A free slot and its new generation.
+    fn take(&mut self) -> (u32, u32) {
+        let id = self.free.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        let g = self.gens.entry(id).or_insert(0);
+        *g += 1;
+        (id, *g)
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+
+    fn gen_of(&self, id: u32) -> u32 {
+        self.gens.get(&id).copied().unwrap_or(0)
+    }
+}
+
+/// Ops and what they change, as a plan is built.
+#[derive(Default)]
+struct Plan {
+    ops: Vec<Op>,
+    report: Report,
+}
+
+/// Reply candidates of the local backends: for each, the backend and the
+/// (node address, published port) pairs its flows can come through.
+type Replies<'a> = BTreeMap<ReplyKey4, (&'a BackendKey, Vec<ReplyCand>)>;
+
+/// What has been applied: slots, generations and table halves. Clone it,
+/// plan on the clone, and keep the clone only once every op has been
+/// written.
 #[derive(Clone, Debug)]
 pub struct Planner {
     limits: Limits,
     pub services: BTreeMap<(Proto, u16), SvcSlot>,
     pub backends: HashMap<BackendKey, u32>,
-    /// Backend slots: the last generation each was given, the free ones.
-    gens: HashMap<u32, u32>,
-    free_slots: BTreeSet<u32>,
-    next_slot: u32,
+    backend_slots: Slots,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, NodeSlot>,
+    node_slots: Slots,
     free_svc_ids: Vec<u32>,
     next_svc_id: u32,
     node_addrs: BTreeSet<Ipv4Addr>,
@@ -161,9 +231,9 @@ impl Planner {
             limits,
             services: BTreeMap::new(),
             backends: HashMap::new(),
-            gens: HashMap::new(),
-            free_slots: BTreeSet::new(),
-            next_slot: 0,
+            backend_slots: Slots::default(),
+            nodes: BTreeMap::new(),
+            node_slots: Slots::default(),
             free_svc_ids: Vec::new(),
             next_svc_id: 0,
             node_addrs: BTreeSet::new(),
@@ -183,6 +253,29 @@ impl Planner {
 
     /// `plan` at a given time (reply entries of removed backends expire).
     pub fn plan_at(&mut self, d: &Desired, now: Instant) -> Result<(Vec<Op>, Report)> {
+        let replies = self.check_fits(d)?;
+        let wanted: BTreeSet<&BackendKey> = d
+            .services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .collect();
+        let mut p = Plan::default();
+        self.put_nodes(d, &mut p);
+        self.add_backends(&wanted, &mut p);
+        self.put_replies(&replies, &mut p);
+        self.put_services(d, &mut p);
+        self.del_services(d, &mut p);
+        self.del_backends(&wanted, &mut p);
+        self.del_nodes(d, &mut p);
+        self.put_node_addrs(d, &mut p);
+        self.retire_replies(&replies, now);
+        p.ops.extend(self.expire(now));
+        Ok((p.ops, p.report))
+    }
+
+    /// Refuses a state the maps cannot hold, counting what old and new
+    /// share for a moment during the update; returns the reply candidates.
+    fn check_fits<'d>(&self, d: &'d Desired) -> Result<Replies<'d>> {
         let lim = &self.limits;
         if d.services.len() > lim.max_services as usize {
             bail!(
@@ -196,7 +289,7 @@ impl Planner {
             .values()
             .flat_map(|s| s.backends.iter())
             .collect();
-        // Old and new backends coexist between steps 1 and 4.
+        // Old and new backends coexist between steps 2 and 6.
         let peak = wanted.len() + self.backends.keys().filter(|k| !wanted.contains(k)).count();
         if peak > lim.max_backends as usize {
             bail!(
@@ -204,28 +297,60 @@ impl Planner {
                 lim.max_backends
             );
         }
+        let peak = d.nodes.len()
+            + self
+                .nodes
+                .keys()
+                .filter(|n| !d.nodes.contains_key(*n))
+                .count();
+        if peak > lim.max_nodes as usize {
+            bail!(
+                "{peak} nodes (old and new during the update) exceed the node map's {} slots; nothing applied",
+                lim.max_nodes
+            );
+        }
         if d.node_addrs.len() > MAX_NODE_ADDRS as usize {
             bail!("more than {MAX_NODE_ADDRS} node addresses; nothing applied");
         }
-        let replies = reply_candidates(d)?;
-        let m = lim.maglev_size;
-        let mut ops = Vec::new();
-        let mut report = Report::default();
+        reply_candidates(d)
+    }
 
-        for k in &wanted {
+    /// Step 1: nodes that are new or whose address or role changed.
+    fn put_nodes(&mut self, d: &Desired, p: &mut Plan) {
+        for (name, n) in &d.nodes {
+            let flags = if n.local { NODE_F_SELF } else { 0 };
+            let slot = match self.nodes.get(name) {
+                Some(s) if s.value.addr[0] == raw4(n.addr) && s.value.flags == flags => continue,
+                Some(s) => (s.slot, s.value.gen_),
+                None => self.node_slots.take(),
+            };
+            let value = NodeValue {
+                addr: [raw4(n.addr), 0, 0, 0],
+                family: FAMILY_V4,
+                _pad0: [0; 3],
+                flags,
+                gen_: slot.1,
+                _pad1: 0,
+            };
+            p.ops.push(Op::PutNode(slot.0, value));
+            self.nodes.insert(
+                name.clone(),
+                NodeSlot {
+                    slot: slot.0,
+                    value,
+                },
+            );
+        }
+    }
+
+    /// Step 2: backends that are new, each in a free slot.
+    fn add_backends(&mut self, wanted: &BTreeSet<&BackendKey>, p: &mut Plan) {
+        for k in wanted {
             if self.backends.contains_key(*k) {
                 continue;
             }
-            // A slot freed by an earlier plan (never by this one: frees come
-            // after every allocation), with its next generation.
-            let id = self.free_slots.pop_first().unwrap_or_else(|| {
-                self.next_slot += 1;
-                self.next_slot - 1
-            });
-            let gen_ = self.gens.entry(id).or_insert(0);
-            *gen_ += 1;
-            let gen_ = *gen_;
-            ops.push(Op::PutBackend(
+            let (id, gen_) = self.backend_slots.take();
+            p.ops.push(Op::PutBackend(
                 id,
                 Backend {
                     addr: [raw4(k.addr), 0, 0, 0],
@@ -233,20 +358,23 @@ impl Planner {
                     family: FAMILY_V4,
                     _pad0: 0,
                     flags: if k.local { BE_F_LOCAL } else { BE_F_REMOTE },
-                    node_id: k.node_id,
+                    node_id: self.nodes[&k.node].slot,
                     gen_,
                 },
             ));
             self.backends.insert((*k).clone(), id);
-            report.backends_added += 1;
+            p.report.backends_added += 1;
         }
+    }
 
-        // Replies of local tasks: in place before any table sends a flow.
-        for (key, (backend, cands)) in &replies {
-            let slot = self.backends[backend];
+    /// Step 3: reply entries of local tasks, in place before any table
+    /// sends them a flow.
+    fn put_replies(&mut self, replies: &Replies, p: &mut Plan) {
+        for (key, (backend, cands)) in replies {
+            let slot = self.backends[*backend];
             let mut value = ReplyValue4 {
                 backend_id: slot,
-                backend_gen: self.gens[&slot],
+                backend_gen: self.backend_slots.gen_of(slot),
                 count: cands.len() as u32,
                 _pad: 0,
                 cands: [ReplyCand::default(); MAX_REPLY_CANDS],
@@ -255,7 +383,7 @@ impl Planner {
             match self.replies.get(key) {
                 Some(r) if r.value == value && r.retired_at.is_none() => {}
                 _ => {
-                    ops.push(Op::PutReply(*key, value));
+                    p.ops.push(Op::PutReply(*key, value));
                     self.replies.insert(
                         *key,
                         ReplyState {
@@ -266,7 +394,12 @@ impl Planner {
                 }
             }
         }
+    }
 
+    /// Step 4: each new or changed service into the half of its slots no
+    /// packet reads, then its port switched there.
+    fn put_services(&mut self, d: &Desired, p: &mut Plan) {
+        let m = self.limits.maglev_size;
         for (key, ds) in &d.services {
             let (svc_id, half, is_new) = match self.services.get_mut(key) {
                 Some(s) if s.backends == ds.backends && s.target == ds.target => {
@@ -292,12 +425,12 @@ impl Planner {
             let offset = slot * m;
             let table_size = if table.is_empty() { 0 } else { m };
             if !table.is_empty() {
-                ops.push(Op::WriteTable { offset, table });
+                p.ops.push(Op::WriteTable { offset, table });
             }
             if is_new {
-                ops.push(Op::ResetStats(svc_id));
+                p.ops.push(Op::ResetStats(svc_id));
             }
-            ops.push(Op::PutService {
+            p.ops.push(Op::PutService {
                 key: SvcKey::new(key.1, key.0.number()),
                 slot,
                 value: SvcValue {
@@ -320,12 +453,15 @@ impl Planner {
                 },
             );
             if is_new {
-                report.services_added += 1;
+                p.report.services_added += 1;
             } else {
-                report.services_changed += 1;
+                p.report.services_changed += 1;
             }
         }
+    }
 
+    /// Step 5: services that are gone.
+    fn del_services(&mut self, d: &Desired, p: &mut Plan) {
         let gone: Vec<(Proto, u16)> = self
             .services
             .keys()
@@ -333,12 +469,16 @@ impl Planner {
             .copied()
             .collect();
         for key in gone {
-            ops.push(Op::DelService(SvcKey::new(key.1, key.0.number())));
+            p.ops
+                .push(Op::DelService(SvcKey::new(key.1, key.0.number())));
             let slot = self.services.remove(&key).expect("listed above");
             self.free_svc_ids.push(slot.svc_id);
-            report.services_removed += 1;
+            p.report.services_removed += 1;
         }
+    }
 
+    /// Step 6: backends no table names any more.
+    fn del_backends(&mut self, wanted: &BTreeSet<&BackendKey>, p: &mut Plan) {
         let mut stale: Vec<(BackendKey, u32)> = self
             .backends
             .iter()
@@ -347,28 +487,48 @@ impl Planner {
             .collect();
         stale.sort_by_key(|(_, id)| *id);
         for (k, id) in stale {
-            ops.push(Op::DelBackend(id));
+            p.ops.push(Op::DelBackend(id));
             self.backends.remove(&k);
-            self.free_slots.insert(id);
-            report.backends_removed += 1;
+            self.backend_slots.release(id);
+            p.report.backends_removed += 1;
         }
+    }
 
+    /// Step 7: nodes that left the state (no backend names them now).
+    fn del_nodes(&mut self, d: &Desired, p: &mut Plan) {
+        let gone: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|n| !d.nodes.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            let s = self.nodes.remove(&name).expect("listed above");
+            p.ops.push(Op::DelNode(s.slot));
+            self.node_slots.release(s.slot);
+        }
+    }
+
+    /// Step 8: the addresses this node answers on.
+    fn put_node_addrs(&mut self, d: &Desired, p: &mut Plan) {
         let want: BTreeSet<Ipv4Addr> = d.node_addrs.iter().copied().collect();
         for a in want.difference(&self.node_addrs) {
-            ops.push(Op::PutNodeAddr(raw4(*a)));
+            p.ops.push(Op::PutNodeAddr(raw4(*a)));
         }
         for a in self.node_addrs.difference(&want) {
-            ops.push(Op::DelNodeAddr(raw4(*a)));
+            p.ops.push(Op::DelNodeAddr(raw4(*a)));
         }
         self.node_addrs = want;
+    }
 
+    /// Step 9: reply entries no local backend needs any more start their
+    /// grace period.
+    fn retire_replies(&mut self, replies: &Replies, now: Instant) {
         for (key, r) in self.replies.iter_mut() {
             if !replies.contains_key(key) && r.retired_at.is_none() {
                 r.retired_at = Some(now);
             }
         }
-        ops.extend(self.expire(now));
-        Ok((ops, report))
     }
 
     /// Deletes the reply entries of backends removed more than
@@ -407,8 +567,8 @@ impl Planner {
 
 /// For each local backend, the (node address, published port) pairs its
 /// flows can come through. Refuses more than `MAX_REPLY_CANDS`.
-fn reply_candidates(d: &Desired) -> Result<BTreeMap<ReplyKey4, (&BackendKey, Vec<ReplyCand>)>> {
-    let mut out: BTreeMap<ReplyKey4, (&BackendKey, Vec<ReplyCand>)> = BTreeMap::new();
+fn reply_candidates(d: &Desired) -> Result<Replies<'_>> {
+    let mut out: Replies = BTreeMap::new();
     for ((proto, port), s) in &d.services {
         for b in s.backends.iter().filter(|b| b.local) {
             let key = ReplyKey4 {
@@ -447,21 +607,25 @@ fn reply_candidates(d: &Desired) -> Result<BTreeMap<ReplyKey4, (&BackendKey, Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{DEFAULT_PORT_RANGE, State};
+    use crate::model::StateBuilder;
 
-    fn desired(tasks: &[&str]) -> Desired {
-        let mut text = String::from(
-            "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n[[nodes]]\nname='n2'\naddr='198.18.128.2'\n\
-             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080}]\n",
-        );
-        for t in tasks {
-            text += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{t}'\n");
-        }
-        Desired::compute(
-            &State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(),
-            "n1",
-            &[],
-        )
+    const N1: [u8; 4] = [198, 18, 128, 1];
+    const N2: [u8; 4] = [198, 18, 128, 2];
+
+    fn task(i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 129, i)
+    }
+
+    /// The web service (tcp 30080 -> 8080) on tasks `tasks` of n1.
+    fn desired(tasks: &[u8]) -> Desired {
+        let s = StateBuilder::new()
+            .node("n1", N1)
+            .node("n2", N2)
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .tasks("web", "n1", tasks.iter().map(|&i| task(i)))
+            .build()
+            .unwrap();
+        Desired::compute(&s, "n1", &[]).unwrap()
     }
 
     fn limits() -> Limits {
@@ -472,37 +636,37 @@ mod tests {
     }
 
     #[test]
-    fn first_plan_adds_backends_before_the_service_that_uses_them() {
+    fn first_plan_adds_nodes_and_backends_before_the_service_that_uses_them() {
         let mut p = Planner::new(limits());
-        let (ops, r) = p.plan(&desired(&["198.18.129.2", "198.18.129.3"])).unwrap();
+        let (ops, r) = p.plan(&desired(&[2, 3])).unwrap();
         assert_eq!(r.services_added, 1);
         assert_eq!(r.backends_added, 2);
         let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
         let svc = pos(&|o| matches!(o, Op::PutService { .. }));
         let table = pos(&|o| matches!(o, Op::WriteTable { .. }));
+        let first_backend = pos(&|o| matches!(o, Op::PutBackend(..)));
+        let count = |f: &dyn Fn(&Op) -> bool| ops[..table].iter().filter(|o| f(o)).count();
+        assert_eq!(count(&|o| matches!(o, Op::PutNode(..))), 2);
         assert!(
-            ops[..table]
+            ops[..first_backend]
                 .iter()
-                .filter(|o| matches!(o, Op::PutBackend(..)))
-                .count()
-                == 2
+                .all(|o| matches!(o, Op::PutNode(..)))
         );
-        assert!(
-            ops[..table]
-                .iter()
-                .filter(|o| matches!(o, Op::PutReply(..)))
-                .count()
-                == 2
-        );
+        assert_eq!(count(&|o| matches!(o, Op::PutBackend(..))), 2);
+        assert_eq!(count(&|o| matches!(o, Op::PutReply(..))), 2);
         assert!(table < svc);
         assert!(matches!(ops.last(), Some(Op::PutNodeAddr(_))));
+        // This node is flagged as itself in the node map.
+        let me = &p.nodes["n1"];
+        assert_eq!(me.value.flags, NODE_F_SELF);
+        assert_eq!(p.nodes["n2"].value.flags, 0);
     }
 
     #[test]
     fn a_change_writes_the_other_half_then_switches_then_deletes() {
         let mut p = Planner::new(limits());
-        p.plan(&desired(&["198.18.129.2", "198.18.129.3"])).unwrap();
-        let (ops, r) = p.plan(&desired(&["198.18.129.2", "198.18.129.4"])).unwrap();
+        p.plan(&desired(&[2, 3])).unwrap();
+        let (ops, r) = p.plan(&desired(&[2, 4])).unwrap();
         assert_eq!(
             (r.services_changed, r.backends_added, r.backends_removed),
             (1, 1, 1)
@@ -523,7 +687,7 @@ mod tests {
             other => panic!("unexpected plan {other:#?}"),
         }
         // And back: the first half again.
-        let (ops, _) = p.plan(&desired(&["198.18.129.2"])).unwrap();
+        let (ops, _) = p.plan(&desired(&[2])).unwrap();
         assert!(
             ops.iter()
                 .any(|o| matches!(o, Op::WriteTable { offset: 0, .. }))
@@ -532,26 +696,30 @@ mod tests {
 
     #[test]
     fn every_node_builds_the_same_table_from_the_same_state() {
-        let text = "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n[[nodes]]\nname='n2'\naddr='198.18.128.2'\n\
-             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080}]\n\
-             [[tasks]]\nservice='web'\nnode='n2'\naddr='198.18.129.9'\n\
-             [[tasks]]\nservice='web'\nnode='n1'\naddr='198.18.129.2'\n\
-             [[tasks]]\nservice='web'\nnode='n2'\naddr='198.18.129.5'\n";
-        let state = State::parse(text, "t", &DEFAULT_PORT_RANGE).unwrap();
+        let state = StateBuilder::new()
+            .node("n1", N1)
+            .node("n2", N2)
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n2", task(9))
+            .task("web", "n1", task(2))
+            .task("web", "n2", task(5))
+            .build()
+            .unwrap();
         // Node n2 has applied another state before, so its backend ids
         // differ from n1's.
         let mut p2 = Planner::new(limits());
-        p2.plan(&desired(&["198.18.129.7", "198.18.129.8"]))
-            .unwrap();
-        let tables = |node: &str, p: &mut Planner| -> Vec<std::net::Ipv4Addr> {
+        p2.plan(&desired(&[7, 8])).unwrap();
+        let tables = |node: &str, p: &mut Planner| -> Vec<Ipv4Addr> {
             // The table as written to the kernel, ids turned back into tasks.
             let mut fresh = Planner::new(limits());
             if node == "n2" {
                 fresh = p.clone();
                 fresh.services.clear();
             }
-            let (ops, _) = fresh.plan(&Desired::compute(&state, node, &[])).unwrap();
-            let ids: HashMap<u32, std::net::Ipv4Addr> =
+            let (ops, _) = fresh
+                .plan(&Desired::compute(&state, node, &[]).unwrap())
+                .unwrap();
+            let ids: HashMap<u32, Ipv4Addr> =
                 fresh.backends.iter().map(|(k, id)| (*id, k.addr)).collect();
             let table = ops
                 .iter()
@@ -569,7 +737,7 @@ mod tests {
     #[test]
     fn an_unchanged_state_plans_nothing() {
         let mut p = Planner::new(limits());
-        let d = desired(&["198.18.129.2"]);
+        let d = desired(&[2]);
         p.plan(&d).unwrap();
         assert_eq!(p.plan(&d).unwrap().0, vec![]);
     }
@@ -580,13 +748,10 @@ mod tests {
             max_backends: 2,
             ..limits()
         });
-        p.plan(&desired(&["198.18.129.2", "198.18.129.3"])).unwrap();
+        p.plan(&desired(&[2, 3])).unwrap();
         let before = p.clone();
         // Replacing both needs 4 live backends for a moment.
-        let e = p
-            .plan(&desired(&["198.18.129.4", "198.18.129.5"]))
-            .unwrap_err()
-            .to_string();
+        let e = p.plan(&desired(&[4, 5])).unwrap_err().to_string();
         assert!(e.contains("exceed --max-backends 2"), "{e}");
         assert_eq!(p.backends, before.backends);
     }
@@ -594,46 +759,87 @@ mod tests {
     #[test]
     fn removed_service_frees_its_id_for_reuse_with_reset_counters() {
         let mut p = Planner::new(limits());
-        p.plan(&desired(&["198.18.129.2"])).unwrap();
-        let (ops, r) = p
-            .plan(&Desired {
-                node_addrs: vec![],
-                services: BTreeMap::new(),
-            })
-            .unwrap();
+        p.plan(&desired(&[2])).unwrap();
+        let mut empty = desired(&[]);
+        empty.services.clear();
+        let (ops, r) = p.plan(&empty).unwrap();
         assert_eq!(r.services_removed, 1);
         assert!(ops.iter().any(|o| matches!(o, Op::DelService(_))));
-        let (ops, _) = p.plan(&desired(&["198.18.129.2"])).unwrap();
+        let (ops, _) = p.plan(&desired(&[2])).unwrap();
         assert!(ops.contains(&Op::ResetStats(0)));
+    }
+
+    /// Node slots are stable: a node added or removed elsewhere in the
+    /// state moves no other node and rewrites no backend.
+    #[test]
+    fn node_slots_stay_put_as_other_nodes_come_and_go() {
+        let state = |nodes: &[&str]| {
+            let mut b = StateBuilder::new();
+            for n in nodes {
+                let host = ["a", "a2", "b", "c"].iter().position(|x| x == n).unwrap();
+                b = b.node(n, [198, 18, 128, 10 + host as u8]);
+            }
+            let s = b
+                .service("web", &[(Proto::Tcp, 30080, 8080)])
+                .task("web", "b", task(2))
+                .build()
+                .unwrap();
+            Desired::compute(&s, nodes[0], &[]).unwrap()
+        };
+        let mut p = Planner::new(limits());
+        p.plan(&state(&["a", "b"])).unwrap();
+        let b_slot = p.nodes["b"].slot;
+        // A node listed before b: only it is written.
+        let (ops, _) = p.plan(&state(&["a", "a2", "b"])).unwrap();
+        assert!(
+            matches!(&ops[..], [Op::PutNode(s, v)] if *s != b_slot && v.gen_ == 1),
+            "{ops:#?}"
+        );
+        assert_eq!(p.nodes["b"].slot, b_slot);
+        // It leaves again: its slot is freed, last.
+        let a2 = p.nodes["a2"].slot;
+        let (ops, _) = p.plan(&state(&["a", "b"])).unwrap();
+        assert_eq!(ops, vec![Op::DelNode(a2)]);
+        // The next node takes the freed slot with the next generation.
+        p.plan(&state(&["a", "b", "c"])).unwrap();
+        assert_eq!(p.nodes["c"].slot, a2);
+        assert_eq!(p.nodes["c"].value.gen_, 2);
     }
 }
 
 #[cfg(test)]
 mod reply_tests {
     use super::*;
-    use crate::state::{DEFAULT_PORT_RANGE, State};
+    use crate::model::StateBuilder;
 
-    fn desired(text_tasks: &[&str], extra: &[Ipv4Addr]) -> Desired {
-        let mut text = String::from(
-            "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n\
-             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080},{protocol='tcp',published=30081,target=8080}]\n",
-        );
-        for t in text_tasks {
-            text += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{t}'\n");
-        }
-        Desired::compute(
-            &State::parse(&text, "t", &DEFAULT_PORT_RANGE).unwrap(),
-            "n1",
-            extra,
-        )
+    /// The web service on tcp 30080 and 30081 (both -> 8080) on tasks of n1.
+    fn desired(tasks: &[&str], extra: &[Ipv4Addr]) -> Desired {
+        let s = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .service(
+                "web",
+                &[(Proto::Tcp, 30080, 8080), (Proto::Tcp, 30081, 8080)],
+            )
+            .tasks(
+                "web",
+                "n1",
+                tasks.iter().map(|t| t.parse::<Ipv4Addr>().unwrap()),
+            )
+            .build()
+            .unwrap();
+        Desired::compute(&s, "n1", extra).unwrap()
+    }
+
+    fn planner() -> Planner {
+        Planner::new(Limits {
+            maglev_size: 251,
+            ..Limits::default()
+        })
     }
 
     #[test]
     fn a_task_behind_two_published_ports_gets_both_candidates() {
-        let mut p = Planner::new(Limits {
-            maglev_size: 251,
-            ..Limits::default()
-        });
+        let mut p = planner();
         let (ops, _) = p.plan(&desired(&["198.18.129.2"], &[])).unwrap();
         let r = ops
             .iter()
@@ -652,10 +858,7 @@ mod reply_tests {
 
     #[test]
     fn too_many_candidates_are_refused_before_any_op() {
-        let mut p = Planner::new(Limits {
-            maglev_size: 251,
-            ..Limits::default()
-        });
+        let mut p = planner();
         let extra = [
             Ipv4Addr::new(198, 18, 128, 5),
             Ipv4Addr::new(198, 18, 128, 6),
@@ -673,10 +876,7 @@ mod reply_tests {
 
     #[test]
     fn a_removed_backends_reply_entry_outlives_it_by_the_grace_period() {
-        let mut p = Planner::new(Limits {
-            maglev_size: 251,
-            ..Limits::default()
-        });
+        let mut p = planner();
         let t0 = Instant::now();
         p.plan_at(&desired(&["198.18.129.2", "198.18.129.3"], &[]), t0)
             .unwrap();

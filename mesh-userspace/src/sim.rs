@@ -19,6 +19,7 @@ pub struct Sim {
     pub services: HashMap<SvcKey, SvcValue>,
     pub node_addrs: HashSet<u32>,
     pub backends: HashMap<u32, Backend>,
+    pub nodes: HashMap<u32, NodeValue>,
     pub maglev: Vec<u32>,
     pub ct: RefCell<HashMap<FlowKey4, CtValue>>,
     pub replies: HashMap<ReplyKey4, ReplyValue4>,
@@ -33,6 +34,7 @@ impl Sim {
             services: HashMap::new(),
             node_addrs: HashSet::new(),
             backends: HashMap::new(),
+            nodes: HashMap::new(),
             maglev: vec![0; n],
             ct: RefCell::default(),
             replies: HashMap::new(),
@@ -50,6 +52,12 @@ impl Sim {
 
     pub fn exec(&mut self, op: Op) {
         match op {
+            Op::PutNode(id, n) => {
+                self.nodes.insert(id, n);
+            }
+            Op::DelNode(id) => {
+                self.nodes.remove(&id);
+            }
             Op::PutBackend(id, b) => {
                 self.backends.insert(id, b);
             }

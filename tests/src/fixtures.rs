@@ -14,9 +14,9 @@ use mesh_common::fwd::{self, Verdict};
 use mesh_common::pkt::Pkt;
 use mesh_userspace::dataplane::Dataplane;
 use mesh_userspace::desired::Desired;
+use mesh_userspace::model::{Proto, State, StateBuilder};
 use mesh_userspace::plan::Limits;
 use mesh_userspace::sim::Sim;
-use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
 
 use crate::packet::{IcmpErrSpec, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums_ok};
 
@@ -39,43 +39,24 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 
 /// The table contents every fixture runs against.
-pub fn world_toml() -> String {
-    let mut s = format!(
-        r#"
-[[nodes]]
-name = "n1"
-addr = "{NODE}"
-[[nodes]]
-name = "n2"
-addr = "{OTHER_NODE}"
-
-[[services]]
-name = "web"
-ports = [ {{ protocol = "tcp", published = {WEB_TCP}, target = 8080 }},
-          {{ protocol = "udp", published = {WEB_UDP}, target = 5353 }} ]
-[[services]]
-name = "empty"
-ports = [ {{ protocol = "tcp", published = {EMPTY_TCP}, target = 80 }} ]
-[[services]]
-name = "far"
-ports = [ {{ protocol = "tcp", published = {FAR_TCP}, target = 80 }} ]
-
-[[tasks]]
-service = "far"
-node = "n2"
-addr = "{FAR_TASK}"
-"#
-    );
-    for t in TASKS {
-        s += &format!("[[tasks]]\nservice = \"web\"\nnode = \"n1\"\naddr = \"{t}\"\n");
-    }
-    s
+pub fn world_state() -> State {
+    StateBuilder::new()
+        .node("n1", NODE)
+        .node("n2", OTHER_NODE)
+        .service(
+            "web",
+            &[(Proto::Tcp, WEB_TCP, 8080), (Proto::Udp, WEB_UDP, 5353)],
+        )
+        .service("empty", &[(Proto::Tcp, EMPTY_TCP, 80)])
+        .service("far", &[(Proto::Tcp, FAR_TCP, 80)])
+        .task("far", "n2", FAR_TASK)
+        .tasks("web", "n1", TASKS)
+        .build()
+        .expect("the fixture world is valid")
 }
 
 pub fn world() -> Desired {
-    let state =
-        State::parse(&world_toml(), "world.toml", &DEFAULT_PORT_RANGE).expect("world parses");
-    Desired::compute(&state, "n1", &[])
+    Desired::compute(&world_state(), "n1", &[]).expect("n1 is in the world")
 }
 
 pub fn limits() -> Limits {
@@ -84,6 +65,7 @@ pub fn limits() -> Limits {
         max_services: 64,
         max_backends: 1024,
         ct_entries: 65536,
+        ..Limits::default()
     }
 }
 

@@ -83,12 +83,13 @@ fn check_refuses_bad_input_naming_file_field_and_value() {
     );
 }
 
-/// Runs meshd with `args` (split on white space) and checks it exits 1
-/// saying `want`.
+/// Runs meshd with `args` (split on white space) and checks it refuses the
+/// configuration (EX_USAGE, 64: not the 1 of a node that failed) saying
+/// `want`.
 fn refused(args: &str, want: &str) {
     let args: Vec<&str> = args.split_whitespace().collect();
     let (code, _, err) = meshd(&args);
-    assert_eq!(code, 1, "{args:?}: {err}");
+    assert_eq!(code, 64, "{args:?}: {err}");
     assert!(err.contains(want), "{args:?}: wanted {want:?} in: {err}");
 }
 

@@ -33,23 +33,22 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
     use mesh_common::pkt::Pkt;
     use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN};
     use mesh_userspace::desired::Desired;
+    use mesh_userspace::model::{Proto, StateBuilder};
     use mesh_userspace::sim::Sim;
-    use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
     use std::net::Ipv4Addr;
 
     let state = |tasks: &[&str]| {
-        let mut t = String::from(
-            "[[nodes]]\nname='n1'\naddr='198.18.128.1'\n\
-             [[services]]\nname='web'\nports=[{protocol='tcp',published=30080,target=8080}]\n",
-        );
-        for a in tasks {
-            t += &format!("[[tasks]]\nservice='web'\nnode='n1'\naddr='{a}'\n");
-        }
-        Desired::compute(
-            &State::parse(&t, "t", &DEFAULT_PORT_RANGE).unwrap(),
-            "n1",
-            &[],
-        )
+        let s = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .tasks(
+                "web",
+                "n1",
+                tasks.iter().map(|a| a.parse::<Ipv4Addr>().unwrap()),
+            )
+            .build()
+            .unwrap();
+        Desired::compute(&s, "n1", &[]).unwrap()
     };
     let mut sim = Sim::new(fixtures::limits());
     sim.apply(&state(&["198.18.129.2", "198.18.129.3"]))

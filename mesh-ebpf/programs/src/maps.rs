@@ -28,6 +28,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 /// Memory-mappable, so user space writes whole tables with a memcpy. Array
 /// elements are 8-byte aligned, so entries are stored in pairs: entry `i`
 /// is `MAGLEV[i / 2][i % 2]`, and the mapping is a flat `u32` array.
+/// Nodes by slot (`Backend::node_id`); read by forwarding.
+#[map(name = "MESH_NODES_V1")]
+pub static NODES: Array<NodeValue> = Array::with_max_entries(DEFAULT_MAX_NODES, 0);
+
 #[map(name = "MESH_MAGLEV_V1")]
 pub static MAGLEV: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);

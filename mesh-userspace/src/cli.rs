@@ -1,0 +1,183 @@
+//! meshd's command line (clap), turned into a validated [`crate::config`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{CheckConfig, ConfigError, OrConfig, RunConfig, SourceConfig, host_name};
+use crate::dataplane::XdpAttach;
+use crate::plan::Limits;
+use crate::source::ports;
+
+const EXIT_STATUS: &str = "Exit status: 0 done; 1 the node failed (loading, attaching, the kernel); \
+2 the command line does not parse; 64 (EX_USAGE) the configuration was refused (flags, state, \
+host prerequisites) before anything touched the kernel.";
+
+/// The mesh node daemon: makes this node answer every published port of a
+/// Docker Swarm (or of a state file) and carries each connection to a task.
+#[derive(Parser)]
+#[command(name = "meshd", version, about, long_about = None, after_help = EXIT_STATUS)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Load and attach the dataplane, fill it from the state file, and keep
+    /// it in sync as the file changes (checked every --watch-interval-ms and
+    /// on SIGHUP). SIGTERM or SIGINT detaches everything and exits.
+    #[command(
+        args_override_self = true,
+        after_long_help = "Example:\n  meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
+        Needs root (BPF), IPv4 forwarding on the uplink and the tasks' interfaces, and iproute2.\n\
+        Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled.\n\n\
+        Exit status: 0 after SIGTERM/SIGINT; 1 the node failed; 64 the configuration was refused."
+    )]
+    Run(RunArgs),
+    /// Validate a state file and print what this node would serve; touches
+    /// nothing.
+    #[command(
+        after_long_help = "Example:\n  meshd check --state /etc/mesh/state.toml --node node1\n\n\
+        Exit status: 0 valid; 64 refused (the reason names the file, the field and the value)."
+    )]
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StateArgs {
+    /// The state file (TOML: nodes, services with their ports, tasks; see
+    /// the README). A file that fails validation is refused whole.
+    #[arg(long, value_name = "FILE")]
+    pub state: PathBuf,
+    /// This node's name in the state file [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Range that published ports left out of the state file are assigned
+    /// from (in file order, lowest free first). Ports given explicitly may
+    /// lie outside it, as in Docker.
+    #[arg(long, value_name = "LOW-HIGH", default_value = "30000-32767", value_parser = ports::parse_range)]
+    pub port_range: RangeInclusive<u16>,
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// The uplink: the interface clients' packets arrive on. XDP and TC
+    /// programs are attached to it.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+    /// Another address this node answers published ports on, besides its
+    /// address in the state file (repeatable; 16 addresses in all).
+    #[arg(long = "node-addr", value_name = "ADDR")]
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Interfaces leading to local tasks, where the reply program is
+    /// attached (a bridge: each of its ports, as ports come and go). By
+    /// default: the interface the route to each local task uses.
+    #[arg(long = "task-iface", value_name = "IF")]
+    pub task_ifaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
+    pub xdp_mode: XdpAttach,
+    /// Entries in each service's Maglev table: a prime, at least 100 times
+    /// the largest service's task count for at most 1% imbalance.
+    #[arg(long, value_name = "PRIME", default_value_t = mesh_common::abi::DEFAULT_MAGLEV_SIZE)]
+    pub maglev_size: u32,
+    /// Published ports (service, protocol, port) the maps can hold. The
+    /// Maglev tables take 8 x max-services x maglev-size bytes (two tables
+    /// per published port, for hitless updates).
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_SERVICES)]
+    pub max_services: u32,
+    /// Backends (task address and target port) the maps can hold.
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
+    /// Flows connection tracking holds, one entry per flow. LRU with
+    /// per-CPU lists: when full, each CPU forgets its least recently used
+    /// flows (a forgotten flow is re-hashed by Maglev, to the same task if
+    /// the service has not changed).
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_CT_ENTRIES)]
+    pub ct_entries: u32,
+    /// Where /metrics, /ready and /live are served.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
+    pub admin_addr: SocketAddr,
+    /// How often the state file is checked for changes.
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub watch_interval_ms: u64,
+    /// Most verbose level of the BPF programs' own log lines (bridged into
+    /// this daemon's log). Anything above info may log per packet.
+    #[arg(long, value_enum, default_value_t = BpfLogLevel::Info)]
+    pub bpf_log_level: BpfLogLevel,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BpfLogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl StateArgs {
+    fn node(&self) -> Result<String, ConfigError> {
+        match &self.node {
+            Some(n) => Ok(n.clone()),
+            None => host_name(),
+        }
+    }
+
+    fn source(&self, interval: Duration) -> SourceConfig {
+        SourceConfig::File {
+            path: self.state.clone(),
+            port_range: self.port_range.clone(),
+            interval,
+        }
+    }
+}
+
+impl RunArgs {
+    /// The validated configuration of `meshd run`.
+    pub fn config(&self) -> Result<RunConfig, ConfigError> {
+        let limits = Limits {
+            maglev_size: self.maglev_size,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            ct_entries: self.ct_entries,
+            ..Limits::default()
+        };
+        limits.validate().or_config()?;
+        Ok(RunConfig {
+            node: self.state.node()?,
+            source: self
+                .state
+                .source(Duration::from_millis(self.watch_interval_ms.max(50))),
+            iface: self.iface.clone(),
+            node_addrs: self.node_addrs.clone(),
+            task_ifaces: self.task_ifaces.clone(),
+            xdp_mode: self.xdp_mode,
+            limits,
+            admin_addr: self.admin_addr,
+            bpf_log_level: self.bpf_log_level as u8,
+        })
+    }
+}
+
+impl CheckArgs {
+    pub fn config(&self) -> Result<CheckConfig, ConfigError> {
+        Ok(CheckConfig {
+            node: self.state.node()?,
+            source: self.state.source(Duration::ZERO),
+        })
+    }
+}

@@ -1,0 +1,35 @@
+//! `meshd check`: validates a state for this node and prints what the node
+//! would serve; touches nothing.
+
+use anyhow::Result;
+
+use crate::config::{CheckConfig, ConfigError, OrConfig, SourceConfig};
+use crate::desired::Desired;
+use crate::source::file::FileSource;
+
+pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
+    let SourceConfig::File {
+        path, port_range, ..
+    } = &cfg.source;
+    let state = FileSource::new(path, port_range.clone())
+        .read()
+        .state
+        .or_config()?;
+    let node = &cfg.node;
+    let d = Desired::compute(&state, node, &[]).or_config()?;
+    println!(
+        "{}: valid; node {node} answers on {:?}",
+        path.display(),
+        d.node_addrs
+    );
+    for ((proto, port), svc) in &d.services {
+        let local = svc.backends.iter().filter(|b| b.local).count();
+        println!(
+            "  {proto}/{port} -> {} target {} ({} tasks, {local} on this node)",
+            svc.name,
+            svc.target,
+            svc.backends.len()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! One module per `meshd` subcommand. A subcommand is a variant of
+//! [`crate::cli::Cmd`], its arguments turned into a validated config in
+//! [`crate::cli`], and a `run` function here.
+
+pub mod check;
+pub mod run;

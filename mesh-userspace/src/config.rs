@@ -1,0 +1,83 @@
+//! The daemon's validated configuration. Everything here is checked before
+//! anything touches the kernel; a [`ConfigError`] makes meshd exit with
+//! EX_USAGE (64), as linkerd2-proxy does, so that a supervisor can tell
+//! "fix the configuration" from "the node failed".
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::dataplane::XdpAttach;
+use crate::plan::Limits;
+
+/// sysexits.h: the command was used incorrectly (bad flags, a state that
+/// does not validate, a host that lacks what the flags name).
+pub const EX_USAGE: i32 = 64;
+
+/// A configuration refused before the kernel was touched.
+#[derive(Debug)]
+pub struct ConfigError(pub anyhow::Error);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Wraps any error as a configuration error.
+pub trait OrConfig<T> {
+    fn or_config(self) -> Result<T, ConfigError>;
+}
+
+impl<T, E: Into<anyhow::Error>> OrConfig<T> for Result<T, E> {
+    fn or_config(self) -> Result<T, ConfigError> {
+        self.map_err(|e| ConfigError(e.into()))
+    }
+}
+
+/// Where state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A state file, checked every `interval` and on SIGHUP.
+    File {
+        path: PathBuf,
+        port_range: RangeInclusive<u16>,
+        interval: Duration,
+    },
+}
+
+/// `meshd run`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// This node's name in the state.
+    pub node: String,
+    pub source: SourceConfig,
+    /// The uplink: where clients' packets arrive.
+    pub iface: String,
+    /// More addresses to answer published ports on.
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Interfaces leading to local tasks; empty: found from routes.
+    pub task_ifaces: Vec<String>,
+    pub xdp_mode: XdpAttach,
+    pub limits: Limits,
+    pub admin_addr: SocketAddr,
+    /// Most verbose aya-log level the programs emit (0 = off .. 5 = trace).
+    pub bpf_log_level: u8,
+}
+
+/// `meshd check`.
+#[derive(Clone, Debug)]
+pub struct CheckConfig {
+    pub node: String,
+    pub source: SourceConfig,
+}
+
+/// The host name, the default node name.
+pub fn host_name() -> Result<String, ConfigError> {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| ConfigError(anyhow::anyhow!("reading the host name (pass --node): {e}")))?;
+    Ok(h.trim().to_string())
+}

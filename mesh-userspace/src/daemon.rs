@@ -1,0 +1,251 @@
+//! The daemon: checks the configuration and the host, loads and fills the
+//! dataplane, attaches it, then follows its state source. It owns the
+//! whole chain source -> desired -> plan -> writer; the admin endpoint and
+//! the log pump run beside it and share nothing it writes.
+//!
+//! Startup order: everything that can be checked is checked before the
+//! kernel is touched (the flags, the first state and whether it fits the
+//! maps, the interfaces); then load (the verifier runs), fill, and only
+//! then attach, so the first packet the programs see finds the maps filled.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Admin};
+use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
+use crate::dataplane::{Applier, Dataplane, Programs, load::Logger};
+use crate::desired::Desired;
+use crate::model::State;
+use crate::net;
+use crate::plan::{Planner, Report};
+use crate::source::file::FileSource;
+use crate::source::{Update, Updates};
+
+/// How meshd run ends badly.
+#[derive(Debug)]
+pub enum Failed {
+    /// Refused before the kernel was touched (exit 64).
+    Config(ConfigError),
+    /// The node failed (exit 1).
+    Node(anyhow::Error),
+}
+
+impl From<ConfigError> for Failed {
+    fn from(e: ConfigError) -> Self {
+        Failed::Config(e)
+    }
+}
+
+impl From<anyhow::Error> for Failed {
+    fn from(e: anyhow::Error) -> Self {
+        Failed::Node(e)
+    }
+}
+
+/// How often attachments and reply entries are looked after: bridge ports
+/// that appeared (containers started) get the reply program, reply entries
+/// whose grace period ended are deleted.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
+    // The first state, and whether it fits, before the host.
+    let reload = Arc::new(Notify::new());
+    let (first, updates) = start_source(&cfg, reload.clone())?;
+    let desired = Desired::compute(&first, &cfg.node, &cfg.node_addrs).or_config()?;
+    Planner::new(cfg.limits.clone())
+        .plan(&desired)
+        .or_config()?;
+    net::check_iface(&cfg.iface).or_config()?;
+    net::check_forwarding(&cfg.iface).or_config()?;
+    for i in &cfg.task_ifaces {
+        net::check_iface(i).or_config()?;
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", cfg.admin_addr))?;
+
+    let lim = &cfg.limits;
+    info!(
+        "loading: {} published ports x Maglev {} ({:.1} MiB of tables), {} backends, {} tracked flows",
+        lim.max_services,
+        lim.maglev_size,
+        8.0 * lim.max_services as f64 * lim.maglev_size as f64 / (1 << 20) as f64,
+        lim.max_backends,
+        lim.ct_entries
+    );
+    let (programs, applier, stats, logger) =
+        Dataplane::load(cfg.limits.clone(), cfg.bpf_log_level)?.into_parts();
+    let admin = Arc::new(Admin::new(stats)?);
+    let mut d = Daemon {
+        cfg,
+        programs,
+        applier,
+        admin: admin.clone(),
+        generation: 0,
+        task_links: BTreeSet::new(),
+    };
+    let report = d.apply(&first)?;
+    d.programs.attach_uplink(&d.cfg.iface, d.cfg.xdp_mode)?;
+    d.generation = 1;
+    admin.metrics.state_generation.set(1);
+    admin.metrics.ready.set(1);
+    info!(
+        node = %d.cfg.node, iface = %d.cfg.iface, services = desired.services.len(), addrs = ?desired.node_addrs,
+        "meshd ready: generation 1 applied ({report:?}); admin on http://{}", d.cfg.admin_addr
+    );
+    tokio::spawn(admin::serve(listener, admin.clone()));
+    if let Some(l) = logger {
+        tokio::spawn(pump_logs(l));
+    }
+    d.follow(updates, reload).await?;
+    info!("shutting down: detaching programs");
+    admin.metrics.ready.set(0);
+    drop(d);
+    Ok(())
+}
+
+/// Reads the first state (refusing a bad one) and starts following the
+/// source from it.
+fn start_source(cfg: &RunConfig, reload: Arc<Notify>) -> Result<(Arc<State>, Updates), Failed> {
+    match &cfg.source {
+        SourceConfig::File {
+            path,
+            port_range,
+            interval,
+        } => {
+            let source = FileSource::new(path, port_range.clone());
+            let read = source.read();
+            let state = Arc::new(read.state.or_config()?);
+            let updates = source.spawn(read.bytes, Update::State(state.clone()), *interval, reload);
+            Ok((state, updates))
+        }
+    }
+}
+
+struct Daemon {
+    cfg: RunConfig,
+    programs: Programs,
+    applier: Applier,
+    admin: Arc<Admin>,
+    generation: i64,
+    /// The links that lead to this node's tasks.
+    task_links: BTreeSet<String>,
+}
+
+impl Daemon {
+    /// Follows the source until SIGTERM or SIGINT.
+    async fn follow(&mut self, mut updates: Updates, reload: Arc<Notify>) -> Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = hup.recv() => reload.notify_one(),
+                r = updates.changed() => {
+                    r.context("the state source stopped")?;
+                    let u = updates.borrow_and_update().clone();
+                    self.on_update(u);
+                }
+                _ = tick.tick() => self.housekeeping(),
+            }
+        }
+    }
+
+    fn on_update(&mut self, u: Update) {
+        let r = match u {
+            Update::State(s) => self.apply(&s),
+            Update::Refused(why) => Err(anyhow::anyhow!("{why}")),
+        };
+        match r {
+            Ok(report) => {
+                self.generation += 1;
+                self.admin.metrics.state_generation.set(self.generation);
+                info!("state applied: generation {} ({report:?})", self.generation);
+            }
+            Err(e) => {
+                self.admin.metrics.state_rejected.inc();
+                error!(
+                    "state refused, keeping generation {}: {e:#}",
+                    self.generation
+                );
+            }
+        }
+    }
+
+    /// Makes the dataplane hold `state`.
+    fn apply(&mut self, state: &State) -> Result<Report> {
+        let desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)?;
+        let links = task_links(&self.cfg, &desired);
+        // Replies first: a task that gets flows can already answer them.
+        self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
+        let report = self.applier.apply(&desired)?;
+        self.task_links = links;
+        self.admin.set_services(self.applier.service_index());
+        Ok(report)
+    }
+
+    fn housekeeping(&mut self) {
+        if let Err(e) = self.applier.expire() {
+            warn!("expiring reply entries: {e:#}");
+        }
+        // Bridge ports come and go with containers: attach to new ones.
+        self.programs
+            .attach_task_ifaces(&net::reply_ifaces(&self.task_links));
+    }
+}
+
+/// The links that lead to this node's tasks (`--task-iface`, or the
+/// device of the route to each local task). A bridge stands for its ports.
+fn task_links(cfg: &RunConfig, d: &Desired) -> BTreeSet<String> {
+    if !cfg.task_ifaces.is_empty() {
+        return cfg.task_ifaces.iter().cloned().collect();
+    }
+    let mut set = BTreeSet::new();
+    for addr in d.local_task_addrs() {
+        match net::route_dev(addr) {
+            Ok(dev) if dev == cfg.iface => {
+                warn!(
+                    "task {addr} is reached through the uplink {dev}; its replies are not rewritten"
+                );
+            }
+            Ok(dev) => {
+                set.insert(dev);
+            }
+            Err(e) => warn!("{e:#}; its flows will be dropped until a route appears"),
+        }
+    }
+    set
+}
+
+/// Drains the programs' aya-log records into this process's log as they
+/// arrive.
+async fn pump_logs(logger: Logger) {
+    // SAFETY: the AsyncFd owns the logger, and so its ring buffer's fd,
+    // for as long as the registration lives.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("watching the BPF log buffer: {e}; BPF log lines are lost");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut g) = fd.readable_mut().await else {
+            return;
+        };
+        g.get_inner_mut().flush();
+        g.clear_ready();
+    }
+}

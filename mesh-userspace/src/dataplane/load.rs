@@ -1,0 +1,79 @@
+//! Loading the BPF object: map sizes from the daemon's limits, every
+//! program through the verifier, the aya-log buffer opened. Nothing is
+//! attached here.
+
+use anyhow::{Context, Result};
+use aya::programs::{SchedClassifier, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::abi::*;
+use tracing::debug;
+
+use crate::plan::Limits;
+
+/// The compiled BPF object.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_BPF_OBJ"));
+
+/// The programs' log buffer, bridged into this process's log.
+pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub logger: Option<Logger>,
+}
+
+/// Loads the object with `limits`' map sizes; `bpf_log_level` is the most
+/// verbose aya-log level the programs emit (0 = off, 3 = info, 4 = debug).
+pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
+    limits.validate()?;
+    raise_memlock();
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(MAP_SERVICES, 2 * limits.max_services)
+        .map_max_entries(MAP_SVC_STATS, limits.max_services)
+        .map_max_entries(MAP_BACKENDS, limits.max_backends)
+        .map_max_entries(MAP_NODES, limits.max_nodes)
+        .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
+        .map_max_entries(MAP_CT4, limits.ct_entries)
+        .map_max_entries(MAP_REPLY4, limits.max_backends)
+        .override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
+    let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            debug!("no aya-log map in the object: {e}");
+            None
+        }
+    };
+    for name in [PROG_XDP, PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP] {
+        let p: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("the verifier refused {name}"))?;
+    }
+    for name in [PROG_TC_UPLINK, PROG_TC_TASK] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        p.load()
+            .with_context(|| format!("the verifier refused {name}"))?;
+    }
+    Ok(Loaded { ebpf, logger })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
+        debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The BPF dataplane, in the pieces the daemon owns separately:
+//!
+//! - [`load`]: the object, loaded (the verifier runs) with the daemon's
+//!   map sizes, and its aya-log buffer;
+//! - [`attach`]: [`Programs`], which attaches XDP and TC to the uplink and
+//!   the reply program to the ports that lead to local tasks;
+//! - [`writer`]: [`MapWriter`], which carries out the planner's [`Op`]s,
+//!   and [`Applier`], the planner and the writer together;
+//! - [`stats`]: [`StatsReader`], which reads the counter maps through its
+//!   own file descriptors, so metrics never wait for a writer (and a
+//!   `status` command can read pinned maps from another process).
+//!
+//! [`Dataplane`] bundles them for callers that want all of them in one
+//! place (tests, fixtures, the benchmark); the daemon splits it up with
+//! [`Dataplane::into_parts`].
+//!
+//! ## Recovering the planner after a restart (design; pinning is the
+//! operations issue's)
+//! Everything the [`Planner`](crate::plan::Planner) knows is in the maps
+//! but the services' names: the port array gives each published port's
+//! service slot (`svc_id * 2 + half`), `MESH_SVC_V1` its table region and
+//! size, `MESH_BE_V1` every backend's address, port, node slot and
+//! generation, `MESH_NODES_V1` every node's address and generation,
+//! `MESH_REPLY4_V1` the reply entries, `MESH_ADDR4_V1` this node's
+//! addresses. A restarted daemon rebuilds its planner from them (free slots
+//! are the zero entries; the next generation of a free slot is not
+//! recoverable and restarts at the highest generation seen + 1, which is
+//! safe because a reused slot only needs a generation no conntrack entry
+//! holds), then plans against the first state its source gives, which
+//! writes only the difference. Names come from that first state; retired
+//! reply entries whose backend is gone restart their grace period.
+
+use anyhow::Result;
+use mesh_common::abi::{DropReason, SvcStats};
+
+use crate::desired::Desired;
+use crate::model::Proto;
+use crate::plan::{Limits, Report};
+
+pub mod attach;
+pub mod load;
+pub mod stats;
+pub mod writer;
+
+pub use attach::{Programs, XdpAttach};
+pub use load::BPF_OBJECT;
+pub use stats::StatsReader;
+pub use writer::{Applier, MapWriter};
+
+/// The loaded object, its map writer and planner, its stats reader and its
+/// log buffer.
+pub struct Dataplane {
+    pub programs: Programs,
+    pub applier: Applier,
+    pub stats: StatsReader,
+    pub logger: Option<load::Logger>,
+}
+
+impl Dataplane {
+    /// Loads the object and its programs (the verifier runs here) with the
+    /// given map sizes. Nothing is attached yet. `bpf_log_level` is the
+    /// most verbose aya-log level the programs emit (0 = off, 3 = info,
+    /// 4 = debug).
+    pub fn load(limits: Limits, bpf_log_level: u8) -> Result<Self> {
+        let mut loaded = load::load(&limits, bpf_log_level)?;
+        // The reader first: the writer takes maps out of the object.
+        let stats = StatsReader::new(&loaded.ebpf)?;
+        let writer = MapWriter::new(&mut loaded.ebpf, &limits)?;
+        Ok(Self {
+            programs: Programs::new(loaded.ebpf),
+            applier: Applier::new(limits, writer),
+            stats,
+            logger: loaded.logger,
+        })
+    }
+
+    pub fn into_parts(self) -> (Programs, Applier, StatsReader, Option<load::Logger>) {
+        (self.programs, self.applier, self.stats, self.logger)
+    }
+
+    pub fn ebpf(&self) -> &aya::Ebpf {
+        self.programs.ebpf()
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
+        self.programs.ebpf_mut()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        self.applier.planner().limits()
+    }
+
+    /// Makes the maps hold `d` (see [`Applier::apply`]).
+    pub fn apply(&mut self, d: &Desired) -> Result<Report> {
+        self.applier.apply(d)
+    }
+
+    /// Per service (name, protocol, published port) counters, summed over CPUs.
+    pub fn service_stats(&self) -> Result<Vec<(String, Proto, u16, SvcStats)>> {
+        self.stats.services(&self.applier.service_index())
+    }
+
+    /// Drop counters by reason, summed over CPUs.
+    pub fn drops(&self) -> Result<Vec<(DropReason, u64)>> {
+        self.stats.drops()
+    }
+
+    pub fn floor_map(&mut self) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u32>> {
+        self.programs.floor_map()
+    }
+}

@@ -1,0 +1,338 @@
+//! The swarm as the mesh sees it: nodes, services with their published
+//! ports, and tasks. A [`State`] is whole and validated; state sources
+//! (the state file, Docker) build one with [`StateBuilder`] and never hand
+//! out anything else. Nothing here knows where a state came from.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => mesh_common::abi::IPPROTO_TCP,
+            Proto::Udp => mesh_common::abi::IPPROTO_UDP,
+        }
+    }
+
+    /// "tcp" or "udp".
+    pub fn parse(s: &str) -> Option<Proto> {
+        match s {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+/// A validated state. Lists keep the order their source gave, so that an
+/// error can name an entry by its place (`services[1].ports[0]`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct State {
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub tasks: Vec<Task>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub addr: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub ports: Vec<Port>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub protocol: Proto,
+    pub published: u16,
+    pub target: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub service: String,
+    pub node: String,
+    pub addr: Ipv4Addr,
+}
+
+/// Why a state is not valid: the field (a path into the state, such as
+/// `services[1].ports[0].published`) and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl State {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Checks everything a state must satisfy whatever its source: names,
+    /// unicast addresses, nothing listed twice, every task on a known node
+    /// for a known service, every (protocol, published port) published once.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut node_names = HashSet::new();
+        let mut node_addrs: HashMap<Ipv4Addr, &str> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let field = |f: &str| format!("nodes[{i}].{f}");
+            check_name(&n.name).map_err(|m| Invalid::new(field("name"), m))?;
+            if !node_names.insert(n.name.as_str()) {
+                return Err(Invalid::new(
+                    field("name"),
+                    format!("{:?} is listed twice", n.name),
+                ));
+            }
+            check_unicast(n.addr).map_err(|m| Invalid::new(field("addr"), m))?;
+            if let Some(other) = node_addrs.insert(n.addr, &n.name) {
+                return Err(Invalid::new(
+                    field("addr"),
+                    format!("{} is already the address of node {other:?}", n.addr),
+                ));
+            }
+        }
+        let mut service_names = HashSet::new();
+        let mut published: BTreeMap<(Proto, u16), &str> = BTreeMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            check_name(&s.name).map_err(|m| Invalid::new(format!("services[{i}].name"), m))?;
+            if !service_names.insert(s.name.as_str()) {
+                return Err(Invalid::new(
+                    format!("services[{i}].name"),
+                    format!("{:?} is listed twice", s.name),
+                ));
+            }
+            if s.ports.is_empty() {
+                return Err(Invalid::new(
+                    format!("services[{i}].ports"),
+                    "a service needs at least one port",
+                ));
+            }
+            for (j, p) in s.ports.iter().enumerate() {
+                let field = |f: &str| format!("services[{i}].ports[{j}].{f}");
+                if p.target == 0 {
+                    return Err(Invalid::new(field("target"), "0 is not a port (1-65535)"));
+                }
+                if p.published == 0 {
+                    return Err(Invalid::new(
+                        field("published"),
+                        "0 is not a port (1-65535)",
+                    ));
+                }
+                if let Some(owner) = published.insert((p.protocol, p.published), &s.name) {
+                    return Err(Invalid::new(
+                        field("published"),
+                        format!(
+                            "{} port {} is already published by service {owner:?}",
+                            p.protocol, p.published
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut task_addrs: HashMap<Ipv4Addr, usize> = HashMap::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if !service_names.contains(t.service.as_str()) {
+                return Err(Invalid::new(
+                    format!("tasks[{i}].service"),
+                    format!("{:?} is not a service in this state", t.service),
+                ));
+            }
+            if !node_names.contains(t.node.as_str()) {
+                return Err(Invalid::new(
+                    format!("tasks[{i}].node"),
+                    format!("{:?} is not a node in this state", t.node),
+                ));
+            }
+            check_unicast(t.addr).map_err(|m| Invalid::new(format!("tasks[{i}].addr"), m))?;
+            if let Some(j) = task_addrs.insert(t.addr, i) {
+                return Err(Invalid::new(
+                    format!("tasks[{i}].addr"),
+                    format!("{} is already the address of tasks[{j}]", t.addr),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`State`] entry by entry and validates it whole.
+///
+/// ```
+/// use mesh_userspace::model::{Proto, StateBuilder};
+/// let s = StateBuilder::new()
+///     .node("n1", [198, 18, 128, 1])
+///     .service("web", &[(Proto::Tcp, 30080, 8080)])
+///     .task("web", "n1", [198, 18, 129, 2])
+///     .build()
+///     .unwrap();
+/// assert_eq!(s.tasks.len(), 1);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct StateBuilder {
+    state: State,
+}
+
+impl StateBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn node(mut self, name: &str, addr: impl Into<Ipv4Addr>) -> Self {
+        self.state.nodes.push(Node {
+            name: name.into(),
+            addr: addr.into(),
+        });
+        self
+    }
+
+    /// A service with its ports as (protocol, published, target).
+    pub fn service(mut self, name: &str, ports: &[(Proto, u16, u16)]) -> Self {
+        self.state.services.push(Service {
+            name: name.into(),
+            ports: ports
+                .iter()
+                .map(|&(protocol, published, target)| Port {
+                    protocol,
+                    published,
+                    target,
+                })
+                .collect(),
+        });
+        self
+    }
+
+    pub fn task(mut self, service: &str, node: &str, addr: impl Into<Ipv4Addr>) -> Self {
+        self.state.tasks.push(Task {
+            service: service.into(),
+            node: node.into(),
+            addr: addr.into(),
+        });
+        self
+    }
+
+    /// Tasks of `service` on `node` at each of `addrs`.
+    pub fn tasks<A: Into<Ipv4Addr>>(
+        mut self,
+        service: &str,
+        node: &str,
+        addrs: impl IntoIterator<Item = A>,
+    ) -> Self {
+        for a in addrs {
+            self = self.task(service, node, a);
+        }
+        self
+    }
+
+    pub fn build(self) -> Result<State, Invalid> {
+        self.state.validate()?;
+        Ok(self.state)
+    }
+}
+
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "{name:?} is not a name (up to 63 of A-Z a-z 0-9 - _ .)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_unicast(a: Ipv4Addr) -> Result<(), String> {
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        return Err(format!("{a} is not a unicast address"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> StateBuilder {
+        StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .node("n2", [198, 18, 128, 2])
+            .service("web", &[(Proto::Tcp, 30080, 8080), (Proto::Udp, 30000, 53)])
+            .service("dns", &[(Proto::Udp, 30001, 53)])
+            .task("web", "n1", [198, 18, 129, 2])
+    }
+
+    fn err(b: StateBuilder) -> String {
+        b.build().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_state_builds() {
+        let s = good().build().unwrap();
+        assert_eq!(s.services.len(), 2);
+        assert_eq!(s.node("n2").unwrap().addr, Ipv4Addr::new(198, 18, 128, 2));
+    }
+
+    #[test]
+    fn published_twice_names_the_owner() {
+        let e = err(good().service("admin", &[(Proto::Tcp, 30080, 80)]));
+        assert_eq!(
+            e,
+            "services[2].ports[0].published: tcp port 30080 is already published by service \"web\""
+        );
+        // The same number for the other protocol is another port.
+        good()
+            .service("admin", &[(Proto::Udp, 30080, 80)])
+            .build()
+            .unwrap();
+    }
+
+    #[test]
+    fn references_and_duplicates() {
+        assert!(err(good().task("db", "n1", [198, 18, 129, 3])).contains("tasks[1].service"));
+        assert!(err(good().task("web", "n9", [198, 18, 129, 3])).contains("tasks[1].node"));
+        assert!(
+            err(good().task("web", "n2", [198, 18, 129, 2]))
+                .contains("198.18.129.2 is already the address of tasks[0]")
+        );
+        assert!(err(good().node("n1", [198, 18, 128, 3])).contains("nodes[2].name"));
+        assert!(err(good().node("n3", [198, 18, 128, 1])).contains("nodes[2].addr"));
+        assert!(err(good().node("n3", [224, 0, 0, 1])).contains("not a unicast address"));
+        assert!(err(good().service("x y", &[(Proto::Tcp, 1, 1)])).contains("is not a name"));
+        assert!(err(good().service("x", &[])).contains("at least one port"));
+        assert!(err(good().service("x", &[(Proto::Tcp, 1, 0)])).contains("target: 0 is not"));
+    }
+}

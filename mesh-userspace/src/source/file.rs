@@ -1,0 +1,409 @@
+//! The state file: TOML, read whole and validated whole. A bad file is
+//! refused with an error naming the file, the field and the value, and the
+//! daemon keeps its last good state.
+//!
+//! ```toml
+//! [[nodes]]
+//! name = "node1"
+//! addr = "198.18.128.1"
+//!
+//! [[services]]
+//! name = "web"
+//! ports = [
+//!   { protocol = "tcp", published = 30080, target = 8080 },
+//!   { protocol = "udp", target = 5353 },   # published: next free in the range
+//! ]
+//!
+//! [[tasks]]
+//! service = "web"
+//! node = "node1"
+//! addr = "198.18.129.2"
+//! ```
+//!
+//! The watcher polls the file and compares the bytes it parsed with the
+//! bytes it parsed last time (never a second read: a change that lands
+//! between two reads is not missed), and reloads on demand.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{Notify, watch};
+use tracing::debug;
+
+use super::ports::{self, Wanted};
+use super::{Update, Updates};
+use crate::model::{Invalid, Port, Proto, Service, State, Task};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+// The file's shape. Unknown fields are refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    #[serde(default)]
+    tasks: Vec<RawTask>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    addr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    ports: Vec<RawPort>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    protocol: String,
+    published: Option<i64>,
+    target: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    service: String,
+    node: String,
+    addr: String,
+}
+
+/// Parses and validates state text; `file` names it in errors.
+pub fn parse(text: &str, file: &str, range: &RangeInclusive<u16>) -> Result<State, StateError> {
+    let raw: RawState = toml::from_str(text).map_err(|e| StateError::Syntax {
+        file: file.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let invalid = |e: Invalid| StateError::Invalid {
+        file: file.to_string(),
+        field: e.field,
+        message: e.message,
+    };
+    from_raw(raw, range).map_err(invalid)
+}
+
+fn from_raw(raw: RawState, range: &RangeInclusive<u16>) -> Result<State, Invalid> {
+    let mut state = State::default();
+    for (i, n) in raw.nodes.into_iter().enumerate() {
+        let addr = parse_v4(&n.addr).map_err(|m| Invalid::new(format!("nodes[{i}].addr"), m))?;
+        state.nodes.push(crate::model::Node { name: n.name, addr });
+    }
+    // What the file says of each port, then the published ports it left
+    // out, assigned from the range.
+    let mut wanted = Vec::new();
+    for (i, s) in raw.services.iter().enumerate() {
+        for (j, p) in s.ports.iter().enumerate() {
+            let field = format!("services[{i}].ports[{j}]");
+            let protocol = Proto::parse(&p.protocol).ok_or_else(|| {
+                Invalid::new(
+                    format!("{field}.protocol"),
+                    format!("{:?} is not \"tcp\" or \"udp\"", p.protocol),
+                )
+            })?;
+            let target =
+                check_port(p.target).map_err(|m| Invalid::new(format!("{field}.target"), m))?;
+            let published = p
+                .published
+                .map(|v| check_port(v).map_err(|m| Invalid::new(format!("{field}.published"), m)))
+                .transpose()?;
+            wanted.push(Wanted {
+                service: &s.name,
+                protocol,
+                published,
+                target,
+                field,
+            });
+        }
+    }
+    let mut published = ports::assign(range, &wanted)?.into_iter();
+    let mut wanted = wanted.into_iter();
+    for s in &raw.services {
+        let ports = s
+            .ports
+            .iter()
+            .map(|_| {
+                let w = wanted.next().expect("one per port");
+                Port {
+                    protocol: w.protocol,
+                    published: published.next().expect("one per port"),
+                    target: w.target,
+                }
+            })
+            .collect();
+        state.services.push(Service {
+            name: s.name.clone(),
+            ports,
+        });
+    }
+    for (i, t) in raw.tasks.into_iter().enumerate() {
+        let addr = parse_v4(&t.addr).map_err(|m| Invalid::new(format!("tasks[{i}].addr"), m))?;
+        state.tasks.push(Task {
+            service: t.service,
+            node: t.node,
+            addr,
+        });
+    }
+    state.validate()?;
+    Ok(state)
+}
+
+fn check_port(p: i64) -> Result<u16, String> {
+    if (1..=65535).contains(&p) {
+        Ok(p as u16)
+    } else {
+        Err(format!("{p} is not a port (1-65535)"))
+    }
+}
+
+fn parse_v4(s: &str) -> Result<Ipv4Addr, String> {
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(a),
+        Ok(IpAddr::V6(_)) => Err(format!("{s:?}: IPv6 is not supported by the dataplane yet")),
+        Err(_) => Err(format!("{s:?} is not an IPv4 address")),
+    }
+}
+
+/// A state file and the range its missing published ports come from.
+#[derive(Clone, Debug)]
+pub struct FileSource {
+    pub path: PathBuf,
+    pub port_range: RangeInclusive<u16>,
+}
+
+/// One read of the file: the bytes (what the watcher compares with the
+/// next read; `None` if unreadable) and the state they hold.
+pub struct Read {
+    pub bytes: Option<Vec<u8>>,
+    pub state: Result<State, StateError>,
+}
+
+impl FileSource {
+    pub fn new(path: impl Into<PathBuf>, port_range: RangeInclusive<u16>) -> Self {
+        Self {
+            path: path.into(),
+            port_range,
+        }
+    }
+
+    /// Reads and validates the file once.
+    pub fn read(&self) -> Read {
+        read(&self.path, &self.port_range)
+    }
+
+    /// Follows the file: every `interval`, and whenever `reload` is
+    /// notified (then the state is sent even if the file did not change).
+    /// `current` is the word the daemon starts from, read from `bytes`.
+    pub fn spawn(
+        self,
+        bytes: Option<Vec<u8>>,
+        current: Update,
+        interval: Duration,
+        reload: Arc<Notify>,
+    ) -> Updates {
+        let (tx, rx) = watch::channel(current);
+        tokio::spawn(async move {
+            let mut last = bytes;
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let forced = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = reload.notified() => true,
+                    _ = tx.closed() => return,
+                };
+                let (path, range) = (self.path.clone(), self.port_range.clone());
+                let Ok(r) = tokio::task::spawn_blocking(move || read(&path, &range)).await else {
+                    return;
+                };
+                if !forced && r.bytes == last {
+                    continue;
+                }
+                debug!(file = %self.path.display(), forced, "state file read");
+                last = r.bytes;
+                let u = match r.state {
+                    Ok(s) => Update::State(Arc::new(s)),
+                    Err(e) => Update::Refused(e.to_string().into()),
+                };
+                if tx.send(u).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}
+
+fn read(path: &Path, range: &RangeInclusive<u16>) -> Read {
+    let file = path.display().to_string();
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let state = match std::str::from_utf8(&bytes) {
+                Ok(text) => parse(text, &file, range),
+                Err(e) => Err(StateError::Syntax {
+                    file,
+                    message: format!("not UTF-8 text: {e}"),
+                }),
+            };
+            Read {
+                bytes: Some(bytes),
+                state,
+            }
+        }
+        Err(source) => Read {
+            bytes: None,
+            state: Err(StateError::Read { file, source }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ports::DEFAULT_PORT_RANGE;
+
+    const GOOD: &str = r#"
+[[nodes]]
+name = "n1"
+addr = "198.18.128.1"
+[[nodes]]
+name = "n2"
+addr = "198.18.128.2"
+
+[[services]]
+name = "web"
+ports = [ { protocol = "tcp", published = 30080, target = 8080 },
+          { protocol = "udp", target = 53 } ]
+[[services]]
+name = "dns"
+ports = [ { protocol = "udp", target = 53 } ]
+
+[[tasks]]
+service = "web"
+node = "n1"
+addr = "198.18.129.2"
+"#;
+
+    fn err(text: &str) -> String {
+        parse(text, "s.toml", &DEFAULT_PORT_RANGE)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn good_file_parses_and_assigns_ports_in_order() {
+        let s = parse(GOOD, "s.toml", &DEFAULT_PORT_RANGE).unwrap();
+        assert_eq!(s.services[0].ports[0].published, 30080);
+        assert_eq!(s.services[0].ports[1].published, 30000);
+        assert_eq!(s.services[1].ports[0].published, 30001);
+        assert_eq!(s.tasks[0].addr, Ipv4Addr::new(198, 18, 129, 2));
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_name() {
+        let e = err(&GOOD.replace("name = \"dns\"", "name = \"dns\"\nreplicas = 3"));
+        assert!(e.starts_with("s.toml: ") && e.contains("replicas"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_published_port_names_both() {
+        let e = err(&GOOD.replace(
+            "name = \"dns\"\nports = [ { protocol = \"udp\", target = 53 } ]",
+            "name = \"dns\"\nports = [ { protocol = \"tcp\", published = 30080, target = 53 } ]",
+        ));
+        assert!(
+            e.contains("services[1].ports[0].published")
+                && e.contains("30080")
+                && e.contains("\"web\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn port_out_of_range() {
+        let e = err(&GOOD.replace("published = 30080", "published = 70000"));
+        assert!(
+            e.contains("services[0].ports[0].published: 70000 is not a port"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("target = 8080", "target = 0"));
+        assert!(
+            e.contains("services[0].ports[0].target: 0 is not a port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_address() {
+        let e = err(&GOOD.replace("198.18.129.2", "198.18.129.300"));
+        assert!(
+            e.contains("tasks[0].addr: \"198.18.129.300\" is not an IPv4 address"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("198.18.128.2", "2001:2::1"));
+        assert!(e.contains("nodes[1].addr") && e.contains("IPv6"), "{e}");
+    }
+
+    #[test]
+    fn task_on_unknown_node_or_service() {
+        let e = err(&GOOD.replace("node = \"n1\"", "node = \"n9\""));
+        assert!(e.contains("tasks[0].node: \"n9\" is not a node"), "{e}");
+        let e = err(&GOOD.replace("service = \"web\"", "service = \"db\""));
+        assert!(
+            e.contains("tasks[0].service: \"db\" is not a service"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_names_it() {
+        let r = FileSource::new("/nonexistent/mesh.toml", DEFAULT_PORT_RANGE).read();
+        assert!(r.bytes.is_none());
+        let e = r.state.unwrap_err().to_string();
+        assert!(e.starts_with("/nonexistent/mesh.toml: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let e = err("[[nodes]]\nname = \"n1\"\naddr = 198.18.0.1\n");
+        assert!(e.starts_with("s.toml: ") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn range_exhaustion() {
+        let r = ports::parse_range("30000-30000").unwrap();
+        let e = parse(GOOD, "s.toml", &r).unwrap_err().to_string();
+        assert!(
+            e.contains("services[1].ports[0].published") && e.contains("no udp port is free"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! Where state comes from. A source yields whole, validated [`State`]
+//! snapshots, or says why the latest one was refused, through a `watch`
+//! channel: the daemon always sees the newest word and never a partial one.
+//! Sources know their own format (the state file: TOML; Docker: the Engine
+//! API); the daemon, the planner and the dataplane know only [`State`].
+//!
+//! - [`file`]: a state file, polled and reloaded on demand (SIGHUP).
+//!
+//! A new source is a module here with a `spawn` that returns a
+//! [`Updates`] receiver, and a variant of [`crate::config::SourceConfig`].
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::model::State;
+
+pub mod file;
+pub mod ports;
+
+/// The latest word from a source.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// A whole, validated state. Sent again (the same or an equal one)
+    /// when a reload is forced.
+    State(Arc<State>),
+    /// The source's latest state was refused; the daemon keeps the last
+    /// good one. The text names what is wrong (file, field, value).
+    Refused(Arc<str>),
+}
+
+/// What the daemon follows.
+pub type Updates = watch::Receiver<Update>;
