@@ -63,32 +63,14 @@ pub struct StateArgs {
     pub port_range: RangeInclusive<u16>,
 }
 
+/// What decides whether a state fits this node's maps: shared by `run` and
+/// `check`, so that `check` refuses exactly what `run` would.
 #[derive(clap::Args)]
-pub struct CheckArgs {
-    #[command(flatten)]
-    pub state: StateArgs,
-}
-
-#[derive(clap::Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub state: StateArgs,
-    /// The uplink: the interface clients' packets arrive on. XDP and TC
-    /// programs are attached to it.
-    #[arg(long, value_name = "IF")]
-    pub iface: String,
+pub struct PlanArgs {
     /// Another address this node answers published ports on, besides its
     /// address in the state file (repeatable; 16 addresses in all).
     #[arg(long = "node-addr", value_name = "ADDR")]
     pub node_addrs: Vec<Ipv4Addr>,
-    /// Interfaces leading to local tasks, where the reply program is
-    /// attached (a bridge: each of its ports, as ports come and go). By
-    /// default: the interface the route to each local task uses.
-    #[arg(long = "task-iface", value_name = "IF")]
-    pub task_ifaces: Vec<String>,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
-    pub xdp_mode: XdpAttach,
     /// Entries in each service's Maglev table: a prime, at least 100 times
     /// the largest service's task count for at most 1% imbalance.
     #[arg(long, value_name = "PRIME", default_value_t = mesh_common::abi::DEFAULT_MAGLEV_SIZE)]
@@ -107,6 +89,48 @@ pub struct RunArgs {
     /// the service has not changed).
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
+}
+
+impl PlanArgs {
+    fn limits(&self) -> Result<Limits, ConfigError> {
+        let limits = Limits {
+            maglev_size: self.maglev_size,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            ct_entries: self.ct_entries,
+            ..Limits::default()
+        };
+        limits.validate().or_config()?;
+        Ok(limits)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// The uplink: the interface clients' packets arrive on. XDP and TC
+    /// programs are attached to it.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+    /// Interfaces leading to local tasks, where the reply program is
+    /// attached (a bridge: each of its ports, as ports come and go). By
+    /// default: the interface the route to each local task uses.
+    #[arg(long = "task-iface", value_name = "IF")]
+    pub task_ifaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
+    pub xdp_mode: XdpAttach,
     /// Where /metrics, /ready and /live are served.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub admin_addr: SocketAddr,
@@ -149,24 +173,16 @@ impl StateArgs {
 impl RunArgs {
     /// The validated configuration of `meshd run`.
     pub fn config(&self) -> Result<RunConfig, ConfigError> {
-        let limits = Limits {
-            maglev_size: self.maglev_size,
-            max_services: self.max_services,
-            max_backends: self.max_backends,
-            ct_entries: self.ct_entries,
-            ..Limits::default()
-        };
-        limits.validate().or_config()?;
         Ok(RunConfig {
             node: self.state.node()?,
             source: self
                 .state
                 .source(Duration::from_millis(self.watch_interval_ms.max(50))),
             iface: self.iface.clone(),
-            node_addrs: self.node_addrs.clone(),
+            node_addrs: self.plan.node_addrs.clone(),
             task_ifaces: self.task_ifaces.clone(),
             xdp_mode: self.xdp_mode,
-            limits,
+            limits: self.plan.limits()?,
             admin_addr: self.admin_addr,
             bpf_log_level: self.bpf_log_level as u8,
         })
@@ -178,6 +194,8 @@ impl CheckArgs {
         Ok(CheckConfig {
             node: self.state.node()?,
             source: self.state.source(Duration::ZERO),
+            node_addrs: self.plan.node_addrs.clone(),
+            limits: self.plan.limits()?,
         })
     }
 }

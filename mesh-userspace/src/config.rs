@@ -68,11 +68,13 @@ pub struct RunConfig {
     pub bpf_log_level: u8,
 }
 
-/// `meshd check`.
+/// `meshd check`: what decides whether `run` would take a state.
 #[derive(Clone, Debug)]
 pub struct CheckConfig {
     pub node: String,
     pub source: SourceConfig,
+    pub node_addrs: Vec<Ipv4Addr>,
+    pub limits: Limits,
 }
 
 /// The host name, the default node name.

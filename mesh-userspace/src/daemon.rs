@@ -25,7 +25,7 @@ use crate::dataplane::{Applier, Dataplane, Programs, load::Logger};
 use crate::desired::Desired;
 use crate::model::State;
 use crate::net;
-use crate::plan::{Planner, Report};
+use crate::plan::{self, Report};
 use crate::source::file::FileSource;
 use crate::source::{Update, Updates};
 
@@ -59,10 +59,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     // The first state, and whether it fits, before the host.
     let reload = Arc::new(Notify::new());
     let (first, updates) = start_source(&cfg, reload.clone())?;
-    let desired = Desired::compute(&first, &cfg.node, &cfg.node_addrs).or_config()?;
-    Planner::new(cfg.limits.clone())
-        .plan(&desired)
-        .or_config()?;
+    let desired = plan::vet(&first, &cfg.node, &cfg.node_addrs, &cfg.limits).or_config()?;
     net::check_iface(&cfg.iface).or_config()?;
     net::check_forwarding(&cfg.iface).or_config()?;
     for i in &cfg.task_ifaces {

@@ -221,6 +221,20 @@ pub struct Planner {
     replies: BTreeMap<ReplyKey4, ReplyState>,
 }
 
+/// What `node` would hold for `state`, refused unless a fresh dataplane
+/// with `limits` can take it: the one judgement `meshd check` and
+/// `meshd run` share.
+pub fn vet(
+    state: &crate::model::State,
+    node: &str,
+    node_addrs: &[Ipv4Addr],
+    limits: &Limits,
+) -> Result<Desired> {
+    let d = Desired::compute(state, node, node_addrs)?;
+    Planner::new(limits.clone()).plan(&d)?;
+    Ok(d)
+}
+
 pub fn raw4(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }

@@ -147,3 +147,53 @@ fn help_explains_every_run_flag() {
         assert!(out.contains(flag), "run --help lacks {flag}");
     }
 }
+
+/// `check` runs the same validation, planner and limits as `run`: what
+/// `run` would refuse, `check` refuses too, with the same words.
+#[test]
+fn check_refuses_what_run_would_refuse() {
+    // One task behind five published ports: its replies could belong to
+    // five (node address, published port) pairs; the reply table holds 4.
+    let mut five = String::from(
+        "[[nodes]]\nname = \"n1\"\naddr = \"198.18.128.1\"\n\n[[services]]\nname = \"web\"\nports = [\n",
+    );
+    for p in 0..5 {
+        five += &format!(
+            "  {{ protocol = \"tcp\", published = {}, target = 8080 }},\n",
+            30080 + p
+        );
+    }
+    five += "]\n\n[[tasks]]\nservice = \"web\"\nnode = \"n1\"\naddr = \"198.18.129.2\"\n";
+    let p = state_file("five.toml", &five);
+    refused(
+        &format!("check --state {} --node n1", p.display()),
+        "5 (node address, published port) pairs; at most 4",
+    );
+    let run = format!("run --state {} --node n1 --iface lo", p.display());
+    refused(&run, "5 (node address, published port) pairs; at most 4");
+
+    // 300 published ports; the default limit is 256.
+    let mut many = String::from("[[nodes]]\nname = \"n1\"\naddr = \"198.18.128.1\"\n");
+    for s in 0..300 {
+        many += &format!(
+            "\n[[services]]\nname = \"s{s}\"\nports = [ {{ protocol = \"udp\", target = 53 }} ]\n"
+        );
+    }
+    let p = state_file("many.toml", &many);
+    refused(
+        &format!("check --state {} --node n1", p.display()),
+        "300 published ports exceed --max-services 256",
+    );
+    // ... and accepts it with the limit raised, as run would.
+    let (code, out, err) = meshd(&[
+        "check",
+        "--state",
+        p.to_str().unwrap(),
+        "--node",
+        "n1",
+        "--max-services",
+        "512",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("udp/30299 -> s299"), "{out}");
+}

@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use crate::config::{CheckConfig, ConfigError, OrConfig, SourceConfig};
-use crate::desired::Desired;
+use crate::plan;
 use crate::source::file::FileSource;
 
 pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
@@ -16,7 +16,7 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
         .state
         .or_config()?;
     let node = &cfg.node;
-    let d = Desired::compute(&state, node, &[]).or_config()?;
+    let d = plan::vet(&state, node, &cfg.node_addrs, &cfg.limits).or_config()?;
     println!(
         "{}: valid; node {node} answers on {:?}",
         path.display(),
