@@ -197,3 +197,65 @@ fn check_refuses_what_run_would_refuse() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("udp/30299 -> s299"), "{out}");
 }
+
+/// Runs meshd with `args`, killing it after `limit`; returns its exit code
+/// and stderr, or fails naming the hang.
+fn meshd_within(args: &[&str], limit: std::time::Duration) -> (i32, String) {
+    let mut child = Command::new(meshd_path().unwrap())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return (st.code().unwrap_or(-1), err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("meshd {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A state file must be a regular file of sane size: a symlink to
+/// /dev/zero would grow meshd's memory without end, a FIFO would block it
+/// forever.
+#[test]
+fn non_regular_or_huge_state_files_are_refused_promptly() {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-odd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let zero = dir.join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let fifo = dir.join("fifo.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: plain syscall with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let huge = dir.join("huge.toml");
+    let f = std::fs::File::create(&huge).unwrap();
+    f.set_len(65 << 20).unwrap();
+    let limit = std::time::Duration::from_secs(10);
+    for (p, want) in [
+        (&zero, "not a regular file"),
+        (&fifo, "not a regular file"),
+        (&huge, "larger than"),
+    ] {
+        let (code, err) = meshd_within(
+            &["check", "--state", p.to_str().unwrap(), "--node", "n1"],
+            limit,
+        );
+        assert_eq!(code, 64, "{}: {err}", p.display());
+        assert!(
+            err.contains(want),
+            "{}: wanted {want:?} in {err}",
+            p.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -262,9 +262,48 @@ impl FileSource {
     }
 }
 
+/// The largest state file read: 64 MiB (a swarm of 100,000 tasks fits
+/// in a tenth of it).
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// The file's bytes, if it is a regular file of at most
+/// [`MAX_STATE_BYTES`]. Opened without blocking and judged on the open file
+/// (not the name, which may be replaced in between): a FIFO would block a
+/// plain open or read forever, a device such as /dev/zero never ends.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read as _};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file (a state file is replaced whole: write a new file, then rename it over the old)",
+        ));
+    }
+    let too_big = || {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {} MiB", MAX_STATE_BYTES >> 20),
+        )
+    };
+    if meta.len() > MAX_STATE_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_STATE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_STATE_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
 fn read(path: &Path, range: &RangeInclusive<u16>) -> Read {
     let file = path.display().to_string();
-    match std::fs::read(path) {
+    match read_regular(path) {
         Ok(bytes) => {
             let state = match std::str::from_utf8(&bytes) {
                 Ok(text) => parse(text, &file, range),
