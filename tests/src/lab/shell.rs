@@ -9,11 +9,11 @@ use anyhow::{Context, Result, anyhow, bail};
 
 /// Every lab namespace name starts with this, then the slot number, then a
 /// letter for its kind (see `slot_namespaces`).
-pub const NS_PREFIX: &str = "mk";
+pub const NS_PREFIX: &str = "ml";
 
 /// The letters that follow `NS_PREFIX` and the slot in a lab namespace's
-/// name: node, client, task, router.
-pub const NS_KINDS: [char; 4] = ['n', 'c', 't', 'r'];
+/// name: segment, node (and a node's tasks: `n<j>t<i>`), client, router.
+pub const NS_KINDS: [char; 4] = ['s', 'n', 'c', 'r'];
 
 /// Runs a command, failing with its stderr.
 pub fn sh(args: &[&str]) -> Result<String> {
