@@ -1,0 +1,269 @@
+//! meshd as the lab runs it: its command line (built in one place,
+//! `MeshdRun::args`), the process in a node's namespace with its log
+//! collected line by line, and the admin endpoint's HTTP and metrics.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// meshd's admin address inside each node's namespace (namespaces are
+/// separate, so every node can use the same one).
+pub const ADMIN: &str = "127.0.0.1:9469";
+
+/// How long meshd may take from start to "meshd ready" (loading the
+/// programs runs the verifier).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the lab runs meshd on one node.
+#[derive(Clone, Debug)]
+pub struct MeshdRun {
+    /// The state file meshd watches.
+    pub state: PathBuf,
+    /// The node's uplink (`--iface`).
+    pub iface: String,
+    /// The node's name in the state file (`--node`).
+    pub node: String,
+    /// The admin endpoint's address inside the node's namespace.
+    pub admin: String,
+    /// More arguments, after the lab's own (so they win where meshd takes
+    /// the last of a repeated flag).
+    pub extra: Vec<String>,
+}
+
+impl MeshdRun {
+    pub fn new(state: &Path, iface: &str, node: &str) -> MeshdRun {
+        MeshdRun {
+            state: state.to_path_buf(),
+            iface: iface.to_string(),
+            node: node.to_string(),
+            admin: ADMIN.to_string(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn extra(mut self, extra: &[&str]) -> MeshdRun {
+        self.extra.extend(extra.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// meshd's command line (without the program): the one place that
+    /// knows meshd's CLI. Small tables and a quick watcher suit the lab.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "run",
+            "--state",
+            &self.state.display().to_string(),
+            "--iface",
+            &self.iface,
+            "--node",
+            &self.node,
+            "--maglev-size",
+            "1021",
+            "--max-services",
+            "64",
+            "--watch-interval-ms",
+            "100",
+            "--admin-addr",
+            &self.admin,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    /// meshd's stderr is closed: it has exited, nothing more will come.
+    closed: bool,
+}
+
+/// meshd running in a node namespace, its stderr collected line by line.
+pub struct Meshd {
+    child: Child,
+    log: Arc<(Mutex<Log>, Condvar)>,
+}
+
+impl Meshd {
+    /// Starts meshd in namespace `ns` as `run` says, with RUST_LOG
+    /// `rust_log`; does not wait (see `wait_ready`). With
+    /// MESH_TEST_VERBOSE set its log is echoed, each line prefixed with
+    /// `label`.
+    pub fn start(ns: &str, meshd: &Path, run: &MeshdRun, rust_log: &str) -> Result<Meshd> {
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".to_string(),
+            ns.to_string(),
+            meshd.display().to_string(),
+        ];
+        args.extend(run.args());
+        Self::spawn_labelled(&args, rust_log, &format!("meshd {}", run.node))
+    }
+
+    /// Runs `ip <ip_args>` (which should exec meshd) with its stderr captured.
+    pub fn spawn(ip_args: &[String], rust_log: &str) -> Result<Meshd> {
+        Self::spawn_labelled(ip_args, rust_log, "meshd")
+    }
+
+    fn spawn_labelled(ip_args: &[String], rust_log: &str, label: &str) -> Result<Meshd> {
+        let mut child = Command::new("ip")
+            .args(ip_args)
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting meshd")?;
+        let log: Arc<(Mutex<Log>, Condvar)> = Arc::default();
+        let err = child.stderr.take().unwrap();
+        let (l, label) = (log.clone(), label.to_string());
+        std::thread::spawn(move || {
+            let verbose = std::env::var_os("MESH_TEST_VERBOSE").is_some();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if verbose {
+                    eprintln!("{label}| {line}");
+                }
+                l.0.lock().unwrap().lines.push(line);
+                l.1.notify_all();
+            }
+            l.0.lock().unwrap().closed = true;
+            l.1.notify_all();
+        });
+        Ok(Meshd { child, log })
+    }
+
+    /// Waits until meshd logs that it is ready (programs attached, maps
+    /// filled).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        self.wait_log("meshd ready", timeout).map(drop)
+    }
+
+    /// Waits until a log line contains `pat`; fails with the log so far
+    /// (at once if meshd has exited).
+    pub fn wait_log(&self, pat: &str, timeout: Duration) -> Result<String> {
+        self.wait_log_after(0, pat, timeout)
+    }
+
+    /// As `wait_log`, ignoring the first `skip` lines.
+    pub fn wait_log_after(&self, skip: usize, pat: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.log;
+        let mut log = lock.lock().unwrap();
+        loop {
+            if let Some(l) = log.lines.iter().skip(skip).find(|l| l.contains(pat)) {
+                return Ok(l.clone());
+            }
+            if log.closed {
+                bail!(
+                    "meshd exited without logging {pat:?}; its log:\n{}",
+                    log.lines.join("\n")
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "meshd did not log {pat:?} within {timeout:?}; its log:\n{}",
+                    log.lines.join("\n")
+                );
+            }
+            log = cv.wait_timeout(log, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().lines.len()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.0.lock().unwrap().lines.join("\n")
+    }
+
+    /// SIGTERM, then wait (SIGKILL after `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        // `ip netns exec` execs meshd, so the child's pid is meshd's.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let st = self.child.wait()?;
+                bail!("meshd did not exit within {timeout:?} of SIGTERM (killed: {st})");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
+}
+
+/// Sums the samples of `name` whose labels contain `labels` (e.g.
+/// `protocol="udp"`); an empty filter matches all.
+pub fn parse_metric(text: &str, name: &str, labels: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter(|l| labels.is_empty() || l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// The meshd binary next to the running test or tool (target/<profile>/),
+/// or $MESHD.
+pub fn meshd_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MESHD") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        let p = dir.join("meshd");
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "meshd binary not found near {} (build it: cargo build -p mesh-userspace, or set MESHD)",
+        exe.display()
+    )
+}

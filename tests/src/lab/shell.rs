@@ -1,0 +1,138 @@
+//! Shell helpers for the lab: run a command, `ip` and `ip netns exec` in a
+//! namespace, run Rust code in a namespace, the guard routes of LAB.md, and
+//! the namespaces a lab slot still holds.
+
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Every lab namespace name starts with this, then the slot number, then a
+/// letter for its kind (see `slot_namespaces`).
+pub const NS_PREFIX: &str = "ml";
+
+/// The letters that follow `NS_PREFIX` and the slot in a lab namespace's
+/// name: segment, node (and a node's tasks: `n<j>t<i>`), client, router.
+pub const NS_KINDS: [char; 4] = ['s', 'n', 'c', 'r'];
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip -n NS <args>` (arguments split on white space).
+pub fn ip(ns: &str, args: &str) -> Result<String> {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend(args.split_whitespace());
+    sh(&v)
+}
+
+/// `ip netns exec NS <args>` (arguments split on white space).
+pub fn exec(ns: &str, args: &str) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend(args.split_whitespace());
+    sh(&v)
+}
+
+/// Creates network namespace `ns`; false if it already exists (or cannot
+/// be made). Creation is atomic, so this is how a lab claims its slot.
+pub fn netns_add(ns: &str) -> Result<bool> {
+    Ok(Command::new("ip")
+        .args(["netns", "add", ns])
+        .stderr(Stdio::null())
+        .status()
+        .context("running ip netns add")?
+        .success())
+}
+
+/// Deletes network namespace `ns`, ignoring failures (teardown).
+pub fn netns_del(ns: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Namespaces of lab slot `slot` that still exist.
+pub fn slot_namespaces(slot: u32) -> Vec<String> {
+    let list = sh(&["ip", "netns", "list"]).unwrap_or_default();
+    let prefix = format!("{NS_PREFIX}{slot}");
+    list.split_whitespace()
+        .filter(|n| {
+            // The kind letter after the slot keeps slot 1 from claiming slot 12's.
+            n.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with(NS_KINDS))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (setns affects only
+/// the calling thread). Sockets it creates stay in that namespace.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: plain syscall on a valid fd.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow!(
+                "setns into {path}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("thread in netns panicked"))?
+}
+
+/// The guard routes of LAB.md: nothing for the lab ranges leaves the machine.
+pub fn guard_routes() {
+    let _ = Command::new("ip")
+        .args([
+            "route",
+            "add",
+            "unreachable",
+            "198.18.0.0/15",
+            "metric",
+            "4000",
+        ])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args([
+            "-6",
+            "route",
+            "add",
+            "unreachable",
+            "2001:2::/48",
+            "metric",
+            "4000",
+        ])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// `guard_routes`, then checks that the IPv4 guard is in place: a lab
+/// sends nothing before it is.
+pub fn ensure_guard_routes() -> Result<()> {
+    guard_routes();
+    let routes = sh(&["ip", "route", "show", "table", "main", "198.18.0.0/15"])?;
+    if !routes
+        .lines()
+        .any(|l| l.starts_with("unreachable 198.18.0.0/15"))
+    {
+        bail!("the guard route `unreachable 198.18.0.0/15` is missing (ip route: {routes:?})");
+    }
+    Ok(())
+}
