@@ -51,6 +51,7 @@ pub struct Metrics {
     drops: IntCounterVec,
     pub state_generation: IntGauge,
     pub state_rejected: IntCounter,
+    pub source_errors: IntCounter,
     pub ready: IntGauge,
     live: Mutex<std::collections::BTreeSet<[String; 3]>>,
 }
@@ -90,6 +91,10 @@ impl Metrics {
             "mesh_state_rejected_total",
             "State files refused as invalid.",
         )?;
+        let source_errors = IntCounter::new(
+            "mesh_source_errors_total",
+            "Times the state source could not be read (the state in use stays).",
+        )?;
         let ready = IntGauge::new(
             "mesh_ready",
             "1 once programs are attached and maps filled.",
@@ -99,6 +104,7 @@ impl Metrics {
         }
         registry.register(Box::new(state_generation.clone()))?;
         registry.register(Box::new(state_rejected.clone()))?;
+        registry.register(Box::new(source_errors.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         Ok(Self {
             registry,
@@ -108,6 +114,7 @@ impl Metrics {
             drops,
             state_generation,
             state_rejected,
+            source_errors,
             ready,
             live: Mutex::default(),
         })
@@ -155,11 +162,36 @@ impl Metrics {
     }
 }
 
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Admin connections served at once. More wait in the kernel's accept
+/// queue: a flood of probes cannot take the descriptors the daemon needs.
+pub const MAX_ADMIN_CONNS: usize = 16;
+
 /// Serves the admin endpoint until the process exits.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNS));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                sock
+            }
+            Err(e) => {
+                // Out of descriptors (or memory): retrying at once would
+                // spin. Wait, longer each time, until one is free.
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    warn!("admin endpoint: accept failed ({e}); backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
         };
         let admin = admin.clone();
         tokio::spawn(async move {
@@ -196,6 +228,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             if let Err(e) = sock.write_all(resp.as_bytes()).await {
                 debug!("admin: {e}");
             }
+            drop(permit);
         });
     }
 }

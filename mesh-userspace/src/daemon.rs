@@ -121,7 +121,7 @@ fn start_source(cfg: &RunConfig, reload: Arc<Notify>) -> Result<(Arc<State>, Upd
             let source = FileSource::new(path, port_range.clone());
             let read = source.read();
             let state = Arc::new(read.state.or_config()?);
-            let updates = source.spawn(read.bytes, Update::State(state.clone()), *interval, reload);
+            let updates = source.spawn(read.seen, Update::State(state.clone()), *interval, reload);
             Ok((state, updates))
         }
     }
@@ -164,6 +164,14 @@ impl Daemon {
         let r = match u {
             Update::State(s) => self.apply(&s),
             Update::Refused(why) => Err(anyhow::anyhow!("{why}")),
+            Update::Unavailable(why) => {
+                self.admin.metrics.source_errors.inc();
+                warn!(
+                    "state source unavailable, keeping generation {}: {why}",
+                    self.generation
+                );
+                return;
+            }
         };
         match r {
             Ok(report) => {

@@ -40,11 +40,16 @@ use crate::model::{Invalid, Port, Proto, Service, State, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The file cannot be read now: missing, unreadable, descriptors
+    /// exhausted. Not a judgement on its content.
     #[error("{file}: cannot read: {source}")]
     Read {
         file: String,
         source: std::io::Error,
     },
+    /// Not something a state file can be (a FIFO, a device, too large).
+    #[error("{file}: {message}")]
+    NotAFile { file: String, message: String },
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     #[error("{file}: {field}: {message}")]
@@ -199,11 +204,22 @@ pub struct FileSource {
     pub port_range: RangeInclusive<u16>,
 }
 
-/// One read of the file: the bytes (what the watcher compares with the
-/// next read; `None` if unreadable) and the state they hold.
+/// One read of the file: what was there (the watcher compares it with
+/// the next read) and the state it holds.
 pub struct Read {
-    pub bytes: Option<Vec<u8>>,
+    pub seen: Seen,
     pub state: Result<State, StateError>,
+}
+
+/// What a read found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// A regular file with these bytes.
+    Bytes(Vec<u8>),
+    /// Something that is not a state file (why).
+    NotAFile(String),
+    /// Nothing readable.
+    Unreadable,
 }
 
 impl FileSource {
@@ -221,17 +237,19 @@ impl FileSource {
 
     /// Follows the file: every `interval`, and whenever `reload` is
     /// notified (then the state is sent even if the file did not change).
-    /// `current` is the word the daemon starts from, read from `bytes`.
+    /// `current` is the word the daemon starts from, read from `seen`.
     pub fn spawn(
         self,
-        bytes: Option<Vec<u8>>,
+        seen: Seen,
         current: Update,
         interval: Duration,
         reload: Arc<Notify>,
     ) -> Updates {
         let (tx, rx) = watch::channel(current);
         tokio::spawn(async move {
-            let mut last = bytes;
+            let mut last = seen;
+            // In an outage (unreadable), said once.
+            let mut outage = false;
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -244,14 +262,28 @@ impl FileSource {
                 let Ok(r) = tokio::task::spawn_blocking(move || read(&path, &range)).await else {
                     return;
                 };
-                if !forced && r.bytes == last {
-                    continue;
-                }
-                debug!(file = %self.path.display(), forced, "state file read");
-                last = r.bytes;
                 let u = match r.state {
-                    Ok(s) => Update::State(Arc::new(s)),
-                    Err(e) => Update::Refused(e.to_string().into()),
+                    Err(e @ StateError::Read { .. }) => {
+                        if outage && !forced {
+                            continue;
+                        }
+                        outage = true;
+                        Update::Unavailable(e.to_string().into())
+                    }
+                    state => {
+                        // After an outage the file is compared with the
+                        // last one read, so an unchanged file says nothing.
+                        outage = false;
+                        if !forced && r.seen == last {
+                            continue;
+                        }
+                        debug!(file = %self.path.display(), forced, "state file read");
+                        last = r.seen;
+                        match state {
+                            Ok(s) => Update::State(Arc::new(s)),
+                            Err(e) => Update::Refused(e.to_string().into()),
+                        }
+                    }
                 };
                 if tx.send(u).is_err() {
                     return;
@@ -313,12 +345,27 @@ fn read(path: &Path, range: &RangeInclusive<u16>) -> Read {
                 }),
             };
             Read {
-                bytes: Some(bytes),
+                seen: Seen::Bytes(bytes),
                 state,
             }
         }
+        Err(source)
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            ) =>
+        {
+            // What read_regular refuses: not a state file at all.
+            Read {
+                seen: Seen::NotAFile(source.to_string()),
+                state: Err(StateError::NotAFile {
+                    file,
+                    message: source.to_string(),
+                }),
+            }
+        }
         Err(source) => Read {
-            bytes: None,
+            seen: Seen::Unreadable,
             state: Err(StateError::Read { file, source }),
         },
     }
@@ -425,7 +472,7 @@ addr = "198.18.129.2"
     #[test]
     fn unreadable_file_names_it() {
         let r = FileSource::new("/nonexistent/mesh.toml", DEFAULT_PORT_RANGE).read();
-        assert!(r.bytes.is_none());
+        assert_eq!(r.seen, Seen::Unreadable);
         let e = r.state.unwrap_err().to_string();
         assert!(e.starts_with("/nonexistent/mesh.toml: cannot read"), "{e}");
     }

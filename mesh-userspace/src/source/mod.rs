@@ -27,6 +27,11 @@ pub enum Update {
     /// The source's latest state was refused; the daemon keeps the last
     /// good one. The text names what is wrong (file, field, value).
     Refused(Arc<str>),
+    /// The source cannot be read just now (the state file is missing or
+    /// unreadable, descriptors ran out, Docker is unreachable); the daemon
+    /// keeps the last good state and the source keeps trying. Said once
+    /// per distinct reason.
+    Unavailable(Arc<str>),
 }
 
 /// What the daemon follows.

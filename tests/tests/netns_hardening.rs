@@ -1,0 +1,112 @@
+//! Defects found by review, each reproduced end to end in a namespace lab
+//! (client, node running meshd with FORWARD DROP, tasks behind a bridge).
+//! Needs root (CI runs as root).
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::lab::{ADMIN, Lab, WEB_TCP, in_netns, meshd_path};
+
+fn lab_with_meshd(tasks: usize, serving: &[usize], extra: &[&str]) -> Lab {
+    let mut lab = Lab::new(tasks).expect("lab");
+    for i in 1..=tasks {
+        lab.start_task(i).expect("task servers");
+    }
+    lab.write_state(&lab.state_toml(serving)).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), extra)
+        .expect("meshd starts");
+    lab
+}
+
+/// CPU time (user + system) a process has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are fields 14 and 15, i.e. 12th and 13th after the ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: plain sysconf.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// Defect 6: with its file descriptors used up by held admin connections,
+/// meshd's accept loop spun at 100% CPU, and the state reads that failed
+/// meanwhile were counted as rejected states.
+#[test]
+fn root_admin_connections_cannot_make_meshd_spin_or_lose_a_state() {
+    let lab = lab_with_meshd(2, &[1], &[]);
+    let pid = lab.meshd().unwrap().pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:{}", open + 6, open + 6);
+    let st = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .unwrap();
+    assert!(st.success(), "prlimit");
+    // 80 connections, held open: the kernel queues them all; meshd can
+    // take only a few before its descriptors run out.
+    let held = in_netns(&lab.node_ns, || {
+        (0..80)
+            .map(|_| std::net::TcpStream::connect(ADMIN))
+            .collect::<std::io::Result<Vec<_>>>()
+    })
+    .unwrap()
+    .expect("connect to the admin endpoint");
+    // A new state while no descriptor is free.
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
+    let window = Duration::from_secs(2);
+    let (c0, t0) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(window);
+    let used = cpu_time(pid) - c0;
+    let wall = t0.elapsed();
+    assert!(
+        used < wall / 5,
+        "meshd used {used:?} of CPU in {wall:?} with its descriptors exhausted"
+    );
+    drop(held);
+    // Once descriptors are free again, the state is applied, and it was
+    // never counted as refused.
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+        .expect("the state written meanwhile is applied");
+    assert_eq!(lab.metric("mesh_state_rejected_total", "").unwrap(), 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let a = lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap();
+        seen.insert(a.split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "both tasks serve: {seen:?}");
+}
+
+/// Defect 7: a FIFO put in place of the state file blocked meshd's loop
+/// forever, so SIGTERM was never handled.
+#[test]
+fn root_a_fifo_in_place_of_the_state_file_is_refused_and_sigterm_still_works() {
+    let mut lab = lab_with_meshd(1, &[1], &[]);
+    let skip = lab.meshd().unwrap().log_len();
+    let fifo = lab.dir.join("fifo.tmp");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: plain syscall with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::fs::rename(&fifo, lab.state_path()).unwrap();
+    let line = lab
+        .meshd()
+        .unwrap()
+        .wait_log_after(skip, "state refused", Duration::from_secs(10))
+        .unwrap();
+    assert!(line.contains("not a regular file"), "{line}");
+    assert!(lab.tcp_request(WEB_TCP, "x").unwrap().starts_with("task1 "));
+    let t = Instant::now();
+    let st = lab.stop_meshd().expect("meshd exits on SIGTERM");
+    assert!(st.success(), "{st}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+}
