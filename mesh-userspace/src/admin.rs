@@ -52,6 +52,7 @@ pub struct Metrics {
     pub state_generation: IntGauge,
     pub state_rejected: IntCounter,
     pub source_errors: IntCounter,
+    pub map_update_errors: IntCounter,
     pub ready: IntGauge,
     live: Mutex<std::collections::BTreeSet<[String; 3]>>,
 }
@@ -95,6 +96,10 @@ impl Metrics {
             "mesh_source_errors_total",
             "Times the state source could not be read (the state in use stays).",
         )?;
+        let map_update_errors = IntCounter::new(
+            "mesh_map_update_errors_total",
+            "Map writes the kernel failed (the state is retried with backoff).",
+        )?;
         let ready = IntGauge::new(
             "mesh_ready",
             "1 once programs are attached and maps filled.",
@@ -105,6 +110,7 @@ impl Metrics {
         registry.register(Box::new(state_generation.clone()))?;
         registry.register(Box::new(state_rejected.clone()))?;
         registry.register(Box::new(source_errors.clone()))?;
+        registry.register(Box::new(map_update_errors.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         Ok(Self {
             registry,
@@ -115,6 +121,7 @@ impl Metrics {
             state_generation,
             state_rejected,
             source_errors,
+            map_update_errors,
             ready,
             live: Mutex::default(),
         })

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
-use crate::dataplane::{Applier, Dataplane, Programs, load::Logger};
+use crate::dataplane::{Applier, ApplyError, Dataplane, Programs, load::Logger};
 use crate::desired::Desired;
 use crate::model::State;
 use crate::net;
@@ -54,6 +54,11 @@ impl From<anyhow::Error> for Failed {
 /// that appeared (containers started) get the reply program, reply entries
 /// whose grace period ended are deleted.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+/// Retries of a state the kernel failed to take: first after this, then
+/// twice as long each time, up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     // The first state, and whether it fits, before the host.
@@ -88,8 +93,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         admin: admin.clone(),
         generation: 0,
         task_links: BTreeSet::new(),
+        pending: None,
+        retry: RETRY_MIN,
     };
-    let report = d.apply(&first)?;
+    let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
     d.programs.attach_uplink(&d.cfg.iface, d.cfg.xdp_mode)?;
     d.generation = 1;
     admin.metrics.state_generation.set(1);
@@ -135,6 +142,10 @@ struct Daemon {
     generation: i64,
     /// The links that lead to this node's tasks.
     task_links: BTreeSet<String>,
+    /// A state the kernel failed to take, and when to try it again.
+    pending: Option<(Arc<State>, tokio::time::Instant)>,
+    /// The wait before the next retry.
+    retry: Duration,
 }
 
 impl Daemon {
@@ -155,43 +166,74 @@ impl Daemon {
                     let u = updates.borrow_and_update().clone();
                     self.on_update(u);
                 }
+                _ = until(self.pending.as_ref().map(|p| p.1)) => {
+                    if let Some((s, _)) = self.pending.take() {
+                        self.try_apply(s);
+                    }
+                }
                 _ = tick.tick() => self.housekeeping(),
             }
         }
     }
 
     fn on_update(&mut self, u: Update) {
-        let r = match u {
-            Update::State(s) => self.apply(&s),
-            Update::Refused(why) => Err(anyhow::anyhow!("{why}")),
+        match u {
+            Update::State(s) => {
+                // A newer word replaces any retry, which starts afresh.
+                self.pending = None;
+                self.retry = RETRY_MIN;
+                self.try_apply(s);
+            }
+            Update::Refused(why) => {
+                self.admin.metrics.state_rejected.inc();
+                error!(
+                    "state refused, keeping generation {}: {why}",
+                    self.generation
+                );
+            }
             Update::Unavailable(why) => {
                 self.admin.metrics.source_errors.inc();
                 warn!(
                     "state source unavailable, keeping generation {}: {why}",
                     self.generation
                 );
-                return;
             }
-        };
-        match r {
+        }
+    }
+
+    fn try_apply(&mut self, s: Arc<State>) {
+        match self.apply(&s) {
             Ok(report) => {
                 self.generation += 1;
+                self.retry = RETRY_MIN;
                 self.admin.metrics.state_generation.set(self.generation);
                 info!("state applied: generation {} ({report:?})", self.generation);
             }
-            Err(e) => {
+            Err(ApplyError::Refused(e)) => {
                 self.admin.metrics.state_rejected.inc();
                 error!(
                     "state refused, keeping generation {}: {e:#}",
                     self.generation
                 );
             }
+            Err(ApplyError::Kernel(e)) => {
+                // What was written stays and the planner knows it; the
+                // rest is written by the retry (or by a newer state).
+                self.admin.metrics.map_update_errors.inc();
+                error!(
+                    "the kernel failed a map write after generation {} (retrying in {:?}): {e:#}",
+                    self.generation, self.retry
+                );
+                self.pending = Some((s, tokio::time::Instant::now() + self.retry));
+                self.retry = (self.retry * 2).min(RETRY_MAX);
+            }
         }
     }
 
     /// Makes the dataplane hold `state`.
-    fn apply(&mut self, state: &State) -> Result<Report> {
-        let desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)?;
+    fn apply(&mut self, state: &State) -> Result<Report, ApplyError> {
+        let desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)
+            .map_err(ApplyError::Refused)?;
         let links = task_links(&self.cfg, &desired);
         // Replies first: a task that gets flows can already answer them.
         self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
@@ -232,6 +274,14 @@ fn task_links(cfg: &RunConfig, d: &Desired) -> BTreeSet<String> {
         }
     }
     set
+}
+
+/// Resolves at `at`, or never.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Drains the programs' aya-log records into this process's log as they

@@ -133,6 +133,15 @@ impl Limits {
     pub fn maglev_entries(&self) -> u32 {
         2 * self.max_services * self.maglev_size
     }
+
+    /// Entries of the reply map: one per local (task, target port,
+    /// protocol), so up to two per backend (a task behind a TCP and a UDP
+    /// port with the same target shares one backend); reply entries of
+    /// removed backends stay for their grace period in whatever room is
+    /// left, and the oldest leave early when the room is needed.
+    pub fn reply_entries(&self) -> u32 {
+        self.max_backends.saturating_mul(2)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -187,6 +196,23 @@ impl Slots {
         self.free.insert(id);
     }
 
+    /// `id` holds something (learnt after the fact).
+    fn mark_used(&mut self, id: u32) {
+        self.free.remove(&id);
+        for skipped in self.next..id {
+            self.free.insert(skipped);
+        }
+        self.next = self.next.max(id + 1);
+    }
+
+    /// Takes the higher generation of each slot.
+    fn merge_gens(&mut self, other: &Slots) {
+        for (id, g) in &other.gens {
+            let e = self.gens.entry(*id).or_insert(0);
+            *e = (*e).max(*g);
+        }
+    }
+
     fn gen_of(&self, id: u32) -> u32 {
         self.gens.get(&id).copied().unwrap_or(0)
     }
@@ -235,6 +261,14 @@ pub fn vet(
     Ok(d)
 }
 
+fn proto_of(n: u8) -> Proto {
+    if n == IPPROTO_UDP {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    }
+}
+
 pub fn raw4(a: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(a.octets())
 }
@@ -276,6 +310,7 @@ impl Planner {
         let mut p = Plan::default();
         self.put_nodes(d, &mut p);
         self.add_backends(&wanted, &mut p);
+        self.make_room_for_replies(&replies, now, &mut p);
         self.put_replies(&replies, &mut p);
         self.put_services(d, &mut p);
         self.del_services(d, &mut p);
@@ -326,7 +361,15 @@ impl Planner {
         if d.node_addrs.len() > MAX_NODE_ADDRS as usize {
             bail!("more than {MAX_NODE_ADDRS} node addresses; nothing applied");
         }
-        reply_candidates(d)
+        let replies = reply_candidates(d)?;
+        if replies.len() > lim.reply_entries() as usize {
+            bail!(
+                "{} reply entries (local task, port, protocol) exceed the reply map's {} (2 x --max-backends); nothing applied",
+                replies.len(),
+                lim.reply_entries()
+            );
+        }
+        Ok(replies)
     }
 
     /// Step 1: nodes that are new or whose address or role changed.
@@ -378,6 +421,38 @@ impl Planner {
             ));
             self.backends.insert((*k).clone(), id);
             p.report.backends_added += 1;
+        }
+    }
+
+    /// Before step 3: the reply map holds live and retired entries; when
+    /// the entries this plan needs would not fit beside the retired ones,
+    /// the oldest retired entries leave before their grace period ends
+    /// (they only translate replies of flows to removed tasks).
+    fn make_room_for_replies(&mut self, replies: &Replies, now: Instant, p: &mut Plan) {
+        let cap = self.limits.reply_entries() as usize;
+        let kept = self
+            .replies
+            .keys()
+            .filter(|k| !replies.contains_key(k))
+            .count();
+        let mut over = (kept + replies.len()).saturating_sub(cap);
+        if over == 0 {
+            return;
+        }
+        let mut retired: Vec<(Instant, ReplyKey4)> = self
+            .replies
+            .iter()
+            .filter(|(k, _)| !replies.contains_key(k))
+            .map(|(k, r)| (r.retired_at.unwrap_or(now), *k))
+            .collect();
+        retired.sort();
+        for (_, k) in retired {
+            if over == 0 {
+                break;
+            }
+            self.replies.remove(&k);
+            p.ops.push(Op::DelReply(k));
+            over -= 1;
         }
     }
 
@@ -563,6 +638,83 @@ impl Planner {
                 Op::DelReply(k)
             })
             .collect()
+    }
+
+    /// After a failed apply: the kernel holds what `self` describes plus
+    /// `done`, the ops of a plan made by `next` that were carried out (a
+    /// prefix of it). Learns what they changed, names and keys taken from
+    /// `next`, so that the next plan starts from what the kernel holds:
+    /// above all, it knows which half of each service packets read now, so
+    /// it never writes a table there.
+    pub fn absorb(&mut self, next: &Planner, done: &[Op]) {
+        // No (slot, generation) pair is ever handed out twice.
+        self.backend_slots.merge_gens(&next.backend_slots);
+        self.node_slots.merge_gens(&next.node_slots);
+        for op in done {
+            match op {
+                Op::PutNode(slot, value) => {
+                    if let Some((name, _)) = next.nodes.iter().find(|(_, n)| n.slot == *slot) {
+                        self.nodes.insert(
+                            name.clone(),
+                            NodeSlot {
+                                slot: *slot,
+                                value: *value,
+                            },
+                        );
+                        self.node_slots.mark_used(*slot);
+                    }
+                }
+                Op::DelNode(slot) => {
+                    self.nodes.retain(|_, n| n.slot != *slot);
+                    self.node_slots.release(*slot);
+                }
+                Op::PutBackend(id, _) => {
+                    if let Some((k, _)) = next.backends.iter().find(|(_, i)| **i == *id) {
+                        self.backends.insert(k.clone(), *id);
+                        self.backend_slots.mark_used(*id);
+                    }
+                }
+                Op::DelBackend(id) => {
+                    self.backends.retain(|_, i| *i != *id);
+                    self.backend_slots.release(*id);
+                }
+                Op::PutService { key, .. } => {
+                    // Its table was written just before (same plan): the
+                    // slot in `next` is what packets read now.
+                    let k = (proto_of(key.proto), u16::from_be(key.port_be));
+                    if let Some(s) = next.services.get(&k) {
+                        self.free_svc_ids.retain(|&id| id != s.svc_id);
+                        self.next_svc_id = self.next_svc_id.max(s.svc_id + 1);
+                        self.services.insert(k, s.clone());
+                    }
+                }
+                Op::DelService(key) => {
+                    let k = (proto_of(key.proto), u16::from_be(key.port_be));
+                    if let Some(s) = self.services.remove(&k) {
+                        self.free_svc_ids.push(s.svc_id);
+                    }
+                }
+                Op::PutNodeAddr(a) => {
+                    self.node_addrs.insert(Ipv4Addr::from(a.to_ne_bytes()));
+                }
+                Op::DelNodeAddr(a) => {
+                    self.node_addrs.remove(&Ipv4Addr::from(a.to_ne_bytes()));
+                }
+                Op::PutReply(k, value) => {
+                    self.replies.insert(
+                        *k,
+                        ReplyState {
+                            value: *value,
+                            retired_at: None,
+                        },
+                    );
+                }
+                Op::DelReply(k) => {
+                    self.replies.remove(k);
+                }
+                Op::WriteTable { .. } | Op::ResetStats(_) => {}
+            }
+        }
     }
 
     /// Reply entries applied (retired ones included).
@@ -886,6 +1038,37 @@ mod reply_tests {
             "{e}"
         );
         assert_eq!(p.reply_count(), 0);
+    }
+
+    /// Reply entries of removed tasks stay for their grace period only in
+    /// the room the live ones leave: the oldest go early, so the reply map
+    /// never overflows however fast tasks change.
+    #[test]
+    fn retired_reply_entries_leave_early_when_room_is_needed() {
+        let mut p = Planner::new(Limits {
+            maglev_size: 251,
+            max_backends: 2,
+            ..Limits::default()
+        });
+        let cap = p.limits().reply_entries() as usize;
+        let t0 = Instant::now();
+        let mut early = 0;
+        for i in 0..10u8 {
+            let task = format!("198.18.129.{}", 2 + i);
+            let (ops, _) = p
+                .plan_at(
+                    &desired(&[task.as_str()], &[]),
+                    t0 + Duration::from_secs(i.into()),
+                )
+                .unwrap();
+            early += ops.iter().filter(|o| matches!(o, Op::DelReply(_))).count();
+            // Deletes come before the insert that needs their room.
+            if let Some(put) = ops.iter().position(|o| matches!(o, Op::PutReply(..))) {
+                assert!(!ops[put..].iter().any(|o| matches!(o, Op::DelReply(_))));
+            }
+            assert!(p.reply_count() <= cap, "{} > {cap}", p.reply_count());
+        }
+        assert!(early > 0, "the oldest retired entries left early");
     }
 
     #[test]

@@ -110,3 +110,83 @@ fn root_a_fifo_in_place_of_the_state_file_is_refused_and_sigterm_still_works() {
         t.elapsed()
     );
 }
+
+/// Defect 4, its trigger: reply entries of removed tasks stay for 60 s,
+/// and the reply map had no room for them beside the live ones: after a
+/// few task changes the kernel refused a write, the state was half
+/// applied (backends written, replies not) and never retried.
+#[test]
+fn root_task_churn_never_fills_the_reply_map() {
+    // Each task is two backends (tcp 8080, udp 5353) and two reply
+    // entries; --max-backends 8 lets a pair of tasks replace another.
+    let lab = lab_with_meshd(2, &[1, 2], &["--max-backends", "8"]);
+    let mut generation = 1;
+    for pair in [[3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [1, 2]] {
+        generation += 1;
+        let skip = lab.meshd().unwrap().log_len();
+        lab.write_state(&lab.state_toml(&pair)).unwrap();
+        lab.meshd()
+            .unwrap()
+            .wait_log_after(
+                skip,
+                &format!("generation {generation} "),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("tasks {pair:?}: {e:#}"));
+    }
+    let log = lab.meshd().unwrap().log_text();
+    assert!(!log.contains("refused") && !log.contains("failed"), "{log}");
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let a = lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap();
+        seen.insert(a.split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "the last state serves: {seen:?}");
+    let (_, from) = lab.udp_request(mesh_tests::lab::WEB_UDP, "u").unwrap();
+    assert_eq!(from.port(), mesh_tests::lab::WEB_UDP, "replies translated");
+}
+
+/// Defect 4: a map write the kernel fails is retried (with backoff) until
+/// the state is in, counted as a map update error, never as a refused
+/// state.
+#[test]
+fn root_a_failed_map_write_is_retried_until_the_state_is_in() {
+    use mesh_userspace::desired::Desired;
+    use mesh_userspace::plan::{Limits, Planner};
+    use mesh_userspace::source::{file, ports::DEFAULT_PORT_RANGE};
+
+    let mut lab = Lab::new(2).unwrap();
+    lab.start_task(1).unwrap();
+    lab.start_task(2).unwrap();
+    let first = lab.state_toml(&[1]);
+    lab.write_state(&first).unwrap();
+    // The writes generation 1 makes, as meshd plans them; the fourth write
+    // after them (in the middle of generation 2) fails once.
+    let state = file::parse(&first, "first", &DEFAULT_PORT_RANGE).unwrap();
+    let d = Desired::compute(&state, "n1", &[]).unwrap();
+    let (ops, _) = Planner::new(Limits::default()).plan(&d).unwrap();
+    lab.meshd_env = vec![format!("MESH_TEST_FAIL_WRITE={}", ops.len() + 4)];
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
+    let m = lab.meshd().unwrap();
+    let failed = m
+        .wait_log_after(
+            skip,
+            "the kernel failed a map write",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(failed.contains("injected failure"), "{failed}");
+    m.wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+        .expect("the retry applies the state");
+    assert_eq!(lab.metric("mesh_map_update_errors_total", "").unwrap(), 1);
+    assert_eq!(lab.metric("mesh_state_rejected_total", "").unwrap(), 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let a = lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap();
+        seen.insert(a.split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "both tasks serve: {seen:?}");
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+}

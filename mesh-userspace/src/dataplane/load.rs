@@ -34,7 +34,7 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
         .map_max_entries(MAP_NODES, limits.max_nodes)
         .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
         .map_max_entries(MAP_CT4, limits.ct_entries)
-        .map_max_entries(MAP_REPLY4, limits.max_backends)
+        .map_max_entries(MAP_REPLY4, limits.reply_entries())
         .override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
     let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -45,7 +45,7 @@ pub mod writer;
 pub use attach::{Programs, XdpAttach};
 pub use load::BPF_OBJECT;
 pub use stats::StatsReader;
-pub use writer::{Applier, MapWriter};
+pub use writer::{Applier, ApplyError, MapWriter, Writer};
 
 /// The loaded object, its map writer and planner, its stats reader and its
 /// log buffer.
@@ -92,7 +92,7 @@ impl Dataplane {
 
     /// Makes the maps hold `d` (see [`Applier::apply`]).
     pub fn apply(&mut self, d: &Desired) -> Result<Report> {
-        self.applier.apply(d)
+        Ok(self.applier.apply(d)?)
     }
 
     /// Per service (name, protocol, published port) counters, summed over CPUs.

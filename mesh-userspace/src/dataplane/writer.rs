@@ -15,6 +15,11 @@ use super::stats::ServiceIndex;
 use crate::desired::Desired;
 use crate::plan::{Limits, Op, Planner, Report};
 
+/// Carries out ops on some maps: the kernel's ([`MapWriter`]), or a test's.
+pub trait Writer {
+    fn exec(&mut self, op: &Op) -> Result<()>;
+}
+
 /// The maps user space writes, taken out of the loaded object.
 pub struct MapWriter {
     backends: Array<MapData, Backend>,
@@ -44,10 +49,14 @@ impl MapWriter {
             addrs,
         })
     }
+}
 
+impl Writer for MapWriter {
     /// One op. Each is a single map update or a copy into memory no packet
     /// reads, followed by at most one 32-bit store that packets see.
-    pub fn exec(&mut self, op: &Op) -> Result<()> {
+    fn exec(&mut self, op: &Op) -> Result<()> {
+        #[cfg(debug_assertions)]
+        failpoint::check()?;
         match op {
             Op::PutNode(id, n) => self.nodes.set(*id, n, 0)?,
             Op::DelNode(id) => self.nodes.set(*id, NodeValue::default(), 0)?,
@@ -96,15 +105,28 @@ impl MapWriter {
     }
 }
 
-/// The planner and the writer: what has been applied, and the maps it was
-/// applied to.
-pub struct Applier {
-    planner: Planner,
-    writer: MapWriter,
+/// Why an apply did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The state does not fit (or is not for this node): nothing was
+    /// written. Refused until the state changes.
+    #[error("{0:#}")]
+    Refused(anyhow::Error),
+    /// The kernel failed a write: what was written before it stays, and
+    /// the planner knows it. Worth retrying.
+    #[error("{0:#}")]
+    Kernel(anyhow::Error),
 }
 
-impl Applier {
-    pub fn new(limits: Limits, writer: MapWriter) -> Self {
+/// The planner and the writer: what has been applied, and the maps it was
+/// applied to.
+pub struct Applier<W: Writer = MapWriter> {
+    planner: Planner,
+    writer: W,
+}
+
+impl<W: Writer> Applier<W> {
+    pub fn new(limits: Limits, writer: W) -> Self {
         Self {
             planner: Planner::new(limits),
             writer,
@@ -115,16 +137,26 @@ impl Applier {
         &self.planner
     }
 
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+
     /// Makes the maps hold `d`. A state that does not fit is refused
     /// before anything is written. If the kernel fails a write midway, the
-    /// applied state stays what it was, so the next apply redoes the rest.
-    pub fn apply(&mut self, d: &Desired) -> Result<Report> {
+    /// planner learns which writes were made ([`Planner::absorb`]): the
+    /// next apply (a retry, or a newer state) starts from what the kernel
+    /// holds and writes the rest.
+    pub fn apply(&mut self, d: &Desired) -> Result<Report, ApplyError> {
         let mut next = self.planner.clone();
-        let (ops, report) = next.plan(d)?;
-        for op in &ops {
-            self.writer
-                .exec(op)
-                .with_context(|| format!("applying {op:?}"))?;
+        let (ops, report) = next.plan(d).map_err(ApplyError::Refused)?;
+        for (i, op) in ops.iter().enumerate() {
+            if let Err(e) = self.writer.exec(op) {
+                self.planner.absorb(&next, &ops[..i]);
+                return Err(ApplyError::Kernel(e.context(format!(
+                    "applying {op:?} ({i} of {} writes made)",
+                    ops.len()
+                ))));
+            }
         }
         self.planner = next;
         Ok(report)
@@ -153,6 +185,32 @@ impl Applier {
                 .map(|((proto, port), s)| (s.name.clone(), *proto, *port, s.svc_id))
                 .collect(),
         )
+    }
+}
+
+/// Test builds only (debug assertions on, as `cargo build` makes them):
+/// `MESH_TEST_FAIL_WRITE=N` makes map write number N of the process
+/// (counted from one) fail once, so that the end-to-end tests can see a
+/// kernel failure retried. Release builds have no such switch.
+#[cfg(debug_assertions)]
+mod failpoint {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    static FAIL_AT: OnceLock<Option<u64>> = OnceLock::new();
+
+    pub fn check() -> anyhow::Result<()> {
+        let at = FAIL_AT.get_or_init(|| {
+            std::env::var("MESH_TEST_FAIL_WRITE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        let n = WRITES.fetch_add(1, Ordering::Relaxed) + 1;
+        if *at == Some(n) {
+            anyhow::bail!("injected failure of map write {n} (MESH_TEST_FAIL_WRITE)");
+        }
+        Ok(())
     }
 }
 
@@ -240,5 +298,205 @@ impl MmapU32 {
         }
         self.cell(i).store(v, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Proto, StateBuilder};
+
+    /// Maps as the kernel holds them, checked on every write against what
+    /// a packet could see at that moment; fails the `fail_at`-th write.
+    #[derive(Default)]
+    struct Checked {
+        m: u32,
+        ports: HashMap<SvcKey, u32>,
+        services: HashMap<u32, SvcValue>,
+        maglev: HashMap<u32, Vec<u32>>,
+        backends: HashMap<u32, Backend>,
+        writes: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Checked {
+        /// Table regions packets read now (the slots ports point to, when
+        /// their service has a table).
+        fn live_regions(&self) -> BTreeSet<u32> {
+            self.ports
+                .values()
+                .copied()
+                .filter(|s| self.services[s].table_size > 0)
+                .collect()
+        }
+
+        fn live_ids(&self) -> BTreeSet<u32> {
+            self.live_regions()
+                .iter()
+                .flat_map(|r| self.maglev.get(r).cloned().unwrap_or_default())
+                .collect()
+        }
+    }
+
+    impl Writer for Checked {
+        fn exec(&mut self, op: &Op) -> Result<()> {
+            self.writes += 1;
+            if self.fail_at == Some(self.writes) {
+                anyhow::bail!("injected");
+            }
+            match op {
+                Op::WriteTable { offset, table } => {
+                    let region = offset / self.m;
+                    if self.live_regions().contains(&region) {
+                        assert_eq!(
+                            self.maglev.get(&region),
+                            Some(table),
+                            "a table packets read was rewritten with other content"
+                        );
+                    }
+                    self.maglev.insert(region, table.clone());
+                }
+                Op::PutService { key, slot, value } => {
+                    if value.table_size > 0 {
+                        let t = &self.maglev[slot];
+                        assert!(
+                            t.iter().all(|id| self.backends.contains_key(id)),
+                            "switched to a table naming a missing backend"
+                        );
+                    }
+                    self.services.insert(*slot, *value);
+                    self.ports.insert(*key, *slot);
+                }
+                Op::DelService(k) => {
+                    self.ports.remove(k);
+                }
+                Op::PutBackend(id, b) => {
+                    if self.live_ids().contains(id) {
+                        assert_eq!(
+                            self.backends.get(id),
+                            Some(b),
+                            "a backend a live table names was replaced"
+                        );
+                    }
+                    self.backends.insert(*id, *b);
+                }
+                Op::DelBackend(id) => {
+                    assert!(
+                        !self.live_ids().contains(id),
+                        "a backend a live table names was deleted"
+                    );
+                    self.backends.remove(id);
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    /// xorshift64*: deterministic test data without dependencies.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    fn random_state(rng: &mut Rng) -> Desired {
+        let mut b = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .node("n2", [198, 18, 128, 2]);
+        let services = [("a", 30080), ("b", 30081), ("c", 30082)];
+        for (name, port) in services {
+            if !rng.next().is_multiple_of(4) {
+                b = b.service(name, &[(Proto::Tcp, port, 8080), (Proto::Udp, port, 53)]);
+                for t in 0..6u8 {
+                    if rng.next().is_multiple_of(2) {
+                        let node = if t % 2 == 0 { "n1" } else { "n2" };
+                        let addr = Ipv4Addr::new(198, 18, 129, 10 * (port as u8 % 10) + t);
+                        b = b.task(name, node, addr);
+                    }
+                }
+            }
+        }
+        Desired::compute(&b.build().unwrap(), "n1", &[]).unwrap()
+    }
+
+    /// What packets would reach per published port: the live table's
+    /// backends as (address, port).
+    fn served(c: &Checked) -> BTreeSet<((u16, u8), Ipv4Addr, u16)> {
+        let mut out = BTreeSet::new();
+        for (k, slot) in &c.ports {
+            if c.services[slot].table_size == 0 {
+                continue;
+            }
+            for id in c.maglev.get(slot).cloned().unwrap_or_default() {
+                let b = c.backends[&id];
+                out.insert((
+                    (k.port_be, k.proto),
+                    Ipv4Addr::from(b.addr[0].to_ne_bytes()),
+                    u16::from_be(b.port_be),
+                ));
+            }
+        }
+        out
+    }
+
+    fn wanted(d: &Desired) -> BTreeSet<((u16, u8), Ipv4Addr, u16)> {
+        d.services
+            .iter()
+            .flat_map(|((p, port), s)| {
+                s.backends
+                    .iter()
+                    .map(move |b| ((port.to_be(), p.number()), b.addr, b.port))
+            })
+            .collect()
+    }
+
+    /// Writes fail at random points of random changes; whatever failed,
+    /// no write ever changes what packets read in place, and the next
+    /// apply brings the maps to the state asked for.
+    #[test]
+    fn failed_writes_are_absorbed_and_never_touch_what_packets_read() {
+        let limits = Limits {
+            maglev_size: 7,
+            max_backends: 64,
+            ..Limits::default()
+        };
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut a = Applier::new(
+                limits.clone(),
+                Checked {
+                    m: limits.maglev_size,
+                    ..Checked::default()
+                },
+            );
+            let mut last = None;
+            for _ in 0..12 {
+                let d = random_state(&mut rng);
+                let at = a.writer.writes + 1 + (rng.next() % 12) as usize;
+                a.writer.fail_at = rng.next().is_multiple_of(2).then_some(at);
+                match a.apply(&d) {
+                    Ok(_) => assert_eq!(served(&a.writer), wanted(&d), "seed {seed}"),
+                    Err(ApplyError::Kernel(_)) => {}
+                    Err(ApplyError::Refused(e)) => panic!("seed {seed}: refused: {e:#}"),
+                }
+                last = Some(d);
+            }
+            // A last apply with nothing failing: the maps converge.
+            a.writer.fail_at = None;
+            let d = last.unwrap();
+            a.apply(&d).unwrap();
+            assert_eq!(served(&a.writer), wanted(&d), "seed {seed}");
+            // And the planner agrees with them: nothing more to write.
+            let mut p = a.planner().clone();
+            assert_eq!(p.plan(&d).unwrap().0, vec![], "seed {seed}");
+        }
     }
 }

@@ -20,6 +20,8 @@ pub struct Cluster {
     pub topo: Topology,
     /// RUST_LOG for the meshd processes started from now on.
     pub meshd_log: String,
+    /// Environment variables (NAME=VALUE) for the meshds started next.
+    pub meshd_env: Vec<String>,
     servers: Vec<TaskServer>,
     /// Per node (index j-1).
     meshds: Vec<Option<Meshd>>,
@@ -44,6 +46,7 @@ impl Cluster {
             meshds: topo.nodes.iter().map(|_| None).collect(),
             topo,
             meshd_log: "info".into(),
+            meshd_env: Vec::new(),
             servers: Vec::new(),
         })
     }
@@ -160,7 +163,7 @@ impl Cluster {
                 self.meshd(j).is_err(),
                 "meshd is already running on node {j}"
             );
-            let run = self.meshd_run(j).extra(extra);
+            let run = self.meshd_run(j).extra(extra).env(&self.meshd_env);
             let m = Meshd::start(&self.node(j).ns, meshd, &run, &self.meshd_log)?;
             self.meshds[j - 1] = Some(m);
         }

@@ -33,6 +33,8 @@ pub struct MeshdRun {
     /// More arguments, after the lab's own (so they win where meshd takes
     /// the last of a repeated flag).
     pub extra: Vec<String>,
+    /// Environment variables for meshd alone (NAME=VALUE).
+    pub env: Vec<String>,
 }
 
 impl MeshdRun {
@@ -43,7 +45,14 @@ impl MeshdRun {
             node: node.to_string(),
             admin: ADMIN.to_string(),
             extra: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Environment variables (NAME=VALUE) for this meshd only.
+    pub fn env(mut self, env: &[String]) -> MeshdRun {
+        self.env.extend(env.iter().cloned());
+        self
     }
 
     pub fn extra(mut self, extra: &[&str]) -> MeshdRun {
@@ -98,12 +107,13 @@ impl Meshd {
     /// MESH_TEST_VERBOSE set its log is echoed, each line prefixed with
     /// `label`.
     pub fn start(ns: &str, meshd: &Path, run: &MeshdRun, rust_log: &str) -> Result<Meshd> {
-        let mut args = vec![
-            "netns".to_string(),
-            "exec".to_string(),
-            ns.to_string(),
-            meshd.display().to_string(),
-        ];
+        let mut args = vec!["netns".to_string(), "exec".to_string(), ns.to_string()];
+        if !run.env.is_empty() {
+            // env execs meshd: the child's pid stays meshd's.
+            args.push("env".into());
+            args.extend(run.env.iter().cloned());
+        }
+        args.push(meshd.display().to_string());
         args.extend(run.args());
         Self::spawn_labelled(&args, rust_log, &format!("meshd {}", run.node))
     }

@@ -45,6 +45,8 @@ pub struct Lab {
     pub dir: PathBuf,
     /// RUST_LOG for meshd.
     pub meshd_log: String,
+    /// Environment variables (NAME=VALUE) for the meshd started next.
+    pub meshd_env: Vec<String>,
     cluster: Cluster,
 }
 
@@ -79,6 +81,7 @@ impl Lab {
             client_addr: topo.clients[0].addrs[0],
             dir: topo.dir.clone(),
             meshd_log: "info".into(),
+            meshd_env: Vec::new(),
             cluster,
         })
     }
@@ -126,6 +129,7 @@ impl Lab {
     /// until it reports ready.
     pub fn start_meshd(&mut self, meshd: &Path, extra: &[&str]) -> Result<()> {
         self.cluster.meshd_log = self.meshd_log.clone();
+        self.cluster.meshd_env = self.meshd_env.clone();
         self.cluster.start_meshd(NODE, meshd, extra)
     }
 
