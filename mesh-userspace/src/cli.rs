@@ -61,6 +61,11 @@ pub struct StateArgs {
     /// lie outside it, as in Docker.
     #[arg(long, value_name = "LOW-HIGH", default_value = "30000-32767", value_parser = ports::parse_range)]
     pub port_range: RangeInclusive<u16>,
+    /// Where meshd keeps what must outlive it: the published ports it
+    /// assigned (a port stays with its service until the service is
+    /// removed, across restarts). `check` reads it, never writes it.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
 }
 
 /// What decides whether a state fits this node's maps: shared by `run` and
@@ -166,6 +171,7 @@ impl StateArgs {
             path: self.state.clone(),
             port_range: self.port_range.clone(),
             interval,
+            state_dir: self.state_dir.clone(),
         }
     }
 }

@@ -41,11 +41,13 @@ impl<T, E: Into<anyhow::Error>> OrConfig<T> for Result<T, E> {
 /// Where state comes from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// A state file, checked every `interval` and on SIGHUP.
+    /// A state file, checked every `interval` and on SIGHUP; the ports it
+    /// assigns are kept in `state_dir`.
     File {
         path: PathBuf,
         port_range: RangeInclusive<u16>,
         interval: Duration,
+        state_dir: PathBuf,
     },
 }
 

@@ -124,8 +124,9 @@ fn start_source(cfg: &RunConfig, reload: Arc<Notify>) -> Result<(Arc<State>, Upd
             path,
             port_range,
             interval,
+            state_dir,
         } => {
-            let source = FileSource::new(path, port_range.clone());
+            let mut source = FileSource::new(path, port_range.clone()).remember_in(state_dir);
             let read = source.read();
             let state = Arc::new(read.state.or_config()?);
             let updates = source.spawn(read.seen, Update::State(state.clone()), *interval, reload);

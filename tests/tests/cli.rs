@@ -39,6 +39,28 @@ fn check_accepts_a_good_file_and_says_what_the_node_serves() {
     );
 }
 
+/// Published ports left out of the file are assigned from the range, and
+/// `check` says which (and that run keeps them in the state directory).
+#[test]
+fn check_shows_the_ports_it_would_assign() {
+    let text = GOOD.replace("published = 30080, ", "");
+    let p = state_file("assign.toml", &text);
+    let dir = p.parent().unwrap().join("empty-state-dir");
+    let (code, out, err) = meshd(&[
+        "check",
+        "--state",
+        p.to_str().unwrap(),
+        "--node",
+        "n1",
+        "--state-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("tcp/30000 -> web target 8080"), "{out}");
+    assert!(out.contains("web/tcp/8080/0 -> 30000"), "{out}");
+    assert!(!dir.exists(), "check writes nothing");
+}
+
 #[test]
 fn check_refuses_bad_input_naming_file_field_and_value() {
     let cases = [

@@ -9,12 +9,13 @@ use crate::source::file::FileSource;
 
 pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
     let SourceConfig::File {
-        path, port_range, ..
+        path,
+        port_range,
+        state_dir,
+        ..
     } = &cfg.source;
-    let state = FileSource::new(path, port_range.clone())
-        .read()
-        .state
-        .or_config()?;
+    let mut source = FileSource::new(path, port_range.clone()).recall_from(state_dir);
+    let state = source.read().state.or_config()?;
     let node = &cfg.node;
     let d = plan::vet(&state, node, &cfg.node_addrs, &cfg.limits).or_config()?;
     println!(
@@ -30,6 +31,16 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
             svc.target,
             svc.backends.len()
         );
+    }
+    let assigned = source.assigned();
+    if !assigned.is_empty() {
+        println!(
+            "  ports assigned from --port-range (kept in {} once meshd run applies them):",
+            state_dir.display()
+        );
+        for (entry, port) in assigned {
+            println!("    {entry} -> {port}");
+        }
     }
     Ok(())
 }

@@ -32,9 +32,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::ports::{self, Wanted};
+use super::ports::{self, PortMemory, Wanted};
 use super::{Update, Updates};
 use crate::model::{Invalid, Port, Proto, Service, State, Task};
 
@@ -102,8 +102,20 @@ struct RawTask {
     addr: String,
 }
 
-/// Parses and validates state text; `file` names it in errors.
+/// Parses and validates state text; `file` names it in errors. Ports left
+/// out are assigned afresh (see [`FileSource`] for assignments that last).
 pub fn parse(text: &str, file: &str, range: &RangeInclusive<u16>) -> Result<State, StateError> {
+    parse_with(text, file, range, &PortMemory::default()).map(|(s, _)| s)
+}
+
+/// As [`parse`], keeping the ports `memory` assigned before; returns what
+/// to remember of this state's assignments.
+pub fn parse_with(
+    text: &str,
+    file: &str,
+    range: &RangeInclusive<u16>,
+    memory: &PortMemory,
+) -> Result<(State, PortMemory), StateError> {
     let raw: RawState = toml::from_str(text).map_err(|e| StateError::Syntax {
         file: file.to_string(),
         message: e.to_string().trim_end().to_string(),
@@ -113,10 +125,14 @@ pub fn parse(text: &str, file: &str, range: &RangeInclusive<u16>) -> Result<Stat
         field: e.field,
         message: e.message,
     };
-    from_raw(raw, range).map_err(invalid)
+    from_raw(raw, range, memory).map_err(invalid)
 }
 
-fn from_raw(raw: RawState, range: &RangeInclusive<u16>) -> Result<State, Invalid> {
+fn from_raw(
+    raw: RawState,
+    range: &RangeInclusive<u16>,
+    memory: &PortMemory,
+) -> Result<(State, PortMemory), Invalid> {
     let mut state = State::default();
     for (i, n) in raw.nodes.into_iter().enumerate() {
         let addr = parse_v4(&n.addr).map_err(|m| Invalid::new(format!("nodes[{i}].addr"), m))?;
@@ -149,7 +165,8 @@ fn from_raw(raw: RawState, range: &RangeInclusive<u16>) -> Result<State, Invalid
             });
         }
     }
-    let mut published = ports::assign(range, &wanted)?.into_iter();
+    let (published, remembered) = ports::assign(range, &wanted, memory)?;
+    let mut published = published.into_iter();
     let mut wanted = wanted.into_iter();
     for s in &raw.services {
         let ports = s
@@ -178,7 +195,7 @@ fn from_raw(raw: RawState, range: &RangeInclusive<u16>) -> Result<State, Invalid
         });
     }
     state.validate()?;
-    Ok(state)
+    Ok((state, remembered))
 }
 
 fn check_port(p: i64) -> Result<u16, String> {
@@ -197,11 +214,18 @@ fn parse_v4(s: &str) -> Result<Ipv4Addr, String> {
     }
 }
 
-/// A state file and the range its missing published ports come from.
+/// A state file, the range its missing published ports come from, and the
+/// ports assigned so far (kept in a directory when one is given, so that
+/// a restarted daemon assigns the same).
 #[derive(Clone, Debug)]
 pub struct FileSource {
     pub path: PathBuf,
     pub port_range: RangeInclusive<u16>,
+    memory: PortMemory,
+    memory_dir: Option<PathBuf>,
+    /// Save the memory after each valid read (`run`), or only use it
+    /// (`check`).
+    save: bool,
 }
 
 /// One read of the file: what was there (the watcher compares it with
@@ -227,19 +251,61 @@ impl FileSource {
         Self {
             path: path.into(),
             port_range,
+            memory: PortMemory::default(),
+            memory_dir: None,
+            save: false,
         }
     }
 
+    /// Keeps port assignments in `dir`: loads them now, saves them after
+    /// every valid read. An unreadable memory starts afresh, with a warning.
+    pub fn remember_in(mut self, dir: &Path) -> Self {
+        match PortMemory::load(dir) {
+            Ok(m) => self.memory = m,
+            Err(e) => warn!("assigned ports: {e}; assigning afresh"),
+        }
+        self.memory_dir = Some(dir.to_path_buf());
+        self.save = true;
+        self
+    }
+
+    /// Uses the assignments kept in `dir` without changing them.
+    pub fn recall_from(mut self, dir: &Path) -> Self {
+        self = self.remember_in(dir);
+        self.save = false;
+        self
+    }
+
+    /// The published ports assigned for the last valid read, by entry
+    /// (`service/protocol/target/n`).
+    pub fn assigned(&self) -> Vec<(String, u16)> {
+        self.memory.entries()
+    }
+
     /// Reads and validates the file once.
-    pub fn read(&self) -> Read {
-        read(&self.path, &self.port_range)
+    pub fn read(&mut self) -> Read {
+        let (r, memory) = read(&self.path, &self.port_range, &self.memory);
+        if let Some(m) = memory
+            && m != self.memory
+        {
+            self.memory = m;
+            if let (true, Some(dir)) = (self.save, &self.memory_dir)
+                && let Err(e) = self.memory.save(dir)
+            {
+                warn!(
+                    "keeping assigned ports in {}: {e}; they are kept in memory only",
+                    dir.display()
+                );
+            }
+        }
+        r
     }
 
     /// Follows the file: every `interval`, and whenever `reload` is
     /// notified (then the state is sent even if the file did not change).
     /// `current` is the word the daemon starts from, read from `seen`.
     pub fn spawn(
-        self,
+        mut self,
         seen: Seen,
         current: Update,
         interval: Duration,
@@ -258,10 +324,12 @@ impl FileSource {
                     _ = reload.notified() => true,
                     _ = tx.closed() => return,
                 };
-                let (path, range) = (self.path.clone(), self.port_range.clone());
-                let Ok(r) = tokio::task::spawn_blocking(move || read(&path, &range)).await else {
+                let mut src = self;
+                let Ok((r, back)) = tokio::task::spawn_blocking(move || (src.read(), src)).await
+                else {
                     return;
                 };
+                self = back;
                 let u = match r.state {
                     Err(e @ StateError::Read { .. }) => {
                         if outage && !forced {
@@ -333,21 +401,32 @@ fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn read(path: &Path, range: &RangeInclusive<u16>) -> Read {
+fn read(
+    path: &Path,
+    range: &RangeInclusive<u16>,
+    memory: &PortMemory,
+) -> (Read, Option<PortMemory>) {
     let file = path.display().to_string();
-    match read_regular(path) {
+    let r = match read_regular(path) {
         Ok(bytes) => {
-            let state = match std::str::from_utf8(&bytes) {
-                Ok(text) => parse(text, &file, range),
+            let parsed = match std::str::from_utf8(&bytes) {
+                Ok(text) => parse_with(text, &file, range, memory),
                 Err(e) => Err(StateError::Syntax {
                     file,
                     message: format!("not UTF-8 text: {e}"),
                 }),
             };
-            Read {
-                seen: Seen::Bytes(bytes),
-                state,
-            }
+            let (state, memory) = match parsed {
+                Ok((s, m)) => (Ok(s), Some(m)),
+                Err(e) => (Err(e), None),
+            };
+            return (
+                Read {
+                    seen: Seen::Bytes(bytes),
+                    state,
+                },
+                memory,
+            );
         }
         Err(source)
             if matches!(
@@ -368,7 +447,8 @@ fn read(path: &Path, range: &RangeInclusive<u16>) -> Read {
             seen: Seen::Unreadable,
             state: Err(StateError::Read { file, source }),
         },
-    }
+    };
+    (r, None)
 }
 
 #[cfg(test)]
@@ -481,6 +561,68 @@ addr = "198.18.129.2"
     fn syntax_error_names_file_and_line() {
         let e = err("[[nodes]]\nname = \"n1\"\naddr = 198.18.0.1\n");
         assert!(e.starts_with("s.toml: ") && e.contains("line 3"), "{e}");
+    }
+
+    /// Defect 2: auto-assigned ports followed the file's order, so a
+    /// service inserted before another took its port. A port once assigned
+    /// stays with its service until the service goes.
+    #[test]
+    fn assigned_ports_stay_with_their_service() {
+        let file = |names: &[&str]| {
+            let mut t = String::from("[[nodes]]\nname = \"n1\"\naddr = \"198.18.128.1\"\n");
+            for n in names {
+                t += &format!(
+                    "[[services]]\nname = \"{n}\"\nports = [ {{ protocol = \"tcp\", target = 80 }} ]\n"
+                );
+            }
+            t
+        };
+        let dir = std::env::temp_dir().join(format!("mesh-ports-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.toml");
+        let ports_of = |src: &mut FileSource, names: &[&str]| {
+            std::fs::write(&path, file(names)).unwrap();
+            let s = src.read().state.unwrap();
+            s.services
+                .iter()
+                .map(|s| (s.name.clone(), s.ports[0].published))
+                .collect::<Vec<_>>()
+        };
+        let mut src = FileSource::new(&path, DEFAULT_PORT_RANGE).remember_in(&dir);
+        assert_eq!(
+            ports_of(&mut src, &["a", "b"]),
+            [("a".into(), 30000), ("b".into(), 30001)]
+        );
+        // A service inserted before b takes the next free port, not b's.
+        assert_eq!(
+            ports_of(&mut src, &["a", "new", "b"]),
+            [
+                ("a".into(), 30000),
+                ("new".into(), 30002),
+                ("b".into(), 30001)
+            ]
+        );
+        // a goes: its port is free again, and the others keep theirs.
+        assert_eq!(
+            ports_of(&mut src, &["new", "b", "c"]),
+            [
+                ("new".into(), 30002),
+                ("b".into(), 30001),
+                ("c".into(), 30000)
+            ]
+        );
+        // A restarted daemon remembers.
+        let mut again = FileSource::new(&path, DEFAULT_PORT_RANGE).remember_in(&dir);
+        assert_eq!(
+            ports_of(&mut again, &["c", "b", "new"]),
+            [
+                ("c".into(), 30000),
+                ("b".into(), 30001),
+                ("new".into(), 30002)
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -79,6 +79,13 @@ impl MeshdRun {
             "100",
             "--admin-addr",
             &self.admin,
+            "--state-dir",
+            &self
+                .state
+                .parent()
+                .unwrap_or(Path::new("."))
+                .display()
+                .to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
