@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{CheckConfig, ConfigError, OrConfig, RunConfig, SourceConfig, host_name};
-use crate::dataplane::XdpAttach;
+use crate::dataplane::{TcAttach, XdpAttach};
 use crate::plan::Limits;
 use crate::source::ports;
 
@@ -136,6 +136,11 @@ pub struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
     pub xdp_mode: XdpAttach,
+    /// How TC programs are attached: TCX links (kernel 6.6+) or netlink
+    /// filters on a clsact qdisc, which meshd adds where missing and
+    /// removes at exit if it added it and nothing else uses it.
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    pub tc_attach: TcAttach,
     /// Where /metrics, /ready and /live are served.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub admin_addr: SocketAddr,
@@ -188,6 +193,7 @@ impl RunArgs {
             node_addrs: self.plan.node_addrs.clone(),
             task_ifaces: self.task_ifaces.clone(),
             xdp_mode: self.xdp_mode,
+            tc_attach: self.tc_attach,
             limits: self.plan.limits()?,
             admin_addr: self.admin_addr,
             bpf_log_level: self.bpf_log_level as u8,

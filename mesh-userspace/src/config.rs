@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::dataplane::XdpAttach;
+use crate::dataplane::{TcAttach, XdpAttach};
 use crate::plan::Limits;
 
 /// sysexits.h: the command was used incorrectly (bad flags, a state that
@@ -64,6 +64,7 @@ pub struct RunConfig {
     /// Interfaces leading to local tasks; empty: found from routes.
     pub task_ifaces: Vec<String>,
     pub xdp_mode: XdpAttach,
+    pub tc_attach: TcAttach,
     pub limits: Limits,
     pub admin_addr: SocketAddr,
     /// Most verbose aya-log level the programs emit (0 = off .. 5 = trace).

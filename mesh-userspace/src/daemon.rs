@@ -65,6 +65,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     let reload = Arc::new(Notify::new());
     let (first, updates) = start_source(&cfg, reload.clone())?;
     let desired = plan::vet(&first, &cfg.node, &cfg.node_addrs, &cfg.limits).or_config()?;
+    net::check_kernel(cfg.tc_attach).or_config()?;
     net::check_iface(&cfg.iface).or_config()?;
     net::check_forwarding(&cfg.iface).or_config()?;
     for i in &cfg.task_ifaces {
@@ -84,7 +85,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         lim.ct_entries
     );
     let (programs, applier, stats, logger) =
-        Dataplane::load(cfg.limits.clone(), cfg.bpf_log_level)?.into_parts();
+        Dataplane::load_with(cfg.limits.clone(), cfg.bpf_log_level, cfg.tc_attach)?.into_parts();
     let admin = Arc::new(Admin::new(stats)?);
     let mut d = Daemon {
         cfg,

@@ -27,6 +27,33 @@ pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
     }
 }
 
+/// The oldest kernel meshd runs on: `bpf_redirect_neigh` (5.10) is the
+/// newest helper the programs call; memory-mapped arrays need 5.5.
+pub const MIN_KERNEL: (u8, u8) = (5, 10);
+
+/// Fails on a kernel older than [`MIN_KERNEL`], or one without TCX when
+/// TCX is asked for.
+pub fn check_kernel(tc: crate::dataplane::TcAttach) -> Result<()> {
+    use aya::util::KernelVersion;
+    let v = KernelVersion::current().context("reading the kernel version")?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("{v:?}"));
+    let (major, minor) = MIN_KERNEL;
+    if v < KernelVersion::new(major, minor, 0) {
+        bail!(
+            "kernel {release} is older than {major}.{minor}, the oldest mesh runs on \
+             (its programs call bpf_redirect_neigh, new in 5.10)"
+        );
+    }
+    if tc == crate::dataplane::TcAttach::Tcx && v < KernelVersion::new(6, 6, 0) {
+        bail!(
+            "--tc-attach tcx needs kernel 6.6 or later (this is {release}); use --tc-attach netlink or auto"
+        );
+    }
+    Ok(())
+}
+
 /// Fails unless `iface` exists.
 pub fn check_iface(iface: &str) -> Result<()> {
     if !std::path::Path::new("/sys/class/net").join(iface).exists() {

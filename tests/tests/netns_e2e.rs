@@ -358,9 +358,14 @@ fn root_a_bad_state_file_is_refused_and_the_last_good_state_keeps_serving() {
 fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
     let mut lab = lab_with_meshd(1, &[1]);
     let attached = attached_programs(&lab);
+    let tc = mesh_tests::lab::tc_mode();
     assert_eq!(
         attached,
-        ["up0 xdp", "up0 tcx mesh_tc_uplink", "vt1 tcx mesh_tc_task"],
+        [
+            "up0 xdp".to_string(),
+            format!("up0 {tc} mesh_tc_uplink"),
+            format!("vt1 {tc} mesh_tc_task")
+        ],
         "attached while running"
     );
     assert!(lab.tcp_request(WEB_TCP, "x").is_ok());
@@ -378,32 +383,10 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
     assert!(!dir.exists(), "lab directory left: {}", dir.display());
 }
 
-/// What is attached in the node: XDP on the uplink, TCX programs on the
-/// uplink and the bridge (queried from inside the node's namespace).
+/// What is attached in the node: XDP on the uplink, TC programs on the
+/// uplink and the bridge's ports.
 fn attached_programs(lab: &Lab) -> Vec<String> {
-    let mut out = Vec::new();
-    let link = std::process::Command::new("ip")
-        .args(["-n", &lab.node_ns, "-d", "link", "show", "up0"])
-        .output()
-        .unwrap();
-    if String::from_utf8_lossy(&link.stdout).contains("prog/xdp") {
-        out.push("up0 xdp".to_string());
-    }
-    for dev in ["up0", "br0", "vt1"] {
-        let names = mesh_tests::lab::in_netns(&lab.node_ns, move || {
-            aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
-                .map(|(_, progs)| {
-                    progs
-                        .iter()
-                        .map(|p| p.name_as_str().unwrap_or("?").to_string())
-                        .collect::<Vec<_>>()
-                })
-        })
-        .unwrap()
-        .unwrap_or_default();
-        out.extend(names.into_iter().map(|n| format!("{dev} tcx {n}")));
-    }
-    out
+    mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "br0", "vt1"])
 }
 
 #[test]

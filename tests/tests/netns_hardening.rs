@@ -190,3 +190,60 @@ fn root_a_failed_map_write_is_retried_until_the_state_is_in() {
     assert_eq!(seen.len(), 2, "both tasks serve: {seen:?}");
     assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
 }
+
+/// Older kernels (before 6.6) have no TCX: TC programs go on a clsact
+/// qdisc through netlink. meshd adds the qdisc where it is missing,
+/// replaces a filter of its own left by a meshd that was killed (in place,
+/// never a moment without it), and at exit removes its filters and the
+/// qdisc it added.
+#[test]
+fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
+    let mut lab = Lab::new(1).unwrap();
+    lab.start_task(1).unwrap();
+    lab.write_state(&lab.state_toml(&[1])).unwrap();
+    let meshd = meshd_path().unwrap();
+    let netlink = ["--tc-attach", "netlink"];
+    let qdisc = |lab: &Lab| mesh_tests::lab::exec(&lab.node_ns, "tc qdisc show dev up0").unwrap();
+    assert!(!qdisc(&lab).contains("clsact"), "no clsact before meshd");
+    lab.start_meshd(&meshd, &netlink).unwrap();
+    assert!(qdisc(&lab).contains("clsact"), "meshd added clsact");
+    let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1"]);
+    let want = [
+        "up0 xdp",
+        "up0 netlink mesh_tc_uplink",
+        "vt1 netlink mesh_tc_task",
+    ];
+    assert_eq!(on(&lab), want);
+    assert!(lab.tcp_request(WEB_TCP, "a").unwrap().starts_with("task1 "));
+
+    // kill -9: the filters stay (XDP goes with the process's link).
+    let pid = lab.meshd().unwrap().pid();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = lab.stop_meshd();
+    assert_eq!(
+        on(&lab),
+        ["up0 netlink mesh_tc_uplink", "vt1 netlink mesh_tc_task"],
+        "filters outlive a killed meshd"
+    );
+    // The next meshd replaces them in place: still one of each.
+    lab.start_meshd(&meshd, &netlink).unwrap();
+    assert_eq!(on(&lab), want);
+    assert!(lab.tcp_request(WEB_TCP, "b").unwrap().starts_with("task1 "));
+
+    // SIGTERM: filters gone. The qdisc stays here: the killed meshd added
+    // it, the one after found it (only what a meshd added itself goes).
+    assert!(lab.stop_meshd().unwrap().success());
+    assert_eq!(on(&lab), Vec::<String>::new());
+
+    // A meshd that adds the qdisc removes it.
+    mesh_tests::lab::exec(&lab.node_ns, "tc qdisc del dev up0 clsact").unwrap();
+    lab.start_meshd(&meshd, &netlink).unwrap();
+    assert!(qdisc(&lab).contains("clsact"));
+    assert!(lab.stop_meshd().unwrap().success());
+    assert!(
+        !qdisc(&lab).contains("clsact"),
+        "removed at exit: {}",
+        qdisc(&lab)
+    );
+}

@@ -80,7 +80,19 @@ fn run() -> Result<()> {
             say("running the whole test suite");
             let mut a = vec!["test", "--workspace", "--no-fail-fast"];
             a.extend(args[1..].iter().map(String::as_str));
-            cargo(&root, &a)
+            let all = cargo(&root, &a);
+            // This kernel has TCX; kernels before 6.6 attach TC through
+            // netlink. The end-to-end tests run in that mode too.
+            say(
+                "running the end-to-end tests again with TC attached through netlink (as before kernel 6.6)",
+            );
+            let mut e2e = vec!["test", "-p", "mesh-tests", "--no-fail-fast"];
+            for t in NETNS_TESTS {
+                e2e.extend(["--test", t]);
+            }
+            e2e.extend(args[1..].iter().map(String::as_str));
+            let netlink = cargo_env(&root, &e2e, &[("MESH_TEST_TC_ATTACH", "netlink")]);
+            all.and(netlink)
         }
         Some("bench") if args.get(1).map(String::as_str) == Some("micro") => {
             need_root("the benchmark loads BPF programs")?;
@@ -121,10 +133,18 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// The end-to-end test binaries (network namespaces, meshd attached).
+const NETNS_TESTS: &[&str] = &["netns_e2e", "netns_hardening", "netns_cluster"];
+
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
+    cargo_env(dir, args, &[])
+}
+
+fn cargo_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = Command::new(cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .status()
         .context("running cargo")?;

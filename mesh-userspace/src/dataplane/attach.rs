@@ -1,14 +1,16 @@
 //! Attaching the loaded programs: XDP and the delivery TC program on the
 //! uplink, the reply program on every port that leads to local tasks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::links::LinkOrder;
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use mesh_common::abi::*;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -21,33 +23,144 @@ pub enum XdpAttach {
     Generic,
 }
 
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (6.6 and later), netlink
+    /// filters on a clsact qdisc before.
+    Auto,
+    /// TCX links (kernel 6.6 or later).
+    Tcx,
+    /// Netlink filters on a clsact qdisc (any kernel meshd runs on).
+    Netlink,
+}
+
+impl TcAttach {
+    /// Auto decided for this kernel.
+    pub fn resolve(self) -> TcAttach {
+        match self {
+            TcAttach::Auto if tcx_available() => TcAttach::Tcx,
+            TcAttach::Auto => TcAttach::Netlink,
+            m => m,
+        }
+    }
+}
+
+fn tcx_available() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// Netlink filters meshd owns: this priority (before most others) and
+/// handle ("me":"sh") on each interface, so that a restarted meshd finds
+/// its own filter and replaces it in place.
+pub const TC_PRIORITY: u16 = 1;
+pub const TC_HANDLE: (u16, u16) = (0x6d65, 0x7368);
+
 /// The loaded object's programs and where they are attached. Dropping it
-/// detaches everything.
+/// detaches everything (and removes the clsact qdiscs meshd added, when
+/// nothing else uses them).
 pub struct Programs {
-    ebpf: Ebpf,
+    ebpf: Option<Ebpf>,
     /// Interfaces with the reply program, and their ifindex then.
     task_ifaces: BTreeMap<String, u32>,
+    tc: TcAttach,
+    /// Interfaces whose clsact qdisc meshd added.
+    clsact_added: BTreeSet<String>,
 }
 
 impl Programs {
-    pub fn new(ebpf: Ebpf) -> Self {
+    /// `tc` is the TC attach mode (`Auto` is resolved for this kernel).
+    pub fn new(ebpf: Ebpf, tc: TcAttach) -> Self {
         Self {
-            ebpf,
+            ebpf: Some(ebpf),
             task_ifaces: BTreeMap::new(),
+            tc: tc.resolve(),
+            clsact_added: BTreeSet::new(),
         }
     }
 
+    /// How TC programs are attached here.
+    pub fn tc_mode(&self) -> TcAttach {
+        self.tc
+    }
+
+    fn ebpf_ref(&self) -> &Ebpf {
+        self.ebpf.as_ref().expect("present until dropped")
+    }
+
+    /// Attaches TC program `prog` at ingress of `iface`, as the mode says.
+    fn attach_tc(&mut self, prog: &str, iface: &str) -> Result<()> {
+        let mode = self.tc;
+        if mode == TcAttach::Netlink {
+            match aya::programs::tc::qdisc_add_clsact(iface) {
+                Ok(()) => {
+                    self.clsact_added.insert(iface.to_string());
+                }
+                // It exists already (someone's, or a previous meshd's).
+                Err(aya::programs::tc::TcError::NetlinkError(e))
+                    if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("adding a clsact qdisc to {iface}"));
+                }
+            }
+        }
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .as_mut()
+            .expect("present until dropped")
+            .program_mut(prog)
+            .with_context(|| format!("program {prog} missing"))?
+            .try_into()?;
+        match mode {
+            TcAttach::Tcx | TcAttach::Auto => {
+                tc.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?;
+            }
+            TcAttach::Netlink => {
+                let handle = TcHandle::new(TC_HANDLE.0, TC_HANDLE.1);
+                // A filter of ours left by a meshd that did not exit
+                // cleanly is replaced in place, never removed and added
+                // (which would leave a moment without it).
+                let replaced = SchedClassifierLink::attached(
+                    iface,
+                    TcAttachType::Ingress,
+                    TC_PRIORITY,
+                    handle,
+                    None,
+                )
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(tc.attach_to_link(l)?));
+                if let Err(e) = replaced {
+                    debug!(%iface, "no filter of ours to replace ({e:#}); adding one");
+                    tc.attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: TC_PRIORITY,
+                            handle,
+                            classid: None,
+                        }),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
+        self.ebpf_ref()
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+        self.ebpf.as_mut().expect("present until dropped")
     }
 
     /// Attaches XDP and the delivery TC program to the uplink.
     pub fn attach_uplink(&mut self, iface: &str, mode: XdpAttach) -> Result<()> {
-        let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).unwrap().try_into()?;
+        let prog: &mut Xdp = self.ebpf_mut().program_mut(PROG_XDP).unwrap().try_into()?;
         match mode {
             XdpAttach::Native => {
                 prog.attach(iface, XdpMode::Driver)
@@ -65,10 +178,9 @@ impl Programs {
                 }
             }
         }
-        let tc: &mut SchedClassifier = self.ebpf.program_mut(PROG_TC_UPLINK).unwrap().try_into()?;
-        tc.attach(iface, TcAttachType::Ingress)
-            .with_context(|| format!("attaching TC ingress to {iface}"))?;
-        info!(%iface, "attached XDP and TC to the uplink");
+        self.attach_tc(PROG_TC_UPLINK, iface)
+            .with_context(|| format!("attaching TC ingress ({:?}) to {iface}", self.tc))?;
+        info!(%iface, tc = ?self.tc, "attached XDP and TC to the uplink");
         Ok(())
     }
 
@@ -85,15 +197,8 @@ impl Programs {
                 warn!("{e:#}: replies from tasks behind it will be dropped");
             }
             let r = self
-                .ebpf
-                .program_mut(PROG_TC_TASK)
-                .context("program missing")
-                .and_then(|p| {
-                    let tc: &mut SchedClassifier = p.try_into()?;
-                    tc.attach(iface, TcAttachType::Ingress)
-                        .with_context(|| format!("attaching TC ingress (replies) to {iface}"))?;
-                    Ok(())
-                });
+                .attach_tc(PROG_TC_TASK, iface)
+                .with_context(|| format!("attaching TC ingress (replies) to {iface}"));
             match r {
                 Ok(()) => {
                     info!(%iface, "attached the reply program");
@@ -106,7 +211,56 @@ impl Programs {
 
     pub fn floor_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
         Ok(BpfHashMap::try_from(
-            self.ebpf.map_mut(MAP_FLOOR).context("no floor map")?,
+            self.ebpf_mut().map_mut(MAP_FLOOR).context("no floor map")?,
         )?)
     }
+}
+
+impl Drop for Programs {
+    fn drop(&mut self) {
+        // Detach everything first (dropping the object does), then remove
+        // the clsact qdiscs meshd added where nothing else is attached.
+        drop(self.ebpf.take());
+        for iface in std::mem::take(&mut self.clsact_added) {
+            match remove_clsact_if_unused(&iface) {
+                Ok(true) => info!(%iface, "removed the clsact qdisc meshd added"),
+                Ok(false) => {}
+                Err(e) => warn!(%iface, "removing the clsact qdisc meshd added: {e:#}"),
+            }
+        }
+    }
+}
+
+/// Removes `iface`'s clsact qdisc if no filter is left on it; says whether
+/// it did. (The interface may be gone: then so is the qdisc.)
+fn remove_clsact_if_unused(iface: &str) -> Result<bool> {
+    if crate::net::ifindex(iface).is_none() {
+        return Ok(false);
+    }
+    for dir in ["ingress", "egress"] {
+        let out = std::process::Command::new("tc")
+            .args(["filter", "show", "dev", iface, dir])
+            .output()
+            .context("running tc (iproute2)")?;
+        if !out.status.success() {
+            bail!(
+                "tc filter show: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if !out.stdout.is_empty() {
+            return Ok(false);
+        }
+    }
+    let out = std::process::Command::new("tc")
+        .args(["qdisc", "del", "dev", iface, "clsact"])
+        .output()
+        .context("running tc (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "tc qdisc del: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(true)
 }

@@ -42,7 +42,7 @@ pub mod load;
 pub mod stats;
 pub mod writer;
 
-pub use attach::{Programs, XdpAttach};
+pub use attach::{Programs, TcAttach, XdpAttach};
 pub use load::BPF_OBJECT;
 pub use stats::StatsReader;
 pub use writer::{Applier, ApplyError, MapWriter, Writer};
@@ -62,12 +62,17 @@ impl Dataplane {
     /// most verbose aya-log level the programs emit (0 = off, 3 = info,
     /// 4 = debug).
     pub fn load(limits: Limits, bpf_log_level: u8) -> Result<Self> {
+        Self::load_with(limits, bpf_log_level, TcAttach::Auto)
+    }
+
+    /// As [`Dataplane::load`], attaching TC programs as `tc` says.
+    pub fn load_with(limits: Limits, bpf_log_level: u8, tc: TcAttach) -> Result<Self> {
         let mut loaded = load::load(&limits, bpf_log_level)?;
         // The reader first: the writer takes maps out of the object.
         let stats = StatsReader::new(&loaded.ebpf)?;
         let writer = MapWriter::new(&mut loaded.ebpf, &limits)?;
         Ok(Self {
-            programs: Programs::new(loaded.ebpf),
+            programs: Programs::new(loaded.ebpf, tc),
             applier: Applier::new(limits, writer),
             stats,
             logger: loaded.logger,

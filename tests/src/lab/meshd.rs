@@ -90,9 +90,76 @@ impl MeshdRun {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(mode) = tc_attach_override() {
+            a.extend(["--tc-attach".to_string(), mode]);
+        }
         a.extend(self.extra.iter().cloned());
         a
     }
+}
+
+/// `MESH_TEST_TC_ATTACH` (tcx, netlink): run every lab meshd with that
+/// TC attach mode (`cargo xtask test` runs the end-to-end tests in both).
+pub fn tc_attach_override() -> Option<String> {
+    std::env::var("MESH_TEST_TC_ATTACH")
+        .ok()
+        .filter(|m| !m.is_empty() && m != "auto")
+}
+
+/// How lab meshds attach TC programs: "netlink", or "tcx" (auto on this
+/// kernel).
+pub fn tc_mode() -> &'static str {
+    match tc_attach_override().as_deref() {
+        Some("netlink") => "netlink",
+        _ => "tcx",
+    }
+}
+
+/// What is attached in namespace `ns` to each of `devs`: "DEV xdp",
+/// "DEV tcx NAME" for TCX links, "DEV netlink NAME" for netlink filters
+/// (ingress).
+pub fn attached_programs(ns: &str, devs: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for &dev in devs {
+        let link = Command::new("ip")
+            .args(["-n", ns, "-d", "link", "show", dev])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if link.contains("prog/xdp") {
+            out.push(format!("{dev} xdp"));
+        }
+        let d = dev.to_string();
+        let tcx = super::in_netns(ns, move || {
+            aya::programs::SchedClassifier::query_tcx(&d, aya::programs::TcAttachType::Ingress).map(
+                |(_, progs)| {
+                    progs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                        .collect::<Vec<_>>()
+                },
+            )
+        })
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        out.extend(tcx.into_iter().map(|n| format!("{dev} tcx {n}")));
+        let filters = Command::new("ip")
+            .args([
+                "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "ingress",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        // One filter per line; its name may be printed more than once.
+        for name in filters
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("mesh_")))
+        {
+            out.push(format!("{dev} netlink {name}"));
+        }
+    }
+    out
 }
 
 #[derive(Default)]

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 pub use cluster::Cluster;
-pub use meshd::{ADMIN, Meshd, MeshdRun, http_get, meshd_path, parse_metric};
+pub use meshd::{
+    ADMIN, Meshd, MeshdRun, attached_programs, http_get, meshd_path, parse_metric, tc_mode,
+};
 pub use shell::{exec, guard_routes, in_netns, ip, sh, slot_namespaces};
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
 pub use task::{Conn, TCP_TARGET, TaskServer, UDP_TARGET};
