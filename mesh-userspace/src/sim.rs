@@ -86,17 +86,14 @@ impl Sim {
 }
 
 impl Tables for Sim {
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
-        self.services.get(key)
+    fn service(&self, key: &SvcKey) -> Option<SvcValue> {
+        self.services.get(key).copied()
     }
     fn is_node_addr4(&self, addr: u32) -> bool {
         self.node_addrs.contains(&addr)
     }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        // SAFETY: entries are only added or replaced through `ct_put`,
-        // never while a returned reference is alive within one `process`
-        // call (which reads before it writes).
-        unsafe { (*self.ct.as_ptr()).get(key) }
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        self.ct.borrow().get(key).copied()
     }
     fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
         self.ct.borrow_mut().insert(*key, *ct);
@@ -104,8 +101,8 @@ impl Tables for Sim {
     fn maglev(&self, index: u32) -> Option<u32> {
         self.maglev.get(index as usize).copied()
     }
-    fn backend(&self, id: u32) -> Option<&Backend> {
-        self.backends.get(&id)
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.get(&id).copied()
     }
     fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
         let mut s = self.stats.borrow_mut();
@@ -117,10 +114,10 @@ impl Tables for Sim {
 }
 
 impl RevTables for Sim {
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
-        self.replies.get(key)
+    fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
+        self.replies.get(key).copied()
     }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         Tables::ct_get(self, key)
     }
 }

@@ -16,11 +16,14 @@ use crate::icmp::{self, Quoted};
 use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_DADDR, L4_DPORT, L4Error};
 use crate::pkt::Pkt;
 
-/// The state the forward path reads and writes.
+/// The state the forward path reads and writes. Lookups return copies:
+/// the values are a few words, a BPF map value can change under a reader
+/// anyway, and an owned value needs no borrow of the tables (host
+/// implementations write through `&self` as BPF maps are written).
 pub trait Tables {
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue>;
+    fn service(&self, key: &SvcKey) -> Option<SvcValue>;
     fn is_node_addr4(&self, addr: u32) -> bool;
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue>;
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
     /// Record a new flow. Failure (a full map that is not LRU) is not
     /// fatal: the flow's next packet hashes the same way.
     fn ct_put(&self, key: &FlowKey4, ct: &CtValue);
@@ -28,7 +31,7 @@ pub trait Tables {
     fn maglev(&self, index: u32) -> Option<u32>;
     /// The backend in slot `id`, if the slot is in use (its generation
     /// is for the caller to compare).
-    fn backend(&self, id: u32) -> Option<&Backend>;
+    fn backend(&self, id: u32) -> Option<Backend>;
     fn account(&self, svc_id: u32, bytes: u64, new_flow: bool);
 }
 
@@ -71,7 +74,6 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     let Some(svc) = t.service(&key) else {
         return Verdict::Pass;
     };
-    let svc = *svc;
     let flow = FlowKey4 {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -90,7 +92,7 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         if let Some(be) = t.backend(id)
             && be.gen_ == gen_
         {
-            tracked = Some((id, *be));
+            tracked = Some((id, be));
         }
     }
     if !known && !t.is_node_addr4(ip.daddr) {
@@ -194,7 +196,7 @@ pub fn select<T: Tables>(
     let index = svc.table_off.wrapping_add(h % svc.table_size);
     let id = t.maglev(index).ok_or(DropReason::TableOutOfRange)?;
     let be = t.backend(id).ok_or(DropReason::BackendMissing)?;
-    Ok((id, *be))
+    Ok((id, be))
 }
 
 /// Rewrites the destination address and port, fixing the IPv4 header

@@ -25,17 +25,15 @@ const SVC_ID: u32 = 7;
 const M: u32 = 251;
 const TABLE_OFF: u32 = 1000;
 
-/// The maps, as hash maps. `ct`/`rev` are written through `&self` (as BPF
-/// maps are) while the traits hand out references tied to `&self`; values
-/// are leaked so those references stay valid when an entry is replaced
-/// (a few bytes per flow, in a test).
+/// The maps, as hash maps. `ct` is written through `&self`, as BPF maps
+/// are.
 #[derive(Default)]
 struct World {
     services: HashMap<SvcKey, SvcValue>,
     node_addrs: HashSet<u32>,
     backends: HashMap<u32, Backend>,
     maglev: HashMap<u32, u32>,
-    ct: RefCell<HashMap<FlowKey4, &'static CtValue>>,
+    ct: RefCell<HashMap<FlowKey4, CtValue>>,
     replies: HashMap<ReplyKey4, ReplyValue4>,
     stats: RefCell<HashMap<u32, SvcStats>>,
     /// Calls of `is_node_addr4`.
@@ -43,24 +41,24 @@ struct World {
 }
 
 impl Tables for World {
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
-        self.services.get(key)
+    fn service(&self, key: &SvcKey) -> Option<SvcValue> {
+        self.services.get(key).copied()
     }
     fn is_node_addr4(&self, addr: u32) -> bool {
         self.node_lookups.set(self.node_lookups.get() + 1);
         self.node_addrs.contains(&addr)
     }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         self.ct.borrow().get(key).copied()
     }
     fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
-        self.ct.borrow_mut().insert(*key, Box::leak(Box::new(*ct)));
+        self.ct.borrow_mut().insert(*key, *ct);
     }
     fn maglev(&self, index: u32) -> Option<u32> {
         self.maglev.get(&index).copied()
     }
-    fn backend(&self, id: u32) -> Option<&Backend> {
-        self.backends.get(&id)
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.get(&id).copied()
     }
     fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
         let mut s = self.stats.borrow_mut();
@@ -72,10 +70,10 @@ impl Tables for World {
 }
 
 impl RevTables for World {
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
-        self.replies.get(key)
+    fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
+        self.replies.get(key).copied()
     }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         Tables::ct_get(self, key)
     }
 }
@@ -306,7 +304,7 @@ fn tcp_flow_dnat_then_reply_snat() {
     );
 
     // Conntrack.
-    let ct = *w.ct.borrow()[&client_flow(&spec)];
+    let ct = w.ct.borrow()[&client_flow(&spec)];
     assert_eq!(
         ct,
         CtValue {

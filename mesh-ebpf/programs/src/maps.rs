@@ -60,13 +60,13 @@ pub struct Maps;
 
 impl Tables for Maps {
     #[inline(always)]
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
+    fn service(&self, key: &SvcKey) -> Option<SvcValue> {
         let i = port_index(key.proto, key.port_be)?;
         let slot = PORTS.get(i >> 1)?[(i & 1) as usize];
         if slot == 0 {
             return None;
         }
-        SERVICES.get(slot - 1)
+        SERVICES.get(slot - 1).copied()
     }
 
     #[inline(always)]
@@ -79,9 +79,10 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        // SAFETY: as above.
-        unsafe { CT4.get(key) }
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        // SAFETY: the value is copied at once; an entry another CPU
+        // replaces meanwhile yields the old or the new value.
+        unsafe { CT4.get(key) }.copied()
     }
 
     #[inline(always)]
@@ -99,11 +100,11 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn backend(&self, id: u32) -> Option<&Backend> {
+    fn backend(&self, id: u32) -> Option<Backend> {
         // A slot is rewritten only when no table names it: a reader coming
         // from a stale conntrack entry may see it change, and then either
         // a free slot or another generation (and moves the flow).
-        BACKENDS.get(id).filter(|b| b.flags != 0)
+        BACKENDS.get(id).filter(|b| b.flags != 0).copied()
     }
 
     #[inline(always)]
@@ -123,14 +124,13 @@ impl Tables for Maps {
 
 impl RevTables for Maps {
     #[inline(always)]
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
-        // SAFETY: replaced whole by user space.
-        unsafe { REPLY4.get(key) }
+    fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
+        // SAFETY: replaced whole by user space; copied at once.
+        unsafe { REPLY4.get(key) }.copied()
     }
 
     #[inline(always)]
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        // SAFETY: as in `Tables`.
-        unsafe { CT4.get(key) }
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        Tables::ct_get(self, key)
     }
 }
