@@ -13,7 +13,9 @@ use crate::abi::{
 use crate::csum;
 use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
-use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_DADDR, L4_DPORT, L4Error};
+use crate::parse::{
+    self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_HLEN_MIN, UDP_HLEN,
+};
 use crate::pkt::Pkt;
 
 /// The state the forward path reads and writes. Lookups return copies:
@@ -205,21 +207,21 @@ pub fn select<T: Tables>(
 fn dnat(pkt: &Pkt, ip: &parse::Ip4, addr: u32, port_be: u16) -> Option<()> {
     // Every bounds check before the first write: all or nothing. (The L4
     // header was validated against the datagram by `check_l4`.)
-    let ip_hdr = pkt.view::<{ ETH_HLEN + 20 }>(0)?;
+    let ip_hdr = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0)?;
     let ip_check: u16 = ip_hdr.get(ETH_HLEN + IP_CSUM);
     let set_ip = || {
         ip_hdr.set(ETH_HLEN + IP_DADDR, addr);
         ip_hdr.set(ETH_HLEN + IP_CSUM, csum::update32(ip_check, ip.daddr, addr));
     };
     if ip.proto == IPPROTO_UDP {
-        let l4 = pkt.view::<8>(ip.l4_off)?;
+        let l4 = pkt.view::<UDP_HLEN>(ip.l4_off)?;
         let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::UDP_CSUM));
         let new = csum::update48(check, ip.daddr, addr, old_port, port_be);
         set_ip();
         l4.set(L4_DPORT, port_be);
         l4.set(parse::UDP_CSUM, csum::udp_fixup(check, new));
     } else {
-        let l4 = pkt.view::<20>(ip.l4_off)?;
+        let l4 = pkt.view::<TCP_HLEN_MIN>(ip.l4_off)?;
         let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::TCP_CSUM));
         set_ip();
         l4.set(L4_DPORT, port_be);
