@@ -18,7 +18,9 @@ use mesh_userspace::plan::Limits;
 use mesh_userspace::sim::Sim;
 use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
 
-use crate::packet::{IcmpErrSpec, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums_ok};
+use crate::packet::{
+    IcmpErrSpec, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, UdpCsum, checksums_ok,
+};
 
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
 pub const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 2);
@@ -202,7 +204,7 @@ pub fn all() -> Vec<Fixture> {
     v.push(local(
         "tcp_ip_options",
         Spec {
-            ip_options: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0],
+            ip_opts: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0],
             ..Spec::tcp(CLIENT, 40002, NODE, WEB_TCP, TCP_SYN)
         },
         8080,
@@ -220,7 +222,7 @@ pub fn all() -> Vec<Fixture> {
     v.push(local(
         "udp_no_checksum",
         Spec {
-            udp_no_csum: true,
+            udp_csum: UdpCsum::None,
             ..Spec::udp(CLIENT, 5002, NODE, WEB_UDP, b"x")
         },
         5353,

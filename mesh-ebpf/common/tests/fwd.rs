@@ -2,23 +2,23 @@
 //! `rev::snat_full`) end to end, over hash-map tables: DNAT to the Maglev
 //! pick, replies SNATed back to the published address, checksums checked
 //! by full recomputation, conntrack stickiness and re-picks.
-#![cfg(feature = "user")]
-
-mod util;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 
 use mesh_common::abi::*;
 use mesh_common::fwd::{self, Tables, Verdict};
 use mesh_common::hash::flow_hash4;
 use mesh_common::maglev;
+use mesh_common::parse::ETH_HLEN;
 use mesh_common::pkt::Pkt;
 use mesh_common::rev::{self, RevTables};
-use util::{ETH, Rng, Spec, UdpCsum, View, build};
+use mesh_common::testing::Rng;
+use mesh_common::testing::frame::{Spec, TCP_ACK, UdpCsum, View};
 
-const NODE: [u8; 4] = [198, 18, 0, 1];
-const OTHER_NODE_ADDR: [u8; 4] = [198, 18, 0, 2];
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const OTHER_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const PUBLISHED: u16 = 8080;
 const TARGET: u16 = 80;
 const SVC_ID: u32 = 7;
@@ -78,13 +78,13 @@ impl RevTables for World {
     }
 }
 
-fn raw(a: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(a)
+fn raw(a: impl Into<Ipv4Addr>) -> u32 {
+    u32::from_ne_bytes(a.into().octets())
 }
 
 /// Backend `i` of the test service: 198.18.1.i:80, on this node.
-fn be_addr(i: u32) -> [u8; 4] {
-    [198, 18, 1, i as u8]
+fn be_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, i as u8)
 }
 
 fn be_id(i: u32) -> u32 {
@@ -116,10 +116,7 @@ impl World {
     fn publish(&mut self, proto: u8, idx: &[u32]) {
         let keys: Vec<String> = idx
             .iter()
-            .map(|&i| {
-                let a = be_addr(i);
-                format!("{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], TARGET)
-            })
+            .map(|&i| format!("{}:{}", be_addr(i), TARGET))
             .collect();
         // Reply entries, as the planner writes them: both node addresses.
         for &i in idx {
@@ -186,15 +183,18 @@ impl World {
 
     /// Backend `process` must pick for a new flow, from the table alone
     /// (independently of `fwd::select`).
-    fn expected_pick(&self, client: [u8; 4], sport: u16, proto: u8) -> u32 {
+    fn expected_pick(&self, client: impl Into<Ipv4Addr>, sport: u16, proto: u8) -> u32 {
         let svc = self.services[&SvcKey::new(PUBLISHED, proto)];
         let h = flow_hash4(raw(client), sport.to_be(), PUBLISHED.to_be(), proto);
         self.maglev[&(svc.table_off + h % svc.table_size)]
     }
 
-    fn backend_of(&self, id: u32) -> ([u8; 4], u16) {
+    fn backend_of(&self, id: u32) -> (Ipv4Addr, u16) {
         let b = self.backends[&id];
-        (b.addr[0].to_ne_bytes(), u16::from_be(b.port_be))
+        (
+            Ipv4Addr::from(b.addr[0].to_ne_bytes()),
+            u16::from_be(b.port_be),
+        )
     }
 }
 
@@ -223,7 +223,7 @@ fn client_flow(spec: &Spec) -> FlowKey4 {
 /// exactly the client's frame with the destination replaced by the
 /// backend (so every checksum equals a full recomputation).
 fn forward(w: &World, spec: &Spec) -> Verdict {
-    let mut f = build(spec);
+    let mut f = spec.build();
     let before = f.clone();
     let v = w.process(&mut f);
     match v {
@@ -234,7 +234,7 @@ fn forward(w: &World, spec: &Spec) -> Verdict {
             want.dport = port;
             assert_eq!(
                 f,
-                build(&want),
+                want.build(),
                 "DNATed frame differs from a rebuilt one: {spec:?}"
             );
             let view = View(&f);
@@ -263,7 +263,7 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
     r.payload = rng.bytes(plen);
     r.tcp_opts = Vec::new();
     r.ip_opts = Vec::new();
-    let mut f = build(&r);
+    let mut f = r.build();
 
     let pkt = Pkt::from_slice(&mut f);
     let rep = rev::lookup(&pkt, w).expect("reply of a tracked flow is found");
@@ -275,7 +275,7 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
     let mut want = r.clone();
     want.saddr = spec.daddr;
     want.sport = PUBLISHED;
-    assert_eq!(f, build(&want), "SNATed reply differs from a rebuilt one");
+    assert_eq!(f, want.build(), "SNATed reply differs from a rebuilt one");
     let view = View(&f);
     assert_eq!(view.saddr(), spec.daddr);
     assert_eq!(view.sport(), PUBLISHED);
@@ -288,10 +288,10 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
 fn tcp_flow_dnat_then_reply_snat() {
     let w = world(IPPROTO_TCP, 5);
     let mut rng = Rng::new(1);
-    let spec = Spec::tcp([198, 19, 113, 5], 40000, NODE, PUBLISHED)
+    let spec = Spec::tcp([198, 19, 113, 5], 40000, NODE, PUBLISHED, TCP_ACK)
         .payload(b"GET / HTTP/1.1\r\n\r\n".to_vec());
     let want = w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP);
-    let len = build(&spec).len() as u64;
+    let len = spec.build().len() as u64;
 
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: want });
     assert_eq!(
@@ -334,12 +334,12 @@ fn tcp_flow_dnat_then_reply_snat() {
 
     // A reply that is not of a tracked flow is not ours.
     for (sport, dport) in [(TARGET, 40001), (TARGET + 1, 40000)] {
-        let mut f = build(&Spec::tcp(baddr, sport, spec.saddr, dport));
+        let mut f = Spec::tcp(baddr, sport, spec.saddr, dport, TCP_ACK).build();
         assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w), None);
     }
     // Nor is a tracked flow's reply with a broken L4 header.
-    let mut f = build(&Spec::tcp(baddr, TARGET, spec.saddr, spec.sport));
-    f[ETH + 20 + 12] = 4 << 4;
+    let mut f = Spec::tcp(baddr, TARGET, spec.saddr, spec.sport, TCP_ACK).build();
+    f[ETH_HLEN + 20 + 12] = 4 << 4;
     assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w), None);
 }
 
@@ -369,7 +369,7 @@ fn random_flows_round_trip() {
                 spec.tcp_opts.clear();
             }
             // Short frames come padded to the Ethernet minimum.
-            let len = build(&spec).len();
+            let len = spec.build().len();
             if len < 60 {
                 spec.pad = 60 - len;
                 padded += 1;
@@ -395,7 +395,7 @@ fn random_flows_round_trip() {
 fn conntrack_pins_flow_across_table_change() {
     let mut w = world(IPPROTO_TCP, 5);
     let mut rng = Rng::new(3);
-    let spec = Spec::tcp([198, 19, 113, 9], 50000, NODE, PUBLISHED).payload(vec![1; 33]);
+    let spec = Spec::tcp([198, 19, 113, 9], 50000, NODE, PUBLISHED, TCP_ACK).payload(vec![1; 33]);
     let Verdict::Local { backend_id: first } = forward(&w, &spec) else {
         panic!()
     };
@@ -414,7 +414,7 @@ fn conntrack_pins_flow_across_table_change() {
     reply(&w, &spec, first, &mut rng);
 
     // A new flow goes by the new table.
-    let fresh = Spec::tcp([198, 19, 113, 9], 50001, NODE, PUBLISHED);
+    let fresh = Spec::tcp([198, 19, 113, 9], 50001, NODE, PUBLISHED, TCP_ACK);
     assert_eq!(forward(&w, &fresh), Verdict::Local { backend_id: other });
     assert_eq!(w.stats().new_flows, 2);
 
@@ -422,7 +422,15 @@ fn conntrack_pins_flow_across_table_change() {
     // pick changed stay where they were.
     let mut w = world(IPPROTO_TCP, 5);
     let specs: Vec<Spec> = (0..300)
-        .map(|i| Spec::tcp([203, 0, 114, (i % 250) as u8], 20000 + i, NODE, PUBLISHED))
+        .map(|i| {
+            Spec::tcp(
+                [203, 0, 114, (i % 250) as u8],
+                20000 + i,
+                NODE,
+                PUBLISHED,
+                TCP_ACK,
+            )
+        })
         .collect();
     let before: Vec<u32> = specs
         .iter()
@@ -455,7 +463,7 @@ fn conntrack_pins_flow_across_table_change() {
 fn removed_backend_flow_is_repicked() {
     let mut w = world(IPPROTO_UDP, 4);
     let mut rng = Rng::new(4);
-    let spec = Spec::udp([198, 19, 113, 77], 33333, NODE, PUBLISHED).payload(vec![2; 21]);
+    let spec = Spec::udp([198, 19, 113, 77], 33333, NODE, PUBLISHED, &[]).payload(vec![2; 21]);
     let Verdict::Local { backend_id: old } = forward(&w, &spec) else {
         panic!()
     };
@@ -493,7 +501,7 @@ fn removed_backend_flow_is_repicked() {
 fn established_flow_skips_node_address_lookup() {
     let mut w = world(IPPROTO_TCP, 3);
     let mut rng = Rng::new(5);
-    let spec = Spec::tcp([198, 19, 113, 50], 45000, NODE, PUBLISHED).payload(vec![3; 10]);
+    let spec = Spec::tcp([198, 19, 113, 50], 45000, NODE, PUBLISHED, TCP_ACK).payload(vec![3; 10]);
     let Verdict::Local { backend_id } = forward(&w, &spec) else {
         panic!()
     };
@@ -504,13 +512,13 @@ fn established_flow_skips_node_address_lookup() {
     w.node_addrs.remove(&raw(NODE));
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id });
     reply(&w, &spec, backend_id, &mut rng);
-    let fresh = Spec::tcp([198, 19, 113, 50], 45001, NODE, PUBLISHED);
+    let fresh = Spec::tcp([198, 19, 113, 50], 45001, NODE, PUBLISHED, TCP_ACK);
     assert_eq!(forward(&w, &fresh), Verdict::Pass);
     assert_eq!(w.stats().new_flows, 1);
 
     // Established flows still get their L4 header checked.
-    let mut f = build(&spec);
-    f[ETH + 20 + 12] = 2 << 4;
+    let mut f = spec.build();
+    f[ETH_HLEN + 20 + 12] = 2 << 4;
     assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4BadLength));
 }
 
@@ -523,35 +531,38 @@ fn verdicts_for_other_traffic() {
     // Another port, another protocol on the published port, another
     // destination address.
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 1, NODE, PUBLISHED + 1)),
+        forward(&w, &Spec::tcp(client, 1, NODE, PUBLISHED + 1, TCP_ACK)),
         Verdict::Pass
     );
     assert_eq!(
-        forward(&w, &Spec::udp(client, 1, NODE, PUBLISHED)),
+        forward(&w, &Spec::udp(client, 1, NODE, PUBLISHED, &[])),
         Verdict::Pass
     );
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 1, [198, 18, 0, 3], PUBLISHED)),
+        forward(
+            &w,
+            &Spec::tcp(client, 1, [198, 18, 0, 3], PUBLISHED, TCP_ACK)
+        ),
         Verdict::Pass
     );
 
     // Fragments to the service: the first is dropped, later ones pass.
-    let mut s = Spec::tcp(client, 1, NODE, PUBLISHED).payload(vec![0; 16]);
+    let mut s = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).payload(vec![0; 16]);
     s.frag = 0x2000;
     assert_eq!(forward(&w, &s), Verdict::Drop(DropReason::Fragment));
     s.frag = 0x0003;
     assert_eq!(forward(&w, &s), Verdict::Pass);
 
     // Broken TCP header to the service.
-    let mut f = build(&Spec::tcp(client, 1, NODE, PUBLISHED));
-    f[ETH + 20 + 12] = 3 << 4;
+    let mut f = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).build();
+    f[ETH_HLEN + 20 + 12] = 3 << 4;
     assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4BadLength));
-    let mut f = build(&Spec::tcp(client, 1, NODE, PUBLISHED));
-    f[ETH + 20 + 12] = 6 << 4;
+    let mut f = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).build();
+    f[ETH_HLEN + 20 + 12] = 6 << 4;
     assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4Truncated));
 
     // A service whose backend is remote.
-    let spec = Spec::tcp(client, 2, NODE, PUBLISHED);
+    let spec = Spec::tcp(client, 2, NODE, PUBLISHED, TCP_ACK);
     let id = w.expected_pick(client, 2, IPPROTO_TCP);
     w.backends.get_mut(&id).unwrap().flags = BE_F_REMOTE;
     assert_eq!(forward(&w, &spec), Verdict::Drop(DropReason::RemoteBackend));
@@ -562,14 +573,14 @@ fn verdicts_for_other_traffic() {
         .unwrap()
         .table_off = 1_000_000;
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 3, NODE, PUBLISHED)),
+        forward(&w, &Spec::tcp(client, 3, NODE, PUBLISHED, TCP_ACK)),
         Verdict::Drop(DropReason::TableOutOfRange)
     );
 
     // No backend at all.
     w.publish(IPPROTO_TCP, &[]);
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 4, NODE, PUBLISHED)),
+        forward(&w, &Spec::tcp(client, 4, NODE, PUBLISHED, TCP_ACK)),
         Verdict::Drop(DropReason::NoBackend)
     );
     assert_eq!(w.stats().packets, 0);
