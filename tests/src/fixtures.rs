@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use mesh_common::abi::{DropReason, XDP_META_MAGIC};
-use mesh_common::fwd::{self, Verdict};
+use mesh_common::fwd::{self, Tables, Verdict};
 use mesh_common::pkt::Pkt;
 use mesh_userspace::dataplane::Dataplane;
 use mesh_userspace::desired::Desired;
@@ -441,10 +441,10 @@ fn maglev_pick(
         _pad: [0; 3],
     };
     let svc = world
-        .services
-        .get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
+        .maps
+        .service(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
         .ok_or(format!("{}: no service", fx.name))?;
-    fwd::select(world, svc, &flow)
+    fwd::select(&world.maps, &svc, &flow)
         .map(|(_, be)| be)
         .map_err(|r| format!("{}: select {r:?}", fx.name))
 }
@@ -533,13 +533,18 @@ pub fn host_world() -> Sim {
 /// Runs a fixture through the shared logic on the host.
 pub fn run_host(sim: &Sim, fx: &Fixture) -> Outcome {
     let mut buf = fx.input.clone();
-    let v = fwd::process(&Pkt::from_slice(&mut buf), sim);
+    let v = fwd::process(&Pkt::from_slice(&mut buf), &sim.maps);
     let expect = match v {
         Verdict::Pass => Expect::Pass,
         Verdict::Drop(r) => Expect::Drop(r),
         Verdict::Local { .. } if buf.len() > 23 && buf[23] == 1 => Expect::LocalIcmp,
         Verdict::Local { backend_id } => Expect::Local {
-            target: u16::from_be(sim.backends[&backend_id].port_be),
+            target: u16::from_be(
+                sim.maps
+                    .backend(backend_id)
+                    .expect("a delivered packet's backend")
+                    .port_be,
+            ),
         },
     };
     Outcome {

@@ -20,7 +20,7 @@ fn every_fixture_holds_on_the_host_logic() {
         failures.join("\n")
     );
     // Conntrack: the established fixtures found the SYN's entry.
-    assert!(sim.ct.borrow().len() >= 2);
+    assert!(sim.maps.ct().len() >= 2);
     let _ = fixtures::NODE;
 }
 
@@ -57,7 +57,7 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
     let node = Ipv4Addr::new(198, 18, 128, 1);
     let send = |sim: &Sim, sport: u16, flags: u8| {
         let mut f = Spec::tcp(Ipv4Addr::new(198, 18, 200, 7), sport, node, 30080, flags).build();
-        let v = fwd::process(&Pkt::from_slice(&mut f), sim);
+        let v = fwd::process(&Pkt::from_slice(&mut f), &sim.maps);
         (v, Ipv4Addr::new(f[30], f[31], f[32], f[33]))
     };
     // A flow on 198.18.129.3.
@@ -80,9 +80,9 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
         .unwrap();
     assert_eq!(new_slot, old_slot, "the slot is reused");
     let flows = |sim: &Sim| {
-        sim.stats
-            .borrow()
-            .values()
+        sim.maps
+            .all_stats()
+            .iter()
             .map(|s| s.new_flows)
             .sum::<u64>()
     };
