@@ -273,6 +273,11 @@ impl Dataplane {
                 BpfHashMap::<_, ReplyKey4, ReplyValue4>::try_from(map(&mut self.bpf, MAP_REPLY4)?)?
                     .remove(k),
             )?,
+            Op::PutNode(slot, n) => {
+                Array::<_, NodeValue>::try_from(map(&mut self.bpf, MAP_NODES)?)?.set(*slot, n, 0)?
+            }
+            Op::DelNode(slot) => Array::<_, NodeValue>::try_from(map(&mut self.bpf, MAP_NODES)?)?
+                .set(*slot, NodeValue::default(), 0)?,
         }
         Ok(())
     }

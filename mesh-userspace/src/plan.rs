@@ -54,6 +54,10 @@ pub enum Op {
     DelNodeAddr(u32),
     PutReply(ReplyKey4, ReplyValue4),
     DelReply(ReplyKey4),
+    /// Fill node slot `.0` (`Backend::node_id` names it).
+    PutNode(u32, NodeValue),
+    /// Free node slot `.0` (all zero).
+    DelNode(u32),
 }
 
 /// How long the reply entry of a removed backend stays.

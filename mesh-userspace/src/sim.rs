@@ -6,6 +6,7 @@
 //! kernel: `fwd::process(&pkt, &sim.maps)`.
 
 use anyhow::Result;
+use mesh_common::abi::DEFAULT_MAX_NODES;
 use mesh_common::testing::{HostMaps, Sizes};
 
 use crate::desired::Desired;
@@ -22,6 +23,7 @@ impl Sim {
             max_services: limits.max_services,
             max_backends: limits.max_backends,
             maglev_entries: limits.maglev_entries(),
+            max_nodes: DEFAULT_MAX_NODES,
         });
         Self {
             planner: Planner::new(limits),
@@ -55,6 +57,8 @@ impl Sim {
             Op::DelNodeAddr(a) => m.del_node_addr(a),
             Op::PutReply(k, v) => m.put_reply(k, v)?,
             Op::DelReply(k) => m.del_reply(&k),
+            Op::PutNode(slot, n) => m.put_node(slot, n)?,
+            Op::DelNode(slot) => m.del_node(slot)?,
         }
         Ok(())
     }

@@ -73,3 +73,26 @@ fn root_node_addresses_follow_the_state() {
     assert!(bpf.dp.apply(&d).is_err());
     assert!(meta(&bpf, NODE, 50007), "the last good state still serves");
 }
+
+/// The node map is in the object with the layout user space writes
+/// (`NodeValue`, `DEFAULT_MAX_NODES` slots).
+#[test]
+fn root_the_node_map_holds_node_values() {
+    use aya::maps::Array;
+    use mesh_common::abi::{DEFAULT_MAX_NODES, FAMILY_V4, MAP_NODES, NODE_F_SELF, NodeValue};
+
+    let mut bpf = BpfWorld::new().unwrap();
+    let mut nodes: Array<_, NodeValue> =
+        Array::try_from(bpf.dp.ebpf_mut().map_mut(MAP_NODES).expect("the node map")).unwrap();
+    assert_eq!(nodes.len(), DEFAULT_MAX_NODES);
+    let n = NodeValue {
+        addr: [u32::from_ne_bytes([198, 18, 128, 1]), 0, 0, 0],
+        family: FAMILY_V4,
+        flags: NODE_F_SELF,
+        gen_: 1,
+        ..Default::default()
+    };
+    nodes.set(DEFAULT_MAX_NODES - 1, n, 0).unwrap();
+    assert_eq!(nodes.get(&(DEFAULT_MAX_NODES - 1), 0).unwrap(), n);
+    assert!(nodes.set(DEFAULT_MAX_NODES, n, 0).is_err());
+}

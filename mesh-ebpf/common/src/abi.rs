@@ -36,6 +36,10 @@ pub const MAP_REPLY4: &str = "MESH_REPLY4_V1";
 pub const MAP_SVC_STATS: &str = "MESH_SVCST_V1";
 /// Drop counters, per CPU: `DropReason` -> `u64`.
 pub const MAP_DROPS: &str = "MESH_DROPS_V1";
+/// The swarm's nodes by slot: an array of `NodeValue`; a free slot is all
+/// zero (`gen_ == 0`). `Backend::node_id` is a slot here. Nothing reads it
+/// yet; forwarding to tasks on other nodes will.
+pub const MAP_NODES: &str = "MESH_NODES_V1";
 /// Used only by the `floor_lookup` benchmark program.
 pub const MAP_FLOOR: &str = "MESH_FLOOR";
 
@@ -59,6 +63,7 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
 pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
 pub const MAX_NODE_ADDRS: u32 = 16;
+pub const DEFAULT_MAX_NODES: u32 = 1024;
 pub const MAX_DROP_REASONS: u32 = 64;
 
 /// A published port and protocol. Docker publishes a port on every node
@@ -139,7 +144,9 @@ pub struct Backend {
     pub _pad0: u8,
     /// `BE_F_*` flags.
     pub flags: u32,
-    /// Node the task runs on (index in the daemon's node list).
+    /// The node the task runs on: its slot in `MAP_NODES`, stable while
+    /// the node stays in the swarm (user space allocates node slots with
+    /// generations, as it does backend slots).
     pub node_id: u32,
     /// Generation of the slot (from 1; 0 in a free slot).
     pub gen_: u32,
@@ -152,6 +159,28 @@ pub const FAMILY_V6: u8 = 6;
 pub const BE_F_LOCAL: u32 = 1 << 0;
 /// The task runs on another node: forward (not implemented yet).
 pub const BE_F_REMOTE: u32 = 1 << 1;
+
+/// A node of the swarm, in its slot of `MAP_NODES`. Slots are reused,
+/// each time with the next generation, as backend slots are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeValue {
+    /// The node's address as raw network-order bytes; IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad0: [u8; 3],
+    /// `NODE_F_*` flags.
+    pub flags: u32,
+    /// Generation of the slot (from 1; 0 in a free slot).
+    pub gen_: u32,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<NodeValue>() == 32);
+
+/// This node (the one the programs run on). Other bits are reserved for
+/// later flags.
+pub const NODE_F_SELF: u32 = 1 << 0;
 
 /// A flow as seen in one direction, IPv4. Addresses and ports are the
 /// packet's raw bytes (network order).
@@ -317,4 +346,5 @@ mod pod {
     unsafe impl aya::Pod for ReplyKey4 {}
     unsafe impl aya::Pod for ReplyValue4 {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for NodeValue {}
 }

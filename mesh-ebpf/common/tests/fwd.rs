@@ -52,6 +52,7 @@ impl World {
             max_services: SVC_ID + 1,
             max_backends: 256,
             maglev_entries: 2 * (SVC_ID + 1) * M,
+            max_nodes: 4,
         });
         maps.put_node_addr(raw(NODE)).unwrap();
         maps.put_node_addr(raw(OTHER_NODE_ADDR)).unwrap();

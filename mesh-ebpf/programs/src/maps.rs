@@ -47,6 +47,11 @@ pub static SVC_STATS: PerCpuArray<SvcStats> =
 #[map(name = "MESH_DROPS_V1")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
 
+/// The swarm's nodes by slot (`Backend::node_id`). Not read yet: the
+/// forwarding to other nodes will.
+#[map(name = "MESH_NODES_V1")]
+pub static NODES: Array<NodeValue> = Array::with_max_entries(DEFAULT_MAX_NODES, 0);
+
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(p) = DROPS.get_ptr_mut(reason as u32) {

@@ -1,6 +1,6 @@
 //! The BPF maps on the host: plain collections in the kernel maps' shapes
-//! (the port array, service and backend slots, one flat Maglev array, the
-//! node-address set), implementing [`Tables`] and [`RevTables`] the way
+//! (the port array, service, backend and node slots, one flat Maglev
+//! array, the node-address set), implementing [`Tables`] and [`RevTables`] the way
 //! `mesh-ebpf/programs/src/maps.rs` does. Host tests, fixtures and the
 //! simulation therefore exercise the lookups the kernel makes, not a
 //! friendlier model of them.
@@ -29,6 +29,8 @@ pub struct Sizes {
     /// Entries of `MAP_MAGLEV` (rounded up to a pair, as the kernel's
     /// array of pairs is).
     pub maglev_entries: u32,
+    /// Node slots (`MAP_NODES`).
+    pub max_nodes: u32,
 }
 
 /// A write the kernel would refuse too.
@@ -73,6 +75,8 @@ pub struct HostMaps {
     replies: HashMap<ReplyKey4, ReplyValue4>,
     /// `MAP_SVC_STATS`, by svc id (one CPU).
     stats: RefCell<Vec<SvcStats>>,
+    /// `MAP_NODES`, by slot; a free slot is all zero.
+    nodes: Vec<NodeValue>,
     /// Calls of `is_node_addr4`, for tests of which lookups a path makes.
     node_addr_lookups: Cell<u64>,
 }
@@ -90,6 +94,7 @@ impl HostMaps {
             ct: RefCell::default(),
             replies: HashMap::new(),
             stats: RefCell::new(vec![SvcStats::default(); sizes.max_services as usize]),
+            nodes: vec![NodeValue::default(); sizes.max_nodes as usize],
             node_addr_lookups: Cell::new(0),
         }
     }
@@ -193,6 +198,16 @@ impl HostMaps {
         Ok(())
     }
 
+    pub fn put_node(&mut self, slot: u32, node: NodeValue) -> Result<(), MapError> {
+        *at(&mut self.nodes, MAP_NODES, slot)? = node;
+        Ok(())
+    }
+
+    /// Frees node slot `slot` (all zero).
+    pub fn del_node(&mut self, slot: u32) -> Result<(), MapError> {
+        self.put_node(slot, NodeValue::default())
+    }
+
     /// Empties conntrack.
     pub fn clear_ct(&mut self) {
         self.ct.get_mut().clear();
@@ -214,6 +229,11 @@ impl HostMaps {
     /// Backend slot `id` as stored, free or not.
     pub fn backend_slot(&self, id: u32) -> Option<Backend> {
         self.backends.get(id as usize).copied()
+    }
+
+    /// Node slot `slot` as stored, free or not.
+    pub fn node(&self, slot: u32) -> Option<NodeValue> {
+        self.nodes.get(slot as usize).copied()
     }
 
     pub fn node_addrs(&self) -> &[u32; MAX_NODE_ADDRS as usize] {
