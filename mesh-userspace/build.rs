@@ -1,9 +1,10 @@
-//! Builds the BPF object (mesh-ebpf/programs) for bpfel-unknown-none with
+//! Builds the BPF objects (mesh-ebpf/programs) for bpfel-unknown-none with
 //! Debian's rustc, which ships a prebuilt `core` for BPF (no rust-src is
-//! needed; see ../shared/TOOLCHAIN.md), and exposes its path to the crate
-//! as MESH_BPF_OBJ for `include_bytes!`.
+//! needed; see ../shared/TOOLCHAIN.md), and exposes their paths to the
+//! crate for `include_bytes!`: MESH_BPF_OBJ (the dataplane) and
+//! MESH_FLOOR_OBJ (the benchmark's floor programs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -24,7 +25,7 @@ fn main() {
     let rustc = std::env::var("MESH_BPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
     println!("cargo:rerun-if-env-changed=MESH_BPF_CARGO");
     println!("cargo:rerun-if-env-changed=MESH_BPF_RUSTC");
-    if !std::path::Path::new(&cargo).exists() || !std::path::Path::new(&rustc).exists() {
+    if !Path::new(&cargo).exists() || !Path::new(&rustc).exists() {
         panic!(
             "building the BPF programs needs Debian's cargo and rustc ({cargo}, {rustc}) with the \
              BPF core library; run `cargo xtask setup` (or `cargo xtask test`/`demo`, which run it)"
@@ -68,6 +69,8 @@ fn main() {
     if !status.success() {
         panic!("building the BPF programs failed ({status}); see the errors above");
     }
-    let obj = target_dir.join("bpfel-unknown-none/release/mesh");
+    let out = target_dir.join("bpfel-unknown-none/release");
+    let (obj, floor) = (out.join("mesh"), out.join("mesh-floor"));
     println!("cargo:rustc-env=MESH_BPF_OBJ={}", obj.display());
+    println!("cargo:rustc-env=MESH_FLOOR_OBJ={}", floor.display());
 }

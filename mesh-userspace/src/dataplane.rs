@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, PerCpuArray, PerCpuValues};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::abi::*;
@@ -22,6 +22,8 @@ use crate::state::Proto;
 
 /// The compiled BPF object.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_BPF_OBJ"));
+/// The benchmark's floor programs (their own object; meshd never loads it).
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_FLOOR_OBJ"));
 
 /// How the XDP program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -87,14 +89,12 @@ impl Dataplane {
                 None
             }
         };
-        for name in [PROG_XDP, PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP] {
-            let p: &mut Xdp = bpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing"))?
-                .try_into()?;
-            p.load()
-                .with_context(|| format!("the verifier refused {name}"))?;
-        }
+        let xdp: &mut Xdp = bpf
+            .program_mut(PROG_XDP)
+            .with_context(|| format!("program {PROG_XDP} missing"))?
+            .try_into()?;
+        xdp.load()
+            .with_context(|| format!("the verifier refused {PROG_XDP}"))?;
         for name in [PROG_TC_UPLINK, PROG_TC_TASK] {
             let p: &mut SchedClassifier = bpf
                 .program_mut(name)
@@ -309,10 +309,6 @@ impl Dataplane {
             out.push((r, v.iter().sum()));
         }
         Ok(out)
-    }
-
-    pub fn floor_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
-        Ok(BpfHashMap::try_from(self.bpf.map_mut(MAP_FLOOR).unwrap())?)
     }
 }
 

@@ -8,11 +8,13 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use mesh_common::abi::{DropReason, XDP_META_MAGIC};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::abi::{DropReason, FLOOR_PROG_NAMES, MAP_FLOOR, XDP_META_MAGIC};
 use mesh_common::fwd::{self, Tables, Verdict};
 use mesh_common::pkt::Pkt;
-use mesh_userspace::dataplane::Dataplane;
+use mesh_userspace::dataplane::{Dataplane, FLOOR_OBJECT};
 use mesh_userspace::desired::Desired;
 use mesh_userspace::plan::Limits;
 use mesh_userspace::sim::Sim;
@@ -584,38 +586,9 @@ impl BpfWorld {
         })
     }
 
-    /// Runs XDP program `prog` once on `input` (repeat = 1).
+    /// Runs XDP program `prog` of the dataplane once on `input` (repeat = 1).
     pub fn run_xdp(&self, prog: &str, input: &[u8]) -> Result<Run> {
-        let p: &Xdp = self
-            .dp
-            .ebpf()
-            .program(prog)
-            .context("no such program")?
-            .try_into()?;
-        let mut out = vec![0u8; input.len() + 256];
-        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx_in = [0u8; 24];
-        ctx_in[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
-        let mut ctx_out = [0u8; 24];
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        let data = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
-        let meta_off = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()) as usize;
-        let meta_len = data.saturating_sub(meta_off);
-        let meta = out[..meta_len.min(out.len())].to_vec();
-        let output = out[meta_len.min(out.len())..].to_vec();
-        Ok(Run {
-            ret: r.return_value,
-            output,
-            meta,
-            ns: r.duration.as_nanos() as u64,
-        })
+        test_run_xdp(self.dp.ebpf(), prog, input)
     }
 
     /// Runs a fixture through `mesh_xdp`.
@@ -665,6 +638,76 @@ impl BpfWorld {
             .enumerate()
             .find(|(i, (_, n))| *n > prev.get(*i).copied().unwrap_or(0))
             .map(|(_, (r, _))| *r))
+    }
+}
+
+/// Runs XDP program `prog` of `bpf` once on `input` (repeat = 1).
+pub fn test_run_xdp(bpf: &Ebpf, prog: &str, input: &[u8]) -> Result<Run> {
+    let p: &Xdp = bpf
+        .program(prog)
+        .with_context(|| format!("no program {prog}"))?
+        .try_into()?;
+    let mut out = vec![0u8; input.len() + 256];
+    // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let mut ctx_in = [0u8; 24];
+    ctx_in[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+    let mut ctx_out = [0u8; 24];
+    let r = p.test_run(TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    let data = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
+    let meta_off = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()) as usize;
+    let meta_len = data.saturating_sub(meta_off);
+    let meta = out[..meta_len.min(out.len())].to_vec();
+    let output = out[meta_len.min(out.len())..].to_vec();
+    Ok(Run {
+        ret: r.return_value,
+        output,
+        meta,
+        ns: r.duration.as_nanos() as u64,
+    })
+}
+
+/// The benchmark's floor programs (`floor_pass`, `floor_lookup` and their
+/// map), loaded from their own object: the dataplane's object does not
+/// carry them.
+pub struct Floors {
+    bpf: Ebpf,
+}
+
+impl Floors {
+    /// Loads the floor object and its programs (needs root).
+    pub fn load() -> Result<Self> {
+        let mut bpf = EbpfLoader::new()
+            .load(FLOOR_OBJECT)
+            .context("loading the floor object (needs root)")?;
+        for name in FLOOR_PROG_NAMES {
+            let p: &mut Xdp = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the verifier refused {name}"))?;
+        }
+        Ok(Self { bpf })
+    }
+
+    /// `floor_lookup`'s table: a frame whose destination port (raw,
+    /// network order) is a key here is a hit (XDP_TX).
+    pub fn map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
+        Ok(BpfHashMap::try_from(
+            self.bpf.map_mut(MAP_FLOOR).context("no floor map")?,
+        )?)
+    }
+
+    /// Runs floor program `prog` once on `input` (repeat = 1).
+    pub fn run_xdp(&self, prog: &str, input: &[u8]) -> Result<Run> {
+        test_run_xdp(&self.bpf, prog, input)
     }
 }
 

@@ -96,3 +96,33 @@ fn root_the_node_map_holds_node_values() {
     assert_eq!(nodes.get(&(DEFAULT_MAX_NODES - 1), 0).unwrap(), n);
     assert!(nodes.set(DEFAULT_MAX_NODES, n, 0).is_err());
 }
+
+/// The benchmark's floor programs load from their own object; the
+/// dataplane's object does not carry them.
+#[test]
+fn root_the_floor_programs_are_their_own_object() {
+    use mesh_common::abi::{MAP_FLOOR, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS};
+    use mesh_tests::fixtures::{CLIENT, Floors, NODE, WEB_TCP, XDP_PASS};
+    use mesh_tests::packet::{Spec, TCP_ACK};
+
+    let bpf = BpfWorld::new().unwrap();
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_PASS).is_none());
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_LOOKUP).is_none());
+    assert!(bpf.dp.ebpf().map(MAP_FLOOR).is_none());
+
+    let mut floors = Floors::load().unwrap();
+    let ack = Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, TCP_ACK).build();
+    assert_eq!(floors.run_xdp(PROG_FLOOR_PASS, &ack).unwrap().ret, XDP_PASS);
+    assert_eq!(
+        floors.run_xdp(PROG_FLOOR_LOOKUP, &ack).unwrap().ret,
+        XDP_PASS,
+        "a miss passes"
+    );
+    floors
+        .map()
+        .unwrap()
+        .insert(WEB_TCP.to_be() as u32, 1, 0)
+        .unwrap();
+    const XDP_TX: u32 = 3;
+    assert_eq!(floors.run_xdp(PROG_FLOOR_LOOKUP, &ack).unwrap().ret, XDP_TX);
+}

@@ -40,15 +40,19 @@ pub const MAP_DROPS: &str = "MESH_DROPS_V1";
 /// zero (`gen_ == 0`). `Backend::node_id` is a slot here. Nothing reads it
 /// yet; forwarding to tasks on other nodes will.
 pub const MAP_NODES: &str = "MESH_NODES_V1";
-/// Used only by the `floor_lookup` benchmark program.
-pub const MAP_FLOOR: &str = "MESH_FLOOR";
 
 /// Program names in the object.
 pub const PROG_XDP: &str = "mesh_xdp";
 pub const PROG_TC_UPLINK: &str = "mesh_tc_uplink";
 pub const PROG_TC_TASK: &str = "mesh_tc_task";
+
+/// The benchmark's floor programs, in their own object (`mesh-floor`, not
+/// the dataplane's): one that only passes, one that parses and does one
+/// lookup in `MAP_FLOOR`.
 pub const PROG_FLOOR_PASS: &str = "floor_pass";
 pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
+pub const MAP_FLOOR: &str = "MESH_FLOOR";
+pub const FLOOR_PROG_NAMES: &[&str] = &[PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;

@@ -2,13 +2,12 @@
 //! meets them: `xdp` (uplink, client to service), `tc_uplink` (uplink,
 //! delivery into the task), `tc_task` (the task's replies, back to the
 //! client); `fib` is the routing and redirect both TC programs end with,
-//! and `maps` holds the state they all share. Plus `floor` (benchmark
-//! baselines).
+//! and `maps` holds the state they all share. (The benchmark's floor
+//! programs are another object: floor.rs, the `mesh-floor` binary.)
 #![no_std]
 #![no_main]
 
 mod fib;
-mod floor;
 mod maps;
 mod tc_task;
 mod tc_uplink;
