@@ -41,10 +41,41 @@ pub const MAP_DROPS: &str = "MESH_DROPS_V1";
 /// yet; forwarding to tasks on other nodes will.
 pub const MAP_NODES: &str = "MESH_NODES_V1";
 
+/// Every map of the dataplane's object. The build checks the object
+/// against this list (mesh-userspace/build.rs): each name is in it, and it
+/// has no other map (but aya-log's, [`LOG_MAP_NAMES`]).
+pub const MAP_NAMES: &[&str] = &[
+    MAP_PORTS,
+    MAP_SERVICES,
+    MAP_NODE_ADDR4,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_CT4,
+    MAP_REPLY4,
+    MAP_SVC_STATS,
+    MAP_DROPS,
+    MAP_NODES,
+];
+
+// The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN, with the
+// NUL): a longer name would be cut and no longer found by its full name.
+const _: () = {
+    let mut i = 0;
+    while i < MAP_NAMES.len() {
+        assert!(MAP_NAMES[i].len() <= 15, "a map name longer than 15 bytes");
+        i += 1;
+    }
+};
+
+/// Maps aya-log adds to an object that logs.
+pub const LOG_MAP_NAMES: &[&str] = &["AYA_LOGS"];
+
 /// Program names in the object.
 pub const PROG_XDP: &str = "mesh_xdp";
 pub const PROG_TC_UPLINK: &str = "mesh_tc_uplink";
 pub const PROG_TC_TASK: &str = "mesh_tc_task";
+/// Every program of the dataplane's object (checked like [`MAP_NAMES`]).
+pub const PROG_NAMES: &[&str] = &[PROG_XDP, PROG_TC_UPLINK, PROG_TC_TASK];
 
 /// The benchmark's floor programs, in their own object (`mesh-floor`, not
 /// the dataplane's): one that only passes, one that parses and does one
@@ -53,6 +84,7 @@ pub const PROG_FLOOR_PASS: &str = "floor_pass";
 pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
 pub const MAP_FLOOR: &str = "MESH_FLOOR";
 pub const FLOOR_PROG_NAMES: &[&str] = &[PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP];
+pub const FLOOR_MAP_NAMES: &[&str] = &[MAP_FLOOR];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
