@@ -4,6 +4,10 @@
 //! are exactly the ones `mesh_common::abi` names, and exposes their paths
 //! to the crate for `include_bytes!`: MESH_BPF_OBJ (the dataplane) and
 //! MESH_FLOOR_OBJ (the benchmark's floor programs).
+//!
+//! MESH_BPF_SKIP=1 builds against empty objects instead, for editors and
+//! linters on machines without the BPF toolchain; such a build cannot load
+//! a dataplane.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -25,6 +29,11 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
+    println!("cargo:rerun-if-env-changed=MESH_BPF_SKIP");
+    if std::env::var("MESH_BPF_SKIP").as_deref() == Ok("1") {
+        skip();
+        return;
+    }
     let target_dir = root.join("target/bpf");
     let cargo = std::env::var("MESH_BPF_CARGO").unwrap_or_else(|_| "/usr/bin/cargo".into());
     let rustc = std::env::var("MESH_BPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
@@ -33,7 +42,9 @@ fn main() {
     if !Path::new(&cargo).exists() || !Path::new(&rustc).exists() {
         panic!(
             "building the BPF programs needs Debian's cargo and rustc ({cargo}, {rustc}) with the \
-             BPF core library; run `cargo xtask setup` (or `cargo xtask test`/`demo`, which run it)"
+             BPF core library; run `cargo xtask setup` (or `cargo xtask test`/`demo`, which run it). \
+             To check or lint user space without them, set MESH_BPF_SKIP=1 (the result cannot \
+             load a dataplane)"
         );
     }
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap();
@@ -94,6 +105,19 @@ fn main() {
     );
     println!("cargo:rustc-env=MESH_BPF_OBJ={}", obj.display());
     println!("cargo:rustc-env=MESH_FLOOR_OBJ={}", floor.display());
+}
+
+/// Empty objects in place of the real ones.
+fn skip() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let empty = out.join("skipped-bpf-object");
+    std::fs::write(&empty, []).expect("write an empty object");
+    println!(
+        "cargo:warning=MESH_BPF_SKIP=1: built without the BPF objects (for editors and \
+         linters); this build cannot load a dataplane"
+    );
+    println!("cargo:rustc-env=MESH_BPF_OBJ={}", empty.display());
+    println!("cargo:rustc-env=MESH_FLOOR_OBJ={}", empty.display());
 }
 
 /// Fails the build unless the object at `path` has exactly the maps

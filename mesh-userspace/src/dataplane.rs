@@ -70,6 +70,12 @@ impl Dataplane {
     /// most verbose aya-log level the programs emit (0 = off, 3 = info,
     /// 4 = debug).
     pub fn load(limits: Limits, bpf_log_level: u8) -> Result<Self> {
+        if BPF_OBJECT.is_empty() {
+            bail!(
+                "this meshd has no BPF programs: it was built with MESH_BPF_SKIP=1 (for editors \
+                 and linters only); rebuild without MESH_BPF_SKIP"
+            );
+        }
         limits.validate()?;
         raise_memlock();
         let mut loader = EbpfLoader::new();

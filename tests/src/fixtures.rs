@@ -683,6 +683,10 @@ pub struct Floors {
 impl Floors {
     /// Loads the floor object and its programs (needs root).
     pub fn load() -> Result<Self> {
+        anyhow::ensure!(
+            !FLOOR_OBJECT.is_empty(),
+            "this build has no floor object: it was built with MESH_BPF_SKIP=1"
+        );
         let mut bpf = EbpfLoader::new()
             .load(FLOOR_OBJECT)
             .context("loading the floor object (needs root)")?;
