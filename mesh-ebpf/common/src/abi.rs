@@ -300,6 +300,8 @@ const _: () = assert!(size_of::<SvcStats>() == 24);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct XdpMeta {
     pub magic: u32,
+    /// The backend slot XDP picked: TC routes to its address (and drops
+    /// the packet if the slot is no longer a local backend).
     pub backend_id: u32,
 }
 const _: () = assert!(size_of::<XdpMeta>() == 8);
@@ -334,10 +336,14 @@ pub enum DropReason {
     RewriteFailed = 9,
     /// Maglev table offset outside the map (user-space bug).
     TableOutOfRange = 10,
+    /// TC: the backend XDP delivered the packet to (`XdpMeta`) is no
+    /// longer a local backend: its slot was freed or reused between the
+    /// two programs.
+    StaleBackend = 11,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -349,6 +355,7 @@ impl DropReason {
         DropReason::FibLookupFailed,
         DropReason::RewriteFailed,
         DropReason::TableOutOfRange,
+        DropReason::StaleBackend,
     ];
 
     /// The Prometheus label value.
@@ -365,6 +372,7 @@ impl DropReason {
             DropReason::FibLookupFailed => "fib_lookup_failed",
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::TableOutOfRange => "table_out_of_range",
+            DropReason::StaleBackend => "stale_backend",
         }
     }
 }
