@@ -15,7 +15,7 @@ use mesh_common::abi::{
     XDP_META_MAGIC,
 };
 use mesh_tests::fixtures::{BpfWorld, CLIENT, Floors, NODE, Run, WEB_TCP, XDP_PASS};
-use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, checksums_ok};
+use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
 use mesh_userspace::desired::{BackendKey, Desired, DesiredService};
 use mesh_userspace::plan::Limits;
 use mesh_userspace::state::{DEFAULT_PORT_RANGE, Proto, State};
@@ -120,8 +120,7 @@ impl Expect {
                     r.meta
                 );
                 let o = &r.output;
-                let daddr = Ipv4Addr::new(o[30], o[31], o[32], o[33]);
-                let dport = u16::from_be_bytes([o[36], o[37]]);
+                let (daddr, dport) = (View(o).daddr(), View(o).dport());
                 ensure!(
                     tasks.contains(&daddr),
                     "delivered to {daddr}, not a task of the service"

@@ -31,7 +31,7 @@ fn every_fixture_holds_on_the_host_logic() {
 fn a_reused_backend_slot_does_not_inherit_stale_flows() {
     use mesh_common::fwd::{self, Verdict};
     use mesh_common::pkt::Pkt;
-    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN};
+    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View};
     use mesh_userspace::desired::Desired;
     use mesh_userspace::sim::Sim;
     use mesh_userspace::state::{DEFAULT_PORT_RANGE, State};
@@ -58,7 +58,7 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
     let send = |sim: &Sim, sport: u16, flags: u8| {
         let mut f = Spec::tcp(Ipv4Addr::new(198, 18, 200, 7), sport, node, 30080, flags).build();
         let v = fwd::process(&Pkt::from_slice(&mut f), &sim.maps);
-        (v, Ipv4Addr::new(f[30], f[31], f[32], f[33]))
+        (v, View(&f).daddr())
     };
     // A flow on 198.18.129.3.
     let sport = (40000..41000)
