@@ -91,9 +91,9 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_P_IP: u16 = 0x0800;
 
-/// Compile-time defaults for map sizes; the daemon overrides them at load.
-/// Maglev memory is `8 * max_services * maglev_size` bytes (two tables per
-/// service): 33.5 MiB with these defaults.
+/// Default map sizes; the daemon sets them at load. Maglev memory is
+/// `8 * max_services * maglev_size` bytes (two tables per service): 32 MiB
+/// with these defaults.
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;

@@ -4,7 +4,8 @@
 //! flow, node address check -> L4 checks -> Maglev (new or re-picked
 //! flows) -> DNAT to the task -> counters.
 //! Written once, generic over [`Tables`]: the kernel backs it with BPF
-//! maps, host tests and fixtures with hash maps.
+//! maps, host tests and fixtures with `testing::HostMaps` (the same
+//! shapes, in plain collections).
 
 use crate::abi::{
     BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,

@@ -28,6 +28,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 /// Memory-mappable, so user space writes whole tables with a memcpy. Array
 /// elements are 8-byte aligned, so entries are stored in pairs: entry `i`
 /// is `MAGLEV[i / 2][i % 2]`, and the mapping is a flat `u32` array.
+/// The size in the object (two tables of 1021 entries per service, in
+/// pairs) is a placeholder: the daemon sizes it for `--maglev-size`.
 #[map(name = "MESH_MAGLEV_V1")]
 pub static MAGLEV: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
