@@ -11,10 +11,11 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use clap::{Parser, Subcommand};
 use mesh_common::abi::{
-    CtValue, FlowKey4, MAP_CT4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP, XDP_META_MAGIC,
+    CtValue, FLOOR_PROG_NAMES, FlowKey4, MAP_CT4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP,
+    XDP_META_MAGIC,
 };
-use mesh_tests::fixtures::{BpfWorld, CLIENT, NODE, Run, WEB_TCP, XDP_PASS};
-use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, checksums_ok};
+use mesh_tests::fixtures::{BpfWorld, CLIENT, Floors, NODE, Run, WEB_TCP, XDP_PASS};
+use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
 use mesh_userspace::desired::{BackendKey, Desired, DesiredService};
 use mesh_userspace::model::{Proto, StateBuilder};
 use mesh_userspace::plan::Limits;
@@ -119,8 +120,7 @@ impl Expect {
                     r.meta
                 );
                 let o = &r.output;
-                let daddr = Ipv4Addr::new(o[30], o[31], o[32], o[33]);
-                let dport = u16::from_be_bytes([o[36], o[37]]);
+                let (daddr, dport) = (View(o).daddr(), View(o).dport());
                 ensure!(
                     tasks.contains(&daddr),
                     "delivered to {daddr}, not a task of the service"
@@ -207,9 +207,22 @@ struct Case {
 struct World {
     name: &'static str,
     bpf: BpfWorld,
+    /// The floor programs, run in this world's cases (they have their own
+    /// object and map; the world's maps do not matter to them).
+    floors: Option<Floors>,
     limits: Limits,
     services: usize,
     backends: usize,
+}
+
+impl World {
+    /// One test run of `prog`: a floor program or one of the dataplane's.
+    fn run_xdp(&self, prog: &str, frame: &[u8]) -> Result<Run> {
+        match &self.floors {
+            Some(f) if FLOOR_PROG_NAMES.contains(&prog) => f.run_xdp(prog, frame),
+            _ => self.bpf.run_xdp(prog, frame),
+        }
+    }
 }
 
 fn tasks() -> Vec<Ipv4Addr> {
@@ -286,6 +299,7 @@ fn load(name: &'static str, limits: Limits, d: &Desired) -> Result<World> {
     Ok(World {
         name,
         bpf,
+        floors: None,
         services: d.services.len(),
         backends: backend_count(d),
         limits,
@@ -337,7 +351,7 @@ fn batch(w: &mut World, c: &mut Case, n: usize) -> Result<u64> {
     let mut total = 0u64;
     for i in 0..n {
         let frame = c.frames.next()?;
-        let r = w.bpf.run_xdp(c.prog, frame)?;
+        let r = w.run_xdp(c.prog, frame)?;
         c.expect
             .check(&r)
             .with_context(|| format!("{}: call {i}", c.name))?;
@@ -513,13 +527,13 @@ fn micro(a: MicroArgs) -> Result<()> {
     ];
     let (w_base, w_new, w_10k) = (0, 1, 2);
     {
+        let mut floors = Floors::load()?;
         let key = WEB_TCP.to_be() as u32;
-        worlds[w_base]
-            .bpf
-            .dp
-            .floor_map()?
+        floors
+            .map()?
             .insert(key, 1, 0)
             .context("filling MESH_FLOOR")?;
+        worlds[w_base].floors = Some(floors);
     }
     open_flow(&worlds[w_base])?;
     open_flow(&worlds[w_10k])?;
@@ -615,7 +629,7 @@ fn micro(a: MicroArgs) -> Result<()> {
         let w = &mut worlds[c.world];
         c.frames.rewind();
         let input = c.frames.next()?.to_vec();
-        let r = w.bpf.run_xdp(c.prog, &input)?;
+        let r = w.run_xdp(c.prog, &input)?;
         c.expect
             .check_full(&input, &r, &tasks())
             .with_context(|| format!("{}: first call", c.name))?;

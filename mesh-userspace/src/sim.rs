@@ -1,134 +1,65 @@
 //! The dataplane's state on the host: the same plan the kernel maps get,
-//! applied to hash maps that implement the shared packet logic's table
-//! traits. Unit tests, fixtures and tools run the real forward and reply
-//! logic on it without a kernel.
-
-use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+//! written the way [`crate::dataplane`] writes it, to
+//! [`mesh_common::testing::HostMaps`] (the maps in the kernel's shapes,
+//! implementing the shared logic's table traits). Unit tests, fixtures and
+//! tools run the real forward and reply logic on `sim.maps` without a
+//! kernel: `fwd::process(&pkt, &sim.maps)`.
 
 use anyhow::Result;
-use mesh_common::abi::*;
-use mesh_common::fwd::Tables;
-use mesh_common::rev::RevTables;
+use mesh_common::testing::{HostMaps, Sizes};
 
 use crate::desired::Desired;
 use crate::plan::{Limits, Op, Planner, Report};
 
 pub struct Sim {
     pub planner: Planner,
-    pub services: HashMap<SvcKey, SvcValue>,
-    pub node_addrs: HashSet<u32>,
-    pub backends: HashMap<u32, Backend>,
-    pub nodes: HashMap<u32, NodeValue>,
-    pub maglev: Vec<u32>,
-    pub ct: RefCell<HashMap<FlowKey4, CtValue>>,
-    pub replies: HashMap<ReplyKey4, ReplyValue4>,
-    pub stats: RefCell<HashMap<u32, SvcStats>>,
+    pub maps: HostMaps,
 }
 
 impl Sim {
     pub fn new(limits: Limits) -> Self {
-        let n = limits.maglev_entries() as usize;
+        let maps = HostMaps::new(Sizes {
+            max_services: limits.max_services,
+            max_backends: limits.max_backends,
+            reply_entries: limits.reply_entries(),
+            maglev_entries: limits.maglev_entries(),
+            max_nodes: limits.max_nodes,
+        });
         Self {
             planner: Planner::new(limits),
-            services: HashMap::new(),
-            node_addrs: HashSet::new(),
-            backends: HashMap::new(),
-            nodes: HashMap::new(),
-            maglev: vec![0; n],
-            ct: RefCell::default(),
-            replies: HashMap::new(),
-            stats: RefCell::default(),
+            maps,
         }
     }
 
+    /// Plans `d` and carries the plan out, as `Dataplane::apply` does.
     pub fn apply(&mut self, d: &Desired) -> Result<Report> {
         let (ops, report) = self.planner.plan(d)?;
         for op in ops {
-            self.exec(op);
+            self.exec(op)?;
         }
         Ok(report)
     }
 
-    pub fn exec(&mut self, op: Op) {
+    /// One write, as `Dataplane::exec` makes it to the kernel maps.
+    pub fn exec(&mut self, op: Op) -> Result<()> {
+        let m = &mut self.maps;
         match op {
-            Op::PutNode(id, n) => {
-                self.nodes.insert(id, n);
+            Op::PutBackend(id, b) => m.put_backend(id, b)?,
+            Op::DelBackend(id) => m.del_backend(id)?,
+            Op::WriteTable { offset, table } => m.write_table(offset, &table)?,
+            Op::ResetStats(id) => m.reset_stats(id)?,
+            Op::PutService { key, slot, value } => {
+                m.put_service(slot, value)?;
+                m.switch_port(&key, slot)?;
             }
-            Op::DelNode(id) => {
-                self.nodes.remove(&id);
-            }
-            Op::PutBackend(id, b) => {
-                self.backends.insert(id, b);
-            }
-            Op::DelBackend(id) => {
-                self.backends.remove(&id);
-            }
-            Op::WriteTable { offset, table } => {
-                let o = offset as usize;
-                self.maglev[o..o + table.len()].copy_from_slice(&table);
-            }
-            Op::ResetStats(id) => {
-                self.stats.borrow_mut().remove(&id);
-            }
-            Op::PutService { key, value, .. } => {
-                self.services.insert(key, value);
-            }
-            Op::DelService(k) => {
-                self.services.remove(&k);
-            }
-            Op::PutNodeAddr(a) => {
-                self.node_addrs.insert(a);
-            }
-            Op::DelNodeAddr(a) => {
-                self.node_addrs.remove(&a);
-            }
-            Op::PutReply(k, v) => {
-                self.replies.insert(k, v);
-            }
-            Op::DelReply(k) => {
-                self.replies.remove(&k);
-            }
+            Op::DelService(k) => m.del_port(&k)?,
+            Op::PutNodeAddr(a) => m.put_node_addr(a)?,
+            Op::DelNodeAddr(a) => m.del_node_addr(a),
+            Op::PutReply(k, v) => m.put_reply(k, v)?,
+            Op::DelReply(k) => m.del_reply(&k),
+            Op::PutNode(slot, n) => m.put_node(slot, n)?,
+            Op::DelNode(slot) => m.del_node(slot)?,
         }
-    }
-}
-
-impl Tables for Sim {
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
-        self.services.get(key)
-    }
-    fn is_node_addr4(&self, addr: u32) -> bool {
-        self.node_addrs.contains(&addr)
-    }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        // SAFETY: entries are only added or replaced through `ct_put`,
-        // never while a returned reference is alive within one `process`
-        // call (which reads before it writes).
-        unsafe { (*self.ct.as_ptr()).get(key) }
-    }
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
-        self.ct.borrow_mut().insert(*key, *ct);
-    }
-    fn maglev(&self, index: u32) -> Option<u32> {
-        self.maglev.get(index as usize).copied()
-    }
-    fn backend(&self, id: u32) -> Option<&Backend> {
-        self.backends.get(&id)
-    }
-    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
-        let mut s = self.stats.borrow_mut();
-        let e = s.entry(svc_id).or_default();
-        e.packets += 1;
-        e.bytes += bytes;
-        e.new_flows += new_flow as u64;
-    }
-}
-
-impl RevTables for Sim {
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
-        self.replies.get(key)
-    }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        Tables::ct_get(self, key)
+        Ok(())
     }
 }

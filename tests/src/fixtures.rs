@@ -1,24 +1,37 @@
 //! The behaviour of the forward path as data, in the manner of Katran's
 //! testing fixtures: a name, an input frame, the verdict and the output
 //! bytes expected, over one fixed table content (the "world"). The same
-//! fixtures run against the host logic (`run_host`), through
-//! BPF_PROG_TEST_RUN against the real object (`BpfWorld::run`), and as the
-//! micro-benchmark's inputs.
+//! fixtures run against the host logic (`run_host`) and through
+//! BPF_PROG_TEST_RUN against the real object (`BpfWorld::run`).
+//!
+//! The micro-benchmark (bench/) builds its own worlds and frames; it
+//! shares this module's loaders, `BpfWorld` and `Floors`.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use mesh_common::abi::{DropReason, XDP_META_MAGIC};
-use mesh_common::fwd::{self, Verdict};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::abi::{
+    DropReason, FLOOR_PROG_NAMES, IPPROTO_ICMP, MAP_FLOOR, XDP_META_MAGIC, XdpMeta,
+};
+use mesh_common::fwd::{self, Tables, Verdict};
+use mesh_common::parse::{
+    ETH_HLEN, ETH_TYPE, IP_CSUM, IP_HLEN_MIN, IP_PROTO, IP_TOT_LEN, IP_VER_IHL, TCP_DOFF,
+    TCP_HLEN_MIN, UDP_LEN,
+};
 use mesh_common::pkt::Pkt;
-use mesh_userspace::dataplane::Dataplane;
+use mesh_userspace::dataplane::{Dataplane, FLOOR_OBJECT};
 use mesh_userspace::desired::Desired;
 use mesh_userspace::model::{Proto, State, StateBuilder};
 use mesh_userspace::plan::Limits;
 use mesh_userspace::sim::Sim;
 
-use crate::packet::{IcmpErrSpec, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, checksums_ok};
+use crate::packet::{
+    IcmpErrSpec, SRC_MAC, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, UdpCsum, View,
+    checksums_ok, ethernet,
+};
 
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
 pub const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 2);
@@ -95,17 +108,28 @@ pub struct Fixture {
     pub expect: Expect,
 }
 
+/// Frame offsets of the IPv4 header's fields (no Ethernet options).
+const VER_IHL: usize = ETH_HLEN + IP_VER_IHL;
+const TOT_LEN: usize = ETH_HLEN + IP_TOT_LEN;
+const PROTO: usize = ETH_HLEN + IP_PROTO;
+const IP_CHECK: usize = ETH_HLEN + IP_CSUM;
+/// Frame offset of the TCP/UDP header behind an IPv4 header without
+/// options.
+const L4: usize = ETH_HLEN + IP_HLEN_MIN;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+
 fn fix_ip_csum(f: &mut [u8]) {
-    let ihl = ((f[14] & 0x0f) as usize * 4).max(20);
-    f[24] = 0;
-    f[25] = 0;
-    let end = (14 + ihl).min(f.len());
-    let c = mesh_common::csum::checksum(&f[14..end], 0);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let hlen = ((f[VER_IHL] & 0x0f) as usize * 4).max(IP_HLEN_MIN);
+    f[IP_CHECK..IP_CHECK + 2].fill(0);
+    let end = (ETH_HLEN + hlen).min(f.len());
+    let c = mesh_common::csum::checksum(&f[ETH_HLEN..end], 0);
+    f[IP_CHECK..IP_CHECK + 2].copy_from_slice(&c.to_be_bytes());
 }
 
-fn set_tot_len(f: &mut [u8], len: u16) {
-    f[16..18].copy_from_slice(&len.to_be_bytes());
+/// Sets the IPv4 total length (and the header checksum to match).
+fn set_tot_len(f: &mut [u8], len: usize) {
+    f[TOT_LEN..TOT_LEN + 2].copy_from_slice(&(len as u16).to_be_bytes());
     fix_ip_csum(f);
 }
 
@@ -184,7 +208,7 @@ pub fn all() -> Vec<Fixture> {
     v.push(local(
         "tcp_ip_options",
         Spec {
-            ip_options: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0],
+            ip_opts: vec![0x94, 0x04, 0, 0, 1, 1, 1, 0],
             ..Spec::tcp(CLIENT, 40002, NODE, WEB_TCP, TCP_SYN)
         },
         8080,
@@ -202,7 +226,7 @@ pub fn all() -> Vec<Fixture> {
     v.push(local(
         "udp_no_checksum",
         Spec {
-            udp_no_csum: true,
+            udp_csum: UdpCsum::None,
             ..Spec::udp(CLIENT, 5002, NODE, WEB_UDP, b"x")
         },
         5353,
@@ -249,51 +273,50 @@ pub fn all() -> Vec<Fixture> {
         Expect::Pass,
     ));
     {
-        let mut arp = vec![0xffu8; 6];
-        arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
-        arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-        arp.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
-        arp.extend_from_slice(&CLIENT.octets());
-        arp.extend_from_slice(&[0; 6]);
-        arp.extend_from_slice(&NODE.octets());
+        // Who has NODE? Tell CLIENT (Ethernet, IPv4, request).
+        let mut req = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        req.extend_from_slice(&SRC_MAC);
+        req.extend_from_slice(&CLIENT.octets());
+        req.extend_from_slice(&[0; 6]);
+        req.extend_from_slice(&NODE.octets());
+        let arp = ethernet([0xff; 6], SRC_MAC, ETH_P_ARP, &req);
         v.push(raw("arp_request", arp, Expect::Pass));
     }
     v.push(raw(
         "icmp_echo",
+        // Echo request (type 8), identifier and sequence 0.
         Spec {
-            proto: 1,
             payload: vec![8, 0, 0xf7, 0xff, 0, 0, 0, 0],
-            ..Spec::tcp(CLIENT, 0, NODE, 0, 0)
+            ..Spec::new(IPPROTO_ICMP, CLIENT, 0, NODE, 0)
         }
         .build(),
         Expect::Pass,
     ));
     {
         let mut v6 = Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, TCP_SYN).build();
-        v6[12] = 0x86;
-        v6[13] = 0xdd;
+        v6[ETH_TYPE..ETH_TYPE + 2].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
         v.push(raw("ipv6_ethertype", v6, Expect::Pass));
     }
     v.push(raw("truncated_ethernet", vec![0xff; 10], Expect::Pass));
     {
         let mut f = tcp(TCP_SYN).build();
-        f.truncate(14 + 12);
+        f.truncate(ETH_HLEN + 12);
         v.push(raw("truncated_ipv4_header", f, Expect::Pass));
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        f[14] = 0x44;
+        f[VER_IHL] = 0x44;
         fix_ip_csum(&mut f);
         v.push(raw("ipv4_ihl_below_5", f, Expect::Pass));
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        f[14] = 0x65;
+        f[VER_IHL] = 0x65;
         v.push(raw("ip_version_6_in_ipv4_frame", f, Expect::Pass));
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        set_tot_len(&mut f, 20 + 20 + 100);
+        set_tot_len(&mut f, IP_HLEN_MIN + TCP_HLEN_MIN + 100);
         v.push(raw("total_length_longer_than_frame", f, Expect::Pass));
     }
     {
@@ -303,8 +326,8 @@ pub fn all() -> Vec<Fixture> {
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        set_tot_len(&mut f, 20 + 10);
-        f.truncate(14 + 30);
+        set_tot_len(&mut f, IP_HLEN_MIN + 10);
+        f.truncate(L4 + 10);
         v.push(raw(
             "truncated_tcp_header",
             f,
@@ -313,13 +336,13 @@ pub fn all() -> Vec<Fixture> {
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        set_tot_len(&mut f, 20 + 2);
-        f.truncate(14 + 22);
+        set_tot_len(&mut f, IP_HLEN_MIN + 2);
+        f.truncate(L4 + 2);
         v.push(raw("tcp_ports_cut", f, Expect::Pass));
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        f[14 + 20 + 12] = 4 << 4;
+        f[L4 + TCP_DOFF] = 4 << 4;
         v.push(raw(
             "tcp_data_offset_below_5",
             f,
@@ -328,7 +351,7 @@ pub fn all() -> Vec<Fixture> {
     }
     {
         let mut f = tcp(TCP_SYN).build();
-        f[14 + 20 + 12] = 15 << 4;
+        f[L4 + TCP_DOFF] = 15 << 4;
         v.push(raw(
             "tcp_data_offset_past_end",
             f,
@@ -337,8 +360,8 @@ pub fn all() -> Vec<Fixture> {
     }
     {
         let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"").build();
-        set_tot_len(&mut f, 20 + 4);
-        f.truncate(14 + 24);
+        set_tot_len(&mut f, IP_HLEN_MIN + 4);
+        f.truncate(L4 + 4);
         v.push(raw(
             "truncated_udp_header",
             f,
@@ -347,8 +370,7 @@ pub fn all() -> Vec<Fixture> {
     }
     {
         let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"abcd").build();
-        f[14 + 20 + 4] = 0;
-        f[14 + 20 + 5] = 0;
+        f[L4 + UDP_LEN..L4 + UDP_LEN + 2].fill(0);
         v.push(raw(
             "udp_length_zero",
             f,
@@ -357,7 +379,7 @@ pub fn all() -> Vec<Fixture> {
     }
     {
         let mut f = Spec::udp(CLIENT, 5000, NODE, WEB_UDP, b"abcd").build();
-        f[14 + 20 + 5] = 200;
+        f[L4 + UDP_LEN + 1] = 200;
         v.push(raw(
             "udp_length_past_datagram",
             f,
@@ -402,8 +424,6 @@ pub struct Outcome {
     pub output: Vec<u8>,
 }
 
-/// Checks an outcome against a fixture; `chosen` is the task address the
-/// run delivered to (read from the output for `Local`).
 /// The task the host logic picks for the client flow `spec` from a fresh
 /// table (the fixtures never change the table, so that is the task any
 /// tracked flow is pinned to).
@@ -421,14 +441,18 @@ fn maglev_pick(
         _pad: [0; 3],
     };
     let svc = world
-        .services
-        .get(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
+        .maps
+        .service(&mesh_common::abi::SvcKey::new(spec.dport, spec.proto))
         .ok_or(format!("{}: no service", fx.name))?;
-    fwd::select(world, svc, &flow)
+    fwd::select(&world.maps, &svc, &flow)
         .map(|(_, be)| be)
         .map_err(|r| format!("{}: select {r:?}", fx.name))
 }
 
+/// Checks an outcome against a fixture: the verdict; for a delivered
+/// packet, that it went to the task the host logic picks (read from the
+/// output's destination) and equals the input rebuilt for that task; for
+/// any other verdict, that the packet is untouched.
 pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
     if got.expect != fx.expect {
         return Err(format!(
@@ -439,7 +463,7 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
     match &fx.expect {
         Expect::Local { target } => {
             let out = &got.output;
-            let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+            let chosen = View(out).daddr();
             let spec = fx.spec.as_ref().expect("local fixtures carry their spec");
             let maglev_pick = Ipv4Addr::from(maglev_pick(world, fx, spec)?.addr[0].to_ne_bytes());
             if chosen != maglev_pick {
@@ -469,7 +493,7 @@ pub fn judge(fx: &Fixture, got: &Outcome, world: &Sim) -> Result<(), String> {
         }
         Expect::LocalIcmp => {
             let out = &got.output;
-            let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+            let chosen = View(out).daddr();
             let be = maglev_pick(world, fx, fx.spec.as_ref().expect("the client flow"))?;
             let task = Ipv4Addr::from(be.addr[0].to_ne_bytes());
             if chosen != task {
@@ -513,13 +537,18 @@ pub fn host_world() -> Sim {
 /// Runs a fixture through the shared logic on the host.
 pub fn run_host(sim: &Sim, fx: &Fixture) -> Outcome {
     let mut buf = fx.input.clone();
-    let v = fwd::process(&Pkt::from_slice(&mut buf), sim);
+    let v = fwd::process(&Pkt::from_slice(&mut buf), &sim.maps);
     let expect = match v {
         Verdict::Pass => Expect::Pass,
         Verdict::Drop(r) => Expect::Drop(r),
-        Verdict::Local { .. } if buf.len() > 23 && buf[23] == 1 => Expect::LocalIcmp,
+        Verdict::Local { .. } if buf.get(PROTO) == Some(&IPPROTO_ICMP) => Expect::LocalIcmp,
         Verdict::Local { backend_id } => Expect::Local {
-            target: u16::from_be(sim.backends[&backend_id].port_be),
+            target: u16::from_be(
+                sim.maps
+                    .backend(backend_id)
+                    .expect("a delivered packet's backend")
+                    .port_be,
+            ),
         },
     };
     Outcome {
@@ -559,45 +588,16 @@ impl BpfWorld {
         })
     }
 
-    /// Runs XDP program `prog` once on `input` (repeat = 1).
+    /// Runs XDP program `prog` of the dataplane once on `input` (repeat = 1).
     pub fn run_xdp(&self, prog: &str, input: &[u8]) -> Result<Run> {
-        let p: &Xdp = self
-            .dp
-            .ebpf()
-            .program(prog)
-            .context("no such program")?
-            .try_into()?;
-        let mut out = vec![0u8; input.len() + 256];
-        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx_in = [0u8; 24];
-        ctx_in[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
-        let mut ctx_out = [0u8; 24];
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        let data = u32::from_ne_bytes(ctx_out[0..4].try_into().unwrap()) as usize;
-        let meta_off = u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()) as usize;
-        let meta_len = data.saturating_sub(meta_off);
-        let meta = out[..meta_len.min(out.len())].to_vec();
-        let output = out[meta_len.min(out.len())..].to_vec();
-        Ok(Run {
-            ret: r.return_value,
-            output,
-            meta,
-            ns: r.duration.as_nanos() as u64,
-        })
+        test_run_xdp(self.dp.ebpf(), prog, input)
     }
 
     /// Runs a fixture through `mesh_xdp`.
     pub fn run(&self, fx: &Fixture) -> Result<Outcome> {
         let r = self.run_xdp(mesh_common::abi::PROG_XDP, &fx.input)?;
         let expect = match r.ret {
-            XDP_PASS if r.meta.len() == 8 => {
+            XDP_PASS if r.meta.len() == size_of::<XdpMeta>() => {
                 let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
                 if magic != XDP_META_MAGIC {
                     anyhow::bail!(
@@ -606,14 +606,12 @@ impl BpfWorld {
                         r.meta
                     );
                 }
-                if r.output[23] == 1 {
+                if r.output[PROTO] == IPPROTO_ICMP {
                     Expect::LocalIcmp
                 } else {
-                    let port = u16::from_be_bytes([
-                        r.output[14 + ihl(&r.output) + 2],
-                        r.output[14 + ihl(&r.output) + 3],
-                    ]);
-                    Expect::Local { target: port }
+                    Expect::Local {
+                        target: View(&r.output).dport(),
+                    }
                 }
             }
             XDP_PASS => Expect::Pass,
@@ -643,6 +641,81 @@ impl BpfWorld {
     }
 }
 
-fn ihl(f: &[u8]) -> usize {
-    (f[14] & 0x0f) as usize * 4
+/// Runs XDP program `prog` of `bpf` once on `input` (repeat = 1).
+pub fn test_run_xdp(bpf: &Ebpf, prog: &str, input: &[u8]) -> Result<Run> {
+    let p: &Xdp = bpf
+        .program(prog)
+        .with_context(|| format!("no program {prog}"))?
+        .try_into()?;
+    let mut out = vec![0u8; input.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex (u32 each).
+    const XDP_MD_LEN: usize = 24;
+    const DATA: usize = 0;
+    const DATA_END: usize = 4;
+    const DATA_META: usize = 8;
+    let mut ctx_in = [0u8; XDP_MD_LEN];
+    ctx_in[DATA_END..DATA_END + 4].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+    let mut ctx_out = [0u8; XDP_MD_LEN];
+    let r = p.test_run(TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    let word = |o: usize| u32::from_ne_bytes(ctx_out[o..o + 4].try_into().unwrap()) as usize;
+    let (data, meta_off) = (word(DATA), word(DATA_META));
+    let meta_len = data.saturating_sub(meta_off);
+    let meta = out[..meta_len.min(out.len())].to_vec();
+    let output = out[meta_len.min(out.len())..].to_vec();
+    Ok(Run {
+        ret: r.return_value,
+        output,
+        meta,
+        ns: r.duration.as_nanos() as u64,
+    })
+}
+
+/// The benchmark's floor programs (`floor_pass`, `floor_lookup` and their
+/// map), loaded from their own object: the dataplane's object does not
+/// carry them.
+pub struct Floors {
+    bpf: Ebpf,
+}
+
+impl Floors {
+    /// Loads the floor object and its programs (needs root).
+    pub fn load() -> Result<Self> {
+        anyhow::ensure!(
+            !FLOOR_OBJECT.is_empty(),
+            "this build has no floor object: it was built with MESH_BPF_SKIP=1"
+        );
+        let mut bpf = EbpfLoader::new()
+            .load(FLOOR_OBJECT)
+            .context("loading the floor object (needs root)")?;
+        for name in FLOOR_PROG_NAMES {
+            let p: &mut Xdp = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            p.load()
+                .with_context(|| format!("the verifier refused {name}"))?;
+        }
+        Ok(Self { bpf })
+    }
+
+    /// `floor_lookup`'s table: a frame whose destination port (raw,
+    /// network order) is a key here is a hit (XDP_TX).
+    pub fn map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
+        Ok(BpfHashMap::try_from(
+            self.bpf.map_mut(MAP_FLOOR).context("no floor map")?,
+        )?)
+    }
+
+    /// Runs floor program `prog` once on `input` (repeat = 1).
+    pub fn run_xdp(&self, prog: &str, input: &[u8]) -> Result<Run> {
+        test_run_xdp(&self.bpf, prog, input)
+    }
 }

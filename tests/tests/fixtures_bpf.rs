@@ -73,3 +73,54 @@ fn root_node_addresses_follow_the_state() {
     assert!(bpf.dp.apply(&d).is_err());
     assert!(meta(&bpf, NODE, 50007), "the last good state still serves");
 }
+
+/// The node map is in the object with the layout user space writes
+/// (`NodeValue`, `DEFAULT_MAX_NODES` slots), and holds every node of the
+/// state in the slot the planner gave it, this node flagged as itself.
+#[test]
+fn root_the_node_map_holds_node_values() {
+    use mesh_common::abi::{DEFAULT_MAX_NODES, FAMILY_V4, NODE_F_SELF};
+    use mesh_tests::fixtures::{NODE, OTHER_NODE};
+
+    let bpf = BpfWorld::new().unwrap();
+    let nodes = bpf.dp.applier.writer().nodes();
+    assert_eq!(nodes.len(), DEFAULT_MAX_NODES);
+    let planner = bpf.dp.applier.planner();
+    for (name, addr, flags) in [("n1", NODE, NODE_F_SELF), ("n2", OTHER_NODE, 0)] {
+        let slot = planner.nodes[name].slot;
+        let n = nodes.get(&slot, 0).unwrap();
+        assert_eq!(n.addr[0], u32::from_ne_bytes(addr.octets()), "{name}");
+        assert_eq!((n.family, n.flags, n.gen_), (FAMILY_V4, flags, 1), "{name}");
+    }
+    assert!(nodes.get(&DEFAULT_MAX_NODES, 0).is_err());
+}
+
+/// The benchmark's floor programs load from their own object; the
+/// dataplane's object does not carry them.
+#[test]
+fn root_the_floor_programs_are_their_own_object() {
+    use mesh_common::abi::{MAP_FLOOR, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS};
+    use mesh_tests::fixtures::{CLIENT, Floors, NODE, WEB_TCP, XDP_PASS};
+    use mesh_tests::packet::{Spec, TCP_ACK};
+
+    let bpf = BpfWorld::new().unwrap();
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_PASS).is_none());
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_LOOKUP).is_none());
+    assert!(bpf.dp.ebpf().map(MAP_FLOOR).is_none());
+
+    let mut floors = Floors::load().unwrap();
+    let ack = Spec::tcp(CLIENT, 40001, NODE, WEB_TCP, TCP_ACK).build();
+    assert_eq!(floors.run_xdp(PROG_FLOOR_PASS, &ack).unwrap().ret, XDP_PASS);
+    assert_eq!(
+        floors.run_xdp(PROG_FLOOR_LOOKUP, &ack).unwrap().ret,
+        XDP_PASS,
+        "a miss passes"
+    );
+    floors
+        .map()
+        .unwrap()
+        .insert(WEB_TCP.to_be() as u32, 1, 0)
+        .unwrap();
+    const XDP_TX: u32 = 3;
+    assert_eq!(floors.run_xdp(PROG_FLOOR_LOOKUP, &ack).unwrap().ret, XDP_TX);
+}

@@ -20,7 +20,7 @@ fn every_fixture_holds_on_the_host_logic() {
         failures.join("\n")
     );
     // Conntrack: the established fixtures found the SYN's entry.
-    assert!(sim.ct.borrow().len() >= 2);
+    assert!(sim.maps.ct().len() >= 2);
     let _ = fixtures::NODE;
 }
 
@@ -31,7 +31,7 @@ fn every_fixture_holds_on_the_host_logic() {
 fn a_reused_backend_slot_does_not_inherit_stale_flows() {
     use mesh_common::fwd::{self, Verdict};
     use mesh_common::pkt::Pkt;
-    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN};
+    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View};
     use mesh_userspace::desired::Desired;
     use mesh_userspace::model::{Proto, StateBuilder};
     use mesh_userspace::sim::Sim;
@@ -56,8 +56,8 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
     let node = Ipv4Addr::new(198, 18, 128, 1);
     let send = |sim: &Sim, sport: u16, flags: u8| {
         let mut f = Spec::tcp(Ipv4Addr::new(198, 18, 200, 7), sport, node, 30080, flags).build();
-        let v = fwd::process(&Pkt::from_slice(&mut f), sim);
-        (v, Ipv4Addr::new(f[30], f[31], f[32], f[33]))
+        let v = fwd::process(&Pkt::from_slice(&mut f), &sim.maps);
+        (v, View(&f).daddr())
     };
     // A flow on 198.18.129.3.
     let sport = (40000..41000)
@@ -79,9 +79,9 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
         .unwrap();
     assert_eq!(new_slot, old_slot, "the slot is reused");
     let flows = |sim: &Sim| {
-        sim.stats
-            .borrow()
-            .values()
+        sim.maps
+            .all_stats()
+            .iter()
             .map(|s| s.new_flows)
             .sum::<u64>()
     };

@@ -36,28 +36,64 @@ pub const MAP_REPLY4: &str = "MESH_REPLY4_V1";
 pub const MAP_SVC_STATS: &str = "MESH_SVCST_V1";
 /// Drop counters, per CPU: `DropReason` -> `u64`.
 pub const MAP_DROPS: &str = "MESH_DROPS_V1";
-/// Nodes by slot: an array of `NodeValue`. `Backend::node_id` is a slot
-/// here; slots stay put while their node exists (user space allocates them
-/// with generations, as for backends).
+/// The swarm's nodes by slot: an array of `NodeValue`; a free slot is all
+/// zero (`gen_ == 0`). `Backend::node_id` is a slot here. Nothing reads it
+/// yet; forwarding to tasks on other nodes will.
 pub const MAP_NODES: &str = "MESH_NODES_V1";
-/// Used only by the `floor_lookup` benchmark program.
-pub const MAP_FLOOR: &str = "MESH_FLOOR";
+
+/// Every map of the dataplane's object. The build checks the object
+/// against this list (mesh-userspace/build.rs): each name is in it, and it
+/// has no other map (but aya-log's, [`LOG_MAP_NAMES`]).
+pub const MAP_NAMES: &[&str] = &[
+    MAP_PORTS,
+    MAP_SERVICES,
+    MAP_NODE_ADDR4,
+    MAP_BACKENDS,
+    MAP_MAGLEV,
+    MAP_CT4,
+    MAP_REPLY4,
+    MAP_SVC_STATS,
+    MAP_DROPS,
+    MAP_NODES,
+];
+
+// The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN, with the
+// NUL): a longer name would be cut and no longer found by its full name.
+const _: () = {
+    let mut i = 0;
+    while i < MAP_NAMES.len() {
+        assert!(MAP_NAMES[i].len() <= 15, "a map name longer than 15 bytes");
+        i += 1;
+    }
+};
+
+/// Maps aya-log adds to an object that logs.
+pub const LOG_MAP_NAMES: &[&str] = &["AYA_LOGS"];
 
 /// Program names in the object.
 pub const PROG_XDP: &str = "mesh_xdp";
 pub const PROG_TC_UPLINK: &str = "mesh_tc_uplink";
 pub const PROG_TC_TASK: &str = "mesh_tc_task";
+/// Every program of the dataplane's object (checked like [`MAP_NAMES`]).
+pub const PROG_NAMES: &[&str] = &[PROG_XDP, PROG_TC_UPLINK, PROG_TC_TASK];
+
+/// The benchmark's floor programs, in their own object (`mesh-floor`, not
+/// the dataplane's): one that only passes, one that parses and does one
+/// lookup in `MAP_FLOOR`.
 pub const PROG_FLOOR_PASS: &str = "floor_pass";
 pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
+pub const MAP_FLOOR: &str = "MESH_FLOOR";
+pub const FLOOR_PROG_NAMES: &[&str] = &[PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP];
+pub const FLOOR_MAP_NAMES: &[&str] = &[MAP_FLOOR];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_P_IP: u16 = 0x0800;
 
-/// Compile-time defaults for map sizes; the daemon overrides them at load.
-/// Maglev memory is `8 * max_services * maglev_size` bytes (two tables per
-/// service): 33.5 MiB with these defaults.
+/// Default map sizes; the daemon sets them at load. Maglev memory is
+/// `8 * max_services * maglev_size` bytes (two tables per service): 32 MiB
+/// with these defaults.
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
@@ -144,7 +180,9 @@ pub struct Backend {
     pub _pad0: u8,
     /// `BE_F_*` flags.
     pub flags: u32,
-    /// Node the task runs on: its slot in `MAP_NODES`.
+    /// The node the task runs on: its slot in `MAP_NODES`, stable while
+    /// the node stays in the swarm (user space allocates node slots with
+    /// generations, as it does backend slots).
     pub node_id: u32,
     /// Generation of the slot (from 1; 0 in a free slot).
     pub gen_: u32,
@@ -158,11 +196,12 @@ pub const BE_F_LOCAL: u32 = 1 << 0;
 /// The task runs on another node: forward (not implemented yet).
 pub const BE_F_REMOTE: u32 = 1 << 1;
 
-/// A node of the swarm, in its slot of `MAP_NODES`.
+/// A node of the swarm, in its slot of `MAP_NODES`. Slots are reused,
+/// each time with the next generation, as backend slots are.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NodeValue {
-    /// Address as raw network-order bytes; IPv4 uses `addr[0]`.
+    /// The node's address as raw network-order bytes; IPv4 uses `addr[0]`.
     pub addr: [u32; 4],
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
@@ -175,7 +214,8 @@ pub struct NodeValue {
 }
 const _: () = assert!(size_of::<NodeValue>() == 32);
 
-/// The node this map belongs to.
+/// This node (the one the programs run on). Other bits are reserved for
+/// later flags.
 pub const NODE_F_SELF: u32 = 1 << 0;
 
 /// A flow as seen in one direction, IPv4. Addresses and ports are the
@@ -260,6 +300,8 @@ const _: () = assert!(size_of::<SvcStats>() == 24);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct XdpMeta {
     pub magic: u32,
+    /// The backend slot XDP picked: TC routes to its address (and drops
+    /// the packet if the slot is no longer a local backend).
     pub backend_id: u32,
 }
 const _: () = assert!(size_of::<XdpMeta>() == 8);
@@ -294,10 +336,14 @@ pub enum DropReason {
     RewriteFailed = 9,
     /// Maglev table offset outside the map (user-space bug).
     TableOutOfRange = 10,
+    /// TC: the backend XDP delivered the packet to (`XdpMeta`) is no
+    /// longer a local backend: its slot was freed or reused between the
+    /// two programs.
+    StaleBackend = 11,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -309,6 +355,7 @@ impl DropReason {
         DropReason::FibLookupFailed,
         DropReason::RewriteFailed,
         DropReason::TableOutOfRange,
+        DropReason::StaleBackend,
     ];
 
     /// The Prometheus label value.
@@ -325,6 +372,7 @@ impl DropReason {
             DropReason::FibLookupFailed => "fib_lookup_failed",
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::TableOutOfRange => "table_out_of_range",
+            DropReason::StaleBackend => "stale_backend",
         }
     }
 }

@@ -4,7 +4,8 @@
 //! flow, node address check -> L4 checks -> Maglev (new or re-picked
 //! flows) -> DNAT to the task -> counters.
 //! Written once, generic over [`Tables`]: the kernel backs it with BPF
-//! maps, host tests and fixtures with hash maps.
+//! maps, host tests and fixtures with `testing::HostMaps` (the same
+//! shapes, in plain collections).
 
 use crate::abi::{
     BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
@@ -13,14 +14,19 @@ use crate::abi::{
 use crate::csum;
 use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
-use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_DADDR, L4_DPORT, L4Error};
+use crate::parse::{
+    self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_HLEN_MIN, UDP_HLEN,
+};
 use crate::pkt::Pkt;
 
-/// The state the forward path reads and writes.
+/// The state the forward path reads and writes. Lookups return copies:
+/// the values are a few words, a BPF map value can change under a reader
+/// anyway, and an owned value needs no borrow of the tables (host
+/// implementations write through `&self` as BPF maps are written).
 pub trait Tables {
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue>;
+    fn service(&self, key: &SvcKey) -> Option<SvcValue>;
     fn is_node_addr4(&self, addr: u32) -> bool;
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue>;
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
     /// Record a new flow. Failure (a full map that is not LRU) is not
     /// fatal: the flow's next packet hashes the same way.
     fn ct_put(&self, key: &FlowKey4, ct: &CtValue);
@@ -28,7 +34,7 @@ pub trait Tables {
     fn maglev(&self, index: u32) -> Option<u32>;
     /// The backend in slot `id`, if the slot is in use (its generation
     /// is for the caller to compare).
-    fn backend(&self, id: u32) -> Option<&Backend>;
+    fn backend(&self, id: u32) -> Option<Backend>;
     fn account(&self, svc_id: u32, bytes: u64, new_flow: bool);
 }
 
@@ -71,7 +77,6 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     let Some(svc) = t.service(&key) else {
         return Verdict::Pass;
     };
-    let svc = *svc;
     let flow = FlowKey4 {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -90,7 +95,7 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         if let Some(be) = t.backend(id)
             && be.gen_ == gen_
         {
-            tracked = Some((id, *be));
+            tracked = Some((id, be));
         }
     }
     if !known && !t.is_node_addr4(ip.daddr) {
@@ -194,7 +199,7 @@ pub fn select<T: Tables>(
     let index = svc.table_off.wrapping_add(h % svc.table_size);
     let id = t.maglev(index).ok_or(DropReason::TableOutOfRange)?;
     let be = t.backend(id).ok_or(DropReason::BackendMissing)?;
-    Ok((id, *be))
+    Ok((id, be))
 }
 
 /// Rewrites the destination address and port, fixing the IPv4 header
@@ -203,21 +208,21 @@ pub fn select<T: Tables>(
 fn dnat(pkt: &Pkt, ip: &parse::Ip4, addr: u32, port_be: u16) -> Option<()> {
     // Every bounds check before the first write: all or nothing. (The L4
     // header was validated against the datagram by `check_l4`.)
-    let ip_hdr = pkt.view::<{ ETH_HLEN + 20 }>(0)?;
+    let ip_hdr = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0)?;
     let ip_check: u16 = ip_hdr.get(ETH_HLEN + IP_CSUM);
     let set_ip = || {
         ip_hdr.set(ETH_HLEN + IP_DADDR, addr);
         ip_hdr.set(ETH_HLEN + IP_CSUM, csum::update32(ip_check, ip.daddr, addr));
     };
     if ip.proto == IPPROTO_UDP {
-        let l4 = pkt.view::<8>(ip.l4_off)?;
+        let l4 = pkt.view::<UDP_HLEN>(ip.l4_off)?;
         let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::UDP_CSUM));
         let new = csum::update48(check, ip.daddr, addr, old_port, port_be);
         set_ip();
         l4.set(L4_DPORT, port_be);
         l4.set(parse::UDP_CSUM, csum::udp_fixup(check, new));
     } else {
-        let l4 = pkt.view::<20>(ip.l4_off)?;
+        let l4 = pkt.view::<TCP_HLEN_MIN>(ip.l4_off)?;
         let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::TCP_CSUM));
         set_ip();
         l4.set(L4_DPORT, port_be);

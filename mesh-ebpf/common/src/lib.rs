@@ -15,11 +15,15 @@
 //!   Maglev, DNAT), generic over [`fwd::Tables`].
 //! - [`rev`]: the task-to-client path (reverse NAT lookup).
 //! - [`maglev`] (host only): building the Maglev tables the kernel indexes.
+//! - [`testing`] (host only, feature `testing`): the frame builder and
+//!   test helpers shared by every host-side test.
 #![no_std]
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(feature = "user")]
 extern crate alloc;
+#[cfg(feature = "testing")]
+extern crate std;
 
 pub mod abi;
 pub mod csum;
@@ -31,3 +35,5 @@ pub mod maglev;
 pub mod parse;
 pub mod pkt;
 pub mod rev;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -11,16 +11,29 @@ use crate::abi::{ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::pkt::Pkt;
 
 pub const ETH_HLEN: usize = 14;
-/// Offsets inside the IPv4 header.
+/// Offset of the EtherType in the Ethernet header.
+pub const ETH_TYPE: usize = 12;
+/// Offsets inside the IPv4 header (add `ETH_HLEN` for a frame offset).
+pub const IP_VER_IHL: usize = 0;
+pub const IP_TOT_LEN: usize = 2;
+pub const IP_FRAG: usize = 6;
+pub const IP_PROTO: usize = 9;
 pub const IP_CSUM: usize = 10;
 pub const IP_SADDR: usize = 12;
 pub const IP_DADDR: usize = 16;
+/// An IPv4 header without options.
+pub const IP_HLEN_MIN: usize = 20;
 /// Offsets inside the TCP/UDP headers.
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
+/// TCP data offset (high nibble, in 32-bit words).
+pub const TCP_DOFF: usize = 12;
 pub const TCP_CSUM: usize = 16;
+/// A TCP header without options.
+pub const TCP_HLEN_MIN: usize = 20;
 pub const UDP_LEN: usize = 4;
 pub const UDP_CSUM: usize = 6;
+pub const UDP_HLEN: usize = 8;
 
 /// What the IPv4 header says, with the L4 ports when they are readable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,11 +68,11 @@ pub fn ipv4(pkt: &Pkt) -> Option<Ip4> {
 #[inline(always)]
 pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
     // Ethernet and the fixed IPv4 header, checked once.
-    let h = pkt.view::<{ ETH_HLEN + 20 }>(0)?;
-    if h.get::<u16>(12) != ETH_P_IP.to_be() {
+    let h = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0)?;
+    if h.get::<u16>(ETH_TYPE) != ETH_P_IP.to_be() {
         return None;
     }
-    let vihl: u8 = h.get(ETH_HLEN);
+    let vihl: u8 = h.get(ETH_HLEN + IP_VER_IHL);
     if vihl >> 4 != 4 {
         return None;
     }
@@ -67,7 +80,7 @@ pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
     if ihl < 5 {
         return None;
     }
-    let tot_len = u16::from_be(h.get::<u16>(ETH_HLEN + 2)) as usize;
+    let tot_len = u16::from_be(h.get::<u16>(ETH_HLEN + IP_TOT_LEN)) as usize;
     let l4_off = ETH_HLEN + ihl * 4;
     let l3_end = ETH_HLEN + tot_len;
     // Against the whole length: a socket buffer's readable part can be
@@ -75,7 +88,7 @@ pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
     if tot_len < ihl * 4 || l3_end > pkt.wire_len() {
         return None;
     }
-    let frag = u16::from_be(h.get::<u16>(ETH_HLEN + 6));
+    let frag = u16::from_be(h.get::<u16>(ETH_HLEN + IP_FRAG));
     let offset = frag & 0x1fff;
     let more = frag & 0x2000 != 0;
     Some(Ip4 {
@@ -83,7 +96,7 @@ pub fn ipv4_any(pkt: &Pkt) -> Option<Ip4> {
         l3_end,
         saddr: h.get(ETH_HLEN + IP_SADDR),
         daddr: h.get(ETH_HLEN + IP_DADDR),
-        proto: h.get(ETH_HLEN + 9),
+        proto: h.get(ETH_HLEN + IP_PROTO),
         first_fragment: offset == 0 && more,
         later_fragment: offset != 0,
     })
@@ -114,11 +127,13 @@ pub enum L4Error {
 #[inline(always)]
 pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
     if ip.proto == IPPROTO_TCP {
-        if ip.l4_off + 20 > ip.l3_end {
+        if ip.l4_off + TCP_HLEN_MIN > ip.l3_end {
             return Err(L4Error::Truncated);
         }
-        let h = pkt.view::<20>(ip.l4_off).ok_or(L4Error::Truncated)?;
-        let doff = (h.get::<u8>(12) >> 4) as usize;
+        let h = pkt
+            .view::<TCP_HLEN_MIN>(ip.l4_off)
+            .ok_or(L4Error::Truncated)?;
+        let doff = (h.get::<u8>(TCP_DOFF) >> 4) as usize;
         if doff < 5 {
             return Err(L4Error::BadLength);
         }
@@ -126,12 +141,12 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
             return Err(L4Error::Truncated);
         }
     } else {
-        if ip.l4_off + 8 > ip.l3_end {
+        if ip.l4_off + UDP_HLEN > ip.l3_end {
             return Err(L4Error::Truncated);
         }
-        let h = pkt.view::<8>(ip.l4_off).ok_or(L4Error::Truncated)?;
+        let h = pkt.view::<UDP_HLEN>(ip.l4_off).ok_or(L4Error::Truncated)?;
         let ulen = u16::from_be(h.get::<u16>(UDP_LEN)) as usize;
-        if ulen < 8 || ip.l4_off + ulen > ip.l3_end {
+        if ulen < UDP_HLEN || ip.l4_off + ulen > ip.l3_end {
             return Err(L4Error::BadLength);
         }
     }
@@ -167,6 +182,11 @@ pub struct IcmpErr {
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 pub const ICMP_CSUM: usize = 2;
+/// The ICMP error header (type, code, checksum, 4 bytes of rest); the
+/// quoted datagram follows it.
+pub const ICMP_HLEN: usize = 8;
+/// The L4 bytes an ICMP error quotes at least (RFC 792): the ports.
+pub const ICMP_QUOTED_L4: usize = 8;
 
 /// Parses an ICMP error about a TCP or UDP datagram whose first 8 L4 bytes
 /// are quoted; `None` for anything else (echo, other types, fragments,
@@ -180,17 +200,17 @@ pub fn icmp_error(pkt: &Pkt, ip: &Ip4) -> Option<IcmpErr> {
     if typ != ICMP_DEST_UNREACH && typ != ICMP_TIME_EXCEEDED {
         return None;
     }
-    let inner_ip = ip.l4_off + 8;
-    let vihl: u8 = pkt.load(inner_ip)?;
+    let inner_ip = ip.l4_off + ICMP_HLEN;
+    let vihl: u8 = pkt.load(inner_ip + IP_VER_IHL)?;
     let ihl = (vihl & 0x0f) as usize;
     if vihl >> 4 != 4 || ihl < 5 {
         return None;
     }
     let inner_l4 = inner_ip + ihl * 4;
-    if inner_l4 + 8 > ip.l3_end {
+    if inner_l4 + ICMP_QUOTED_L4 > ip.l3_end {
         return None;
     }
-    let proto: u8 = pkt.load(inner_ip + 9)?;
+    let proto: u8 = pkt.load(inner_ip + IP_PROTO)?;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }

@@ -20,9 +20,11 @@ use crate::icmp::{self, Quoted};
 use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_SADDR, IcmpErr, Ip4, L4_SPORT};
 use crate::pkt::Pkt;
 
+/// The state the reply path reads; lookups return copies, as in
+/// [`crate::fwd::Tables`].
 pub trait RevTables {
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4>;
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue>;
+    fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4>;
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
 }
 
 /// A reply that must be rewritten.

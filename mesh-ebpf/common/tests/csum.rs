@@ -6,11 +6,11 @@
 //! checksum field with `u16::from_ne_bytes` and addresses with
 //! `u32::from_ne_bytes`, exactly as `Pkt::load` does in `fwd`/`rev`.
 
-mod util;
-
 use mesh_common::abi::{IPPROTO_TCP, IPPROTO_UDP};
 use mesh_common::csum::{self, checksum, pseudo4, udp_fixup, update32, update48};
-use util::{ETH, Rng, Spec, UdpCsum, View, build};
+use mesh_common::parse::ETH_HLEN;
+use mesh_common::testing::Rng;
+use mesh_common::testing::frame::{Spec, UdpCsum, View};
 
 const ITERS: usize = 20_000;
 
@@ -32,9 +32,9 @@ fn put_ne16(b: &mut [u8], off: usize, v: u16) {
 fn rewrite_incremental(frame: &mut [u8], dst: bool, addr: [u8; 4], port: u16) {
     let v = View(frame);
     let (a_off, p_off) = if dst {
-        (ETH + 16, v.l4_off() + 2)
+        (ETH_HLEN + 16, v.l4_off() + 2)
     } else {
-        (ETH + 12, v.l4_off())
+        (ETH_HLEN + 12, v.l4_off())
     };
     let c_off = v.l4_csum_off();
     let proto = v.proto();
@@ -43,11 +43,11 @@ fn rewrite_incremental(frame: &mut [u8], dst: bool, addr: [u8; 4], port: u16) {
     let new_addr = u32::from_ne_bytes(addr);
     let old_port = ne16(frame, p_off);
     let new_port = port.to_be();
-    let ip_check = ne16(frame, ETH + 10);
+    let ip_check = ne16(frame, ETH_HLEN + 10);
     let l4_check = ne16(frame, c_off);
 
     frame[a_off..a_off + 4].copy_from_slice(&addr);
-    put_ne16(frame, ETH + 10, update32(ip_check, old_addr, new_addr));
+    put_ne16(frame, ETH_HLEN + 10, update32(ip_check, old_addr, new_addr));
     put_ne16(frame, p_off, new_port);
     let c = update48(l4_check, old_addr, new_addr, old_port, new_port);
     let c = if proto == IPPROTO_UDP {
@@ -157,18 +157,18 @@ fn update48_rewrite_equals_rebuilt_frame() {
         let addr = rng.addr();
         let port = rng.next_u16();
 
-        let mut frame = build(&spec);
+        let mut frame = spec.build();
         rewrite_incremental(&mut frame, dst, addr, port);
 
         let mut want = spec.clone();
         if dst {
-            want.daddr = addr;
+            want.daddr = addr.into();
             want.dport = port;
         } else {
-            want.saddr = addr;
+            want.saddr = addr.into();
             want.sport = port;
         }
-        let want = build(&want);
+        let want = want.build();
         assert_eq!(frame, want, "iteration {i}: {spec:?} dst={dst}");
         let v = View(&frame);
         assert!(v.ip_csum_valid());
@@ -221,7 +221,7 @@ fn result_zero_matches_recomputation() {
             rng.next_u16(),
         )
         .payload(rng.bytes(plen));
-        let frame = build(&spec);
+        let frame = spec.build();
         let v = View(&frame);
         let l4 = v.l4().to_vec();
 
@@ -234,16 +234,22 @@ fn result_zero_matches_recomputation() {
         let co = v.l4_csum_off() - v.l4_off();
         seg[co] = 0;
         seg[co + 1] = 0;
-        let partial = !checksum(&seg, pseudo4(spec.saddr, new, proto, seg.len() as u16));
+        let partial = !checksum(
+            &seg,
+            pseudo4(spec.saddr.octets(), new, proto, seg.len() as u16),
+        );
         new[2..4].copy_from_slice(&(!partial).to_be_bytes());
         assert_eq!(
-            checksum(&seg, pseudo4(spec.saddr, new, proto, seg.len() as u16)),
+            checksum(
+                &seg,
+                pseudo4(spec.saddr.octets(), new, proto, seg.len() as u16)
+            ),
             0,
             "setup: the new segment must sum to -0"
         );
 
         let l4_check = ne16(&frame, v.l4_csum_off());
-        let daddr = ne32(&frame, ETH + 16);
+        let daddr = ne32(&frame, ETH_HLEN + 16);
         let inc = update48(
             l4_check,
             daddr,
@@ -266,8 +272,8 @@ fn result_zero_matches_recomputation() {
         let mut f = frame.clone();
         rewrite_incremental(&mut f, true, new, spec.dport);
         let mut want = spec.clone();
-        want.daddr = new;
-        assert_eq!(f, build(&want), "iteration {i}");
+        want.daddr = new.into();
+        assert_eq!(f, want.build(), "iteration {i}");
         let expect_field = if proto == IPPROTO_UDP { 0xffff } else { 0x0000 };
         assert_eq!(View(&f).l4_csum(), expect_field);
     }
@@ -285,7 +291,7 @@ fn update_from_zero_and_ffff_fields_matches_recomputation() {
         let mut spec = Spec::new(proto, rng.addr(), rng.next_u16(), [0; 4], rng.next_u16())
             .payload(rng.bytes(plen));
         // Solve for a destination that makes the original checksum zero.
-        let probe = build(&spec);
+        let probe = spec.build();
         let v = View(&probe);
         let mut seg = v.l4().to_vec();
         let co = v.l4_csum_off() - v.l4_off();
@@ -294,10 +300,13 @@ fn update_from_zero_and_ffff_fields_matches_recomputation() {
         let mut d = rng.addr();
         d[2] = 0;
         d[3] = 0;
-        let partial = !checksum(&seg, pseudo4(spec.saddr, d, proto, seg.len() as u16));
+        let partial = !checksum(
+            &seg,
+            pseudo4(spec.saddr.octets(), d, proto, seg.len() as u16),
+        );
         d[2..4].copy_from_slice(&(!partial).to_be_bytes());
-        spec.daddr = d;
-        let frame = build(&spec);
+        spec.daddr = d.into();
+        let frame = spec.build();
         let field = View(&frame).l4_csum();
         assert_eq!(field, if proto == IPPROTO_TCP { 0x0000 } else { 0xffff });
         seen[(proto == IPPROTO_UDP) as usize] += 1;
@@ -308,13 +317,13 @@ fn update_from_zero_and_ffff_fields_matches_recomputation() {
         rewrite_incremental(&mut f, dst, addr, port);
         let mut want = spec.clone();
         if dst {
-            want.daddr = addr;
+            want.daddr = addr.into();
             want.dport = port;
         } else {
-            want.saddr = addr;
+            want.saddr = addr.into();
             want.sport = port;
         }
-        assert_eq!(f, build(&want), "iteration {i}: from field {field:#06x}");
+        assert_eq!(f, want.build(), "iteration {i}: from field {field:#06x}");
     }
     assert!(seen[0] > 0 && seen[1] > 0);
 }
@@ -369,10 +378,10 @@ fn udp_zero_checksum_stays_zero() {
     let mut rng = Rng::new(9);
     for _ in 0..500 {
         let plen = rng.range(0, 100);
-        let mut spec = Spec::udp(rng.addr(), rng.next_u16(), rng.addr(), rng.next_u16())
+        let mut spec = Spec::udp(rng.addr(), rng.next_u16(), rng.addr(), rng.next_u16(), &[])
             .payload(rng.bytes(plen));
         spec.udp_csum = UdpCsum::None;
-        let mut f = build(&spec);
+        let mut f = spec.build();
         assert_eq!(View(&f).l4_csum(), 0);
         rewrite_incremental(&mut f, true, rng.addr(), rng.next_u16());
         assert_eq!(View(&f).l4_csum(), 0);

@@ -1,104 +1,63 @@
 //! The forward path (`fwd::process`) and the reply path (`rev::lookup` +
-//! `rev::snat_full`) end to end, over hash-map tables: DNAT to the Maglev
-//! pick, replies SNATed back to the published address, checksums checked
-//! by full recomputation, conntrack stickiness and re-picks.
-#![cfg(feature = "user")]
+//! `rev::snat_full`) end to end, over the host maps (`testing::HostMaps`,
+//! in the kernel maps' shapes): DNAT to the Maglev pick, replies SNATed
+//! back to the published address, checksums checked by full
+//! recomputation, conntrack stickiness and re-picks.
 
-mod util;
-
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 
 use mesh_common::abi::*;
 use mesh_common::fwd::{self, Tables, Verdict};
 use mesh_common::hash::flow_hash4;
 use mesh_common::maglev;
+use mesh_common::parse::ETH_HLEN;
 use mesh_common::pkt::Pkt;
-use mesh_common::rev::{self, RevTables};
-use util::{ETH, Rng, Spec, UdpCsum, View, build};
+use mesh_common::rev;
+use mesh_common::testing::frame::{Spec, TCP_ACK, UdpCsum, View};
+use mesh_common::testing::{HostMaps, Rng, Sizes};
 
-const NODE: [u8; 4] = [198, 18, 0, 1];
-const OTHER_NODE_ADDR: [u8; 4] = [198, 18, 0, 2];
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const OTHER_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const PUBLISHED: u16 = 8080;
 const TARGET: u16 = 80;
 const SVC_ID: u32 = 7;
 const M: u32 = 251;
-const TABLE_OFF: u32 = 1000;
 
-/// The maps, as hash maps. `ct`/`rev` are written through `&self` (as BPF
-/// maps are) while the traits hand out references tied to `&self`; values
-/// are leaked so those references stay valid when an entry is replaced
-/// (a few bytes per flow, in a test).
-#[derive(Default)]
-struct World {
-    services: HashMap<SvcKey, SvcValue>,
-    node_addrs: HashSet<u32>,
-    backends: HashMap<u32, Backend>,
-    maglev: HashMap<u32, u32>,
-    ct: RefCell<HashMap<FlowKey4, &'static CtValue>>,
-    replies: HashMap<ReplyKey4, ReplyValue4>,
-    stats: RefCell<HashMap<u32, SvcStats>>,
-    /// Calls of `is_node_addr4`.
-    node_lookups: Cell<u32>,
-}
-
-impl Tables for World {
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
-        self.services.get(key)
-    }
-    fn is_node_addr4(&self, addr: u32) -> bool {
-        self.node_lookups.set(self.node_lookups.get() + 1);
-        self.node_addrs.contains(&addr)
-    }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        self.ct.borrow().get(key).copied()
-    }
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
-        self.ct.borrow_mut().insert(*key, Box::leak(Box::new(*ct)));
-    }
-    fn maglev(&self, index: u32) -> Option<u32> {
-        self.maglev.get(&index).copied()
-    }
-    fn backend(&self, id: u32) -> Option<&Backend> {
-        self.backends.get(&id)
-    }
-    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
-        let mut s = self.stats.borrow_mut();
-        let e = s.entry(svc_id).or_default();
-        e.packets += 1;
-        e.bytes += bytes;
-        e.new_flows += new_flow as u64;
-    }
-}
-
-impl RevTables for World {
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
-        self.replies.get(key)
-    }
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        Tables::ct_get(self, key)
-    }
-}
-
-fn raw(a: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(a)
+fn raw(a: impl Into<Ipv4Addr>) -> u32 {
+    u32::from_ne_bytes(a.into().octets())
 }
 
 /// Backend `i` of the test service: 198.18.1.i:80, on this node.
-fn be_addr(i: u32) -> [u8; 4] {
-    [198, 18, 1, i as u8]
+fn be_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, i as u8)
 }
 
 fn be_id(i: u32) -> u32 {
     100 + i
 }
 
+fn svc_key(proto: u8) -> SvcKey {
+    SvcKey::new(PUBLISHED, proto)
+}
+
+/// The maps in the kernel's shapes, written as user space writes them.
+struct World {
+    maps: HostMaps,
+}
+
 impl World {
     fn new() -> Self {
-        let mut w = World::default();
-        w.node_addrs.insert(raw(NODE));
-        w.node_addrs.insert(raw(OTHER_NODE_ADDR));
-        w
+        let mut maps = HostMaps::new(Sizes {
+            max_services: SVC_ID + 1,
+            max_backends: 256,
+            reply_entries: 512,
+            maglev_entries: 2 * (SVC_ID + 1) * M,
+            max_nodes: 4,
+        });
+        maps.put_node_addr(raw(NODE)).unwrap();
+        maps.put_node_addr(raw(OTHER_NODE_ADDR)).unwrap();
+        World { maps }
     }
 
     fn add_backend(&mut self, i: u32, flags: u32) {
@@ -110,7 +69,31 @@ impl World {
             node_id: 0,
             ..Default::default()
         };
-        self.backends.insert(be_id(i), b);
+        self.maps.put_backend(be_id(i), b).unwrap();
+    }
+
+    fn update_backend(&mut self, id: u32, change: impl FnOnce(&mut Backend)) {
+        let mut b = self.maps.backend_slot(id).unwrap();
+        change(&mut b);
+        self.maps.put_backend(id, b).unwrap();
+    }
+
+    /// The service the port points at now.
+    fn service(&self, proto: u8) -> SvcValue {
+        self.maps.service(&svc_key(proto)).expect("published")
+    }
+
+    /// Writes `value` into the service slot the port does not point at,
+    /// then switches the port to it, like the planner; returns the slot.
+    fn put_service(&mut self, proto: u8, value: SvcValue) -> u32 {
+        let key = svc_key(proto);
+        let slot = match self.maps.port(&key) {
+            Some(s) if s == SVC_ID * 2 => SVC_ID * 2 + 1,
+            _ => SVC_ID * 2,
+        };
+        self.maps.put_service(slot, value).unwrap();
+        self.maps.switch_port(&key, slot).unwrap();
+        slot
     }
 
     /// Writes the Maglev table over backends `idx` (by their real key
@@ -118,10 +101,7 @@ impl World {
     fn publish(&mut self, proto: u8, idx: &[u32]) {
         let keys: Vec<String> = idx
             .iter()
-            .map(|&i| {
-                let a = be_addr(i);
-                format!("{}.{}.{}.{}:{}", a[0], a[1], a[2], a[3], TARGET)
-            })
+            .map(|&i| format!("{}:{}", be_addr(i), TARGET))
             .collect();
         // Reply entries, as the planner writes them: both node addresses.
         for &i in idx {
@@ -146,57 +126,65 @@ impl World {
                 proto,
                 _pad: 0,
             };
-            self.replies.insert(key, v);
+            self.maps.put_reply(key, v).unwrap();
         }
-        let t = maglev::table(&keys, M);
-        for (slot, &k) in t.iter().enumerate() {
-            self.maglev
-                .insert(TABLE_OFF + slot as u32, be_id(idx[k as usize]));
-        }
+        // The table goes to the region of the slot the service moves to.
+        let next = match self.maps.port(&svc_key(proto)) {
+            Some(s) if s == SVC_ID * 2 => SVC_ID * 2 + 1,
+            _ => SVC_ID * 2,
+        };
+        let table: Vec<u32> = maglev::table(&keys, M)
+            .iter()
+            .map(|&k| be_id(idx[k as usize]))
+            .collect();
+        self.maps.write_table(next * M, &table).unwrap();
         let size = if idx.is_empty() { 0 } else { M };
-        self.services.insert(
-            SvcKey::new(PUBLISHED, proto),
+        let slot = self.put_service(
+            proto,
             SvcValue {
                 svc_id: SVC_ID,
                 flags: 0,
-                table_off: TABLE_OFF,
+                table_off: next * M,
                 table_size: size,
                 backend_count: idx.len() as u32,
                 _pad: 0,
             },
         );
+        assert_eq!(slot, next);
     }
 
-    /// Points every slot of the table at one backend.
-    fn fill_table(&mut self, id: u32) {
-        for slot in 0..M {
-            self.maglev.insert(TABLE_OFF + slot, id);
-        }
+    /// Points every entry of the service's table at one backend.
+    fn fill_table(&mut self, proto: u8, id: u32) {
+        let svc = self.service(proto);
+        self.maps
+            .write_table(svc.table_off, &vec![id; M as usize])
+            .unwrap();
     }
 
     fn stats(&self) -> SvcStats {
-        self.stats
-            .borrow()
-            .get(&SVC_ID)
-            .copied()
-            .unwrap_or_default()
+        self.maps.stats(SVC_ID)
     }
 
     fn process(&self, frame: &mut [u8]) -> Verdict {
-        fwd::process(&Pkt::from_slice(frame), self)
+        fwd::process(&Pkt::from_slice(frame), &self.maps)
     }
 
     /// Backend `process` must pick for a new flow, from the table alone
     /// (independently of `fwd::select`).
-    fn expected_pick(&self, client: [u8; 4], sport: u16, proto: u8) -> u32 {
-        let svc = self.services[&SvcKey::new(PUBLISHED, proto)];
+    fn expected_pick(&self, client: impl Into<Ipv4Addr>, sport: u16, proto: u8) -> u32 {
+        let svc = self.service(proto);
         let h = flow_hash4(raw(client), sport.to_be(), PUBLISHED.to_be(), proto);
-        self.maglev[&(svc.table_off + h % svc.table_size)]
+        self.maps
+            .maglev(svc.table_off + h % svc.table_size)
+            .unwrap()
     }
 
-    fn backend_of(&self, id: u32) -> ([u8; 4], u16) {
-        let b = self.backends[&id];
-        (b.addr[0].to_ne_bytes(), u16::from_be(b.port_be))
+    fn backend_of(&self, id: u32) -> (Ipv4Addr, u16) {
+        let b = self.maps.backend_slot(id).unwrap();
+        (
+            Ipv4Addr::from(b.addr[0].to_ne_bytes()),
+            u16::from_be(b.port_be),
+        )
     }
 }
 
@@ -225,7 +213,7 @@ fn client_flow(spec: &Spec) -> FlowKey4 {
 /// exactly the client's frame with the destination replaced by the
 /// backend (so every checksum equals a full recomputation).
 fn forward(w: &World, spec: &Spec) -> Verdict {
-    let mut f = build(spec);
+    let mut f = spec.build();
     let before = f.clone();
     let v = w.process(&mut f);
     match v {
@@ -236,7 +224,7 @@ fn forward(w: &World, spec: &Spec) -> Verdict {
             want.dport = port;
             assert_eq!(
                 f,
-                build(&want),
+                want.build(),
                 "DNATed frame differs from a rebuilt one: {spec:?}"
             );
             let view = View(&f);
@@ -265,10 +253,10 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
     r.payload = rng.bytes(plen);
     r.tcp_opts = Vec::new();
     r.ip_opts = Vec::new();
-    let mut f = build(&r);
+    let mut f = r.build();
 
     let pkt = Pkt::from_slice(&mut f);
-    let rep = rev::lookup(&pkt, w).expect("reply of a tracked flow is found");
+    let rep = rev::lookup(&pkt, &w.maps).expect("reply of a tracked flow is found");
     assert_eq!(rep.addr, raw(spec.daddr));
     assert_eq!(rep.port_be, PUBLISHED.to_be());
     assert_eq!(rep.sport_be, port.to_be());
@@ -277,7 +265,7 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
     let mut want = r.clone();
     want.saddr = spec.daddr;
     want.sport = PUBLISHED;
-    assert_eq!(f, build(&want), "SNATed reply differs from a rebuilt one");
+    assert_eq!(f, want.build(), "SNATed reply differs from a rebuilt one");
     let view = View(&f);
     assert_eq!(view.saddr(), spec.daddr);
     assert_eq!(view.sport(), PUBLISHED);
@@ -290,10 +278,10 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
 fn tcp_flow_dnat_then_reply_snat() {
     let w = world(IPPROTO_TCP, 5);
     let mut rng = Rng::new(1);
-    let spec = Spec::tcp([198, 19, 113, 5], 40000, NODE, PUBLISHED)
+    let spec = Spec::tcp([198, 19, 113, 5], 40000, NODE, PUBLISHED, TCP_ACK)
         .payload(b"GET / HTTP/1.1\r\n\r\n".to_vec());
     let want = w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP);
-    let len = build(&spec).len() as u64;
+    let len = spec.build().len() as u64;
 
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: want });
     assert_eq!(
@@ -306,7 +294,7 @@ fn tcp_flow_dnat_then_reply_snat() {
     );
 
     // Conntrack.
-    let ct = *w.ct.borrow()[&client_flow(&spec)];
+    let ct = w.maps.ct()[&client_flow(&spec)];
     assert_eq!(
         ct,
         CtValue {
@@ -318,7 +306,7 @@ fn tcp_flow_dnat_then_reply_snat() {
     );
     // One entry per flow: the reply path finds it through the backend's
     // reply candidates.
-    assert_eq!(w.ct.borrow().len(), 1);
+    assert_eq!(w.maps.ct().len(), 1);
     let (baddr, _) = w.backend_of(want);
 
     // Next packet: same backend, not a new flow.
@@ -336,13 +324,13 @@ fn tcp_flow_dnat_then_reply_snat() {
 
     // A reply that is not of a tracked flow is not ours.
     for (sport, dport) in [(TARGET, 40001), (TARGET + 1, 40000)] {
-        let mut f = build(&Spec::tcp(baddr, sport, spec.saddr, dport));
-        assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w), None);
+        let mut f = Spec::tcp(baddr, sport, spec.saddr, dport, TCP_ACK).build();
+        assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w.maps), None);
     }
     // Nor is a tracked flow's reply with a broken L4 header.
-    let mut f = build(&Spec::tcp(baddr, TARGET, spec.saddr, spec.sport));
-    f[ETH + 20 + 12] = 4 << 4;
-    assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w), None);
+    let mut f = Spec::tcp(baddr, TARGET, spec.saddr, spec.sport, TCP_ACK).build();
+    f[ETH_HLEN + 20 + 12] = 4 << 4;
+    assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w.maps), None);
 }
 
 /// Many random flows, TCP and UDP, payloads of every parity, IP and TCP
@@ -371,7 +359,7 @@ fn random_flows_round_trip() {
                 spec.tcp_opts.clear();
             }
             // Short frames come padded to the Ethernet minimum.
-            let len = build(&spec).len();
+            let len = spec.build().len();
             if len < 60 {
                 spec.pad = 60 - len;
                 padded += 1;
@@ -397,17 +385,20 @@ fn random_flows_round_trip() {
 fn conntrack_pins_flow_across_table_change() {
     let mut w = world(IPPROTO_TCP, 5);
     let mut rng = Rng::new(3);
-    let spec = Spec::tcp([198, 19, 113, 9], 50000, NODE, PUBLISHED).payload(vec![1; 33]);
+    let spec = Spec::tcp([198, 19, 113, 9], 50000, NODE, PUBLISHED, TCP_ACK).payload(vec![1; 33]);
     let Verdict::Local { backend_id: first } = forward(&w, &spec) else {
         panic!()
     };
 
     // Another backend takes over the whole table.
     let other = (1..=5).map(be_id).find(|&id| id != first).unwrap();
-    w.fill_table(other);
+    w.fill_table(IPPROTO_TCP, other);
     assert_eq!(w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP), other);
-    let svc = w.services[&SvcKey::new(PUBLISHED, IPPROTO_TCP)];
-    assert_eq!(fwd::select(&w, &svc, &client_flow(&spec)).unwrap().0, other);
+    let svc = w.service(IPPROTO_TCP);
+    assert_eq!(
+        fwd::select(&w.maps, &svc, &client_flow(&spec)).unwrap().0,
+        other
+    );
 
     for _ in 0..3 {
         assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: first });
@@ -416,7 +407,7 @@ fn conntrack_pins_flow_across_table_change() {
     reply(&w, &spec, first, &mut rng);
 
     // A new flow goes by the new table.
-    let fresh = Spec::tcp([198, 19, 113, 9], 50001, NODE, PUBLISHED);
+    let fresh = Spec::tcp([198, 19, 113, 9], 50001, NODE, PUBLISHED, TCP_ACK);
     assert_eq!(forward(&w, &fresh), Verdict::Local { backend_id: other });
     assert_eq!(w.stats().new_flows, 2);
 
@@ -424,7 +415,15 @@ fn conntrack_pins_flow_across_table_change() {
     // pick changed stay where they were.
     let mut w = world(IPPROTO_TCP, 5);
     let specs: Vec<Spec> = (0..300)
-        .map(|i| Spec::tcp([203, 0, 114, (i % 250) as u8], 20000 + i, NODE, PUBLISHED))
+        .map(|i| {
+            Spec::tcp(
+                [203, 0, 114, (i % 250) as u8],
+                20000 + i,
+                NODE,
+                PUBLISHED,
+                TCP_ACK,
+            )
+        })
         .collect();
     let before: Vec<u32> = specs
         .iter()
@@ -457,7 +456,7 @@ fn conntrack_pins_flow_across_table_change() {
 fn removed_backend_flow_is_repicked() {
     let mut w = world(IPPROTO_UDP, 4);
     let mut rng = Rng::new(4);
-    let spec = Spec::udp([198, 19, 113, 77], 33333, NODE, PUBLISHED).payload(vec![2; 21]);
+    let spec = Spec::udp([198, 19, 113, 77], 33333, NODE, PUBLISHED, &[]).payload(vec![2; 21]);
     let Verdict::Local { backend_id: old } = forward(&w, &spec) else {
         panic!()
     };
@@ -465,7 +464,7 @@ fn removed_backend_flow_is_repicked() {
     let old_i = old - 100;
 
     // The backend goes away before the table is rewritten.
-    w.backends.remove(&old);
+    w.maps.del_backend(old).unwrap();
     assert_eq!(
         forward(&w, &spec),
         Verdict::Drop(DropReason::BackendMissing)
@@ -480,7 +479,7 @@ fn removed_backend_flow_is_repicked() {
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: new });
     assert_eq!(w.stats().new_flows, 2, "the re-pick counts as a new flow");
     assert_eq!(w.stats().packets, 2);
-    assert_eq!(w.ct.borrow()[&client_flow(&spec)].backend_id, new);
+    assert_eq!(w.maps.ct()[&client_flow(&spec)].backend_id, new);
     reply(&w, &spec, new, &mut rng);
 
     // And it sticks there.
@@ -495,24 +494,32 @@ fn removed_backend_flow_is_repicked() {
 fn established_flow_skips_node_address_lookup() {
     let mut w = world(IPPROTO_TCP, 3);
     let mut rng = Rng::new(5);
-    let spec = Spec::tcp([198, 19, 113, 50], 45000, NODE, PUBLISHED).payload(vec![3; 10]);
+    let spec = Spec::tcp([198, 19, 113, 50], 45000, NODE, PUBLISHED, TCP_ACK).payload(vec![3; 10]);
     let Verdict::Local { backend_id } = forward(&w, &spec) else {
         panic!()
     };
-    assert_eq!(w.node_lookups.get(), 1, "a new flow checks the address");
+    assert_eq!(
+        w.maps.node_addr_lookups(),
+        1,
+        "a new flow checks the address"
+    );
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id });
-    assert_eq!(w.node_lookups.get(), 1, "an established flow does not");
+    assert_eq!(
+        w.maps.node_addr_lookups(),
+        1,
+        "an established flow does not"
+    );
 
-    w.node_addrs.remove(&raw(NODE));
+    w.maps.del_node_addr(raw(NODE));
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id });
     reply(&w, &spec, backend_id, &mut rng);
-    let fresh = Spec::tcp([198, 19, 113, 50], 45001, NODE, PUBLISHED);
+    let fresh = Spec::tcp([198, 19, 113, 50], 45001, NODE, PUBLISHED, TCP_ACK);
     assert_eq!(forward(&w, &fresh), Verdict::Pass);
     assert_eq!(w.stats().new_flows, 1);
 
     // Established flows still get their L4 header checked.
-    let mut f = build(&spec);
-    f[ETH + 20 + 12] = 2 << 4;
+    let mut f = spec.build();
+    f[ETH_HLEN + 20 + 12] = 2 << 4;
     assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4BadLength));
 }
 
@@ -525,55 +532,59 @@ fn verdicts_for_other_traffic() {
     // Another port, another protocol on the published port, another
     // destination address.
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 1, NODE, PUBLISHED + 1)),
+        forward(&w, &Spec::tcp(client, 1, NODE, PUBLISHED + 1, TCP_ACK)),
         Verdict::Pass
     );
     assert_eq!(
-        forward(&w, &Spec::udp(client, 1, NODE, PUBLISHED)),
+        forward(&w, &Spec::udp(client, 1, NODE, PUBLISHED, &[])),
         Verdict::Pass
     );
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 1, [198, 18, 0, 3], PUBLISHED)),
+        forward(
+            &w,
+            &Spec::tcp(client, 1, [198, 18, 0, 3], PUBLISHED, TCP_ACK)
+        ),
         Verdict::Pass
     );
 
     // Fragments to the service: the first is dropped, later ones pass.
-    let mut s = Spec::tcp(client, 1, NODE, PUBLISHED).payload(vec![0; 16]);
+    let mut s = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).payload(vec![0; 16]);
     s.frag = 0x2000;
     assert_eq!(forward(&w, &s), Verdict::Drop(DropReason::Fragment));
     s.frag = 0x0003;
     assert_eq!(forward(&w, &s), Verdict::Pass);
 
     // Broken TCP header to the service.
-    let mut f = build(&Spec::tcp(client, 1, NODE, PUBLISHED));
-    f[ETH + 20 + 12] = 3 << 4;
+    let mut f = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).build();
+    f[ETH_HLEN + 20 + 12] = 3 << 4;
     assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4BadLength));
-    let mut f = build(&Spec::tcp(client, 1, NODE, PUBLISHED));
-    f[ETH + 20 + 12] = 6 << 4;
+    let mut f = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).build();
+    f[ETH_HLEN + 20 + 12] = 6 << 4;
     assert_eq!(w.process(&mut f), Verdict::Drop(DropReason::L4Truncated));
 
     // A service whose backend is remote.
-    let spec = Spec::tcp(client, 2, NODE, PUBLISHED);
+    let spec = Spec::tcp(client, 2, NODE, PUBLISHED, TCP_ACK);
     let id = w.expected_pick(client, 2, IPPROTO_TCP);
-    w.backends.get_mut(&id).unwrap().flags = BE_F_REMOTE;
+    w.update_backend(id, |b| b.flags = BE_F_REMOTE);
     assert_eq!(forward(&w, &spec), Verdict::Drop(DropReason::RemoteBackend));
 
     // A table pointing outside the Maglev map.
-    w.services
-        .get_mut(&SvcKey::new(PUBLISHED, IPPROTO_TCP))
-        .unwrap()
-        .table_off = 1_000_000;
+    let svc = SvcValue {
+        table_off: 1_000_000,
+        ..w.service(IPPROTO_TCP)
+    };
+    w.put_service(IPPROTO_TCP, svc);
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 3, NODE, PUBLISHED)),
+        forward(&w, &Spec::tcp(client, 3, NODE, PUBLISHED, TCP_ACK)),
         Verdict::Drop(DropReason::TableOutOfRange)
     );
 
     // No backend at all.
     w.publish(IPPROTO_TCP, &[]);
     assert_eq!(
-        forward(&w, &Spec::tcp(client, 4, NODE, PUBLISHED)),
+        forward(&w, &Spec::tcp(client, 4, NODE, PUBLISHED, TCP_ACK)),
         Verdict::Drop(DropReason::NoBackend)
     );
     assert_eq!(w.stats().packets, 0);
-    assert!(w.ct.borrow().is_empty());
+    assert!(w.maps.ct().is_empty());
 }

@@ -2,16 +2,13 @@
 //! coverage, balance, order independence, and disruption when a backend
 //! comes or goes, at slot level and at flow level (through the real flow
 //! hash). Run with `-- --nocapture` to see the measured figures.
-#![cfg(feature = "user")]
-
-mod util;
 
 use std::collections::HashMap;
 
 use mesh_common::abi::IPPROTO_TCP;
 use mesh_common::hash::flow_hash4;
 use mesh_common::maglev::{is_prime, table};
-use util::Rng;
+use mesh_common::testing::Rng;
 
 /// Backend names as the daemon makes them (`BackendKey::maglev_key`).
 fn keys(range: std::ops::Range<u32>) -> Vec<String> {

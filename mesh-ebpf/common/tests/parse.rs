@@ -1,12 +1,11 @@
 //! `parse::ipv4`, `parse::ports`, `parse::check_l4` (and `Pkt`) on
 //! hand-built frames: well-formed, with options, malformed, truncated.
 
-mod util;
-
 use mesh_common::abi::{IPPROTO_TCP, IPPROTO_UDP};
-use mesh_common::parse::{self, Ip4, L4Error};
+use mesh_common::parse::{self, ETH_HLEN, Ip4, L4Error};
 use mesh_common::pkt::Pkt;
-use util::{ETH, Rng, Spec, build, ip_options, tcp_options};
+use mesh_common::testing::Rng;
+use mesh_common::testing::frame::{Spec, TCP_ACK, ip_options, tcp_options};
 
 const CLIENT: [u8; 4] = [198, 19, 113, 7];
 const NODE: [u8; 4] = [198, 18, 0, 1];
@@ -16,15 +15,19 @@ fn ipv4(buf: &mut [u8]) -> Option<Ip4> {
 }
 
 fn set_tot_len(f: &mut [u8], v: usize) {
-    f[ETH + 2..ETH + 4].copy_from_slice(&(v as u16).to_be_bytes());
+    f[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&(v as u16).to_be_bytes());
 }
 
 fn tcp_frame(payload: usize) -> Vec<u8> {
-    build(&Spec::tcp(CLIENT, 40000, NODE, 8080).payload(vec![0x5a; payload]))
+    Spec::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK)
+        .payload(vec![0x5a; payload])
+        .build()
 }
 
 fn udp_frame(payload: usize) -> Vec<u8> {
-    build(&Spec::udp(CLIENT, 40000, NODE, 5353).payload(vec![0x5a; payload]))
+    Spec::udp(CLIENT, 40000, NODE, 5353, &[])
+        .payload(vec![0x5a; payload])
+        .build()
 }
 
 /// Runs all three parsers the way `fwd::process` does; the point is that
@@ -81,7 +84,7 @@ fn plain_tcp_and_udp() {
         let len = f.len();
         let pkt = Pkt::from_slice(&mut f);
         let ip = parse::ipv4(&pkt).expect("parses");
-        assert_eq!(ip.l4_off, ETH + 20);
+        assert_eq!(ip.l4_off, ETH_HLEN + 20);
         assert_eq!(ip.l3_end, len);
         assert_eq!(ip.saddr, u32::from_ne_bytes(CLIENT));
         assert_eq!(ip.daddr, u32::from_ne_bytes(NODE));
@@ -103,17 +106,17 @@ fn ip_options_move_l4() {
     for ihl in 5..=15usize {
         for udp in [false, true] {
             let mut spec = if udp {
-                Spec::udp(CLIENT, 1111, NODE, 2222)
+                Spec::udp(CLIENT, 1111, NODE, 2222, &[])
             } else {
-                Spec::tcp(CLIENT, 1111, NODE, 2222)
+                Spec::tcp(CLIENT, 1111, NODE, 2222, TCP_ACK)
             };
             spec.ip_opts = ip_options((ihl - 5) * 4);
             spec.payload = vec![7; 3];
-            let mut f = build(&spec);
+            let mut f = spec.build();
             let len = f.len();
             let pkt = Pkt::from_slice(&mut f);
             let ip = parse::ipv4(&pkt).unwrap_or_else(|| panic!("ihl {ihl}"));
-            assert_eq!(ip.l4_off, ETH + ihl * 4, "ihl {ihl}");
+            assert_eq!(ip.l4_off, ETH_HLEN + ihl * 4, "ihl {ihl}");
             assert_eq!(ip.l3_end, len);
             assert_eq!(
                 parse::ports(&pkt, &ip),
@@ -128,7 +131,7 @@ fn ip_options_move_l4() {
 fn ihl_below_5_is_not_ours() {
     for ihl in 0..5u8 {
         let mut f = tcp_frame(40);
-        f[ETH] = 0x40 | ihl;
+        f[ETH_HLEN] = 0x40 | ihl;
         assert_eq!(ipv4(&mut f), None, "ihl {ihl}");
     }
 }
@@ -137,7 +140,7 @@ fn ihl_below_5_is_not_ours() {
 fn version_other_than_4_is_not_ours() {
     for version in [0u8, 1, 5, 6, 15] {
         let mut f = tcp_frame(40);
-        f[ETH] = (version << 4) | 5;
+        f[ETH_HLEN] = (version << 4) | 5;
         assert_eq!(ipv4(&mut f), None, "version {version}");
     }
 }
@@ -151,7 +154,7 @@ fn other_ethertypes_and_protocols_are_not_ours() {
     }
     for proto in [0u8, 1, 2, 41, 47, 50, 132, 255] {
         let mut f = tcp_frame(10);
-        f[ETH + 9] = proto;
+        f[ETH_HLEN + 9] = proto;
         assert_eq!(ipv4(&mut f), None, "protocol {proto}");
     }
 }
@@ -161,19 +164,19 @@ fn other_ethertypes_and_protocols_are_not_ours() {
 #[test]
 fn truncated_frames_at_every_length() {
     let mut specs = vec![
-        Spec::tcp(CLIENT, 40000, NODE, 8080).payload(vec![1; 9]),
-        Spec::udp(CLIENT, 40000, NODE, 53).payload(vec![2; 9]),
+        Spec::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK).payload(vec![1; 9]),
+        Spec::udp(CLIENT, 40000, NODE, 53, &[]).payload(vec![2; 9]),
     ];
-    let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080).payload(vec![3; 5]);
+    let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK).payload(vec![3; 5]);
     s.ip_opts = ip_options(8);
     s.tcp_opts = tcp_options(12);
     specs.push(s);
-    let mut s = Spec::udp(CLIENT, 40000, NODE, 53);
+    let mut s = Spec::udp(CLIENT, 40000, NODE, 53, &[]);
     s.ip_opts = ip_options(40);
     specs.push(s);
 
     for spec in &specs {
-        let full = build(spec);
+        let full = spec.build();
         for len in 0..=full.len() {
             let mut b = full[..len].to_vec();
             let (ip, ports, l4) = parse_all(&mut b);
@@ -199,19 +202,19 @@ fn datagram_cut_inside_l4_header() {
         };
         for len in 0..=full.len() {
             let mut b = full[..len].to_vec();
-            if len >= ETH + 4 {
-                set_tot_len(&mut b, len - ETH);
+            if len >= ETH_HLEN + 4 {
+                set_tot_len(&mut b, len - ETH_HLEN);
             }
             let (ip, ports, l4) = parse_all(&mut b);
-            if len < ETH + 20 {
+            if len < ETH_HLEN + 20 {
                 assert_eq!(ip, None, "len {len}");
                 continue;
             }
             let ip = ip.expect("consistent header parses");
             assert_eq!(ip.l3_end, len);
-            assert_eq!(ports.is_some(), len >= ETH + 20 + 4, "len {len}");
+            assert_eq!(ports.is_some(), len >= ETH_HLEN + 20 + 4, "len {len}");
             let l4 = l4.unwrap();
-            let l4_len = len - ETH - 20;
+            let l4_len = len - ETH_HLEN - 20;
             if l4_len < hdr {
                 assert_eq!(l4, Err(L4Error::Truncated), "{proto} len {len}");
             } else if proto == IPPROTO_UDP && l4_len < 8 + 6 {
@@ -227,7 +230,7 @@ fn datagram_cut_inside_l4_header() {
 #[test]
 fn total_length_vs_frame_and_header() {
     let full = tcp_frame(10);
-    let tot = full.len() - ETH;
+    let tot = full.len() - ETH_HLEN;
     let cases: &[(usize, bool)] = &[
         (tot + 1, false), // longer than the frame
         (0xffff, false),  // far longer
@@ -242,7 +245,7 @@ fn total_length_vs_frame_and_header() {
         let (ip, ports, l4) = parse_all(&mut f);
         assert_eq!(ip.is_some(), ok, "tot_len {t}");
         if let Some(ip) = ip {
-            assert_eq!(ip.l3_end, ETH + t);
+            assert_eq!(ip.l3_end, ETH_HLEN + t);
         }
         if t == 20 {
             assert_eq!(ports, None);
@@ -250,9 +253,9 @@ fn total_length_vs_frame_and_header() {
         }
     }
     // With options: the total length must cover them too.
-    let mut s = Spec::udp(CLIENT, 1, NODE, 2);
+    let mut s = Spec::udp(CLIENT, 1, NODE, 2, &[]);
     s.ip_opts = ip_options(16);
-    let full = build(&s);
+    let full = s.build();
     for t in [35usize, 36, 37] {
         let mut f = full.clone();
         set_tot_len(&mut f, t);
@@ -266,9 +269,9 @@ fn total_length_vs_frame_and_header() {
 #[test]
 fn ethernet_padding_is_excluded() {
     // UDP with 2 bytes of payload: 14 + 20 + 10 = 44, padded to 60.
-    let mut s = Spec::udp(CLIENT, 40000, NODE, 53).payload(vec![9, 9]);
+    let mut s = Spec::udp(CLIENT, 40000, NODE, 53, &[]).payload(vec![9, 9]);
     s.pad = 16;
-    let mut f = build(&s);
+    let mut f = s.build();
     assert_eq!(f.len(), 60);
     let (ip, ports, l4) = parse_all(&mut f);
     let ip = ip.unwrap();
@@ -283,20 +286,20 @@ fn ethernet_padding_is_excluded() {
 
     // TCP: a bare header (40 bytes of IP) padded to 60; a data offset
     // that only fits by counting the padding is truncated.
-    let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080);
+    let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK);
     s.pad = 6;
-    let mut f = build(&s);
+    let mut f = s.build();
     assert_eq!(f.len(), 60);
     let (ip, _, l4) = parse_all(&mut f);
     assert_eq!(ip.unwrap().l3_end, 54);
     assert_eq!(l4, Some(Ok(())));
-    f[ETH + 20 + 12] = 6 << 4;
+    f[ETH_HLEN + 20 + 12] = 6 << 4;
     assert_eq!(parse_all(&mut f).2, Some(Err(L4Error::Truncated)));
 
     // A header cut by the total length but "completed" by padding.
-    let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080);
+    let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK);
     s.pad = 20;
-    let mut f = build(&s);
+    let mut f = s.build();
     set_tot_len(&mut f, 30);
     let (ip, ports, l4) = parse_all(&mut f);
     assert_eq!(ip.unwrap().l3_end, 44);
@@ -320,9 +323,9 @@ fn fragments() {
         (0x3fff, false, true),
     ];
     for (frag, first, later) in cases {
-        let mut s = Spec::udp(CLIENT, 1, NODE, 2).payload(vec![0; 8]);
+        let mut s = Spec::udp(CLIENT, 1, NODE, 2, &[]).payload(vec![0; 8]);
         s.frag = frag;
-        let mut f = build(&s);
+        let mut f = s.build();
         let ip = ipv4(&mut f).unwrap();
         assert_eq!(
             (ip.first_fragment, ip.later_fragment),
@@ -336,10 +339,10 @@ fn fragments() {
 fn tcp_data_offset() {
     for doff in 0..=15u8 {
         // Enough options for any data offset: 40 bytes.
-        let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080);
+        let mut s = Spec::tcp(CLIENT, 40000, NODE, 8080, TCP_ACK);
         s.tcp_opts = tcp_options(40);
-        let mut f = build(&s);
-        f[ETH + 20 + 12] = doff << 4;
+        let mut f = s.build();
+        f[ETH_HLEN + 20 + 12] = doff << 4;
         let (_, _, l4) = parse_all(&mut f);
         let want = if doff < 5 {
             Err(L4Error::BadLength)
@@ -350,7 +353,7 @@ fn tcp_data_offset() {
 
         // Header only (20 bytes): any offset above 5 runs past the end.
         let mut f = tcp_frame(0);
-        f[ETH + 20 + 12] = doff << 4;
+        f[ETH_HLEN + 20 + 12] = doff << 4;
         let (_, _, l4) = parse_all(&mut f);
         let want = match doff {
             0..=4 => Err(L4Error::BadLength),
@@ -362,9 +365,9 @@ fn tcp_data_offset() {
     // With payload, the offset may point into it (the payload then counts
     // as options): fine as long as it stays inside the datagram.
     let mut f = tcp_frame(8);
-    f[ETH + 20 + 12] = 7 << 4;
+    f[ETH_HLEN + 20 + 12] = 7 << 4;
     assert_eq!(parse_all(&mut f).2, Some(Ok(())));
-    f[ETH + 20 + 12] = 8 << 4;
+    f[ETH_HLEN + 20 + 12] = 8 << 4;
     assert_eq!(parse_all(&mut f).2, Some(Err(L4Error::Truncated)));
 }
 
@@ -374,7 +377,7 @@ fn udp_length() {
     let datagram = 8 + payload;
     for ulen in [0usize, 1, 7, 8, 9, 17, 18, 19, 100, 0xffff] {
         let mut f = udp_frame(payload);
-        f[ETH + 20 + 4..ETH + 20 + 6].copy_from_slice(&(ulen as u16).to_be_bytes());
+        f[ETH_HLEN + 20 + 4..ETH_HLEN + 20 + 6].copy_from_slice(&(ulen as u16).to_be_bytes());
         let (_, _, l4) = parse_all(&mut f);
         // Shorter than the IP payload is accepted (the rest is trailing
         // bytes); shorter than its own header or past the datagram is not.
@@ -387,7 +390,7 @@ fn udp_length() {
     }
     // Exactly 8: no payload at all.
     let mut f = udp_frame(0);
-    assert_eq!(f.len(), ETH + 28);
+    assert_eq!(f.len(), ETH_HLEN + 28);
     assert_eq!(parse_all(&mut f).2, Some(Ok(())));
     // Fewer than 8 bytes of UDP in the datagram.
     for l in 0..8 {
@@ -416,9 +419,9 @@ fn fuzz_never_panics() {
             }
             b
         } else {
-            let mut f = build(&Spec::random(&mut rng));
+            let mut f = Spec::random(&mut rng).build();
             for _ in 0..rng.range(1, 4) {
-                let i = rng.range(0, (ETH + 80).min(f.len() - 1));
+                let i = rng.range(0, (ETH_HLEN + 80).min(f.len() - 1));
                 f[i] = rng.next_u8();
             }
             let keep = rng.range(0, f.len());
@@ -456,7 +459,7 @@ fn pkt_offset_overflow_is_out_of_bounds() {
 fn socket_buffer_longer_than_its_readable_part() {
     let mut f = tcp_frame(4000);
     let whole = f.len();
-    let readable = ETH + 20 + 20;
+    let readable = ETH_HLEN + 20 + 20;
     let start = f.as_mut_ptr() as usize;
     // SAFETY: start..start+readable lies inside `f`.
     let pkt = unsafe { Pkt::with_len(start, start + readable, whole) };

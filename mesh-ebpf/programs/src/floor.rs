@@ -1,6 +1,11 @@
 //! Benchmark floors, measured in the same run as the real program so that
 //! only the mesh's own cost is reported: an XDP program that only passes,
 //! and one that parses and does one hash lookup, then transmits.
+//!
+//! Their own object (`mesh-floor`), not part of the dataplane: meshd never
+//! loads them; the benchmark and the tests do (`mesh_tests::fixtures::Floors`).
+#![no_std]
+#![no_main]
 
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::{map, xdp};
@@ -32,3 +37,13 @@ pub fn floor_lookup(ctx: XdpContext) -> u32 {
         None => xdp_action::XDP_PASS,
     }
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,13 +1,16 @@
 //! The mesh dataplane. One file per attach point, in the order a packet
-//! meets them: `xdp` (uplink, client to service), `tc` (uplink delivery
-//! into the task; task replies back to the client), plus `floor`
-//! (benchmark baselines). `maps` holds the state they share.
+//! meets them: `xdp` (uplink, client to service), `tc_uplink` (uplink,
+//! delivery into the task), `tc_task` (the task's replies, back to the
+//! client); `fib` is the routing and redirect both TC programs end with,
+//! and `maps` holds the state they all share. (The benchmark's floor
+//! programs are another object: floor.rs, the `mesh-floor` binary.)
 #![no_std]
 #![no_main]
 
-mod floor;
+mod fib;
 mod maps;
-mod tc;
+mod tc_task;
+mod tc_uplink;
 mod xdp;
 
 #[cfg(not(test))]

@@ -28,10 +28,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 /// Memory-mappable, so user space writes whole tables with a memcpy. Array
 /// elements are 8-byte aligned, so entries are stored in pairs: entry `i`
 /// is `MAGLEV[i / 2][i % 2]`, and the mapping is a flat `u32` array.
-/// Nodes by slot (`Backend::node_id`); read by forwarding.
-#[map(name = "MESH_NODES_V1")]
-pub static NODES: Array<NodeValue> = Array::with_max_entries(DEFAULT_MAX_NODES, 0);
-
+/// The size in the object (two tables of 1021 entries per service, in
+/// pairs) is a placeholder: the daemon sizes it for `--maglev-size`.
 #[map(name = "MESH_MAGLEV_V1")]
 pub static MAGLEV: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
@@ -51,6 +49,11 @@ pub static SVC_STATS: PerCpuArray<SvcStats> =
 #[map(name = "MESH_DROPS_V1")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
 
+/// The swarm's nodes by slot (`Backend::node_id`). Not read yet: the
+/// forwarding to other nodes will.
+#[map(name = "MESH_NODES_V1")]
+pub static NODES: Array<NodeValue> = Array::with_max_entries(DEFAULT_MAX_NODES, 0);
+
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
     if let Some(p) = DROPS.get_ptr_mut(reason as u32) {
@@ -64,13 +67,13 @@ pub struct Maps;
 
 impl Tables for Maps {
     #[inline(always)]
-    fn service(&self, key: &SvcKey) -> Option<&SvcValue> {
+    fn service(&self, key: &SvcKey) -> Option<SvcValue> {
         let i = port_index(key.proto, key.port_be)?;
         let slot = PORTS.get(i >> 1)?[(i & 1) as usize];
         if slot == 0 {
             return None;
         }
-        SERVICES.get(slot - 1)
+        SERVICES.get(slot - 1).copied()
     }
 
     #[inline(always)]
@@ -83,9 +86,10 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        // SAFETY: as above.
-        unsafe { CT4.get(key) }
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        // SAFETY: the value is copied at once; an entry another CPU
+        // replaces meanwhile yields the old or the new value.
+        unsafe { CT4.get(key) }.copied()
     }
 
     #[inline(always)]
@@ -103,11 +107,11 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn backend(&self, id: u32) -> Option<&Backend> {
+    fn backend(&self, id: u32) -> Option<Backend> {
         // A slot is rewritten only when no table names it: a reader coming
         // from a stale conntrack entry may see it change, and then either
         // a free slot or another generation (and moves the flow).
-        BACKENDS.get(id).filter(|b| b.flags != 0)
+        BACKENDS.get(id).filter(|b| b.flags != 0).copied()
     }
 
     #[inline(always)]
@@ -127,14 +131,13 @@ impl Tables for Maps {
 
 impl RevTables for Maps {
     #[inline(always)]
-    fn reply(&self, key: &ReplyKey4) -> Option<&ReplyValue4> {
-        // SAFETY: replaced whole by user space.
-        unsafe { REPLY4.get(key) }
+    fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
+        // SAFETY: replaced whole by user space; copied at once.
+        unsafe { REPLY4.get(key) }.copied()
     }
 
     #[inline(always)]
-    fn ct_get(&self, key: &FlowKey4) -> Option<&CtValue> {
-        // SAFETY: as in `Tables`.
-        unsafe { CT4.get(key) }
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        Tables::ct_get(self, key)
     }
 }

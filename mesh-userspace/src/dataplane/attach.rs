@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
-use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
@@ -207,12 +206,6 @@ impl Programs {
                 Err(e) => warn!("{e:#}"),
             }
         }
-    }
-
-    pub fn floor_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u32>> {
-        Ok(BpfHashMap::try_from(
-            self.ebpf_mut().map_mut(MAP_FLOOR).context("no floor map")?,
-        )?)
     }
 }
 

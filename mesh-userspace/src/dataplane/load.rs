@@ -2,7 +2,7 @@
 //! program through the verifier, the aya-log buffer opened. Nothing is
 //! attached here.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use aya::programs::{SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::abi::*;
@@ -12,6 +12,8 @@ use crate::plan::Limits;
 
 /// The compiled BPF object.
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_BPF_OBJ"));
+/// The benchmark's floor programs (their own object; meshd never loads it).
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_FLOOR_OBJ"));
 
 /// The programs' log buffer, bridged into this process's log.
 pub type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -24,6 +26,12 @@ pub struct Loaded {
 /// Loads the object with `limits`' map sizes; `bpf_log_level` is the most
 /// verbose aya-log level the programs emit (0 = off, 3 = info, 4 = debug).
 pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
+    if BPF_OBJECT.is_empty() {
+        bail!(
+            "this meshd has no BPF programs: it was built with MESH_BPF_SKIP=1 (for editors \
+             and linters only); rebuild without MESH_BPF_SKIP"
+        );
+    }
     limits.validate()?;
     raise_memlock();
     let mut loader = EbpfLoader::new();
@@ -44,14 +52,12 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
             None
         }
     };
-    for name in [PROG_XDP, PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP] {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?;
-        p.load()
-            .with_context(|| format!("the verifier refused {name}"))?;
-    }
+    let xdp: &mut Xdp = ebpf
+        .program_mut(PROG_XDP)
+        .with_context(|| format!("program {PROG_XDP} missing"))?
+        .try_into()?;
+    xdp.load()
+        .with_context(|| format!("the verifier refused {PROG_XDP}"))?;
     for name in [PROG_TC_UPLINK, PROG_TC_TASK] {
         let p: &mut SchedClassifier = ebpf
             .program_mut(name)

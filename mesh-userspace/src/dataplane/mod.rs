@@ -43,7 +43,7 @@ pub mod stats;
 pub mod writer;
 
 pub use attach::{Programs, TcAttach, XdpAttach};
-pub use load::BPF_OBJECT;
+pub use load::{BPF_OBJECT, FLOOR_OBJECT};
 pub use stats::StatsReader;
 pub use writer::{Applier, ApplyError, MapWriter, Writer};
 
@@ -108,9 +108,5 @@ impl Dataplane {
     /// Drop counters by reason, summed over CPUs.
     pub fn drops(&self) -> Result<Vec<(DropReason, u64)>> {
         self.stats.drops()
-    }
-
-    pub fn floor_map(&mut self) -> Result<aya::maps::HashMap<&mut aya::maps::MapData, u32, u32>> {
-        self.programs.floor_map()
     }
 }

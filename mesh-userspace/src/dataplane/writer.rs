@@ -33,6 +33,11 @@ pub struct MapWriter {
 }
 
 impl MapWriter {
+    /// The node map, as written (for tests and tools).
+    pub fn nodes(&self) -> &Array<MapData, NodeValue> {
+        &self.nodes
+    }
+
     /// Takes the maps it writes out of `ebpf` (the programs keep them).
     pub fn new(ebpf: &mut Ebpf, limits: &Limits) -> Result<Self> {
         let maglev = MmapU32::new(ebpf, MAP_MAGLEV, limits.maglev_entries() as usize)?;

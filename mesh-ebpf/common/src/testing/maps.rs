@@ -1,0 +1,343 @@
+//! The BPF maps on the host: plain collections in the kernel maps' shapes
+//! (the port array, service, backend and node slots, one flat Maglev
+//! array, the node-address set), implementing [`Tables`] and [`RevTables`] the way
+//! `mesh-ebpf/programs/src/maps.rs` does. Host tests, fixtures and the
+//! simulation therefore exercise the lookups the kernel makes, not a
+//! friendlier model of them.
+//!
+//! The write methods are what user space does to the kernel maps, and fail
+//! where the kernel would (an index past the map, a full set).
+
+use core::cell::{Cell, Ref, RefCell};
+use core::fmt;
+use std::collections::HashMap;
+use std::vec;
+use std::vec::Vec;
+
+use crate::abi::*;
+use crate::fwd::Tables;
+use crate::rev::RevTables;
+
+/// Map sizes, as the loader sets them (`max_entries`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// Services; `MAP_SERVICES` holds two slots per service,
+    /// `MAP_SVC_STATS` one entry.
+    pub max_services: u32,
+    /// Backend slots.
+    pub max_backends: u32,
+    /// Entries of `MAP_REPLY4`.
+    pub reply_entries: u32,
+    /// Entries of `MAP_MAGLEV` (rounded up to a pair, as the kernel's
+    /// array of pairs is).
+    pub maglev_entries: u32,
+    /// Node slots (`MAP_NODES`).
+    pub max_nodes: u32,
+}
+
+/// A write the kernel would refuse too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// Index `index` (or a region ending there) is past the end of `map`.
+    OutOfRange { map: &'static str, index: u64 },
+    /// `map` has no room for another entry.
+    Full { map: &'static str },
+    /// A service key of a protocol `MAP_PORTS` has no place for.
+    Protocol { proto: u8 },
+}
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapError::OutOfRange { map, index } => write!(f, "{map}: index {index} out of range"),
+            MapError::Full { map } => write!(f, "{map}: full"),
+            MapError::Protocol { proto } => write!(f, "no published ports of protocol {proto}"),
+        }
+    }
+}
+
+impl std::error::Error for MapError {}
+
+pub struct HostMaps {
+    sizes: Sizes,
+    /// `MAP_PORTS`: (protocol, port) -> service slot + 1, 0 = none.
+    ports: Vec<u32>,
+    /// `MAP_SERVICES`, by slot (`svc_id * 2 + half`).
+    services: Vec<SvcValue>,
+    /// `MAP_NODE_ADDR4`: 0 marks a free place.
+    node_addrs: [u32; MAX_NODE_ADDRS as usize],
+    /// `MAP_BACKENDS`, by slot; a free slot is all zero.
+    backends: Vec<Backend>,
+    /// `MAP_MAGLEV`, flat.
+    maglev: Vec<u32>,
+    /// `MAP_CT4`. Unbounded: the kernel's is an LRU map, which evicts
+    /// instead of failing.
+    ct: RefCell<HashMap<FlowKey4, CtValue>>,
+    /// `MAP_REPLY4`.
+    replies: HashMap<ReplyKey4, ReplyValue4>,
+    /// `MAP_SVC_STATS`, by svc id (one CPU).
+    stats: RefCell<Vec<SvcStats>>,
+    /// `MAP_NODES`, by slot; a free slot is all zero.
+    nodes: Vec<NodeValue>,
+    /// Calls of `is_node_addr4`, for tests of which lookups a path makes.
+    node_addr_lookups: Cell<u64>,
+}
+
+impl HostMaps {
+    /// Empty maps of the given sizes, as a fresh load leaves them.
+    pub fn new(sizes: Sizes) -> Self {
+        Self {
+            sizes,
+            ports: vec![0; PORT_INDEX_ENTRIES as usize],
+            services: vec![SvcValue::default(); 2 * sizes.max_services as usize],
+            node_addrs: [0; MAX_NODE_ADDRS as usize],
+            backends: vec![Backend::default(); sizes.max_backends as usize],
+            maglev: vec![0; sizes.maglev_entries.next_multiple_of(2) as usize],
+            ct: RefCell::default(),
+            replies: HashMap::new(),
+            stats: RefCell::new(vec![SvcStats::default(); sizes.max_services as usize]),
+            nodes: vec![NodeValue::default(); sizes.max_nodes as usize],
+            node_addr_lookups: Cell::new(0),
+        }
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    // Writes, as user space makes them to the kernel maps.
+
+    /// Writes service slot `slot` (one no packet reads: see
+    /// [`HostMaps::switch_port`]).
+    pub fn put_service(&mut self, slot: u32, value: SvcValue) -> Result<(), MapError> {
+        *at(&mut self.services, MAP_SERVICES, slot)? = value;
+        Ok(())
+    }
+
+    /// Points the port of `key` at service slot `slot` (the kernel's one
+    /// 32-bit store into the memory-mapped port array).
+    pub fn switch_port(&mut self, key: &SvcKey, slot: u32) -> Result<(), MapError> {
+        if slot >= self.services.len() as u32 {
+            return Err(MapError::OutOfRange {
+                map: MAP_SERVICES,
+                index: slot as u64,
+            });
+        }
+        *self.port_mut(key)? = slot + 1;
+        Ok(())
+    }
+
+    /// Unpublishes the port of `key` (its service slots stay as they are,
+    /// unread).
+    pub fn del_port(&mut self, key: &SvcKey) -> Result<(), MapError> {
+        *self.port_mut(key)? = 0;
+        Ok(())
+    }
+
+    pub fn put_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError> {
+        *at(&mut self.backends, MAP_BACKENDS, id)? = b;
+        Ok(())
+    }
+
+    /// Frees backend slot `id` (all zero).
+    pub fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.put_backend(id, Backend::default())
+    }
+
+    /// Copies `table` into the Maglev array at `offset`.
+    pub fn write_table(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
+        let (o, end) = (offset as usize, offset as usize + table.len());
+        if end > self.maglev.len() {
+            return Err(MapError::OutOfRange {
+                map: MAP_MAGLEV,
+                index: end as u64,
+            });
+        }
+        self.maglev[o..end].copy_from_slice(table);
+        Ok(())
+    }
+
+    /// Adds `addr` to the node-address set (in the first free place),
+    /// unless it is there already.
+    pub fn put_node_addr(&mut self, addr: u32) -> Result<(), MapError> {
+        if self.node_addrs.contains(&addr) {
+            return Ok(());
+        }
+        let free = self
+            .node_addrs
+            .iter_mut()
+            .find(|a| **a == 0)
+            .ok_or(MapError::Full {
+                map: MAP_NODE_ADDR4,
+            })?;
+        *free = addr;
+        Ok(())
+    }
+
+    pub fn del_node_addr(&mut self, addr: u32) {
+        if let Some(a) = self.node_addrs.iter_mut().find(|a| **a == addr) {
+            *a = 0;
+        }
+    }
+
+    pub fn put_reply(&mut self, key: ReplyKey4, value: ReplyValue4) -> Result<(), MapError> {
+        if !self.replies.contains_key(&key)
+            && self.replies.len() >= self.sizes.reply_entries as usize
+        {
+            return Err(MapError::Full { map: MAP_REPLY4 });
+        }
+        self.replies.insert(key, value);
+        Ok(())
+    }
+
+    pub fn del_reply(&mut self, key: &ReplyKey4) {
+        self.replies.remove(key);
+    }
+
+    /// Zeroes a service's counters.
+    pub fn reset_stats(&mut self, svc_id: u32) -> Result<(), MapError> {
+        *at(self.stats.get_mut(), MAP_SVC_STATS, svc_id)? = SvcStats::default();
+        Ok(())
+    }
+
+    pub fn put_node(&mut self, slot: u32, node: NodeValue) -> Result<(), MapError> {
+        *at(&mut self.nodes, MAP_NODES, slot)? = node;
+        Ok(())
+    }
+
+    /// Frees node slot `slot` (all zero).
+    pub fn del_node(&mut self, slot: u32) -> Result<(), MapError> {
+        self.put_node(slot, NodeValue::default())
+    }
+
+    /// Empties conntrack.
+    pub fn clear_ct(&mut self) {
+        self.ct.get_mut().clear();
+    }
+
+    // Reads, beyond the traits.
+
+    /// The service slot the port of `key` points at.
+    pub fn port(&self, key: &SvcKey) -> Option<u32> {
+        let i = port_index(key.proto, key.port_be)?;
+        self.ports[i as usize].checked_sub(1)
+    }
+
+    /// Service slot `slot`, read or not.
+    pub fn service_slot(&self, slot: u32) -> Option<SvcValue> {
+        self.services.get(slot as usize).copied()
+    }
+
+    /// Backend slot `id` as stored, free or not.
+    pub fn backend_slot(&self, id: u32) -> Option<Backend> {
+        self.backends.get(id as usize).copied()
+    }
+
+    /// Node slot `slot` as stored, free or not.
+    pub fn node(&self, slot: u32) -> Option<NodeValue> {
+        self.nodes.get(slot as usize).copied()
+    }
+
+    pub fn node_addrs(&self) -> &[u32; MAX_NODE_ADDRS as usize] {
+        &self.node_addrs
+    }
+
+    pub fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
+        self.replies.get(key).copied()
+    }
+
+    pub fn replies(&self) -> &HashMap<ReplyKey4, ReplyValue4> {
+        &self.replies
+    }
+
+    /// The conntrack entries.
+    pub fn ct(&self) -> Ref<'_, HashMap<FlowKey4, CtValue>> {
+        self.ct.borrow()
+    }
+
+    /// A service's counters (zero for an id past the map).
+    pub fn stats(&self, svc_id: u32) -> SvcStats {
+        self.stats
+            .borrow()
+            .get(svc_id as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Every service's counters, by svc id.
+    pub fn all_stats(&self) -> Ref<'_, [SvcStats]> {
+        Ref::map(self.stats.borrow(), |v| v.as_slice())
+    }
+
+    /// How many times the forward path asked whether an address is the
+    /// node's.
+    pub fn node_addr_lookups(&self) -> u64 {
+        self.node_addr_lookups.get()
+    }
+
+    fn port_mut(&mut self, key: &SvcKey) -> Result<&mut u32, MapError> {
+        let i =
+            port_index(key.proto, key.port_be).ok_or(MapError::Protocol { proto: key.proto })?;
+        Ok(&mut self.ports[i as usize])
+    }
+}
+
+fn at<'a, T>(v: &'a mut [T], map: &'static str, i: u32) -> Result<&'a mut T, MapError> {
+    v.get_mut(i as usize).ok_or(MapError::OutOfRange {
+        map,
+        index: i as u64,
+    })
+}
+
+/// The kernel's lookups (`mesh-ebpf/programs/src/maps.rs`), step for step.
+impl Tables for HostMaps {
+    fn service(&self, key: &SvcKey) -> Option<SvcValue> {
+        let slot = self.ports[port_index(key.proto, key.port_be)? as usize];
+        if slot == 0 {
+            return None;
+        }
+        self.services.get(slot as usize - 1).copied()
+    }
+
+    fn is_node_addr4(&self, addr: u32) -> bool {
+        self.node_addr_lookups.set(self.node_addr_lookups.get() + 1);
+        addr != 0 && self.node_addrs.contains(&addr)
+    }
+
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        self.ct.borrow().get(key).copied()
+    }
+
+    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
+        self.ct.borrow_mut().insert(*key, *ct);
+    }
+
+    fn maglev(&self, index: u32) -> Option<u32> {
+        self.maglev.get(index as usize).copied()
+    }
+
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends
+            .get(id as usize)
+            .filter(|b| b.flags != 0)
+            .copied()
+    }
+
+    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
+        if let Some(s) = self.stats.borrow_mut().get_mut(svc_id as usize) {
+            s.packets += 1;
+            s.bytes += bytes;
+            s.new_flows += new_flow as u64;
+        }
+    }
+}
+
+impl RevTables for HostMaps {
+    fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
+        HostMaps::reply(self, key)
+    }
+
+    fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        Tables::ct_get(self, key)
+    }
+}

@@ -1,0 +1,93 @@
+//! What both TC programs end with: a FIB lookup for the (rewritten)
+//! packet, the Ethernet addresses it gives, and `bpf_redirect` to the
+//! egress device. The kernel's forwarding path (and netfilter's FORWARD
+//! chain, DROP on Docker hosts) is never involved.
+
+use aya_ebpf::bindings::{
+    BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+};
+use aya_ebpf::helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
+use aya_ebpf::programs::TcContext;
+use aya_log_ebpf::debug;
+use mesh_common::abi::DropReason;
+use mesh_common::pkt::Pkt;
+
+use crate::maps::count_drop;
+
+/// `bpf_fib_lookup`'s address family for IPv4 (`AF_INET` in socket.h).
+const AF_INET: u8 = 2;
+
+/// The destination and source MACs open the Ethernet header, six bytes
+/// each (written as 4 + 2).
+const ETH_DST: usize = 0;
+const ETH_SRC: usize = 6;
+const ETH_MACS: usize = 12;
+
+/// The device the packet arrived on: where the FIB lookup starts.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: context field read.
+    unsafe { (*ctx.skb.skb).ingress_ifindex }
+}
+
+/// Routes the (rewritten) packet as the kernel would forward it, writes
+/// the Ethernet addresses and redirects it to the egress device.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> i32 {
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: helper call with a valid context and parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let Some(eth) = pkt.view::<ETH_MACS>(0) else {
+            count_drop(DropReason::RewriteFailed);
+            return TC_ACT_SHOT;
+        };
+        let (d, s) = (mac(&p.dmac), mac(&p.smac));
+        eth.set(ETH_DST, d.0);
+        eth.set(ETH_DST + 4, d.1);
+        eth.set(ETH_SRC, s.0);
+        eth.set(ETH_SRC + 4, s.1);
+        // SAFETY: helper call.
+        return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // The kernel resolves the neighbour (ARP) and transmits.
+        // SAFETY: helper call; no explicit next hop.
+        return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    count_drop(DropReason::FibLookupFailed);
+    debug!(
+        ctx,
+        "no route {:i} -> {:i} (fib lookup {})",
+        u32::from_be(saddr),
+        u32::from_be(daddr),
+        rc
+    );
+    TC_ACT_SHOT
+}
+
+/// A MAC address out of the FIB result, byte by byte: the objects are built
+/// with misaligned access allowed (single loads for packet fields), which
+/// the verifier permits on packet memory but not on the stack, where these
+/// six-byte fields sit at two-byte offsets.
+#[inline(always)]
+fn mac(m: &[u8; 6]) -> (u32, u16) {
+    // SAFETY: reads of bytes of a live stack object.
+    let b = |i: usize| unsafe { core::ptr::read_volatile(&m[i]) };
+    (
+        u32::from_ne_bytes([b(0), b(1), b(2), b(3)]),
+        u16::from_ne_bytes([b(4), b(5)]),
+    )
+}
