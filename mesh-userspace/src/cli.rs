@@ -88,12 +88,31 @@ pub struct PlanArgs {
     /// Backends (task address and target port) the maps can hold.
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_BACKENDS)]
     pub max_backends: u32,
-    /// Flows connection tracking holds, one entry per flow. LRU with
-    /// per-CPU lists: when full, each CPU forgets its least recently used
-    /// flows (a forgotten flow is re-hashed by Maglev, to the same task if
-    /// the service has not changed).
+    /// Confirmed flows connection tracking holds (flows whose task has
+    /// answered), one entry per flow. When full, the least recently used
+    /// is forgotten (its next packet is picked again by Maglev: the same
+    /// task while the service is unchanged).
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_CT_ENTRIES)]
     pub ct_entries: u32,
+    /// Unconfirmed flows connection tracking holds: SYNs and UDP datagrams
+    /// not answered yet. A flood of spoofed packets churns only this
+    /// table, never the confirmed one.
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_CT_NEW_ENTRIES)]
+    pub ct_new_entries: u32,
+    /// Seconds a half-open TCP flow (a SYN not answered) is remembered.
+    #[arg(long, value_name = "S", default_value_t = mesh_common::abi::DEFAULT_CT_LIFETIME_SECS[0])]
+    pub ct_tcp_syn_timeout: u32,
+    /// Seconds an open TCP flow is remembered past its last packet from
+    /// the client (6 hours, as Cilium; Linux keeps 5 days).
+    #[arg(long, value_name = "S", default_value_t = mesh_common::abi::DEFAULT_CT_LIFETIME_SECS[1])]
+    pub ct_tcp_timeout: u32,
+    /// Seconds a TCP flow is remembered past its last packet once the
+    /// client sent a FIN or a RST.
+    #[arg(long, value_name = "S", default_value_t = mesh_common::abi::DEFAULT_CT_LIFETIME_SECS[2])]
+    pub ct_tcp_closing_timeout: u32,
+    /// Seconds a UDP flow is remembered past the client's last datagram.
+    #[arg(long, value_name = "S", default_value_t = mesh_common::abi::DEFAULT_CT_LIFETIME_SECS[3])]
+    pub ct_udp_timeout: u32,
 }
 
 impl PlanArgs {
@@ -103,6 +122,13 @@ impl PlanArgs {
             max_services: self.max_services,
             max_backends: self.max_backends,
             ct_entries: self.ct_entries,
+            ct_new_entries: self.ct_new_entries,
+            ct_lifetimes: mesh_common::abi::CtLifetimes::from_secs([
+                self.ct_tcp_syn_timeout,
+                self.ct_tcp_timeout,
+                self.ct_tcp_closing_timeout,
+                self.ct_udp_timeout,
+            ]),
             ..Limits::default()
         };
         limits.validate().or_config()?;

@@ -54,6 +54,9 @@ pub struct Desired {
     /// Every node, by name.
     pub nodes: BTreeMap<String, DesiredNode>,
     pub services: BTreeMap<(Proto, u16), DesiredService>,
+    /// The interface (ifindex) each local task sits behind, where known
+    /// (the daemon finds them): replies are trusted only from there.
+    pub task_ports: BTreeMap<Ipv4Addr, u32>,
 }
 
 impl Desired {
@@ -126,6 +129,7 @@ impl Desired {
             node_addrs,
             nodes,
             services,
+            task_ports: BTreeMap::new(),
         })
     }
 

@@ -86,8 +86,12 @@ pub struct Limits {
     pub maglev_size: u32,
     pub max_services: u32,
     pub max_backends: u32,
-    /// Entries in the conntrack map (one per flow).
+    /// Entries in the conntrack map of confirmed flows (one per flow).
     pub ct_entries: u32,
+    /// Entries in the conntrack map of unconfirmed flows.
+    pub ct_new_entries: u32,
+    /// How long conntrack entries live past their flow's last packet.
+    pub ct_lifetimes: CtLifetimes,
     pub max_nodes: u32,
 }
 
@@ -98,6 +102,8 @@ impl Default for Limits {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             ct_entries: DEFAULT_CT_ENTRIES,
+            ct_new_entries: DEFAULT_CT_NEW_ENTRIES,
+            ct_lifetimes: CtLifetimes::default(),
             max_nodes: DEFAULT_MAX_NODES,
         }
     }
@@ -114,6 +120,7 @@ impl Limits {
         if self.max_services == 0
             || self.max_backends == 0
             || self.ct_entries == 0
+            || self.ct_new_entries == 0
             || self.max_nodes == 0
         {
             bail!("map sizes must be positive");
@@ -147,6 +154,9 @@ impl Limits {
 #[derive(Clone, Debug)]
 pub struct SvcSlot {
     pub svc_id: u32,
+    /// The service's generation: new whenever the port passes to another
+    /// service (or the id is reused), so that its flows are not this one's.
+    pub gen_: u32,
     pub half: u32,
     pub name: String,
     pub target: u16,
@@ -243,6 +253,8 @@ pub struct Planner {
     node_slots: Slots,
     free_svc_ids: Vec<u32>,
     next_svc_id: u32,
+    /// The last service generation handed out.
+    svc_gen: u32,
     node_addrs: BTreeSet<Ipv4Addr>,
     replies: BTreeMap<ReplyKey4, ReplyState>,
 }
@@ -284,6 +296,7 @@ impl Planner {
             node_slots: Slots::default(),
             free_svc_ids: Vec::new(),
             next_svc_id: 0,
+            svc_gen: 0,
             node_addrs: BTreeSet::new(),
             replies: BTreeMap::new(),
         }
@@ -311,7 +324,7 @@ impl Planner {
         self.put_nodes(d, &mut p);
         self.add_backends(&wanted, &mut p);
         self.make_room_for_replies(&replies, now, &mut p);
-        self.put_replies(&replies, &mut p);
+        self.put_replies(d, &replies, &mut p);
         self.put_services(d, &mut p);
         self.del_services(d, &mut p);
         self.del_backends(&wanted, &mut p);
@@ -458,14 +471,16 @@ impl Planner {
 
     /// Step 3: reply entries of local tasks, in place before any table
     /// sends them a flow.
-    fn put_replies(&mut self, replies: &Replies, p: &mut Plan) {
+    fn put_replies(&mut self, d: &Desired, replies: &Replies, p: &mut Plan) {
         for (key, (backend, cands)) in replies {
             let slot = self.backends[*backend];
             let mut value = ReplyValue4 {
                 backend_id: slot,
                 backend_gen: self.backend_slots.gen_of(slot),
                 count: cands.len() as u32,
-                _pad: 0,
+                // The port the task sits behind, once known: its replies
+                // are trusted only from there.
+                ifindex: d.task_ports.get(&backend.addr).copied().unwrap_or(0),
                 cands: [ReplyCand::default(); MAX_REPLY_CANDS],
             };
             value.cands[..cands.len()].copy_from_slice(cands);
@@ -490,18 +505,27 @@ impl Planner {
     fn put_services(&mut self, d: &Desired, p: &mut Plan) {
         let m = self.limits.maglev_size;
         for (key, ds) in &d.services {
-            let (svc_id, half, is_new) = match self.services.get_mut(key) {
-                Some(s) if s.backends == ds.backends && s.target == ds.target => {
-                    s.name = ds.name.clone();
+            // A port that passes to another service is a new service on an
+            // old id: a new generation, so the old one's flows are not its.
+            let existed = self.services.contains_key(key);
+            let (svc_id, gen_, half, is_new) = match self.services.get(key) {
+                Some(s)
+                    if s.name == ds.name && s.backends == ds.backends && s.target == ds.target =>
+                {
                     continue;
                 }
-                Some(s) => (s.svc_id, 1 - s.half, false),
+                Some(s) if s.name == ds.name => (s.svc_id, s.gen_, 1 - s.half, false),
+                Some(s) => {
+                    self.svc_gen += 1;
+                    (s.svc_id, self.svc_gen, 1 - s.half, true)
+                }
                 None => {
                     let id = self.free_svc_ids.pop().unwrap_or_else(|| {
                         self.next_svc_id += 1;
                         self.next_svc_id - 1
                     });
-                    (id, 0, true)
+                    self.svc_gen += 1;
+                    (id, self.svc_gen, 0, true)
                 }
             };
             let ids: Vec<u32> = ds.backends.iter().map(|b| self.backends[b]).collect();
@@ -528,20 +552,21 @@ impl Planner {
                     table_off: offset,
                     table_size,
                     backend_count: ids.len() as u32,
-                    _pad: 0,
+                    gen_,
                 },
             });
             self.services.insert(
                 *key,
                 SvcSlot {
                     svc_id,
+                    gen_,
                     half,
                     name: ds.name.clone(),
                     target: ds.target,
                     backends: ds.backends.clone(),
                 },
             );
-            if is_new {
+            if !existed {
                 p.report.services_added += 1;
             } else {
                 p.report.services_changed += 1;
@@ -648,6 +673,7 @@ impl Planner {
     /// it never writes a table there.
     pub fn absorb(&mut self, next: &Planner, done: &[Op]) {
         // No (slot, generation) pair is ever handed out twice.
+        self.svc_gen = self.svc_gen.max(next.svc_gen);
         self.backend_slots.merge_gens(&next.backend_slots);
         self.node_slots.merge_gens(&next.node_slots);
         for op in done {

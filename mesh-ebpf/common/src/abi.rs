@@ -14,7 +14,7 @@ pub const MAP_PORTS: &str = "MESH_PORTS_V1";
 /// Services by slot (`svc_id * 2 + half`): an array of `SvcValue`. The
 /// entry of the half in use is never written; an update fills the other
 /// half, then switches the port to it with one 32-bit store.
-pub const MAP_SERVICES: &str = "MESH_SVC_V1";
+pub const MAP_SERVICES: &str = "MESH_SVC_V2";
 /// A memory-mapped array of `MAX_NODE_ADDRS` raw IPv4 addresses (one
 /// element); 0 marks a free place. Places never move: adding or removing
 /// an address is one 32-bit store, and a packet never sees a torn set.
@@ -24,14 +24,21 @@ pub const MAP_BACKENDS: &str = "MESH_BE_V1";
 /// All Maglev tables, back to back: a flat array of backend ids (`u32`),
 /// stored as `[u32; 2]` elements (array elements are 8-byte aligned).
 pub const MAP_MAGLEV: &str = "MESH_MAGLEV_V1";
-/// Connection tracking, client side: `FlowKey4` (as the client sent it) -> `CtValue`.
-pub const MAP_CT4: &str = "MESH_CT4_V1";
+/// Connection tracking, client side: `FlowKey4` (as the client sent it) ->
+/// `CtValue`, for confirmed flows: ones the backend answered (a reply that
+/// is not a reset). LRU, one list for all CPUs.
+pub const MAP_CT4: &str = "MESH_CT4_V2";
+/// Unconfirmed flows, as `MAP_CT4`: a TCP SYN not answered yet, a UDP
+/// datagram not answered yet, a flow picked up again after its entry was
+/// lost. A flood of spoofed packets churns this table, never the confirmed
+/// one. LRU, one list for all CPUs.
+pub const MAP_CT4_NEW: &str = "MESH_CTNEW4_V1";
 /// Reverse NAT, task side: `ReplyKey4` (a local task's address, target
 /// port, protocol) -> `ReplyValue4` (the node addresses and published ports
 /// its flows can have come through). Per backend, not per flow: a reply
 /// finds its flow's conntrack entry by trying these few candidates, so a
 /// new flow costs one map insert, not two.
-pub const MAP_REPLY4: &str = "MESH_REPLY4_V1";
+pub const MAP_REPLY4: &str = "MESH_REPLY4_V2";
 /// Per-service counters, per CPU: svc id -> `SvcStats`.
 pub const MAP_SVC_STATS: &str = "MESH_SVCST_V1";
 /// Drop counters, per CPU: `DropReason` -> `u64`.
@@ -51,6 +58,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_CT4,
+    MAP_CT4_NEW,
     MAP_REPLY4,
     MAP_SVC_STATS,
     MAP_DROPS,
@@ -97,6 +105,7 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
 pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_CT_NEW_ENTRIES: u32 = 65_536;
 pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
 pub const MAX_NODE_ADDRS: u32 = 16;
 pub const DEFAULT_MAX_NODES: u32 = 1024;
@@ -158,7 +167,11 @@ pub struct SvcValue {
     pub table_size: u32,
     /// Backends in the table (informational; the kernel does not need it).
     pub backend_count: u32,
-    pub _pad: u32,
+    /// Which service owns the port: a conntrack entry of the port is the
+    /// service's only while it holds the same `svc_id` and generation
+    /// (user space gives a port a new generation when another service
+    /// takes it, or its id is reused).
+    pub gen_: u32,
 }
 const _: () = assert!(size_of::<SvcValue>() == 24);
 
@@ -232,17 +245,113 @@ pub struct FlowKey4 {
 }
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 
-/// Conntrack value: which backend a client flow is pinned to.
+/// Conntrack value: which backend a client flow is pinned to, for which
+/// service, and how alive the flow is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
     /// Slot and generation of the backend the flow is pinned to.
     pub backend_id: u32,
-    pub svc_id: u32,
-    pub flags: u32,
     pub backend_gen: u32,
+    /// The service (`SvcValue::svc_id` and `gen_`) the flow belongs to:
+    /// an entry whose port now belongs to another service is no entry.
+    pub svc_id: u32,
+    pub svc_gen: u32,
+    /// When the client last sent, in [`now_units`] of the coarse clock.
+    pub seen: u32,
+    /// `CT_*` state: how long the entry lives past `seen`.
+    pub state: u8,
+    /// `CTF_*` flags.
+    pub flags: u8,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<CtValue>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+
+/// TCP: a SYN, not answered yet (half-open).
+pub const CT_SYN: u8 = 1;
+/// TCP past its handshake, or a UDP flow.
+pub const CT_OPEN: u8 = 2;
+/// TCP: the client sent a FIN or a RST.
+pub const CT_CLOSING: u8 = 3;
+
+/// Picked up again from a packet that cannot start a flow (its entry was
+/// lost): not confirmed until the backend answers.
+pub const CTF_RECOVERED: u8 = 1 << 0;
+
+/// Conntrack time: the kernel's coarse monotonic clock in units of 2^30 ns
+/// (1.07 s), which a `u32` holds for 146 years.
+pub const CT_UNIT_SHIFT: u32 = 30;
+
+/// Nanoseconds to conntrack time units.
+#[inline(always)]
+pub const fn now_units(ns: u64) -> u32 {
+    (ns >> CT_UNIT_SHIFT) as u32
+}
+
+/// Seconds to conntrack time units, rounded up.
+pub const fn secs_to_units(secs: u32) -> u32 {
+    ((secs as u64 * 1_000_000_000).div_ceil(1 << CT_UNIT_SHIFT)) as u32
+}
+
+/// How long conntrack entries live past their flow's last packet, in
+/// conntrack time units (user space sets them at load time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtLifetimes {
+    /// TCP, a SYN not answered yet.
+    pub tcp_syn: u32,
+    /// TCP, open.
+    pub tcp_open: u32,
+    /// TCP, after a FIN or RST from the client.
+    pub tcp_closing: u32,
+    /// UDP.
+    pub udp: u32,
+}
+
+/// The defaults, in seconds: half-open TCP 60 (Linux 120 for SYN_SENT,
+/// Cilium 60), open TCP 6 hours (Linux 5 days, Cilium 6 hours), closing
+/// TCP 10 (Linux 10 for CLOSE, Cilium 10), UDP 60 (Linux 30 unanswered and
+/// 120 answered, Cilium 60).
+pub const DEFAULT_CT_LIFETIME_SECS: [u32; 4] = [60, 6 * 3600, 10, 60];
+
+impl CtLifetimes {
+    pub const fn from_secs(s: [u32; 4]) -> Self {
+        Self {
+            tcp_syn: secs_to_units(s[0]),
+            tcp_open: secs_to_units(s[1]),
+            tcp_closing: secs_to_units(s[2]),
+            udp: secs_to_units(s[3]),
+        }
+    }
+
+    /// How long an entry in `state` for `proto` lives past its last packet.
+    #[inline(always)]
+    pub fn of(&self, proto: u8, state: u8) -> u32 {
+        if proto != IPPROTO_TCP {
+            self.udp
+        } else if state == CT_SYN {
+            self.tcp_syn
+        } else if state == CT_CLOSING {
+            self.tcp_closing
+        } else {
+            self.tcp_open
+        }
+    }
+}
+
+impl Default for CtLifetimes {
+    fn default() -> Self {
+        Self::from_secs(DEFAULT_CT_LIFETIME_SECS)
+    }
+}
+
+impl CtValue {
+    /// Whether the entry has outlived its state's lifetime at `now`.
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, now: u32, lt: &CtLifetimes) -> bool {
+        now.wrapping_sub(self.seen) > lt.of(proto, self.state)
+    }
+}
 
 /// Key of the reply table: where a local task's replies come from.
 #[repr(C)]
@@ -278,7 +387,10 @@ pub struct ReplyValue4 {
     pub backend_gen: u32,
     /// Valid entries in `cands`.
     pub count: u32,
-    pub _pad: u32,
+    /// The interface the task sits behind (a bridge port, or its own
+    /// link): its replies are trusted only from there. 0 while user space
+    /// has not found it yet.
+    pub ifindex: u32,
     pub cands: [ReplyCand; MAX_REPLY_CANDS],
 }
 const _: () = assert!(size_of::<ReplyValue4>() == 16 + 8 * MAX_REPLY_CANDS);
@@ -340,10 +452,13 @@ pub enum DropReason {
     /// longer a local backend: its slot was freed or reused between the
     /// two programs.
     StaleBackend = 11,
+    /// TC: a packet from a task's port carries the source address of a
+    /// task behind another port (spoofed).
+    SpoofedReply = 12,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -356,6 +471,7 @@ impl DropReason {
         DropReason::RewriteFailed,
         DropReason::TableOutOfRange,
         DropReason::StaleBackend,
+        DropReason::SpoofedReply,
     ];
 
     /// The Prometheus label value.
@@ -373,6 +489,7 @@ impl DropReason {
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::TableOutOfRange => "table_out_of_range",
             DropReason::StaleBackend => "stale_backend",
+            DropReason::SpoofedReply => "spoofed_reply",
         }
     }
 }
@@ -391,4 +508,5 @@ mod pod {
     unsafe impl aya::Pod for ReplyValue4 {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for NodeValue {}
+    unsafe impl aya::Pod for CtLifetimes {}
 }

@@ -1,21 +1,38 @@
 //! The client-to-service path, run by the XDP program on the uplink.
 //!
-//! parse -> service lookup (port, proto) -> conntrack; for an untracked
-//! flow, node address check -> L4 checks -> Maglev (new or re-picked
-//! flows) -> DNAT to the task -> counters.
+//! parse -> service lookup (port, proto) -> conntrack (confirmed flows,
+//! then unconfirmed ones); for an untracked flow, node address check ->
+//! L4 checks -> whether the packet may start a flow -> Maglev (new or
+//! re-picked flows) -> DNAT to the task -> counters.
+//!
+//! Conntrack, as this path keeps it:
+//! - An entry counts only while it is alive (its state's lifetime past
+//!   the flow's last packet, [`CtLifetimes`]) and names the service that
+//!   owns the port now (`svc_id` and generation): otherwise the packet is
+//!   judged as if there were none.
+//! - New flows go to the unconfirmed table; the reply path moves a flow to
+//!   the confirmed table when its backend answers (not with a reset), so
+//!   a flood of spoofed packets churns only the unconfirmed table.
+//! - Without an entry, a TCP SYN starts a flow; a SYN-ACK or a RST never
+//!   does (the node's own connections get those); any other TCP segment
+//!   belongs to the node if one of its sockets owns the 4-tuple, and is
+//!   otherwise a flow whose entry was lost: Maglev picks again (the same
+//!   task while the service is unchanged) and the flow goes on.
+//!
 //! Written once, generic over [`Tables`]: the kernel backs it with BPF
 //! maps, host tests and fixtures with `testing::HostMaps` (the same
 //! shapes, in plain collections).
 
 use crate::abi::{
-    BE_F_LOCAL, Backend, CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    SvcKey, SvcValue,
+    BE_F_LOCAL, Backend, CT_CLOSING, CT_OPEN, CT_SYN, CTF_RECOVERED, CtLifetimes, CtValue,
+    DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SvcKey, SvcValue,
 };
 use crate::csum;
 use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
 use crate::parse::{
-    self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_HLEN_MIN, UDP_HLEN,
+    self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_ACK, TCP_FIN, TCP_FLAGS,
+    TCP_HLEN_MIN, TCP_RST, TCP_SYN, UDP_HLEN,
 };
 use crate::pkt::Pkt;
 
@@ -26,10 +43,22 @@ use crate::pkt::Pkt;
 pub trait Tables {
     fn service(&self, key: &SvcKey) -> Option<SvcValue>;
     fn is_node_addr4(&self, addr: u32) -> bool;
+    /// A confirmed flow's entry.
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
-    /// Record a new flow. Failure (a full map that is not LRU) is not
-    /// fatal: the flow's next packet hashes the same way.
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue);
+    /// An unconfirmed flow's entry.
+    fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue>;
+    /// Record a new (unconfirmed) flow. Failure (a full map that is not
+    /// LRU) is not fatal: the flow's next packet hashes the same way.
+    fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue);
+    /// Update a flow's last packet and state in place, in the table it is
+    /// in (confirmed or not); nothing if it is gone meanwhile.
+    fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8);
+    /// The coarse clock, in conntrack units (`abi::now_units`).
+    fn now(&self) -> u32;
+    fn lifetimes(&self) -> CtLifetimes;
+    /// Whether a TCP socket of this node (not a listener) owns the flow's
+    /// 4-tuple, as the packet carries it (source: the remote end).
+    fn host_socket(&self, key: &FlowKey4) -> bool;
     /// Entry `index` of the Maglev map: a backend id.
     fn maglev(&self, index: u32) -> Option<u32>;
     /// The backend in slot `id`, if the slot is in use (its generation
@@ -85,20 +114,26 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    // A tracked flow was checked against the node addresses when it was
-    // created: the established path skips that lookup.
-    let mut tracked: Option<(u32, Backend)> = None;
-    let mut known = false;
-    if let Some(ct) = t.ct_get(&flow) {
-        known = true;
-        let (id, gen_) = (ct.backend_id, ct.backend_gen);
-        if let Some(be) = t.backend(id)
-            && be.gen_ == gen_
-        {
-            tracked = Some((id, be));
-        }
-    }
-    if !known && !t.is_node_addr4(ip.daddr) {
+    // The flow's live entry for this service, confirmed or not. A tracked
+    // flow was checked against the node addresses when it was created: the
+    // established path skips that lookup.
+    //
+    // (Every value below is defined on every path, and no `Option` payload
+    // crosses a join: LLVM leaves the payload of a `None` undefined, spills
+    // it anyway, and the verifier refuses to read an uninitialized register.)
+    let now = t.now();
+    let lt = t.lifetimes();
+    let live = |c: &CtValue| {
+        c.svc_id == svc.svc_id && c.svc_gen == svc.gen_ && !c.expired(ip.proto, now, &lt)
+    };
+    let (entry, kind) = match t.ct_get(&flow) {
+        Some(c) if live(&c) => (c, CT_CONFIRMED),
+        _ => match t.ct_new_get(&flow) {
+            Some(c) if live(&c) => (c, CT_UNCONFIRMED),
+            _ => (CtValue::default(), CT_NONE),
+        },
+    };
+    if kind == CT_NONE && !t.is_node_addr4(ip.daddr) {
         return Verdict::Pass;
     }
     if ip.first_fragment {
@@ -109,30 +144,78 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         Err(L4Error::Truncated) => return Verdict::Drop(DropReason::L4Truncated),
         Err(L4Error::BadLength) => return Verdict::Drop(DropReason::L4BadLength),
     }
-    // New, or its backend is gone: Maglev picks (again).
-    let new_flow = tracked.is_none();
-    let (backend_id, be) = match tracked {
-        Some(p) => p,
-        None => match select(t, &svc, &flow) {
-            Ok(p) => p,
-            Err(r) => return Verdict::Drop(r),
-        },
+    let flags: u8 = if ip.proto == IPPROTO_TCP {
+        // Inside the header check_l4 validated.
+        match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
+            Some(h) => h.get(TCP_FLAGS),
+            None => return Verdict::Drop(DropReason::L4Truncated),
+        }
+    } else {
+        0
     };
-    if be.flags & BE_F_LOCAL == 0 {
-        return Verdict::Drop(DropReason::RemoteBackend);
+    let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A tracked flow whose backend is still there keeps it, and its state
+    // follows the packet; a new connection on a 4-tuple whose last one
+    // closed (a client behind NAT reuses them) is judged as a new flow.
+    let mut new_flow = true;
+    let mut backend_id = entry.backend_id;
+    let mut be = Backend::default();
+    if kind != CT_NONE
+        && !(syn && entry.state != CT_SYN)
+        && let Some(b) = t.backend(entry.backend_id)
+        && b.gen_ == entry.backend_gen
+    {
+        let state = next_state(ip.proto, entry.state, flags);
+        if state != entry.state || entry.seen != now {
+            t.ct_touch(&flow, kind == CT_CONFIRMED, now, state);
+        }
+        be = b;
+        new_flow = false;
     }
     if new_flow {
-        // One entry serves both directions: replies find it through the
-        // backend's reply candidates (see `rev`).
-        t.ct_put(
-            &flow,
-            &CtValue {
-                backend_id,
-                svc_id: svc.svc_id,
-                flags: 0,
-                backend_gen: be.gen_,
-            },
-        );
+        if ip.proto == IPPROTO_TCP && !syn {
+            // Never the start of a flow: a SYN-ACK or a RST, or a segment
+            // of a flow of the node's own.
+            if flags & (TCP_SYN | TCP_RST) != 0 || (kind == CT_NONE && t.host_socket(&flow)) {
+                return Verdict::Pass;
+            }
+        }
+        // New, re-picked after its backend went, or picked up again after
+        // its entry was lost: Maglev picks.
+        match select(t, &svc, &flow) {
+            Ok((id, b)) => {
+                backend_id = id;
+                be = b;
+            }
+            Err(r) => return Verdict::Drop(r),
+        }
+        let (state, cflags) = if ip.proto != IPPROTO_TCP {
+            (CT_OPEN, 0)
+        } else if syn {
+            (CT_SYN, 0)
+        } else {
+            (next_state(ip.proto, CT_OPEN, flags), CTF_RECOVERED)
+        };
+        if be.flags & BE_F_LOCAL != 0 {
+            // One entry serves both directions: replies find it through
+            // the backend's reply candidates (see `rev`).
+            t.ct_new_put(
+                &flow,
+                &CtValue {
+                    backend_id,
+                    backend_gen: be.gen_,
+                    svc_id: svc.svc_id,
+                    svc_gen: svc.gen_,
+                    seen: now,
+                    state,
+                    flags: cflags,
+                    _pad: 0,
+                },
+            );
+        }
+    }
+    if be.flags & BE_F_LOCAL == 0 {
+        return Verdict::Drop(DropReason::RemoteBackend);
     }
     if dnat(pkt, &ip, be.addr[0], be.port_be).is_none() {
         // Unreachable after check_l4; kept so no path writes half a packet
@@ -164,7 +247,7 @@ fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
         proto: e.proto,
         _pad: [0; 3],
     };
-    let Some(ct) = t.ct_get(&flow) else {
+    let Some(ct) = t.ct_get(&flow).or_else(|| t.ct_new_get(&flow)) else {
         return Verdict::Pass;
     };
     let (backend_id, svc_id, gen_) = (ct.backend_id, ct.svc_id, ct.backend_gen);
@@ -183,6 +266,28 @@ fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
     }
     t.account(svc_id, pkt.len() as u64, false);
     Verdict::Local { backend_id }
+}
+
+/// Where a flow's live entry is.
+const CT_NONE: u8 = 0;
+const CT_CONFIRMED: u8 = 1;
+const CT_UNCONFIRMED: u8 = 2;
+
+/// A TCP flow's state after a packet with `flags` from the client: a FIN
+/// or a RST closes it, anything after the SYN opens it. UDP stays open.
+#[inline(always)]
+fn next_state(proto: u8, state: u8, flags: u8) -> u8 {
+    if proto != IPPROTO_TCP {
+        CT_OPEN
+    } else if flags & (TCP_FIN | TCP_RST) != 0 {
+        CT_CLOSING
+    } else if state == CT_SYN && flags & TCP_SYN != 0 {
+        CT_SYN
+    } else if state == CT_CLOSING {
+        CT_CLOSING
+    } else {
+        CT_OPEN
+    }
 }
 
 /// Picks a backend for a flow from the service's Maglev table.

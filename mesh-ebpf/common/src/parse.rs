@@ -28,6 +28,12 @@ pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 /// TCP data offset (high nibble, in 32-bit words).
 pub const TCP_DOFF: usize = 12;
+/// The TCP flags byte, and its bits.
+pub const TCP_FLAGS: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 pub const TCP_CSUM: usize = 16;
 /// A TCP header without options.
 pub const TCP_HLEN_MIN: usize = 20;

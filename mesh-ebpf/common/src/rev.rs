@@ -4,7 +4,13 @@
 //!
 //! No per-flow reverse entry: the reply table holds, per local backend, the
 //! (node address, published port) pairs its flows can have come through,
-//! and the client's conntrack entry confirms which one.
+//! and the client's conntrack entry confirms which one. The first reply of
+//! an unconfirmed flow (one that is not a reset) moves its entry to the
+//! confirmed table: the backend has answered, so the flow is real.
+//!
+//! A packet is trusted only from the port its task sits behind: one whose
+//! source is a task behind another port is dropped (a container claiming
+//! another task's address).
 //!
 //! The lookup is shared; the kernel rewrites with the skb checksum helpers
 //! (replies from a local task usually carry a partial checksum that only
@@ -12,19 +18,26 @@
 //! helpers do to a packet with a complete checksum.
 
 use crate::abi::{
-    CtValue, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_REPLY_CANDS, ReplyCand,
-    ReplyKey4, ReplyValue4,
+    CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_REPLY_CANDS,
+    ReplyCand, ReplyKey4, ReplyValue4,
 };
 use crate::csum;
 use crate::icmp::{self, Quoted};
-use crate::parse::{self, ETH_HLEN, IP_CSUM, IP_SADDR, IcmpErr, Ip4, L4_SPORT};
+use crate::parse::{
+    self, ETH_HLEN, IP_CSUM, IP_SADDR, IcmpErr, Ip4, L4_SPORT, TCP_FLAGS, TCP_HLEN_MIN, TCP_RST,
+};
 use crate::pkt::Pkt;
 
 /// The state the reply path reads; lookups return copies, as in
 /// [`crate::fwd::Tables`].
 pub trait RevTables {
     fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4>;
+    /// A confirmed flow's entry.
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
+    /// An unconfirmed flow's entry.
+    fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue>;
+    /// Moves an unconfirmed flow's entry to the confirmed table.
+    fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue);
 }
 
 /// A reply that must be rewritten.
@@ -43,42 +56,73 @@ pub struct Reply {
 /// Finds the flow a local task's packet replies to, if it is a mesh flow:
 /// for each (node address, published port) that leads to this task, the
 /// conntrack entry the client's packets created, naming this backend.
-/// Malformed or unknown packets are not ours: `None`.
+/// Malformed or unknown packets are not ours: `Ok(None)`. A packet that
+/// came in through `ifindex` claiming the address of a task behind another
+/// interface: `Err(SpoofedReply)`.
 #[inline(always)]
-pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T) -> Option<Reply> {
-    let ip = parse::ipv4_any(pkt)?;
+pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Reply>, DropReason> {
+    let Some(ip) = parse::ipv4_any(pkt) else {
+        return Ok(None);
+    };
     if ip.proto == IPPROTO_ICMP {
         // An error about a client's datagram, as the task received it.
-        let e = parse::icmp_error(pkt, &ip)?;
+        let Some(e) = parse::icmp_error(pkt, &ip) else {
+            return Ok(None);
+        };
         if e.daddr != ip.saddr {
-            return None;
+            return Ok(None);
         }
-        let c = find(t, e.daddr, e.dport_be, e.saddr, e.sport_be, e.proto)?;
-        return Some(Reply {
+        let Some(c) = find(
+            t, e.daddr, e.dport_be, e.saddr, e.sport_be, e.proto, ifindex, false,
+        )?
+        else {
+            return Ok(None);
+        };
+        return Ok(Some(Reply {
             ip,
             sport_be: 0,
             addr: c.addr,
             port_be: c.port_be,
             icmp: Some(e),
-        });
+        }));
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP || ip.later_fragment {
-        return None;
+        return Ok(None);
     }
-    let (sport, dport) = parse::ports(pkt, &ip)?;
-    let c = find(t, ip.saddr, sport, ip.daddr, dport, ip.proto)?;
-    parse::check_l4(pkt, &ip).ok()?;
-    Some(Reply {
+    let Some((sport, dport)) = parse::ports(pkt, &ip) else {
+        return Ok(None);
+    };
+    if parse::check_l4(pkt, &ip).is_err() {
+        return Ok(None);
+    }
+    // A reset is no sign the flow is real: it does not confirm it.
+    let confirms = if ip.proto == IPPROTO_TCP {
+        match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
+            Some(h) => h.get::<u8>(TCP_FLAGS) & TCP_RST == 0,
+            None => return Ok(None),
+        }
+    } else {
+        true
+    };
+    let Some(c) = find(
+        t, ip.saddr, sport, ip.daddr, dport, ip.proto, ifindex, confirms,
+    )?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Reply {
         ip,
         sport_be: sport,
         addr: c.addr,
         port_be: c.port_be,
         icmp: None,
-    })
+    }))
 }
 
 /// The (node address, published port) of the flow between a local task
-/// (`task`, `tport`) and a client (`client`, `cport`).
+/// (`task`, `tport`) and a client (`client`, `cport`): confirmed flows
+/// first, then unconfirmed ones (which this reply confirms if `confirms`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn find<T: RevTables>(
     t: &T,
@@ -87,35 +131,54 @@ fn find<T: RevTables>(
     client: u32,
     cport: u16,
     proto: u8,
-) -> Option<ReplyCand> {
-    let r = t.reply(&ReplyKey4 {
+    ifindex: u32,
+    confirms: bool,
+) -> Result<Option<ReplyCand>, DropReason> {
+    let Some(r) = t.reply(&ReplyKey4 {
         addr: task,
         port_be: tport,
         proto,
         _pad: 0,
-    })?;
+    }) else {
+        return Ok(None);
+    };
+    if r.ifindex != 0 && r.ifindex != ifindex {
+        return Err(DropReason::SpoofedReply);
+    }
     let (backend_id, backend_gen, count) = (r.backend_id, r.backend_gen, r.count as usize);
     let cands = r.cands;
+    let flow = |c: &ReplyCand| FlowKey4 {
+        saddr: client,
+        daddr: c.addr,
+        sport_be: cport,
+        dport_be: c.port_be,
+        proto,
+        _pad: [0; 3],
+    };
+    let ours = |ct: &CtValue| ct.backend_id == backend_id && ct.backend_gen == backend_gen;
     for (i, c) in cands.iter().enumerate().take(MAX_REPLY_CANDS) {
         if i >= count {
             break;
         }
-        let flow = FlowKey4 {
-            saddr: client,
-            daddr: c.addr,
-            sport_be: cport,
-            dport_be: c.port_be,
-            proto,
-            _pad: [0; 3],
-        };
-        if let Some(ct) = t.ct_get(&flow)
-            && ct.backend_id == backend_id
-            && ct.backend_gen == backend_gen
-        {
-            return Some(*c);
+        if t.ct_get(&flow(c)).is_some_and(|ct| ours(&ct)) {
+            return Ok(Some(*c));
         }
     }
-    None
+    for (i, c) in cands.iter().enumerate().take(MAX_REPLY_CANDS) {
+        if i >= count {
+            break;
+        }
+        let key = flow(c);
+        if let Some(ct) = t.ct_new_get(&key)
+            && ours(&ct)
+        {
+            if confirms {
+                t.ct_confirm(&key, &ct);
+            }
+            return Ok(Some(*c));
+        }
+    }
+    Ok(None)
 }
 
 /// Rewrites a task's ICMP error (direct writes: ICMP carries no partial

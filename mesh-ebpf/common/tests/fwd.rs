@@ -22,6 +22,9 @@ const OTHER_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const PUBLISHED: u16 = 8080;
 const TARGET: u16 = 80;
 const SVC_ID: u32 = 7;
+/// The interface the tasks sit behind (their reply entries name none, so
+/// any is trusted; `replies_from_another_port_are_refused` sets one).
+const PORT: u32 = 5;
 const M: u32 = 251;
 
 fn raw(a: impl Into<Ipv4Addr>) -> u32 {
@@ -147,7 +150,7 @@ impl World {
                 table_off: next * M,
                 table_size: size,
                 backend_count: idx.len() as u32,
-                _pad: 0,
+                gen_: 1,
             },
         );
         assert_eq!(slot, next);
@@ -256,7 +259,9 @@ fn reply(w: &World, spec: &Spec, backend_id: u32, rng: &mut Rng) {
     let mut f = r.build();
 
     let pkt = Pkt::from_slice(&mut f);
-    let rep = rev::lookup(&pkt, &w.maps).expect("reply of a tracked flow is found");
+    let rep = rev::lookup(&pkt, &w.maps, PORT)
+        .expect("from the task's own port")
+        .expect("reply of a tracked flow is found");
     assert_eq!(rep.addr, raw(spec.daddr));
     assert_eq!(rep.port_be, PUBLISHED.to_be());
     assert_eq!(rep.sport_be, port.to_be());
@@ -293,20 +298,26 @@ fn tcp_flow_dnat_then_reply_snat() {
         }
     );
 
-    // Conntrack.
-    let ct = w.maps.ct()[&client_flow(&spec)];
+    // Conntrack: an ACK without an entry (and no socket of the node's own
+    // for it) is a flow whose entry was lost: picked up again, unconfirmed.
+    let (ct, confirmed) = w.maps.ct_any(&client_flow(&spec)).unwrap();
     assert_eq!(
         ct,
         CtValue {
             backend_id: want,
+            backend_gen: 0,
             svc_id: SVC_ID,
-            flags: 0,
-            backend_gen: 0
+            svc_gen: 1,
+            seen: w.maps.now(),
+            state: CT_OPEN,
+            flags: CTF_RECOVERED,
+            _pad: 0,
         }
     );
+    assert!(!confirmed);
     // One entry per flow: the reply path finds it through the backend's
     // reply candidates.
-    assert_eq!(w.maps.ct().len(), 1);
+    assert_eq!(w.maps.ct().len() + w.maps.ct_new().len(), 1);
     let (baddr, _) = w.backend_of(want);
 
     // Next packet: same backend, not a new flow.
@@ -321,16 +332,24 @@ fn tcp_flow_dnat_then_reply_snat() {
     );
 
     reply(&w, &spec, want, &mut rng);
+    // The backend answered: the flow is confirmed.
+    assert!(w.maps.ct_any(&client_flow(&spec)).unwrap().1);
 
     // A reply that is not of a tracked flow is not ours.
     for (sport, dport) in [(TARGET, 40001), (TARGET + 1, 40000)] {
         let mut f = Spec::tcp(baddr, sport, spec.saddr, dport, TCP_ACK).build();
-        assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w.maps), None);
+        assert_eq!(
+            rev::lookup(&Pkt::from_slice(&mut f), &w.maps, PORT),
+            Ok(None)
+        );
     }
     // Nor is a tracked flow's reply with a broken L4 header.
     let mut f = Spec::tcp(baddr, TARGET, spec.saddr, spec.sport, TCP_ACK).build();
     f[ETH_HLEN + 20 + 12] = 4 << 4;
-    assert_eq!(rev::lookup(&Pkt::from_slice(&mut f), &w.maps), None);
+    assert_eq!(
+        rev::lookup(&Pkt::from_slice(&mut f), &w.maps, PORT),
+        Ok(None)
+    );
 }
 
 /// Many random flows, TCP and UDP, payloads of every parity, IP and TCP
@@ -479,7 +498,10 @@ fn removed_backend_flow_is_repicked() {
     assert_eq!(forward(&w, &spec), Verdict::Local { backend_id: new });
     assert_eq!(w.stats().new_flows, 2, "the re-pick counts as a new flow");
     assert_eq!(w.stats().packets, 2);
-    assert_eq!(w.maps.ct()[&client_flow(&spec)].backend_id, new);
+    assert_eq!(
+        w.maps.ct_any(&client_flow(&spec)).unwrap().0.backend_id,
+        new
+    );
     reply(&w, &spec, new, &mut rng);
 
     // And it sticks there.
@@ -586,5 +608,239 @@ fn verdicts_for_other_traffic() {
         Verdict::Drop(DropReason::NoBackend)
     );
     assert_eq!(w.stats().packets, 0);
-    assert!(w.maps.ct().is_empty());
+    assert!(w.maps.ct().is_empty() && w.maps.ct_new().is_empty());
+}
+
+/// The task's reply to `spec` with TCP `flags`, through the reply path
+/// only (what `rev::lookup` says of it).
+fn task_answers(w: &World, spec: &Spec, backend_id: u32, flags: u8) -> Option<rev::Reply> {
+    let (addr, port) = w.backend_of(backend_id);
+    let mut f = Spec::tcp(addr, port, spec.saddr, spec.sport, flags).build();
+    rev::lookup(&Pkt::from_slice(&mut f), &w.maps, PORT).unwrap()
+}
+
+/// Defect 1: a conntrack entry was trusted whenever its backend slot and
+/// generation still matched; the service was never compared. A port that
+/// passes to another service (a new generation in its service entry)
+/// takes the old service's flows with it to the new service's tasks.
+#[test]
+fn a_port_that_passes_to_another_service_keeps_none_of_its_flows() {
+    use mesh_common::testing::frame::TCP_SYN;
+    let mut w = world(IPPROTO_TCP, 4);
+    let spec = Spec::tcp([198, 19, 113, 30], 41000, NODE, PUBLISHED, TCP_SYN);
+    let Verdict::Local { backend_id: old } = forward(&w, &spec) else {
+        panic!()
+    };
+    task_answers(&w, &spec, old, TCP_SYN | TCP_ACK).expect("confirmed");
+    // The port now belongs to another service, whose table names other
+    // backends; the old service's backends still exist (it moved ports).
+    let others: Vec<u32> = (1..=4).filter(|&i| be_id(i) != old).collect();
+    w.publish(IPPROTO_TCP, &others);
+    let svc = SvcValue {
+        gen_: 2,
+        ..w.service(IPPROTO_TCP)
+    };
+    w.put_service(IPPROTO_TCP, svc);
+    let ack = Spec {
+        tcp_flags: TCP_ACK,
+        ..spec.clone()
+    };
+    let Verdict::Local { backend_id: now } = forward(&w, &ack) else {
+        panic!()
+    };
+    assert_ne!(now, old, "the old service's flow left the port with it");
+    assert_eq!(now, w.expected_pick(spec.saddr, spec.sport, IPPROTO_TCP));
+    assert_eq!(w.stats().new_flows, 2);
+}
+
+/// Defect 3: the node's own connection whose local port is a published
+/// port had its SYN-ACK taken for a new mesh flow. A SYN-ACK or a RST
+/// never starts a flow, a segment of a socket of the node's is the node's,
+/// and any other segment without an entry is a flow picked up again.
+#[test]
+fn tcp_segments_that_cannot_start_a_flow_are_the_nodes() {
+    use mesh_common::testing::frame::{TCP_FIN, TCP_RST, TCP_SYN};
+    let mut w = world(IPPROTO_TCP, 3);
+    let remote = [198, 19, 113, 40];
+    for flags in [TCP_SYN | TCP_ACK, TCP_RST, TCP_RST | TCP_ACK] {
+        let s = Spec::tcp(remote, 443, NODE, PUBLISHED, flags);
+        assert_eq!(forward(&w, &s), Verdict::Pass, "flags {flags:#x}");
+    }
+    // The node's own connection (local port = the published port).
+    let own = Spec::tcp(remote, 443, NODE, PUBLISHED, TCP_ACK).payload(vec![7; 5]);
+    w.maps.add_host_socket(client_flow(&own));
+    assert_eq!(forward(&w, &own), Verdict::Pass);
+    let fin = Spec {
+        tcp_flags: TCP_FIN | TCP_ACK,
+        ..own.clone()
+    };
+    assert_eq!(forward(&w, &fin), Verdict::Pass);
+    assert!(w.maps.ct().is_empty() && w.maps.ct_new().is_empty());
+    assert_eq!(w.stats().packets, 0);
+    // The same segment on another 4-tuple, no socket: a lost flow, picked
+    // up again (to the task Maglev names, as before the loss).
+    let lost = Spec::tcp(remote, 444, NODE, PUBLISHED, TCP_ACK).payload(vec![7; 5]);
+    let want = w.expected_pick(remote, 444, IPPROTO_TCP);
+    assert_eq!(forward(&w, &lost), Verdict::Local { backend_id: want });
+    let (ct, confirmed) = w.maps.ct_any(&client_flow(&lost)).unwrap();
+    assert!(!confirmed && ct.flags == CTF_RECOVERED && ct.state == CT_OPEN);
+}
+
+/// A SYN is half-open until the backend answers; a reset from the backend
+/// confirms nothing (a flood of spoofed segments gets resets), any other
+/// answer confirms the flow.
+#[test]
+fn only_a_real_answer_confirms_a_flow() {
+    use mesh_common::testing::frame::{TCP_RST, TCP_SYN};
+    let w = world(IPPROTO_TCP, 3);
+    let syn = Spec::tcp([198, 19, 113, 41], 41001, NODE, PUBLISHED, TCP_SYN);
+    let Verdict::Local { backend_id } = forward(&w, &syn) else {
+        panic!()
+    };
+    let key = client_flow(&syn);
+    assert_eq!(w.maps.ct_any(&key).unwrap().0.state, CT_SYN);
+    assert!(task_answers(&w, &syn, backend_id, TCP_RST | TCP_ACK).is_some());
+    assert!(!w.maps.ct_any(&key).unwrap().1, "a reset confirms nothing");
+    assert!(task_answers(&w, &syn, backend_id, TCP_SYN | TCP_ACK).is_some());
+    assert!(w.maps.ct_any(&key).unwrap().1, "a SYN-ACK confirms");
+    assert!(w.maps.ct_new().is_empty(), "moved, not copied");
+    // The client's ACK opens it.
+    let ack = Spec {
+        tcp_flags: TCP_ACK,
+        ..syn.clone()
+    };
+    assert_eq!(forward(&w, &ack), Verdict::Local { backend_id });
+    assert_eq!(w.maps.ct_any(&key).unwrap().0.state, CT_OPEN);
+    assert_eq!(w.stats().new_flows, 1);
+}
+
+/// Entries live for their state's lifetime past the flow's last packet;
+/// an expired entry is no entry (the flow is picked again, which a new
+/// table may send elsewhere).
+#[test]
+fn conntrack_entries_expire_by_state() {
+    use mesh_common::testing::frame::{TCP_FIN, TCP_SYN};
+    let w = world(IPPROTO_TCP, 3);
+    let lt = DEFAULT_CT_LIFETIME_SECS;
+    let flow = |sport: u16, flags: u8| Spec::tcp([198, 19, 113, 42], sport, NODE, PUBLISHED, flags);
+    let tracked = |s: &Spec| w.maps.ct_any(&client_flow(s)).is_some();
+    let new_flows = || w.stats().new_flows;
+
+    // Half-open: a SYN, then silence past the SYN lifetime.
+    let syn = flow(42001, TCP_SYN);
+    forward(&w, &syn);
+    w.maps.advance(lt[0] - 2);
+    forward(&w, &syn); // a retransmitted SYN refreshes it
+    assert_eq!(new_flows(), 1);
+    w.maps.advance(lt[0] + 2);
+    forward(&w, &flow(42001, TCP_ACK));
+    assert_eq!(new_flows(), 2, "expired: judged as a lost flow");
+    assert!(tracked(&syn));
+
+    // Open: lives its long lifetime, refreshed by traffic.
+    let open = flow(42002, TCP_ACK);
+    let Verdict::Local { backend_id } = forward(&w, &open) else {
+        panic!()
+    };
+    task_answers(&w, &open, backend_id, TCP_ACK).unwrap();
+    for _ in 0..3 {
+        w.maps.advance(lt[1] - 60);
+        forward(&w, &open);
+    }
+    assert_eq!(new_flows(), 3, "kept alive by its packets");
+    w.maps.advance(lt[1] + 60);
+    forward(&w, &open);
+    assert_eq!(new_flows(), 4, "idle past its lifetime: expired");
+
+    // Closing: short, once the client sent a FIN.
+    // (The expired entry stays in the confirmed table, ignored, until the
+    // LRU reclaims it; the flow's live entry is the unconfirmed one.)
+    let fin = flow(42002, TCP_FIN | TCP_ACK);
+    forward(&w, &fin);
+    assert_eq!(w.maps.ct_new()[&client_flow(&fin)].state, CT_CLOSING);
+    w.maps.advance(lt[2] + 2);
+    forward(&w, &open);
+    assert_eq!(new_flows(), 5);
+
+    // A new connection on a 4-tuple whose last one closed is a new flow.
+    forward(&w, &flow(42002, TCP_FIN | TCP_ACK));
+    forward(&w, &flow(42002, TCP_SYN));
+    assert_eq!(new_flows(), 6);
+    assert_eq!(w.maps.ct_any(&client_flow(&syn)).unwrap().0.state, CT_OPEN);
+}
+
+/// UDP lives its lifetime past the client's last datagram.
+#[test]
+fn udp_entries_expire() {
+    let w = world(IPPROTO_UDP, 3);
+    let s = Spec::udp([198, 19, 113, 43], 43000, NODE, PUBLISHED, b"q");
+    forward(&w, &s);
+    w.maps.advance(DEFAULT_CT_LIFETIME_SECS[3] - 2);
+    forward(&w, &s);
+    assert_eq!(w.stats().new_flows, 1);
+    w.maps.advance(DEFAULT_CT_LIFETIME_SECS[3] + 2);
+    forward(&w, &s);
+    assert_eq!(w.stats().new_flows, 2);
+}
+
+/// New flows land in the unconfirmed table, whatever their number: a flood
+/// never displaces a confirmed flow.
+#[test]
+fn a_flood_of_new_flows_stays_out_of_the_confirmed_table() {
+    use mesh_common::testing::frame::TCP_SYN;
+    let w = world(IPPROTO_TCP, 4);
+    let mut established = Vec::new();
+    for i in 0..50u16 {
+        let s = Spec::tcp([198, 19, 114, 1], 10000 + i, NODE, PUBLISHED, TCP_SYN);
+        let Verdict::Local { backend_id } = forward(&w, &s) else {
+            panic!()
+        };
+        task_answers(&w, &s, backend_id, TCP_SYN | TCP_ACK).unwrap();
+        established.push(client_flow(&s));
+    }
+    let mut rng = Rng::new(9);
+    for _ in 0..5000 {
+        let s = Spec::tcp(
+            rng.addr(),
+            rng.next_u16() | 1,
+            NODE,
+            PUBLISHED,
+            if rng.bool() { TCP_SYN } else { TCP_ACK },
+        );
+        forward(&w, &s);
+    }
+    assert_eq!(w.maps.ct().len(), 50);
+    assert!(established.iter().all(|k| w.maps.ct().contains_key(k)));
+    assert!(w.maps.ct_new().len() > 4000);
+}
+
+/// Defect 8: a packet from a task's port claiming the address of a task
+/// behind another port is refused, before any lookup of its flow.
+#[test]
+fn replies_from_another_port_are_refused() {
+    let mut w = world(IPPROTO_TCP, 2);
+    let spec = Spec::tcp([198, 19, 113, 44], 44000, NODE, PUBLISHED, TCP_ACK);
+    let Verdict::Local { backend_id } = forward(&w, &spec) else {
+        panic!()
+    };
+    let (addr, port) = w.backend_of(backend_id);
+    let key = ReplyKey4 {
+        addr: raw(addr),
+        port_be: port.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let mut v = w.maps.reply(&key).unwrap();
+    v.ifindex = PORT;
+    w.maps.put_reply(key, v).unwrap();
+    let mut f = Spec::tcp(addr, port, spec.saddr, spec.sport, TCP_ACK).build();
+    assert_eq!(
+        rev::lookup(&Pkt::from_slice(&mut f), &w.maps, PORT + 1),
+        Err(DropReason::SpoofedReply)
+    );
+    assert!(
+        rev::lookup(&Pkt::from_slice(&mut f), &w.maps, PORT)
+            .unwrap()
+            .is_some()
+    );
 }

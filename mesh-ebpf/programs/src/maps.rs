@@ -1,7 +1,8 @@
 //! The BPF maps, and the [`Tables`] implementation the shared logic runs on.
 //! Sizes here are defaults; the daemon sets them at load time.
 
-use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU};
+use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, bpf_sock_tuple};
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use mesh_common::abi::*;
@@ -13,7 +14,7 @@ use mesh_common::rev::RevTables;
 #[map(name = "MESH_PORTS_V1")]
 pub static PORTS: Array<[u32; 2]> = Array::with_max_entries(PORT_INDEX_ENTRIES / 2, BPF_F_MMAPABLE);
 
-#[map(name = "MESH_SVC_V1")]
+#[map(name = "MESH_SVC_V2")]
 pub static SERVICES: Array<SvcValue> = Array::with_max_entries(2 * DEFAULT_MAX_SERVICES, 0);
 
 #[map(name = "MESH_ADDR4_V1")]
@@ -34,11 +35,26 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static MAGLEV: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
 
-#[map(name = "MESH_CT4_V1")]
+/// Confirmed flows. One LRU list for all CPUs: per-CPU lists would split
+/// the table by the number of possible CPUs, however few are online.
+#[map(name = "MESH_CT4_V2")]
 pub static CT4: LruHashMap<FlowKey4, CtValue> =
-    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, BPF_F_NO_COMMON_LRU);
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
-#[map(name = "MESH_REPLY4_V1")]
+/// Unconfirmed flows (see `MAP_CT4_NEW`).
+#[map(name = "MESH_CTNEW4_V1")]
+pub static CT4_NEW: LruHashMap<FlowKey4, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_NEW_ENTRIES, 0);
+
+/// Conntrack lifetimes, set by user space at load time (read-only data:
+/// the verifier knows the values).
+#[unsafe(no_mangle)]
+static CT_LIFETIMES: CtLifetimes = CtLifetimes::from_secs(DEFAULT_CT_LIFETIME_SECS);
+
+/// `TCP_LISTEN` in the kernel's socket states.
+const TCP_LISTEN: u32 = 10;
+
+#[map(name = "MESH_REPLY4_V2")]
 pub static REPLY4: HashMap<ReplyKey4, ReplyValue4> =
     HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
@@ -62,8 +78,11 @@ pub fn count_drop(reason: DropReason) {
     }
 }
 
-/// The maps, as the shared packet logic sees them.
-pub struct Maps;
+/// The maps, as the shared packet logic sees them, and the program's
+/// context (for the helpers that need one).
+pub struct Maps {
+    pub ctx: *mut core::ffi::c_void,
+}
 
 impl Tables for Maps {
     #[inline(always)]
@@ -93,10 +112,75 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
+    fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        // SAFETY: as above.
+        unsafe { CT4_NEW.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue) {
         // An LRU map evicts instead of failing; an error here can only be
         // -ENOMEM, and the flow's next packet hashes to the same backend.
-        let _ = CT4.insert(key, ct, 0);
+        let _ = CT4_NEW.insert(key, ct, 0);
+    }
+
+    #[inline(always)]
+    fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
+        let p = if confirmed {
+            CT4.get_ptr_mut(key)
+        } else {
+            CT4_NEW.get_ptr_mut(key)
+        };
+        if let Some(p) = p {
+            // SAFETY: a live map value; plain word stores (another CPU may
+            // store the same fields: either write is as good).
+            unsafe {
+                (*p).seen = seen;
+                (*p).state = state;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn now(&self) -> u32 {
+        // SAFETY: helper without arguments.
+        now_units(unsafe { bpf_ktime_get_coarse_ns() })
+    }
+
+    #[inline(always)]
+    fn lifetimes(&self) -> CtLifetimes {
+        // SAFETY: read of a static the loader may have set; volatile so
+        // the compiler does not fold in the default.
+        unsafe { core::ptr::read_volatile(&CT_LIFETIMES) }
+    }
+
+    #[inline(always)]
+    fn host_socket(&self, key: &FlowKey4) -> bool {
+        // SAFETY: an all-zero tuple is valid; filled below.
+        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        tuple.__bindgen_anon_1.ipv4.saddr = key.saddr;
+        tuple.__bindgen_anon_1.ipv4.daddr = key.daddr;
+        tuple.__bindgen_anon_1.ipv4.sport = key.sport_be;
+        tuple.__bindgen_anon_1.ipv4.dport = key.dport_be;
+        // SAFETY: helper call with the program's context and a tuple on
+        // the stack; the socket is released before returning.
+        unsafe {
+            let sk = bpf_skc_lookup_tcp(
+                self.ctx,
+                &mut tuple,
+                core::mem::size_of::<[u32; 3]>() as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            );
+            if sk.is_null() {
+                return false;
+            }
+            // A listener takes new connections: a mesh flow's segment
+            // that found only the listener is not the node's.
+            let listening = (*sk).state == TCP_LISTEN;
+            bpf_sk_release(sk as *mut _);
+            !listening
+        }
     }
 
     #[inline(always)]
@@ -139,5 +223,18 @@ impl RevTables for Maps {
     #[inline(always)]
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         Tables::ct_get(self, key)
+    }
+
+    #[inline(always)]
+    fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        Tables::ct_new_get(self, key)
+    }
+
+    #[inline(always)]
+    fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue) {
+        // Confirmed first, then gone from the unconfirmed table: a packet
+        // in between finds it in one of them.
+        let _ = CT4.insert(key, ct, 0);
+        let _ = CT4_NEW.remove(key);
     }
 }

@@ -51,8 +51,16 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
         };
     // SAFETY: data..data_end is the packet's linear part, `len` its length.
     let pkt = unsafe { Pkt::with_len(data, data_end, len as usize) };
-    let Some(r) = rev::lookup(&pkt, &Maps) else {
-        return TC_ACT_UNSPEC;
+    let maps = Maps {
+        ctx: skb as *mut _,
+    };
+    let r = match rev::lookup(&pkt, &maps, ingress_ifindex(&ctx)) {
+        Ok(Some(r)) => r,
+        Ok(None) => return TC_ACT_UNSPEC,
+        Err(reason) => {
+            count_drop(reason);
+            return TC_ACT_SHOT;
+        }
     };
     if r.icmp.is_some() {
         if rev::rewrite_icmp(&pkt, &r).is_none() {

@@ -18,7 +18,10 @@ use crate::maps::{Maps, count_drop};
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
     // SAFETY: data..data_end is the packet.
     let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    match fwd::process(&pkt, &Maps) {
+    let maps = Maps {
+        ctx: ctx.ctx as *mut _,
+    };
+    match fwd::process(&pkt, &maps) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop(reason) => {
             count_drop(reason);

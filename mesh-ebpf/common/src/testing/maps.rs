@@ -10,7 +10,7 @@
 
 use core::cell::{Cell, Ref, RefCell};
 use core::fmt;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::vec;
 use std::vec::Vec;
 
@@ -70,9 +70,17 @@ pub struct HostMaps {
     backends: Vec<Backend>,
     /// `MAP_MAGLEV`, flat.
     maglev: Vec<u32>,
-    /// `MAP_CT4`. Unbounded: the kernel's is an LRU map, which evicts
-    /// instead of failing.
+    /// `MAP_CT4` (confirmed flows). Unbounded: the kernel's is an LRU
+    /// map, which evicts instead of failing.
     ct: RefCell<HashMap<FlowKey4, CtValue>>,
+    /// `MAP_CT4_NEW` (unconfirmed flows), likewise.
+    ct_new: RefCell<HashMap<FlowKey4, CtValue>>,
+    /// The coarse clock, in conntrack units; moved by the tests.
+    now: Cell<u32>,
+    /// `CT_LIFETIMES`.
+    lifetimes: CtLifetimes,
+    /// TCP sockets of "the node", as a packet to them carries the 4-tuple.
+    host_sockets: HashSet<FlowKey4>,
     /// `MAP_REPLY4`.
     replies: HashMap<ReplyKey4, ReplyValue4>,
     /// `MAP_SVC_STATS`, by svc id (one CPU).
@@ -94,6 +102,10 @@ impl HostMaps {
             backends: vec![Backend::default(); sizes.max_backends as usize],
             maglev: vec![0; sizes.maglev_entries.next_multiple_of(2) as usize],
             ct: RefCell::default(),
+            ct_new: RefCell::default(),
+            now: Cell::new(1000),
+            lifetimes: CtLifetimes::default(),
+            host_sockets: HashSet::new(),
             replies: HashMap::new(),
             stats: RefCell::new(vec![SvcStats::default(); sizes.max_services as usize]),
             nodes: vec![NodeValue::default(); sizes.max_nodes as usize],
@@ -210,9 +222,25 @@ impl HostMaps {
         self.put_node(slot, NodeValue::default())
     }
 
-    /// Empties conntrack.
+    /// Empties conntrack (both tables).
     pub fn clear_ct(&mut self) {
         self.ct.get_mut().clear();
+        self.ct_new.get_mut().clear();
+    }
+
+    /// Moves the clock on by `secs`.
+    pub fn advance(&self, secs: u32) {
+        self.now.set(self.now.get() + secs_to_units(secs));
+    }
+
+    pub fn set_lifetimes(&mut self, lt: CtLifetimes) {
+        self.lifetimes = lt;
+    }
+
+    /// A TCP socket of the node's own: packets with this 4-tuple (as they
+    /// arrive: source is the remote end) are its.
+    pub fn add_host_socket(&mut self, key: FlowKey4) {
+        self.host_sockets.insert(key);
     }
 
     // Reads, beyond the traits.
@@ -250,9 +278,22 @@ impl HostMaps {
         &self.replies
     }
 
-    /// The conntrack entries.
+    /// The confirmed flows' entries.
     pub fn ct(&self) -> Ref<'_, HashMap<FlowKey4, CtValue>> {
         self.ct.borrow()
+    }
+
+    /// The unconfirmed flows' entries.
+    pub fn ct_new(&self) -> Ref<'_, HashMap<FlowKey4, CtValue>> {
+        self.ct_new.borrow()
+    }
+
+    /// A flow's entry, wherever it is, and whether it is confirmed.
+    pub fn ct_any(&self, key: &FlowKey4) -> Option<(CtValue, bool)> {
+        if let Some(c) = self.ct.borrow().get(key) {
+            return Some((*c, true));
+        }
+        self.ct_new.borrow().get(key).map(|c| (*c, false))
     }
 
     /// A service's counters (zero for an id past the map).
@@ -308,8 +349,36 @@ impl Tables for HostMaps {
         self.ct.borrow().get(key).copied()
     }
 
-    fn ct_put(&self, key: &FlowKey4, ct: &CtValue) {
-        self.ct.borrow_mut().insert(*key, *ct);
+    fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        self.ct_new.borrow().get(key).copied()
+    }
+
+    fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue) {
+        self.ct_new.borrow_mut().insert(*key, *ct);
+    }
+
+    fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
+        let mut t = if confirmed {
+            self.ct.borrow_mut()
+        } else {
+            self.ct_new.borrow_mut()
+        };
+        if let Some(c) = t.get_mut(key) {
+            c.seen = seen;
+            c.state = state;
+        }
+    }
+
+    fn now(&self) -> u32 {
+        self.now.get()
+    }
+
+    fn lifetimes(&self) -> CtLifetimes {
+        self.lifetimes
+    }
+
+    fn host_socket(&self, key: &FlowKey4) -> bool {
+        self.host_sockets.contains(key)
     }
 
     fn maglev(&self, index: u32) -> Option<u32> {
@@ -339,5 +408,14 @@ impl RevTables for HostMaps {
 
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         Tables::ct_get(self, key)
+    }
+
+    fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue> {
+        Tables::ct_new_get(self, key)
+    }
+
+    fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue) {
+        self.ct.borrow_mut().insert(*key, *ct);
+        self.ct_new.borrow_mut().remove(key);
     }
 }
