@@ -8,7 +8,7 @@
 //! maps, the interfaces); then load (the verifier runs), fill, and only
 //! then attach, so the first packet the programs see finds the maps filled.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
@@ -60,6 +60,9 @@ const HOUSEKEEPING: Duration = Duration::from_millis(250);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// How often local tasks whose port is not known are looked for again.
+const PORT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     // The first state, and whether it fits, before the host.
     let reload = Arc::new(Notify::new());
@@ -96,6 +99,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         task_links: BTreeSet::new(),
         pending: None,
         retry: RETRY_MIN,
+        applied: None,
+        task_ports: Default::default(),
+        ports_scanned: None,
+        reserved: net::ReservedPorts::new(),
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
     d.programs.attach_uplink(&d.cfg.iface, d.cfg.xdp_mode)?;
@@ -148,6 +155,14 @@ struct Daemon {
     pending: Option<(Arc<State>, tokio::time::Instant)>,
     /// The wait before the next retry.
     retry: Duration,
+    /// What the maps hold now.
+    applied: Option<Desired>,
+    /// The port each local task sits behind, as found so far.
+    task_ports: BTreeMap<std::net::Ipv4Addr, u32>,
+    /// When tasks' ports were last looked for.
+    ports_scanned: Option<tokio::time::Instant>,
+    /// Published ports kept out of the node's own local ports.
+    reserved: net::ReservedPorts,
 }
 
 impl Daemon {
@@ -234,20 +249,80 @@ impl Daemon {
 
     /// Makes the dataplane hold `state`.
     fn apply(&mut self, state: &State) -> Result<Report, ApplyError> {
-        let desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)
+        let mut desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)
             .map_err(ApplyError::Refused)?;
         let links = task_links(&self.cfg, &desired);
         // Replies first: a task that gets flows can already answer them.
         self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
+        self.find_task_ports(&desired.local_task_addrs());
+        desired.task_ports = self.task_ports.clone();
         let report = self.applier.apply(&desired)?;
         self.task_links = links;
         self.admin.set_services(self.applier.service_index());
+        self.reserve_ports(&desired);
+        self.applied = Some(desired);
         Ok(report)
+    }
+
+    /// Finds the ports of local tasks not found yet (or whose port went);
+    /// says whether anything changed.
+    fn find_task_ports(&mut self, tasks: &[std::net::Ipv4Addr]) -> bool {
+        let before = self.task_ports.clone();
+        // Forget tasks that left, and ports that went (a container
+        // replaced under the same address gets another port).
+        self.task_ports
+            .retain(|t, i| tasks.contains(t) && net::ifname(*i).is_some());
+        let missing: Vec<_> = tasks
+            .iter()
+            .copied()
+            .filter(|t| !self.task_ports.contains_key(t))
+            .collect();
+        if !missing.is_empty() {
+            self.task_ports.extend(net::task_ports(&missing));
+            self.ports_scanned = Some(tokio::time::Instant::now());
+        }
+        self.task_ports != before
+    }
+
+    /// Keeps the published ports (and the range they come from) out of
+    /// the node's own local ports.
+    fn reserve_ports(&mut self, d: &Desired) {
+        let range = match &self.cfg.source {
+            SourceConfig::File { port_range, .. } => Some(port_range.clone()),
+        };
+        let ports: Vec<u16> = d.services.keys().map(|(_, p)| *p).collect();
+        self.reserved.reserve(range.as_ref(), &ports);
     }
 
     fn housekeeping(&mut self) {
         if let Err(e) = self.applier.expire() {
             warn!("expiring reply entries: {e:#}");
+        }
+        // Tasks whose port is not known yet (their container not started,
+        // or just replaced): look again now and then; once found, their
+        // replies are trusted only from there.
+        let due = self
+            .ports_scanned
+            .is_none_or(|t| t.elapsed() >= PORT_SCAN_INTERVAL);
+        let tasks = match &self.applied {
+            Some(d) if due => d.local_task_addrs(),
+            _ => Vec::new(),
+        };
+        if due {
+            self.ports_scanned = Some(tokio::time::Instant::now());
+        }
+        let unknown = tasks.iter().any(|t| !self.task_ports.contains_key(t));
+        let gone = due && self.task_ports.values().any(|i| net::ifname(*i).is_none());
+        if (unknown || gone)
+            && self.find_task_ports(&tasks)
+            && let Some(mut d) = self.applied.take()
+        {
+            d.task_ports = self.task_ports.clone();
+            match self.applier.apply(&d) {
+                Ok(_) => debug!(ports = ?self.task_ports, "tasks' ports updated"),
+                Err(e) => warn!("updating tasks' ports: {e:#}"),
+            }
+            self.applied = Some(d);
         }
         // Bridge ports come and go with containers: attach to new ones.
         self.programs

@@ -105,10 +105,218 @@ pub fn reply_ifaces(
     out
 }
 
+/// The name of the interface with index `i`, if it exists.
+pub fn ifname(i: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as the call needs.
+    let p = unsafe { libc::if_indextoname(i, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// An interface's index, if it exists.
 pub fn ifindex(iface: &str) -> Option<u32> {
     let p = std::path::Path::new("/sys/class/net")
         .join(iface)
         .join("ifindex");
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// Where network namespaces of tasks can be found by handle: iproute2's
+/// named namespaces, Docker's sandboxes.
+pub const NETNS_DIRS: &[&str] = &["/run/netns", "/run/docker/netns"];
+
+/// The interface each of `tasks` sits behind on this node, where it can
+/// be found: for a task reached through a bridge, the bridge port whose
+/// veth peer (in the task's network namespace) holds the task's address;
+/// for a task reached through another link, that link. Tasks not found
+/// (a namespace meshd cannot see, a task not started yet) are left out.
+pub fn task_ports(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, u32> {
+    use std::collections::BTreeMap;
+    let mut out = BTreeMap::new();
+    // Bridge ports by ifindex: the peer's ifindex in its own namespace.
+    let mut behind_bridge: Vec<Ipv4Addr> = Vec::new();
+    let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
+    for &t in tasks {
+        let Ok(dev) = route_dev(t) else { continue };
+        let brif = std::path::Path::new("/sys/class/net")
+            .join(&dev)
+            .join("brif");
+        if !brif.exists() {
+            if let Some(i) = ifindex(&dev) {
+                out.insert(t, i);
+            }
+            continue;
+        }
+        behind_bridge.push(t);
+        for p in std::fs::read_dir(&brif).into_iter().flatten().flatten() {
+            let name = p.file_name().to_string_lossy().into_owned();
+            if let (Some(i), Some(peer)) = (ifindex(&name), link_index(&name)) {
+                ports.insert(i, peer);
+            }
+        }
+    }
+    if behind_bridge.is_empty() {
+        return out;
+    }
+    // Each namespace meshd can see: its interfaces whose peer is one of
+    // those ports (and whose ifindex that port names), with their
+    // addresses.
+    for dir in NETNS_DIRS {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for ns in rd.flatten() {
+            if behind_bridge.iter().all(|t| out.contains_key(t)) {
+                return out;
+            }
+            let Ok(o) = Command::new("nsenter")
+                .arg(format!("--net={}", ns.path().display()))
+                .args(["ip", "-j", "-4", "addr", "show"])
+                .output()
+            else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+                continue;
+            };
+            for link in v.as_array().into_iter().flatten() {
+                let (Some(idx), Some(peer)) = (
+                    link.get("ifindex").and_then(|x| x.as_u64()),
+                    link.get("link_index").and_then(|x| x.as_u64()),
+                ) else {
+                    continue;
+                };
+                if ports.get(&(peer as u32)) != Some(&(idx as u32)) {
+                    continue;
+                }
+                for a in link
+                    .get("addr_info")
+                    .and_then(|x| x.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(addr) = a
+                        .get("local")
+                        .and_then(|x| x.as_str())
+                        .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                        && behind_bridge.contains(&addr)
+                    {
+                        out.insert(addr, peer as u32);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The ifindex of a veth's peer (in the peer's namespace), if `iface` is
+/// one.
+fn link_index(iface: &str) -> Option<u32> {
+    let p = std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("iflink");
+    let v: u32 = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
+    (Some(v) != ifindex(iface)).then_some(v)
+}
+
+/// `net.ipv4.ip_local_reserved_ports` of this namespace: ports the kernel
+/// never picks as a local port for an outgoing connection. meshd adds the
+/// published ports (and the range they are assigned from), so that none of
+/// the node's own connections takes a published port as its local one,
+/// and puts the setting back as it found it when it exits.
+pub struct ReservedPorts {
+    /// The setting as meshd found it.
+    original: Option<String>,
+    /// What meshd wrote last.
+    written: Option<String>,
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+impl ReservedPorts {
+    pub fn new() -> Self {
+        Self {
+            original: std::fs::read_to_string(RESERVED_PORTS)
+                .ok()
+                .map(|s| s.trim().to_string()),
+            written: None,
+        }
+    }
+
+    /// Reserves `range` and `ports` (besides what was reserved before
+    /// meshd). Warns, once per set, about published ports inside the
+    /// ephemeral range (`ip_local_port_range`), which they are now taken
+    /// out of.
+    pub fn reserve(&mut self, range: Option<&std::ops::RangeInclusive<u16>>, ports: &[u16]) {
+        let Some(original) = &self.original else {
+            return;
+        };
+        let mut parts: Vec<String> = original
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(r) = range {
+            parts.push(format!("{}-{}", r.start(), r.end()));
+        }
+        let mut ephemeral_hits = Vec::new();
+        let eph = std::fs::read_to_string(LOCAL_PORT_RANGE)
+            .ok()
+            .and_then(|s| {
+                let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+                Some((it.next()??, it.next()??))
+            });
+        let mut ports: Vec<u16> = ports.to_vec();
+        ports.sort();
+        ports.dedup();
+        for p in ports {
+            if range.is_some_and(|r| r.contains(&p)) {
+                continue;
+            }
+            if eph.is_some_and(|(lo, hi)| (lo..=hi).contains(&p)) {
+                ephemeral_hits.push(p);
+            }
+            parts.push(p.to_string());
+        }
+        let want = parts.join(",");
+        if self.written.as_deref() == Some(want.as_str()) {
+            return;
+        }
+        if !ephemeral_hits.is_empty() {
+            let (lo, hi) = eph.unwrap_or_default();
+            tracing::warn!(
+                "published ports {ephemeral_hits:?} lie in ip_local_port_range ({lo}-{hi}): \
+                 reserved, the node's own connections no longer use them as local ports"
+            );
+        }
+        match std::fs::write(RESERVED_PORTS, &want) {
+            Ok(()) => self.written = Some(want),
+            Err(e) => tracing::warn!(
+                "reserving published ports in {RESERVED_PORTS}: {e}; the node's own connections \
+                 may take one as their local port (mesh then leaves their packets to them)"
+            ),
+        }
+    }
+}
+
+impl Default for ReservedPorts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ReservedPorts {
+    fn drop(&mut self) {
+        if let (Some(original), Some(_)) = (&self.original, &self.written) {
+            let _ = std::fs::write(RESERVED_PORTS, original);
+        }
+    }
 }

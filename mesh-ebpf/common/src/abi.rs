@@ -25,13 +25,19 @@ pub const MAP_BACKENDS: &str = "MESH_BE_V1";
 /// stored as `[u32; 2]` elements (array elements are 8-byte aligned).
 pub const MAP_MAGLEV: &str = "MESH_MAGLEV_V1";
 /// Connection tracking, client side: `FlowKey4` (as the client sent it) ->
-/// `CtValue`, for confirmed flows: ones the backend answered (a reply that
-/// is not a reset). LRU, one list for all CPUs.
+/// `CtValue`, for confirmed TCP flows: the client's ACK acknowledged the
+/// backend's SYN-ACK (a spoofed source never sees it), or a flow picked up
+/// again after its entry was lost got an answer from its backend that is
+/// not a reset. LRU, one list for all CPUs.
 pub const MAP_CT4: &str = "MESH_CT4_V2";
-/// Unconfirmed flows, as `MAP_CT4`: a TCP SYN not answered yet, a UDP
+/// Confirmed UDP flows (the backend answered), as `MAP_CT4`: apart, so a
+/// flood of spoofed requests a UDP service answers never displaces TCP
+/// flows.
+pub const MAP_CT4_UDP: &str = "MESH_CTU4_V1";
+/// Unconfirmed flows, as `MAP_CT4`: a TCP handshake not completed, a UDP
 /// datagram not answered yet, a flow picked up again after its entry was
 /// lost. A flood of spoofed packets churns this table, never the confirmed
-/// one. LRU, one list for all CPUs.
+/// ones. LRU, one list for all CPUs.
 pub const MAP_CT4_NEW: &str = "MESH_CTNEW4_V1";
 /// Reverse NAT, task side: `ReplyKey4` (a local task's address, target
 /// port, protocol) -> `ReplyValue4` (the node addresses and published ports
@@ -58,6 +64,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_BACKENDS,
     MAP_MAGLEV,
     MAP_CT4,
+    MAP_CT4_UDP,
     MAP_CT4_NEW,
     MAP_REPLY4,
     MAP_SVC_STATS,
@@ -259,13 +266,21 @@ pub struct CtValue {
     pub svc_gen: u32,
     /// When the client last sent, in [`now_units`] of the coarse clock.
     pub seen: u32,
+    /// TCP, unconfirmed: the acknowledgment number that completes the
+    /// handshake (the backend's SYN-ACK sequence + 1, raw network order),
+    /// 0 until the backend answered.
+    pub ack_be: u32,
     /// `CT_*` state: how long the entry lives past `seen`.
     pub state: u8,
     /// `CTF_*` flags.
     pub flags: u8,
-    pub _pad: u16,
+    // Naturally aligned padding: an array of bytes here lets LLVM merge
+    // its stores into misaligned words, which the verifier refuses on the
+    // stack.
+    pub _pad0: u16,
+    pub _pad1: u32,
 }
-const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<CtValue>() == 32);
 
 /// TCP: a SYN, not answered yet (half-open).
 pub const CT_SYN: u8 = 1;

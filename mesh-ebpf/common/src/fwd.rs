@@ -10,9 +10,14 @@
 //!   the flow's last packet, [`CtLifetimes`]) and names the service that
 //!   owns the port now (`svc_id` and generation): otherwise the packet is
 //!   judged as if there were none.
-//! - New flows go to the unconfirmed table; the reply path moves a flow to
-//!   the confirmed table when its backend answers (not with a reset), so
-//!   a flood of spoofed packets churns only the unconfirmed table.
+//! - New flows go to the unconfirmed table. A TCP flow is confirmed when
+//!   the client's ACK acknowledges the backend's SYN-ACK (the reply path
+//!   records what that acknowledgment must be: a spoofed source never
+//!   sees it); a UDP flow, or a TCP flow picked up after its entry was
+//!   lost, when its backend answers (the reply path moves it). A flood of
+//!   spoofed packets churns only the unconfirmed table; confirmed UDP
+//!   flows have a table of their own, so a flood a UDP service answers
+//!   never displaces TCP flows.
 //! - Without an entry, a TCP SYN starts a flow; a SYN-ACK or a RST never
 //!   does (the node's own connections get those); any other TCP segment
 //!   belongs to the node if one of its sockets owns the 4-tuple, and is
@@ -31,8 +36,8 @@ use crate::csum;
 use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
 use crate::parse::{
-    self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_ACK, TCP_FIN, TCP_FLAGS,
-    TCP_HLEN_MIN, TCP_RST, TCP_SYN, UDP_HLEN,
+    self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_ACK, TCP_ACK_SEQ,
+    TCP_FIN, TCP_FLAGS, TCP_HLEN_MIN, TCP_RST, TCP_SYN, UDP_HLEN,
 };
 use crate::pkt::Pkt;
 
@@ -43,10 +48,12 @@ use crate::pkt::Pkt;
 pub trait Tables {
     fn service(&self, key: &SvcKey) -> Option<SvcValue>;
     fn is_node_addr4(&self, addr: u32) -> bool;
-    /// A confirmed flow's entry.
+    /// A confirmed flow's entry (the table of the key's protocol).
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
     /// An unconfirmed flow's entry.
     fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue>;
+    /// Moves an unconfirmed flow's entry, as `ct`, to the confirmed table.
+    fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue);
     /// Record a new (unconfirmed) flow. Failure (a full map that is not
     /// LRU) is not fatal: the flow's next packet hashes the same way.
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue);
@@ -144,14 +151,14 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         Err(L4Error::Truncated) => return Verdict::Drop(DropReason::L4Truncated),
         Err(L4Error::BadLength) => return Verdict::Drop(DropReason::L4BadLength),
     }
-    let flags: u8 = if ip.proto == IPPROTO_TCP {
+    let (flags, ack_seq): (u8, u32) = if ip.proto == IPPROTO_TCP {
         // Inside the header check_l4 validated.
         match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
-            Some(h) => h.get(TCP_FLAGS),
+            Some(h) => (h.get(TCP_FLAGS), h.get(TCP_ACK_SEQ)),
             None => return Verdict::Drop(DropReason::L4Truncated),
         }
     } else {
-        0
+        (0, 0)
     };
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // A tracked flow whose backend is still there keeps it, and its state
@@ -165,7 +172,25 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         && let Some(b) = t.backend(entry.backend_id)
         && b.gen_ == entry.backend_gen
     {
-        let state = next_state(ip.proto, entry.state, flags);
+        let mut state = next_state(ip.proto, entry.state, flags);
+        if kind == CT_UNCONFIRMED && entry.state == CT_SYN && state == CT_OPEN {
+            // Half-open until the client acknowledges the backend's
+            // SYN-ACK (the reply path recorded what that takes): then a
+            // real flow. A blind guess leaves it half-open.
+            if entry.ack_be != 0 && flags & TCP_SYN == 0 && ack_seq == entry.ack_be {
+                t.ct_confirm(
+                    &flow,
+                    &CtValue {
+                        seen: now,
+                        state,
+                        ..entry
+                    },
+                );
+                state = entry.state;
+            } else {
+                state = CT_SYN;
+            }
+        }
         if state != entry.state || entry.seen != now {
             t.ct_touch(&flow, kind == CT_CONFIRMED, now, state);
         }
@@ -207,9 +232,11 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
                     svc_id: svc.svc_id,
                     svc_gen: svc.gen_,
                     seen: now,
+                    ack_be: 0,
                     state,
                     flags: cflags,
-                    _pad: 0,
+                    _pad0: 0,
+                    _pad1: 0,
                 },
             );
         }

@@ -27,6 +27,8 @@ pub const IP_HLEN_MIN: usize = 20;
 pub const L4_SPORT: usize = 0;
 pub const L4_DPORT: usize = 2;
 /// TCP data offset (high nibble, in 32-bit words).
+pub const TCP_SEQ: usize = 4;
+pub const TCP_ACK_SEQ: usize = 8;
 pub const TCP_DOFF: usize = 12;
 /// The TCP flags byte, and its bits.
 pub const TCP_FLAGS: usize = 13;

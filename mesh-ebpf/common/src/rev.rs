@@ -4,9 +4,11 @@
 //!
 //! No per-flow reverse entry: the reply table holds, per local backend, the
 //! (node address, published port) pairs its flows can have come through,
-//! and the client's conntrack entry confirms which one. The first reply of
-//! an unconfirmed flow (one that is not a reset) moves its entry to the
-//! confirmed table: the backend has answered, so the flow is real.
+//! and the client's conntrack entry confirms which one. A reply to an
+//! unconfirmed flow tells the forward path what it needs to confirm it: a
+//! SYN-ACK the acknowledgment the client's ACK must carry; any other
+//! answer but a reset confirms a UDP flow, or a TCP flow picked up again
+//! after its entry was lost.
 //!
 //! A packet is trusted only from the port its task sits behind: one whose
 //! source is a task behind another port is dropped (a container claiming
@@ -18,13 +20,14 @@
 //! helpers do to a packet with a complete checksum.
 
 use crate::abi::{
-    CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAX_REPLY_CANDS,
-    ReplyCand, ReplyKey4, ReplyValue4,
+    CTF_RECOVERED, CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_REPLY_CANDS, ReplyCand, ReplyKey4, ReplyValue4,
 };
 use crate::csum;
 use crate::icmp::{self, Quoted};
 use crate::parse::{
     self, ETH_HLEN, IP_CSUM, IP_SADDR, IcmpErr, Ip4, L4_SPORT, TCP_FLAGS, TCP_HLEN_MIN, TCP_RST,
+    TCP_SEQ, TCP_SYN,
 };
 use crate::pkt::Pkt;
 
@@ -38,6 +41,33 @@ pub trait RevTables {
     fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue>;
     /// Moves an unconfirmed flow's entry to the confirmed table.
     fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue);
+    /// Records, in an unconfirmed TCP flow's entry, the acknowledgment
+    /// number that completes its handshake.
+    fn ct_answered(&self, key: &FlowKey4, ack_be: u32);
+}
+
+/// What a reply tells of its flow. (A struct with every field defined,
+/// not an enum with a payload: see the note in `fwd::process`.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Answer {
+    kind: u8,
+    /// For `SYN_ACK`: what the client's ACK must acknowledge (network
+    /// order) to confirm the flow.
+    ack_be: u32,
+}
+
+impl Answer {
+    /// Nothing: a reset, or an ICMP error.
+    const NOTHING: u8 = 0;
+    /// A TCP SYN-ACK.
+    const SYN_ACK: u8 = 1;
+    /// Any other answer (UDP, TCP data or ACK): confirms a UDP flow, or a
+    /// TCP flow picked up again after its entry was lost.
+    const DATA: u8 = 2;
+
+    const fn of(kind: u8) -> Self {
+        Self { kind, ack_be: 0 }
+    }
 }
 
 /// A reply that must be rewritten.
@@ -73,7 +103,14 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
             return Ok(None);
         }
         let Some(c) = find(
-            t, e.daddr, e.dport_be, e.saddr, e.sport_be, e.proto, ifindex, false,
+            t,
+            e.daddr,
+            e.dport_be,
+            e.saddr,
+            e.sport_be,
+            e.proto,
+            ifindex,
+            Answer::of(Answer::NOTHING),
         )?
         else {
             return Ok(None);
@@ -95,17 +132,30 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
     if parse::check_l4(pkt, &ip).is_err() {
         return Ok(None);
     }
-    // A reset is no sign the flow is real: it does not confirm it.
-    let confirms = if ip.proto == IPPROTO_TCP {
+    // A reset is no sign the flow is real: it confirms nothing.
+    let answer = if ip.proto == IPPROTO_TCP {
         match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
-            Some(h) => h.get::<u8>(TCP_FLAGS) & TCP_RST == 0,
+            Some(h) => {
+                let flags: u8 = h.get(TCP_FLAGS);
+                if flags & TCP_RST != 0 {
+                    Answer::of(Answer::NOTHING)
+                } else if flags & TCP_SYN != 0 {
+                    let seq = u32::from_be(h.get::<u32>(TCP_SEQ));
+                    Answer {
+                        kind: Answer::SYN_ACK,
+                        ack_be: seq.wrapping_add(1).to_be(),
+                    }
+                } else {
+                    Answer::of(Answer::DATA)
+                }
+            }
             None => return Ok(None),
         }
     } else {
-        true
+        Answer::of(Answer::DATA)
     };
     let Some(c) = find(
-        t, ip.saddr, sport, ip.daddr, dport, ip.proto, ifindex, confirms,
+        t, ip.saddr, sport, ip.daddr, dport, ip.proto, ifindex, answer,
     )?
     else {
         return Ok(None);
@@ -121,7 +171,8 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
 
 /// The (node address, published port) of the flow between a local task
 /// (`task`, `tport`) and a client (`client`, `cport`): confirmed flows
-/// first, then unconfirmed ones (which this reply confirms if `confirms`).
+/// first, then unconfirmed ones (which `answer` may confirm, or record the
+/// handshake's completion for).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn find<T: RevTables>(
@@ -132,7 +183,7 @@ fn find<T: RevTables>(
     cport: u16,
     proto: u8,
     ifindex: u32,
-    confirms: bool,
+    answer: Answer,
 ) -> Result<Option<ReplyCand>, DropReason> {
     let Some(r) = t.reply(&ReplyKey4 {
         addr: task,
@@ -172,7 +223,11 @@ fn find<T: RevTables>(
         if let Some(ct) = t.ct_new_get(&key)
             && ours(&ct)
         {
-            if confirms {
+            if answer.kind == Answer::SYN_ACK {
+                t.ct_answered(&key, answer.ack_be);
+            } else if answer.kind == Answer::DATA
+                && (proto != IPPROTO_TCP || ct.flags & CTF_RECOVERED != 0)
+            {
                 t.ct_confirm(&key, &ct);
             }
             return Ok(Some(*c));

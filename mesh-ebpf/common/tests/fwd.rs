@@ -309,9 +309,11 @@ fn tcp_flow_dnat_then_reply_snat() {
             svc_id: SVC_ID,
             svc_gen: 1,
             seen: w.maps.now(),
+            ack_be: 0,
             state: CT_OPEN,
             flags: CTF_RECOVERED,
-            _pad: 0,
+            _pad0: 0,
+            _pad1: 0,
         }
     );
     assert!(!confirmed);
@@ -611,12 +613,37 @@ fn verdicts_for_other_traffic() {
     assert!(w.maps.ct().is_empty() && w.maps.ct_new().is_empty());
 }
 
-/// The task's reply to `spec` with TCP `flags`, through the reply path
-/// only (what `rev::lookup` says of it).
+/// The acknowledgment number of the frame builder's ACK segments: a
+/// SYN-ACK with sequence `CLIENT_ACKS - 1` is the one they acknowledge.
+const CLIENT_ACKS: u32 = 0x0a0b_0c0d;
+
+/// The task's reply to `spec` with TCP `flags` (a SYN-ACK with sequence
+/// `CLIENT_ACKS - 1`), through the reply path only (what `rev::lookup`
+/// says of it).
 fn task_answers(w: &World, spec: &Spec, backend_id: u32, flags: u8) -> Option<rev::Reply> {
     let (addr, port) = w.backend_of(backend_id);
-    let mut f = Spec::tcp(addr, port, spec.saddr, spec.sport, flags).build();
+    let mut f = Spec {
+        seq: CLIENT_ACKS - 1,
+        ..Spec::tcp(addr, port, spec.saddr, spec.sport, flags)
+    }
+    .build();
     rev::lookup(&Pkt::from_slice(&mut f), &w.maps, PORT).unwrap()
+}
+
+/// A whole handshake: the client's SYN, the task's SYN-ACK, the client's
+/// ACK of it. Returns the task.
+fn handshake(w: &World, syn: &Spec) -> u32 {
+    use mesh_common::testing::frame::TCP_SYN;
+    let Verdict::Local { backend_id } = forward(w, syn) else {
+        panic!("{syn:?}")
+    };
+    task_answers(w, syn, backend_id, TCP_SYN | TCP_ACK).expect("a tracked flow");
+    let ack = Spec {
+        tcp_flags: TCP_ACK,
+        ..syn.clone()
+    };
+    assert_eq!(forward(w, &ack), Verdict::Local { backend_id });
+    backend_id
 }
 
 /// Defect 1: a conntrack entry was trusted whenever its backend slot and
@@ -628,10 +655,7 @@ fn a_port_that_passes_to_another_service_keeps_none_of_its_flows() {
     use mesh_common::testing::frame::TCP_SYN;
     let mut w = world(IPPROTO_TCP, 4);
     let spec = Spec::tcp([198, 19, 113, 30], 41000, NODE, PUBLISHED, TCP_SYN);
-    let Verdict::Local { backend_id: old } = forward(&w, &spec) else {
-        panic!()
-    };
-    task_answers(&w, &spec, old, TCP_SYN | TCP_ACK).expect("confirmed");
+    let old = handshake(&w, &spec);
     // The port now belongs to another service, whose table names other
     // backends; the old service's backends still exist (it moved ports).
     let others: Vec<u32> = (1..=4).filter(|&i| be_id(i) != old).collect();
@@ -686,11 +710,12 @@ fn tcp_segments_that_cannot_start_a_flow_are_the_nodes() {
     assert!(!confirmed && ct.flags == CTF_RECOVERED && ct.state == CT_OPEN);
 }
 
-/// A SYN is half-open until the backend answers; a reset from the backend
-/// confirms nothing (a flood of spoofed segments gets resets), any other
-/// answer confirms the flow.
+/// A TCP flow is confirmed only when the client's ACK acknowledges the
+/// backend's SYN-ACK: a spoofed source never sees that SYN-ACK, so a SYN
+/// flood (which the backend answers) stays out of the confirmed table. A
+/// reset confirms nothing.
 #[test]
-fn only_a_real_answer_confirms_a_flow() {
+fn a_tcp_flow_is_confirmed_by_the_acknowledged_handshake() {
     use mesh_common::testing::frame::{TCP_RST, TCP_SYN};
     let w = world(IPPROTO_TCP, 3);
     let syn = Spec::tcp([198, 19, 113, 41], 41001, NODE, PUBLISHED, TCP_SYN);
@@ -698,20 +723,48 @@ fn only_a_real_answer_confirms_a_flow() {
         panic!()
     };
     let key = client_flow(&syn);
+    let unconfirmed = || !w.maps.ct_any(&key).unwrap().1;
     assert_eq!(w.maps.ct_any(&key).unwrap().0.state, CT_SYN);
     assert!(task_answers(&w, &syn, backend_id, TCP_RST | TCP_ACK).is_some());
-    assert!(!w.maps.ct_any(&key).unwrap().1, "a reset confirms nothing");
+    assert!(unconfirmed(), "a reset confirms nothing");
     assert!(task_answers(&w, &syn, backend_id, TCP_SYN | TCP_ACK).is_some());
-    assert!(w.maps.ct_any(&key).unwrap().1, "a SYN-ACK confirms");
-    assert!(w.maps.ct_new().is_empty(), "moved, not copied");
-    // The client's ACK opens it.
+    assert!(unconfirmed(), "a SYN-ACK alone confirms nothing");
+    assert_eq!(w.maps.ct_any(&key).unwrap().0.ack_be, CLIENT_ACKS.to_be());
+    // An ACK that does not acknowledge it (a blind spoofer's guess).
+    let mut guess = Spec {
+        tcp_flags: TCP_ACK,
+        ..syn.clone()
+    }
+    .build();
+    guess[ETH_HLEN + 20 + 8] ^= 0x40;
+    assert_eq!(w.process(&mut guess), Verdict::Local { backend_id });
+    assert!(unconfirmed(), "a wrong acknowledgment confirms nothing");
+    // The client's real ACK.
     let ack = Spec {
         tcp_flags: TCP_ACK,
         ..syn.clone()
     };
     assert_eq!(forward(&w, &ack), Verdict::Local { backend_id });
-    assert_eq!(w.maps.ct_any(&key).unwrap().0.state, CT_OPEN);
+    let (ct, confirmed) = w.maps.ct_any(&key).unwrap();
+    assert!(confirmed && ct.state == CT_OPEN);
+    assert!(w.maps.ct_new().is_empty(), "moved, not copied");
     assert_eq!(w.stats().new_flows, 1);
+}
+
+/// A UDP flow is confirmed when its backend answers, into a table of its
+/// own: a flood a UDP service answers cannot displace TCP flows.
+#[test]
+fn udp_flows_are_confirmed_by_an_answer_in_their_own_table() {
+    let w = world(IPPROTO_UDP, 2);
+    let mut rng = Rng::new(11);
+    let s = Spec::udp([198, 19, 113, 45], 45000, NODE, PUBLISHED, b"q");
+    let Verdict::Local { backend_id } = forward(&w, &s) else {
+        panic!()
+    };
+    assert!(!w.maps.ct_any(&client_flow(&s)).unwrap().1);
+    reply(&w, &s, backend_id, &mut rng);
+    assert!(w.maps.ct_udp().contains_key(&client_flow(&s)));
+    assert!(w.maps.ct().is_empty() && w.maps.ct_new().is_empty());
 }
 
 /// Entries live for their state's lifetime past the flow's last packet;
@@ -787,27 +840,29 @@ fn udp_entries_expire() {
 /// never displaces a confirmed flow.
 #[test]
 fn a_flood_of_new_flows_stays_out_of_the_confirmed_table() {
-    use mesh_common::testing::frame::TCP_SYN;
+    use mesh_common::testing::frame::{TCP_RST, TCP_SYN};
     let w = world(IPPROTO_TCP, 4);
     let mut established = Vec::new();
     for i in 0..50u16 {
         let s = Spec::tcp([198, 19, 114, 1], 10000 + i, NODE, PUBLISHED, TCP_SYN);
-        let Verdict::Local { backend_id } = forward(&w, &s) else {
-            panic!()
-        };
-        task_answers(&w, &s, backend_id, TCP_SYN | TCP_ACK).unwrap();
+        handshake(&w, &s);
         established.push(client_flow(&s));
     }
+    // Spoofed SYNs (the backend answers each) and blind ACKs (it resets).
     let mut rng = Rng::new(9);
     for _ in 0..5000 {
+        let syn = rng.bool();
         let s = Spec::tcp(
             rng.addr(),
             rng.next_u16() | 1,
             NODE,
             PUBLISHED,
-            if rng.bool() { TCP_SYN } else { TCP_ACK },
+            if syn { TCP_SYN } else { TCP_ACK },
         );
-        forward(&w, &s);
+        if let Verdict::Local { backend_id } = forward(&w, &s) {
+            let answer = if syn { TCP_SYN | TCP_ACK } else { TCP_RST };
+            task_answers(&w, &s, backend_id, answer);
+        }
     }
     assert_eq!(w.maps.ct().len(), 50);
     assert!(established.iter().all(|k| w.maps.ct().contains_key(k)));

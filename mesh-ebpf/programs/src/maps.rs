@@ -35,11 +35,22 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static MAGLEV: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * 1021, BPF_F_MMAPABLE);
 
-/// Confirmed flows. One LRU list for all CPUs: per-CPU lists would split
-/// the table by the number of possible CPUs, however few are online.
+/// Confirmed TCP flows. One LRU list for all CPUs: per-CPU lists would
+/// split the table by the number of possible CPUs, however few are online.
 #[map(name = "MESH_CT4_V2")]
 pub static CT4: LruHashMap<FlowKey4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// Confirmed UDP flows, likewise.
+#[map(name = "MESH_CTU4_V1")]
+pub static CT4_UDP: LruHashMap<FlowKey4, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+/// The confirmed table of `key`'s protocol.
+#[inline(always)]
+fn confirmed(key: &FlowKey4) -> &'static LruHashMap<FlowKey4, CtValue> {
+    if key.proto == IPPROTO_TCP { &CT4 } else { &CT4_UDP }
+}
 
 /// Unconfirmed flows (see `MAP_CT4_NEW`).
 #[map(name = "MESH_CTNEW4_V1")]
@@ -108,7 +119,12 @@ impl Tables for Maps {
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         // SAFETY: the value is copied at once; an entry another CPU
         // replaces meanwhile yields the old or the new value.
-        unsafe { CT4.get(key) }.copied()
+        unsafe { confirmed(key).get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue) {
+        confirm(key, ct)
     }
 
     #[inline(always)]
@@ -127,7 +143,7 @@ impl Tables for Maps {
     #[inline(always)]
     fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
         let p = if confirmed {
-            CT4.get_ptr_mut(key)
+            self::confirmed(key).get_ptr_mut(key)
         } else {
             CT4_NEW.get_ptr_mut(key)
         };
@@ -232,9 +248,22 @@ impl RevTables for Maps {
 
     #[inline(always)]
     fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue) {
-        // Confirmed first, then gone from the unconfirmed table: a packet
-        // in between finds it in one of them.
-        let _ = CT4.insert(key, ct, 0);
-        let _ = CT4_NEW.remove(key);
+        confirm(key, ct)
     }
+
+    #[inline(always)]
+    fn ct_answered(&self, key: &FlowKey4, ack_be: u32) {
+        if let Some(p) = CT4_NEW.get_ptr_mut(key) {
+            // SAFETY: a live map value; one word store.
+            unsafe { (*p).ack_be = ack_be };
+        }
+    }
+}
+
+/// Moves a flow's entry to the confirmed table: there first, then gone
+/// from the unconfirmed one, so a packet in between finds it in one.
+#[inline(always)]
+fn confirm(key: &FlowKey4, ct: &CtValue) {
+    let _ = confirmed(key).insert(key, ct, 0);
+    let _ = CT4_NEW.remove(key);
 }

@@ -42,6 +42,7 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
         .map_max_entries(MAP_NODES, limits.max_nodes)
         .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
         .map_max_entries(MAP_CT4, limits.ct_entries)
+        .map_max_entries(MAP_CT4_UDP, limits.ct_entries)
         .map_max_entries(MAP_CT4_NEW, limits.ct_new_entries)
         .override_global("CT_LIFETIMES", &limits.ct_lifetimes, true)
         .map_max_entries(MAP_REPLY4, limits.reply_entries())

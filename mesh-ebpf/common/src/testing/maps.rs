@@ -73,6 +73,8 @@ pub struct HostMaps {
     /// `MAP_CT4` (confirmed flows). Unbounded: the kernel's is an LRU
     /// map, which evicts instead of failing.
     ct: RefCell<HashMap<FlowKey4, CtValue>>,
+    /// `MAP_CT4_UDP` (confirmed UDP flows), likewise.
+    ct_udp: RefCell<HashMap<FlowKey4, CtValue>>,
     /// `MAP_CT4_NEW` (unconfirmed flows), likewise.
     ct_new: RefCell<HashMap<FlowKey4, CtValue>>,
     /// The coarse clock, in conntrack units; moved by the tests.
@@ -102,6 +104,7 @@ impl HostMaps {
             backends: vec![Backend::default(); sizes.max_backends as usize],
             maglev: vec![0; sizes.maglev_entries.next_multiple_of(2) as usize],
             ct: RefCell::default(),
+            ct_udp: RefCell::default(),
             ct_new: RefCell::default(),
             now: Cell::new(1000),
             lifetimes: CtLifetimes::default(),
@@ -225,6 +228,7 @@ impl HostMaps {
     /// Empties conntrack (both tables).
     pub fn clear_ct(&mut self) {
         self.ct.get_mut().clear();
+        self.ct_udp.get_mut().clear();
         self.ct_new.get_mut().clear();
     }
 
@@ -278,9 +282,22 @@ impl HostMaps {
         &self.replies
     }
 
-    /// The confirmed flows' entries.
+    /// The confirmed TCP flows' entries.
     pub fn ct(&self) -> Ref<'_, HashMap<FlowKey4, CtValue>> {
         self.ct.borrow()
+    }
+
+    /// The confirmed UDP flows' entries.
+    pub fn ct_udp(&self) -> Ref<'_, HashMap<FlowKey4, CtValue>> {
+        self.ct_udp.borrow()
+    }
+
+    fn confirmed(&self, key: &FlowKey4) -> &RefCell<HashMap<FlowKey4, CtValue>> {
+        if key.proto == IPPROTO_TCP {
+            &self.ct
+        } else {
+            &self.ct_udp
+        }
     }
 
     /// The unconfirmed flows' entries.
@@ -290,7 +307,7 @@ impl HostMaps {
 
     /// A flow's entry, wherever it is, and whether it is confirmed.
     pub fn ct_any(&self, key: &FlowKey4) -> Option<(CtValue, bool)> {
-        if let Some(c) = self.ct.borrow().get(key) {
+        if let Some(c) = self.confirmed(key).borrow().get(key) {
             return Some((*c, true));
         }
         self.ct_new.borrow().get(key).map(|c| (*c, false))
@@ -346,7 +363,12 @@ impl Tables for HostMaps {
     }
 
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
-        self.ct.borrow().get(key).copied()
+        self.confirmed(key).borrow().get(key).copied()
+    }
+
+    fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue) {
+        self.confirmed(key).borrow_mut().insert(*key, *ct);
+        self.ct_new.borrow_mut().remove(key);
     }
 
     fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue> {
@@ -359,7 +381,7 @@ impl Tables for HostMaps {
 
     fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
         let mut t = if confirmed {
-            self.ct.borrow_mut()
+            self.confirmed(key).borrow_mut()
         } else {
             self.ct_new.borrow_mut()
         };
@@ -415,7 +437,12 @@ impl RevTables for HostMaps {
     }
 
     fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue) {
-        self.ct.borrow_mut().insert(*key, *ct);
-        self.ct_new.borrow_mut().remove(key);
+        Tables::ct_confirm(self, key, ct)
+    }
+
+    fn ct_answered(&self, key: &FlowKey4, ack_be: u32) {
+        if let Some(c) = self.ct_new.borrow_mut().get_mut(key) {
+            c.ack_be = ack_be;
+        }
     }
 }
