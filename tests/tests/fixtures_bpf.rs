@@ -1,39 +1,33 @@
 //! The fixtures through BPF_PROG_TEST_RUN against the real object: the
 //! verifier is part of the test. Needs root (CI runs as root).
 
-use mesh_tests::fixtures::{BpfWorld, all, host_world, judge};
+use mesh_tests::fixtures::{BpfWorld, FibNet, all, host_world, play};
 
+/// Every fixture, on a thread inside the namespace the TC programs' FIB
+/// lookups need (XDP's runs do not care where they run).
 #[test]
 fn root_every_fixture_holds_on_the_bpf_object() {
-    let bpf = BpfWorld::new().expect("load the BPF object (root, BPF)");
-    let judge_world = host_world();
-    let mut failures = Vec::new();
-    for fx in all() {
-        if fx.input.len() < 14 {
-            // BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet
-            // header (as drivers never hand XDP one); the host run covers it.
-            assert!(
-                bpf.run(&fx).is_err(),
-                "{}: the kernel ran XDP on a runt",
-                fx.name
-            );
-            continue;
-        }
-        match bpf.run(&fx) {
-            Ok(got) => {
-                if let Err(e) = judge(&fx, &got, &judge_world) {
-                    failures.push(e);
-                }
-            }
-            Err(e) => failures.push(format!("{}: {e:#}", fx.name)),
-        }
-    }
+    let net = FibNet::new().expect("the fixtures' namespace (root)");
+    let fixtures = all();
+    let report = net
+        .run(|| -> anyhow::Result<_> {
+            let mut bpf = BpfWorld::new()?;
+            Ok(play(&mut bpf, &all(), &host_world()))
+        })
+        .unwrap()
+        .expect("load the BPF object (root, BPF)");
     assert!(
-        failures.is_empty(),
+        report.failures.is_empty(),
         "{} fixture(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
+        report.failures.len(),
+        report.failures.join("\n")
     );
+    // Only runts are refused (the host world runs them).
+    for (name, why) in &report.refused {
+        let fx = fixtures.iter().find(|f| f.name == *name).unwrap();
+        assert!(fx.input.len() < 14, "{name}: refused: {why}");
+    }
+    assert_eq!(report.held.len() + report.refused.len(), fixtures.len());
 }
 
 /// The node-address set in the kernel follows the state: an address that
