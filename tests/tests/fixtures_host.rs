@@ -1,10 +1,17 @@
 //! The fixtures against the shared packet logic on the host (no kernel).
 
-use mesh_tests::fixtures::{self, HostWorld, all, check, host_world, play};
+use mesh_tests::fixtures::{self, HostWorld, Program, all, check, host_world, play};
 
 #[test]
 fn the_fixtures_are_well_formed() {
-    check(&all()).unwrap();
+    let all = all();
+    check(&all).unwrap();
+    for p in Program::ALL {
+        assert!(
+            all.iter().any(|fx| fx.program == p),
+            "no fixture runs {p:?}"
+        );
+    }
 }
 
 #[test]
