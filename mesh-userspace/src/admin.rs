@@ -53,6 +53,8 @@ pub struct Metrics {
     pub state_rejected: IntCounter,
     pub source_errors: IntCounter,
     pub map_update_errors: IntCounter,
+    conntrack_entries: prometheus::IntGaugeVec,
+    conntrack_capacity: prometheus::IntGaugeVec,
     pub ready: IntGauge,
     live: Mutex<std::collections::BTreeSet<[String; 3]>>,
 }
@@ -100,6 +102,20 @@ impl Metrics {
             "mesh_map_update_errors_total",
             "Map writes the kernel failed (the state is retried with backoff).",
         )?;
+        let conntrack_entries = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "mesh_conntrack_entries",
+                "Flows a conntrack table holds (tcp, udp: confirmed; unconfirmed: not answered yet).",
+            ),
+            &["table"],
+        )?;
+        let conntrack_capacity = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "mesh_conntrack_capacity",
+                "Flows a conntrack table can hold (least recently used are forgotten beyond).",
+            ),
+            &["table"],
+        )?;
         let ready = IntGauge::new(
             "mesh_ready",
             "1 once programs are attached and maps filled.",
@@ -111,6 +127,8 @@ impl Metrics {
         registry.register(Box::new(state_rejected.clone()))?;
         registry.register(Box::new(source_errors.clone()))?;
         registry.register(Box::new(map_update_errors.clone()))?;
+        registry.register(Box::new(conntrack_entries.clone()))?;
+        registry.register(Box::new(conntrack_capacity.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         Ok(Self {
             registry,
@@ -122,6 +140,8 @@ impl Metrics {
             state_rejected,
             source_errors,
             map_update_errors,
+            conntrack_entries,
+            conntrack_capacity,
             ready,
             live: Mutex::default(),
         })
@@ -157,6 +177,14 @@ impl Metrics {
             catch_up(&self.svc_packets.with_label_values(&l), s.packets);
             catch_up(&self.svc_bytes.with_label_values(&l), s.bytes);
             catch_up(&self.svc_flows.with_label_values(&l), s.new_flows);
+        }
+        for u in reader.conntrack()? {
+            self.conntrack_entries
+                .with_label_values(&[u.table])
+                .set(u.entries as i64);
+            self.conntrack_capacity
+                .with_label_values(&[u.table])
+                .set(u.capacity as i64);
         }
         for (reason, n) in reader.drops()? {
             if reason as u32 != 0 {

@@ -297,7 +297,7 @@ impl ReservedPorts {
                  reserved, the node's own connections no longer use them as local ports"
             );
         }
-        match std::fs::write(RESERVED_PORTS, &want) {
+        match std::fs::write(RESERVED_PORTS, format!("{want}\n")) {
             Ok(()) => self.written = Some(want),
             Err(e) => tracing::warn!(
                 "reserving published ports in {RESERVED_PORTS}: {e}; the node's own connections \
@@ -316,7 +316,8 @@ impl Default for ReservedPorts {
 impl Drop for ReservedPorts {
     fn drop(&mut self) {
         if let (Some(original), Some(_)) = (&self.original, &self.written) {
-            let _ = std::fs::write(RESERVED_PORTS, original);
+            // With its newline: writing nothing at all changes nothing.
+            let _ = std::fs::write(RESERVED_PORTS, format!("{original}\n"));
         }
     }
 }
