@@ -27,9 +27,10 @@ pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
     }
 }
 
-/// The oldest kernel meshd runs on: `bpf_redirect_neigh` (5.10) is the
-/// newest helper the programs call; memory-mapped arrays need 5.5.
-pub const MIN_KERNEL: (u8, u8) = (5, 10);
+/// The oldest kernel meshd runs on: `bpf_ktime_get_coarse_ns` (5.11) is
+/// the newest helper the programs call (conntrack's clock), then
+/// `bpf_redirect_neigh` (5.10); memory-mapped arrays need 5.5.
+pub const MIN_KERNEL: (u8, u8) = (5, 11);
 
 /// Fails on a kernel older than [`MIN_KERNEL`], or one without TCX when
 /// TCX is asked for.
@@ -43,7 +44,7 @@ pub fn check_kernel(tc: crate::dataplane::TcAttach) -> Result<()> {
     if v < KernelVersion::new(major, minor, 0) {
         bail!(
             "kernel {release} is older than {major}.{minor}, the oldest mesh runs on \
-             (its programs call bpf_redirect_neigh, new in 5.10)"
+             (its programs call bpf_ktime_get_coarse_ns, new in 5.11)"
         );
     }
     if tc == crate::dataplane::TcAttach::Tcx && v < KernelVersion::new(6, 6, 0) {
