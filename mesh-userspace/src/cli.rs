@@ -207,7 +207,10 @@ impl RunArgs {
         let interval = Duration::from_millis(self.watch_interval_ms.max(50));
         let source = match &self.docker {
             Some(url) => SourceConfig::Docker {
-                url: url.clone(),
+                url: {
+                    docker::check_url(url).or_config()?;
+                    url.clone()
+                },
                 interval,
                 peer_port: self.peer_port,
             },

@@ -67,8 +67,12 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     // are loaded and the admin endpoint says why it is not ready).
     let reload = Arc::new(Notify::new());
     let (first, mut updates) = start_source(&cfg, reload.clone())?;
+    let mut uplink = cfg.iface.clone();
     if let Some(first) = &first {
         plan::vet(first, &cfg.node, &cfg.node_addrs, &cfg.limits).or_config()?;
+        if uplink.is_none() {
+            uplink = Some(uplink_of(&cfg, first).or_config()?);
+        }
     }
     net::check_kernel(cfg.tc_attach).or_config()?;
     if let Some(iface) = &cfg.iface {
@@ -102,8 +106,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
             None => return Ok(()),
         },
     };
-    let iface = match &cfg.iface {
-        Some(i) => i.clone(),
+    let iface = match uplink {
+        Some(i) => i,
         None => uplink_of(&cfg, &first).or_config()?,
     };
     let mut d = Daemon {

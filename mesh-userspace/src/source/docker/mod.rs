@@ -79,8 +79,22 @@ pub struct DockerConfig {
     pub peer_port: u16,
 }
 
+/// Refuses what is not a Docker address meshd can use.
+pub fn check_url(url: &str) -> Result<()> {
+    let ok = ["unix:///", "tcp://", "http://"]
+        .iter()
+        .any(|p| url.len() > p.len() && url.starts_with(p));
+    if !ok {
+        bail!(
+            "--docker {url:?}: not a Docker address (unix:///path, tcp://host:port or http://host:port)"
+        );
+    }
+    Ok(())
+}
+
 /// Connects to dockerd at `url` and negotiates the API version.
 pub async fn connect(url: &str) -> Result<Docker> {
+    check_url(url)?;
     let d = if let Some(path) = url.strip_prefix("unix://") {
         Docker::connect_with_unix(path, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
     } else if url.starts_with("tcp://") || url.starts_with("http://") {

@@ -158,17 +158,14 @@ pub async fn follow(mut managers: watch::Receiver<Option<Managers>>, out: watch:
         for k in 0..m.addrs.len() {
             let i = (start + k) % m.addrs.len();
             let addr = m.addrs[i];
-            match follow_one(addr, &m.pki, &out, &mut said).await {
-                Ok(()) => {}
-                Err(e) => {
-                    say(&mut said, format!("manager {addr}: {e:#}"));
-                }
-            }
-            // It served (at least once) or failed: either way, not live
-            // now; the last view stays.
-            out.send_modify(|f| f.live = false);
-            if out.borrow().from == Some(addr) {
-                // It served: start the next round with the next manager.
+            let mut served = false;
+            let e = follow_one(addr, &m.pki, &out, &mut said, &mut served).await;
+            say(&mut said, format!("manager {addr}: {e:#}"));
+            // Not live now, whatever happened; the last view stays.
+            out.send_if_modified(|f| std::mem::replace(&mut f.live, false));
+            if served {
+                // It served for a while: start the next round with the
+                // next manager, at once.
                 start = i + 1;
                 any = true;
                 backoff = Duration::from_millis(250);
@@ -193,13 +190,28 @@ fn say(said: &mut Option<String>, what: String) {
     }
 }
 
-/// Follows one manager until its stream fails.
+/// Follows one manager until its stream fails (why); `served` says
+/// whether it sent a view first.
 async fn follow_one(
     addr: SocketAddr,
     pki: &SwarmPki,
     out: &watch::Sender<Followed>,
     said: &mut Option<String>,
-) -> Result<()> {
+    served: &mut bool,
+) -> anyhow::Error {
+    match stream_from(addr, pki, out, said, served).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+async fn stream_from(
+    addr: SocketAddr,
+    pki: &SwarmPki,
+    out: &watch::Sender<Followed>,
+    said: &mut Option<String>,
+    served: &mut bool,
+) -> Result<std::convert::Infallible> {
     let connector = tokio_rustls::TlsConnector::from(pki.client_config()?);
     let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -227,6 +239,7 @@ async fn follow_one(
         }
         match serde_json::from_slice::<Message>(&line).context("an unreadable line")? {
             Message::View(v) => {
+                *served = true;
                 if out.borrow().from != Some(addr) || !out.borrow().live {
                     info!(manager = %addr, "following the managers' view");
                     *said = None;
