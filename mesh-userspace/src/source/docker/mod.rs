@@ -186,6 +186,8 @@ struct Source {
     skipped: Vec<String>,
     /// A manager's own latest view (kept when its reads fail).
     own_view: Option<Arc<SwarmView>>,
+    /// Why a manager's own read fails now (said once).
+    view_failing: Option<String>,
     /// The manager side of the view stream, once started.
     served: Option<watch::Sender<Served>>,
     /// The worker side, once started.
@@ -200,6 +202,7 @@ impl Source {
             last: None,
             skipped: Vec::new(),
             own_view: None,
+            view_failing: None,
             served: None,
             followed: None,
         }
@@ -364,6 +367,9 @@ impl Source {
                         });
                     }
                     self.own_view = Some(v.clone());
+                    if self.view_failing.take().is_some() {
+                        info!("reading the swarm as a manager works again");
+                    }
                     skipped.extend(view_skipped);
                     Some((v, true))
                 }
@@ -378,9 +384,12 @@ impl Source {
                     if let Some(s) = &self.served {
                         let _ = s.send_replace(Err(why.clone().into()));
                     }
-                    warn!(
-                        "reading the swarm as a manager failed ({why}); following this node's own table with the last view"
-                    );
+                    if self.view_failing.as_deref() != Some(why.as_str()) {
+                        warn!(
+                            "reading the swarm as a manager failed ({why}); following this node's own table with the last view"
+                        );
+                        self.view_failing = Some(why);
+                    }
                     self.own_view.clone().map(|v| (v, false))
                 }
             }
