@@ -266,6 +266,7 @@ fn desired_10k(base: &Desired) -> Desired {
                     port: 80,
                     node: "n1".into(),
                     local: true,
+                    deliver: addr,
                 }
             })
             .collect();
@@ -275,6 +276,7 @@ fn desired_10k(base: &Desired) -> Desired {
                 name: format!("svc{i}"),
                 target: 80,
                 backends,
+                draining: Vec::new(),
             },
         );
     }

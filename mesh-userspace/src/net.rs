@@ -27,6 +27,32 @@ pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
     }
 }
 
+/// The interface that holds `addr` (`ip addr`).
+pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["-j", "-4", "addr", "show"])
+        .output()
+        .context("running `ip addr` (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip addr: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j addr`")?;
+    let want = addr.to_string();
+    for link in v.as_array().into_iter().flatten() {
+        let holds = link
+            .get("addr_info")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+            .any(|i| i.get("local").and_then(|l| l.as_str()) == Some(want.as_str()));
+        if holds && let Some(name) = link.get("ifname").and_then(|n| n.as_str()) {
+            return Ok(name.to_string());
+        }
+    }
+    bail!("no interface holds {addr}")
+}
+
 /// The oldest kernel meshd runs on: `bpf_ktime_get_coarse_ns` (5.11) is
 /// the newest helper the programs call (conntrack's clock), then
 /// `bpf_redirect_neigh` (5.10); memory-mapped arrays need 5.5.
