@@ -277,6 +277,7 @@ fn desired_10k(base: &Desired) -> Desired {
                 target: 80,
                 backends,
                 draining: Vec::new(),
+                reply: None,
             },
         );
     }
