@@ -286,9 +286,11 @@ pub fn vet(
     state: &crate::model::State,
     node: &str,
     node_addrs: &[Ipv4Addr],
+    forwarding: &crate::desired::Forwarding,
     limits: &Limits,
 ) -> Result<Desired> {
-    let d = Desired::compute(state, node, node_addrs)?;
+    let mut d = Desired::compute(state, node, node_addrs)?;
+    d.forwarding = *forwarding;
     Planner::new(limits.clone()).plan(&d)?;
     Ok(d)
 }
