@@ -105,6 +105,34 @@ fn refused(s: &Swarm, port: u16) -> bool {
 
 const T: Duration = Duration::from_secs(30);
 
+/// One UDP request from the client to node `j`'s `port`, from a fresh
+/// socket (a new flow); the answer's task name and the address the task
+/// saw. The reply must come from the address and port asked.
+fn udp_ask(s: &Swarm, j: usize, port: u16) -> anyhow::Result<(String, std::net::SocketAddr)> {
+    use anyhow::Context;
+    let (from, to) = (
+        s.client_addr,
+        std::net::SocketAddr::from((s.nodes[j - 1].addr, port)),
+    );
+    let (answer, reply_from) =
+        mesh_tests::lab::in_netns(&s.client_ns, move || -> anyhow::Result<_> {
+            let sock = std::net::UdpSocket::bind((from, 0))?;
+            sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+            sock.send_to(b"who", to)?;
+            let mut buf = [0u8; 512];
+            let (n, reply_from) = sock
+                .recv_from(&mut buf)
+                .with_context(|| format!("no answer from {to}"))?;
+            Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), reply_from))
+        })??;
+    anyhow::ensure!(
+        reply_from == to,
+        "the answer came from {reply_from}, not {to}"
+    );
+    let (task, peer) = answer.trim().split_once(' ').context("name and peer")?;
+    Ok((task.to_string(), peer.parse()?))
+}
+
 #[test]
 fn root_docker_single_node_swarm_is_served_and_followed_as_it_changes() {
     let _one = one_at_a_time();
@@ -396,6 +424,54 @@ fn root_docker_three_node_swarm_every_node_serves_every_service() {
     // answers and sees the client's address.
     for j in 1..=3 {
         every_task_answers_via(&s, j, 30080, 2);
+    }
+    // A UDP service on the same published port number: each protocol's
+    // packets reach its own service's tasks, through every node.
+    s.docker(
+        1,
+        &[
+            "service",
+            "create",
+            "-d",
+            "--quiet",
+            "--name",
+            "dns",
+            "--replicas",
+            "2",
+            "--publish",
+            "published=30080,target=5353,protocol=udp",
+            "--no-resolve-image",
+            "--init",
+            "--stop-grace-period",
+            "1s",
+            "--hostname",
+            "{{.Node.Hostname}}-{{.Service.Name}}-{{.Task.Slot}}",
+            mesh_tests::lab::swarm::IMAGE,
+            mesh_tests::lab::swarm::UDP_ECHO,
+            "5353",
+        ],
+    )
+    .unwrap();
+    for j in 1..=3 {
+        s.wait_state(j, T, "dns's two tasks", |st| serving(st, "dns") == 2)
+            .unwrap();
+    }
+    for j in 1..=3 {
+        let mut udp = BTreeSet::new();
+        for k in 0..40 {
+            let (task, peer) =
+                udp_ask(&s, j, 30080).unwrap_or_else(|e| panic!("node {j} udp {k}: {e:#}"));
+            assert!(task.contains("-dns-"), "UDP answered by {task}");
+            assert_eq!(
+                peer.ip(),
+                std::net::IpAddr::V4(s.client_addr),
+                "the task sees the client"
+            );
+            udp.insert(task);
+        }
+        assert_eq!(udp.len(), 2, "node {j}: both dns tasks answer: {udp:?}");
+        let tcp = every_task_answers_via(&s, j, 30080, 2);
+        assert!(tcp.iter().all(|t| t.contains("-web-")), "{tcp:?}");
     }
     // Drain node 2: its task is replaced on node 1; traffic goes on
     // through every node.

@@ -594,6 +594,7 @@ fn build_image(tar: &Path) -> Result<()> {
     for applet in list.lines().filter(|a| *a != "busybox") {
         let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
     }
+    add_udp_echo(&root)?;
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
     std::fs::write(
@@ -615,6 +616,30 @@ fn build_image(tar: &Path) -> Result<()> {
         ".",
     ])?;
     std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+/// The UDP server the lab's UDP services run (`/bin/mesh-udp-echo PORT`,
+/// busybox has none), built beside meshd, with the shared libraries it
+/// needs.
+pub const UDP_ECHO: &str = "/bin/mesh-udp-echo";
+
+fn add_udp_echo(root: &Path) -> Result<()> {
+    let meshd = super::meshd::meshd_path()?;
+    let bin = meshd.with_file_name("mesh-udp-echo");
+    ensure!(
+        bin.is_file(),
+        "{} not found (cargo build -p mesh-tests --bins)",
+        bin.display()
+    );
+    std::fs::copy(&bin, root.join("bin/mesh-udp-echo"))?;
+    // Its libraries, at the paths the loader looks for them.
+    let ldd = sh(&["ldd", bin.to_str().unwrap()])?;
+    for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+        let to = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap())?;
+        std::fs::copy(lib, &to).with_context(|| format!("copying {lib}"))?;
+    }
     Ok(())
 }
 
