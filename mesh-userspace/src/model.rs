@@ -111,7 +111,21 @@ pub struct Service {
 
 /// How the replies of a flow forwarded to a task on another node reach the
 /// client.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum ReplyMode {
     /// Back through the node the client sent to, which sends them from the
     /// address and port the client used. Works where the network drops

@@ -184,8 +184,8 @@ pub fn merge(
         services.push(Service {
             name: s.name.clone(),
             ports,
-            // The node's default (--reply-mode).
-            reply: None,
+            // The service's label, else the node's --reply-mode.
+            reply: view.and_then(|v| v.reply.get(&s.name).copied()),
         });
     }
     let state = State {
@@ -267,6 +267,7 @@ mod tests {
                 node("i3", N3, "ready", "active"),
             ],
             draining: BTreeSet::new(),
+            reply: [("dns".to_string(), crate::model::ReplyMode::Direct)].into(),
         }
     }
 
@@ -311,6 +312,12 @@ mod tests {
             [(Proto::Tcp, 30053, 5353), (Proto::Udp, 30053, 5353)]
         );
         assert_eq!(ports(&s, "web"), [(Proto::Tcp, 30080, 8080)]);
+        // The reply mode a service's label chose; the node's otherwise.
+        let reply = |n: &str| s.services.iter().find(|x| x.name == n).unwrap().reply;
+        assert_eq!(
+            (reply("dns"), reply("web")),
+            (Some(crate::model::ReplyMode::Direct), None)
+        );
         assert_eq!(s.tasks.len(), 3);
         // Its own task is delivered at its gwbridge address; others at
         // nothing this node knows.

@@ -63,7 +63,14 @@ pub struct SwarmView {
     /// Tasks that still run although their desired state is no longer
     /// running (shutting down, being removed), by id.
     pub draining: BTreeSet<String>,
+    /// Services whose label `mesh.reply` chooses how replies of flows
+    /// forwarded to other nodes go back ("direct" or "via-ingress").
+    #[serde(default)]
+    pub reply: BTreeMap<String, crate::model::ReplyMode>,
 }
+
+/// The service label that chooses a service's reply mode.
+pub const REPLY_LABEL: &str = "mesh.reply";
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ViewPort {
@@ -119,6 +126,21 @@ impl SwarmView {
             let (Some(name), Some(ports)) = (name, ports) else {
                 continue;
             };
+            let label = s
+                .spec
+                .as_ref()
+                .and_then(|sp| sp.labels.as_ref())
+                .and_then(|l| l.get(REPLY_LABEL));
+            if let Some(v) = label {
+                match crate::model::ReplyMode::parse(v) {
+                    Some(m) => {
+                        view.reply.insert(name.clone(), m);
+                    }
+                    None => skipped.push(format!(
+                        "service {name}: label {REPLY_LABEL}={v:?}: not \"direct\" or \"via-ingress\" (the node's --reply-mode applies)"
+                    )),
+                }
+            }
             let mut mine = Vec::new();
             for p in ports {
                 // Host-mode ports are the task's own business.
@@ -383,7 +405,7 @@ mod tests {
     pub fn manager_reads() -> (Vec<Service>, Vec<Node>, Vec<Task>) {
         let services = r#"[
           {"ID":"rahft","Spec":{"Name":"web"},"Endpoint":{"Ports":[{"Protocol":"tcp","TargetPort":8080,"PublishedPort":30080,"PublishMode":"ingress"}]}},
-          {"ID":"j5ch5","Spec":{"Name":"slow"},"Endpoint":{"Ports":[
+          {"ID":"j5ch5","Spec":{"Name":"slow","Labels":{"mesh.reply":"direct"}},"Endpoint":{"Ports":[
              {"Protocol":"tcp","TargetPort":8090,"PublishedPort":30090,"PublishMode":"ingress"},
              {"Protocol":"udp","TargetPort":8091,"PublishedPort":30090,"PublishMode":"ingress"},
              {"Protocol":"tcp","TargetPort":22,"PublishedPort":2222,"PublishMode":"host"},
@@ -433,6 +455,12 @@ mod tests {
         );
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert!(skipped[0].contains("30009/sctp"));
+        assert_eq!(
+            v.reply.get("slow"),
+            Some(&crate::model::ReplyMode::Direct),
+            "the label chooses the reply mode"
+        );
+        assert!(!v.reply.contains_key("web"));
         assert_eq!(v.nodes.len(), 3);
         assert_eq!(
             (v.nodes[1].availability.as_str(), v.nodes[2].state.as_str()),
