@@ -2,7 +2,9 @@
 //! instead. One subcommand per suite; see README.md for the method of
 //! each and why it is so.
 
+mod e2e;
 mod micro;
+mod proc;
 mod sys;
 mod util;
 
@@ -24,6 +26,10 @@ enum Cmd {
     /// BPF_PROG_TEST_RUN; XDP, TC and the whole path on live frames),
     /// against floors from the same run (needs root).
     Micro(micro::Args),
+    /// The mesh against iptables DNAT, HAProxy and a direct route, in a lab
+    /// of network namespaces: requests per second, latency, CPU per
+    /// request, one TCP stream, UDP packets per second (needs root).
+    E2e(e2e::Args),
 }
 
 fn main() -> Result<()> {
@@ -35,6 +41,15 @@ fn main() -> Result<()> {
                 .map(|o| util::out_file(o, "micro"))
                 .transpose()?;
             let doc = micro::run(&a)?;
+            write(out, &doc)
+        }
+        Cmd::E2e(a) => {
+            let out = a
+                .out
+                .as_ref()
+                .map(|o| util::out_file(o, "e2e"))
+                .transpose()?;
+            let doc = e2e::run(&a)?;
             write(out, &doc)
         }
     }
