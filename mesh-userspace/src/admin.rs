@@ -1,8 +1,9 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/ready` (200 once the
-//! programs are attached and the maps filled), `/live`. It reads the
-//! counter maps through its own [`StatsReader`] and the applied services'
-//! names from the last snapshot the daemon published: it never waits for
-//! the daemon's writes.
+//! programs are attached and the maps filled; the body says when the state
+//! source is unavailable and the last good state is being served), `/live`,
+//! and `/state` (the state applied now, as JSON). It reads the counter maps
+//! through its own [`StatsReader`] and the rest from the last snapshot the
+//! daemon published: it never waits for the daemon's writes.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -14,12 +15,47 @@ use tracing::{debug, warn};
 
 use crate::dataplane::StatsReader;
 use crate::dataplane::stats::ServiceIndex;
+use crate::model::State;
+
+/// The state as `/state` shows it (what `meshd status` reads).
+pub fn state_json(s: &State, generation: i64) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "generation": generation,
+        "local_node": s.local_node,
+        "nodes": s.nodes.iter().map(|n| json!({
+            "name": n.name,
+            "addr": n.addr.to_string(),
+            "availability": n.availability.as_str(),
+            "status": n.status.as_str(),
+        })).collect::<Vec<_>>(),
+        "services": s.services.iter().map(|v| json!({
+            "name": v.name,
+            "ports": v.ports.iter().map(|p| json!({
+                "protocol": p.protocol.to_string(),
+                "published": p.published,
+                "target": p.target,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "tasks": s.tasks.iter().map(|t| json!({
+            "service": t.service,
+            "node": t.node,
+            "addr": t.addr.to_string(),
+            "local_addr": t.local_addr.map(|a| a.to_string()),
+            "draining": t.draining,
+        })).collect::<Vec<_>>(),
+    })
+}
 
 /// What the admin endpoint serves from.
 pub struct Admin {
     pub metrics: Metrics,
     stats: StatsReader,
     services: RwLock<ServiceIndex>,
+    /// The applied state as JSON (`/state`).
+    state: RwLock<String>,
+    /// Why the state source is unavailable now, if it is.
+    source_down: RwLock<Option<String>>,
 }
 
 impl Admin {
@@ -28,7 +64,43 @@ impl Admin {
             metrics: Metrics::new()?,
             stats,
             services: RwLock::default(),
+            state: RwLock::new("null\n".into()),
+            source_down: RwLock::default(),
         })
+    }
+
+    /// The state applied now, and its generation.
+    pub fn set_state(&self, state: &State, generation: i64) {
+        let mut j = serde_json::to_string_pretty(&state_json(state, generation))
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+        j.push('\n');
+        *self.state.write().unwrap() = j;
+    }
+
+    /// Whether the state source answers (`None`), or why not.
+    pub fn set_source_down(&self, why: Option<String>) {
+        self.metrics.source_up.set(i64::from(why.is_none()));
+        *self.source_down.write().unwrap() = why;
+    }
+
+    /// `/ready`: the status and the body.
+    fn ready(&self) -> (&'static str, String) {
+        let down = self.source_down.read().unwrap().clone();
+        let generation = self.metrics.state_generation.get();
+        match (self.metrics.ready.get() == 1, down) {
+            (true, None) => ("200 OK", "ready\n".into()),
+            (true, Some(why)) => (
+                "200 OK",
+                format!(
+                    "ready (serving generation {generation}; the state source is unavailable: {why})\n"
+                ),
+            ),
+            (false, Some(why)) => (
+                "503 Service Unavailable",
+                format!("not ready: waiting for the state source: {why}\n"),
+            ),
+            (false, None) => ("503 Service Unavailable", "not ready\n".into()),
+        }
     }
 
     /// The services applied now (names for the counters' labels).
@@ -53,7 +125,10 @@ pub struct Metrics {
     pub state_rejected: IntCounter,
     pub source_errors: IntCounter,
     pub map_update_errors: IntCounter,
+    conntrack_entries: prometheus::IntGaugeVec,
+    conntrack_capacity: prometheus::IntGaugeVec,
     pub ready: IntGauge,
+    pub source_up: IntGauge,
     live: Mutex<std::collections::BTreeSet<[String; 3]>>,
 }
 
@@ -100,10 +175,29 @@ impl Metrics {
             "mesh_map_update_errors_total",
             "Map writes the kernel failed (the state is retried with backoff).",
         )?;
+        let conntrack_entries = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "mesh_conntrack_entries",
+                "Flows a conntrack table holds (tcp, udp: confirmed; unconfirmed: not answered yet).",
+            ),
+            &["table"],
+        )?;
+        let conntrack_capacity = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "mesh_conntrack_capacity",
+                "Flows a conntrack table can hold (least recently used are forgotten beyond).",
+            ),
+            &["table"],
+        )?;
         let ready = IntGauge::new(
             "mesh_ready",
             "1 once programs are attached and maps filled.",
         )?;
+        let source_up = IntGauge::new(
+            "mesh_source_up",
+            "1 while the state source answers (the state file reads, Docker answers); 0 while the last good state is kept.",
+        )?;
+        registry.register(Box::new(source_up.clone()))?;
         for c in [&svc_packets, &svc_bytes, &svc_flows, &drops] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -111,6 +205,8 @@ impl Metrics {
         registry.register(Box::new(state_rejected.clone()))?;
         registry.register(Box::new(source_errors.clone()))?;
         registry.register(Box::new(map_update_errors.clone()))?;
+        registry.register(Box::new(conntrack_entries.clone()))?;
+        registry.register(Box::new(conntrack_capacity.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         Ok(Self {
             registry,
@@ -122,7 +218,10 @@ impl Metrics {
             state_rejected,
             source_errors,
             map_update_errors,
+            conntrack_entries,
+            conntrack_capacity,
             ready,
+            source_up,
             live: Mutex::default(),
         })
     }
@@ -157,6 +256,14 @@ impl Metrics {
             catch_up(&self.svc_packets.with_label_values(&l), s.packets);
             catch_up(&self.svc_bytes.with_label_values(&l), s.bytes);
             catch_up(&self.svc_flows.with_label_values(&l), s.new_flows);
+        }
+        for u in reader.conntrack()? {
+            self.conntrack_entries
+                .with_label_values(&[u.table])
+                .set(u.entries as i64);
+            self.conntrack_capacity
+                .with_label_values(&[u.table])
+                .set(u.capacity as i64);
         }
         for (reason, n) in reader.drops()? {
             if reason as u32 != 0 {
@@ -214,8 +321,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/live" => ("200 OK", "live\n".to_string()),
-                "/ready" if admin.metrics.ready.get() == 1 => ("200 OK", "ready\n".to_string()),
-                "/ready" => ("503 Service Unavailable", "not ready\n".to_string()),
+                "/ready" => admin.ready(),
+                "/state" => ("200 OK", admin.state.read().unwrap().clone()),
                 "/metrics" => {
                     let r = admin.render();
                     match r {
@@ -228,8 +335,13 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 }
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
+            let ctype = if path == "/state" {
+                "application/json"
+            } else {
+                "text/plain; version=0.0.4"
+            };
             let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             if let Err(e) = sock.write_all(resp.as_bytes()).await {

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{CheckConfig, ConfigError, OrConfig, RunConfig, SourceConfig, host_name};
 use crate::dataplane::{TcAttach, XdpAttach};
 use crate::plan::Limits;
-use crate::source::ports;
+use crate::source::{docker, ports};
 
 const EXIT_STATUS: &str = "Exit status: 0 done; 1 the node failed (loading, attaching, the kernel); \
 2 the command line does not parse; 64 (EX_USAGE) the configuration was refused (flags, state, \
@@ -27,12 +27,14 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Load and attach the dataplane, fill it from the state file, and keep
-    /// it in sync as the file changes (checked every --watch-interval-ms and
-    /// on SIGHUP). SIGTERM or SIGINT detaches everything and exits.
+    /// Load and attach the dataplane, fill it from the swarm (--docker) or
+    /// a state file (--state), and keep it in sync as they change (read
+    /// again every --watch-interval-ms, on events and on SIGHUP). SIGTERM
+    /// or SIGINT detaches everything and exits.
     #[command(
         args_override_self = true,
-        after_long_help = "Example:\n  meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
+        after_long_help = "Examples:\n  meshd run --docker                  # on every node of a swarm, managers and workers\n  \
+        meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
         Needs root (BPF), IPv4 forwarding on the uplink and the tasks' interfaces, and iproute2.\n\
         Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled.\n\n\
         Exit status: 0 after SIGTERM/SIGINT; 1 the node failed; 64 the configuration was refused."
@@ -52,7 +54,7 @@ pub struct StateArgs {
     /// The state file (TOML: nodes, services with their ports, tasks; see
     /// the README). A file that fails validation is refused whole.
     #[arg(long, value_name = "FILE")]
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
     /// This node's name in the state file [default: the host name].
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
@@ -150,10 +152,22 @@ pub struct RunArgs {
     pub state: StateArgs,
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// Follow a Docker swarm through the Engine API at URL (unix:///path,
+    /// tcp://host:port) instead of a state file: nodes, services, tasks,
+    /// this node's name and address all come from Docker. Run it on every
+    /// node; workers follow managers' meshd (mutual TLS with the swarm's
+    /// own certificates) for what only managers know.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = docker::DEFAULT_URL, conflicts_with_all = ["state", "node", "port_range"])]
+    pub docker: Option<String>,
+    /// With --docker: the port meshd on managers serves the swarm view on
+    /// (on the node's swarm address), and meshd on workers follows it on.
+    #[arg(long, value_name = "PORT", default_value_t = docker::DEFAULT_PEER_PORT)]
+    pub peer_port: u16,
     /// The uplink: the interface clients' packets arrive on. XDP and TC
-    /// programs are attached to it.
+    /// programs are attached to it [default: the interface that holds this
+    /// node's address].
     #[arg(long, value_name = "IF")]
-    pub iface: String,
+    pub iface: Option<String>,
     /// Interfaces leading to local tasks, where the reply program is
     /// attached (a bridge: each of its ports, as ports come and go). By
     /// default: the interface the route to each local task uses.
@@ -170,7 +184,8 @@ pub struct RunArgs {
     /// Where /metrics, /ready and /live are served.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub admin_addr: SocketAddr,
-    /// How often the state file is checked for changes.
+    /// How often the state file is checked for changes; with --docker, how
+    /// often the swarm is read again in full (events trigger reads too).
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub watch_interval_ms: u64,
     /// Most verbose level of the BPF programs' own log lines (bridged into
@@ -197,24 +212,39 @@ impl StateArgs {
         }
     }
 
-    fn source(&self, interval: Duration) -> SourceConfig {
-        SourceConfig::File {
-            path: self.state.clone(),
+    fn source(&self, interval: Duration) -> Result<SourceConfig, ConfigError> {
+        let Some(path) = &self.state else {
+            return Err(ConfigError(anyhow::anyhow!(
+                "say where state comes from: --docker [URL] or --state FILE"
+            )));
+        };
+        Ok(SourceConfig::File {
+            path: path.clone(),
             port_range: self.port_range.clone(),
             interval,
             state_dir: self.state_dir.clone(),
-        }
+        })
     }
 }
 
 impl RunArgs {
     /// The validated configuration of `meshd run`.
     pub fn config(&self) -> Result<RunConfig, ConfigError> {
+        let interval = Duration::from_millis(self.watch_interval_ms.max(50));
+        let source = match &self.docker {
+            Some(url) => SourceConfig::Docker {
+                url: {
+                    docker::check_url(url).or_config()?;
+                    url.clone()
+                },
+                interval,
+                peer_port: self.peer_port,
+            },
+            None => self.state.source(interval)?,
+        };
         Ok(RunConfig {
             node: self.state.node()?,
-            source: self
-                .state
-                .source(Duration::from_millis(self.watch_interval_ms.max(50))),
+            source,
             iface: self.iface.clone(),
             node_addrs: self.plan.node_addrs.clone(),
             task_ifaces: self.task_ifaces.clone(),
@@ -231,7 +261,7 @@ impl CheckArgs {
     pub fn config(&self) -> Result<CheckConfig, ConfigError> {
         Ok(CheckConfig {
             node: self.state.node()?,
-            source: self.state.source(Duration::ZERO),
+            source: self.state.source(Duration::ZERO)?,
             node_addrs: self.plan.node_addrs.clone(),
             limits: self.plan.limits()?,
         })

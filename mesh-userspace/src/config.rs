@@ -49,16 +49,26 @@ pub enum SourceConfig {
         interval: Duration,
         state_dir: PathBuf,
     },
+    /// A Docker swarm, through the Engine API at `url`, read again in full
+    /// every `interval`; managers serve the view workers need on
+    /// `peer_port` (see [`crate::source::docker`]).
+    Docker {
+        url: String,
+        interval: Duration,
+        peer_port: u16,
+    },
 }
 
 /// `meshd run`.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    /// This node's name in the state.
+    /// This node's name in the state (a state that names the node it was
+    /// read on, as Docker's do, wins).
     pub node: String,
     pub source: SourceConfig,
-    /// The uplink: where clients' packets arrive.
-    pub iface: String,
+    /// The uplink: where clients' packets arrive. `None`: the interface
+    /// that holds this node's address in the first state.
+    pub iface: Option<String>,
     /// More addresses to answer published ports on.
     pub node_addrs: Vec<Ipv4Addr>,
     /// Interfaces leading to local tasks; empty: found from routes.

@@ -26,6 +26,7 @@ use crate::desired::Desired;
 use crate::model::State;
 use crate::net;
 use crate::plan::{self, Report};
+use crate::source::docker;
 use crate::source::file::FileSource;
 use crate::source::{Update, Updates};
 
@@ -64,13 +65,23 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const PORT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
-    // The first state, and whether it fits, before the host.
+    // The first state, and whether it fits, before the host (a source that
+    // cannot give one at once, Docker, is waited for once the programs
+    // are loaded and the admin endpoint says why it is not ready).
     let reload = Arc::new(Notify::new());
-    let (first, updates) = start_source(&cfg, reload.clone())?;
-    let desired = plan::vet(&first, &cfg.node, &cfg.node_addrs, &cfg.limits).or_config()?;
+    let (first, mut updates) = start_source(&cfg, reload.clone())?;
+    let mut uplink = cfg.iface.clone();
+    if let Some(first) = &first {
+        plan::vet(first, &cfg.node, &cfg.node_addrs, &cfg.limits).or_config()?;
+        if uplink.is_none() {
+            uplink = Some(uplink_of(&cfg, first).or_config()?);
+        }
+    }
     net::check_kernel(cfg.tc_attach).or_config()?;
-    net::check_iface(&cfg.iface).or_config()?;
-    net::check_forwarding(&cfg.iface).or_config()?;
+    if let Some(iface) = &cfg.iface {
+        net::check_iface(iface).or_config()?;
+        net::check_forwarding(iface).or_config()?;
+    }
     for i in &cfg.task_ifaces {
         net::check_iface(i).or_config()?;
     }
@@ -90,8 +101,21 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     let (programs, applier, stats, logger) =
         Dataplane::load_with(cfg.limits.clone(), cfg.bpf_log_level, cfg.tc_attach)?.into_parts();
     let admin = Arc::new(Admin::new(stats)?);
+    tokio::spawn(admin::serve(listener, admin.clone()));
+    let first = match first {
+        Some(s) => s,
+        None => match wait_first(&cfg, &mut updates, &admin).await? {
+            Some(s) => s,
+            None => return Ok(()),
+        },
+    };
+    let iface = match uplink {
+        Some(i) => i,
+        None => uplink_of(&cfg, &first).or_config()?,
+    };
     let mut d = Daemon {
         cfg,
+        iface,
         programs,
         applier,
         admin: admin.clone(),
@@ -105,15 +129,19 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         reserved: net::ReservedPorts::new(),
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
-    d.programs.attach_uplink(&d.cfg.iface, d.cfg.xdp_mode)?;
+    d.programs.attach_uplink(&d.iface, d.cfg.xdp_mode)?;
     d.generation = 1;
     admin.metrics.state_generation.set(1);
+    admin.set_state(&first, 1);
+    admin.set_source_down(None);
     admin.metrics.ready.set(1);
+    let desired =
+        Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
-        node = %d.cfg.node, iface = %d.cfg.iface, services = desired.services.len(), addrs = ?desired.node_addrs,
+        node = %first.local_node.as_deref().unwrap_or(&d.cfg.node), iface = %d.iface,
+        services = desired.services.len(), addrs = ?desired.node_addrs,
         "meshd ready: generation 1 applied ({report:?}); admin on http://{}", d.cfg.admin_addr
     );
-    tokio::spawn(admin::serve(listener, admin.clone()));
     if let Some(l) = logger {
         tokio::spawn(pump_logs(l));
     }
@@ -125,8 +153,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
 }
 
 /// Reads the first state (refusing a bad one) and starts following the
-/// source from it.
-fn start_source(cfg: &RunConfig, reload: Arc<Notify>) -> Result<(Arc<State>, Updates), Failed> {
+/// source from it. A source that cannot answer at once gives none yet.
+fn start_source(
+    cfg: &RunConfig,
+    reload: Arc<Notify>,
+) -> Result<(Option<Arc<State>>, Updates), Failed> {
     match &cfg.source {
         SourceConfig::File {
             path,
@@ -138,13 +169,85 @@ fn start_source(cfg: &RunConfig, reload: Arc<Notify>) -> Result<(Arc<State>, Upd
             let read = source.read();
             let state = Arc::new(read.state.or_config()?);
             let updates = source.spawn(read.seen, Update::State(state.clone()), *interval, reload);
-            Ok((state, updates))
+            Ok((Some(state), updates))
+        }
+        SourceConfig::Docker {
+            url,
+            interval,
+            peer_port,
+        } => {
+            let cfg = docker::DockerConfig {
+                url: url.clone(),
+                interval: *interval,
+                peer_port: *peer_port,
+            };
+            Ok((None, docker::spawn(cfg, reload)))
         }
     }
 }
 
+/// Waits for the source's first state that fits the maps, saying why
+/// there is none while there is none (log, metric, `/ready`). `None`: a
+/// signal to stop came first.
+async fn wait_first(
+    cfg: &RunConfig,
+    updates: &mut Updates,
+    admin: &Admin,
+) -> Result<Option<Arc<State>>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        let u = updates.borrow_and_update().clone();
+        match u {
+            Update::State(s) => match plan::vet(&s, &cfg.node, &cfg.node_addrs, &cfg.limits) {
+                Ok(_) => return Ok(Some(s)),
+                Err(e) => {
+                    admin.metrics.state_rejected.inc();
+                    admin.set_source_down(Some(format!("its state is refused: {e:#}")));
+                    error!("state refused, waiting for another: {e:#}");
+                }
+            },
+            Update::Refused(why) => {
+                admin.metrics.state_rejected.inc();
+                admin.set_source_down(Some(format!("its state is refused: {why}")));
+                error!("state refused, waiting for another: {why}");
+            }
+            Update::Unavailable(why) => {
+                admin.metrics.source_errors.inc();
+                admin.set_source_down(Some(why.to_string()));
+                warn!("no state yet: {why}");
+            }
+        }
+        tokio::select! {
+            _ = term.recv() => return Ok(None),
+            _ = int.recv() => return Ok(None),
+            r = updates.changed() => r.context("the state source stopped")?,
+        }
+    }
+}
+
+/// The interface that holds this node's address in `state`: the uplink
+/// when `--iface` is not given.
+fn uplink_of(cfg: &RunConfig, state: &State) -> Result<String> {
+    let name = state.local_node.as_deref().unwrap_or(&cfg.node);
+    let node = state
+        .node(name)
+        .with_context(|| format!("this node ({name:?}) is not in the state"))?;
+    let iface = net::iface_with_addr(node.addr).with_context(|| {
+        format!(
+            "finding the uplink: no interface holds this node's address {} (pass --iface)",
+            node.addr
+        )
+    })?;
+    net::check_forwarding(&iface)?;
+    info!(%iface, addr = %node.addr, "the uplink is the interface that holds this node's address");
+    Ok(iface)
+}
+
 struct Daemon {
     cfg: RunConfig,
+    /// The uplink.
+    iface: String,
     programs: Programs,
     applier: Applier,
     admin: Arc<Admin>,
@@ -196,6 +299,7 @@ impl Daemon {
     fn on_update(&mut self, u: Update) {
         match u {
             Update::State(s) => {
+                self.admin.set_source_down(None);
                 // A newer word replaces any retry, which starts afresh.
                 self.pending = None;
                 self.retry = RETRY_MIN;
@@ -210,6 +314,7 @@ impl Daemon {
             }
             Update::Unavailable(why) => {
                 self.admin.metrics.source_errors.inc();
+                self.admin.set_source_down(Some(why.to_string()));
                 warn!(
                     "state source unavailable, keeping generation {}: {why}",
                     self.generation
@@ -224,6 +329,7 @@ impl Daemon {
                 self.generation += 1;
                 self.retry = RETRY_MIN;
                 self.admin.metrics.state_generation.set(self.generation);
+                self.admin.set_state(&s, self.generation);
                 info!("state applied: generation {} ({report:?})", self.generation);
             }
             Err(ApplyError::Refused(e)) => {
@@ -251,7 +357,7 @@ impl Daemon {
     fn apply(&mut self, state: &State) -> Result<Report, ApplyError> {
         let mut desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)
             .map_err(ApplyError::Refused)?;
-        let links = task_links(&self.cfg, &desired);
+        let links = task_links(&self.cfg, &self.iface, &desired);
         // Replies first: a task that gets flows can already answer them.
         self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
         self.find_task_ports(&desired.local_task_addrs());
@@ -289,6 +395,8 @@ impl Daemon {
     fn reserve_ports(&mut self, d: &Desired) {
         let range = match &self.cfg.source {
             SourceConfig::File { port_range, .. } => Some(port_range.clone()),
+            // Swarm assigns from its own range, the same by default.
+            SourceConfig::Docker { .. } => Some(crate::source::ports::DEFAULT_PORT_RANGE),
         };
         let ports: Vec<u16> = d.services.keys().map(|(_, p)| *p).collect();
         self.reserved.reserve(range.as_ref(), &ports);
@@ -332,14 +440,14 @@ impl Daemon {
 
 /// The links that lead to this node's tasks (`--task-iface`, or the
 /// device of the route to each local task). A bridge stands for its ports.
-fn task_links(cfg: &RunConfig, d: &Desired) -> BTreeSet<String> {
+fn task_links(cfg: &RunConfig, uplink: &str, d: &Desired) -> BTreeSet<String> {
     if !cfg.task_ifaces.is_empty() {
         return cfg.task_ifaces.iter().cloned().collect();
     }
     let mut set = BTreeSet::new();
     for addr in d.local_task_addrs() {
         match net::route_dev(addr) {
-            Ok(dev) if dev == cfg.iface => {
+            Ok(dev) if dev == uplink => {
                 warn!(
                     "task {addr} is reached through the uplink {dev}; its replies are not rewritten"
                 );
@@ -354,7 +462,7 @@ fn task_links(cfg: &RunConfig, d: &Desired) -> BTreeSet<String> {
 }
 
 /// Resolves at `at`, or never.
-async fn until(at: Option<tokio::time::Instant>) {
+pub(crate) async fn until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

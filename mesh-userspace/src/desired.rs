@@ -5,23 +5,37 @@
 //! node's name; a task's address and target port), never by a position in
 //! the state: the planner gives them map slots that stay put while they
 //! exist, whatever else comes and goes.
+//!
+//! Which tasks get flows:
+//! - a task on a node that is down is no backend at all (Docker has given
+//!   up on it; its flows cannot be served);
+//! - a task that is draining (shutting down), or on a node that is paused
+//!   or drained, stays a backend, so that its established flows still find
+//!   it through conntrack, but is left out of every Maglev table: it gets
+//!   no new flows ([`DesiredService::draining`]);
+//! - every other task is in its services' tables.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
 
-use crate::model::{Proto, State, Task};
+use crate::model::{Availability, NodeStatus, Proto, State, Task};
 
 /// A backend: a task's address and the target port of one published port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
+    /// The task's identity, the same on every node (what Maglev hashes).
     pub addr: Ipv4Addr,
     pub port: u16,
     /// The node the task runs on (its name).
     pub node: String,
     /// The task runs on this node.
     pub local: bool,
+    /// Where this node sends the task's packets: for a local task its
+    /// delivery address ([`Task::delivery_addr`]: what XDP DNATs to and
+    /// what its replies come from), for a remote one `addr`.
+    pub deliver: Ipv4Addr,
 }
 
 impl BackendKey {
@@ -35,8 +49,24 @@ impl BackendKey {
 pub struct DesiredService {
     pub name: String,
     pub target: u16,
-    /// Sorted.
+    /// Every backend the maps keep for this port, sorted: those in the
+    /// Maglev table and those kept only for their established flows.
     pub backends: Vec<BackendKey>,
+    /// The backends of `backends` that get no new flows (draining tasks,
+    /// tasks on paused or drained nodes), sorted: kept in the backend map,
+    /// left out of the table.
+    pub draining: Vec<BackendKey>,
+}
+
+impl DesiredService {
+    /// The backends new flows are spread over, sorted.
+    pub fn table_backends(&self) -> Vec<BackendKey> {
+        self.backends
+            .iter()
+            .filter(|b| self.draining.binary_search(b).is_err())
+            .cloned()
+            .collect()
+    }
 }
 
 /// A node of the swarm, as the dataplane needs it.
@@ -61,8 +91,11 @@ pub struct Desired {
 
 impl Desired {
     /// What node `node` should hold for `state`; `extra_addrs` are more
-    /// addresses it answers on. Refused when `node` is not in the state.
+    /// addresses it answers on. A state that says which node it was read on
+    /// ([`State::local_node`]) is computed for that node instead. Refused
+    /// when the node is not in the state.
     pub fn compute(state: &State, node: &str, extra_addrs: &[Ipv4Addr]) -> Result<Desired> {
+        let node = state.local_node.as_deref().unwrap_or(node);
         let Some(me) = state.node(node) else {
             bail!(
                 "this node ({node:?}) is not in nodes[] (pass --node NAME; nodes are: {})",
@@ -74,6 +107,8 @@ impl Desired {
                     .join(", ")
             );
         };
+        let node_of: HashMap<&str, &crate::model::Node> =
+            state.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
         let mut node_addrs = vec![me.addr];
         for a in extra_addrs {
             if !node_addrs.contains(a) {
@@ -96,8 +131,21 @@ impl Desired {
         // Tasks indexed by service first: linear in the state's size.
         let mut tasks_of: HashMap<&str, Vec<&Task>> = HashMap::new();
         for t in &state.tasks {
+            // A node that is down takes its tasks out of the backend set.
+            if node_of
+                .get(t.node.as_str())
+                .is_some_and(|n| n.status == NodeStatus::Down)
+            {
+                continue;
+            }
             tasks_of.entry(t.service.as_str()).or_default().push(t);
         }
+        let no_new_flows = |t: &Task| {
+            t.draining
+                || node_of
+                    .get(t.node.as_str())
+                    .is_some_and(|n| n.availability != Availability::Active)
+        };
         let mut services = BTreeMap::new();
         for s in &state.services {
             let tasks = tasks_of
@@ -105,22 +153,31 @@ impl Desired {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             for p in &s.ports {
-                let mut backends: Vec<BackendKey> = tasks
-                    .iter()
-                    .map(|t| BackendKey {
+                let key = |t: &Task| {
+                    let local = t.node == node;
+                    BackendKey {
                         addr: t.addr,
                         port: p.target,
                         node: t.node.clone(),
-                        local: t.node == node,
-                    })
-                    .collect();
+                        local,
+                        deliver: if local { t.delivery_addr() } else { t.addr },
+                    }
+                };
+                let mut backends: Vec<BackendKey> = tasks.iter().map(|t| key(t)).collect();
                 backends.sort();
+                let mut draining: Vec<BackendKey> = tasks
+                    .iter()
+                    .filter(|t| no_new_flows(t))
+                    .map(|t| key(t))
+                    .collect();
+                draining.sort();
                 services.insert(
                     (p.protocol, p.published),
                     DesiredService {
                         name: s.name.clone(),
                         target: p.target,
                         backends,
+                        draining,
                     },
                 );
             }
@@ -133,12 +190,13 @@ impl Desired {
         })
     }
 
-    /// Addresses of tasks on this node (to find the interfaces they sit behind).
+    /// Delivery addresses of tasks on this node (to find the interfaces
+    /// they sit behind).
     pub fn local_task_addrs(&self) -> Vec<Ipv4Addr> {
         let mut v: Vec<Ipv4Addr> = self
             .services
             .values()
-            .flat_map(|s| s.backends.iter().filter(|b| b.local).map(|b| b.addr))
+            .flat_map(|s| s.backends.iter().filter(|b| b.local).map(|b| b.deliver))
             .collect();
         v.sort();
         v.dedup();
@@ -183,5 +241,66 @@ mod tests {
         };
         // A node added in front of n2 renumbers nothing.
         assert_eq!(b(&["n1", "n2"]), b(&["n0", "n1", "n2"]));
+    }
+
+    fn web(s: StateBuilder, me: &str) -> DesiredService {
+        let s = s.build().unwrap();
+        Desired::compute(&s, me, &[]).unwrap().services[&(Proto::Tcp, 30080)].clone()
+    }
+
+    fn two_nodes() -> StateBuilder {
+        StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .node("n2", [198, 18, 128, 2])
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", [198, 19, 0, 6])
+            .delivered_at([198, 18, 21, 3])
+            .task("web", "n2", [198, 19, 0, 7])
+            .delivered_at([198, 18, 22, 3])
+    }
+
+    #[test]
+    fn a_local_task_is_delivered_at_its_local_address_and_hashed_by_its_identity() {
+        let s = web(two_nodes(), "n1");
+        let (me, other) = (&s.backends[0], &s.backends[1]);
+        assert_eq!(
+            (me.local, me.deliver),
+            (true, Ipv4Addr::new(198, 18, 21, 3))
+        );
+        assert_eq!(me.maglev_key(), "198.19.0.6:8080");
+        // Another node's delivery address means nothing here.
+        assert_eq!(
+            (other.local, other.deliver),
+            (false, Ipv4Addr::new(198, 19, 0, 7))
+        );
+        // Node n2 hashes the same keys.
+        let keys = |s: &DesiredService| {
+            s.table_backends()
+                .iter()
+                .map(BackendKey::maglev_key)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&s), keys(&web(two_nodes(), "n2")));
+    }
+
+    #[test]
+    fn drained_paused_and_draining_tasks_keep_their_backends_out_of_the_table() {
+        let all = web(two_nodes(), "n1");
+        assert!(all.draining.is_empty());
+        assert_eq!(all.table_backends(), all.backends);
+        for s in [
+            two_nodes().availability("n2", Availability::Drain),
+            two_nodes().availability("n2", Availability::Pause),
+            two_nodes().draining(),
+        ] {
+            let d = web(s, "n1");
+            assert_eq!(d.backends, all.backends, "kept for established flows");
+            assert_eq!(d.draining, vec![all.backends[1].clone()]);
+            assert_eq!(d.table_backends(), vec![all.backends[0].clone()]);
+        }
+        // A node that is down takes its tasks out altogether.
+        let d = web(two_nodes().status("n2", NodeStatus::Down), "n1");
+        assert_eq!(d.backends, vec![all.backends[0].clone()]);
+        assert!(d.draining.is_empty());
     }
 }

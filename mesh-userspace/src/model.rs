@@ -47,12 +47,57 @@ pub struct State {
     pub nodes: Vec<Node>,
     pub services: Vec<Service>,
     pub tasks: Vec<Task>,
+    /// The node this state was read on, when the source knows it (Docker
+    /// tells each node which one it is); `None`: the daemon's `--node`.
+    pub local_node: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
     pub name: String,
     pub addr: Ipv4Addr,
+    /// Whether the node takes new work (Docker's node availability).
+    pub availability: Availability,
+    /// Whether the node is up (Docker's node status).
+    pub status: NodeStatus,
+}
+
+/// A node's availability, as Docker's: tasks on a node that is paused or
+/// drained get no new flows; flows they already have continue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub enum Availability {
+    #[default]
+    Active,
+    Pause,
+    Drain,
+}
+
+/// Whether a node is up, as Docker says. The tasks of a node that is down
+/// are not backends at all (their flows cannot be served).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub enum NodeStatus {
+    #[default]
+    Ready,
+    Down,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Active => "active",
+            Availability::Pause => "pause",
+            Availability::Drain => "drain",
+        }
+    }
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Down => "down",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,7 +117,23 @@ pub struct Port {
 pub struct Task {
     pub service: String,
     pub node: String,
+    /// The task's identity, the same on every node: what Maglev hashes (on
+    /// a swarm, its address in the ingress network).
     pub addr: Ipv4Addr,
+    /// Where its own node delivers its packets, when that is not `addr`
+    /// (on a swarm, its docker_gwbridge address, known only to its node).
+    pub local_addr: Option<Ipv4Addr>,
+    /// Its desired state is no longer running but it still runs (it is
+    /// shutting down, or being removed): no new flows, established flows
+    /// continue.
+    pub draining: bool,
+}
+
+impl Task {
+    /// Where its own node sends its packets.
+    pub fn delivery_addr(&self) -> Ipv4Addr {
+        self.local_addr.unwrap_or(self.addr)
+    }
 }
 
 /// Why a state is not valid: the field (a path into the state, such as
@@ -159,7 +220,16 @@ impl State {
                 }
             }
         }
+        if let Some(n) = &self.local_node
+            && !node_names.contains(n.as_str())
+        {
+            return Err(Invalid::new(
+                "local_node",
+                format!("{n:?} is not a node in this state"),
+            ));
+        }
         let mut task_addrs: HashMap<Ipv4Addr, usize> = HashMap::new();
+        let mut local_addrs: HashMap<(&str, Ipv4Addr), usize> = HashMap::new();
         for (i, t) in self.tasks.iter().enumerate() {
             if !service_names.contains(t.service.as_str()) {
                 return Err(Invalid::new(
@@ -179,6 +249,16 @@ impl State {
                     format!("tasks[{i}].addr"),
                     format!("{} is already the address of tasks[{j}]", t.addr),
                 ));
+            }
+            if let Some(a) = t.local_addr {
+                let field = format!("tasks[{i}].local_addr");
+                check_unicast(a).map_err(|m| Invalid::new(&field, m))?;
+                if let Some(j) = local_addrs.insert((t.node.as_str(), a), i) {
+                    return Err(Invalid::new(
+                        field,
+                        format!("{a} is already where tasks[{j}] is delivered on its node"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -211,7 +291,31 @@ impl StateBuilder {
         self.state.nodes.push(Node {
             name: name.into(),
             addr: addr.into(),
+            availability: Availability::Active,
+            status: NodeStatus::Ready,
         });
+        self
+    }
+
+    /// Sets the availability of node `name` (listed before).
+    pub fn availability(mut self, name: &str, a: Availability) -> Self {
+        if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == name) {
+            n.availability = a;
+        }
+        self
+    }
+
+    /// Sets the status of node `name` (listed before).
+    pub fn status(mut self, name: &str, s: NodeStatus) -> Self {
+        if let Some(n) = self.state.nodes.iter_mut().find(|n| n.name == name) {
+            n.status = s;
+        }
+        self
+    }
+
+    /// Says which node the state was read on.
+    pub fn local_node(mut self, name: &str) -> Self {
+        self.state.local_node = Some(name.into());
         self
     }
 
@@ -236,7 +340,25 @@ impl StateBuilder {
             service: service.into(),
             node: node.into(),
             addr: addr.into(),
+            local_addr: None,
+            draining: false,
         });
+        self
+    }
+
+    /// Gives the task listed last a delivery address of its own.
+    pub fn delivered_at(mut self, local_addr: impl Into<Ipv4Addr>) -> Self {
+        if let Some(t) = self.state.tasks.last_mut() {
+            t.local_addr = Some(local_addr.into());
+        }
+        self
+    }
+
+    /// Marks the task listed last as draining (shutting down).
+    pub fn draining(mut self) -> Self {
+        if let Some(t) = self.state.tasks.last_mut() {
+            t.draining = true;
+        }
         self
     }
 
@@ -334,5 +456,27 @@ mod tests {
         assert!(err(good().service("x y", &[(Proto::Tcp, 1, 1)])).contains("is not a name"));
         assert!(err(good().service("x", &[])).contains("at least one port"));
         assert!(err(good().service("x", &[(Proto::Tcp, 1, 0)])).contains("target: 0 is not"));
+        assert!(err(good().local_node("n9")).contains("local_node"));
+    }
+
+    #[test]
+    fn delivery_addresses_are_unique_per_node_only() {
+        let g = [198, 18, 22, 3];
+        // Two nodes may deliver to the same (node-local) address.
+        good()
+            .delivered_at(g)
+            .task("web", "n2", [198, 18, 129, 3])
+            .delivered_at(g)
+            .build()
+            .unwrap();
+        let e = err(good()
+            .delivered_at(g)
+            .task("web", "n1", [198, 18, 129, 3])
+            .delivered_at(g));
+        assert!(e.contains("tasks[1].local_addr"), "{e}");
+        assert_eq!(
+            good().delivered_at(g).build().unwrap().tasks[0].delivery_addr(),
+            Ipv4Addr::from(g)
+        );
     }
 }

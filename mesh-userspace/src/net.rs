@@ -27,9 +27,36 @@ pub fn route_dev(addr: Ipv4Addr) -> Result<String> {
     }
 }
 
-/// The oldest kernel meshd runs on: `bpf_redirect_neigh` (5.10) is the
-/// newest helper the programs call; memory-mapped arrays need 5.5.
-pub const MIN_KERNEL: (u8, u8) = (5, 10);
+/// The interface that holds `addr` (`ip addr`).
+pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String> {
+    let out = Command::new("ip")
+        .args(["-j", "-4", "addr", "show"])
+        .output()
+        .context("running `ip addr` (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip addr: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j addr`")?;
+    let want = addr.to_string();
+    for link in v.as_array().into_iter().flatten() {
+        let holds = link
+            .get("addr_info")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+            .any(|i| i.get("local").and_then(|l| l.as_str()) == Some(want.as_str()));
+        if holds && let Some(name) = link.get("ifname").and_then(|n| n.as_str()) {
+            return Ok(name.to_string());
+        }
+    }
+    bail!("no interface holds {addr}")
+}
+
+/// The oldest kernel meshd runs on: `bpf_ktime_get_coarse_ns` (5.11) is
+/// the newest helper the programs call (conntrack's clock), then
+/// `bpf_redirect_neigh` (5.10); memory-mapped arrays need 5.5.
+pub const MIN_KERNEL: (u8, u8) = (5, 11);
 
 /// Fails on a kernel older than [`MIN_KERNEL`], or one without TCX when
 /// TCX is asked for.
@@ -43,7 +70,7 @@ pub fn check_kernel(tc: crate::dataplane::TcAttach) -> Result<()> {
     if v < KernelVersion::new(major, minor, 0) {
         bail!(
             "kernel {release} is older than {major}.{minor}, the oldest mesh runs on \
-             (its programs call bpf_redirect_neigh, new in 5.10)"
+             (its programs call bpf_ktime_get_coarse_ns, new in 5.11)"
         );
     }
     if tc == crate::dataplane::TcAttach::Tcx && v < KernelVersion::new(6, 6, 0) {
@@ -297,7 +324,7 @@ impl ReservedPorts {
                  reserved, the node's own connections no longer use them as local ports"
             );
         }
-        match std::fs::write(RESERVED_PORTS, &want) {
+        match std::fs::write(RESERVED_PORTS, format!("{want}\n")) {
             Ok(()) => self.written = Some(want),
             Err(e) => tracing::warn!(
                 "reserving published ports in {RESERVED_PORTS}: {e}; the node's own connections \
@@ -316,7 +343,8 @@ impl Default for ReservedPorts {
 impl Drop for ReservedPorts {
     fn drop(&mut self) {
         if let (Some(original), Some(_)) = (&self.original, &self.written) {
-            let _ = std::fs::write(RESERVED_PORTS, original);
+            // With its newline: writing nothing at all changes nothing.
+            let _ = std::fs::write(RESERVED_PORTS, format!("{original}\n"));
         }
     }
 }

@@ -161,6 +161,9 @@ pub struct SvcSlot {
     pub name: String,
     pub target: u16,
     pub backends: Vec<BackendKey>,
+    /// Kept in the backend map, left out of the table (see
+    /// [`crate::desired::DesiredService::draining`]).
+    pub draining: Vec<BackendKey>,
 }
 
 /// A node's slot in the node map.
@@ -423,7 +426,8 @@ impl Planner {
             p.ops.push(Op::PutBackend(
                 id,
                 Backend {
-                    addr: [raw4(k.addr), 0, 0, 0],
+                    // A local task's delivery address: where XDP DNATs to.
+                    addr: [raw4(k.deliver), 0, 0, 0],
                     port_be: k.port.to_be(),
                     family: FAMILY_V4,
                     _pad0: 0,
@@ -510,7 +514,10 @@ impl Planner {
             let existed = self.services.contains_key(key);
             let (svc_id, gen_, half, is_new) = match self.services.get(key) {
                 Some(s)
-                    if s.name == ds.name && s.backends == ds.backends && s.target == ds.target =>
+                    if s.name == ds.name
+                        && s.backends == ds.backends
+                        && s.draining == ds.draining
+                        && s.target == ds.target =>
                 {
                     continue;
                 }
@@ -528,8 +535,10 @@ impl Planner {
                     (id, self.svc_gen, 0, true)
                 }
             };
-            let ids: Vec<u32> = ds.backends.iter().map(|b| self.backends[b]).collect();
-            let keys: Vec<String> = ds.backends.iter().map(|b| b.maglev_key()).collect();
+            // Draining backends keep their slots but get no new flows.
+            let in_table = ds.table_backends();
+            let ids: Vec<u32> = in_table.iter().map(|b| self.backends[b]).collect();
+            let keys: Vec<String> = in_table.iter().map(|b| b.maglev_key()).collect();
             let table: Vec<u32> = maglev::table(&keys, m)
                 .into_iter()
                 .map(|i| ids[i as usize])
@@ -564,6 +573,7 @@ impl Planner {
                     name: ds.name.clone(),
                     target: ds.target,
                     backends: ds.backends.clone(),
+                    draining: ds.draining.clone(),
                 },
             );
             if !existed {
@@ -763,8 +773,9 @@ fn reply_candidates(d: &Desired) -> Result<Replies<'_>> {
     let mut out: Replies = BTreeMap::new();
     for ((proto, port), s) in &d.services {
         for b in s.backends.iter().filter(|b| b.local) {
+            // Replies come from where the task was delivered.
             let key = ReplyKey4 {
-                addr: raw4(b.addr),
+                addr: raw4(b.deliver),
                 port_be: b.port.to_be(),
                 proto: proto.number(),
                 _pad: 0,
@@ -996,6 +1007,122 @@ mod tests {
         p.plan(&state(&["a", "b", "c"])).unwrap();
         assert_eq!(p.nodes["c"].slot, a2);
         assert_eq!(p.nodes["c"].value.gen_, 2);
+    }
+
+    /// The table of the web service as planned: backend ids turned back
+    /// into task identities.
+    fn table_of(p: &Planner, ops: &[Op]) -> BTreeSet<Ipv4Addr> {
+        let ids: HashMap<u32, Ipv4Addr> = p.backends.iter().map(|(k, id)| (*id, k.addr)).collect();
+        ops.iter()
+            .filter_map(|o| match o {
+                Op::WriteTable { table, .. } => Some(table.iter().map(|id| ids[id])),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Tasks of a drained node keep their backend slots (conntrack entries
+    /// of established flows still find them, same slot, same generation)
+    /// and leave every table; undrained, they come back to the tables in
+    /// the same slots.
+    #[test]
+    fn a_drained_nodes_backends_stay_in_the_backend_map_and_leave_every_table() {
+        use crate::model::Availability;
+        let state = |a: Availability| {
+            let s = StateBuilder::new()
+                .node("n1", N1)
+                .node("n2", N2)
+                .service(
+                    "web",
+                    &[(Proto::Tcp, 30080, 8080), (Proto::Udp, 30053, 5353)],
+                )
+                .task("web", "n1", task(2))
+                .task("web", "n2", task(3))
+                .task("web", "n2", task(4))
+                .availability("n2", a)
+                .build()
+                .unwrap();
+            Desired::compute(&s, "n1", &[]).unwrap()
+        };
+        let mut p = Planner::new(limits());
+        let (ops, _) = p.plan(&state(Availability::Active)).unwrap();
+        assert_eq!(table_of(&p, &ops), [task(2), task(3), task(4)].into());
+        let before = p.backends.clone();
+
+        let (ops, r) = p.plan(&state(Availability::Drain)).unwrap();
+        assert_eq!((r.backends_added, r.backends_removed), (0, 0));
+        assert_eq!(r.services_changed, 2, "both ports' tables change");
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::PutBackend(..) | Op::DelBackend(_))),
+            "no backend is rewritten: {ops:#?}"
+        );
+        assert_eq!(p.backends, before);
+        // Every table (one per published port) holds only n1's task.
+        let tables = ops
+            .iter()
+            .filter(|o| matches!(o, Op::WriteTable { .. }))
+            .count();
+        assert_eq!(tables, 2);
+        assert_eq!(table_of(&p, &ops), [task(2)].into());
+        for o in &ops {
+            if let Op::PutService { value, .. } = o {
+                assert_eq!(value.backend_count, 1);
+            }
+        }
+
+        let (ops, r) = p.plan(&state(Availability::Active)).unwrap();
+        assert_eq!((r.backends_added, r.backends_removed), (0, 0));
+        assert_eq!(p.backends, before, "back in the same slots");
+        assert_eq!(table_of(&p, &ops), [task(2), task(3), task(4)].into());
+    }
+
+    /// A service whose every task is draining keeps its port (established
+    /// flows go on) with an empty table (new flows: no backend).
+    #[test]
+    fn a_service_with_only_draining_tasks_has_an_empty_table() {
+        let s = StateBuilder::new()
+            .node("n1", N1)
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", task(2))
+            .draining()
+            .build()
+            .unwrap();
+        let mut p = Planner::new(limits());
+        let (ops, r) = p.plan(&Desired::compute(&s, "n1", &[]).unwrap()).unwrap();
+        assert_eq!((r.services_added, r.backends_added), (1, 1));
+        assert!(!ops.iter().any(|o| matches!(o, Op::WriteTable { .. })));
+        assert!(ops.iter().any(|o| matches!(
+            o,
+            Op::PutService { value, .. } if value.table_size == 0 && value.backend_count == 0
+        )));
+        // Its replies are still translated.
+        assert_eq!(p.reply_count(), 1);
+    }
+
+    /// A local task's backend entry and reply key hold its delivery
+    /// address; its table entry is found by its identity.
+    #[test]
+    fn a_local_backend_holds_its_delivery_address() {
+        let deliver = Ipv4Addr::new(198, 18, 21, 3);
+        let s = StateBuilder::new()
+            .node("n1", N1)
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", task(2))
+            .delivered_at(deliver)
+            .build()
+            .unwrap();
+        let mut p = Planner::new(limits());
+        let (ops, _) = p.plan(&Desired::compute(&s, "n1", &[]).unwrap()).unwrap();
+        assert!(ops.iter().any(
+            |o| matches!(o, Op::PutBackend(_, b) if b.addr[0] == raw4(deliver) && b.flags == BE_F_LOCAL)
+        ));
+        assert!(
+            ops.iter()
+                .any(|o| matches!(o, Op::PutReply(k, _) if k.addr == raw4(deliver)))
+        );
+        assert_eq!(table_of(&p, &ops), [task(2)].into());
     }
 }
 

@@ -141,9 +141,37 @@ fn run_refuses_bad_flags_before_touching_the_kernel() {
         &run("--iface lo --node n9"),
         "this node (\"n9\") is not in nodes[]",
     );
+    // Without --iface: the interface that holds the node's address.
+    refused(
+        &run("--node n1"),
+        "no interface holds this node's address 198.18.128.1 (pass --iface)",
+    );
     let args = run("--iface lo --port-range 5-4");
     let (code, _, err) = meshd(&args.split_whitespace().collect::<Vec<_>>());
     assert_eq!(code, 2, "clap refuses it: {err}");
+}
+
+/// Exactly one source: --docker or --state; --docker takes no --node
+/// (Docker says which node this is).
+#[test]
+fn run_takes_docker_or_a_state_file() {
+    refused(
+        "run",
+        "say where state comes from: --docker [URL] or --state FILE",
+    );
+    for args in [
+        "run --docker --state /x.toml",
+        "run --docker --node n1",
+        "run --docker unix:///x.sock --port-range 1-2",
+    ] {
+        let (code, _, err) = meshd(&args.split_whitespace().collect::<Vec<_>>());
+        assert_eq!(code, 2, "{args}: clap refuses it: {err}");
+        assert!(err.contains("cannot be used with"), "{args}: {err}");
+    }
+    refused(
+        "run --docker ftp://host",
+        "--docker \"ftp://host\": not a Docker address",
+    );
 }
 
 #[test]
@@ -151,6 +179,8 @@ fn help_explains_every_run_flag() {
     let (code, out, _) = meshd(&["run", "--help"]);
     assert_eq!(code, 0);
     for flag in [
+        "--docker",
+        "--peer-port",
         "--state",
         "--iface",
         "--node",

@@ -247,3 +247,499 @@ fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
         qdisc(&lab)
     );
 }
+
+/// The task that answers on `c`.
+fn task_of(c: &mut mesh_tests::lab::Conn) -> String {
+    c.task().expect("the connection answers")
+}
+
+/// Applies `state` and waits for meshd to report generation `generation`.
+fn apply_state(lab: &Lab, state: &str, generation: u32) {
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(state).unwrap();
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(
+            skip,
+            &format!("generation {generation} "),
+            Duration::from_secs(10),
+        )
+        .expect("state applied");
+}
+
+/// Defect 1, end to end: a flow to tcp 30080 (service web); then 30080
+/// belongs to service admin and web moved to 30082. The old flow's next
+/// packets used to go on to web's task forever; they are admin's now (its
+/// task resets the connection it never saw).
+#[test]
+fn root_a_port_that_passes_to_another_service_takes_none_of_its_flows() {
+    use mesh_tests::lab::StateFile;
+    let mut lab = Lab::new(3).unwrap();
+    for i in 1..=3 {
+        lab.start_task(i).unwrap();
+    }
+    let (node, t) = (lab.node_addr, [1, 2, 3].map(|i| lab.task_addr(i)));
+    let state = move |web: u16, admin: u16| {
+        StateFile::new()
+            .node("n1", node)
+            .service("web", &[("tcp", web, 8080)])
+            .service("admin", &[("tcp", admin, 8080)])
+            .task("web", "n1", t[0])
+            .task("web", "n1", t[1])
+            .task("admin", "n1", t[2])
+            .render()
+    };
+    lab.write_state(&state(30080, 30090)).unwrap();
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    let mut old = lab.tcp_connect(30080).unwrap();
+    let web_task = task_of(&mut old);
+    assert!(web_task == "task1" || web_task == "task2", "{web_task}");
+
+    apply_state(&lab, &state(30082, 30080), 2);
+    let r = old.ask("after");
+    assert!(
+        r.is_err(),
+        "the flow stayed with web's {web_task} after 30080 passed to admin: {r:?}"
+    );
+    assert_eq!(lab.tcp_request(30080, "x").unwrap(), "task3 x");
+    let a = lab.tcp_request(30082, "y").unwrap();
+    assert!(a.starts_with("task1 ") || a.starts_with("task2 "), "{a}");
+}
+
+/// A TCP connection of the node's own, from a local port that is a
+/// published port (explicitly bound), to a server in the client's
+/// namespace.
+fn node_connects_from(
+    lab: &Lab,
+    local_port: u16,
+    server: std::net::SocketAddrV4,
+) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::FromRawFd;
+    let local = std::net::SocketAddrV4::new(lab.node_addr, local_port);
+    in_netns(&lab.node_ns, move || -> std::io::Result<String> {
+        // SAFETY: plain socket calls on a descriptor this closure owns
+        // (handed to TcpStream, which closes it).
+        let stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let s = std::net::TcpStream::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            if libc::bind(fd, &sa(local) as *const _ as *const libc::sockaddr, len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::connect(fd, &sa(server) as *const _ as *const libc::sockaddr, len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            s
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        (&stream).write_all(b"hello\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok(line.trim_end().to_string())
+    })
+    .expect("a thread in the node's namespace")
+}
+
+/// Defect 3: with 30080 published, a connection of the node's own using
+/// local port 30080 timed out: its SYN-ACK was taken for a new mesh flow
+/// and DNAT'd into a task. meshd also keeps the published ports out of the
+/// node's local ports while it runs.
+#[test]
+fn root_the_nodes_own_connection_from_a_published_port_is_left_to_it() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut lab = lab_with_meshd(1, &[1], &[]);
+    let server = std::net::SocketAddrV4::new(lab.client_addr, 4433);
+    let listener = in_netns(&lab.client_ns, move || std::net::TcpListener::bind(server))
+        .unwrap()
+        .unwrap();
+    let serving = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            (&s).write_all(format!("client {line}").as_bytes()).unwrap();
+        }
+    });
+    assert_eq!(
+        node_connects_from(&lab, WEB_TCP, server).expect("the node's own connection"),
+        "client hello"
+    );
+    // Its segments after the handshake too (a socket of the node's owns them).
+    assert_eq!(
+        node_connects_from(&lab, WEB_TCP, server).unwrap(),
+        "client hello"
+    );
+    serving.join().unwrap();
+    assert!(lab.tcp_request(WEB_TCP, "x").unwrap().starts_with("task1 "));
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+
+    let reserved = |lab: &Lab| {
+        mesh_tests::lab::exec(
+            &lab.node_ns,
+            "cat /proc/sys/net/ipv4/ip_local_reserved_ports",
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    assert!(reserved(&lab).contains("30000-32767"), "{}", reserved(&lab));
+    assert!(lab.stop_meshd().unwrap().success());
+    assert_eq!(reserved(&lab), "", "put back as meshd found it");
+}
+
+/// The maps named `names` that process `pid` holds (each once, however
+/// many descriptors it has of it).
+fn maps_of(pid: u32, names: &[&str]) -> Vec<aya::maps::MapData> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Ok(m) = aya::maps::MapData::from_id(id)
+            && m.info()
+                .ok()
+                .and_then(|i| i.name_as_str().map(|n| names.contains(&n)))
+                .unwrap_or(false)
+        {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Conntrack can lose a flow's entry (evicted, or a restart without
+/// pinning): its next packets are picked up again, to the same task while
+/// the service is unchanged, and the connection goes on.
+#[test]
+fn root_established_flows_survive_losing_their_conntrack_entries() {
+    use aya::maps::{HashMap as BpfHashMap, Map};
+    use mesh_common::abi::{CtValue, FlowKey4, MAP_CT4, MAP_CT4_NEW, MAP_CT4_UDP};
+    let lab = lab_with_meshd(3, &[1, 2, 3], &[]);
+    let mut conns: Vec<_> = (0..12)
+        .map(|_| {
+            let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+            let t = task_of(&mut c);
+            (t, c)
+        })
+        .collect();
+    let udp = lab.udp_connected(mesh_tests::lab::WEB_UDP).unwrap();
+    let ask_udp = |m: &str| -> String {
+        udp.send(m.as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        let n = udp.recv(&mut buf).expect("a UDP answer");
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let udp_task = ask_udp("a");
+    let tables = maps_of(
+        lab.meshd().unwrap().pid(),
+        &[MAP_CT4, MAP_CT4_UDP, MAP_CT4_NEW],
+    );
+    assert_eq!(tables.len(), 3, "meshd's conntrack tables");
+    let mut cleared = 0;
+    for m in tables {
+        let mut ct: BpfHashMap<_, FlowKey4, CtValue> =
+            BpfHashMap::try_from(Map::LruHashMap(m)).unwrap();
+        let keys: Vec<FlowKey4> = ct.keys().map(|k| k.unwrap()).collect();
+        for k in keys {
+            ct.remove(&k).unwrap();
+            cleared += 1;
+        }
+    }
+    assert!(cleared >= 13, "{cleared} entries cleared");
+    for (t, c) in conns.iter_mut() {
+        assert_eq!(&task_of(c), t, "a connection kept its task");
+    }
+    assert_eq!(ask_udp("b"), udp_task);
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+}
+
+/// An IPv4 + UDP datagram from `src` to `dst` carrying `payload`, for a
+/// raw socket (checksums computed).
+fn udp_datagram(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) -> Vec<u8> {
+    use mesh_common::testing::frame::Spec;
+    let f = Spec::udp(*src.ip(), src.port(), *dst.ip(), dst.port(), payload).build();
+    f[mesh_common::parse::ETH_HLEN..].to_vec()
+}
+
+/// Sends a raw IPv4 datagram (header included) from namespace `ns`.
+fn send_raw(ns: &str, datagram: Vec<u8>, to: std::net::Ipv4Addr) {
+    in_netns(ns, move || {
+        // SAFETY: a raw socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(to.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let n = libc::sendto(
+                fd,
+                datagram.as_ptr() as *const libc::c_void,
+                datagram.len(),
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(
+                n as usize,
+                datagram.len(),
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            libc::close(fd);
+        }
+    })
+    .unwrap();
+}
+
+/// Defect 8: a packet entering from one task's bridge port was trusted
+/// whatever its source: a container could claim another task's address
+/// and have its packets rewritten to node:published and sent to that
+/// task's client. It is now refused (and counted).
+#[test]
+fn root_a_task_cannot_speak_for_another() {
+    // Task 1 serves; task 2's host is another container on the bridge.
+    let lab = lab_with_meshd(2, &[1], &[]);
+    let sock = lab.udp_connected(mesh_tests::lab::WEB_UDP).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let ask = |m: &str| {
+        sock.send(m.as_bytes()).unwrap();
+        let mut buf = [0u8; 256];
+        sock.recv(&mut buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert!(ask("hi").unwrap().starts_with("task1 "));
+    let client = match sock.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        a => panic!("{a}"),
+    };
+    let task1 = std::net::SocketAddrV4::new(lab.task_addr(1), mesh_tests::lab::UDP_TARGET);
+    send_raw(
+        &lab.task_ns[1],
+        udp_datagram(task1, client, b"spoofed"),
+        *client.ip(),
+    );
+    let got = ask("again").unwrap();
+    assert!(got.starts_with("task1 again"), "{got}");
+    let mut buf = [0u8; 256];
+    assert!(
+        sock.recv(&mut buf).is_err(),
+        "nothing more came: the spoofed datagram was refused"
+    );
+    assert_eq!(
+        lab.metric("mesh_drops_total", "reason=\"spoofed_reply\"")
+            .unwrap(),
+        1
+    );
+}
+
+/// Sends `frames` out of `iface` in namespace `ns` as fast as one thread
+/// can (AF_PACKET); returns how long it took.
+fn inject(ns: &str, iface: &str, frames: Vec<Vec<u8>>) -> Duration {
+    let iface = iface.to_string();
+    in_netns(ns, move || {
+        let ifindex = {
+            let c = std::ffi::CString::new(iface).unwrap();
+            // SAFETY: a NUL-terminated name.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        assert!(ifindex > 0);
+        // SAFETY: a packet socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            let t = Instant::now();
+            for f in &frames {
+                sll.sll_addr[..6].copy_from_slice(&f[..6]);
+                loop {
+                    let n = libc::sendto(
+                        fd,
+                        f.as_ptr() as *const libc::c_void,
+                        f.len(),
+                        0,
+                        &sll as *const _ as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    if n >= 0 {
+                        break;
+                    }
+                    // The device queue is full: try again.
+                    assert_eq!(
+                        std::io::Error::last_os_error().raw_os_error(),
+                        Some(libc::ENOBUFS)
+                    );
+                }
+            }
+            let took = t.elapsed();
+            libc::close(fd);
+            took
+        }
+    })
+    .unwrap()
+}
+
+/// The MAC address of `iface` in namespace `ns`.
+fn mac_of(ns: &str, iface: &str) -> [u8; 6] {
+    let v: serde_json::Value =
+        serde_json::from_str(&mesh_tests::lab::ip(ns, &format!("-j link show {iface}")).unwrap())
+            .unwrap();
+    let s = v[0]["address"].as_str().unwrap();
+    let b: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).unwrap())
+        .collect();
+    b.try_into().unwrap()
+}
+
+/// Conntrack under a flood: 300 established connections, then a backend
+/// change (so any of them picked again by Maglev would likely move), then
+/// a flood of spoofed new flows (SYNs the tasks answer, blind ACKs they
+/// reset, UDP requests they answer) that overflows every table many times
+/// over. Not one established connection moves. The flood rate this
+/// machine's one-thread injector reached is printed (the README quotes it).
+#[test]
+fn root_a_flood_of_spoofed_flows_moves_no_established_flow() {
+    use mesh_common::testing::Rng;
+    use mesh_common::testing::frame::{Spec, TCP_ACK, TCP_SYN};
+    let lab = lab_with_meshd(
+        4,
+        &[1, 2, 3],
+        &["--ct-entries", "1024", "--ct-new-entries", "1024"],
+    );
+    let mut conns: Vec<_> = (0..300)
+        .map(|_| {
+            let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+            let t = task_of(&mut c);
+            (t, c)
+        })
+        .collect();
+    assert_eq!(
+        lab.metric("mesh_conntrack_entries", "table=\"tcp\"")
+            .unwrap(),
+        300,
+        "every handshake confirmed its flow"
+    );
+    apply_state(&lab, &lab.state_toml(&[1, 2, 3, 4]), 2);
+    // The tasks answer the spoofed sources, as on a host with a default
+    // route (the node then has no route for the answers: they are dropped
+    // there, after the reply path saw them).
+    let gw = lab.cluster().topo.nodes[0].gateway;
+    for ns in &lab.task_ns {
+        mesh_tests::lab::ip(ns, &format!("route add 198.19.0.0/16 via {gw}")).unwrap();
+    }
+
+    let (dmac, smac) = (mac_of(&lab.node_ns, "up0"), mac_of(&lab.client_ns, "eth0"));
+    let mut rng = Rng::new(42);
+    let frames: Vec<Vec<u8>> = (0..60_000)
+        .map(|i| {
+            // Spoofed sources out of every lab subnet: nothing answers them.
+            let src = std::net::Ipv4Addr::new(198, 19, rng.next_u8(), rng.next_u8());
+            let sport = 1024 + rng.next_u16() % 60000;
+            let mut s = match i % 4 {
+                0 | 1 => Spec::tcp(src, sport, lab.node_addr, WEB_TCP, TCP_SYN),
+                2 => Spec::tcp(src, sport, lab.node_addr, WEB_TCP, TCP_ACK),
+                _ => Spec::udp(src, sport, lab.node_addr, mesh_tests::lab::WEB_UDP, b"q"),
+            };
+            s.dst_mac = dmac;
+            s.src_mac = smac;
+            s.build()
+        })
+        .collect();
+    let n = frames.len();
+    let took = inject(&lab.client_ns, "eth0", frames);
+    eprintln!(
+        "flood: {n} spoofed flows in {took:?}: {:.0} packets/s",
+        n as f64 / took.as_secs_f64()
+    );
+    let mut moved = Vec::new();
+    for (t, c) in conns.iter_mut() {
+        match c.task() {
+            Ok(now) if &now == t => {}
+            other => moved.push(format!("{t} -> {other:?}")),
+        }
+    }
+    assert!(
+        moved.is_empty(),
+        "{} of 300 established connections moved: {:?}",
+        moved.len(),
+        &moved[..moved.len().min(5)]
+    );
+    assert_eq!(
+        lab.metric("mesh_conntrack_entries", "table=\"tcp\"")
+            .unwrap(),
+        300,
+        "the flood confirmed no TCP flow"
+    );
+    // The unconfirmed table churned (an LRU table keeps some room free);
+    // the UDP requests the tasks answered filled the UDP table, apart.
+    assert!(
+        lab.metric("mesh_conntrack_entries", "table=\"unconfirmed\"")
+            .unwrap()
+            > 700
+    );
+    assert!(
+        lab.metric("mesh_conntrack_entries", "table=\"udp\"")
+            .unwrap()
+            > 700
+    );
+    assert!(
+        lab.metric("mesh_drops_total", "reason=\"fib_lookup_failed\"")
+            .unwrap()
+            > 10_000
+    );
+}

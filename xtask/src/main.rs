@@ -31,6 +31,10 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iputils-ping",
     "curl",
+    // The Docker tests run their own dockerds and swarms (containerd and
+    // runc come with docker.io) and build their image from busybox-static.
+    "docker.io",
+    "busybox-static",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

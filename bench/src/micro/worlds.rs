@@ -292,6 +292,7 @@ pub fn with_fillers(base: &Desired, total: usize) -> Desired {
                     port: 80,
                     node: "n1".into(),
                     local: true,
+                    deliver: addr,
                 }
             })
             .collect();
@@ -301,6 +302,7 @@ pub fn with_fillers(base: &Desired, total: usize) -> Desired {
                 name: format!("svc{i}"),
                 target: 80,
                 backends,
+                draining: Vec::new(),
             },
         );
     }

@@ -13,7 +13,12 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
         port_range,
         state_dir,
         ..
-    } = &cfg.source;
+    } = &cfg.source
+    else {
+        return Err(ConfigError(anyhow::anyhow!(
+            "meshd check reads a state file (--state FILE)"
+        )));
+    };
     let mut source = FileSource::new(path, port_range.clone()).recall_from(state_dir);
     let state = source.read().state.or_config()?;
     let node = &cfg.node;

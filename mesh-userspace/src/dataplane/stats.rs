@@ -18,6 +18,16 @@ pub struct ServiceIndex(pub Vec<(String, Proto, u16, u32)>);
 pub struct StatsReader {
     services: PerCpuArray<MapData, SvcStats>,
     drops: PerCpuArray<MapData, u64>,
+    /// The conntrack tables, by the label `/metrics` gives them.
+    conntrack: Vec<(&'static str, MapData)>,
+}
+
+/// A conntrack table's use: entries held, entries it can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableUse {
+    pub table: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
 }
 
 impl StatsReader {
@@ -26,6 +36,11 @@ impl StatsReader {
         Ok(Self {
             services: PerCpuArray::try_from(Map::PerCpuArray(dup(ebpf, MAP_SVC_STATS)?))?,
             drops: PerCpuArray::try_from(Map::PerCpuArray(dup(ebpf, MAP_DROPS)?))?,
+            conntrack: vec![
+                ("tcp", dup(ebpf, MAP_CT4)?),
+                ("udp", dup(ebpf, MAP_CT4_UDP)?),
+                ("unconfirmed", dup(ebpf, MAP_CT4_NEW)?),
+            ],
         })
     }
 
@@ -53,6 +68,86 @@ impl StatsReader {
             out.push((r, v.iter().sum()));
         }
         Ok(out)
+    }
+}
+
+impl StatsReader {
+    /// Each conntrack table's entries against its capacity. Counted with
+    /// batched lookups: a few system calls for hundreds of thousands of
+    /// entries.
+    pub fn conntrack(&self) -> Result<Vec<TableUse>> {
+        self.conntrack
+            .iter()
+            .map(|(table, m)| {
+                Ok(TableUse {
+                    table,
+                    entries: count_entries(m)?,
+                    capacity: m.info()?.max_entries() as u64,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The entries of a hash map, counted by BPF_MAP_LOOKUP_BATCH.
+fn count_entries(m: &MapData) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BATCH: u32 = 4096;
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let info = m.info()?;
+    let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
+    let mut keys = vec![0u8; ks * BATCH as usize];
+    let mut values = vec![0u8; vs * BATCH as usize];
+    // The batch token of a hash map is a bucket index.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut total = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token_in as *const u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH,
+            map_fd: m.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers of `count` keys and
+        // values and at the tokens, all alive for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        total += attr.count as u64;
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(total);
+            }
+            return Err(e.into());
+        }
+        token_in = token_out;
+        first = false;
     }
 }
 

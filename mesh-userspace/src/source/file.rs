@@ -136,7 +136,12 @@ fn from_raw(
     let mut state = State::default();
     for (i, n) in raw.nodes.into_iter().enumerate() {
         let addr = parse_v4(&n.addr).map_err(|m| Invalid::new(format!("nodes[{i}].addr"), m))?;
-        state.nodes.push(crate::model::Node { name: n.name, addr });
+        state.nodes.push(crate::model::Node {
+            name: n.name,
+            addr,
+            availability: Default::default(),
+            status: Default::default(),
+        });
     }
     // What the file says of each port, then the published ports it left
     // out, assigned from the range.
@@ -192,6 +197,8 @@ fn from_raw(
             service: t.service,
             node: t.node,
             addr,
+            local_addr: None,
+            draining: false,
         });
     }
     state.validate()?;

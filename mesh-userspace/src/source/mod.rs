@@ -4,7 +4,9 @@
 //! Sources know their own format (the state file: TOML; Docker: the Engine
 //! API); the daemon, the planner and the dataplane know only [`State`].
 //!
-//! - [`file`]: a state file, polled and reloaded on demand (SIGHUP).
+//! - [`file`]: a state file, polled and reloaded on demand (SIGHUP);
+//! - [`docker`]: a Docker swarm, through the Engine API, on managers and
+//!   workers.
 //!
 //! A new source is a module here with a `spawn` that returns a
 //! [`Updates`] receiver, and a variant of [`crate::config::SourceConfig`].
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::model::State;
 
+pub mod docker;
 pub mod file;
 pub mod ports;
 

@@ -22,11 +22,13 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How the lab runs meshd on one node.
 #[derive(Clone, Debug)]
 pub struct MeshdRun {
-    /// The state file meshd watches.
+    /// The state file meshd watches (unless `docker` is set).
     pub state: PathBuf,
-    /// The node's uplink (`--iface`).
+    /// Follow Docker at this URL (`--docker`) instead of a state file.
+    pub docker: Option<String>,
+    /// The node's uplink (`--iface`; empty: left to meshd).
     pub iface: String,
-    /// The node's name in the state file (`--node`).
+    /// The node's name in the state file (`--node`; not with `docker`).
     pub node: String,
     /// The admin endpoint's address inside the node's namespace.
     pub admin: String,
@@ -41,11 +43,21 @@ impl MeshdRun {
     pub fn new(state: &Path, iface: &str, node: &str) -> MeshdRun {
         MeshdRun {
             state: state.to_path_buf(),
+            docker: None,
             iface: iface.to_string(),
             node: node.to_string(),
             admin: ADMIN.to_string(),
             extra: Vec::new(),
             env: Vec::new(),
+        }
+    }
+
+    /// meshd following the dockerd at `url`, with nothing else to say about
+    /// the node (the label in its log is `label`).
+    pub fn docker(url: &str, label: &str) -> MeshdRun {
+        MeshdRun {
+            docker: Some(url.to_string()),
+            ..MeshdRun::new(Path::new(""), "", label)
         }
     }
 
@@ -63,33 +75,40 @@ impl MeshdRun {
     /// meshd's command line (without the program): the one place that
     /// knows meshd's CLI. Small tables and a quick watcher suit the lab.
     pub fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> = [
-            "run",
-            "--state",
-            &self.state.display().to_string(),
-            "--iface",
-            &self.iface,
-            "--node",
-            &self.node,
-            "--maglev-size",
-            "1021",
-            "--max-services",
-            "64",
-            "--watch-interval-ms",
-            "100",
-            "--admin-addr",
-            &self.admin,
-            "--state-dir",
-            &self
-                .state
-                .parent()
-                .unwrap_or(Path::new("."))
-                .display()
-                .to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut a: Vec<String> = vec!["run".into()];
+        match &self.docker {
+            Some(url) => a.extend(["--docker".to_string(), url.clone()]),
+            None => a.extend([
+                "--state".to_string(),
+                self.state.display().to_string(),
+                "--node".to_string(),
+                self.node.clone(),
+                "--state-dir".to_string(),
+                self.state
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .display()
+                    .to_string(),
+            ]),
+        }
+        if !self.iface.is_empty() {
+            a.extend(["--iface".to_string(), self.iface.clone()]);
+        }
+        a.extend(
+            [
+                "--maglev-size",
+                "1021",
+                "--max-services",
+                "64",
+                "--watch-interval-ms",
+                // Docker is read in full each time: spare the dockerds.
+                if self.docker.is_some() { "250" } else { "100" },
+                "--admin-addr",
+                &self.admin,
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         if let Some(mode) = tc_attach_override() {
             a.extend(["--tc-attach".to_string(), mode]);
         }

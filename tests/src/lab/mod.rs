@@ -13,11 +13,14 @@
 //! - `task`: the task servers and their line protocol; `meshd`: the meshd
 //!   process, its command line and admin endpoint; `state`: state files;
 //!   `shell`: commands, namespaces, the guard routes.
+//! - `swarm`: a real Docker swarm (a containerd and a dockerd per node),
+//!   in 198.18.0.0/17, apart from the labs above.
 
 pub mod cluster;
 pub mod meshd;
 pub mod shell;
 pub mod state;
+pub mod swarm;
 pub mod task;
 pub mod topology;
 
