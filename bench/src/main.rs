@@ -5,6 +5,7 @@
 mod e2e;
 mod micro;
 mod proc;
+mod scale;
 mod sys;
 mod util;
 
@@ -30,6 +31,10 @@ enum Cmd {
     /// of network namespaces: requests per second, latency, CPU per
     /// request, one TCP stream, UDP packets per second (needs root).
     E2e(e2e::Args),
+    /// From 1 to 10,000 services and 10 to 100,000 backends: time to
+    /// program, map memory, Maglev build time, per-packet cost against
+    /// services and tracked flows (needs root).
+    Scale(scale::Args),
 }
 
 fn main() -> Result<()> {
@@ -50,6 +55,15 @@ fn main() -> Result<()> {
                 .map(|o| util::out_file(o, "e2e"))
                 .transpose()?;
             let doc = e2e::run(&a)?;
+            write(out, &doc)
+        }
+        Cmd::Scale(a) => {
+            let out = a
+                .out
+                .as_ref()
+                .map(|o| util::out_file(o, "scale"))
+                .transpose()?;
+            let doc = scale::run(&a)?;
             write(out, &doc)
         }
     }

@@ -147,6 +147,11 @@ impl RunStats {
     }
 }
 
+/// The kernel's accounting of a map's memory (fdinfo `memlock`, bytes).
+pub fn map_memlock(map: BorrowedFd<'_>) -> Result<u64> {
+    field(&fdinfo(map)?, "memlock")
+}
+
 /// Keeps the kernel's BPF run-time statistics on (BPF_ENABLE_STATS) for as
 /// long as it lives; they are off again when it drops (unless someone else
 /// holds them on).

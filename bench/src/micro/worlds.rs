@@ -187,24 +187,20 @@ impl World {
     /// timed frame uses (clients in 198.18.0.0/16), with batch updates.
     pub fn prefill_ct_new(&mut self) -> Result<()> {
         let n = self.limits.ct_new_entries as usize;
-        let t = Instant::now();
         let v = CtValue {
             state: CT_SYN,
             ..CtValue::default()
         };
-        let fd = {
-            let m = self
-                .bpf
-                .dp
-                .ebpf()
-                .map(MAP_CT4_NEW)
-                .context("no unconfirmed conntrack map")?;
-            let data: &MapData = match m {
-                aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
-                _ => anyhow::bail!("{MAP_CT4_NEW} is not a hash map"),
-            };
-            data.fd().as_fd().try_clone_to_owned()?
-        };
+        self.prefill(MAP_CT4_NEW, n, v)?;
+        self.prefilled = n as u64;
+        Ok(())
+    }
+
+    /// Writes `n` flows no timed frame uses (clients in 198.18.0.0/16) with
+    /// value `v` into conntrack table `map`, with batch updates.
+    pub fn prefill(&mut self, map: &str, n: usize, v: CtValue) -> Result<()> {
+        let t = Instant::now();
+        let fd = self.map_fd(map)?;
         const CHUNK: usize = 65_536;
         let mut done = 0usize;
         while done < n {
@@ -215,13 +211,30 @@ impl World {
             ensure!(w as usize == m, "batch update wrote {w} of {m}");
             done += m;
         }
-        self.prefilled = n as u64;
         eprintln!(
-            "filled the {} world's unconfirmed conntrack with {n} flows ({:.1} s, not timed)",
+            "filled {map} of the {} world with {n} flows ({:.1} s, not timed)",
             self.name,
             t.elapsed().as_secs_f64()
         );
         Ok(())
+    }
+
+    /// A descriptor of map `name` (one the object still holds).
+    pub fn map_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
+        let m = self
+            .bpf
+            .dp
+            .ebpf()
+            .map(name)
+            .with_context(|| format!("no map {name} in the object"))?;
+        let data: &MapData = match m {
+            aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d) => d,
+            _ => anyhow::bail!("{name}: a map of an unexpected kind"),
+        };
+        Ok(data.fd().as_fd().try_clone_to_owned()?)
     }
 
     pub fn json(&self) -> Value {
