@@ -2,6 +2,7 @@
 //! instead. One subcommand per suite; see README.md for the method of
 //! each and why it is so.
 
+mod churn;
 mod e2e;
 mod micro;
 mod proc;
@@ -35,6 +36,9 @@ enum Cmd {
     /// program, map memory, Maglev build time, per-packet cost against
     /// services and tracked flows (needs root).
     Scale(scale::Args),
+    /// Continuous requests while backends are added and removed every
+    /// 100 ms: failed requests, and p99 latency against no churn (needs root).
+    Churn(churn::Args),
 }
 
 fn main() -> Result<()> {
@@ -64,6 +68,15 @@ fn main() -> Result<()> {
                 .map(|o| util::out_file(o, "scale"))
                 .transpose()?;
             let doc = scale::run(&a)?;
+            write(out, &doc)
+        }
+        Cmd::Churn(a) => {
+            let out = a
+                .out
+                .as_ref()
+                .map(|o| util::out_file(o, "churn"))
+                .transpose()?;
+            let doc = churn::run(&a)?;
             write(out, &doc)
         }
     }

@@ -23,6 +23,17 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The `q` quantile (0..=1) of `v`, nearest rank.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    s[i]
+}
+
 /// One decimal.
 pub fn r1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
@@ -232,6 +243,7 @@ impl Goal {
         match self.met {
             Some(true) => "met",
             Some(false) => "NOT MET",
+            None if self.target == "reported" => "(reported)",
             None => "not measured",
         }
     }
@@ -274,6 +286,8 @@ mod tests {
     fn medians() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
         assert!(median(&[]).is_nan());
     }
 
