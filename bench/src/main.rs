@@ -2,11 +2,13 @@
 //! instead. One subcommand per suite; see README.md for the method of
 //! each and why it is so.
 
+mod all;
 mod churn;
 mod e2e;
 mod micro;
 mod proc;
 mod scale;
+mod svg;
 mod sys;
 mod util;
 
@@ -39,6 +41,17 @@ enum Cmd {
     /// Continuous requests while backends are added and removed every
     /// 100 ms: failed requests, and p99 latency against no churn (needs root).
     Churn(churn::Args),
+    /// Not yet: a Docker change to maps updated on every node, p50/p99.
+    Converge(ConvergeArgs),
+    /// Every suite this machine allows, then summary.md and the plots
+    /// (SVG) in --out DIR (needs root).
+    All(all::Args),
+}
+
+#[derive(clap::Args)]
+struct ConvergeArgs {
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -79,6 +92,19 @@ fn main() -> Result<()> {
             let doc = churn::run(&a)?;
             write(out, &doc)
         }
+        Cmd::Converge(a) => {
+            eprintln!("{}", all::CONVERGE_STUB);
+            let out = a
+                .out
+                .as_ref()
+                .map(|o| util::out_file(o, "converge"))
+                .transpose()?;
+            write(
+                out,
+                &serde_json::json!({"bench": "converge", "status": "not run", "why": all::CONVERGE_STUB}),
+            )
+        }
+        Cmd::All(a) => all::run(&a),
     }
 }
 

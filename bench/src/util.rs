@@ -257,6 +257,24 @@ impl Goal {
             "met": self.met,
         })
     }
+
+    /// Goals back from a suite's JSON (`"goals": [...]`).
+    pub fn from_json(suite: &'static str, doc: &Value) -> Vec<Goal> {
+        doc["goals"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|g| Goal {
+                        suite,
+                        name: g["goal"].as_str().unwrap_or("?").to_string(),
+                        target: g["target"].as_str().unwrap_or("").to_string(),
+                        measured: g["measured"].as_str().unwrap_or("").to_string(),
+                        met: g["met"].as_bool(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Prints goals as a table to stdout.
