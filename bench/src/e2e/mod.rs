@@ -326,7 +326,7 @@ fn report(
             "e2e",
             format!("{m}: requests per second, mesh vs direct"),
             format!(">= {min:.2}x"),
-            r.map(|r| format!("{r:.3}x"))
+            r.map(|r| format!("{r:.4}x"))
                 .unwrap_or("not measured".into()),
             r.map(|r| r >= min),
         ));
