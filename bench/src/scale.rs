@@ -106,6 +106,7 @@ fn desired(services: usize, tasks: usize) -> Desired {
                 target: worlds::TARGET_PORT,
                 backends,
                 draining: Vec::new(),
+                reply: None,
             },
         );
     }

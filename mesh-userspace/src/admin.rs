@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Result;
+use mesh_common::abi::Counter;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -121,6 +122,8 @@ pub struct Metrics {
     svc_bytes: IntCounterVec,
     svc_flows: IntCounterVec,
     drops: IntCounterVec,
+    /// One per `Counter`, in its order.
+    forwarding: Vec<IntCounter>,
     pub state_generation: IntGauge,
     pub state_rejected: IntCounter,
     pub source_errors: IntCounter,
@@ -178,7 +181,7 @@ impl Metrics {
         let conntrack_entries = prometheus::IntGaugeVec::new(
             Opts::new(
                 "mesh_conntrack_entries",
-                "Flows a conntrack table holds (tcp, udp: confirmed; unconfirmed: not answered yet).",
+                "Flows a conntrack table holds (tcp, udp: confirmed; unconfirmed: not answered yet; forwarded: flows other nodes forwarded to this node's tasks).",
             ),
             &["table"],
         )?;
@@ -197,6 +200,13 @@ impl Metrics {
             "mesh_source_up",
             "1 while the state source answers (the state file reads, Docker answers); 0 while the last good state is kept.",
         )?;
+        let forwarding = Counter::ALL
+            .iter()
+            .map(|c| IntCounter::new(c.metric(), c.help()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for c in &forwarding {
+            registry.register(Box::new(c.clone()))?;
+        }
         registry.register(Box::new(source_up.clone()))?;
         for c in [&svc_packets, &svc_bytes, &svc_flows, &drops] {
             registry.register(Box::new(c.clone()))?;
@@ -214,6 +224,7 @@ impl Metrics {
             svc_bytes,
             svc_flows,
             drops,
+            forwarding,
             state_generation,
             state_rejected,
             source_errors,
@@ -264,6 +275,9 @@ impl Metrics {
             self.conntrack_capacity
                 .with_label_values(&[u.table])
                 .set(u.capacity as i64);
+        }
+        for ((_, n), c) in reader.counters()?.into_iter().zip(&self.forwarding) {
+            catch_up(c, n);
         }
         for (reason, n) in reader.drops()? {
             if reason as u32 != 0 {

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{CheckConfig, ConfigError, OrConfig, RunConfig, SourceConfig, host_name};
 use crate::dataplane::{TcAttach, XdpAttach};
+use crate::desired::Forwarding;
+use crate::model::ReplyMode;
 use crate::plan::Limits;
 use crate::source::{docker, ports};
 
@@ -120,9 +122,57 @@ pub struct PlanArgs {
     /// Seconds a UDP flow is remembered past the client's last datagram.
     #[arg(long, value_name = "S", default_value_t = mesh_common::abi::DEFAULT_CT_LIFETIME_SECS[3])]
     pub ct_udp_timeout: u32,
+    /// UDP port nodes carry flows to each other on (encapsulated, node
+    /// address to node address). The same on every node; no service may
+    /// publish it for UDP. Not Docker's own: 2377, 4789, 7946.
+    #[arg(long, value_name = "PORT", default_value_t = mesh_common::abi::DEFAULT_ENCAP_PORT)]
+    pub encap_port: u16,
+    /// How replies of flows forwarded to another node's task reach the
+    /// client, for services that do not say (state file: `reply`).
+    /// via-ingress: back through the node the client sent to (works on
+    /// every network); direct: straight from the task's node with the
+    /// address the client used as source (one hop less; the network must
+    /// let a node send from another node's address).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ReplyMode::ViaIngress)]
+    pub reply_mode: ReplyMode,
 }
 
+/// Ports Docker's swarm uses on every node: cluster management (raft),
+/// VXLAN overlay data, gossip.
+const DOCKER_PORTS: [u16; 3] = [2377, 4789, 7946];
+
 impl PlanArgs {
+    /// How this node forwards (the MTU: `mtu`, or 0 for the uplink's).
+    fn forwarding(
+        &self,
+        mtu: u32,
+        port_range: Option<&RangeInclusive<u16>>,
+    ) -> Result<Forwarding, ConfigError> {
+        let port = self.encap_port;
+        if port == 0 || DOCKER_PORTS.contains(&port) {
+            return Err(ConfigError(anyhow::anyhow!(
+                "--encap-port {port}: Docker's swarm uses 2377, 4789 and 7946, and 0 is no port; \
+                 pick another (default {})",
+                mesh_common::abi::DEFAULT_ENCAP_PORT
+            )));
+        }
+        if let Some(r) = port_range
+            && r.contains(&port)
+        {
+            return Err(ConfigError(anyhow::anyhow!(
+                "--encap-port {port} is inside --port-range {}-{}: a published UDP port could be \
+                 assigned it",
+                r.start(),
+                r.end()
+            )));
+        }
+        Ok(Forwarding {
+            port,
+            mtu,
+            reply: self.reply_mode,
+        })
+    }
+
     fn limits(&self) -> Result<Limits, ConfigError> {
         let limits = Limits {
             maglev_size: self.maglev_size,
@@ -194,6 +244,12 @@ pub struct RunArgs {
     /// often the swarm is read again in full (events trigger reads too).
     #[arg(long, value_name = "MS", default_value_t = 500)]
     pub watch_interval_ms: u64,
+    /// The MTU packets to other nodes must fit, encapsulation included
+    /// (40 bytes): TCP handshakes forwarded get their MSS lowered to fit,
+    /// and a packet that still does not is answered with ICMP
+    /// fragmentation-needed [default: the uplink's MTU].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
+    pub mtu: Option<u32>,
     /// Most verbose level of the BPF programs' own log lines (bridged into
     /// this daemon's log). Anything above info may log per packet.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Info)]
@@ -257,6 +313,10 @@ impl RunArgs {
             xdp_mode: self.xdp_mode,
             tc_attach: self.tc_attach,
             limits: self.plan.limits()?,
+            forwarding: self.plan.forwarding(
+                self.mtu.unwrap_or(0),
+                self.docker.is_none().then_some(&self.state.port_range),
+            )?,
             admin_addr: self.admin_addr,
             bpf_log_level: self.bpf_log_level as u8,
         })
@@ -270,6 +330,7 @@ impl CheckArgs {
             source: self.state.source(Duration::ZERO)?,
             node_addrs: self.plan.node_addrs.clone(),
             limits: self.plan.limits()?,
+            forwarding: self.plan.forwarding(1500, Some(&self.state.port_range))?,
         })
     }
 }

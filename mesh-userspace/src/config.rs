@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::dataplane::{TcAttach, XdpAttach};
+use crate::desired::Forwarding;
 use crate::plan::Limits;
 
 /// sysexits.h: the command was used incorrectly (bad flags, a state that
@@ -76,6 +77,8 @@ pub struct RunConfig {
     pub xdp_mode: XdpAttach,
     pub tc_attach: TcAttach,
     pub limits: Limits,
+    /// Forwarding to other nodes (`mtu` 0: the uplink's, found at start).
+    pub forwarding: Forwarding,
     pub admin_addr: SocketAddr,
     /// Most verbose aya-log level the programs emit (0 = off .. 5 = trace).
     pub bpf_log_level: u8,
@@ -88,6 +91,7 @@ pub struct CheckConfig {
     pub source: SourceConfig,
     pub node_addrs: Vec<Ipv4Addr>,
     pub limits: Limits,
+    pub forwarding: Forwarding,
 }
 
 /// The host name, the default node name.

@@ -72,7 +72,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     let (first, mut updates) = start_source(&cfg, reload.clone())?;
     let mut uplink = cfg.iface.clone();
     if let Some(first) = &first {
-        plan::vet(first, &cfg.node, &cfg.node_addrs, &cfg.limits).or_config()?;
+        plan::vet(
+            first,
+            &cfg.node,
+            &cfg.node_addrs,
+            &cfg.forwarding,
+            &cfg.limits,
+        )
+        .or_config()?;
         if uplink.is_none() {
             uplink = Some(uplink_of(&cfg, first).or_config()?);
         }
@@ -113,6 +120,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         Some(i) => i,
         None => uplink_of(&cfg, &first).or_config()?,
     };
+    let mut cfg = cfg;
+    if cfg.forwarding.mtu == 0 {
+        cfg.forwarding.mtu = net::mtu(&iface).or_config()?;
+    }
+    info!(
+        "forwarding to other nodes: UDP port {}, MTU {} ({} bytes of it encapsulation), replies {}",
+        cfg.forwarding.port,
+        cfg.forwarding.mtu,
+        mesh_common::abi::ENCAP_LEN,
+        match cfg.forwarding.reply {
+            crate::model::ReplyMode::ViaIngress => "via the ingress node",
+            crate::model::ReplyMode::Direct => "direct",
+        }
+    );
     let mut d = Daemon {
         cfg,
         iface,
@@ -127,6 +148,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         task_ports: Default::default(),
         ports_scanned: None,
         reserved: net::ReservedPorts::new(),
+        neighbours: crate::neigh::Neighbours::default(),
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
     d.programs.attach_uplink(&d.iface, d.cfg.xdp_mode)?;
@@ -199,14 +221,16 @@ async fn wait_first(
     loop {
         let u = updates.borrow_and_update().clone();
         match u {
-            Update::State(s) => match plan::vet(&s, &cfg.node, &cfg.node_addrs, &cfg.limits) {
-                Ok(_) => return Ok(Some(s)),
-                Err(e) => {
-                    admin.metrics.state_rejected.inc();
-                    admin.set_source_down(Some(format!("its state is refused: {e:#}")));
-                    error!("state refused, waiting for another: {e:#}");
+            Update::State(s) => {
+                match plan::vet(&s, &cfg.node, &cfg.node_addrs, &cfg.forwarding, &cfg.limits) {
+                    Ok(_) => return Ok(Some(s)),
+                    Err(e) => {
+                        admin.metrics.state_rejected.inc();
+                        admin.set_source_down(Some(format!("its state is refused: {e:#}")));
+                        error!("state refused, waiting for another: {e:#}");
+                    }
                 }
-            },
+            }
             Update::Refused(why) => {
                 admin.metrics.state_rejected.inc();
                 admin.set_source_down(Some(format!("its state is refused: {why}")));
@@ -266,6 +290,8 @@ struct Daemon {
     ports_scanned: Option<tokio::time::Instant>,
     /// Published ports kept out of the node's own local ports.
     reserved: net::ReservedPorts,
+    /// Next hops to the other nodes, kept resolved for XDP.
+    neighbours: crate::neigh::Neighbours,
 }
 
 impl Daemon {
@@ -362,7 +388,15 @@ impl Daemon {
         self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
         self.find_task_ports(&desired.local_task_addrs());
         desired.task_ports = self.task_ports.clone();
+        desired.forwarding = self.cfg.forwarding;
         let report = self.applier.apply(&desired)?;
+        let others: Vec<std::net::Ipv4Addr> = desired
+            .nodes
+            .values()
+            .filter(|n| !n.local)
+            .map(|n| n.addr)
+            .collect();
+        self.neighbours.follow(&others);
         self.task_links = links;
         self.admin.set_services(self.applier.service_index());
         self.reserve_ports(&desired);

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
 
-use crate::model::{Availability, NodeStatus, Proto, State, Task};
+use crate::model::{Availability, NodeStatus, Proto, ReplyMode, State, Task};
 
 /// A backend: a task's address and the target port of one published port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +56,9 @@ pub struct DesiredService {
     /// tasks on paused or drained nodes), sorted: kept in the backend map,
     /// left out of the table.
     pub draining: Vec<BackendKey>,
+    /// How replies of flows forwarded to other nodes go back, if the
+    /// service says ([`Forwarding::reply`] otherwise).
+    pub reply: Option<ReplyMode>,
 }
 
 impl DesiredService {
@@ -87,6 +90,29 @@ pub struct Desired {
     /// The interface (ifindex) each local task sits behind, where known
     /// (the daemon finds them): replies are trusted only from there.
     pub task_ports: BTreeMap<Ipv4Addr, u32>,
+    /// How this node carries flows to other nodes (the daemon's settings).
+    pub forwarding: Forwarding,
+}
+
+/// How a node carries flows to the nodes that run their tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forwarding {
+    /// The UDP port of encapsulated packets.
+    pub port: u16,
+    /// The uplink's MTU: an encapsulated packet must fit in it.
+    pub mtu: u32,
+    /// How replies go back, for services that do not say.
+    pub reply: ReplyMode,
+}
+
+impl Default for Forwarding {
+    fn default() -> Self {
+        Self {
+            port: mesh_common::abi::DEFAULT_ENCAP_PORT,
+            mtu: 1500,
+            reply: ReplyMode::ViaIngress,
+        }
+    }
 }
 
 impl Desired {
@@ -178,6 +204,7 @@ impl Desired {
                         target: p.target,
                         backends,
                         draining,
+                        reply: s.reply,
                     },
                 );
             }
@@ -187,6 +214,7 @@ impl Desired {
             nodes,
             services,
             task_ports: BTreeMap::new(),
+            forwarding: Forwarding::default(),
         })
     }
 

@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod desired;
 pub mod model;
+pub mod neigh;
 pub mod net;
 pub mod plan;
 pub mod sim;

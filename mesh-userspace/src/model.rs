@@ -104,6 +104,35 @@ impl NodeStatus {
 pub struct Service {
     pub name: String,
     pub ports: Vec<Port>,
+    /// How replies of flows forwarded to another node's task go back;
+    /// `None`: the node's default (`meshd run --reply-mode`).
+    pub reply: Option<ReplyMode>,
+}
+
+/// How the replies of a flow forwarded to a task on another node reach the
+/// client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, clap::ValueEnum)]
+pub enum ReplyMode {
+    /// Back through the node the client sent to, which sends them from the
+    /// address and port the client used. Works where the network drops
+    /// packets with a source address not their sender's (most clouds).
+    #[default]
+    ViaIngress,
+    /// Straight from the task's node to the client, with the source
+    /// address and port the client used (not the sender's own): one hop
+    /// less, for networks without source address checks.
+    Direct,
+}
+
+impl ReplyMode {
+    /// "via-ingress" or "direct".
+    pub fn parse(s: &str) -> Option<ReplyMode> {
+        match s {
+            "via-ingress" => Some(ReplyMode::ViaIngress),
+            "direct" => Some(ReplyMode::Direct),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,6 +352,7 @@ impl StateBuilder {
     pub fn service(mut self, name: &str, ports: &[(Proto, u16, u16)]) -> Self {
         self.state.services.push(Service {
             name: name.into(),
+            reply: None,
             ports: ports
                 .iter()
                 .map(|&(protocol, published, target)| Port {
@@ -332,6 +362,14 @@ impl StateBuilder {
                 })
                 .collect(),
         });
+        self
+    }
+
+    /// How the replies of service `name` (added before) go back.
+    pub fn reply(mut self, name: &str, mode: ReplyMode) -> Self {
+        if let Some(s) = self.state.services.iter_mut().find(|s| s.name == name) {
+            s.reply = Some(mode);
+        }
         self
     }
 

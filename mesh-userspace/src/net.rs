@@ -89,6 +89,18 @@ pub fn check_iface(iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// The MTU of `iface`: what packets to other nodes must fit, once
+/// encapsulated.
+pub fn mtu(iface: &str) -> Result<u32> {
+    let p = format!("/sys/class/net/{iface}/mtu");
+    let v = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
+    let mtu: u32 = v.trim().parse().with_context(|| format!("{p}: {v:?}"))?;
+    if mtu < 576 {
+        bail!("{iface} has MTU {mtu}: too small to carry flows to other nodes (pass --mtu)");
+    }
+    Ok(mtu)
+}
+
 /// The FIB lookups the programs make refuse to route for an interface
 /// with IPv4 forwarding off; say so before attaching.
 pub fn check_forwarding(iface: &str) -> Result<()> {

@@ -39,7 +39,7 @@ use mesh_common::abi::*;
 use mesh_common::maglev;
 
 use crate::desired::{BackendKey, Desired, DesiredService};
-use crate::model::Proto;
+use crate::model::{Proto, ReplyMode};
 
 mod regions;
 pub use regions::{Region, table_size};
@@ -74,6 +74,15 @@ pub enum Op {
     DelNodeAddr(u32),
     PutReply(ReplyKey4, ReplyValue4),
     DelReply(ReplyKey4),
+    /// This node's settings for the programs.
+    PutConfig(NodeConfig),
+    /// Node address `.0` is node slot `.1` (encapsulated packets come
+    /// only from node addresses).
+    PutNodeIndex(u32, u32),
+    DelNodeIndex(u32),
+    /// The local backend slot of a task by its identity.
+    PutLocal(ReplyKey4, u32),
+    DelLocal(ReplyKey4),
 }
 
 /// The Maglev map's default room per service and half: a table for 10
@@ -183,6 +192,8 @@ impl Limits {
 #[derive(Clone, Debug)]
 pub struct SvcSlot {
     pub svc_id: u32,
+    /// `SVC_F_*` flags written.
+    pub flags: u32,
     /// The service's generation: new whenever the port passes to another
     /// service (or the id is reused), so that its flows are not this one's.
     pub gen_: u32,
@@ -292,6 +303,12 @@ pub struct Planner {
     svc_gen: u32,
     node_addrs: BTreeSet<Ipv4Addr>,
     replies: BTreeMap<ReplyKey4, ReplyState>,
+    /// The node settings written.
+    config: NodeConfig,
+    /// Node addresses written, and their slots.
+    node_index: BTreeMap<u32, u32>,
+    /// Local backends by identity written, and their slots.
+    locals: BTreeMap<ReplyKey4, u32>,
     /// The Maglev map's regions.
     maglev: regions::Pool,
 }
@@ -303,11 +320,21 @@ pub fn vet(
     state: &crate::model::State,
     node: &str,
     node_addrs: &[Ipv4Addr],
+    forwarding: &crate::desired::Forwarding,
     limits: &Limits,
 ) -> Result<Desired> {
-    let d = Desired::compute(state, node, node_addrs)?;
+    let mut d = Desired::compute(state, node, node_addrs)?;
+    d.forwarding = *forwarding;
     Planner::new(limits.clone()).plan(&d)?;
     Ok(d)
+}
+
+/// The `SVC_F_*` flags of service `ds` in `d`.
+fn svc_flags(d: &Desired, ds: &DesiredService) -> u32 {
+    match ds.reply.unwrap_or(d.forwarding.reply) {
+        ReplyMode::Direct => SVC_F_REPLY_DIRECT,
+        ReplyMode::ViaIngress => 0,
+    }
 }
 
 fn proto_of(n: u8) -> Proto {
@@ -335,6 +362,9 @@ impl Planner {
             svc_gen: 0,
             node_addrs: BTreeSet::new(),
             replies: BTreeMap::new(),
+            config: NodeConfig::default(),
+            node_index: BTreeMap::new(),
+            locals: BTreeMap::new(),
             maglev: regions::Pool::new(limits.maglev_entries()),
             limits,
         }
@@ -359,13 +389,19 @@ impl Planner {
             .flat_map(|s| s.backends.iter())
             .collect();
         let mut p = Plan::default();
+        self.put_config(d, &mut p);
         self.put_nodes(d, &mut p);
+        self.put_node_index(&mut p);
         self.add_backends(&wanted, &mut p);
+        let locals = local_backends(d, &self.backends);
+        self.put_locals(&locals, &mut p);
         self.make_room_for_replies(&replies, now, &mut p);
         self.put_replies(d, &replies, &mut p);
         self.put_services(d, &mut p)?;
         self.del_services(d, &mut p);
+        self.del_locals(&locals, &mut p);
         self.del_backends(&wanted, &mut p);
+        self.del_node_index(d, &mut p);
         self.del_nodes(d, &mut p);
         self.put_node_addrs(d, &mut p);
         self.retire_replies(&replies, now);
@@ -417,7 +453,7 @@ impl Planner {
         // `put_services` will place them.
         let mut pool = self.maglev.clone();
         for (key, ds) in &d.services {
-            let Some((half, regions)) = self.table_change(key, ds) else {
+            let Some((half, regions)) = self.table_change(key, ds, svc_flags(d, ds)) else {
                 continue;
             };
             let size = table_size(ds.table_backends().len(), lim.maglev_size);
@@ -428,6 +464,14 @@ impl Planner {
                     lim.maglev_entries()
                 );
             }
+        }
+        if let Some(s) = d.services.get(&(Proto::Udp, d.forwarding.port)) {
+            bail!(
+                "udp port {} is published by service {:?} and carries forwarded packets between \
+                 nodes (--encap-port): choose another for one of them; nothing applied",
+                d.forwarding.port,
+                s.name
+            );
         }
         let replies = reply_candidates(d)?;
         if replies.len() > lim.reply_entries() as usize {
@@ -465,6 +509,78 @@ impl Planner {
                     value,
                 },
             );
+        }
+    }
+
+    /// Step 0: this node's settings for the programs (its address, the
+    /// encapsulation port and MTU).
+    fn put_config(&mut self, d: &Desired, p: &mut Plan) {
+        let self_addr = d
+            .nodes
+            .values()
+            .find(|n| n.local)
+            .map(|n| raw4(n.addr))
+            .unwrap_or(0);
+        let c = NodeConfig {
+            self_addr,
+            encap_port_be: d.forwarding.port.to_be(),
+            _pad0: 0,
+            mtu: d.forwarding.mtu,
+        };
+        if c != self.config {
+            p.ops.push(Op::PutConfig(c));
+            self.config = c;
+        }
+    }
+
+    /// After step 1: every node's address leads to its slot.
+    fn put_node_index(&mut self, p: &mut Plan) {
+        for n in self.nodes.values() {
+            if self.node_index.get(&n.value.addr[0]) != Some(&n.slot) {
+                p.ops.push(Op::PutNodeIndex(n.value.addr[0], n.slot));
+                self.node_index.insert(n.value.addr[0], n.slot);
+            }
+        }
+    }
+
+    /// Before step 7: addresses of nodes that left (or moved) lead
+    /// nowhere, before their slots are freed.
+    fn del_node_index(&mut self, d: &Desired, p: &mut Plan) {
+        let live: BTreeSet<u32> = d.nodes.values().map(|n| raw4(n.addr)).collect();
+        let gone: Vec<u32> = self
+            .node_index
+            .keys()
+            .filter(|a| !live.contains(a))
+            .copied()
+            .collect();
+        for a in gone {
+            p.ops.push(Op::DelNodeIndex(a));
+            self.node_index.remove(&a);
+        }
+    }
+
+    /// After step 2: local backends by identity, for packets other nodes
+    /// forward (before any table can send them one).
+    fn put_locals(&mut self, locals: &BTreeMap<ReplyKey4, u32>, p: &mut Plan) {
+        for (k, slot) in locals {
+            if self.locals.get(k) != Some(slot) {
+                p.ops.push(Op::PutLocal(*k, *slot));
+                self.locals.insert(*k, *slot);
+            }
+        }
+    }
+
+    /// Before step 6: identities no local backend has any more.
+    fn del_locals(&mut self, locals: &BTreeMap<ReplyKey4, u32>, p: &mut Plan) {
+        let gone: Vec<ReplyKey4> = self
+            .locals
+            .keys()
+            .filter(|k| !locals.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            p.ops.push(Op::DelLocal(k));
+            self.locals.remove(&k);
         }
     }
 
@@ -562,13 +678,15 @@ impl Planner {
         &self,
         key: &(Proto, u16),
         ds: &DesiredService,
+        flags: u32,
     ) -> Option<(usize, [Region; 2])> {
         match self.services.get(key) {
             Some(s)
                 if s.name == ds.name
                     && s.backends == ds.backends
                     && s.draining == ds.draining
-                    && s.target == ds.target =>
+                    && s.target == ds.target
+                    && s.flags == flags =>
             {
                 None
             }
@@ -585,12 +703,14 @@ impl Planner {
             // A port that passes to another service is a new service on an
             // old id: a new generation, so the old one's flows are not its.
             let existed = self.services.contains_key(key);
+            let flags = svc_flags(d, ds);
             let (svc_id, gen_, half, is_new) = match self.services.get(key) {
                 Some(s)
                     if s.name == ds.name
                         && s.backends == ds.backends
                         && s.draining == ds.draining
-                        && s.target == ds.target =>
+                        && s.target == ds.target
+                        && s.flags == flags =>
                 {
                     continue;
                 }
@@ -643,7 +763,7 @@ impl Planner {
                 slot,
                 value: SvcValue {
                     svc_id,
-                    flags: 0,
+                    flags,
                     table_off: offset,
                     table_size,
                     backend_count: ids.len() as u32,
@@ -654,6 +774,7 @@ impl Planner {
                 *key,
                 SvcSlot {
                     svc_id,
+                    flags,
                     gen_,
                     half,
                     regions,
@@ -841,6 +962,19 @@ impl Planner {
                 Op::DelReply(k) => {
                     self.replies.remove(k);
                 }
+                Op::PutConfig(c) => self.config = *c,
+                Op::PutNodeIndex(a, slot) => {
+                    self.node_index.insert(*a, *slot);
+                }
+                Op::DelNodeIndex(a) => {
+                    self.node_index.remove(a);
+                }
+                Op::PutLocal(k, slot) => {
+                    self.locals.insert(*k, *slot);
+                }
+                Op::DelLocal(k) => {
+                    self.locals.remove(k);
+                }
                 Op::WriteTable { .. } | Op::ResetStats(_) => {}
             }
         }
@@ -863,6 +997,11 @@ impl Planner {
         (self.maglev.used(), self.maglev.cap())
     }
 
+    /// The node settings applied (address, encapsulation port, MTU).
+    pub fn config(&self) -> NodeConfig {
+        self.config
+    }
+
     /// The backend id of a task address and target port, if applied.
     pub fn backend_id(&self, addr: Ipv4Addr, port: u16) -> Option<u32> {
         self.backends
@@ -870,6 +1009,29 @@ impl Planner {
             .find(|(k, _)| k.addr == addr && k.port == port)
             .map(|(_, id)| *id)
     }
+}
+
+/// Each local backend's slot by its identity (the address every node knows
+/// it by, target port, protocol): where a packet another node forwards to
+/// it is delivered.
+fn local_backends(d: &Desired, slots: &HashMap<BackendKey, u32>) -> BTreeMap<ReplyKey4, u32> {
+    let mut out = BTreeMap::new();
+    for ((proto, _), s) in &d.services {
+        for b in s.backends.iter().filter(|b| b.local) {
+            if let Some(slot) = slots.get(b) {
+                out.insert(
+                    ReplyKey4 {
+                        addr: raw4(b.addr),
+                        port_be: b.port.to_be(),
+                        proto: proto.number(),
+                        _pad: 0,
+                    },
+                    *slot,
+                );
+            }
+        }
+    }
+    out
 }
 
 /// For each local backend, the (node address, published port) pairs its
@@ -958,8 +1120,10 @@ mod tests {
         assert!(
             ops[..first_backend]
                 .iter()
-                .all(|o| matches!(o, Op::PutNode(..)))
+                .all(|o| matches!(o, Op::PutConfig(_) | Op::PutNode(..) | Op::PutNodeIndex(..)))
         );
+        // The tasks of this node are found by identity, once written.
+        assert_eq!(count(&|o| matches!(o, Op::PutLocal(..))), 2);
         assert_eq!(count(&|o| matches!(o, Op::PutBackend(..))), 2);
         assert_eq!(count(&|o| matches!(o, Op::PutReply(..))), 2);
         assert!(table < svc);
@@ -982,12 +1146,14 @@ mod tests {
         match &ops[..] {
             [
                 Op::PutBackend(new, _),
+                Op::PutLocal(_, local),
                 Op::PutReply(_, r),
                 Op::WriteTable { offset, table },
                 Op::PutService { value: v, .. },
+                Op::DelLocal(_),
                 Op::DelBackend(old),
             ] => {
-                assert_eq!(r.backend_id, *new);
+                assert_eq!((r.backend_id, *local), (*new, *new));
                 // Two tasks: a table of 211 entries (a prime of 100 per
                 // task); the second half's region follows the first's.
                 assert_eq!(*offset, 211, "second half of service 0's region");
@@ -1160,14 +1326,18 @@ mod tests {
         // A node listed before b: only it is written.
         let (ops, _) = p.plan(&state(&["a", "a2", "b"])).unwrap();
         assert!(
-            matches!(&ops[..], [Op::PutNode(s, v)] if *s != b_slot && v.gen_ == 1),
+            matches!(&ops[..], [Op::PutNode(s, v), Op::PutNodeIndex(a, i)]
+                if *s != b_slot && v.gen_ == 1 && a == &v.addr[0] && i == s),
             "{ops:#?}"
         );
         assert_eq!(p.nodes["b"].slot, b_slot);
         // It leaves again: its slot is freed, last.
         let a2 = p.nodes["a2"].slot;
         let (ops, _) = p.plan(&state(&["a", "b"])).unwrap();
-        assert_eq!(ops, vec![Op::DelNode(a2)]);
+        assert!(
+            matches!(&ops[..], [Op::DelNodeIndex(_), Op::DelNode(s)] if *s == a2),
+            "{ops:#?}"
+        );
         // The next node takes the freed slot with the next generation.
         p.plan(&state(&["a", "b", "c"])).unwrap();
         assert_eq!(p.nodes["c"].slot, a2);

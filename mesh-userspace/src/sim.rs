@@ -58,6 +58,11 @@ impl Sim {
             Op::PutReply(k, v) => m.put_reply(k, v)?,
             Op::DelReply(k) => m.del_reply(&k),
             Op::PutNode(slot, n) => m.put_node(slot, n)?,
+            Op::PutConfig(c) => m.put_config(c),
+            Op::PutNodeIndex(a, slot) => m.put_node_index(a, slot),
+            Op::DelNodeIndex(a) => m.del_node_index(a),
+            Op::PutLocal(k, slot) => m.put_local(k, slot),
+            Op::DelLocal(k) => m.del_local(&k),
             Op::DelNode(slot) => m.del_node(slot)?,
         }
         Ok(())

@@ -34,9 +34,35 @@ fn check_accepts_a_good_file_and_says_what_the_node_serves() {
     let (code, out, err) = meshd(&["check", "--state", p.to_str().unwrap(), "--node", "n1"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("tcp/30080 -> web target 8080 (1 tasks, 1 on this node)"),
+        out.contains("tcp/30080 -> web target 8080 (1 tasks, 1 on this node), replies via-ingress"),
         "{out}"
     );
+}
+
+/// The encapsulation port cannot be one of Docker's, nor one a published
+/// port could be assigned.
+#[test]
+fn check_refuses_an_encap_port_docker_or_the_port_range_uses() {
+    let p = state_file("encap.toml", GOOD);
+    let p = p.to_str().unwrap();
+    for (port, says) in [("4789", "Docker"), ("30500", "inside --port-range")] {
+        let (code, _, err) = meshd(&["check", "--state", p, "--node", "n1", "--encap-port", port]);
+        assert_eq!(code, 64, "--encap-port {port}: {err}");
+        assert!(err.contains(says), "--encap-port {port}: {err}");
+    }
+    let (code, out, err) = meshd(&[
+        "check",
+        "--state",
+        p,
+        "--node",
+        "n1",
+        "--encap-port",
+        "6100",
+        "--reply-mode",
+        "direct",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replies direct"), "{out}");
 }
 
 /// Published ports left out of the file are assigned from the range, and

@@ -316,6 +316,7 @@ pub fn with_fillers(base: &Desired, total: usize) -> Desired {
                 target: 80,
                 backends,
                 draining: Vec::new(),
+                reply: None,
             },
         );
     }

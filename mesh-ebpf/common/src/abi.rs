@@ -50,9 +50,28 @@ pub const MAP_SVC_STATS: &str = "MESH_SVCST_V1";
 /// Drop counters, per CPU: `DropReason` -> `u64`.
 pub const MAP_DROPS: &str = "MESH_DROPS_V1";
 /// The swarm's nodes by slot: an array of `NodeValue`; a free slot is all
-/// zero (`gen_ == 0`). `Backend::node_id` is a slot here. Nothing reads it
-/// yet; forwarding to tasks on other nodes will.
+/// zero (`gen_ == 0`). `Backend::node_id` is a slot here: forwarding reads
+/// the address of the node a remote backend runs on.
 pub const MAP_NODES: &str = "MESH_NODES_V1";
+/// Nodes by address: raw IPv4 address -> node slot. Encapsulated packets
+/// are taken only from these addresses (no open relay).
+pub const MAP_NODE_BY_ADDR4: &str = "MESH_NODEIP4_V1";
+/// Local backends by their identity in the swarm: `ReplyKey4` (the
+/// address every node knows the task by, target port, protocol) -> the
+/// local backend slot (whose `Backend::addr` is where this node delivers).
+/// An encapsulated packet names its backend by identity.
+pub const MAP_LOCAL4: &str = "MESH_LOCAL4_V1";
+/// Flows other nodes forwarded to this node's tasks: `FlowKey4` as the
+/// task sees the flow (client address and port, the task's delivery
+/// address and target port) -> `FwdValue` (the ingress node, and the
+/// address and published port the client used), for the task's replies.
+/// LRU, one list for all CPUs.
+pub const MAP_FWD4: &str = "MESH_FWD4_V1";
+/// Per-CPU counters of the forwarding paths: `Counter` -> `u64`.
+pub const MAP_COUNTERS: &str = "MESH_CNT_V1";
+/// This node's settings for the programs: one `NodeConfig` (an array of
+/// one, written by user space whenever they change).
+pub const MAP_CONFIG: &str = "MESH_CFG_V1";
 
 /// Every map of the dataplane's object. The build checks the object
 /// against this list (mesh-userspace/build.rs): each name is in it, and it
@@ -70,6 +89,11 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_SVC_STATS,
     MAP_DROPS,
     MAP_NODES,
+    MAP_NODE_BY_ADDR4,
+    MAP_LOCAL4,
+    MAP_FWD4,
+    MAP_COUNTERS,
+    MAP_CONFIG,
 ];
 
 // The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN, with the
@@ -184,6 +208,10 @@ const _: () = assert!(size_of::<SvcValue>() == 24);
 
 /// Reserved: serve the service only from tasks on this node.
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 0;
+/// Replies of flows forwarded to another node go straight to the client
+/// from the backend's node (source: the address and port the client used)
+/// instead of back through the ingress node.
+pub const SVC_F_REPLY_DIRECT: u32 = 1 << 1;
 
 /// A backend (a task's address and target port), in an array slot. Slots
 /// are reused, each time with the next generation: a conntrack entry
@@ -213,7 +241,7 @@ pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 /// The task runs on this node: DNAT and deliver locally.
 pub const BE_F_LOCAL: u32 = 1 << 0;
-/// The task runs on another node: forward (not implemented yet).
+/// The task runs on another node: forward to it.
 pub const BE_F_REMOTE: u32 = 1 << 1;
 
 /// A node of the swarm, in its slot of `MAP_NODES`. Slots are reused,
@@ -238,9 +266,143 @@ const _: () = assert!(size_of::<NodeValue>() == 32);
 /// later flags.
 pub const NODE_F_SELF: u32 = 1 << 0;
 
-/// A flow as seen in one direction, IPv4. Addresses and ports are the
-/// packet's raw bytes (network order).
+/// What a backend's node keeps of a flow another node forwarded to it.
 #[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FwdValue {
+    /// The node the flow came in through (raw address): replies go back
+    /// to it, or take its address as their source.
+    pub ingress: u32,
+    /// The address and published port the client sent to (raw).
+    pub orig_daddr: u32,
+    pub orig_dport_be: u16,
+    /// `ENCAP_F_*` flags of the flow's last packet.
+    pub flags: u8,
+    pub _pad0: u8,
+    /// When the flow's last packet came, in conntrack units.
+    pub seen: u32,
+}
+const _: () = assert!(size_of::<FwdValue>() == 16);
+
+/// The header after the outer UDP header of a packet one node carries to
+/// another (GUE-like, without an inner Ethernet header: 12 bytes). The
+/// inner IPv4 datagram follows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EncapHdr {
+    /// `ENCAP_VERSION`.
+    pub version: u8,
+    /// `ENCAP_K_*`.
+    pub kind: u8,
+    /// `ENCAP_F_*`.
+    pub flags: u8,
+    pub _pad0: u8,
+    /// The address and published port the client sent to (raw), for the
+    /// backend's node to reply as.
+    pub orig_daddr: u32,
+    pub orig_dport_be: u16,
+    pub _pad1: u16,
+}
+const _: () = assert!(size_of::<EncapHdr>() == 12);
+
+pub const ENCAP_VERSION: u8 = 1;
+/// A client's packet for a task on the receiving node (already DNAT'd to
+/// the task's identity and target port).
+pub const ENCAP_K_REQUEST: u8 = 1;
+/// A task's reply, already SNAT'd to what the client sent to, for the
+/// receiving (ingress) node to send to the client.
+pub const ENCAP_K_REPLY: u8 = 2;
+/// The flow's replies go straight to the client (`SVC_F_REPLY_DIRECT`).
+pub const ENCAP_F_DIRECT: u8 = 1 << 0;
+
+/// Outer IPv4 (20) + UDP (8) + `EncapHdr` (12): what encapsulation adds.
+pub const ENCAP_LEN: usize = 40;
+/// The default UDP port of encapsulated packets: clear of Docker's (2377
+/// raft, 4789 VXLAN, 7946 gossip) and of the published range.
+pub const DEFAULT_ENCAP_PORT: u16 = 6090;
+
+/// Per-CPU counters (`MAP_COUNTERS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Client packets this node encapsulated to another node.
+    Forwarded = 0,
+    /// Encapsulated client packets this node received for its tasks.
+    Decapsulated = 1,
+    /// Replies of forwarded flows this node sent back to the ingress node.
+    RepliesToIngress = 2,
+    /// Replies other nodes sent back through this node to clients.
+    RepliesFromBackends = 3,
+    /// Replies of forwarded flows this node sent straight to clients.
+    RepliesDirect = 4,
+    /// TCP SYNs (and SYN-ACKs) whose MSS was lowered to fit encapsulation.
+    MssClamped = 5,
+    /// ICMP "fragmentation needed" sent for packets too big to encapsulate.
+    TooBig = 6,
+}
+
+pub const MAX_COUNTERS: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; 7] = [
+        Counter::Forwarded,
+        Counter::Decapsulated,
+        Counter::RepliesToIngress,
+        Counter::RepliesFromBackends,
+        Counter::RepliesDirect,
+        Counter::MssClamped,
+        Counter::TooBig,
+    ];
+
+    /// The Prometheus metric name.
+    pub const fn metric(self) -> &'static str {
+        match self {
+            Counter::Forwarded => "mesh_forwarded_packets_total",
+            Counter::Decapsulated => "mesh_decapsulated_packets_total",
+            Counter::RepliesToIngress => "mesh_replies_to_ingress_total",
+            Counter::RepliesFromBackends => "mesh_replies_from_backends_total",
+            Counter::RepliesDirect => "mesh_replies_direct_total",
+            Counter::MssClamped => "mesh_mss_clamped_total",
+            Counter::TooBig => "mesh_too_big_total",
+        }
+    }
+
+    pub const fn help(self) -> &'static str {
+        match self {
+            Counter::Forwarded => "Client packets encapsulated to the node that runs their task.",
+            Counter::Decapsulated => "Encapsulated client packets received for this node's tasks.",
+            Counter::RepliesToIngress => {
+                "Replies of forwarded flows sent back to their ingress node."
+            }
+            Counter::RepliesFromBackends => {
+                "Replies other nodes sent back through this node to clients."
+            }
+            Counter::RepliesDirect => "Replies of forwarded flows sent straight to clients.",
+            Counter::MssClamped => "TCP handshakes whose MSS was lowered to fit encapsulation.",
+            Counter::TooBig => "ICMP fragmentation-needed sent for packets too big to encapsulate.",
+        }
+    }
+}
+
+/// What user space tells the programs of this node (`MAP_CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// This node's address (raw): the outer source of what it encapsulates.
+    pub self_addr: u32,
+    /// The UDP port of encapsulated packets (network order).
+    pub encap_port_be: u16,
+    pub _pad0: u16,
+    /// The uplink's MTU: an encapsulated packet must fit in it.
+    pub mtu: u32,
+}
+const _: () = assert!(size_of::<NodeConfig>() == 12);
+
+/// A flow as seen in one direction, IPv4. Addresses and ports are the
+/// packet's raw bytes (network order). 8-aligned (its size is 16 either
+/// way): LLVM, allowed misaligned accesses, merges the two addresses into
+/// one 8-byte load, which the verifier refuses on a 4-aligned stack slot.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey4 {
     pub saddr: u32,
@@ -433,6 +595,10 @@ pub struct XdpMeta {
 }
 const _: () = assert!(size_of::<XdpMeta>() == 8);
 pub const XDP_META_MAGIC: u32 = 0x6d65_7368; // "mesh"
+/// `XdpMeta` of an encapsulated packet XDP could not send because the next
+/// hop's neighbour entry was missing: `backend_id` holds the egress
+/// ifindex, and TC sends it with `bpf_redirect_neigh` (which resolves it).
+pub const XDP_META_NEIGH: u32 = 0x6e65_6967; // "neig"
 
 /// Why a packet was dropped. Index into `MAP_DROPS`. Never renumber:
 /// retire a variant by renaming it `UnusedN`.
@@ -453,7 +619,8 @@ pub enum DropReason {
     /// The Maglev table names a backend that is not in the backend map
     /// (a transient user-space inconsistency).
     BackendMissing = 5,
-    /// The backend runs on another node; forwarding is not built yet.
+    /// The backend runs on another node that the node map does not hold
+    /// (a transient user-space inconsistency).
     RemoteBackend = 6,
     /// bpf_xdp_adjust_meta failed: the device cannot carry XDP metadata.
     NoMetadata = 7,
@@ -470,10 +637,24 @@ pub enum DropReason {
     /// TC: a packet from a task's port carries the source address of a
     /// task behind another port (spoofed).
     SpoofedReply = 12,
+    /// An encapsulated packet from an address that is not a node of the
+    /// swarm (no open relay).
+    EncapFromNonNode = 13,
+    /// An encapsulated packet this node cannot read (version, kind, a cut
+    /// inner datagram), or a reply for an address that is not this node's.
+    EncapMalformed = 14,
+    /// An encapsulated packet for a task that is not on this node (any
+    /// more): never re-forwarded.
+    NotLocal = 15,
+    /// A packet too big to encapsulate (ICMP fragmentation-needed was sent
+    /// back when it could be).
+    TooBig = 16,
+    /// XDP: no route or neighbour towards the node a flow is forwarded to.
+    NoRouteToNode = 17,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -487,6 +668,11 @@ impl DropReason {
         DropReason::TableOutOfRange,
         DropReason::StaleBackend,
         DropReason::SpoofedReply,
+        DropReason::EncapFromNonNode,
+        DropReason::EncapMalformed,
+        DropReason::NotLocal,
+        DropReason::TooBig,
+        DropReason::NoRouteToNode,
     ];
 
     /// The Prometheus label value.
@@ -505,6 +691,11 @@ impl DropReason {
             DropReason::TableOutOfRange => "table_out_of_range",
             DropReason::StaleBackend => "stale_backend",
             DropReason::SpoofedReply => "spoofed_reply",
+            DropReason::EncapFromNonNode => "encap_from_non_node",
+            DropReason::EncapMalformed => "encap_malformed",
+            DropReason::NotLocal => "not_local",
+            DropReason::TooBig => "too_big",
+            DropReason::NoRouteToNode => "no_route_to_node",
         }
     }
 }
@@ -524,4 +715,6 @@ mod pod {
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for NodeValue {}
     unsafe impl aya::Pod for CtLifetimes {}
+    unsafe impl aya::Pod for FwdValue {}
+    unsafe impl aya::Pod for NodeConfig {}
 }

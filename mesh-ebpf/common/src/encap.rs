@@ -13,7 +13,7 @@
 //! and strip it; the header bytes are written and read here, so the host
 //! runs the same code.
 
-use crate::abi::{ENCAP_LEN, ENCAP_VERSION, EncapHdr, ETH_P_IP, IPPROTO_UDP};
+use crate::abi::{ENCAP_LEN, ENCAP_VERSION, ETH_P_IP, EncapHdr, IPPROTO_UDP};
 use crate::csum;
 use crate::parse::{self, ETH_HLEN, IP_HLEN_MIN, Ip4, UDP_HLEN};
 use crate::pkt::Pkt;

@@ -29,10 +29,13 @@
 //! shapes, in plain collections).
 
 use crate::abi::{
-    BE_F_LOCAL, Backend, CT_CLOSING, CT_OPEN, CT_SYN, CTF_RECOVERED, CtLifetimes, CtValue,
-    DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SvcKey, SvcValue,
+    BE_F_LOCAL, Backend, CT_CLOSING, CT_OPEN, CT_SYN, CTF_RECOVERED, Counter, CtLifetimes, CtValue,
+    DropReason, ENCAP_F_DIRECT, ENCAP_K_REPLY, ENCAP_K_REQUEST, ENCAP_VERSION, EncapHdr, FlowKey4,
+    FwdValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NodeConfig, NodeValue, ReplyKey4,
+    SVC_F_REPLY_DIRECT, SvcKey, SvcValue,
 };
 use crate::csum;
+use crate::encap::{self, Encapsulated, Outer};
 use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
 use crate::parse::{
@@ -66,6 +69,21 @@ pub trait Tables {
     /// Whether a TCP socket of this node (not a listener) owns the flow's
     /// 4-tuple, as the packet carries it (source: the remote end).
     fn host_socket(&self, key: &FlowKey4) -> bool;
+    /// Records, in an unconfirmed TCP flow's entry, the acknowledgment
+    /// number that completes its handshake.
+    fn ct_answered(&self, key: &FlowKey4, ack_be: u32);
+    /// This node's settings (address, encapsulation port, MTU).
+    fn config(&self) -> NodeConfig;
+    /// The node in slot `slot`, if the slot is in use.
+    fn node(&self, slot: u32) -> Option<NodeValue>;
+    /// Whether `addr` is the address of a node of the swarm.
+    fn is_node(&self, addr: u32) -> bool;
+    /// The local backend slot of a task by its identity in the swarm.
+    fn local_backend(&self, key: &ReplyKey4) -> Option<u32>;
+    /// What this node keeps of a flow another node forwarded to it.
+    fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue>;
+    fn fwd_put(&self, key: &FlowKey4, v: &FwdValue);
+    fn count(&self, c: Counter);
     /// Entry `index` of the Maglev map: a backend id.
     fn maglev(&self, index: u32) -> Option<u32>;
     /// The backend in slot `id`, if the slot is in use (its generation
@@ -83,6 +101,30 @@ pub enum Verdict {
     /// Rewritten for a task on this node: deliver it there.
     Local {
         backend_id: u32,
+    },
+    /// Rewritten for a task on another node: encapsulate it there (make
+    /// `ENCAP_LEN` bytes of room behind the Ethernet header, write `outer`,
+    /// route to its destination).
+    Forward {
+        outer: Outer,
+    },
+    /// Too big to encapsulate: answer the client with "fragmentation
+    /// needed" from the address it sent to (`from`), next-hop MTU `mtu`.
+    TooBig {
+        from: u32,
+        mtu: u16,
+    },
+    /// Encapsulated, from another node, for this one: strip `ENCAP_LEN`
+    /// bytes behind the Ethernet header, then [`decap_request`] or
+    /// [`decap_reply`] by `info.hdr.kind`.
+    Decap {
+        info: Encapsulated,
+    },
+    /// Rewritten for a client (a reply another node sent back): route it
+    /// from `saddr` to `daddr` and send it.
+    Out {
+        saddr: u32,
+        daddr: u32,
     },
 }
 
@@ -105,6 +147,21 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     let Some((sport, dport)) = parse::ports(pkt, &ip) else {
         return Verdict::Pass;
     };
+    // Another node's packet for this one: only from a node, only to an
+    // address of this node.
+    let cfg = t.config();
+    if ip.proto == IPPROTO_UDP && dport == cfg.encap_port_be && t.is_node_addr4(ip.daddr) {
+        return match encap::read(pkt, &ip, cfg.encap_port_be) {
+            None => Verdict::Pass,
+            Some(_) if !t.is_node(ip.saddr) => Verdict::Drop(DropReason::EncapFromNonNode),
+            Some(Ok(info))
+                if info.hdr.kind == ENCAP_K_REQUEST || info.hdr.kind == ENCAP_K_REPLY =>
+            {
+                Verdict::Decap { info }
+            }
+            Some(_) => Verdict::Drop(DropReason::EncapMalformed),
+        };
+    }
     let key = SvcKey {
         port_be: dport,
         proto: ip.proto,
@@ -214,6 +271,11 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
             }
             Err(r) => return Verdict::Drop(r),
         }
+        // A task on a node the node map does not hold (yet): nothing to
+        // track.
+        if be.flags & BE_F_LOCAL == 0 && t.node(be.node_id).is_none() {
+            return Verdict::Drop(DropReason::RemoteBackend);
+        }
         let (state, cflags) = if ip.proto != IPPROTO_TCP {
             (CT_OPEN, 0)
         } else if syn {
@@ -221,9 +283,10 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         } else {
             (next_state(ip.proto, CT_OPEN, flags), CTF_RECOVERED)
         };
-        if be.flags & BE_F_LOCAL != 0 {
+        {
             // One entry serves both directions: replies find it through
-            // the backend's reply candidates (see `rev`).
+            // the backend's reply candidates (see `rev`), or come back
+            // encapsulated from the backend's node.
             t.ct_new_put(
                 &flow,
                 &CtValue {
@@ -242,7 +305,7 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         }
     }
     if be.flags & BE_F_LOCAL == 0 {
-        return Verdict::Drop(DropReason::RemoteBackend);
+        return forward(pkt, &ip, t, &svc, &be, &cfg, syn, sport, new_flow);
     }
     if dnat(pkt, &ip, be.addr[0], be.port_be).is_none() {
         // Unreachable after check_l4; kept so no path writes half a packet
@@ -293,6 +356,199 @@ fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
     }
     t.account(svc_id, pkt.len() as u64, false);
     Verdict::Local { backend_id }
+}
+
+/// A client's packet for a task on another node: DNAT to the task's
+/// identity, the MSS of a SYN lowered to what fits once encapsulated, the
+/// outer headers for the caller to write. A packet that would not fit is
+/// answered with "fragmentation needed" instead.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn forward<T: Tables>(
+    pkt: &Pkt,
+    ip: &parse::Ip4,
+    t: &T,
+    svc: &SvcValue,
+    be: &Backend,
+    cfg: &NodeConfig,
+    syn: bool,
+    sport: u16,
+    new_flow: bool,
+) -> Verdict {
+    let Some(node) = t.node(be.node_id) else {
+        return Verdict::Drop(DropReason::RemoteBackend);
+    };
+    let len = ip.l3_end - ETH_HLEN;
+    if !encap::fits(len, cfg.mtu) {
+        return Verdict::TooBig {
+            from: ip.daddr,
+            mtu: (cfg.mtu as usize - crate::abi::ENCAP_LEN) as u16,
+        };
+    }
+    let (orig_daddr, orig_dport) = (ip.daddr, pkt.load::<u16>(ip.l4_off + L4_DPORT).unwrap_or(0));
+    if dnat(pkt, ip, be.addr[0], be.port_be).is_none() {
+        return Verdict::Drop(DropReason::L4Truncated);
+    }
+    if syn {
+        clamp_mss(pkt, ip, encap::mss(cfg.mtu), t);
+    }
+    t.account(svc.svc_id, pkt.len() as u64, new_flow);
+    t.count(Counter::Forwarded);
+    let flags = if svc.flags & SVC_F_REPLY_DIRECT != 0 {
+        ENCAP_F_DIRECT
+    } else {
+        0
+    };
+    Verdict::Forward {
+        outer: Outer {
+            saddr: cfg.self_addr,
+            daddr: node.addr[0],
+            sport_be: encap::source_port(flow_hash4(ip.saddr, sport, orig_dport, ip.proto)),
+            dport_be: cfg.encap_port_be,
+            hdr: EncapHdr {
+                version: ENCAP_VERSION,
+                kind: ENCAP_K_REQUEST,
+                flags,
+                _pad0: 0,
+                orig_daddr,
+                orig_dport_be: orig_dport,
+                _pad1: 0,
+            },
+        },
+    }
+}
+
+/// Lowers the MSS option of a TCP SYN (or SYN-ACK) to `max` if it is
+/// above, fixing the TCP checksum; says whether it did.
+#[inline(always)]
+pub fn clamp_mss<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, max: u16, t: &T) -> bool {
+    let (off, mss) = parse::tcp_mss(pkt, ip);
+    if off == 0 || mss <= max {
+        return false;
+    }
+    let Some(check) = pkt.load::<u16>(ip.l4_off + parse::TCP_CSUM) else {
+        return false;
+    };
+    let (old, new) = (mss.to_be(), max.to_be());
+    let new_check = csum::Delta::default().add16(old, new).apply(check);
+    if pkt.store(off, new).is_none() {
+        return false;
+    }
+    let _ = pkt.store(ip.l4_off + parse::TCP_CSUM, new_check);
+    t.count(Counter::MssClamped);
+    true
+}
+
+/// An encapsulated client packet, once stripped to its inner datagram:
+/// for the local task its destination names (by identity: DNAT to where
+/// this node delivers, when that differs). Its flow's ingress node and
+/// the address and port the client used are kept for the task's replies;
+/// a flow that now comes through another ingress node moves its replies
+/// there. Never re-picked, never re-forwarded.
+#[inline(always)]
+pub fn decap_request<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdict {
+    let Some(ip) = parse::ipv4_any(pkt) else {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    };
+    if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP)
+        || ip.first_fragment
+        || ip.later_fragment
+    {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    }
+    let Some((sport, dport)) = parse::ports(pkt, &ip) else {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    };
+    if parse::check_l4(pkt, &ip).is_err() {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    }
+    let key = ReplyKey4 {
+        addr: ip.daddr,
+        port_be: dport,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    let Some(slot) = t.local_backend(&key) else {
+        return Verdict::Drop(DropReason::NotLocal);
+    };
+    let be = match t.backend(slot) {
+        Some(b) if b.flags & BE_F_LOCAL != 0 => b,
+        _ => return Verdict::Drop(DropReason::NotLocal),
+    };
+    if (be.addr[0] != ip.daddr || be.port_be != dport)
+        && dnat(pkt, &ip, be.addr[0], be.port_be).is_none()
+    {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    }
+    let flow = FlowKey4 {
+        saddr: ip.saddr,
+        daddr: be.addr[0],
+        sport_be: sport,
+        dport_be: be.port_be,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let now = t.now();
+    let want = FwdValue {
+        ingress: info.from,
+        orig_daddr: info.hdr.orig_daddr,
+        orig_dport_be: info.hdr.orig_dport_be,
+        flags: info.hdr.flags,
+        _pad0: 0,
+        seen: now,
+    };
+    if t.fwd_get(&flow) != Some(want) {
+        t.fwd_put(&flow, &want);
+    }
+    t.count(Counter::Decapsulated);
+    Verdict::Local { backend_id: slot }
+}
+
+/// An encapsulated reply, once stripped: a task on another node answered
+/// a flow that came in through this node, and its node already gave it
+/// the address and port the client sent to. Sent on to the client; its
+/// answer confirms the flow here as a local task's would.
+#[inline(always)]
+pub fn decap_reply<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
+    let Some(ip) = parse::ipv4_any(pkt) else {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    };
+    if (ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP) || ip.later_fragment {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    }
+    // Only as this node: never a relay for other sources.
+    if !t.is_node_addr4(ip.saddr) {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    }
+    let Some((sport, dport)) = parse::ports(pkt, &ip) else {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    };
+    if parse::check_l4(pkt, &ip).is_err() {
+        return Verdict::Drop(DropReason::EncapMalformed);
+    }
+    let flow = FlowKey4 {
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+        sport_be: dport,
+        dport_be: sport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    if let Some(ct) = t.ct_new_get(&flow) {
+        let answer = crate::rev::answer_of(pkt, &ip);
+        if answer.kind == crate::rev::Answer::SYN_ACK {
+            t.ct_answered(&flow, answer.ack_be);
+        } else if answer.kind == crate::rev::Answer::DATA
+            && (ip.proto != IPPROTO_TCP || ct.flags & CTF_RECOVERED != 0)
+        {
+            t.ct_confirm(&flow, &ct);
+        }
+    }
+    t.count(Counter::RepliesFromBackends);
+    Verdict::Out {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+    }
 }
 
 /// Where a flow's live entry is.

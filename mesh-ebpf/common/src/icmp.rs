@@ -91,3 +91,71 @@ pub fn rewrite(
         csum::update32(old_ip_csum, old_outer, addr),
     )
 }
+
+/// What an ICMP "fragmentation needed" about a client's packet quotes: its
+/// IPv4 header (without options) and the first 8 bytes of its TCP/UDP
+/// header, which is all a client needs to find its socket.
+pub const TOO_BIG_QUOTE: usize = crate::parse::IP_HLEN_MIN + 8;
+/// The whole frame of such an error: Ethernet, IPv4, ICMP, the quote.
+pub const TOO_BIG_FRAME: usize = ETH_HLEN + crate::parse::IP_HLEN_MIN + 8 + TOO_BIG_QUOTE;
+/// Where the quote sits in it.
+pub const TOO_BIG_QUOTE_OFF: usize = TOO_BIG_FRAME - TOO_BIG_QUOTE;
+
+/// Writes "fragmentation needed" (next-hop MTU `mtu`) from `from` to
+/// `to`, Ethernet `src_mac` to `dst_mac`, into `pkt`: a frame of
+/// [`TOO_BIG_FRAME`] bytes whose quote (the client's packet) is already in
+/// place at [`TOO_BIG_QUOTE_OFF`].
+#[inline(always)]
+pub fn write_too_big(
+    pkt: &Pkt,
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    from: u32,
+    to: u32,
+    mtu: u16,
+) -> Option<()> {
+    let f = pkt.view::<TOO_BIG_FRAME>(0)?;
+    for i in 0..6 {
+        f.set::<u8>(i, dst_mac[i]);
+        f.set::<u8>(6 + i, src_mac[i]);
+    }
+    f.set::<u16>(12, crate::abi::ETH_P_IP.to_be());
+    let ip = ETH_HLEN;
+    let tot = (TOO_BIG_FRAME - ETH_HLEN) as u16;
+    let w0 = 0x45c0u16.to_be(); // TOS: internetwork control, as Linux sends ICMP errors
+    let w1 = tot.to_be();
+    let w4 = u16::from_be_bytes([64, crate::abi::IPPROTO_ICMP]).to_be();
+    let sum = w0 as u64
+        + w1 as u64
+        + w4 as u64
+        + (from & 0xffff) as u64
+        + (from >> 16) as u64
+        + (to & 0xffff) as u64
+        + (to >> 16) as u64;
+    f.set::<u16>(ip, w0);
+    f.set::<u16>(ip + 2, w1);
+    f.set::<u32>(ip + 4, 0);
+    f.set::<u16>(ip + 8, w4);
+    f.set::<u16>(ip + IP_CSUM, !csum::fold(sum));
+    f.set::<u32>(ip + IP_SADDR, from);
+    f.set::<u32>(ip + IP_DADDR, to);
+    let icmp = ip + crate::parse::IP_HLEN_MIN;
+    f.set::<u16>(
+        icmp,
+        u16::from_be_bytes([crate::parse::ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED]).to_be(),
+    );
+    f.set::<u16>(icmp + ICMP_CSUM, 0);
+    f.set::<u16>(icmp + 4, 0);
+    f.set::<u16>(icmp + 6, mtu.to_be());
+    // The ICMP checksum covers its header and the quote: 18 words (a
+    // loop of constant bounds, unrolled: every offset is known).
+    let mut s = 0u64;
+    for i in 0..(TOO_BIG_FRAME - ETH_HLEN - crate::parse::IP_HLEN_MIN) / 2 {
+        s += f.get::<u16>(icmp + 2 * i) as u64;
+    }
+    f.set::<u16>(icmp + ICMP_CSUM, !csum::fold(s));
+    Some(())
+}
+
+/// Destination unreachable, code: fragmentation needed and DF set.
+pub const ICMP_FRAG_NEEDED: u8 = 4;

@@ -27,6 +27,7 @@ extern crate std;
 
 pub mod abi;
 pub mod csum;
+pub mod encap;
 pub mod fwd;
 pub mod hash;
 pub mod icmp;

@@ -233,3 +233,68 @@ pub fn icmp_error(pkt: &Pkt, ip: &Ip4) -> Option<IcmpErr> {
         dport_be: pkt.load(inner_l4 + L4_DPORT)?,
     })
 }
+
+/// TCP option kinds.
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
+const TCPOLEN_MSS: u8 = 4;
+
+/// The options `tcp_mss` walks at most: a SYN carries four or five
+/// (MSS, SACK permitted, timestamps, window scale, NOPs between).
+const TCP_OPTS_WALK: usize = 12;
+
+/// The MSS option of a TCP segment whose header `check_l4` validated: the
+/// frame offset of its 2-byte value and the value (host order), or
+/// `(0, 0)` when it has none (or it is past the first options walked).
+#[inline(always)]
+pub fn tcp_mss(pkt: &Pkt, ip: &Ip4) -> (usize, u16) {
+    let r = tcp_mss_packed(pkt, ip.l4_off);
+    ((r >> 16) as usize, r as u16)
+}
+
+/// `tcp_mss`, packed in one register (offset << 16 | value), and never
+/// inlined: in BPF a subprogram, verified on its own paths, so the walk's
+/// branches do not multiply with its callers' (and the verifier's budget
+/// with them). (A pair, not an `Option`, crosses no join either: see the
+/// note in `fwd::process` on payloads the verifier sees undefined.)
+#[inline(never)]
+fn tcp_mss_packed(pkt: &Pkt, l4_off: usize) -> u32 {
+    let Some(doff) = pkt.load::<u8>(l4_off + TCP_DOFF) else {
+        return 0;
+    };
+    let end = l4_off + (doff >> 4) as usize * 4;
+    let mut off = l4_off + TCP_HLEN_MIN;
+    for _ in 0..TCP_OPTS_WALK {
+        if off >= end || off > 0xff00 {
+            break;
+        }
+        let Some(kind) = pkt.load::<u8>(off) else {
+            break;
+        };
+        if kind == TCPOPT_EOL {
+            break;
+        }
+        if kind == TCPOPT_NOP {
+            off += 1;
+            continue;
+        }
+        let Some(len) = pkt.load::<u8>(off + 1) else {
+            break;
+        };
+        if len < 2 {
+            break;
+        }
+        if kind == TCPOPT_MSS && len == TCPOLEN_MSS {
+            if off + 4 > end {
+                break;
+            }
+            let Some(v) = pkt.load::<u16>(off + 2) else {
+                break;
+            };
+            return (((off + 2) as u32) << 16) | u16::from_be(v) as u32;
+        }
+        off += len as usize;
+    }
+    0
+}

@@ -20,10 +20,13 @@
 //! helpers do to a packet with a complete checksum.
 
 use crate::abi::{
-    CTF_RECOVERED, CtValue, DropReason, FlowKey4, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    CTF_RECOVERED, CtValue, DropReason, FlowKey4, FwdValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
     MAX_REPLY_CANDS, ReplyCand, ReplyKey4, ReplyValue4,
 };
+use crate::abi::{ENCAP_F_DIRECT, ENCAP_K_REPLY, ENCAP_VERSION, EncapHdr, NodeConfig};
 use crate::csum;
+use crate::encap::{self, Outer};
+use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
 use crate::parse::{
     self, ETH_HLEN, IP_CSUM, IP_SADDR, IcmpErr, Ip4, L4_SPORT, TCP_FLAGS, TCP_HLEN_MIN, TCP_RST,
@@ -44,29 +47,58 @@ pub trait RevTables {
     /// Records, in an unconfirmed TCP flow's entry, the acknowledgment
     /// number that completes its handshake.
     fn ct_answered(&self, key: &FlowKey4, ack_be: u32);
+    /// A flow another node forwarded to this node's task, as the task sees
+    /// it (client address and port, the task's address and target port).
+    fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue>;
 }
 
 /// What a reply tells of its flow. (A struct with every field defined,
 /// not an enum with a payload: see the note in `fwd::process`.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Answer {
-    kind: u8,
+pub struct Answer {
+    pub kind: u8,
     /// For `SYN_ACK`: what the client's ACK must acknowledge (network
     /// order) to confirm the flow.
-    ack_be: u32,
+    pub ack_be: u32,
 }
 
 impl Answer {
     /// Nothing: a reset, or an ICMP error.
-    const NOTHING: u8 = 0;
+    pub const NOTHING: u8 = 0;
     /// A TCP SYN-ACK.
-    const SYN_ACK: u8 = 1;
+    pub const SYN_ACK: u8 = 1;
     /// Any other answer (UDP, TCP data or ACK): confirms a UDP flow, or a
     /// TCP flow picked up again after its entry was lost.
-    const DATA: u8 = 2;
+    pub const DATA: u8 = 2;
 
-    const fn of(kind: u8) -> Self {
+    pub const fn of(kind: u8) -> Self {
         Self { kind, ack_be: 0 }
+    }
+}
+
+/// What a TCP/UDP reply (whose L4 header `check_l4` validated) tells of
+/// its flow; a reset is no sign the flow is real.
+#[inline(always)]
+pub fn answer_of(pkt: &Pkt, ip: &Ip4) -> Answer {
+    if ip.proto != IPPROTO_TCP {
+        return Answer::of(Answer::DATA);
+    }
+    match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
+        Some(h) => {
+            let flags: u8 = h.get(TCP_FLAGS);
+            if flags & TCP_RST != 0 {
+                Answer::of(Answer::NOTHING)
+            } else if flags & TCP_SYN != 0 {
+                let seq = u32::from_be(h.get::<u32>(TCP_SEQ));
+                Answer {
+                    kind: Answer::SYN_ACK,
+                    ack_be: seq.wrapping_add(1).to_be(),
+                }
+            } else {
+                Answer::of(Answer::DATA)
+            }
+        }
+        None => Answer::of(Answer::NOTHING),
     }
 }
 
@@ -75,12 +107,17 @@ impl Answer {
 pub struct Reply {
     pub ip: Ip4,
     pub sport_be: u16,
+    /// The client's port (0 for an ICMP error).
+    pub dport_be: u16,
     /// The node address and published port the client connected to.
     pub addr: u32,
     pub port_be: u16,
     /// Set when the packet is the task's ICMP error about a client's
     /// datagram (then `sport_be` is unused).
     pub icmp: Option<IcmpErr>,
+    /// A flow another node forwarded here (`ingress != 0`): its replies go
+    /// back to `ingress`, or straight to the client (`ENCAP_F_DIRECT`).
+    pub fwd: FwdValue,
 }
 
 /// Finds the flow a local task's packet replies to, if it is a mesh flow:
@@ -102,7 +139,7 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
         if e.daddr != ip.saddr {
             return Ok(None);
         }
-        let Some(c) = find(
+        let Some((c, fwd)) = find(
             t,
             e.daddr,
             e.dport_be,
@@ -118,9 +155,11 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
         return Ok(Some(Reply {
             ip,
             sport_be: 0,
+            dport_be: 0,
             addr: c.addr,
             port_be: c.port_be,
             icmp: Some(e),
+            fwd,
         }));
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP || ip.later_fragment {
@@ -132,29 +171,8 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
     if parse::check_l4(pkt, &ip).is_err() {
         return Ok(None);
     }
-    // A reset is no sign the flow is real: it confirms nothing.
-    let answer = if ip.proto == IPPROTO_TCP {
-        match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
-            Some(h) => {
-                let flags: u8 = h.get(TCP_FLAGS);
-                if flags & TCP_RST != 0 {
-                    Answer::of(Answer::NOTHING)
-                } else if flags & TCP_SYN != 0 {
-                    let seq = u32::from_be(h.get::<u32>(TCP_SEQ));
-                    Answer {
-                        kind: Answer::SYN_ACK,
-                        ack_be: seq.wrapping_add(1).to_be(),
-                    }
-                } else {
-                    Answer::of(Answer::DATA)
-                }
-            }
-            None => return Ok(None),
-        }
-    } else {
-        Answer::of(Answer::DATA)
-    };
-    let Some(c) = find(
+    let answer = answer_of(pkt, &ip);
+    let Some((c, fwd)) = find(
         t, ip.saddr, sport, ip.daddr, dport, ip.proto, ifindex, answer,
     )?
     else {
@@ -163,16 +181,19 @@ pub fn lookup<T: RevTables>(pkt: &Pkt, t: &T, ifindex: u32) -> Result<Option<Rep
     Ok(Some(Reply {
         ip,
         sport_be: sport,
+        dport_be: dport,
         addr: c.addr,
         port_be: c.port_be,
         icmp: None,
+        fwd,
     }))
 }
 
 /// The (node address, published port) of the flow between a local task
 /// (`task`, `tport`) and a client (`client`, `cport`): confirmed flows
 /// first, then unconfirmed ones (which `answer` may confirm, or record the
-/// handshake's completion for).
+/// handshake's completion for), then flows other nodes forwarded here
+/// (with what this node keeps of them).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn find<T: RevTables>(
@@ -184,7 +205,7 @@ fn find<T: RevTables>(
     proto: u8,
     ifindex: u32,
     answer: Answer,
-) -> Result<Option<ReplyCand>, DropReason> {
+) -> Result<Option<(ReplyCand, FwdValue)>, DropReason> {
     let Some(r) = t.reply(&ReplyKey4 {
         addr: task,
         port_be: tport,
@@ -212,7 +233,7 @@ fn find<T: RevTables>(
             break;
         }
         if t.ct_get(&flow(c)).is_some_and(|ct| ours(&ct)) {
-            return Ok(Some(*c));
+            return Ok(Some((*c, FwdValue::default())));
         }
     }
     for (i, c) in cands.iter().enumerate().take(MAX_REPLY_CANDS) {
@@ -230,10 +251,54 @@ fn find<T: RevTables>(
             {
                 t.ct_confirm(&key, &ct);
             }
-            return Ok(Some(*c));
+            return Ok(Some((*c, FwdValue::default())));
         }
     }
+    let fwd = FlowKey4 {
+        saddr: client,
+        daddr: task,
+        sport_be: cport,
+        dport_be: tport,
+        proto,
+        _pad: [0; 3],
+    };
+    if let Some(v) = t.fwd_get(&fwd) {
+        let c = ReplyCand {
+            addr: v.orig_daddr,
+            port_be: v.orig_dport_be,
+            _pad: 0,
+        };
+        return Ok(Some((c, v)));
+    }
     Ok(None)
+}
+
+/// Whether reply `r` (of a flow another node forwarded here) goes back
+/// to that node, encapsulated; otherwise it goes to the client from here.
+#[inline(always)]
+pub fn via_ingress(r: &Reply) -> bool {
+    r.fwd.ingress != 0 && r.fwd.flags & ENCAP_F_DIRECT == 0
+}
+
+/// The outer headers that carry reply `r` (already rewritten) back to its
+/// flow's ingress node: the same UDP source port as the flow's requests.
+#[inline(always)]
+pub fn reply_outer(r: &Reply, cfg: &NodeConfig) -> Outer {
+    Outer {
+        saddr: cfg.self_addr,
+        daddr: r.fwd.ingress,
+        sport_be: encap::source_port(flow_hash4(r.ip.daddr, r.dport_be, r.port_be, r.ip.proto)),
+        dport_be: cfg.encap_port_be,
+        hdr: EncapHdr {
+            version: ENCAP_VERSION,
+            kind: ENCAP_K_REPLY,
+            flags: 0,
+            _pad0: 0,
+            orig_daddr: r.addr,
+            orig_dport_be: r.port_be,
+            _pad1: 0,
+        },
+    }
 }
 
 /// Rewrites a task's ICMP error (direct writes: ICMP carries no partial

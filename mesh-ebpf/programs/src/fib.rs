@@ -30,10 +30,42 @@ pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ingress_ifindex }
 }
 
-/// Routes the (rewritten) packet as the kernel would forward it, writes
-/// the Ethernet addresses and redirects it to the egress device.
+/// Where the FIB sends a packet: the lookup's result code, the egress
+/// device, and (on success) the Ethernet addresses to write.
+pub struct Route {
+    pub rc: i64,
+    pub ifindex: u32,
+    dmac: (u32, u16),
+    smac: (u32, u16),
+}
+
+impl Route {
+    pub fn found(&self) -> bool {
+        self.rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+    }
+
+    /// The route exists but the next hop's neighbour entry does not yet.
+    pub fn no_neigh(&self) -> bool {
+        self.rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64
+    }
+
+    /// Writes the route's Ethernet addresses into `pkt`.
+    #[inline(always)]
+    pub fn write_macs(&self, pkt: &Pkt) -> Option<()> {
+        let eth = pkt.view::<ETH_MACS>(0)?;
+        eth.set(ETH_DST, self.dmac.0);
+        eth.set(ETH_DST + 4, self.dmac.1);
+        eth.set(ETH_SRC, self.smac.0);
+        eth.set(ETH_SRC + 4, self.smac.1);
+        Some(())
+    }
+}
+
+/// Looks up the route of a packet from `saddr` to `daddr` arriving on
+/// `ifindex`, as the kernel would forward it. `ctx` is the program's
+/// context (XDP or TC).
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> i32 {
+pub fn route(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) -> Route {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -42,27 +74,32 @@ pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32)
     p.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: helper call with a valid context and parameter block.
     let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
+        bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0)
     };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let Some(eth) = pkt.view::<ETH_MACS>(0) else {
+    Route {
+        rc,
+        ifindex: p.ifindex,
+        dmac: mac(&p.dmac),
+        smac: mac(&p.smac),
+    }
+}
+
+/// Routes the (rewritten) packet as the kernel would forward it, writes
+/// the Ethernet addresses and redirects it to the egress device.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> i32 {
+    let r = route(ctx.skb.skb as *mut _, saddr, daddr, ifindex);
+    let p = &r;
+    let rc = r.rc;
+    if r.found() {
+        if r.write_macs(pkt).is_none() {
             count_drop(DropReason::RewriteFailed);
             return TC_ACT_SHOT;
-        };
-        let (d, s) = (mac(&p.dmac), mac(&p.smac));
-        eth.set(ETH_DST, d.0);
-        eth.set(ETH_DST + 4, d.1);
-        eth.set(ETH_SRC, s.0);
-        eth.set(ETH_SRC + 4, s.1);
+        }
         // SAFETY: helper call.
         return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+    if r.no_neigh() {
         // The kernel resolves the neighbour (ARP) and transmits.
         // SAFETY: helper call; no explicit next hop.
         return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;

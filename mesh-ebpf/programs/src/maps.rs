@@ -76,10 +76,42 @@ pub static SVC_STATS: PerCpuArray<SvcStats> =
 #[map(name = "MESH_DROPS_V1")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
 
-/// The swarm's nodes by slot (`Backend::node_id`). Not read yet: the
-/// forwarding to other nodes will.
+/// The swarm's nodes by slot (`Backend::node_id`): where forwarded flows go.
 #[map(name = "MESH_NODES_V1")]
 pub static NODES: Array<NodeValue> = Array::with_max_entries(DEFAULT_MAX_NODES, 0);
+
+/// Node addresses: encapsulated packets come only from these.
+#[map(name = "MESH_NODEIP4_V1")]
+pub static NODE_BY_ADDR4: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_NODES, 0);
+
+/// Local backends by identity.
+#[map(name = "MESH_LOCAL4_V1")]
+pub static LOCAL4: HashMap<ReplyKey4, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Flows other nodes forwarded to local tasks.
+#[map(name = "MESH_FWD4_V1")]
+pub static FWD4: LruHashMap<FlowKey4, FwdValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "MESH_CNT_V1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTERS, 0);
+
+/// This node's settings: one element.
+#[map(name = "MESH_CFG_V1")]
+pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn config() -> NodeConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
 
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
@@ -171,9 +203,57 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn ct_answered(&self, key: &FlowKey4, ack_be: u32) {
+        RevTables::ct_answered(self, key, ack_be)
+    }
+
+    #[inline(always)]
+    fn config(&self) -> NodeConfig {
+        config()
+    }
+
+    #[inline(always)]
+    fn node(&self, slot: u32) -> Option<NodeValue> {
+        NODES.get(slot).filter(|n| n.gen_ != 0).copied()
+    }
+
+    #[inline(always)]
+    fn is_node(&self, addr: u32) -> bool {
+        // SAFETY: only presence is read.
+        unsafe { NODE_BY_ADDR4.get(&addr) }.is_some()
+    }
+
+    #[inline(always)]
+    fn local_backend(&self, key: &ReplyKey4) -> Option<u32> {
+        // SAFETY: copied at once.
+        unsafe { LOCAL4.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
+        // SAFETY: copied at once.
+        unsafe { FWD4.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn fwd_put(&self, key: &FlowKey4, v: &FwdValue) {
+        let _ = FWD4.insert(key, v, 0);
+    }
+
+    #[inline(always)]
+    fn count(&self, c: Counter) {
+        count(c)
+    }
+
+    #[inline(always)]
     fn host_socket(&self, key: &FlowKey4) -> bool {
+        // 8-aligned: LLVM zeroes it with 8-byte stores, and the verifier
+        // refuses a misaligned stack access.
+        #[repr(C, align(8))]
+        struct Tuple(bpf_sock_tuple);
         // SAFETY: an all-zero tuple is valid; filled below.
-        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let mut t: Tuple = unsafe { core::mem::zeroed() };
+        let tuple = &mut t.0;
         tuple.__bindgen_anon_1.ipv4.saddr = key.saddr;
         tuple.__bindgen_anon_1.ipv4.daddr = key.daddr;
         tuple.__bindgen_anon_1.ipv4.sport = key.sport_be;
@@ -183,7 +263,7 @@ impl Tables for Maps {
         unsafe {
             let sk = bpf_skc_lookup_tcp(
                 self.ctx,
-                &mut tuple,
+                tuple,
                 core::mem::size_of::<[u32; 3]>() as u32,
                 BPF_F_CURRENT_NETNS as u64,
                 0,
@@ -257,6 +337,11 @@ impl RevTables for Maps {
             // SAFETY: a live map value; one word store.
             unsafe { (*p).ack_be = ack_be };
         }
+    }
+
+    #[inline(always)]
+    fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
+        Tables::fwd_get(self, key)
     }
 }
 

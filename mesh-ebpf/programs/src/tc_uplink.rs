@@ -3,12 +3,16 @@
 //! and names the backend, and the packet goes straight to the task's
 //! device with a FIB lookup towards the backend's address and
 //! `bpf_redirect`, so it never depends on netfilter's FORWARD chain
-//! accepting it. Everything else goes on into the stack untouched.
+//! accepting it. A packet XDP encapsulated for another node but could not
+//! send (the next hop's neighbour entry was missing) goes out with
+//! `bpf_redirect_neigh`, which resolves it. Everything else goes on into
+//! the stack untouched.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
-use mesh_common::abi::{BE_F_LOCAL, DropReason, XDP_META_MAGIC, XdpMeta};
+use aya_ebpf::helpers::bpf_redirect_neigh;
+use mesh_common::abi::{BE_F_LOCAL, DropReason, XDP_META_MAGIC, XDP_META_NEIGH, XdpMeta};
 use mesh_common::parse::{ETH_HLEN, IP_HLEN_MIN, IP_SADDR};
 use mesh_common::pkt::Pkt;
 
@@ -31,6 +35,10 @@ pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     }
     // SAFETY: bounds checked just above.
     let m = unsafe { core::ptr::read_unaligned(meta as *const XdpMeta) };
+    if m.magic == XDP_META_NEIGH {
+        // SAFETY: helper call; the kernel resolves the next hop.
+        return unsafe { bpf_redirect_neigh(m.backend_id, core::ptr::null_mut(), 0, 0) } as i32;
+    }
     if m.magic != XDP_META_MAGIC {
         return TC_ACT_UNSPEC;
     }

@@ -22,7 +22,7 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
     let mut source = FileSource::new(path, port_range.clone()).recall_from(state_dir);
     let state = source.read().state.or_config()?;
     let node = &cfg.node;
-    let d = plan::vet(&state, node, &cfg.node_addrs, &cfg.limits).or_config()?;
+    let d = plan::vet(&state, node, &cfg.node_addrs, &cfg.forwarding, &cfg.limits).or_config()?;
     println!(
         "{}: valid; node {node} answers on {:?}",
         path.display(),
@@ -30,8 +30,12 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
     );
     for ((proto, port), svc) in &d.services {
         let local = svc.backends.iter().filter(|b| b.local).count();
+        let reply = match svc.reply.unwrap_or(cfg.forwarding.reply) {
+            crate::model::ReplyMode::ViaIngress => "via-ingress",
+            crate::model::ReplyMode::Direct => "direct",
+        };
         println!(
-            "  {proto}/{port} -> {} target {} ({} tasks, {local} on this node)",
+            "  {proto}/{port} -> {} target {} ({} tasks, {local} on this node), replies {reply}",
             svc.name,
             svc.target,
             svc.backends.len()

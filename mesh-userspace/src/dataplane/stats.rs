@@ -18,6 +18,7 @@ pub struct ServiceIndex(pub Vec<(String, Proto, u16, u32)>);
 pub struct StatsReader {
     services: PerCpuArray<MapData, SvcStats>,
     drops: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
     /// The conntrack tables, by the label `/metrics` gives them.
     conntrack: Vec<(&'static str, MapData)>,
 }
@@ -36,10 +37,12 @@ impl StatsReader {
         Ok(Self {
             services: PerCpuArray::try_from(Map::PerCpuArray(dup(ebpf, MAP_SVC_STATS)?))?,
             drops: PerCpuArray::try_from(Map::PerCpuArray(dup(ebpf, MAP_DROPS)?))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(dup(ebpf, MAP_COUNTERS)?))?,
             conntrack: vec![
                 ("tcp", dup(ebpf, MAP_CT4)?),
                 ("udp", dup(ebpf, MAP_CT4_UDP)?),
                 ("unconfirmed", dup(ebpf, MAP_CT4_NEW)?),
+                ("forwarded", dup(ebpf, MAP_FWD4)?),
             ],
         })
     }
@@ -56,6 +59,16 @@ impl StatsReader {
                 sum.new_flows += s.new_flows;
             }
             out.push((name.clone(), *proto, *port, sum));
+        }
+        Ok(out)
+    }
+
+    /// The forwarding counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let mut out = Vec::new();
+        for c in Counter::ALL {
+            let v = self.counters.get(&(c as u32), 0)?;
+            out.push((c, v.iter().sum()));
         }
         Ok(out)
     }

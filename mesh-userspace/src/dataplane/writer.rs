@@ -27,6 +27,9 @@ pub struct MapWriter {
     nodes: Array<MapData, NodeValue>,
     stats: PerCpuArray<MapData, SvcStats>,
     replies: BpfHashMap<MapData, ReplyKey4, ReplyValue4>,
+    node_index: BpfHashMap<MapData, u32, u32>,
+    locals: BpfHashMap<MapData, ReplyKey4, u32>,
+    config: Array<MapData, NodeConfig>,
     maglev: MmapU32,
     ports: MmapU32,
     addrs: MmapU32,
@@ -49,6 +52,9 @@ impl MapWriter {
             nodes: take(ebpf, MAP_NODES)?.try_into()?,
             stats: take(ebpf, MAP_SVC_STATS)?.try_into()?,
             replies: take(ebpf, MAP_REPLY4)?.try_into()?,
+            node_index: take(ebpf, MAP_NODE_BY_ADDR4)?.try_into()?,
+            locals: take(ebpf, MAP_LOCAL4)?.try_into()?,
+            config: take(ebpf, MAP_CONFIG)?.try_into()?,
             maglev,
             ports,
             addrs,
@@ -101,10 +107,12 @@ impl Writer for MapWriter {
                 }
             }
             Op::PutReply(k, v) => self.replies.insert(k, v, 0)?,
-            Op::DelReply(k) => match self.replies.remove(k) {
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                r => r?,
-            },
+            Op::DelReply(k) => ignore_missing(self.replies.remove(k))?,
+            Op::PutConfig(c) => self.config.set(0, c, 0)?,
+            Op::PutNodeIndex(a, slot) => self.node_index.insert(a, slot, 0)?,
+            Op::DelNodeIndex(a) => ignore_missing(self.node_index.remove(a))?,
+            Op::PutLocal(k, slot) => self.locals.insert(k, slot, 0)?,
+            Op::DelLocal(k) => ignore_missing(self.locals.remove(k))?,
         }
         Ok(())
     }
@@ -216,6 +224,14 @@ mod failpoint {
             anyhow::bail!("injected failure of map write {n} (MESH_TEST_FAIL_WRITE)");
         }
         Ok(())
+    }
+}
+
+/// A delete of what is gone already is done.
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        r => Ok(r?),
     }
 }
 

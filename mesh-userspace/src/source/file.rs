@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 
 use super::ports::{self, PortMemory, Wanted};
 use super::{Update, Updates};
-use crate::model::{Invalid, Port, Proto, Service, State, Task};
+use crate::model::{Invalid, Port, Proto, ReplyMode, Service, State, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -84,6 +84,8 @@ struct RawNode {
 struct RawService {
     name: String,
     ports: Vec<RawPort>,
+    /// "via-ingress" or "direct".
+    reply: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -186,9 +188,19 @@ fn from_raw(
                 }
             })
             .collect();
+        let reply = match &s.reply {
+            None => None,
+            Some(r) => Some(ReplyMode::parse(r).ok_or_else(|| {
+                Invalid::new(
+                    format!("services[{}].reply", state.services.len()),
+                    format!("{r:?} is not \"via-ingress\" or \"direct\""),
+                )
+            })?),
+        };
         state.services.push(Service {
             name: s.name.clone(),
             ports,
+            reply,
         });
     }
     for (i, t) in raw.tasks.into_iter().enumerate() {

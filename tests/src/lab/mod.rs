@@ -33,7 +33,7 @@ pub use cluster::Cluster;
 pub use meshd::{
     ADMIN, Meshd, MeshdRun, attached_programs, http_get, meshd_path, parse_metric, tc_mode,
 };
-pub use shell::{exec, guard_routes, in_netns, ip, sh, slot_namespaces};
+pub use shell::{exec, guard_routes, in_netns, ip, retry, sh, slot_namespaces};
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
 pub use task::{Conn, TCP_TARGET, TaskServer, UDP_TARGET};
 pub use topology::{Topology, TopologyBuilder};

@@ -136,3 +136,23 @@ pub fn ensure_guard_routes() -> Result<()> {
     }
     Ok(())
 }
+
+/// Calls `f` until it succeeds, for at most `timeout` (every 50 ms); the
+/// last error, with what was awaited, if it never does. For conditions
+/// with no signal to wait on.
+pub fn retry<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context(format!("{what}: still failing after {timeout:?}")));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}

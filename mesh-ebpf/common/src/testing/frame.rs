@@ -431,3 +431,42 @@ impl IcmpErrSpec {
         .build()
     }
 }
+
+/// The outer headers of a packet one node carries to another (see
+/// `crate::encap`), from scratch: IPv4 (DF, identification 0, TTL 64)
+/// and UDP without a checksum, then the 12-byte mesh header.
+#[derive(Clone, Debug)]
+pub struct EncapSpec {
+    pub from: Ipv4Addr,
+    pub to: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub version: u8,
+    pub kind: u8,
+    pub flags: u8,
+    /// The address and published port the client sent to.
+    pub orig: (Ipv4Addr, u16),
+}
+
+impl EncapSpec {
+    /// `inner`'s datagram behind these headers, in an Ethernet frame with
+    /// `inner`'s MACs.
+    pub fn build(&self, inner: &Spec) -> Vec<u8> {
+        let mut payload = vec![self.version, self.kind, self.flags, 0];
+        payload.extend_from_slice(&self.orig.0.octets());
+        payload.extend_from_slice(&self.orig.1.to_be_bytes());
+        payload.extend_from_slice(&[0, 0]);
+        payload.extend_from_slice(&inner.datagram());
+        Spec {
+            dst_mac: inner.dst_mac,
+            src_mac: inner.src_mac,
+            ident: 0,
+            frag: IP_DF,
+            ttl: 64,
+            udp_csum: UdpCsum::None,
+            payload,
+            ..Spec::new(IPPROTO_UDP, self.from, self.sport, self.to, self.dport)
+        }
+        .build()
+    }
+}

@@ -83,6 +83,16 @@ pub struct HostMaps {
     lifetimes: CtLifetimes,
     /// TCP sockets of "the node", as a packet to them carries the 4-tuple.
     host_sockets: HashSet<FlowKey4>,
+    /// `MAP_CONFIG`.
+    config: NodeConfig,
+    /// `MAP_NODE_BY_ADDR4`.
+    node_by_addr: HashMap<u32, u32>,
+    /// `MAP_LOCAL4`.
+    local: HashMap<ReplyKey4, u32>,
+    /// `MAP_FWD4`. Unbounded, as conntrack.
+    fwd: RefCell<HashMap<FlowKey4, FwdValue>>,
+    /// `MAP_COUNTERS` (one CPU).
+    counters: RefCell<[u64; MAX_COUNTERS as usize]>,
     /// `MAP_REPLY4`.
     replies: HashMap<ReplyKey4, ReplyValue4>,
     /// `MAP_SVC_STATS`, by svc id (one CPU).
@@ -109,6 +119,15 @@ impl HostMaps {
             now: Cell::new(1000),
             lifetimes: CtLifetimes::default(),
             host_sockets: HashSet::new(),
+            config: NodeConfig {
+                encap_port_be: DEFAULT_ENCAP_PORT.to_be(),
+                mtu: 1500,
+                ..Default::default()
+            },
+            node_by_addr: HashMap::new(),
+            local: HashMap::new(),
+            fwd: RefCell::default(),
+            counters: RefCell::new([0; MAX_COUNTERS as usize]),
             replies: HashMap::new(),
             stats: RefCell::new(vec![SvcStats::default(); sizes.max_services as usize]),
             nodes: vec![NodeValue::default(); sizes.max_nodes as usize],
@@ -230,6 +249,36 @@ impl HostMaps {
         self.ct.get_mut().clear();
         self.ct_udp.get_mut().clear();
         self.ct_new.get_mut().clear();
+    }
+
+    pub fn put_config(&mut self, c: NodeConfig) {
+        self.config = c;
+    }
+
+    pub fn put_node_index(&mut self, addr: u32, slot: u32) {
+        self.node_by_addr.insert(addr, slot);
+    }
+
+    pub fn del_node_index(&mut self, addr: u32) {
+        self.node_by_addr.remove(&addr);
+    }
+
+    pub fn put_local(&mut self, key: ReplyKey4, slot: u32) {
+        self.local.insert(key, slot);
+    }
+
+    pub fn del_local(&mut self, key: &ReplyKey4) {
+        self.local.remove(key);
+    }
+
+    /// What this node keeps of forwarded flows.
+    pub fn fwd(&self) -> Ref<'_, HashMap<FlowKey4, FwdValue>> {
+        self.fwd.borrow()
+    }
+
+    /// A forwarding counter.
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters.borrow()[c as usize]
     }
 
     /// Moves the clock on by `secs`.
@@ -403,6 +452,41 @@ impl Tables for HostMaps {
         self.host_sockets.contains(key)
     }
 
+    fn ct_answered(&self, key: &FlowKey4, ack_be: u32) {
+        RevTables::ct_answered(self, key, ack_be)
+    }
+
+    fn config(&self) -> NodeConfig {
+        self.config
+    }
+
+    fn node(&self, slot: u32) -> Option<NodeValue> {
+        self.nodes
+            .get(slot as usize)
+            .filter(|n| n.gen_ != 0)
+            .copied()
+    }
+
+    fn is_node(&self, addr: u32) -> bool {
+        self.node_by_addr.contains_key(&addr)
+    }
+
+    fn local_backend(&self, key: &ReplyKey4) -> Option<u32> {
+        self.local.get(key).copied()
+    }
+
+    fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
+        self.fwd.borrow().get(key).copied()
+    }
+
+    fn fwd_put(&self, key: &FlowKey4, v: &FwdValue) {
+        self.fwd.borrow_mut().insert(*key, *v);
+    }
+
+    fn count(&self, c: Counter) {
+        self.counters.borrow_mut()[c as usize] += 1;
+    }
+
     fn maglev(&self, index: u32) -> Option<u32> {
         self.maglev.get(index as usize).copied()
     }
@@ -444,5 +528,9 @@ impl RevTables for HostMaps {
         if let Some(c) = self.ct_new.borrow_mut().get_mut(key) {
             c.ack_be = ack_be;
         }
+    }
+
+    fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
+        Tables::fwd_get(self, key)
     }
 }

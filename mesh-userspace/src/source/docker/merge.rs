@@ -184,6 +184,8 @@ pub fn merge(
         services.push(Service {
             name: s.name.clone(),
             ports,
+            // The node's default (--reply-mode).
+            reply: None,
         });
     }
     let state = State {
