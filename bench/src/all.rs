@@ -26,12 +26,21 @@ pub struct Args {
     /// Suites to leave out (micro, e2e, scale, churn).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// Run nothing: write summary.md and the plots again from the JSON a
+    /// run left in --out (after a change to how they are drawn).
+    #[arg(long)]
+    pub render_only: bool,
 }
+
+const SUITES: [&str; 4] = ["micro", "scale", "churn", "e2e"];
 
 pub const CONVERGE_STUB: &str = "converge (a Docker change to maps updated on every node, p50/p99) belongs to the Docker state source and the swarm controller; it is not part of this harness yet: needs the Docker source (`meshd run --docker`) wired into a multi-node lab";
 
 pub fn run(a: &Args) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    if a.render_only {
+        return render_only(&a.out);
+    }
     let started = Instant::now();
     let machine_start = util::machine();
     let mut docs: Vec<(&'static str, Result<Value, String>)> = Vec::new();
@@ -97,6 +106,15 @@ pub fn run(a: &Args) -> Result<()> {
         util::write_json(&path, &v)?;
     }
     let machine_end = util::machine();
+    util::write_json(
+        &a.out.join("run.json"),
+        &json!({
+            "machine_at_start": machine_start,
+            "machine_at_end": machine_end,
+            "seconds": started.elapsed().as_secs_f64().round(),
+            "quick": q,
+        }),
+    )?;
     let plots = plots(&a.out, &docs)?;
     let summary = summary(
         &docs,
@@ -122,6 +140,46 @@ pub fn run(a: &Args) -> Result<()> {
     if docs.iter().any(|(_, d)| d.is_err()) {
         anyhow::bail!("a suite failed: see summary.md");
     }
+    Ok(())
+}
+
+fn render_only(dir: &Path) -> Result<()> {
+    let read = |name: &str| -> Result<Value> {
+        let p = dir.join(name);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let run = read("run.json")?;
+    let docs: Vec<(&'static str, Result<Value, String>)> = SUITES
+        .iter()
+        .filter(|s| dir.join(format!("{s}.json")).exists())
+        .map(|s| {
+            let v = read(&format!("{s}.json")).map_err(|e| format!("{e:#}"));
+            let v = match v {
+                Ok(v) if v.get("error").is_some() => {
+                    Err(v["error"].as_str().unwrap_or("failed").to_string())
+                }
+                other => other,
+            };
+            (*s, v)
+        })
+        .collect();
+    let plots = plots(dir, &docs)?;
+    let text = summary(
+        &docs,
+        &run["machine_at_start"],
+        &run["machine_at_end"],
+        &plots,
+        run["seconds"].as_f64().unwrap_or(0.0),
+        run["quick"].as_bool().unwrap_or(false),
+    );
+    util::write_atomic(&dir.join("summary.md"), text.as_bytes())?;
+    eprintln!(
+        "wrote {}/summary.md and {} plots",
+        dir.display(),
+        plots.len()
+    );
     Ok(())
 }
 
@@ -306,16 +364,16 @@ fn plots(
             "scale_memory.svg",
             "Maglev map memory against services, per-service sizes and before",
             svg::lines(
-                "Maglev map (MiB, kernel accounting) against services",
+                "Maglev map (MiB) against services",
                 "services",
                 "MiB",
                 &[
                     (
-                        "now (tables sized per service)".into(),
+                        "now: tables sized per service (kernel accounting)".into(),
                         pts("services", "maglev_map_bytes", 1048576.0),
                     ),
                     (
-                        "before (every table --maglev-size)".into(),
+                        "before: every table --maglev-size (computed)".into(),
                         pts(
                             "services",
                             "maglev_map_bytes_before_per_service_sizes",
@@ -421,6 +479,19 @@ fn summary(
             })
             .unwrap_or_default()
     );
+    let load1 = |m: &Value| {
+        m["loadavg"]
+            .as_str()
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpus = m0["cpus_online"].as_f64().unwrap_or(1.0);
+    if load1(m0).max(load1(m1)) >= cpus {
+        let _ = writeln!(
+            s,
+            "**The machine was loaded** during this run (a load average at or above its {cpus} CPUs, from other work besides the benchmark): absolute figures are noisier and lower than on an idle machine; ratios and overheads compare cases measured under the same load.\n"
+        );
+    }
     let _ = writeln!(
         s,
         "Ratios and overheads are between cases measured side by side in the same run.\n"
