@@ -2,10 +2,9 @@
 //! one L2 segment, each with its own task bridge, FORWARD policy DROP and
 //! meshd, and clients with several addresses. Needs root (CI runs as root).
 //!
-//! Forwarding to a task on another node is not built yet: a node whose
-//! Maglev pick is a remote task drops the packet (reason remote_backend).
-//! So these tests give each node a state in which the service's tasks are
-//! its own.
+//! Here each node is given a state in which the service's tasks are its
+//! own (a node without tasks drops with reason no_backend): what the lab
+//! itself does, apart from forwarding (netns_forward.rs).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

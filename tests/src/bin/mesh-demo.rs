@@ -1,50 +1,58 @@
-//! The demo behind `cargo xtask demo`: a client, one node running meshd from
-//! an embedded state file, three tasks serving TCP and UDP. Sends traffic
-//! to the node's published ports, prints who served it, tears the lab down,
-//! and ends with one `demo:` line. Exit status 0 only when every backend
-//! answered, every reply came from the address and port the client sent
-//! to, and nothing failed.
+//! The demo behind `cargo xtask demo`: three nodes on one segment, each
+//! running meshd from the same embedded state file, tasks (TCP and UDP
+//! servers) on nodes 1 and 3 only, and a client. It sends requests to
+//! every node's published ports, prints who served them through which
+//! node, what each node's dataplane counted (forwarded, decapsulated,
+//! replies carried back), tears the lab down and ends with one `demo:`
+//! line. Exit status 0 only when every backend answered through every
+//! node, every reply came from the address and port the client sent to,
+//! and nothing failed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use mesh_tests::lab::{Lab, WEB_TCP, WEB_UDP, meshd_path};
+use mesh_tests::lab::{Cluster, Topology, WEB_TCP, WEB_UDP, meshd_path, parse_metric};
 
-const TASKS: usize = 3;
-const TCP_REQUESTS: usize = 150;
-const UDP_REQUESTS: usize = 150;
+/// Tasks per node: node 2 runs none, so everything it answers it forwards.
+const TASKS: [usize; 3] = [2, 0, 2];
+/// Requests per node and protocol.
+const REQUESTS: usize = 60;
 
+#[derive(Default)]
 struct Tally {
     requests: usize,
     errors: Vec<String>,
     mismatched: usize,
-    served: BTreeMap<String, (usize, usize)>,
+    /// (backend, node) -> (tcp, udp) answers.
+    served: BTreeMap<(String, usize), (usize, usize)>,
 }
 
 fn main() {
-    let mut t = Tally {
-        requests: 0,
-        errors: Vec::new(),
-        mismatched: 0,
-        served: BTreeMap::new(),
-    };
+    let mut t = Tally::default();
+    let backends = TASKS.iter().sum::<usize>();
     if let Err(e) = demo(&mut t) {
         t.errors.push(format!("{e:#}"));
     }
     for e in t.errors.iter().take(5) {
         eprintln!("error: {e}");
     }
-    let answered = t.served.len();
-    let ok = answered == TASKS && t.mismatched == 0 && t.errors.is_empty();
+    // A backend counts once it answered through every node.
+    let mut by_backend: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, _) in t.served.keys() {
+        *by_backend.entry(name.as_str()).or_default() += 1;
+    }
+    let answered = by_backend.values().filter(|n| **n == TASKS.len()).count();
+    let ok = answered == backends && t.mismatched == 0 && t.errors.is_empty();
     let replies = if t.mismatched == 0 {
         "replies matched destination".to_string()
     } else {
         format!("{} replies came from another address or port", t.mismatched)
     };
     println!(
-        "demo: {} requests via 1 nodes, {answered}/{TASKS} backends answered, {replies}, {} errors",
+        "demo: {} requests via {} nodes, {answered}/{backends} backends answered, {replies}, {} errors",
         t.requests,
+        TASKS.len(),
         t.errors.len()
     );
     std::process::exit(if ok { 0 } else { 1 });
@@ -52,110 +60,107 @@ fn main() {
 
 fn demo(t: &mut Tally) -> Result<()> {
     let meshd = meshd_path()?;
-    println!("demo: building the lab (client, node with FORWARD policy DROP, {TASKS} tasks)");
-    let mut lab = Lab::new(TASKS).context("building the lab")?;
-    for i in 1..=TASKS {
-        lab.start_task(i)?;
-    }
-    let state = lab.state_toml(&(1..=TASKS).collect::<Vec<_>>());
-    lab.write_state(&state)?;
     println!(
-        "demo: state file ({}):\n{}",
-        lab.state_path().display(),
-        indent(&state)
+        "demo: building the lab: 3 nodes on one segment (FORWARD policy DROP), tasks {TASKS:?}, a client with 2 addresses"
     );
-    println!("demo: starting meshd on the node ({})", meshd.display());
-    lab.start_meshd(&meshd, &[])?;
-    let node = lab.node_addr;
-    println!(
-        "demo: client {} -> node {node}: {TCP_REQUESTS} TCP requests to :{WEB_TCP}, {UDP_REQUESTS} UDP to :{WEB_UDP}",
-        lab.client_addr
-    );
+    let mut c = Cluster::build(Topology::builder().nodes(&TASKS).client(2)).context("the lab")?;
+    c.start_tasks()?;
+    let state = c.state(&c.tasks()).render();
+    c.write_state_all(&state)?;
+    println!("demo: the state file every node reads:\n{}", indent(&state));
+    println!("demo: starting meshd on every node ({})", meshd.display());
+    c.start_all_meshds(&meshd, &[])?;
+    let clients = c.client_addrs();
 
-    for i in 0..TCP_REQUESTS {
-        t.requests += 1;
-        let r = (|| -> Result<String> {
-            let mut c = lab.tcp_connect(WEB_TCP)?;
-            // A connected TCP socket only accepts segments from the address
-            // and port it connected to; check the peer anyway.
-            if c.peer()? != SocketAddr::from((node, WEB_TCP)) {
-                t.mismatched += 1;
-            }
-            c.ask(&format!("hello {i}"))
-        })();
-        match r {
-            Ok(a) => t.served.entry(task_of(&a)).or_default().0 += 1,
-            Err(e) => t.errors.push(format!("tcp request {i}: {e:#}")),
-        }
-    }
-    let socks: Vec<_> = (0..UDP_REQUESTS)
-        .map(|_| lab.udp_socket())
-        .collect::<Result<_>>()?;
-    for (i, s) in socks.iter().enumerate() {
-        t.requests += 1;
-        match lab.udp_ask(s, WEB_UDP, &format!("hello {i}")) {
-            Ok((a, from)) => {
-                if from != SocketAddr::from((node, WEB_UDP)) {
+    for j in 1..=TASKS.len() {
+        let node = c.node(j).addr;
+        println!(
+            "demo: to node {j} ({node}): {REQUESTS} TCP requests to :{WEB_TCP}, {REQUESTS} UDP to :{WEB_UDP}"
+        );
+        for i in 0..REQUESTS {
+            let from = clients[i % clients.len()];
+            t.requests += 1;
+            let r = (|| -> Result<String> {
+                let mut conn = c.tcp_connect(from, j, WEB_TCP)?;
+                if conn.peer()? != SocketAddr::from((node, WEB_TCP)) {
                     t.mismatched += 1;
                 }
-                t.served.entry(task_of(&a)).or_default().1 += 1;
+                let a = conn.ask("peer")?;
+                // The task sees the client's own address and port.
+                let seen = a.split_whitespace().nth(1).unwrap_or_default();
+                anyhow::ensure!(
+                    seen == conn.local()?.to_string(),
+                    "the task saw the client as {seen}, not {}",
+                    conn.local()?
+                );
+                Ok(a)
+            })();
+            match r {
+                Ok(a) => t.served.entry((task_of(&a), j)).or_default().0 += 1,
+                Err(e) => t.errors.push(format!("node {j} tcp request {i}: {e:#}")),
             }
-            Err(e) => t.errors.push(format!("udp request {i}: {e:#}")),
+            t.requests += 1;
+            let r = c
+                .udp_socket(from)
+                .and_then(|s| c.udp_ask(&s, j, WEB_UDP, &format!("hello {i}")));
+            match r {
+                Ok((a, reply_from)) => {
+                    if reply_from != SocketAddr::from((node, WEB_UDP)) {
+                        t.mismatched += 1;
+                    }
+                    t.served.entry((task_of(&a), j)).or_default().1 += 1;
+                }
+                Err(e) => t.errors.push(format!("node {j} udp request {i}: {e:#}")),
+            }
         }
     }
 
-    // What the task sees as the client: its real address and port.
-    t.requests += 1;
-    match lab
-        .tcp_connect(WEB_TCP)
-        .and_then(|mut c| Ok((c.ask("peer")?, c.local()?)))
-    {
-        Ok((a, local)) => {
-            let seen = a.split_whitespace().nth(1).unwrap_or_default().to_string();
-            println!(
-                "demo: {} sees the client as {seen} (the client's socket: {local})",
-                task_of(&a)
-            );
-            if seen != local.to_string() {
-                t.errors
-                    .push(format!("the task saw the client as {seen}, not {local}"));
-            }
-            t.served.entry(task_of(&a)).or_default().0 += 1;
-        }
-        Err(e) => t.errors.push(format!("peer request: {e:#}")),
+    println!("demo: who served the requests, through which node (tcp/udp)");
+    let mut head = format!("  {:<10} {:<16}", "backend", "address");
+    for j in 1..=TASKS.len() {
+        head += &format!(" {:>9}", format!("node {j}"));
     }
-
-    println!("demo: who served the requests");
-    println!(
-        "  {:<8} {:<16} {:>5} {:>5}",
-        "backend", "address", "tcp", "udp"
-    );
-    for i in 1..=TASKS {
-        let name = format!("task{i}");
-        let (tcp, udp) = t.served.get(&name).copied().unwrap_or_default();
+    println!("{head}");
+    for (j, i) in c.tasks() {
+        let name = Cluster::task_name(j, i);
+        let mut row = format!("  {name:<10} {:<16}", c.node(j).task_addr(i).to_string());
+        for n in 1..=TASKS.len() {
+            let (tcp, udp) = t
+                .served
+                .get(&(name.clone(), n))
+                .copied()
+                .unwrap_or_default();
+            row += &format!(" {:>9}", format!("{tcp}/{udp}"));
+        }
+        println!("{row}");
+    }
+    println!("demo: what each node's dataplane counted (per-CPU BPF maps, via /metrics)");
+    for j in 1..=TASKS.len() {
+        let m = c.admin_get(j, "/metrics")?;
+        let v = |name| parse_metric(&m, name, "");
         println!(
-            "  {name:<8} {:<16} {tcp:>5} {udp:>5}",
-            lab.task_addr(i).to_string()
+            "  node {j}: {} delivered, {} forwarded, {} decapsulated, {} replies carried back, {} drops",
+            v("mesh_service_packets_total"),
+            v("mesh_forwarded_packets_total"),
+            v("mesh_decapsulated_packets_total"),
+            v("mesh_replies_from_backends_total"),
+            v("mesh_drops_total")
         );
+        if v("mesh_drops_total") > 0 {
+            t.errors.push(format!(
+                "node {j}: {} packets dropped",
+                v("mesh_drops_total")
+            ));
+        }
     }
-    let metrics = lab.admin_get("/metrics")?;
-    println!("demo: meshd's counters (from the per-CPU BPF maps)");
-    for l in metrics.lines().filter(|l| {
-        l.starts_with("mesh_service_") || (l.starts_with("mesh_drops_total") && !l.ends_with(" 0"))
-    }) {
-        println!("  {l}");
+    for j in 1..=TASKS.len() {
+        let st = c.stop_meshd(j)?;
+        if !st.success() {
+            t.errors.push(format!("meshd on node {j} exited with {st}"));
+        }
     }
-    let drops = mesh_tests::lab::parse_metric(&metrics, "mesh_drops_total", "");
-    if drops > 0 {
-        t.errors
-            .push(format!("{drops} packets dropped by the dataplane"));
-    }
-    let st = lab.stop_meshd()?;
-    if !st.success() {
-        t.errors.push(format!("meshd exited with {st}"));
-    }
-    println!("demo: meshd stopped (programs detached); tearing the lab down");
-    drop(lab);
+    println!("demo: meshd stopped on every node (programs detached); tearing the lab down");
+    drop(c);
     Ok(())
 }
 

@@ -156,3 +156,41 @@ pub fn retry<T>(
         }
     }
 }
+
+/// An XDP program that passes everything, attached to `ports` of namespace
+/// `ns` (the segment's ends of the nodes' uplinks): XDP_TX out of a veth
+/// (a node forwarding to another, or sending on a reply another node
+/// carried back) reaches the peer only when the peer has an XDP program of
+/// its own (LAB.md). Physical NICs need nothing of the kind. Detached when
+/// the returned object is dropped or the ports go.
+pub fn pass_xdp(ns: &str, ports: Vec<String>) -> anyhow::Result<aya::Ebpf> {
+    use anyhow::Context;
+    use aya::programs::{Xdp, XdpMode};
+    use mesh_common::abi::PROG_FLOOR_PASS;
+    use mesh_userspace::dataplane::FLOOR_OBJECT;
+    anyhow::ensure!(
+        !FLOOR_OBJECT.is_empty(),
+        "this build has no BPF objects (MESH_BPF_SKIP=1): a lab of several nodes needs them"
+    );
+    in_netns(ns, move || -> anyhow::Result<aya::Ebpf> {
+        let mut bpf = aya::EbpfLoader::new().load(FLOOR_OBJECT)?;
+        let p: &mut Xdp = bpf
+            .program_mut(PROG_FLOOR_PASS)
+            .context("no pass program")?
+            .try_into()?;
+        p.load()?;
+        for port in &ports {
+            p.attach(port, XdpMode::Driver)
+                .with_context(|| format!("XDP_PASS on {port}"))?;
+        }
+        Ok(bpf)
+    })?
+}
+
+/// Makes `iface` in `ns` send complete checksums, as a wire carries them:
+/// a veth hands the next namespace a partial checksum as it is, and XDP
+/// there (which sees bytes, not the skb's checksum state) would send it on
+/// broken. For node uplinks in labs where nodes forward to each other.
+pub fn wire_checksums(ns: &str, iface: &str) -> anyhow::Result<()> {
+    exec(ns, &format!("ethtool -K {iface} tx off")).map(|_| ())
+}

@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use super::meshd::{ADMIN, Meshd, MeshdRun, READY_TIMEOUT, http_get};
-use super::shell::{ensure_guard_routes, exec, in_netns, ip, netns_add, netns_del, sh};
+use super::shell::{
+    ensure_guard_routes, exec, in_netns, ip, netns_add, netns_del, pass_xdp, sh, wire_checksums,
+};
 
 /// Swarm labs that can exist side by side.
 pub const SLOTS: u32 = 4;
@@ -97,6 +99,8 @@ pub struct Swarm {
     /// RUST_LOG for the meshd processes started from now on.
     pub meshd_log: String,
     meshds: Vec<Option<Meshd>>,
+    /// XDP_PASS on the segment's ports, detached with them.
+    segment_xdp: Option<aya::Ebpf>,
 }
 
 fn slot_base(slot: u32) -> u8 {
@@ -137,6 +141,7 @@ impl Swarm {
             segment_ns: format!("ms{slot}s"),
             meshd_log: "info".into(),
             meshds: Vec::new(),
+            segment_xdp: None,
         };
         s.build(nodes)?;
         Ok(s)
@@ -169,6 +174,9 @@ impl Swarm {
         ip(&seg, "link set c master br0 up")?;
         ip(&c, &format!("addr add {}/24 dev eth0", self.client_addr))?;
         ip(&c, "link set eth0 up")?;
+        // As from a wire: a partial checksum would reach a node's XDP as
+        // it is, and be carried on to another node broken.
+        wire_checksums(&c, "eth0")?;
         for j in 1..=n {
             let ns = format!("ms{}n{j}", self.slot);
             ensure!(netns_add(&ns)?, "namespace {ns} exists already");
@@ -191,6 +199,12 @@ impl Swarm {
                 dockerd: None,
             });
             self.meshds.push(None);
+        }
+        // Nodes forward to each other with XDP_TX: see `shell::pass_xdp`.
+        let ports = (1..=n).map(|j| format!("n{j}")).collect();
+        self.segment_xdp = Some(pass_xdp(&seg, ports)?);
+        for node in &self.nodes {
+            wire_checksums(&node.ns, "eth0")?;
         }
         for j in 1..=n {
             self.start_dockerd(j)?;

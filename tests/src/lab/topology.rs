@@ -58,7 +58,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result, bail, ensure};
 
 use super::shell::{
-    NS_PREFIX, ensure_guard_routes, exec, ip, netns_add, netns_del, slot_namespaces,
+    NS_PREFIX, ensure_guard_routes, exec, ip, netns_add, netns_del, pass_xdp, slot_namespaces,
+    wire_checksums,
 };
 
 /// Labs that can exist side by side.
@@ -330,7 +331,7 @@ pub struct Topology {
     pub dir: PathBuf,
     /// Namespaces made, besides the segment's.
     created: Vec<String>,
-    /// The XDP_PASS program on the segment's ports (`pass_on_segment_ports`),
+    /// The XDP_PASS program on the segment's ports (`shell::pass_xdp`),
     /// detached with the namespaces.
     segment_xdp: Option<aya::Ebpf>,
 }
@@ -475,50 +476,14 @@ impl Topology {
             });
         }
         if self.nodes.len() > 1 {
-            self.pass_on_segment_ports()?;
-            // A packet one node sends another leaves on a wire with its
-            // checksums complete (the NIC or the kernel completes them);
-            // a veth hands the next namespace a partial checksum as it is,
-            // and XDP there (which sees bytes, not the skb's checksum
-            // state) would send it on broken. So the uplinks complete
-            // checksums as a NIC's wire would.
+            // Only labs of several nodes: on a veth, an XDP program turns
+            // TSO off on its peer, the node's uplink.
+            let ports = self.nodes.iter().map(|n| n.segment_port.clone()).collect();
+            self.segment_xdp = Some(pass_xdp(&self.segment_ns, ports)?);
             for n in &self.nodes {
-                exec(&n.ns, &format!("ethtool -K {} tx off", n.uplink))?;
+                wire_checksums(&n.ns, &n.uplink)?;
             }
         }
-        Ok(())
-    }
-
-    /// An XDP program that passes everything, on the segment's end of
-    /// every node's uplink: XDP_TX out of a veth (a node forwarding to
-    /// another, or sending a reply another node carried back) reaches the
-    /// peer only when the peer has an XDP program of its own (LAB.md).
-    /// Physical NICs need nothing of the kind. Only labs of several nodes:
-    /// an XDP program on a veth turns TSO off on its peer, the node's
-    /// uplink.
-    fn pass_on_segment_ports(&mut self) -> Result<()> {
-        use aya::programs::{Xdp, XdpMode};
-        use mesh_common::abi::PROG_FLOOR_PASS;
-        use mesh_userspace::dataplane::FLOOR_OBJECT;
-        ensure!(
-            !FLOOR_OBJECT.is_empty(),
-            "this build has no BPF objects (MESH_BPF_SKIP=1): a lab of several nodes needs them"
-        );
-        let ports: Vec<String> = self.nodes.iter().map(|n| n.segment_port.clone()).collect();
-        let bpf = super::shell::in_netns(&self.segment_ns, move || -> Result<aya::Ebpf> {
-            let mut bpf = aya::EbpfLoader::new().load(FLOOR_OBJECT)?;
-            let p: &mut Xdp = bpf
-                .program_mut(PROG_FLOOR_PASS)
-                .context("no pass program")?
-                .try_into()?;
-            p.load()?;
-            for port in &ports {
-                p.attach(port, XdpMode::Driver)
-                    .with_context(|| format!("XDP_PASS on segment port {port}"))?;
-            }
-            Ok(bpf)
-        })??;
-        self.segment_xdp = Some(bpf);
         Ok(())
     }
 
