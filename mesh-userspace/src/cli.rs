@@ -80,13 +80,18 @@ pub struct PlanArgs {
     /// address in the state file (repeatable; 16 addresses in all).
     #[arg(long = "node-addr", value_name = "ADDR")]
     pub node_addrs: Vec<Ipv4Addr>,
-    /// Entries in each service's Maglev table: a prime, at least 100 times
-    /// the largest service's task count for at most 1% imbalance.
+    /// Entries of the largest Maglev table (a prime). Each service's table
+    /// has 100 entries per task (the smallest prime above), for at most 1%
+    /// imbalance, up to this.
     #[arg(long, value_name = "PRIME", default_value_t = mesh_common::abi::DEFAULT_MAGLEV_SIZE)]
     pub maglev_size: u32,
-    /// Published ports (service, protocol, port) the maps can hold. The
-    /// Maglev tables take 8 x max-services x maglev-size bytes (two tables
-    /// per published port, for hitless updates).
+    /// Entries of the Maglev map (4 bytes each), shared by every published
+    /// port's two tables (two for hitless updates). Default: two tables of
+    /// 1021 entries (10 tasks) per --max-services; larger services take
+    /// more of it, smaller ones less.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub maglev_entries: u32,
+    /// Published ports (service, protocol, port) the maps can hold.
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_SERVICES)]
     pub max_services: u32,
     /// Backends (task address and target port) the maps can hold.
@@ -171,6 +176,7 @@ impl PlanArgs {
     fn limits(&self) -> Result<Limits, ConfigError> {
         let limits = Limits {
             maglev_size: self.maglev_size,
+            maglev_pool: self.maglev_entries,
             max_services: self.max_services,
             max_backends: self.max_backends,
             ct_entries: self.ct_entries,

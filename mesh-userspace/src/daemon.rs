@@ -98,10 +98,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
 
     let lim = &cfg.limits;
     info!(
-        "loading: {} published ports x Maglev {} ({:.1} MiB of tables), {} backends, {} tracked flows",
+        "loading: {} published ports, Maglev tables of up to {} entries ({:.1} MiB of tables), {} backends, {} tracked flows",
         lim.max_services,
         lim.maglev_size,
-        8.0 * lim.max_services as f64 * lim.maglev_size as f64 / (1 << 20) as f64,
+        4.0 * lim.maglev_entries() as f64 / (1 << 20) as f64,
         lim.max_backends,
         lim.ct_entries
     );

@@ -12,7 +12,10 @@
 //!    table can send them a flow);
 //! 4. [`Planner::put_services`]: per changed service, its entry and Maglev
 //!    table into the one of its two slots no packet reads, then the port
-//!    switched to that slot;
+//!    switched to that slot. Each table is sized from the service's
+//!    backends (a prime of 100 entries per backend, at most
+//!    `--maglev-size`) and each half has a region of the Maglev map of that
+//!    size (`regions`);
 //! 5. [`Planner::del_services`]: removed services;
 //! 6. [`Planner::del_backends`]: backends nothing refers to (their slots
 //!    are reused by a later plan, never this one);
@@ -35,8 +38,11 @@ use anyhow::{Result, bail};
 use mesh_common::abi::*;
 use mesh_common::maglev;
 
-use crate::desired::{BackendKey, Desired};
+use crate::desired::{BackendKey, Desired, DesiredService};
 use crate::model::{Proto, ReplyMode};
+
+mod regions;
+pub use regions::{Region, table_size};
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +85,12 @@ pub enum Op {
     DelLocal(ReplyKey4),
 }
 
+/// The Maglev map's default room per service and half: a table for 10
+/// backends (1009 entries) fits. Larger services take more of the map,
+/// smaller ones less; a state that does not fit is refused, naming
+/// `--maglev-entries`.
+pub const POOL_TABLE: u32 = 1021;
+
 /// How long the reply entry of a removed backend stays.
 pub const REPLY_GRACE: Duration = Duration::from_secs(60);
 
@@ -91,8 +103,12 @@ struct ReplyState {
 /// Sizes fixed at load time.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Entries in each service's Maglev table (prime).
+    /// Entries of the largest Maglev table (prime): a service's table has
+    /// 100 entries per backend (a prime), up to this.
     pub maglev_size: u32,
+    /// Entries of the Maglev map, which every service's two tables share;
+    /// 0: room for two tables of up to [`POOL_TABLE`] entries per service.
+    pub maglev_pool: u32,
     pub max_services: u32,
     pub max_backends: u32,
     /// Entries in the conntrack map of confirmed flows (one per flow).
@@ -108,6 +124,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             maglev_size: DEFAULT_MAGLEV_SIZE,
+            maglev_pool: 0,
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             ct_entries: DEFAULT_CT_ENTRIES,
@@ -134,20 +151,32 @@ impl Limits {
         {
             bail!("map sizes must be positive");
         }
-        let entries = 2u64 * self.max_services as u64 * self.maglev_size as u64;
+        let entries = self.maglev_entries_wide();
         if entries > (1 << 30) {
             bail!(
-                "--max-services {} x --maglev-size {} needs {} table entries (two per service for hitless updates); keep it under 2^30",
+                "a Maglev map of {entries} entries (--maglev-entries, or two tables of up to {} entries per --max-services {}); keep it under 2^30",
+                self.maglev_size.min(POOL_TABLE),
                 self.max_services,
-                self.maglev_size,
-                entries
             );
+        }
+        if entries < 2 * regions::table_size(1, self.maglev_size) as u64 {
+            bail!("--maglev-entries {entries}: too small for one service's two tables");
         }
         Ok(())
     }
 
+    fn maglev_entries_wide(&self) -> u64 {
+        if self.maglev_pool > 0 {
+            self.maglev_pool as u64
+        } else {
+            2 * self.max_services as u64 * self.maglev_size.min(POOL_TABLE) as u64
+        }
+    }
+
+    /// Entries of the Maglev map (4 bytes each), shared by every service's
+    /// two tables.
     pub fn maglev_entries(&self) -> u32 {
-        2 * self.max_services * self.maglev_size
+        self.maglev_entries_wide().min(u32::MAX as u64) as u32
     }
 
     /// Entries of the reply map: one per local (task, target port,
@@ -169,6 +198,9 @@ pub struct SvcSlot {
     /// service (or the id is reused), so that its flows are not this one's.
     pub gen_: u32,
     pub half: u32,
+    /// The Maglev map regions of the two halves (`half` is the one packets
+    /// read).
+    pub regions: [Region; 2],
     pub name: String,
     pub target: u16,
     pub backends: Vec<BackendKey>,
@@ -277,6 +309,8 @@ pub struct Planner {
     node_index: BTreeMap<u32, u32>,
     /// Local backends by identity written, and their slots.
     locals: BTreeMap<ReplyKey4, u32>,
+    /// The Maglev map's regions.
+    maglev: regions::Pool,
 }
 
 /// What `node` would hold for `state`, refused unless a fresh dataplane
@@ -295,6 +329,14 @@ pub fn vet(
     Ok(d)
 }
 
+/// The `SVC_F_*` flags of service `ds` in `d`.
+fn svc_flags(d: &Desired, ds: &DesiredService) -> u32 {
+    match ds.reply.unwrap_or(d.forwarding.reply) {
+        ReplyMode::Direct => SVC_F_REPLY_DIRECT,
+        ReplyMode::ViaIngress => 0,
+    }
+}
+
 fn proto_of(n: u8) -> Proto {
     if n == IPPROTO_UDP {
         Proto::Udp
@@ -310,7 +352,6 @@ pub fn raw4(a: Ipv4Addr) -> u32 {
 impl Planner {
     pub fn new(limits: Limits) -> Self {
         Self {
-            limits,
             services: BTreeMap::new(),
             backends: HashMap::new(),
             backend_slots: Slots::default(),
@@ -324,6 +365,8 @@ impl Planner {
             config: NodeConfig::default(),
             node_index: BTreeMap::new(),
             locals: BTreeMap::new(),
+            maglev: regions::Pool::new(limits.maglev_entries()),
+            limits,
         }
     }
 
@@ -354,7 +397,7 @@ impl Planner {
         self.put_locals(&locals, &mut p);
         self.make_room_for_replies(&replies, now, &mut p);
         self.put_replies(d, &replies, &mut p);
-        self.put_services(d, &mut p);
+        self.put_services(d, &mut p)?;
         self.del_services(d, &mut p);
         self.del_locals(&locals, &mut p);
         self.del_backends(&wanted, &mut p);
@@ -404,6 +447,23 @@ impl Planner {
         }
         if d.node_addrs.len() > MAX_NODE_ADDRS as usize {
             bail!("more than {MAX_NODE_ADDRS} node addresses; nothing applied");
+        }
+        // The tables, sized from their backends, in the halves packets do
+        // not read, beside every table packets read: placed as
+        // `put_services` will place them.
+        let mut pool = self.maglev.clone();
+        for (key, ds) in &d.services {
+            let Some((half, regions)) = self.table_change(key, ds, svc_flags(d, ds)) else {
+                continue;
+            };
+            let size = table_size(ds.table_backends().len(), lim.maglev_size);
+            if regions::place(&mut pool, regions, half, size).is_none() {
+                bail!(
+                    "the Maglev tables (two per published port, 100 entries per backend up to --maglev-size {}) need more than the Maglev map's {} entries (--maglev-entries); nothing applied",
+                    lim.maglev_size,
+                    lim.maglev_entries()
+                );
+            }
         }
         if let Some(s) = d.services.get(&(Proto::Udp, d.forwarding.port)) {
             bail!(
@@ -612,18 +672,38 @@ impl Planner {
         }
     }
 
+    /// Whether `ds` changes the service on `key`; if so, the half its new
+    /// table goes to and the service's regions now.
+    fn table_change(
+        &self,
+        key: &(Proto, u16),
+        ds: &DesiredService,
+        flags: u32,
+    ) -> Option<(usize, [Region; 2])> {
+        match self.services.get(key) {
+            Some(s)
+                if s.name == ds.name
+                    && s.backends == ds.backends
+                    && s.draining == ds.draining
+                    && s.target == ds.target
+                    && s.flags == flags =>
+            {
+                None
+            }
+            Some(s) => Some((1 - s.half as usize, s.regions)),
+            None => Some((0, [Region::NONE; 2])),
+        }
+    }
+
     /// Step 4: each new or changed service into the half of its slots no
     /// packet reads, then its port switched there.
-    fn put_services(&mut self, d: &Desired, p: &mut Plan) {
+    fn put_services(&mut self, d: &Desired, p: &mut Plan) -> Result<()> {
         let m = self.limits.maglev_size;
         for (key, ds) in &d.services {
             // A port that passes to another service is a new service on an
             // old id: a new generation, so the old one's flows are not its.
             let existed = self.services.contains_key(key);
-            let flags = match ds.reply.unwrap_or(d.forwarding.reply) {
-                ReplyMode::Direct => SVC_F_REPLY_DIRECT,
-                ReplyMode::ViaIngress => 0,
-            };
+            let flags = svc_flags(d, ds);
             let (svc_id, gen_, half, is_new) = match self.services.get(key) {
                 Some(s)
                     if s.name == ds.name
@@ -652,13 +732,26 @@ impl Planner {
             let in_table = ds.table_backends();
             let ids: Vec<u32> = in_table.iter().map(|b| self.backends[b]).collect();
             let keys: Vec<String> = in_table.iter().map(|b| b.maglev_key()).collect();
-            let table: Vec<u32> = maglev::table(&keys, m)
-                .into_iter()
-                .map(|i| ids[i as usize])
-                .collect();
+            let size = table_size(keys.len(), m);
+            let table: Vec<u32> = if keys.is_empty() {
+                Vec::new()
+            } else {
+                maglev::table(&keys, size)
+                    .into_iter()
+                    .map(|i| ids[i as usize])
+                    .collect()
+            };
             let slot = svc_id * 2 + half;
-            let offset = slot * m;
-            let table_size = if table.is_empty() { 0 } else { m };
+            let old = self
+                .services
+                .get(key)
+                .map(|s| s.regions)
+                .unwrap_or([Region::NONE; 2]);
+            let Some(regions) = regions::place(&mut self.maglev, old, half as usize, size) else {
+                bail!("internal: no room for a Maglev table check_fits made room for");
+            };
+            let offset = regions[half as usize].off;
+            let table_size = size;
             if !table.is_empty() {
                 p.ops.push(Op::WriteTable { offset, table });
             }
@@ -684,6 +777,7 @@ impl Planner {
                     flags,
                     gen_,
                     half,
+                    regions,
                     name: ds.name.clone(),
                     target: ds.target,
                     backends: ds.backends.clone(),
@@ -696,6 +790,7 @@ impl Planner {
                 p.report.services_changed += 1;
             }
         }
+        Ok(())
     }
 
     /// Step 5: services that are gone.
@@ -711,6 +806,11 @@ impl Planner {
                 .push(Op::DelService(SvcKey::new(key.1, key.0.number())));
             let slot = self.services.remove(&key).expect("listed above");
             self.free_svc_ids.push(slot.svc_id);
+            // Reused by a later plan, never this one (tables are placed
+            // before services are removed).
+            for r in slot.regions {
+                self.maglev.release(r);
+            }
             p.report.services_removed += 1;
         }
     }
@@ -878,11 +978,23 @@ impl Planner {
                 Op::WriteTable { .. } | Op::ResetStats(_) => {}
             }
         }
+        // The regions packets may read are those of the services as the
+        // kernel holds them now; the rest of the map is free (a table
+        // written but never switched to is read by nobody).
+        self.maglev = regions::Pool::rebuild(
+            self.limits.maglev_entries(),
+            self.services.values().flat_map(|s| s.regions),
+        );
     }
 
     /// Reply entries applied (retired ones included).
     pub fn reply_count(&self) -> usize {
         self.replies.len()
+    }
+
+    /// Entries of the Maglev map in use by tables, and its size.
+    pub fn maglev_use(&self) -> (u32, u32) {
+        (self.maglev.used(), self.maglev.cap())
     }
 
     /// The node settings applied (address, encapsulation port, MTU).
@@ -1042,8 +1154,11 @@ mod tests {
                 Op::DelBackend(old),
             ] => {
                 assert_eq!((r.backend_id, *local), (*new, *new));
-                assert_eq!(*offset, 251, "second half of service 0's region");
-                assert_eq!(v.table_off, 251);
+                // Two tasks: a table of 211 entries (a prime of 100 per
+                // task); the second half's region follows the first's.
+                assert_eq!(*offset, 211, "second half of service 0's region");
+                assert_eq!((v.table_off, v.table_size), (211, 211));
+                assert_eq!(table.len(), 211);
                 assert!(table.contains(new) && !table.contains(old));
             }
             other => panic!("unexpected plan {other:#?}"),
@@ -1054,6 +1169,63 @@ mod tests {
             ops.iter()
                 .any(|o| matches!(o, Op::WriteTable { offset: 0, .. }))
         );
+    }
+
+    /// A table is sized from its service's tasks, in the half no packet
+    /// reads: a new size takes a new region there and leaves the region
+    /// packets read as it is.
+    #[test]
+    fn table_sizes_follow_the_tasks_and_only_the_unread_half_moves() {
+        let mut p = Planner::new(Limits {
+            maglev_size: 1021,
+            ..Limits::default()
+        });
+        let size_off = |ops: &[Op]| {
+            ops.iter()
+                .find_map(|o| match o {
+                    Op::PutService { value, .. } => Some((value.table_size, value.table_off)),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let (ops, _) = p.plan(&desired(&[2])).unwrap();
+        let (s1, off1) = size_off(&ops);
+        assert_eq!(s1, 101);
+        let (ops, _) = p.plan(&desired(&[2, 3, 4])).unwrap();
+        let (s3, off3) = size_off(&ops);
+        assert_eq!(s3, 307);
+        assert!(
+            off3 >= off1 + s1 || off3 + s3 <= off1,
+            "apart from the half packets read"
+        );
+        // Back to one task: the first half again, resized; the map holds
+        // the two tables and nothing else.
+        let (ops, _) = p.plan(&desired(&[2])).unwrap();
+        let (s, off) = size_off(&ops);
+        assert_eq!(s, 101);
+        assert!(off + s <= off3 || off >= off3 + s3);
+        assert_eq!(p.maglev_use().0, 101 + 307);
+        // Eleven tasks need more than the map's default room per service,
+        // which other services leave free.
+        let tasks: Vec<u8> = (2..13).collect();
+        let (ops, _) = p.plan(&desired(&tasks)).unwrap();
+        assert_eq!(size_off(&ops).0, 1021, "capped at --maglev-size");
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_the_maglev_map_are_refused_before_any_op() {
+        let mut p = Planner::new(Limits {
+            maglev_size: 1021,
+            maglev_pool: 700,
+            ..Limits::default()
+        });
+        // 307 entries read by packets; four tasks would need 401 beside them.
+        p.plan(&desired(&[2, 3, 4])).unwrap();
+        let before = p.maglev_use();
+        let e = p.plan(&desired(&[2, 3, 4, 5])).unwrap_err().to_string();
+        assert!(e.contains("--maglev-entries"), "{e}");
+        assert_eq!(p.maglev_use(), before);
+        assert!(p.plan(&desired(&[2])).is_ok(), "a smaller table fits");
     }
 
     #[test]

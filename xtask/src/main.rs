@@ -4,7 +4,9 @@
 //!   cargo xtask setup               install what the build needs (idempotent)
 //!   cargo xtask demo                set up, build, run the demo lab
 //!   cargo xtask test                set up, build, run the whole test suite
-//!   cargo xtask bench micro --out F set up, build, run the micro-benchmark
+//!   cargo xtask bench setup         install what the benchmark suites need
+//!   cargo xtask bench SUITE [ARGS]  set up, build, run a suite (micro, e2e,
+//!                                   scale, churn, converge, all)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +38,12 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// What the benchmark suites run besides the project's own binaries: the
+/// load generators (wrk, iperf3), the server (nginx), the userspace proxy
+/// compared against (HAProxy), and nft to remove the DNAT baseline's nat
+/// table between its turns.
+const BENCH_PACKAGES: &[&str] = &["wrk", "iperf3", "nginx-light", "haproxy", "nftables"];
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("xtask: error: {e:#}");
@@ -44,7 +52,7 @@ fn main() {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | demo | test [cargo test args] | bench micro [--out FILE.json] [--rounds N] [--calls N]>"
+    "usage: cargo xtask <setup | demo | test [cargo test args] | bench setup | bench <micro | e2e | scale | churn | converge | all> [--out FILE.json or DIR] [suite options; --help lists them]>"
 }
 
 fn run() -> Result<()> {
@@ -98,12 +106,37 @@ fn run() -> Result<()> {
             let netlink = cargo_env(&root, &e2e, &[("MESH_TEST_TC_ATTACH", "netlink")]);
             all.and(netlink)
         }
-        Some("bench") if args.get(1).map(String::as_str) == Some("micro") => {
-            need_root("the benchmark loads BPF programs")?;
+        Some("bench") if args.get(1).map(String::as_str) == Some("setup") => {
+            need_root("installing packages")?;
             setup()?;
-            let mut a = vec!["run", "--release", "-p", "mesh-bench", "--", "micro"];
-            a.extend(args[2..].iter().map(String::as_str));
-            cargo(&root, &a)
+            bench_setup()
+        }
+        Some("bench") if args.len() >= 2 => {
+            need_root("the benchmarks load BPF programs and build network namespaces")?;
+            setup()?;
+            bench_setup()?;
+            say("building (release): meshd and the benchmark");
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "mesh-userspace",
+                    "-p",
+                    "mesh-bench",
+                    "--bins",
+                ],
+            )?;
+            let st = Command::new(root.join("target/release/mesh-bench"))
+                .args(&args[1..])
+                .env("MESHD", root.join("target/release/meshd"))
+                .status()
+                .context("running mesh-bench")?;
+            if !st.success() {
+                bail!("mesh-bench {} failed ({st})", args[1..].join(" "));
+            }
+            Ok(())
         }
         Some("-h" | "--help" | "help") | None => {
             println!("{}", usage());
@@ -224,6 +257,34 @@ fn setup() -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Installs the benchmark suites' tools when missing, and says so; does
+/// nothing when all are there.
+fn bench_setup() -> Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        say("bench setup: wrk, iperf3, nginx, haproxy, nftables present");
+        return Ok(());
+    }
+    say(&format!(
+        "bench setup: installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    // Debian starts the services it installs where an init system runs;
+    // the suites run their own copies, in their labs.
     Ok(())
 }
 

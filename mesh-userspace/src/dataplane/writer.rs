@@ -334,9 +334,9 @@ mod tests {
     /// a packet could see at that moment; fails the `fail_at`-th write.
     #[derive(Default)]
     struct Checked {
-        m: u32,
         ports: HashMap<SvcKey, u32>,
         services: HashMap<u32, SvcValue>,
+        /// Tables by their offset in the Maglev map.
         maglev: HashMap<u32, Vec<u32>>,
         backends: HashMap<u32, Backend>,
         writes: usize,
@@ -344,20 +344,21 @@ mod tests {
     }
 
     impl Checked {
-        /// Table regions packets read now (the slots ports point to, when
-        /// their service has a table).
-        fn live_regions(&self) -> BTreeSet<u32> {
+        /// Table regions packets read now, (offset, size): those of the
+        /// services ports point to, when they have a table.
+        fn live_regions(&self) -> BTreeSet<(u32, u32)> {
             self.ports
                 .values()
-                .copied()
-                .filter(|s| self.services[s].table_size > 0)
+                .map(|s| &self.services[s])
+                .filter(|v| v.table_size > 0)
+                .map(|v| (v.table_off, v.table_size))
                 .collect()
         }
 
         fn live_ids(&self) -> BTreeSet<u32> {
             self.live_regions()
                 .iter()
-                .flat_map(|r| self.maglev.get(r).cloned().unwrap_or_default())
+                .flat_map(|(off, _)| self.maglev.get(off).cloned().unwrap_or_default())
                 .collect()
         }
     }
@@ -370,19 +371,24 @@ mod tests {
             }
             match op {
                 Op::WriteTable { offset, table } => {
-                    let region = offset / self.m;
-                    if self.live_regions().contains(&region) {
-                        assert_eq!(
-                            self.maglev.get(&region),
-                            Some(table),
-                            "a table packets read was rewritten with other content"
-                        );
+                    let end = offset + table.len() as u32;
+                    for (off, size) in self.live_regions() {
+                        if *offset < off + size && off < end {
+                            assert!(
+                                off == *offset && self.maglev.get(&off) == Some(table),
+                                "a table packets read was overwritten"
+                            );
+                        }
                     }
-                    self.maglev.insert(region, table.clone());
+                    // A table written over others' (freed) regions ends them.
+                    self.maglev
+                        .retain(|off, t| *off + t.len() as u32 <= *offset || *off >= end);
+                    self.maglev.insert(*offset, table.clone());
                 }
                 Op::PutService { key, slot, value } => {
                     if value.table_size > 0 {
-                        let t = &self.maglev[slot];
+                        let t = &self.maglev[&value.table_off];
+                        assert_eq!(t.len() as u32, value.table_size, "a table of another size");
                         assert!(
                             t.iter().all(|id| self.backends.contains_key(id)),
                             "switched to a table naming a missing backend"
@@ -456,7 +462,12 @@ mod tests {
             if c.services[slot].table_size == 0 {
                 continue;
             }
-            for id in c.maglev.get(slot).cloned().unwrap_or_default() {
+            for id in c
+                .maglev
+                .get(&c.services[slot].table_off)
+                .cloned()
+                .unwrap_or_default()
+            {
                 let b = c.backends[&id];
                 out.insert((
                     (k.port_be, k.proto),
@@ -491,13 +502,7 @@ mod tests {
         };
         for seed in 1..=300u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-            let mut a = Applier::new(
-                limits.clone(),
-                Checked {
-                    m: limits.maglev_size,
-                    ..Checked::default()
-                },
-            );
+            let mut a = Applier::new(limits.clone(), Checked::default());
             let mut last = None;
             for _ in 0..12 {
                 let d = random_state(&mut rng);

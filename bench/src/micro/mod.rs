@@ -1,0 +1,386 @@
+//! `mesh-bench micro`: per-packet cost of the real BPF object, path by
+//! path, against floors measured in the same run. See bench/README.md for
+//! the method and why it is so.
+//!
+//! - `worlds`: the loaded object with the table contents a case needs;
+//! - `cases`: cases run with BPF_PROG_TEST_RUN (XDP, one call per frame);
+//! - `live`: the whole path on live frames (XDP, TC, the task's answer);
+//! - `report`: the tables, the goals, the JSON.
+//!
+//! Adding a case is one entry in [`xdp_cases`] or [`live_cases`], and, for
+//! a path the goals judge, one line in `report::PATHS`.
+
+pub mod cases;
+pub mod live;
+pub mod report;
+pub mod worlds;
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use mesh_common::abi::{PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP};
+use mesh_tests::fixtures::Floors;
+use mesh_tests::packet::{Spec, TCP_ACK};
+use mesh_userspace::plan::Limits;
+use serde_json::Value;
+
+use crate::util;
+use cases::{AfterBatch, Case, Frames};
+use live::{Attach, Dev, LiveCase, LiveWorld, Prog, XdpProg};
+use worlds::{
+    CLIENT, Expect, FLOW_SPORT, MAGLEV_SIZE, NODE, PORTS_PER_ADDR, SERVICES_10K, UNPUBLISHED,
+    WEB_TCP, World,
+};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Write the results as JSON: a file (micro.json), or a directory
+    /// (micro.json in it). Atomically: temp file + rename.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Rounds; each runs every case once, round-robin. The median over rounds is reported.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Calls (frames) per case per round; their kernel-reported durations are averaged.
+    #[arg(long, default_value_t = 20_000)]
+    pub calls: usize,
+    /// Untimed calls per case before the first round (new_flow: at least --calls).
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup: usize,
+    /// Entries of the unconfirmed conntrack table of `new_flow_full`, filled
+    /// to capacity before timing and never emptied.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub ct_full: u32,
+    /// Leave out the whole-path cases (live frames, TC, a lab in network namespaces).
+    #[arg(long)]
+    pub no_live: bool,
+    /// Pin to this CPU (default: the CPU the benchmark starts on).
+    #[arg(long, conflicts_with = "no_pin")]
+    pub cpu: Option<usize>,
+    /// Do not pin to a CPU.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+/// Runs the suite on a thread of its own (the live cases move it into a
+/// lab namespace for good); returns the JSON document.
+pub fn run(a: &Args) -> Result<Value> {
+    ensure!(
+        a.rounds >= 1 && a.calls >= 1,
+        "--rounds and --calls must be at least 1"
+    );
+    let a = a.clone();
+    std::thread::spawn(move || run_here(&a))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the micro-benchmark thread panicked"))?
+}
+
+/// The worlds, by index.
+pub const W_BASE: usize = 0;
+pub const W_NEW: usize = 1;
+pub const W_10K: usize = 2;
+pub const W_FULL: usize = 3;
+
+fn run_here(a: &Args) -> Result<Value> {
+    let started = Instant::now();
+    let cpu = if a.no_pin {
+        None
+    } else {
+        let c = a.cpu.unwrap_or_else(util::current_cpu);
+        util::pin(c)?;
+        Some(c)
+    };
+    let machine = util::machine();
+    if machine["bpf_jit_enable"].as_str() != Some("1") {
+        eprintln!(
+            "warning: net.core.bpf_jit_enable is {}, not 1: these are not the numbers of a JIT-compiled program",
+            machine["bpf_jit_enable"]
+        );
+    }
+    if machine["bpf_stats_enabled"].as_str() == Some("1") {
+        eprintln!(
+            "warning: kernel.bpf_stats_enabled is 1: every program run pays for run-time accounting"
+        );
+    }
+
+    // new_flow replays the same flows in every batch, the unconfirmed
+    // table emptied in between: LRU inserts without eviction.
+    let new_flows_needed = a.calls.max(a.warmup).max(1);
+    let ct_new = (new_flows_needed + new_flows_needed / 4)
+        .next_power_of_two()
+        .max(65_536) as u32;
+    let mut worlds = load_worlds(a, ct_new)?;
+    let mut live = if a.no_live {
+        None
+    } else {
+        let addrs = 1 + new_flows_needed.div_ceil(PORTS_PER_ADDR);
+        ensure!(
+            addrs <= 95,
+            "--calls {} needs {addrs} client addresses for the live new flows; the lab has 95",
+            a.calls
+        );
+        Some(LiveWorld::new(addrs, ct_new).context("the live lab")?)
+    };
+
+    let mut xdp = xdp_cases();
+    let mut lc = live.as_ref().map(live_cases).unwrap_or_default();
+
+    // First call of each case, untimed, checked down to the output bytes.
+    for c in &mut xdp {
+        c.first_call(&mut worlds[c.world])?;
+    }
+    // Warm-up. new_flow gets a whole batch: a fresh map hands out its
+    // preallocated elements in address order, one that has been filled and
+    // emptied in the order of its free list, as after any real use; the
+    // first timed round would otherwise run faster than the rest.
+    for c in &mut xdp {
+        let n = if c.after == AfterBatch::ClearNewFlows {
+            a.warmup.max(a.calls)
+        } else {
+            a.warmup
+        };
+        if n > 0 {
+            c.batch(&mut worlds[c.world], n)?;
+        }
+    }
+    if let Some(lw) = &mut live {
+        for c in &mut lc {
+            let n = if c.after == AfterBatch::ClearNewFlows {
+                a.warmup.max(a.calls)
+            } else {
+                a.warmup.clamp(1, a.calls)
+            };
+            c.batch(lw, n, false)
+                .with_context(|| format!("{}: warm-up", c.name))?;
+        }
+    }
+
+    // Rounds: every case once, round-robin, starting one case later each
+    // round, so neither drift nor position in the round favours a case.
+    let t = Instant::now();
+    let n = xdp.len() + lc.len();
+    for round in 0..a.rounds {
+        for k in 0..n {
+            let i = (round + k) % n;
+            if i < xdp.len() {
+                let c = &mut xdp[i];
+                let total = c.batch(&mut worlds[c.world], a.calls)?;
+                c.rounds.push(total as f64 / a.calls as f64);
+            } else {
+                let lw = live.as_mut().expect("live cases need the live world");
+                lc[i - xdp.len()].batch(lw, a.calls, true)?;
+            }
+        }
+        eprintln!(
+            "round {}/{} done ({:.1} s)",
+            round + 1,
+            a.rounds,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if xdp.iter().any(|c| c.rounds.len() != a.rounds) || lc.iter().any(|c| c.wall.len() != a.rounds)
+    {
+        bail!("internal: a case missed a round");
+    }
+
+    let doc = report::report(&report::Input {
+        args: a,
+        cpu,
+        machine,
+        xdp: &xdp,
+        live: &lc,
+        worlds: &worlds,
+        live_world: live.as_ref().map(|l| &l.world),
+        live_skipped: a.no_live,
+    });
+    eprintln!("total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(doc)
+}
+
+fn load_worlds(a: &Args, ct_new: u32) -> Result<Vec<World>> {
+    let tasks = worlds::tasks();
+    let base = worlds::desired(NODE, &tasks)?;
+    let big = worlds::with_fillers(&base, SERVICES_10K);
+    ensure!(big.services.len() == SERVICES_10K);
+    let lim = |max_services, max_backends, ct_new_entries| Limits {
+        maglev_size: MAGLEV_SIZE,
+        max_services,
+        max_backends,
+        ct_entries: 65_536,
+        ct_new_entries,
+        ..Limits::default()
+    };
+    let mut w = vec![
+        worlds::load("base", lim(64, 1024, 65_536), &base, &tasks)?,
+        worlds::load("new_flow", lim(64, 1024, ct_new), &base, &tasks)?,
+        worlds::load(
+            "10k",
+            lim(
+                10_240,
+                (worlds::backend_count(&big) as u32).next_power_of_two(),
+                65_536,
+            ),
+            &big,
+            &tasks,
+        )?,
+        worlds::load("new_flow_full", lim(64, 1024, a.ct_full), &base, &tasks)?,
+    ];
+    {
+        let mut floors = Floors::load()?;
+        let key = WEB_TCP.to_be() as u32;
+        floors
+            .map()?
+            .insert(key, 1, 0)
+            .context("filling MESH_FLOOR")?;
+        w[W_BASE].floors = Some(floors);
+    }
+    // The established flow: confirmed, pinned to the first task.
+    for i in [W_BASE, W_10K] {
+        w[i].track((CLIENT, FLOW_SPORT), NODE, tasks[0])?;
+    }
+    w[W_FULL].prefill_ct_new()?;
+    Ok(w)
+}
+
+/// The cases run with BPF_PROG_TEST_RUN. The first is the floor every
+/// overhead is measured from.
+fn xdp_cases() -> Vec<Case> {
+    let ack = Spec::tcp(CLIENT, FLOW_SPORT, NODE, WEB_TCP, TCP_ACK).build();
+    let other = Spec::tcp(CLIENT, FLOW_SPORT, NODE, UNPUBLISHED, TCP_ACK).build();
+    vec![
+        Case::new(
+            "floor_pass",
+            PROG_FLOOR_PASS,
+            W_BASE,
+            "XDP program that only returns XDP_PASS (TCP ACK frame)",
+            Frames::One(ack.clone()),
+            Expect::Pass,
+        ),
+        Case::new(
+            "floor_lookup",
+            PROG_FLOOR_LOOKUP,
+            W_BASE,
+            "parse Eth/IPv4/L4 ports + one hash lookup (hit), XDP_TX",
+            Frames::One(ack.clone()),
+            Expect::Tx,
+        ),
+        Case::new(
+            "established",
+            PROG_XDP,
+            W_BASE,
+            "mesh_xdp, TCP ACK of a confirmed flow, 1 service / 16 backends: conntrack hit + DNAT",
+            Frames::One(ack.clone()),
+            Expect::Local,
+        )
+        .counted(false),
+        Case::new(
+            "new_flow",
+            PROG_XDP,
+            W_NEW,
+            "mesh_xdp, TCP SYN of an unseen flow: Maglev pick + one insert into the unconfirmed table (emptied after every batch) + DNAT",
+            Frames::each(worlds::new_flow_frame, true),
+            Expect::Local,
+        )
+        .counted(true)
+        .after(AfterBatch::ClearNewFlows),
+        Case::new(
+            "non_service",
+            PROG_XDP,
+            W_BASE,
+            "mesh_xdp, TCP to a port no service publishes: parse + one service lookup (miss)",
+            Frames::One(other),
+            Expect::Pass,
+        ),
+        Case::new(
+            "established_10k",
+            PROG_XDP,
+            W_10K,
+            "as established, with 10,000 services loaded",
+            Frames::One(ack),
+            Expect::Local,
+        )
+        .counted(false),
+        Case::new(
+            "new_flow_full",
+            PROG_XDP,
+            W_FULL,
+            "as new_flow, into an unconfirmed table filled to capacity and never emptied: every insert evicts",
+            Frames::each(worlds::new_flow_frame, false),
+            Expect::Local,
+        )
+        .counted(true),
+    ]
+}
+
+/// The whole-path cases on live frames, floors first.
+fn live_cases(lw: &LiveWorld) -> Vec<LiveCase> {
+    use Prog::*;
+    vec![
+        LiveCase::new(
+            "floor_live",
+            "floor_pass + empty TC on the uplink, the established flow's ACK: the node's own stack answers (reset)",
+            XdpProg::Pass,
+            Dev::Uplink,
+            Attach::Floor,
+            Frames::One(lw.established()),
+            &[(FloorPass, 1), (FloorTc, 1)],
+        ),
+        LiveCase::new(
+            "floor_live_direct",
+            "floor_pass + empty TC, the ACK addressed to the task itself: the node's kernel routes it to the task and its reset back (no NAT)",
+            XdpProg::Pass,
+            Dev::Uplink,
+            Attach::Floor,
+            Frames::One(lw.direct()),
+            &[(FloorPass, 1), (FloorTc, 2)],
+        ),
+        LiveCase::new(
+            "floor_live_reply",
+            "floor_pass + empty TC on the task port, the task's reset: the node's kernel routes it to the client",
+            XdpProg::Pass,
+            Dev::TaskPort,
+            Attach::Floor,
+            Frames::One(lw.reply()),
+            &[(FloorPass, 1), (FloorTc, 1)],
+        ),
+        LiveCase::new(
+            "established_live",
+            "mesh_xdp + mesh_tc_uplink into the task, its reset back through mesh_tc_task: the established flow's ACK",
+            XdpProg::Mesh,
+            Dev::Uplink,
+            Attach::Mesh,
+            Frames::One(lw.established()),
+            &[(MeshXdp, 1), (MeshTcUplink, 1), (MeshTcTask, 1)],
+        )
+        .counted(false),
+        LiveCase::new(
+            "new_flow_live",
+            "as established_live, a SYN of an unseen flow (unconfirmed table emptied after every batch)",
+            XdpProg::Mesh,
+            Dev::Uplink,
+            Attach::Mesh,
+            Frames::each(lw.new_flows(), true),
+            &[(MeshXdp, 1), (MeshTcUplink, 1), (MeshTcTask, 1)],
+        )
+        .counted(true)
+        .after(AfterBatch::ClearNewFlows),
+        LiveCase::new(
+            "non_service_live",
+            "mesh_xdp + mesh_tc_uplink, an ACK to a port no service publishes: passed, the node answers",
+            XdpProg::Mesh,
+            Dev::Uplink,
+            Attach::Mesh,
+            Frames::One(lw.non_service()),
+            &[(MeshXdp, 1), (MeshTcUplink, 1), (MeshTcTask, 0)],
+        ),
+        LiveCase::new(
+            "reply_live",
+            "floor_pass + mesh_tc_task on the task port, the task's reset of the established flow: translated and redirected to the uplink",
+            XdpProg::Pass,
+            Dev::TaskPort,
+            Attach::Mesh,
+            Frames::One(lw.reply()),
+            &[(FloorPass, 1), (MeshTcTask, 1), (MeshTcUplink, 0)],
+        ),
+    ]
+}

@@ -1,0 +1,368 @@
+//! The micro-benchmark's worlds: the real object, loaded and filled
+//! through the planner exactly as meshd fills it, with the table contents
+//! a case needs. Nothing is attached here (see `live` for the world whose
+//! programs are).
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use mesh_common::abi::{CT_SYN, CtValue, FlowKey4, IPPROTO_TCP, MAP_CT4_NEW, XDP_META_MAGIC};
+use mesh_tests::fixtures::{BpfWorld, Floors, Flow, Run, World as _, XDP_PASS};
+use mesh_tests::packet::{Spec, TCP_SYN, View, checksums_ok};
+use mesh_userspace::desired::{BackendKey, Desired, DesiredService};
+use mesh_userspace::model::{Proto, StateBuilder};
+use mesh_userspace::plan::Limits;
+use serde_json::{Value, json};
+
+use crate::sys;
+
+/// The same Maglev table size everywhere, so `established` and
+/// `established_10k` differ only in how many services are loaded.
+pub const MAGLEV_SIZE: u32 = 1021;
+/// The measured service: tcp `WEB_TCP` -> `TARGET_PORT`.
+pub const WEB_TCP: u16 = 30080;
+pub const TARGET_PORT: u16 = 8080;
+/// Tasks of the measured service in the worlds that are not attached.
+pub const BACKENDS: u8 = 16;
+/// A port no service publishes.
+pub const UNPUBLISHED: u16 = 30081;
+/// Services loaded in the `established_10k` world (the measured one included).
+pub const SERVICES_10K: usize = 10_000;
+/// The other services publish tcp ports from here up.
+pub const FILLER_PORT0: u16 = 20_000;
+/// The client port of the one tracked flow.
+pub const FLOW_SPORT: u16 = 40001;
+/// Client ports per address for new flows.
+pub const PORTS_PER_ADDR: usize = 50_000;
+pub const FIRST_PORT: u16 = 10_000;
+
+/// The node and the client of the worlds that are not attached (their
+/// addresses only ever appear in frames handed to BPF_PROG_TEST_RUN).
+pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
+
+/// What every timed call must return; checked on every call, so that a
+/// case never silently times the wrong path.
+#[derive(Clone, Copy, Debug)]
+pub enum Expect {
+    /// XDP_PASS, no metadata (not service traffic).
+    Pass,
+    /// XDP_TX (floor_lookup's hit).
+    Tx,
+    /// XDP_PASS with 8 bytes of metadata: rewritten for a local task.
+    Local,
+}
+
+pub const XDP_TX: u32 = 3;
+
+impl Expect {
+    pub fn check(self, r: &Run) -> Result<()> {
+        let ok = match self {
+            Expect::Pass => r.ret == XDP_PASS && r.meta.is_empty(),
+            Expect::Tx => r.ret == XDP_TX && r.meta.is_empty(),
+            Expect::Local => r.ret == XDP_PASS && r.meta.len() == 8,
+        };
+        ensure!(
+            ok,
+            "returned {} with {} bytes of metadata, expected {}",
+            r.ret,
+            r.meta.len(),
+            self.describe()
+        );
+        Ok(())
+    }
+
+    /// The per-call check plus the output, for the untimed first call.
+    pub fn check_full(self, input: &[u8], r: &Run, tasks: &[Ipv4Addr]) -> Result<()> {
+        self.check(r)?;
+        match self {
+            Expect::Pass | Expect::Tx => ensure!(r.output == input, "the packet was rewritten"),
+            Expect::Local => {
+                let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
+                ensure!(
+                    magic == XDP_META_MAGIC,
+                    "metadata without the mesh magic: {:02x?}",
+                    r.meta
+                );
+                let o = &r.output;
+                let (daddr, dport) = (View(o).daddr(), View(o).dport());
+                ensure!(
+                    tasks.contains(&daddr),
+                    "delivered to {daddr}, not a task of the service"
+                );
+                ensure!(
+                    dport == TARGET_PORT,
+                    "delivered to port {dport}, expected {TARGET_PORT}"
+                );
+                ensure!(checksums_ok(o), "bad checksum in the rewritten packet");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Expect::Pass => "XDP_PASS without metadata",
+            Expect::Tx => "XDP_TX",
+            Expect::Local => "XDP_PASS with 8 bytes of metadata (rewritten for a local task)",
+        }
+    }
+}
+
+/// A loaded world.
+pub struct World {
+    pub name: &'static str,
+    pub bpf: BpfWorld,
+    /// The floor programs, run in this world's cases (they have their own
+    /// object and map; the world's maps do not matter to them).
+    pub floors: Option<Floors>,
+    pub limits: Limits,
+    pub services: usize,
+    pub backends: usize,
+    /// The measured service's tasks.
+    pub tasks: Vec<Ipv4Addr>,
+    /// Entries written into the unconfirmed conntrack table before timing.
+    pub prefilled: u64,
+}
+
+impl World {
+    /// One test run of `prog`: a floor program or one of the dataplane's.
+    pub fn run_xdp(&self, prog: &str, frame: &[u8]) -> Result<Run> {
+        match &self.floors {
+            Some(f) if mesh_common::abi::FLOOR_PROG_NAMES.contains(&prog) => f.run_xdp(prog, frame),
+            _ => self.bpf.run_xdp(prog, frame),
+        }
+    }
+
+    /// (packets, new_flows) of the service on tcp `port`.
+    pub fn svc_counters(&self, port: u16) -> Result<(u64, u64)> {
+        let stats = self.bpf.dp.service_stats()?;
+        let (_, _, _, s) = stats
+            .into_iter()
+            .find(|(_, p, q, _)| *p == Proto::Tcp && *q == port)
+            .context("the measured service has no counters")?;
+        Ok((s.packets, s.new_flows))
+    }
+
+    /// Every drop the dataplane counted, over all reasons.
+    pub fn drops_total(&self) -> Result<u64> {
+        Ok(self.bpf.dp.drops()?.iter().map(|(_, n)| n).sum())
+    }
+
+    fn ct_new(&mut self) -> Result<BpfHashMap<&mut MapData, FlowKey4, CtValue>> {
+        let m = self
+            .bpf
+            .dp
+            .ebpf_mut()
+            .map_mut(MAP_CT4_NEW)
+            .context("no unconfirmed conntrack map")?;
+        Ok(BpfHashMap::try_from(m)?)
+    }
+
+    /// Deletes every unconfirmed conntrack entry (where new flows go);
+    /// returns how many there were.
+    pub fn clear_ct_new(&mut self) -> Result<usize> {
+        let mut ct = self.ct_new()?;
+        let keys = ct.keys().collect::<Result<Vec<_>, _>>()?;
+        for k in &keys {
+            ct.remove(k)?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Pins the flow from `client` to the measured service at `node` to
+    /// task `to`, as a confirmed (established) flow: the entry the forward
+    /// path leaves once the client acknowledged the task's SYN-ACK.
+    pub fn track(&mut self, client: (Ipv4Addr, u16), node: Ipv4Addr, to: Ipv4Addr) -> Result<()> {
+        let flow = Flow::new(Proto::Tcp, client, (node, WEB_TCP));
+        self.bpf
+            .track(&flow, SocketAddrV4::new(to, TARGET_PORT))
+            .with_context(|| format!("{} world: tracking the established flow", self.name))
+    }
+
+    /// Fills the unconfirmed conntrack table to capacity with flows no
+    /// timed frame uses (clients in 198.18.0.0/16), with batch updates.
+    pub fn prefill_ct_new(&mut self) -> Result<()> {
+        let n = self.limits.ct_new_entries as usize;
+        let v = CtValue {
+            state: CT_SYN,
+            ..CtValue::default()
+        };
+        self.prefill(MAP_CT4_NEW, n, v)?;
+        self.prefilled = n as u64;
+        Ok(())
+    }
+
+    /// Writes `n` flows no timed frame uses (clients in 198.18.0.0/16) with
+    /// value `v` into conntrack table `map`, with batch updates.
+    pub fn prefill(&mut self, map: &str, n: usize, v: CtValue) -> Result<()> {
+        let t = Instant::now();
+        let fd = self.map_fd(map)?;
+        const CHUNK: usize = 65_536;
+        let mut done = 0usize;
+        while done < n {
+            let m = CHUNK.min(n - done);
+            let keys: Vec<FlowKey4> = (done..done + m).map(|i| prefill_key(i, NODE)).collect();
+            let vals = vec![v; m];
+            let w = sys::update_batch(fd.as_fd(), &keys, &vals)?;
+            ensure!(w as usize == m, "batch update wrote {w} of {m}");
+            done += m;
+        }
+        eprintln!(
+            "filled {map} of the {} world with {n} flows ({:.1} s, not timed)",
+            self.name,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// A descriptor of map `name` (one the object still holds).
+    pub fn map_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
+        let m = self
+            .bpf
+            .dp
+            .ebpf()
+            .map(name)
+            .with_context(|| format!("no map {name} in the object"))?;
+        let data: &MapData = match m {
+            aya::maps::Map::LruHashMap(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d) => d,
+            _ => anyhow::bail!("{name}: a map of an unexpected kind"),
+        };
+        Ok(data.fd().as_fd().try_clone_to_owned()?)
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "services": self.services,
+            "backends": self.backends,
+            "maglev_size": self.limits.maglev_size,
+            "max_services": self.limits.max_services,
+            "max_backends": self.limits.max_backends,
+            "ct_entries": self.limits.ct_entries,
+            "ct_new_entries": self.limits.ct_new_entries,
+            "ct_new_prefilled": self.prefilled,
+        })
+    }
+}
+
+/// Conntrack key `i` of the prefill: clients 198.18.0.0/16, a port each.
+fn prefill_key(i: usize, node: Ipv4Addr) -> FlowKey4 {
+    let saddr =
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + (i / PORTS_PER_ADDR) as u32);
+    let sport = FIRST_PORT + (i % PORTS_PER_ADDR) as u16;
+    FlowKey4 {
+        saddr: u32::from_ne_bytes(saddr.octets()),
+        daddr: u32::from_ne_bytes(node.octets()),
+        sport_be: sport.to_be(),
+        dport_be: WEB_TCP.to_be(),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// The measured service's tasks in the worlds that are not attached.
+pub fn tasks() -> Vec<Ipv4Addr> {
+    (0..BACKENDS)
+        .map(|i| Ipv4Addr::new(198, 18, 129, 2 + i))
+        .collect()
+}
+
+/// One node (n1 at `node`), one tcp service (`WEB_TCP` -> `TARGET_PORT`)
+/// with `tasks` on n1.
+pub fn desired(node: Ipv4Addr, tasks: &[Ipv4Addr]) -> Result<Desired> {
+    let state = StateBuilder::new()
+        .node("n1", node)
+        .service("web", &[(Proto::Tcp, WEB_TCP, TARGET_PORT)])
+        .tasks("web", "n1", tasks.iter().copied())
+        .build()?;
+    let d = Desired::compute(&state, "n1", &[])?;
+    ensure!(d.services.len() == 1 && d.services.values().all(|s| s.backends.len() == tasks.len()));
+    Ok(d)
+}
+
+/// `base` plus `total - 1` more tcp services on ports 20000.., with 2 to 16
+/// tasks each (all on n1, each task its own address in 198.18.0.0/15).
+/// Built as a `Desired` directly, so that loading it costs only the planner.
+pub fn with_fillers(base: &Desired, total: usize) -> Desired {
+    let mut d = base.clone();
+    let mut next = u32::from(Ipv4Addr::new(198, 18, 0, 1));
+    for i in 0..total.saturating_sub(base.services.len()) {
+        let port = FILLER_PORT0 + i as u16;
+        let n = 2 + i % 15;
+        let backends = (0..n)
+            .map(|_| {
+                let addr = Ipv4Addr::from(next);
+                next += 1;
+                BackendKey {
+                    addr,
+                    port: 80,
+                    node: "n1".into(),
+                    local: true,
+                    deliver: addr,
+                }
+            })
+            .collect();
+        d.services.insert(
+            (Proto::Tcp, port),
+            DesiredService {
+                name: format!("svc{i}"),
+                target: 80,
+                backends,
+                draining: Vec::new(),
+                reply: None,
+            },
+        );
+    }
+    d
+}
+
+pub fn backend_count(d: &Desired) -> usize {
+    d.services.values().map(|s| s.backends.len()).sum()
+}
+
+/// Loads the object with `limits` and fills it with `d` (not timed).
+pub fn load(name: &'static str, limits: Limits, d: &Desired, tasks: &[Ipv4Addr]) -> Result<World> {
+    let t = Instant::now();
+    let bpf =
+        BpfWorld::with(limits.clone(), d).with_context(|| format!("loading the {name} world"))?;
+    eprintln!(
+        "loaded the {name} world: {} services, {} backends, conntrack {} + {} unconfirmed ({:.1} s, not timed)",
+        d.services.len(),
+        backend_count(d),
+        limits.ct_entries,
+        limits.ct_new_entries,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(World {
+        name,
+        bpf,
+        floors: None,
+        services: d.services.len(),
+        backends: backend_count(d),
+        limits,
+        tasks: tasks.to_vec(),
+        prefilled: 0,
+    })
+}
+
+/// The client address and port of new flow `i` (50,000 ports per
+/// address, from `first` up).
+pub fn new_flow_client(first: Ipv4Addr, i: usize) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::from(u32::from(first) + (i / PORTS_PER_ADDR) as u32),
+        FIRST_PORT + (i % PORTS_PER_ADDR) as u16,
+    )
+}
+
+/// The SYN of new flow `i` from clients in 198.19.0.0/16 to `NODE`.
+pub fn new_flow_frame(i: usize) -> Vec<u8> {
+    let (saddr, sport) = new_flow_client(Ipv4Addr::new(198, 19, 0, 1), i);
+    Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
+}

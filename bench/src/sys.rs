@@ -1,0 +1,214 @@
+//! The few kernel interfaces the benchmark needs that aya 0.14 does not
+//! wrap: an empty TC program (the floor the TC programs are measured
+//! against, two instructions, so it needs no compiler), TCX links by
+//! ifindex, the kernel's own per-program run-time statistics and per-map
+//! memory accounting (both from fdinfo), batch map updates, and entering a
+//! network namespace.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use anyhow::{Context, Result, bail};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: the bpf syscall with a fully initialized attribute union of
+    // the size we pass.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: bpf_attr is a plain C union; all-zero is what the kernel
+    // expects in every field a command does not use.
+    unsafe { std::mem::zeroed() }
+}
+
+/// One BPF instruction, encoded: opcode, registers (dst low nibble, src
+/// high nibble), offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0] = code;
+    b[1] = (src << 4) | (dst & 0x0f);
+    b[2..4].copy_from_slice(&off.to_le_bytes());
+    b[4..8].copy_from_slice(&imm.to_le_bytes());
+    b
+}
+
+/// `BPF_ALU64 | BPF_MOV | BPF_K` and `BPF_JMP | BPF_EXIT`.
+const MOV64_IMM: u8 = 0x07 | 0xb0;
+const EXIT: u8 = 0x05 | 0x90;
+/// TC_ACT_UNSPEC (TCX_NEXT under TCX): go on as if there were no program.
+const TC_ACT_UNSPEC: i32 = -1;
+
+/// Loads a TC program that does nothing (`r0 = TC_ACT_UNSPEC; exit`):
+/// what any TC program pays before its first instruction, under the same
+/// run-time statistics as the programs measured against it.
+pub fn load_empty_tc(name: &str) -> Result<OwnedFd> {
+    let code: Vec<u8> = [
+        insn(MOV64_IMM, 0, 0, 0, TC_ACT_UNSPEC),
+        insn(EXIT, 0, 0, 0, 0),
+    ]
+    .concat();
+    let license = CString::new("GPL").unwrap();
+    let mut attr = zeroed_attr();
+    // SAFETY: writing the BPF_PROG_LOAD member of a zeroed union.
+    unsafe {
+        let a = &mut attr.__bindgen_anon_3;
+        a.prog_type = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
+        a.insn_cnt = (code.len() / 8) as u32;
+        a.insns = code.as_ptr() as u64;
+        a.license = license.as_ptr() as u64;
+        for (d, s) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
+            *d = s as libc::c_char;
+        }
+    }
+    let fd = sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).context("loading an empty TC program")?;
+    // SAFETY: BPF_PROG_LOAD returned a new descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A TCX link: the program stays attached as long as this lives.
+#[derive(Debug)]
+pub struct TcxLink(#[allow(dead_code)] OwnedFd);
+
+/// Attaches program `prog` to the TCX ingress of device `ifindex` in the
+/// calling thread's network namespace.
+pub fn tcx_ingress(prog: BorrowedFd<'_>, ifindex: u32) -> Result<TcxLink> {
+    let mut attr = zeroed_attr();
+    // SAFETY: writing the BPF_LINK_CREATE member of a zeroed union.
+    unsafe {
+        let l = &mut attr.link_create;
+        l.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+        l.__bindgen_anon_2.target_ifindex = ifindex;
+        l.attach_type = bpf_attach_type::BPF_TCX_INGRESS as u32;
+    }
+    let fd = sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+        .with_context(|| format!("attaching a TC program to ifindex {ifindex} (TCX ingress)"))?;
+    // SAFETY: BPF_LINK_CREATE returned a new descriptor we now own.
+    Ok(TcxLink(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+}
+
+/// The key/value lines of /proc/self/fdinfo/<fd>.
+pub fn fdinfo(fd: BorrowedFd<'_>) -> Result<HashMap<String, String>> {
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect())
+}
+
+fn field(info: &HashMap<String, String>, key: &str) -> Result<u64> {
+    info.get(key)
+        .with_context(|| format!("fdinfo has no {key}"))?
+        .parse()
+        .with_context(|| format!("fdinfo {key}"))
+}
+
+/// A program's run-time statistics: total ns in the program and runs,
+/// counted by the kernel while statistics are enabled ([`StatsOn`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub ns: u64,
+    pub runs: u64,
+}
+
+impl RunStats {
+    pub fn of(prog: BorrowedFd<'_>) -> Result<RunStats> {
+        let i = fdinfo(prog)?;
+        Ok(RunStats {
+            ns: field(&i, "run_time_ns")?,
+            runs: field(&i, "run_cnt")?,
+        })
+    }
+
+    pub fn since(self, before: RunStats) -> RunStats {
+        RunStats {
+            ns: self.ns - before.ns,
+            runs: self.runs - before.runs,
+        }
+    }
+}
+
+/// The kernel's accounting of a map's memory (fdinfo `memlock`, bytes).
+pub fn map_memlock(map: BorrowedFd<'_>) -> Result<u64> {
+    field(&fdinfo(map)?, "memlock")
+}
+
+/// Keeps the kernel's BPF run-time statistics on (BPF_ENABLE_STATS) for as
+/// long as it lives; they are off again when it drops (unless someone else
+/// holds them on).
+pub struct StatsOn(#[allow(dead_code)] OwnedFd);
+
+impl StatsOn {
+    pub fn new() -> Result<StatsOn> {
+        let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enabling BPF run-time statistics")?;
+        Ok(StatsOn(fd))
+    }
+}
+
+/// Writes `keys[i] -> values[i]` into `map` with BPF_MAP_UPDATE_BATCH;
+/// returns how many were written.
+pub fn update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<u32> {
+    if keys.len() != values.len() {
+        bail!("{} keys and {} values", keys.len(), values.len());
+    }
+    let mut attr = zeroed_attr();
+    // SAFETY: writing the batch member of a zeroed union; the arrays live
+    // through the call.
+    unsafe {
+        let b = &mut attr.batch;
+        b.keys = keys.as_ptr() as u64;
+        b.values = values.as_ptr() as u64;
+        b.count = keys.len() as u32;
+        b.map_fd = map.as_raw_fd() as u32;
+    }
+    sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr).context("BPF_MAP_UPDATE_BATCH")?;
+    // SAFETY: the kernel wrote back how many it processed.
+    Ok(unsafe { attr.batch.count })
+}
+
+/// The index of device `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = CString::new(name)?;
+    // SAFETY: plain libc call on a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        bail!("no device {name} in this thread's network namespace");
+    }
+    Ok(i)
+}
+
+/// Moves the calling thread into network namespace `ns` (/run/netns/NS)
+/// for good: callers run such work on a thread of its own.
+pub fn enter_netns(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: plain syscall on a valid descriptor.
+    if unsafe { libc::setns(f.as_fd().as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("entering {ns}"));
+    }
+    Ok(())
+}
