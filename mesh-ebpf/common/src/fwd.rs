@@ -57,6 +57,9 @@ pub trait Tables {
     fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue>;
     /// Moves an unconfirmed flow's entry, as `ct`, to the confirmed table.
     fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue);
+    /// Forgets a flow's confirmed entry (a new connection on its 4-tuple,
+    /// or a new pick after its backend went, replaces it).
+    fn ct_forget(&self, key: &FlowKey4);
     /// Record a new (unconfirmed) flow. Failure (a full map that is not
     /// LRU) is not fatal: the flow's next packet hashes the same way.
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue);
@@ -275,6 +278,12 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         // track.
         if be.flags & BE_F_LOCAL == 0 && t.node(be.node_id).is_none() {
             return Verdict::Drop(DropReason::RemoteBackend);
+        }
+        // The flow's packets look in the confirmed table first: an entry
+        // left there would send the rest of a new connection (or of a
+        // re-picked flow) to the old pick.
+        if kind == CT_CONFIRMED {
+            t.ct_forget(&flow);
         }
         let (state, cflags) = if ip.proto != IPPROTO_TCP {
             (CT_OPEN, 0)

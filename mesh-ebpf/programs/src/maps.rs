@@ -166,6 +166,11 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
+    fn ct_forget(&self, key: &FlowKey4) {
+        let _ = confirmed(key).remove(key);
+    }
+
+    #[inline(always)]
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue) {
         // An LRU map evicts instead of failing; an error here can only be
         // -ENOMEM, and the flow's next packet hashes to the same backend.

@@ -428,6 +428,10 @@ impl Tables for HostMaps {
         self.ct_new.borrow_mut().insert(*key, *ct);
     }
 
+    fn ct_forget(&self, key: &FlowKey4) {
+        self.confirmed(key).borrow_mut().remove(key);
+    }
+
     fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
         let mut t = if confirmed {
             self.confirmed(key).borrow_mut()
