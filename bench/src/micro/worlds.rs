@@ -44,12 +44,28 @@ pub const FIRST_PORT: u16 = 10_000;
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
 
+/// The forwarding world: this node and another, on the link of a veth
+/// (`FWD_DEV`, its peer beside it) the benchmark's thread adds to its own network
+/// namespace, so that XDP's FIB lookups route to the other node and to the
+/// client (static neighbours), as on a node's uplink.
+pub const FWD_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 1);
+pub const FWD_OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 2);
+const FWD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 250, 254);
+pub const FWD_DEV: &str = "mbfwd0";
+/// The service whose tasks all run on the other node.
+pub const FAR_TCP: u16 = 30070;
+
 /// What every timed call must return; checked on every call, so that a
 /// case never silently times the wrong path.
 #[derive(Clone, Copy, Debug)]
 pub enum Expect {
     /// XDP_PASS, no metadata (not service traffic).
     Pass,
+    /// XDP_TX of the packet encapsulated to the other node (forwarding).
+    Encap,
+    /// XDP_TX of a reply another node carried back, stripped and routed
+    /// to its client.
+    Out,
     /// XDP_TX (floor_lookup's hit).
     Tx,
     /// XDP_PASS with 8 bytes of metadata: rewritten for a local task.
@@ -62,7 +78,7 @@ impl Expect {
     pub fn check(self, r: &Run) -> Result<()> {
         let ok = match self {
             Expect::Pass => r.ret == XDP_PASS && r.meta.is_empty(),
-            Expect::Tx => r.ret == XDP_TX && r.meta.is_empty(),
+            Expect::Tx | Expect::Encap | Expect::Out => r.ret == XDP_TX && r.meta.is_empty(),
             Expect::Local => r.ret == XDP_PASS && r.meta.len() == 8,
         };
         ensure!(
@@ -80,6 +96,29 @@ impl Expect {
         self.check(r)?;
         match self {
             Expect::Pass | Expect::Tx => ensure!(r.output == input, "the packet was rewritten"),
+            Expect::Encap => {
+                let o = &r.output;
+                ensure!(
+                    View(o).daddr() == FWD_OTHER
+                        && View(o).dport() == mesh_common::abi::DEFAULT_ENCAP_PORT,
+                    "not encapsulated to the other node: {o:02x?}"
+                );
+                let inner = &o[mesh_common::abi::ENCAP_LEN..];
+                ensure!(
+                    tasks.contains(&View(inner).daddr()) && View(inner).dport() == TARGET_PORT,
+                    "the inner packet is not for a task of the service"
+                );
+                ensure!(checksums_ok(o) && checksums_ok(inner), "bad checksum");
+            }
+            Expect::Out => {
+                let o = &r.output;
+                ensure!(
+                    (View(o).saddr(), View(o).daddr()) == (FWD_NODE, CLIENT)
+                        && o.len() + mesh_common::abi::ENCAP_LEN == input.len(),
+                    "not the stripped reply to the client: {o:02x?}"
+                );
+                ensure!(checksums_ok(o), "bad checksum");
+            }
             Expect::Local => {
                 let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
                 ensure!(
@@ -107,6 +146,8 @@ impl Expect {
         match self {
             Expect::Pass => "XDP_PASS without metadata",
             Expect::Tx => "XDP_TX",
+            Expect::Encap => "XDP_TX, encapsulated to the other node",
+            Expect::Out => "XDP_TX, stripped and routed to the client",
             Expect::Local => "XDP_PASS with 8 bytes of metadata (rewritten for a local task)",
         }
     }
@@ -126,6 +167,9 @@ pub struct World {
     pub tasks: Vec<Ipv4Addr>,
     /// Entries written into the unconfirmed conntrack table before timing.
     pub prefilled: u64,
+    /// The device XDP runs arrive on (its FIB lookups route from there);
+    /// 0: none.
+    pub ifindex: u32,
 }
 
 impl World {
@@ -133,7 +177,7 @@ impl World {
     pub fn run_xdp(&self, prog: &str, frame: &[u8]) -> Result<Run> {
         match &self.floors {
             Some(f) if mesh_common::abi::FLOOR_PROG_NAMES.contains(&prog) => f.run_xdp(prog, frame),
-            _ => self.bpf.run_xdp(prog, frame),
+            _ => self.bpf.run_xdp_on(prog, frame, self.ifindex),
         }
     }
 
@@ -177,7 +221,17 @@ impl World {
     /// task `to`, as a confirmed (established) flow: the entry the forward
     /// path leaves once the client acknowledged the task's SYN-ACK.
     pub fn track(&mut self, client: (Ipv4Addr, u16), node: Ipv4Addr, to: Ipv4Addr) -> Result<()> {
-        let flow = Flow::new(Proto::Tcp, client, (node, WEB_TCP));
+        self.track_on(client, (node, WEB_TCP), to)
+    }
+
+    /// As `track`, for the service published at `service`.
+    pub fn track_on(
+        &mut self,
+        client: (Ipv4Addr, u16),
+        service: (Ipv4Addr, u16),
+        to: Ipv4Addr,
+    ) -> Result<()> {
+        let flow = Flow::new(Proto::Tcp, client, service);
         self.bpf
             .track(&flow, SocketAddrV4::new(to, TARGET_PORT))
             .with_context(|| format!("{} world: tracking the established flow", self.name))
@@ -344,6 +398,7 @@ pub fn load(name: &'static str, limits: Limits, d: &Desired, tasks: &[Ipv4Addr])
         name,
         bpf,
         floors: None,
+        ifindex: 0,
         services: d.services.len(),
         backends: backend_count(d),
         limits,
@@ -365,4 +420,112 @@ pub fn new_flow_client(first: Ipv4Addr, i: usize) -> (Ipv4Addr, u16) {
 pub fn new_flow_frame(i: usize) -> Vec<u8> {
     let (saddr, sport) = new_flow_client(Ipv4Addr::new(198, 19, 0, 1), i);
     Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
+}
+
+/// The far service's tasks, on the other node.
+pub fn far_tasks() -> Vec<Ipv4Addr> {
+    (0..BACKENDS)
+        .map(|i| Ipv4Addr::new(198, 18, 251, 2 + i))
+        .collect()
+}
+
+/// Two nodes: n1 at `FWD_NODE` runs the web service's `tasks`; n2 at
+/// `FWD_OTHER` runs every task of the far service (`FAR_TCP`).
+pub fn desired_fwd(tasks: &[Ipv4Addr]) -> Result<Desired> {
+    let state = StateBuilder::new()
+        .node("n1", FWD_NODE)
+        .node("n2", FWD_OTHER)
+        .service("web", &[(Proto::Tcp, WEB_TCP, TARGET_PORT)])
+        .service("far", &[(Proto::Tcp, FAR_TCP, TARGET_PORT)])
+        .tasks("web", "n1", tasks.iter().copied())
+        .tasks("far", "n2", far_tasks())
+        .build()?;
+    Ok(Desired::compute(&state, "n1", &[])?)
+}
+
+/// Adds, to the calling thread's network namespace, the forwarding
+/// world's link: a veth (both ends here) holding `FWD_NODE`, a static neighbour for
+/// the other node, the clients' subnet through a gateway with a static
+/// neighbour, forwarding on. Returns the device's index. (Commands run
+/// from this thread start in its namespace.)
+pub fn fwd_link() -> Result<u32> {
+    let client_net = Ipv4Addr::from(u32::from(CLIENT) & !0xff);
+    for cmd in [
+        format!("ip link add {FWD_DEV} type veth peer name {FWD_DEV}p"),
+        format!("ip addr add {FWD_NODE}/24 dev {FWD_DEV}"),
+        format!("ip link set {FWD_DEV}p up"),
+        format!("ip link set {FWD_DEV} up"),
+        format!(
+            "ip neigh replace {FWD_OTHER} lladdr 02:00:00:00:fa:02 dev {FWD_DEV} nud permanent"
+        ),
+        format!(
+            "ip neigh replace {FWD_GATEWAY} lladdr 02:00:00:00:fa:fe dev {FWD_DEV} nud permanent"
+        ),
+        format!("ip route replace {client_net}/24 via {FWD_GATEWAY} dev {FWD_DEV}"),
+        format!("sysctl -qw net.ipv4.conf.{FWD_DEV}.forwarding=1"),
+    ] {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .with_context(|| format!("running {cmd}"))?;
+        ensure!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let name = std::ffi::CString::new(FWD_DEV)?;
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    ensure!(i != 0, "{FWD_DEV} is not in this thread's namespace");
+    Ok(i)
+}
+
+/// What the other node sends this one for a local task: a client's TCP
+/// ACK, DNAT'd there to the task.
+pub fn decap_frame() -> Vec<u8> {
+    use mesh_common::abi::{DEFAULT_ENCAP_PORT, ENCAP_K_REQUEST, ENCAP_VERSION};
+    let inner = Spec::tcp(
+        CLIENT,
+        FLOW_SPORT + 1,
+        tasks()[0],
+        TARGET_PORT,
+        mesh_tests::packet::TCP_ACK,
+    );
+    mesh_tests::packet::EncapSpec {
+        from: FWD_OTHER,
+        to: FWD_NODE,
+        sport: 0xc123,
+        dport: DEFAULT_ENCAP_PORT,
+        version: ENCAP_VERSION,
+        kind: ENCAP_K_REQUEST,
+        flags: 0,
+        orig: (FWD_OTHER, WEB_TCP),
+    }
+    .build(&inner)
+}
+
+/// What the other node sends back: its task's reply to a flow that came
+/// in through this node, already from this node's address and port.
+pub fn reply_frame() -> Vec<u8> {
+    use mesh_common::abi::{DEFAULT_ENCAP_PORT, ENCAP_K_REPLY, ENCAP_VERSION};
+    let inner = Spec::tcp(
+        FWD_NODE,
+        FAR_TCP,
+        CLIENT,
+        FLOW_SPORT,
+        mesh_tests::packet::TCP_ACK,
+    );
+    mesh_tests::packet::EncapSpec {
+        from: FWD_OTHER,
+        to: FWD_NODE,
+        sport: 0xc123,
+        dport: DEFAULT_ENCAP_PORT,
+        version: ENCAP_VERSION,
+        kind: ENCAP_K_REPLY,
+        flags: 0,
+        orig: (FWD_NODE, FAR_TCP),
+    }
+    .build(&inner)
 }
