@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use clap::{Parser, Subcommand};
 use mesh_common::abi::{
-    CtValue, FLOOR_PROG_NAMES, FlowKey4, MAP_CT4, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP,
-    XDP_META_MAGIC,
+    CtValue, FLOOR_PROG_NAMES, FlowKey4, MAP_CT4, MAP_CT4_NEW, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS,
+    PROG_XDP, XDP_META_MAGIC,
 };
 use mesh_tests::fixtures::{BpfWorld, CLIENT, Floors, NODE, Run, WEB_TCP, XDP_PASS};
 use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
@@ -196,7 +196,7 @@ struct Case {
     frames: Frames,
     expect: Expect,
     stats: Option<StatsCheck>,
-    /// Empty the world's conntrack (CT4) after every batch,
+    /// Empty the world's TCP conntrack after every batch,
     /// untimed, so that every batch starts from the same table and its
     /// flows are unseen again.
     clear_ct: bool,
@@ -335,16 +335,23 @@ fn svc_counters(w: &World) -> Result<(u64, u64)> {
     Ok((s.packets, s.new_flows))
 }
 
-/// Deletes every conntrack entry (one per flow); returns how many.
+/// Deletes every TCP conntrack entry (one per flow, in the unconfirmed
+/// table where new flows go, or the confirmed one); returns how many.
 fn clear_conntrack(w: &mut World) -> Result<usize> {
     let ebpf = w.bpf.dp.ebpf_mut();
-    let mut ct: BpfHashMap<_, FlowKey4, CtValue> =
-        BpfHashMap::try_from(ebpf.map_mut(MAP_CT4).context("no CT4 map")?)?;
-    let keys = ct.keys().collect::<Result<Vec<_>, _>>()?;
-    for k in &keys {
-        ct.remove(k)?;
+    let mut n = 0;
+    for name in [MAP_CT4_NEW, MAP_CT4] {
+        let mut ct: BpfHashMap<_, FlowKey4, CtValue> = BpfHashMap::try_from(
+            ebpf.map_mut(name)
+                .with_context(|| format!("no map {name}"))?,
+        )?;
+        let keys = ct.keys().collect::<Result<Vec<_>, _>>()?;
+        for k in &keys {
+            ct.remove(k)?;
+        }
+        n += keys.len();
     }
-    Ok(keys.len())
+    Ok(n)
 }
 
 /// `n` timed calls; returns the sum of the kernel-reported durations.
@@ -503,7 +510,8 @@ fn micro(a: MicroArgs) -> Result<()> {
     let big = desired_10k(&base);
     ensure!(big.services.len() == SERVICES_10K);
     // new_flow replays the same flows in every batch, conntrack emptied in
-    // between. CT4 never gets full: LRU inserts without eviction.
+    // between. The unconfirmed table (where new flows go) never gets full:
+    // LRU inserts without eviction.
     let new_flows_needed = a.calls.max(a.warmup).max(1);
     let ct_new = (new_flows_needed + new_flows_needed / 4)
         .next_power_of_two()
@@ -513,6 +521,7 @@ fn micro(a: MicroArgs) -> Result<()> {
         max_services,
         max_backends,
         ct_entries,
+        ct_new_entries: ct_entries,
         ..Limits::default()
     };
     let mut worlds = [
@@ -595,7 +604,7 @@ fn micro(a: MicroArgs) -> Result<()> {
             "new_flow",
             PROG_XDP,
             w_new,
-            "mesh_xdp, TCP SYN of an unseen flow: Maglev pick + one CT4 LRU insert + DNAT",
+            "mesh_xdp, TCP SYN of an unseen flow: Maglev pick + one CTNEW4 LRU insert + DNAT",
             Frames::Each {
                 frames: syns,
                 next: 0,
@@ -834,7 +843,7 @@ fn micro(a: MicroArgs) -> Result<()> {
             "Rounds run every case once, round-robin, starting one case later each round, so noise and drift hit all cases alike.",
             "overhead_ns = ns - floor_pass ns from the same run (medians); floor_pass's ns is the test-run harness itself (timer reads, program dispatch). overhead_rounds pairs each round with floor_pass's same round.",
             "Every call's verdict is checked (XDP_PASS with 8 bytes of metadata for established/new_flow/established_10k, XDP_PASS without for non_service, XDP_TX for floor_lookup), and after every batch the service's packet and new-flow counters must have grown by exactly what the case claims.",
-            format!("new_flow: every call is a flow conntrack has not seen (clients in 198.19.0.0/16, 50,000 source ports per address); it measures a conntrack miss, Maglev selection and one LRU hash insert (MESH_CT4_V1, per-CPU LRU lists, {ct_new} entries, never full, so no eviction; replies find the flow through the per-backend reply table, so there is no second insert). Conntrack is emptied after every batch (untimed) and the same flows replayed, so every batch inserts into a table holding 0..calls_per_case_per_round flows: the cost grows with the table's fill (longer hash chains), and this keeps it independent of --rounds."),
+            format!("new_flow: every call is a flow conntrack has not seen (clients in 198.19.0.0/16, 50,000 source ports per address); it measures a conntrack miss, Maglev selection and one LRU hash insert (MESH_CTNEW4_V1, the unconfirmed table new flows go to, one LRU list for all CPUs, {ct_new} entries, never full, so no eviction; replies find the flow through the per-backend reply table, so there is no second insert). Conntrack is emptied after every batch (untimed) and the same flows replayed, so every batch inserts into a table holding 0..calls_per_case_per_round flows: the cost grows with the table's fill (longer hash chains), and this keeps it independent of --rounds."),
             format!("established and established_10k: same ACK frame, same 16-backend service and maglev_size {MAGLEV_SIZE}; established_10k has 9,999 more tcp services loaded (ports {FILLER_PORT0}.., 2-16 backends each, {} backends in all). Load time is not counted.", worlds[w_10k].backends),
             "Targets are overheads over floor_pass in the same run; a missed target is reported, not enforced.",
         ],
