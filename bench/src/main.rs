@@ -11,10 +11,10 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::HashMap as BpfHashMap;
 use clap::{Parser, Subcommand};
 use mesh_common::abi::{
-    CtValue, FLOOR_PROG_NAMES, FlowKey4, MAP_CT4, MAP_CT4_NEW, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS,
-    PROG_XDP, XDP_META_MAGIC,
+    CtValue, FLOOR_PROG_NAMES, FlowKey4, LOOPBACK_IFINDEX, MAP_CT4, MAP_CT4_NEW, PROG_FLOOR_LOOKUP,
+    PROG_FLOOR_PASS, PROG_TC_HOST, PROG_XDP, XDP_META_MAGIC,
 };
-use mesh_tests::fixtures::{BpfWorld, CLIENT, Floors, NODE, Run, WEB_TCP, XDP_PASS};
+use mesh_tests::fixtures::{BpfWorld, CLIENT, FibNet, Floors, NODE, Run, WEB_TCP, XDP_PASS};
 use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
 use mesh_userspace::desired::{BackendKey, Desired, DesiredService};
 use mesh_userspace::model::{Proto, StateBuilder};
@@ -35,6 +35,11 @@ const SERVICES_10K: usize = 10_000;
 /// The other services publish tcp ports from here up.
 const FILLER_PORT0: u16 = 20_000;
 const FLOW_SPORT: u16 = 40001;
+/// The node's own flow (from its address to its address, on the loopback).
+const HOST_SPORT: u16 = 50001;
+/// TC return codes (linux/pkt_cls.h).
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+const TC_ACT_REDIRECT: u32 = 7;
 
 #[derive(Parser)]
 #[command(name = "mesh-bench", about = "Benchmarks of the mesh dataplane")]
@@ -88,6 +93,10 @@ enum Expect {
     Tx,
     /// XDP_PASS with 8 bytes of metadata: rewritten for a local task.
     Local,
+    /// TC_ACT_UNSPEC (TC: not service traffic).
+    Unspec,
+    /// TC_ACT_REDIRECT (TC: rewritten for a local task and routed to it).
+    Redirect,
 }
 
 impl Expect {
@@ -96,6 +105,8 @@ impl Expect {
             Expect::Pass => r.ret == XDP_PASS && r.meta.is_empty(),
             Expect::Tx => r.ret == XDP_TX && r.meta.is_empty(),
             Expect::Local => r.ret == XDP_PASS && r.meta.len() == 8,
+            Expect::Unspec => r.ret == TC_ACT_UNSPEC,
+            Expect::Redirect => r.ret == TC_ACT_REDIRECT,
         };
         ensure!(
             ok,
@@ -111,14 +122,18 @@ impl Expect {
     fn check_full(self, input: &[u8], r: &Run, tasks: &[Ipv4Addr]) -> Result<()> {
         self.check(r)?;
         match self {
-            Expect::Pass | Expect::Tx => ensure!(r.output == input, "the packet was rewritten"),
-            Expect::Local => {
-                let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
-                ensure!(
-                    magic == XDP_META_MAGIC,
-                    "metadata without the mesh magic: {:02x?}",
-                    r.meta
-                );
+            Expect::Pass | Expect::Tx | Expect::Unspec => {
+                ensure!(r.output == input, "the packet was rewritten")
+            }
+            Expect::Local | Expect::Redirect => {
+                if let Expect::Local = self {
+                    let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
+                    ensure!(
+                        magic == XDP_META_MAGIC,
+                        "metadata without the mesh magic: {:02x?}",
+                        r.meta
+                    );
+                }
                 let o = &r.output;
                 let (daddr, dport) = (View(o).daddr(), View(o).dport());
                 ensure!(
@@ -140,6 +155,8 @@ impl Expect {
             Expect::Pass => "XDP_PASS without metadata",
             Expect::Tx => "XDP_TX",
             Expect::Local => "XDP_PASS with 8 bytes of metadata (rewritten for a local task)",
+            Expect::Unspec => "TC_ACT_UNSPEC",
+            Expect::Redirect => "TC_ACT_REDIRECT (rewritten for a local task, routed to it)",
         }
     }
 }
@@ -216,10 +233,12 @@ struct World {
 }
 
 impl World {
-    /// One test run of `prog`: a floor program or one of the dataplane's.
-    fn run_xdp(&self, prog: &str, frame: &[u8]) -> Result<Run> {
+    /// One test run of `prog`: a floor program or one of the dataplane's
+    /// (`mesh_tc_host` arriving on the loopback).
+    fn run(&self, prog: &str, frame: &[u8]) -> Result<Run> {
         match &self.floors {
             Some(f) if FLOOR_PROG_NAMES.contains(&prog) => f.run_xdp(prog, frame),
+            _ if prog == PROG_TC_HOST => self.bpf.run_tc(prog, frame, LOOPBACK_IFINDEX),
             _ => self.bpf.run_xdp(prog, frame),
         }
     }
@@ -318,6 +337,26 @@ fn open_flow(w: &World) -> Result<()> {
         .with_context(|| format!("{} world: the opening SYN", w.name))
 }
 
+/// A frame of the node's own flow on the loopback (its Ethernet addresses
+/// are zero): from its address to its address, port `dport`.
+fn host_frame(dport: u16, flags: u8) -> Vec<u8> {
+    Spec {
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+        ..Spec::tcp(NODE, HOST_SPORT, NODE, dport, flags)
+    }
+    .build()
+}
+
+/// Opens the node's own benchmark flow with a SYN so that conntrack holds it.
+fn open_host_flow(w: &World) -> Result<()> {
+    let syn = host_frame(WEB_TCP, TCP_SYN);
+    let r = w.run(PROG_TC_HOST, &syn)?;
+    Expect::Redirect
+        .check_full(&syn, &r, &tasks())
+        .with_context(|| format!("{} world: the node's opening SYN", w.name))
+}
+
 /// Client address and port of new flow `i`: 50,000 ports per address.
 fn new_flow_frame(i: usize) -> Vec<u8> {
     let saddr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + (i / 50_000) as u32);
@@ -361,7 +400,7 @@ fn batch(w: &mut World, c: &mut Case, n: usize) -> Result<u64> {
     let mut total = 0u64;
     for i in 0..n {
         let frame = c.frames.next()?;
-        let r = w.run_xdp(c.prog, frame)?;
+        let r = w.run(c.prog, frame)?;
         c.expect
             .check(&r)
             .with_context(|| format!("{}: call {i}", c.name))?;
@@ -451,7 +490,16 @@ struct Target {
     json: Value,
 }
 
+/// Runs the benchmark on a thread inside the fixtures' network namespace:
+/// `mesh_tc_host`'s FIB lookups route there as on a node (the node
+/// address on the uplink, the tasks' subnet on the tasks' side). The XDP
+/// cases do not care where they run.
 fn micro(a: MicroArgs) -> Result<()> {
+    let net = FibNet::new().context("the benchmark's network namespace (root)")?;
+    net.run(move || micro_here(a))?
+}
+
+fn micro_here(a: MicroArgs) -> Result<()> {
     ensure!(
         a.rounds >= 1 && a.calls >= 1,
         "--rounds and --calls must be at least 1"
@@ -549,6 +597,7 @@ fn micro(a: MicroArgs) -> Result<()> {
     }
     open_flow(&worlds[w_base])?;
     open_flow(&worlds[w_10k])?;
+    open_host_flow(&worlds[w_base])?;
 
     let ack = Spec::tcp(CLIENT, FLOW_SPORT, NODE, WEB_TCP, TCP_ACK).build();
     let other = Spec::tcp(CLIENT, FLOW_SPORT, NODE, UNPUBLISHED, TCP_ACK).build();
@@ -630,6 +679,24 @@ fn micro(a: MicroArgs) -> Result<()> {
             Expect::Local,
             established,
         ),
+        case(
+            "host_non_service",
+            PROG_TC_HOST,
+            w_base,
+            "mesh_tc_host, the node's own TCP on the loopback to a port no service publishes: parse + one service lookup (miss)",
+            Frames::One(host_frame(UNPUBLISHED, TCP_ACK)),
+            Expect::Unspec,
+            None,
+        ),
+        case(
+            "host_established",
+            PROG_TC_HOST,
+            w_base,
+            "mesh_tc_host, TCP ACK of the node's own tracked flow to its address: conntrack hit + DNAT (skb helpers) + FIB lookup + redirect",
+            Frames::One(host_frame(WEB_TCP, TCP_ACK)),
+            Expect::Redirect,
+            established,
+        ),
     ];
 
     for c in &mut cases {
@@ -641,7 +708,7 @@ fn micro(a: MicroArgs) -> Result<()> {
         let w = &mut worlds[c.world];
         c.frames.rewind();
         let input = c.frames.next()?.to_vec();
-        let r = w.run_xdp(c.prog, &input)?;
+        let r = w.run(c.prog, &input)?;
         c.expect
             .check_full(&input, &r, &tasks())
             .with_context(|| format!("{}: first call", c.name))?;
