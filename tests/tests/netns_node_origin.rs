@@ -125,7 +125,7 @@ fn call(c: &Cluster, caller: &Caller, n: usize) -> (BTreeSet<String>, BTreeSet<S
     (tcp, udp)
 }
 
-fn node_origin(extra: &[&str]) {
+fn node_origin(extra: &[&str]) -> Cluster {
     let c = cluster(extra);
     let all = web_tasks();
     // Node 1 runs two of the tasks, node 2 none: flows from either go to
@@ -171,11 +171,26 @@ fn node_origin(extra: &[&str]) {
     }
     // Node 2 runs no task: everything its callers sent, it forwarded.
     assert!(m(2, "mesh_forwarded_packets_total") >= 320);
+    c
 }
 
 #[test]
 fn root_a_nodes_processes_and_tasks_reach_every_task_through_its_address() {
-    node_origin(&[]);
+    let c = node_origin(&[]);
+    // A datagram of the node's own process that fits neither a task's
+    // link (it went out over the loopback's 64 KiB MTU, unfragmented) nor
+    // the tunnel to another node: dropped and counted, wherever its task.
+    let sock = c.udp_socket_in(&c.node(1).ns).unwrap();
+    let big = "x".repeat(3000);
+    assert!(
+        c.udp_ask(&sock, 1, WEB_UDP, &big).is_err(),
+        "no answer to a datagram too big for the way to its task"
+    );
+    assert_eq!(
+        c.metric(1, "mesh_drops_total", "reason=\"too_big\"")
+            .unwrap(),
+        1
+    );
 }
 
 #[test]

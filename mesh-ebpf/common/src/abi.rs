@@ -678,7 +678,7 @@ pub enum DropReason {
     /// more): never re-forwarded.
     NotLocal = 15,
     /// A packet too big to encapsulate (ICMP fragmentation-needed was sent
-    /// back when it could be).
+    /// back when it could be), or (TC) for the device the FIB routes it to.
     TooBig = 16,
     /// XDP: no route or neighbour towards the node a flow is forwarded to.
     NoRouteToNode = 17,
