@@ -1,4 +1,7 @@
-//! The client-to-service path, run by the XDP program on the uplink.
+//! The client-to-service path, run by the XDP program on the uplink
+//! ([`process`]), and by the TC programs for flows that start on the node
+//! itself, from its own processes or its tasks ([`node_origin`]): both
+//! decide with the same [`pick`].
 //!
 //! parse -> service lookup (port, proto) -> conntrack (confirmed flows,
 //! then unconfirmed ones); for an untracked flow, node address check ->

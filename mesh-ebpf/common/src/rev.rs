@@ -1,6 +1,8 @@
 //! The task-to-client path, run by the TC program on the interfaces that
 //! lead to local tasks: a reply whose flow the forward path recorded gets
-//! the node address and published port back as its source.
+//! the node address and published port back as its source. A reply to a
+//! flow one of the node's own processes started goes to the node's own
+//! stack ([`to_host`]).
 //!
 //! No per-flow reverse entry: the reply table holds, per local backend, the
 //! (node address, published port) pairs its flows can have come through,
