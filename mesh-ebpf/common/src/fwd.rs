@@ -1,7 +1,7 @@
 //! The client-to-service path, run by the XDP program on the uplink
 //! ([`process`]), and by the TC programs for flows that start on the node
 //! itself, from its own processes or its tasks ([`node_origin`]): both
-//! decide with the same [`pick`].
+//! decide with the same `pick`.
 //!
 //! parse -> service lookup (port, proto) -> conntrack (confirmed flows,
 //! then unconfirmed ones); for an untracked flow, node address check ->
@@ -199,7 +199,7 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     }
 }
 
-/// What [`pick`] decided for a packet to a published port, before any
+/// What `pick` decided for a packet to a published port, before any
 /// rewrite. (A struct with every field defined on every path, not an enum
 /// with payloads: see the note in `pick`.)
 #[derive(Clone, Copy)]
@@ -595,7 +595,7 @@ impl Plan {
 /// (`ORIGIN_TASK`) sending to a published port on one of this node's
 /// addresses, as Docker's routing mesh lets them. The same service
 /// lookup, conntrack and Maglev pick as a client's packet on the uplink
-/// ([`pick`]), so such a flow goes where the same flow from outside
+/// (`pick`), so such a flow goes where the same flow from outside
 /// would; the source stays the caller's own (no SNAT). Decides only: the
 /// TC programs rewrite with the skb helpers (the packets of local sockets
 /// carry partial checksums), the host with [`rewrite_full`].
@@ -887,7 +887,7 @@ pub fn select_for<T: Tables>(
     Ok((other, be))
 }
 
-/// Table entries [`other_backend`] tries: a Maglev table interleaves its
+/// Table entries `other_backend` tries: a Maglev table interleaves its
 /// backends (each fills the entries its own permutation reaches first, in
 /// turns), so with two or more tasks one of the next few is another.
 pub const HAIRPIN_PROBES: u32 = 16;
