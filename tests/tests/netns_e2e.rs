@@ -364,15 +364,28 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
         [
             "up0 xdp".to_string(),
             format!("up0 {tc} mesh_tc_uplink"),
-            format!("vt1 {tc} mesh_tc_task")
+            format!("vt1 {tc} mesh_tc_task"),
+            format!("lo {tc} mesh_tc_host"),
         ],
         "attached while running"
+    );
+    let accept_local = |lab: &Lab| {
+        mesh_tests::lab::exec(&lab.node_ns, "sysctl -n net.ipv4.conf.lo.accept_local")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        accept_local(&lab),
+        "1",
+        "the loopback takes replies to the node's flows"
     );
     assert!(lab.tcp_request(WEB_TCP, "x").is_ok());
     let status = lab.stop_meshd().unwrap();
     assert!(status.success(), "meshd exit status {status}");
     let after = attached_programs(&lab);
     assert!(after.is_empty(), "still attached after SIGTERM: {after:?}");
+    assert_eq!(accept_local(&lab), "0", "put back as meshd found it");
     // Without the mesh the node's own stack answers: nothing listens there.
     assert!(lab.tcp_request(WEB_TCP, "x").is_err());
 
@@ -384,9 +397,9 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
 }
 
 /// What is attached in the node: XDP on the uplink, TC programs on the
-/// uplink and the bridge's ports.
+/// uplink, the bridge's ports and the loopback.
 fn attached_programs(lab: &Lab) -> Vec<String> {
-    mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "br0", "vt1"])
+    mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "br0", "vt1", "lo"])
 }
 
 #[test]

@@ -221,11 +221,12 @@ fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
     assert!(!qdisc(&lab).contains("clsact"), "no clsact before meshd");
     lab.start_meshd(&meshd, &netlink).unwrap();
     assert!(qdisc(&lab).contains("clsact"), "meshd added clsact");
-    let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1"]);
+    let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1", "lo"]);
     let want = [
         "up0 xdp",
         "up0 netlink mesh_tc_uplink",
         "vt1 netlink mesh_tc_task",
+        "lo netlink mesh_tc_host",
     ];
     assert_eq!(on(&lab), want);
     assert!(lab.tcp_request(WEB_TCP, "a").unwrap().starts_with("task1 "));
@@ -237,7 +238,11 @@ fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
     let _ = lab.stop_meshd();
     assert_eq!(
         on(&lab),
-        ["up0 netlink mesh_tc_uplink", "vt1 netlink mesh_tc_task"],
+        [
+            "up0 netlink mesh_tc_uplink",
+            "vt1 netlink mesh_tc_task",
+            "lo netlink mesh_tc_host"
+        ],
         "filters outlive a killed meshd"
     );
     // The next meshd replaces them in place: still one of each.

@@ -176,6 +176,7 @@ const NETNS_TESTS: &[&str] = &[
     "netns_hardening",
     "netns_cluster",
     "netns_forward",
+    "netns_node_origin",
 ];
 
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {

@@ -348,6 +348,11 @@ impl RevTables for Maps {
     fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
         Tables::fwd_get(self, key)
     }
+
+    #[inline(always)]
+    fn is_own_addr4(&self, addr: u32) -> bool {
+        Tables::is_node_addr4(self, addr)
+    }
 }
 
 /// Moves a flow's entry to the confirmed table: there first, then gone

@@ -5,19 +5,24 @@
 //! `bpf_redirect`, so it never depends on netfilter's FORWARD chain
 //! accepting it. A packet XDP encapsulated for another node but could not
 //! send (the next hop's neighbour entry was missing) goes out with
-//! `bpf_redirect_neigh`, which resolves it. Everything else goes on into
-//! the stack untouched.
+//! `bpf_redirect_neigh`, which resolves it; so does a reply XDP rewrote
+//! for a task of this node. A reply XDP rewrote for one of this node's
+//! own processes is handed to the node's stack through the loopback
+//! device. Everything else goes on into the stack untouched.
 
 use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use aya_ebpf::helpers::bpf_redirect_neigh;
-use mesh_common::abi::{BE_F_LOCAL, DropReason, XDP_META_MAGIC, XDP_META_NEIGH, XdpMeta};
+use mesh_common::abi::{
+    BE_F_LOCAL, DropReason, XDP_META_HOST, XDP_META_MAGIC, XDP_META_NEIGH, XdpMeta,
+};
 use mesh_common::parse::{ETH_HLEN, IP_HLEN_MIN, IP_SADDR};
 use mesh_common::pkt::Pkt;
 
 use crate::fib::{forward, ingress_ifindex};
 use crate::maps::{BACKENDS, count_drop};
+use crate::skb;
 
 #[classifier]
 pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
@@ -38,6 +43,10 @@ pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     if m.magic == XDP_META_NEIGH {
         // SAFETY: helper call; the kernel resolves the next hop.
         return unsafe { bpf_redirect_neigh(m.backend_id, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    if m.magic == XDP_META_HOST {
+        // SAFETY: data..data_end is the packet.
+        return skb::to_host(&unsafe { Pkt::new(data, data_end) });
     }
     if m.magic != XDP_META_MAGIC {
         return TC_ACT_UNSPEC;

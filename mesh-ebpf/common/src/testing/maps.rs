@@ -537,4 +537,8 @@ impl RevTables for HostMaps {
     fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
         Tables::fwd_get(self, key)
     }
+
+    fn is_own_addr4(&self, addr: u32) -> bool {
+        Tables::is_node_addr4(self, addr)
+    }
 }
