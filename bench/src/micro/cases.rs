@@ -151,9 +151,20 @@ impl Case {
         } else {
             w.tasks.clone()
         };
-        self.expect
-            .check_full(&input, &r, &tasks)
-            .with_context(|| format!("{}: first call", self.name))?;
+        if let Err(e) = self.expect.check_full(&input, &r, &tasks) {
+            let drops: Vec<String> = w
+                .bpf
+                .dp
+                .drops()?
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| format!("{} {n}", r.name()))
+                .collect();
+            return Err(e.context(format!(
+                "{}: first call (drops counted in this world: {drops:?})",
+                self.name
+            )));
+        }
         if self.after == AfterBatch::ClearNewFlows {
             w.clear_ct_new()?;
         }
