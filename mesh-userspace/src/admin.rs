@@ -1,7 +1,9 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/ready` (200 once the
 //! programs are attached and the maps filled; the body says when the state
 //! source is unavailable and the last good state is being served), `/live`,
-//! and `/state` (the state applied now, as JSON). It reads the counter maps
+//! `/state` (the state applied now, as JSON), and the health answers of
+//! [`crate::health`] (`/healthz`, `/service/NAME`), which the health port
+//! serves alone, for load balancers. It reads the counter maps
 //! through its own [`StatsReader`] and the rest from the last snapshot the
 //! daemon published: it never waits for the daemon's writes.
 
@@ -16,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::dataplane::StatsReader;
 use crate::dataplane::stats::ServiceIndex;
+use crate::health::{Answer, Health};
 use crate::model::State;
 
 /// The state as `/state` shows it (what `meshd status` reads).
@@ -84,23 +87,23 @@ impl Admin {
         *self.source_down.write().unwrap() = why;
     }
 
-    /// `/ready`: the status and the body.
-    fn ready(&self) -> (&'static str, String) {
+    /// `/ready`: whether it is, and the body.
+    fn ready(&self) -> (bool, String) {
         let down = self.source_down.read().unwrap().clone();
         let generation = self.metrics.state_generation.get();
         match (self.metrics.ready.get() == 1, down) {
-            (true, None) => ("200 OK", "ready\n".into()),
+            (true, None) => (true, "ready\n".into()),
             (true, Some(why)) => (
-                "200 OK",
+                true,
                 format!(
                     "ready (serving generation {generation}; the state source is unavailable: {why})\n"
                 ),
             ),
             (false, Some(why)) => (
-                "503 Service Unavailable",
+                false,
                 format!("not ready: waiting for the state source: {why}\n"),
             ),
-            (false, None) => ("503 Service Unavailable", "not ready\n".into()),
+            (false, None) => (false, "not ready\n".into()),
         }
     }
 
@@ -297,8 +300,99 @@ const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1
 /// queue: a flood of probes cannot take the descriptors the daemon needs.
 pub const MAX_ADMIN_CONNS: usize = 16;
 
-/// Serves the admin endpoint until the process exits.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// An HTTP answer.
+pub struct Response {
+    pub status: u16,
+    pub ctype: &'static str,
+    pub body: String,
+}
+
+impl Response {
+    pub fn text(status: u16, body: String) -> Response {
+        Response {
+            status,
+            ctype: "text/plain; charset=utf-8",
+            body,
+        }
+    }
+}
+
+impl From<Answer> for Response {
+    fn from(a: Answer) -> Response {
+        Response::text(a.status, a.body)
+    }
+}
+
+/// What answers a path.
+pub type Handler = Arc<dyn Fn(&str) -> Response + Send + Sync>;
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// The admin endpoint: `/metrics`, `/ready`, `/live`, `/state`, and the
+/// health answers (`/healthz`, `/service/NAME`) that the health port also
+/// serves.
+pub fn admin_routes(admin: Arc<Admin>, health: Arc<Health>) -> Handler {
+    Arc::new(move |path: &str| match path {
+        "/live" => Response::text(200, "live\n".into()),
+        "/ready" => {
+            let (ok, body) = admin.ready();
+            Response::text(if ok { 200 } else { 503 }, body)
+        }
+        "/state" => Response {
+            status: 200,
+            ctype: "application/json",
+            body: admin.state.read().unwrap().clone(),
+        },
+        "/metrics" => match admin.render() {
+            Ok(b) => Response {
+                status: 200,
+                ctype: "text/plain; version=0.0.4",
+                body: b,
+            },
+            Err(e) => {
+                warn!("metrics: {e:#}");
+                Response::text(500, format!("{e:#}\n"))
+            }
+        },
+        p => health_answer(&health, p).unwrap_or_else(|| Response::text(404, "not found\n".into())),
+    })
+}
+
+/// The health port: only the health answers, for load balancers.
+pub fn health_routes(health: Arc<Health>) -> Handler {
+    Arc::new(move |path: &str| {
+        health_answer(&health, path).unwrap_or_else(|| {
+            Response::text(
+                404,
+                "not found: GET /healthz (this node) or /service/NAME (a service)\n".into(),
+            )
+        })
+    })
+}
+
+fn health_answer(health: &Health, path: &str) -> Option<Response> {
+    match path {
+        "/" | "/healthz" => Some(health.node().into()),
+        p => p
+            .strip_prefix("/service/")
+            .filter(|n| !n.is_empty())
+            .map(|n| health.service(n).into()),
+    }
+}
+
+/// Serves `handler` on `listener` until the process exits: HTTP/1.x GET,
+/// one request per connection, at most [`MAX_ADMIN_CONNS`] at once, 5 s
+/// to send the request.
+pub async fn serve(listener: TcpListener, handler: Handler) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNS));
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
@@ -321,7 +415,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 continue;
             }
         };
-        let admin = admin.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n =
@@ -332,31 +426,24 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                     _ => return,
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/live" => ("200 OK", "live\n".to_string()),
-                "/ready" => admin.ready(),
-                "/state" => ("200 OK", admin.state.read().unwrap().clone()),
-                "/metrics" => {
-                    let r = admin.render();
-                    match r {
-                        Ok(b) => ("200 OK", b),
-                        Err(e) => {
-                            warn!("metrics: {e:#}");
-                            ("500 Internal Server Error", format!("{e:#}\n"))
-                        }
-                    }
-                }
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let ctype = if path == "/state" {
-                "application/json"
+            let mut words = req.split_whitespace();
+            let method = words.next().unwrap_or("GET");
+            // The path without a query string.
+            let path = words.next().unwrap_or("/");
+            let path = path.split('?').next().unwrap_or(path);
+            let head = method == "HEAD";
+            let r = if method == "GET" || head {
+                handler(path)
             } else {
-                "text/plain; version=0.0.4"
+                Response::text(405, "only GET and HEAD\n".into())
             };
             let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+                "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                r.status,
+                reason(r.status),
+                r.ctype,
+                r.body.len(),
+                if head { "" } else { r.body.as_str() }
             );
             if let Err(e) = sock.write_all(resp.as_bytes()).await {
                 debug!("admin: {e}");

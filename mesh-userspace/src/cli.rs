@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{CheckConfig, ConfigError, OrConfig, RunConfig, SourceConfig, host_name};
+use crate::config::{
+    CheckConfig, ConfigError, DrainConfig, OrConfig, RunConfig, SourceConfig, host_name,
+};
 use crate::dataplane::{TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::model::ReplyMode;
@@ -49,6 +51,20 @@ pub enum Cmd {
         Exit status: 0 valid; 64 refused (the reason names the file, the field and the value)."
     )]
     Check(CheckArgs),
+    /// Take this node out of load balancers before maintenance: its health
+    /// answer (--health-addr) turns 503, so they stop sending it new flows,
+    /// while every flow, new ones included, is still served. Kept in the
+    /// state directory: it outlives restarts and reboots until `undrain`.
+    #[command(
+        after_long_help = "Example:\n  meshd drain --reason \"kernel upgrade\"   # wait for the load balancer to move new flows away\n  \
+        ...maintenance...\n  meshd undrain\n\n\
+        Waits (--wait) until the running meshd answers 503; with no meshd running, the node starts drained.\n\
+        Exit status: 0 done; 1 the drain could not be written, or a running meshd did not take it."
+    )]
+    Drain(DrainArgs),
+    /// End a drain: the health answer turns 200 again (when nothing else
+    /// is wrong).
+    Undrain(UndrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -231,9 +247,24 @@ pub struct RunArgs {
     /// removes at exit if it added it and nothing else uses it.
     #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
-    /// Where /metrics, /ready and /live are served.
+    /// Where /metrics, /ready, /live, /state and the health answers are
+    /// served (keep it private: /state lists the swarm).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub admin_addr: SocketAddr,
+    /// Where load balancers probe this node: GET /healthz answers 200 only
+    /// when the programs are attached, the maps filled, the last sync
+    /// recent and the node not drained (503 with the reasons otherwise);
+    /// GET /service/NAME answers for one service (200 only with a task
+    /// that gets new flows: on this node, for a service in local traffic
+    /// mode). `off`: no health port.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:9471", value_parser = parse_health_addr)]
+    pub health_addr: HealthAddr,
+    /// Seconds after the last sync (the state source read and found valid,
+    /// and the dataplane holding what it says) that the health answer
+    /// turns 503: a node that stopped following the swarm leaves the load
+    /// balancer, while it keeps serving its last state.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub health_max_sync_age: u64,
     /// How often the state file is checked for changes; with --docker, how
     /// often the swarm is read again in full (events trigger reads too).
     #[arg(long, value_name = "MS", default_value_t = 500)]
@@ -248,6 +279,76 @@ pub struct RunArgs {
     /// this daemon's log). Anything above info may log per packet.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Info)]
     pub bpf_log_level: BpfLogLevel,
+}
+
+/// Where the running meshd keeps and reads the drain.
+#[derive(clap::Args)]
+pub struct DrainTarget {
+    /// The state directory of the meshd to drain (as its --state-dir).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
+    /// Its admin endpoint (as its --admin-addr), asked whether it took it.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
+    pub admin_addr: SocketAddr,
+    /// Seconds to wait for the running meshd to answer as asked.
+    #[arg(long, value_name = "S", default_value_t = 5)]
+    pub wait: u64,
+}
+
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// Why (shown in the health answer and the log).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub target: DrainTarget,
+}
+
+#[derive(clap::Args)]
+pub struct UndrainArgs {
+    #[command(flatten)]
+    pub target: DrainTarget,
+}
+
+impl DrainTarget {
+    fn config(&self, drain: Option<String>) -> DrainConfig {
+        DrainConfig {
+            drain,
+            state_dir: self.state_dir.clone(),
+            admin_addr: self.admin_addr,
+            wait: Duration::from_secs(self.wait),
+        }
+    }
+}
+
+impl DrainArgs {
+    pub fn config(&self) -> Result<DrainConfig, ConfigError> {
+        if self.reason.len() > 200 || self.reason.contains(['\n', '\r']) {
+            return Err(ConfigError(anyhow::anyhow!(
+                "--reason: one line of at most 200 bytes"
+            )));
+        }
+        Ok(self.target.config(Some(self.reason.clone())))
+    }
+}
+
+impl UndrainArgs {
+    pub fn config(&self) -> Result<DrainConfig, ConfigError> {
+        Ok(self.target.config(None))
+    }
+}
+
+/// `--health-addr`: an address and port, or `off` (`None`).
+#[derive(Clone, Copy, Debug)]
+pub struct HealthAddr(pub Option<SocketAddr>);
+
+fn parse_health_addr(s: &str) -> Result<HealthAddr, String> {
+    if s == "off" {
+        return Ok(HealthAddr(None));
+    }
+    s.parse()
+        .map(|a| HealthAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not ADDR:PORT (e.g. 0.0.0.0:9471) or off"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -312,6 +413,9 @@ impl RunArgs {
                 self.docker.is_none().then_some(&self.state.port_range),
             )?,
             admin_addr: self.admin_addr,
+            health_addr: self.health_addr.0,
+            health_max_sync_age: Duration::from_secs(self.health_max_sync_age),
+            state_dir: self.state.state_dir.clone(),
             bpf_log_level: self.bpf_log_level as u8,
         })
     }

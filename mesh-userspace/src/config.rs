@@ -80,6 +80,12 @@ pub struct RunConfig {
     /// Forwarding to other nodes (`mtu` 0: the uplink's, found at start).
     pub forwarding: Forwarding,
     pub admin_addr: SocketAddr,
+    /// Where load balancers ask for the node's health (`None`: nowhere).
+    pub health_addr: Option<SocketAddr>,
+    /// The health answer turns 503 this long after the last sync.
+    pub health_max_sync_age: Duration,
+    /// What must outlive meshd: assigned ports, the drain.
+    pub state_dir: PathBuf,
     /// Most verbose aya-log level the programs emit (0 = off .. 5 = trace).
     pub bpf_log_level: u8,
 }
@@ -99,4 +105,16 @@ pub fn host_name() -> Result<String, ConfigError> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_err(|e| ConfigError(anyhow::anyhow!("reading the host name (pass --node): {e}")))?;
     Ok(h.trim().to_string())
+}
+
+/// `meshd drain` and `meshd undrain`.
+#[derive(Clone, Debug)]
+pub struct DrainConfig {
+    /// Drain (`Some(reason)`) or end the drain (`None`).
+    pub drain: Option<String>,
+    pub state_dir: PathBuf,
+    /// Where the running meshd is asked whether it has seen it.
+    pub admin_addr: SocketAddr,
+    /// How long to wait for it to.
+    pub wait: Duration,
 }

@@ -23,12 +23,13 @@ use crate::admin::{self, Admin};
 use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
 use crate::dataplane::{Applier, ApplyError, Dataplane, Programs, load::Logger};
 use crate::desired::Desired;
+use crate::health::{self, Health, SvcHealth};
 use crate::model::State;
 use crate::net;
 use crate::plan::{self, Report};
 use crate::source::docker;
 use crate::source::file::FileSource;
-use crate::source::{Update, Updates};
+use crate::source::{Beat, Update, Updates};
 
 /// How meshd run ends badly.
 #[derive(Debug)]
@@ -69,7 +70,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     // cannot give one at once, Docker, is waited for once the programs
     // are loaded and the admin endpoint says why it is not ready).
     let reload = Arc::new(Notify::new());
-    let (first, mut updates) = start_source(&cfg, reload.clone())?;
+    let beat = Beat::default();
+    let (first, mut updates) = start_source(&cfg, reload.clone(), beat.clone())?;
     let mut uplink = cfg.iface.clone();
     if let Some(first) = &first {
         plan::vet(
@@ -95,6 +97,23 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     let listener = tokio::net::TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint {}", cfg.admin_addr))?;
+    let health_listener = match cfg.health_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the health endpoint {a} (--health-addr)"))?,
+        ),
+        None => None,
+    };
+    let health = Arc::new(Health::new(cfg.health_max_sync_age));
+    let drained = read_drain(&cfg);
+    health.set_drain(drained.clone());
+    if let Some(d) = &drained {
+        warn!(
+            "this node is drained (meshd drain, {:?}): the health answer is 503 until meshd undrain",
+            d.reason
+        );
+    }
 
     let lim = &cfg.limits;
     info!(
@@ -108,10 +127,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     let (programs, applier, stats, logger) =
         Dataplane::load_with(cfg.limits.clone(), cfg.bpf_log_level, cfg.tc_attach)?.into_parts();
     let admin = Arc::new(Admin::new(stats)?);
-    tokio::spawn(admin::serve(listener, admin.clone()));
+    tokio::spawn(admin::serve(
+        listener,
+        admin::admin_routes(admin.clone(), health.clone()),
+    ));
+    if let Some(l) = health_listener {
+        info!(
+            "health answers for load balancers on http://{}/healthz and /service/NAME",
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        tokio::spawn(admin::serve(l, admin::health_routes(health.clone())));
+    }
     let first = match first {
         Some(s) => s,
-        None => match wait_first(&cfg, &mut updates, &admin).await? {
+        None => match wait_first(&cfg, &mut updates, &admin, &health).await? {
             Some(s) => s,
             None => return Ok(()),
         },
@@ -140,6 +169,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         programs,
         applier,
         admin: admin.clone(),
+        health: health.clone(),
+        beat,
+        drained,
         generation: 0,
         task_links: BTreeSet::new(),
         pending: None,
@@ -157,6 +189,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     admin.set_state(&first, 1);
     admin.set_source_down(None);
     admin.metrics.ready.set(1);
+    d.health_applied(&first);
     let desired =
         Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
@@ -176,9 +209,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
 
 /// Reads the first state (refusing a bad one) and starts following the
 /// source from it. A source that cannot answer at once gives none yet.
+/// The source beats `beat` whenever it reads a valid state.
 fn start_source(
     cfg: &RunConfig,
     reload: Arc<Notify>,
+    beat: Beat,
 ) -> Result<(Option<Arc<State>>, Updates), Failed> {
     match &cfg.source {
         SourceConfig::File {
@@ -190,7 +225,14 @@ fn start_source(
             let mut source = FileSource::new(path, port_range.clone()).remember_in(state_dir);
             let read = source.read();
             let state = Arc::new(read.state.or_config()?);
-            let updates = source.spawn(read.seen, Update::State(state.clone()), *interval, reload);
+            beat.beat();
+            let updates = source.spawn(
+                read.seen,
+                Update::State(state.clone()),
+                *interval,
+                reload,
+                beat,
+            );
             Ok((Some(state), updates))
         }
         SourceConfig::Docker {
@@ -203,7 +245,7 @@ fn start_source(
                 interval: *interval,
                 peer_port: *peer_port,
             };
-            Ok((None, docker::spawn(cfg, reload)))
+            Ok((None, docker::spawn(cfg, reload, beat)))
         }
     }
 }
@@ -215,6 +257,7 @@ async fn wait_first(
     cfg: &RunConfig,
     updates: &mut Updates,
     admin: &Admin,
+    health: &Health,
 ) -> Result<Option<Arc<State>>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -227,6 +270,7 @@ async fn wait_first(
                     Err(e) => {
                         admin.metrics.state_rejected.inc();
                         admin.set_source_down(Some(format!("its state is refused: {e:#}")));
+                        health.waiting(&format!("the state source's state is refused: {e:#}"));
                         error!("state refused, waiting for another: {e:#}");
                     }
                 }
@@ -234,11 +278,13 @@ async fn wait_first(
             Update::Refused(why) => {
                 admin.metrics.state_rejected.inc();
                 admin.set_source_down(Some(format!("its state is refused: {why}")));
+                health.waiting(&format!("the state source's state is refused: {why}"));
                 error!("state refused, waiting for another: {why}");
             }
             Update::Unavailable(why) => {
                 admin.metrics.source_errors.inc();
                 admin.set_source_down(Some(why.to_string()));
+                health.waiting(&format!("waiting for the state source: {why}"));
                 warn!("no state yet: {why}");
             }
         }
@@ -275,6 +321,11 @@ struct Daemon {
     programs: Programs,
     applier: Applier,
     admin: Arc<Admin>,
+    health: Arc<Health>,
+    /// When the source last read a valid state.
+    beat: Beat,
+    /// The drain `meshd drain` set, as last read.
+    drained: Option<health::Drain>,
     generation: i64,
     /// The links that lead to this node's tasks.
     task_links: BTreeSet<String>,
@@ -326,6 +377,7 @@ impl Daemon {
         match u {
             Update::State(s) => {
                 self.admin.set_source_down(None);
+                self.health.source_problem(None);
                 // A newer word replaces any retry, which starts afresh.
                 self.pending = None;
                 self.retry = RETRY_MIN;
@@ -333,6 +385,8 @@ impl Daemon {
             }
             Update::Refused(why) => {
                 self.admin.metrics.state_rejected.inc();
+                self.health
+                    .source_problem(Some(&format!("the state source's state is refused: {why}")));
                 error!(
                     "state refused, keeping generation {}: {why}",
                     self.generation
@@ -341,6 +395,8 @@ impl Daemon {
             Update::Unavailable(why) => {
                 self.admin.metrics.source_errors.inc();
                 self.admin.set_source_down(Some(why.to_string()));
+                self.health
+                    .source_problem(Some(&format!("the state source is unavailable: {why}")));
                 warn!(
                     "state source unavailable, keeping generation {}: {why}",
                     self.generation
@@ -356,10 +412,13 @@ impl Daemon {
                 self.retry = RETRY_MIN;
                 self.admin.metrics.state_generation.set(self.generation);
                 self.admin.set_state(&s, self.generation);
+                self.health_applied(&s);
                 info!("state applied: generation {} ({report:?})", self.generation);
             }
             Err(ApplyError::Refused(e)) => {
                 self.admin.metrics.state_rejected.inc();
+                self.health
+                    .unsynced(&format!("the latest state is refused: {e:#}"));
                 error!(
                     "state refused, keeping generation {}: {e:#}",
                     self.generation
@@ -369,6 +428,8 @@ impl Daemon {
                 // What was written stays and the planner knows it; the
                 // rest is written by the retry (or by a newer state).
                 self.admin.metrics.map_update_errors.inc();
+                self.health
+                    .unsynced(&format!("the kernel failed a map write; retrying: {e:#}"));
                 error!(
                     "the kernel failed a map write after generation {} (retrying in {:?}): {e:#}",
                     self.generation, self.retry
@@ -436,7 +497,56 @@ impl Daemon {
         self.reserved.reserve(range.as_ref(), &ports);
     }
 
+    /// The health answers after generation `self.generation` of `state`
+    /// was applied: in sync, drained in the swarm or not, and per service
+    /// its tasks that get new flows.
+    fn health_applied(&self, state: &State) {
+        let me = state.local_node.as_deref().unwrap_or(&self.cfg.node);
+        let swarm_drained = state
+            .node(me)
+            .is_some_and(|n| n.availability == crate::model::Availability::Drain);
+        let mut services: BTreeMap<String, SvcHealth> = BTreeMap::new();
+        if let Some(d) = &self.applied {
+            for s in d.services.values() {
+                let table = s.table_backends();
+                let e = services.entry(s.name.clone()).or_default();
+                // The most any of its ports has (they share their tasks).
+                e.tasks = e.tasks.max(table.len());
+                e.local_tasks = e.local_tasks.max(table.iter().filter(|b| b.local).count());
+            }
+        }
+        self.health
+            .applied(self.generation, swarm_drained, services);
+    }
+
+    /// Follows `meshd drain`: its file is read again on every tick.
+    fn follow_drain(&mut self) {
+        let now = read_drain(&self.cfg);
+        if now == self.drained {
+            return;
+        }
+        match &now {
+            Some(d) => warn!(
+                "drained by meshd drain ({:?}): the health answer is 503, flows are still served",
+                d.reason
+            ),
+            None => {
+                info!("the drain ended (meshd undrain): the health answer follows the node again")
+            }
+        }
+        self.health.set_drain(now.clone());
+        self.drained = now;
+    }
+
     fn housekeeping(&mut self) {
+        self.follow_drain();
+        // In sync as long as the source keeps reading valid states that
+        // the dataplane holds.
+        if self.pending.is_none()
+            && let Some(at) = self.beat.last()
+        {
+            self.health.source_beat(at);
+        }
         if let Err(e) = self.applier.expire() {
             warn!("expiring reply entries: {e:#}");
         }
@@ -469,6 +579,18 @@ impl Daemon {
         // Bridge ports come and go with containers: attach to new ones.
         self.programs
             .attach_task_ifaces(&net::reply_ifaces(&self.task_links));
+    }
+}
+
+/// The drain `meshd drain` left in the state directory, if any (an
+/// unreadable file is logged and taken as no drain).
+fn read_drain(cfg: &RunConfig) -> Option<health::Drain> {
+    match health::read_drain(&cfg.state_dir) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("{e:#}; taken as not drained");
+            None
+        }
     }
 }
 

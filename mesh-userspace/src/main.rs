@@ -24,6 +24,14 @@ fn main() {
             .config()
             .map_err(Failed::Config)
             .and_then(commands::run::run),
+        Cmd::Drain(a) => a
+            .config()
+            .map_err(Failed::Config)
+            .and_then(commands::drain::run),
+        Cmd::Undrain(a) => a
+            .config()
+            .map_err(Failed::Config)
+            .and_then(commands::drain::run),
     };
     match r {
         Ok(()) => {}

@@ -82,6 +82,16 @@ pub enum NodeStatus {
 }
 
 impl Availability {
+    /// "active", "pause" or "drain".
+    pub fn parse(s: &str) -> Option<Availability> {
+        match s {
+            "active" => Some(Availability::Active),
+            "pause" => Some(Availability::Pause),
+            "drain" => Some(Availability::Drain),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Availability::Active => "active",

@@ -221,6 +221,8 @@ fn help_explains_every_run_flag() {
         "--admin-addr",
         "--watch-interval-ms",
         "--bpf-log-level",
+        "--health-addr",
+        "--health-max-sync-age",
     ] {
         assert!(out.contains(flag), "run --help lacks {flag}");
     }
@@ -336,4 +338,49 @@ fn non_regular_or_huge_state_files_are_refused_promptly() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `meshd drain` without a running meshd: the drain is kept for the
+/// meshd that starts next; `undrain` ends it. A bad reason is refused.
+#[test]
+fn drain_and_undrain_without_a_daemon_keep_the_drain_for_the_next_one() {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-drain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    // Nothing listens on this admin address.
+    let admin = "127.0.0.1:1";
+    let (code, out, err) = meshd(&[
+        "drain",
+        "--state-dir",
+        d,
+        "--admin-addr",
+        admin,
+        "--reason",
+        "disk swap",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("drained:") && out.contains("no meshd answers"),
+        "{out}"
+    );
+    let kept = std::fs::read_to_string(dir.join("drain")).unwrap();
+    assert!(kept.contains("disk swap"), "{kept}");
+    let (code, out, err) = meshd(&["undrain", "--state-dir", d, "--admin-addr", admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("undrained:"), "{out}");
+    assert!(!dir.join("drain").exists());
+    let (code, out, _) = meshd(&["undrain", "--state-dir", d, "--admin-addr", admin]);
+    assert_eq!(code, 0);
+    assert!(out.contains("not drained"), "{out}");
+    let (code, _, err) = meshd(&["drain", "--state-dir", d, "--reason", "a\nb"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--reason: one line"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_refuses_a_health_address_that_is_not_one() {
+    let (code, _, err) = meshd(&["run", "--state", "/x.toml", "--health-addr", "9471"]);
+    assert_eq!(code, 2, "clap refuses it: {err}");
+    assert!(err.contains("is not ADDR:PORT"), "{err}");
 }

@@ -138,7 +138,12 @@ unsafe extern "C" {
 }
 
 /// The end-to-end test binaries (network namespaces, meshd attached).
-const NETNS_TESTS: &[&str] = &["netns_e2e", "netns_hardening", "netns_cluster"];
+const NETNS_TESTS: &[&str] = &[
+    "netns_e2e",
+    "netns_hardening",
+    "netns_cluster",
+    "netns_operations",
+];
 
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
     cargo_env(dir, args, &[])

@@ -3,4 +3,5 @@
 //! [`crate::cli`], and a `run` function here.
 
 pub mod check;
+pub mod drain;
 pub mod run;

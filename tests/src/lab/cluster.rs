@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::meshd::{Meshd, MeshdRun, READY_TIMEOUT, http_get, parse_metric};
+use super::meshd::{
+    HEALTH_PORT, Meshd, MeshdRun, READY_TIMEOUT, http_get, http_status, parse_metric,
+};
 use super::shell::in_netns;
 use super::state::{StateFile, write_atomically};
 use super::task::{Conn, TaskServer};
@@ -204,6 +206,43 @@ impl Cluster {
     pub fn admin_get(&self, j: usize, path: &str) -> Result<String> {
         let (path, admin) = (path.to_string(), self.meshd_run(j).admin);
         in_netns(&self.node(j).ns, move || http_get(&admin, &path))?
+    }
+
+    /// GET `path` from node `j`'s health port, as a load balancer would:
+    /// from the first client, to the node's address. The status and body.
+    pub fn health(&self, j: usize, path: &str) -> Result<(u16, String)> {
+        let client = self.topo.clients[0].ns.clone();
+        let (addr, path) = (
+            format!("{}:{}", self.node(j).addr, HEALTH_PORT),
+            path.to_string(),
+        );
+        in_netns(&client, move || http_status(&addr, &path))?
+    }
+
+    /// Runs `meshd <args>` (a command other than `run`) in node `j`'s
+    /// namespace; its exit code, stdout and stderr.
+    pub fn meshd_cmd(
+        &self,
+        j: usize,
+        meshd: &Path,
+        args: &[&str],
+    ) -> Result<(i32, String, String)> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.node(j).ns])
+            .arg(meshd)
+            .args(args)
+            .output()
+            .context("running meshd")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Node `j`'s state directory (meshd's --state-dir in the lab).
+    pub fn state_dir(&self, j: usize) -> PathBuf {
+        self.topo.dir.join(&self.node(j).name)
     }
 
     /// Sum of node `j`'s metric samples whose label set contains `labels`.

@@ -323,6 +323,27 @@ impl Drop for Meshd {
     }
 }
 
+/// meshd's health port (its default, `--health-addr 0.0.0.0:9471`), on
+/// each node's address.
+pub const HEALTH_PORT: u16 = 9471;
+
+/// A minimal HTTP/1.0 GET: the status code and the body, whatever the
+/// status.
+pub fn http_status(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path} on {addr}: not an HTTP answer: {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
 /// A minimal HTTP/1.0 GET.
 pub fn http_get(addr: &str, path: &str) -> Result<String> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;

@@ -31,7 +31,8 @@ use anyhow::Result;
 
 pub use cluster::Cluster;
 pub use meshd::{
-    ADMIN, Meshd, MeshdRun, attached_programs, http_get, meshd_path, parse_metric, tc_mode,
+    ADMIN, HEALTH_PORT, Meshd, MeshdRun, attached_programs, http_get, http_status, meshd_path,
+    parse_metric, tc_mode,
 };
 pub use shell::{exec, guard_routes, in_netns, ip, retry, sh, slot_namespaces};
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
@@ -155,6 +156,23 @@ impl Lab {
     /// Sum of a metric's samples whose label set contains `labels`.
     pub fn metric(&self, name: &str, labels: &str) -> Result<u64> {
         self.cluster.metric(NODE, name, labels)
+    }
+
+    /// GET `path` from the node's health port, from the client, as a load
+    /// balancer would; the status and the body.
+    pub fn health(&self, path: &str) -> Result<(u16, String)> {
+        self.cluster.health(NODE, path)
+    }
+
+    /// Runs `meshd <args>` (a command other than `run`) in the node's
+    /// namespace; its exit code, stdout and stderr.
+    pub fn meshd_cmd(&self, meshd: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+        self.cluster.meshd_cmd(NODE, meshd, args)
+    }
+
+    /// The node's state directory (meshd's --state-dir in the lab).
+    pub fn state_dir(&self) -> PathBuf {
+        self.cluster.state_dir(NODE)
     }
 
     /// One TCP request from the client: connect, send a line, read a line.
