@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    CheckConfig, ConfigError, DrainConfig, OrConfig, RunConfig, SourceConfig, host_name,
+    CheckConfig, CleanupConfig, ConfigError, DrainConfig, OrConfig, RunConfig, SourceConfig,
+    host_name,
 };
-use crate::dataplane::{TcAttach, XdpAttach};
+use crate::dataplane::{OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::model::ReplyMode;
 use crate::plan::Limits;
@@ -40,7 +41,10 @@ pub enum Cmd {
         after_long_help = "Examples:\n  meshd run --docker                  # on every node of a swarm, managers and workers\n  \
         meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
         Needs root (BPF), IPv4 forwarding on the uplink and the tasks' interfaces, and iproute2.\n\
-        Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled.\n\n\
+        Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled.\n\
+        Load balancers: GET /healthz on --health-addr (503 when drained: meshd drain).\n\
+        Restarts: the dataplane is pinned under --bpffs and keeps serving while meshd is down; the next \
+        meshd adopts it (connection tracking included). meshd cleanup removes it.\n\n\
         Exit status: 0 after SIGTERM/SIGINT; 1 the node failed; 64 the configuration was refused."
     )]
     Run(RunArgs),
@@ -65,6 +69,41 @@ pub enum Cmd {
     /// End a drain: the health answer turns 200 again (when nothing else
     /// is wrong).
     Undrain(UndrainArgs),
+    /// Remove everything the mesh installed on this node: programs (their
+    /// pinned links, netlink TC filters, XDP), the clsact qdiscs meshd
+    /// added, pinned maps, the reserved published ports. Says what it
+    /// removed. Refuses while a meshd runs with the same pins.
+    #[command(
+        after_long_help = "Example:\n  systemctl stop meshd && meshd cleanup\n\n\
+        Without it, a stopped meshd leaves the dataplane serving its last state (so a restart loses \
+        nothing).\nExit status: 0 done (or nothing to do); 1 something could not be removed, or a \
+        meshd is running."
+    )]
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CleanupArgs {
+    /// The BPF filesystem the dataplane is pinned on (as meshd run's).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// meshd's state directory (as meshd run's): where the setting of
+    /// net.ipv4.ip_local_reserved_ports it found is kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
+    /// Say what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl CleanupArgs {
+    pub fn config(&self) -> Result<CleanupConfig, ConfigError> {
+        Ok(CleanupConfig {
+            bpffs: self.bpffs.clone(),
+            state_dir: self.state_dir.clone(),
+            dry_run: self.dry_run,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -275,6 +314,19 @@ pub struct RunArgs {
     /// fragmentation-needed [default: the uplink's MTU].
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
     pub mtu: Option<u32>,
+    /// Where the BPF filesystem is: meshd mounts one there if there is
+    /// none, and pins the dataplane (maps, links) in its `mesh` directory,
+    /// so that it keeps serving while no meshd runs and a new meshd adopts
+    /// it, connection tracking included. Inside a container, bind-mount
+    /// the host's (a bpffs mounted in the container goes with it).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// What becomes of the dataplane when meshd exits (SIGTERM, SIGINT):
+    /// keep (it serves the last state until a new meshd adopts it, or
+    /// `meshd cleanup`), or detach (everything is removed, as cleanup
+    /// does). A crash always keeps it.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnExit::Keep)]
+    pub on_exit: OnExit,
     /// Most verbose level of the BPF programs' own log lines (bridged into
     /// this daemon's log). Anything above info may log per packet.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Info)]
@@ -416,6 +468,8 @@ impl RunArgs {
             health_addr: self.health_addr.0,
             health_max_sync_age: Duration::from_secs(self.health_max_sync_age),
             state_dir: self.state.state_dir.clone(),
+            bpffs: self.bpffs.clone(),
+            on_exit: self.on_exit,
             bpf_log_level: self.bpf_log_level as u8,
         })
     }

@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::dataplane::{TcAttach, XdpAttach};
+use crate::dataplane::{OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::plan::Limits;
 
@@ -86,6 +86,11 @@ pub struct RunConfig {
     pub health_max_sync_age: Duration,
     /// What must outlive meshd: assigned ports, the drain.
     pub state_dir: PathBuf,
+    /// Where the BPF filesystem is (mounted there if it is not); the
+    /// dataplane is pinned in its `mesh` directory.
+    pub bpffs: PathBuf,
+    /// What becomes of the pinned dataplane when meshd exits.
+    pub on_exit: OnExit,
     /// Most verbose aya-log level the programs emit (0 = off .. 5 = trace).
     pub bpf_log_level: u8,
 }
@@ -117,4 +122,12 @@ pub struct DrainConfig {
     pub admin_addr: SocketAddr,
     /// How long to wait for it to.
     pub wait: Duration,
+}
+
+/// `meshd cleanup`.
+#[derive(Clone, Debug)]
+pub struct CleanupConfig {
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub dry_run: bool,
 }

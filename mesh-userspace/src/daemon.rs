@@ -21,7 +21,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
-use crate::dataplane::{Applier, ApplyError, Dataplane, Programs, load::Logger};
+use crate::dataplane::pin::{self, OpenError, PinDir};
+use crate::dataplane::{Applier, ApplyError, Dataplane, OnExit, Programs, load::Logger};
 use crate::desired::Desired;
 use crate::health::{self, Health, SvcHealth};
 use crate::model::State;
@@ -65,7 +66,27 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How often local tasks whose port is not known are looked for again.
 const PORT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The signals meshd answers, taken over before anything else happens: a
+/// SIGTERM that arrives the moment meshd says it is ready (or earlier)
+/// ends it as it should, never by the default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
+    let mut signals = Signals::new().map_err(|e| Failed::Node(e.context("handling signals")))?;
     // The first state, and whether it fits, before the host (a source that
     // cannot give one at once, Docker, is waited for once the programs
     // are loaded and the admin endpoint says why it is not ready).
@@ -124,8 +145,19 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         lim.max_backends,
         lim.ct_entries
     );
-    let (programs, applier, stats, logger) =
-        Dataplane::load_with(cfg.limits.clone(), cfg.bpf_log_level, cfg.tc_attach)?.into_parts();
+    let pins = PinDir::open(&cfg.bpffs).map_err(|e| match e {
+        OpenError::Busy(_) => Failed::Node(anyhow::anyhow!(e)),
+        OpenError::Other(e) => Failed::Node(e.context("the pin directory (--bpffs)")),
+    })?;
+    let pin_root = pins.root.clone();
+    let (dataplane, adoption) = Dataplane::load_pinned(
+        cfg.limits.clone(),
+        cfg.bpf_log_level,
+        cfg.tc_attach,
+        pins,
+        cfg.on_exit,
+    )?;
+    let (programs, applier, stats, logger) = dataplane.into_parts();
     let admin = Arc::new(Admin::new(stats)?);
     tokio::spawn(admin::serve(
         listener,
@@ -140,7 +172,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     }
     let first = match first {
         Some(s) => s,
-        None => match wait_first(&cfg, &mut updates, &admin, &health).await? {
+        None => match wait_first(&cfg, &mut updates, &admin, &health, &mut signals).await? {
             Some(s) => s,
             None => return Ok(()),
         },
@@ -153,6 +185,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     if cfg.forwarding.mtu == 0 {
         cfg.forwarding.mtu = net::mtu(&iface).or_config()?;
     }
+    let applier = adopt(&cfg, &pin_root, &adoption, applier, &first)?;
     info!(
         "forwarding to other nodes: UDP port {}, MTU {} ({} bytes of it encapsulation), replies {}",
         cfg.forwarding.port,
@@ -163,6 +196,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
             crate::model::ReplyMode::Direct => "direct",
         }
     );
+    let reserved = net::ReservedPorts::kept_in(&cfg.state_dir);
     let mut d = Daemon {
         cfg,
         iface,
@@ -179,11 +213,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         applied: None,
         task_ports: Default::default(),
         ports_scanned: None,
-        reserved: net::ReservedPorts::new(),
+        reserved,
         neighbours: crate::neigh::Neighbours::default(),
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
     d.programs.attach_uplink(&d.iface, d.cfg.xdp_mode)?;
+    // Whatever a previous meshd attached that this one did not take over
+    // goes, and so do the maps of layouts this one does not have.
+    d.programs.prune_pinned_links();
+    if let Some(p) = d.programs.pins() {
+        pin::remove_foreign(p, &adoption.foreign);
+    }
+    if let Err(e) = d.applier.writer_mut().record_object() {
+        warn!("recording the programs in the pinned maps: {e:#}");
+    }
     d.generation = 1;
     admin.metrics.state_generation.set(1);
     admin.set_state(&first, 1);
@@ -200,11 +243,72 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     if let Some(l) = logger {
         tokio::spawn(pump_logs(l));
     }
-    d.follow(updates, reload).await?;
-    info!("shutting down: detaching programs");
+    d.follow(updates, reload, &mut signals).await?;
     admin.metrics.ready.set(0);
+    match d.cfg.on_exit {
+        OnExit::Keep => {
+            info!(
+                "exiting: the dataplane keeps serving generation {} (pinned under {}); a new \
+                 meshd adopts it, meshd cleanup removes it",
+                d.generation,
+                pin_root.display()
+            );
+            d.reserved.keep();
+        }
+        OnExit::Detach => info!("exiting: detaching and removing the dataplane (--on-exit detach)"),
+    }
     drop(d);
     Ok(())
+}
+
+/// The applier for the first state: one whose planner knows what the
+/// adopted maps hold (when the state maps were adopted), or `applier` as it
+/// is (a fresh dataplane). Says which in the log.
+fn adopt(
+    cfg: &RunConfig,
+    root: &std::path::Path,
+    adoption: &pin::Adoption,
+    applier: Applier,
+    first: &State,
+) -> Result<Applier, Failed> {
+    if !adoption.state {
+        if adoption.adopt.is_empty() {
+            info!("a fresh dataplane, pinned under {}", root.display());
+        } else {
+            warn!(
+                "a fresh dataplane, pinned under {}: the pinned state maps could not be adopted \
+                 (see above); connection tracking starts empty, and flows are matched again by \
+                 Maglev (the same task while a service is unchanged)",
+                root.display()
+            );
+        }
+        return Ok(applier);
+    }
+    let snap = applier
+        .writer()
+        .snapshot()
+        .context("reading the pinned maps")?;
+    let mut desired =
+        Desired::compute(first, &cfg.node, &cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
+    desired.forwarding = cfg.forwarding;
+    let (planner, report) = crate::plan::Planner::adopt(cfg.limits.clone(), &snap, &desired);
+    let programs = if snap.meta.object_hash == crate::dataplane::load::object_hash() {
+        "the same programs"
+    } else {
+        "new programs (an upgrade)"
+    };
+    info!(
+        "adopting the dataplane pinned under {} with {programs}: {} published ports ({} known \
+         by name: their flows are kept), {} backends, {} nodes, {} reply entries; connection \
+         tracking kept",
+        root.display(),
+        report.ports,
+        report.named,
+        report.backends,
+        report.nodes,
+        report.replies
+    );
+    Ok(Applier::with_planner(planner, applier.into_writer()))
 }
 
 /// Reads the first state (refusing a bad one) and starts following the
@@ -258,9 +362,8 @@ async fn wait_first(
     updates: &mut Updates,
     admin: &Admin,
     health: &Health,
+    signals: &mut Signals,
 ) -> Result<Option<Arc<State>>> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         let u = updates.borrow_and_update().clone();
         match u {
@@ -289,8 +392,8 @@ async fn wait_first(
             }
         }
         tokio::select! {
-            _ = term.recv() => return Ok(None),
-            _ = int.recv() => return Ok(None),
+            _ = signals.term.recv() => return Ok(None),
+            _ = signals.int.recv() => return Ok(None),
             r = updates.changed() => r.context("the state source stopped")?,
         }
     }
@@ -347,10 +450,13 @@ struct Daemon {
 
 impl Daemon {
     /// Follows the source until SIGTERM or SIGINT.
-    async fn follow(&mut self, mut updates: Updates, reload: Arc<Notify>) -> Result<()> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+    async fn follow(
+        &mut self,
+        mut updates: Updates,
+        reload: Arc<Notify>,
+        signals: &mut Signals,
+    ) -> Result<()> {
+        let Signals { term, int, hup } = signals;
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -32,6 +32,10 @@ fn main() {
             .config()
             .map_err(Failed::Config)
             .and_then(commands::drain::run),
+        Cmd::Cleanup(a) => a
+            .config()
+            .map_err(Failed::Config)
+            .and_then(commands::cleanup::run),
     };
     match r {
         Ok(()) => {}

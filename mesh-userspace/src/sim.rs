@@ -64,6 +64,8 @@ impl Sim {
             Op::PutLocal(k, slot) => m.put_local(k, slot),
             Op::DelLocal(k) => m.del_local(&k),
             Op::DelNode(slot) => m.del_node(slot)?,
+            // What only a restarted meshd reads: the host maps have none.
+            Op::PutGens(..) | Op::PutName(..) | Op::DelName(_) => {}
         }
         Ok(())
     }

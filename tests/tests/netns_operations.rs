@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::lab::{Lab, WEB_TCP, meshd_path, retry};
+use mesh_tests::lab::{Lab, Meshd, WEB_TCP, meshd_path, retry};
 
 fn lab_with_meshd(tasks: usize, serving: &[usize], extra: &[&str]) -> Lab {
     let mut lab = Lab::new(tasks).expect("lab");
@@ -155,4 +155,279 @@ fn root_a_node_drained_in_its_state_answers_503() {
     health_becomes(&lab, "/healthz", 503, "drained in the swarm");
     lab.write_state(&good).unwrap();
     health_becomes(&lab, "/healthz", 200, "ok: generation");
+}
+
+/// Applies a new task set and waits for meshd to report it.
+fn apply(lab: &Lab, tasks: &[usize], generation: u32) {
+    apply_with(lab, lab.meshd().unwrap(), tasks, generation)
+}
+
+/// As `apply`, with the meshd `m` (one the lab does not hold).
+fn apply_with(lab: &Lab, m: &Meshd, tasks: &[usize], generation: u32) {
+    let skip = m.log_len();
+    lab.write_state(&lab.state_toml(tasks)).unwrap();
+    m.wait_log_after(
+        skip,
+        &format!("generation {generation} "),
+        Duration::from_secs(10),
+    )
+    .expect("state applied");
+}
+
+/// Requests in a loop until told to stop: a new TCP connection and a new
+/// UDP flow each round, each one a fresh Maglev pick. Counts rounds, and
+/// keeps every failure.
+struct Traffic {
+    rounds: std::sync::atomic::AtomicU32,
+    stop: std::sync::atomic::AtomicBool,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl Traffic {
+    fn new() -> Traffic {
+        Traffic {
+            rounds: Default::default(),
+            stop: Default::default(),
+            failures: Default::default(),
+        }
+    }
+
+    fn run(&self, lab: &Lab) {
+        use std::sync::atomic::Ordering;
+        let from = std::net::SocketAddr::from((lab.node_addr, mesh_tests::lab::WEB_UDP));
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = self.rounds.load(Ordering::Relaxed);
+            match lab.tcp_request(WEB_TCP, &format!("t{n}")) {
+                Ok(a) if a.ends_with(&format!(" t{n}")) => {}
+                other => self
+                    .failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("tcp {n}: {other:?}")),
+            }
+            match lab.udp_request(mesh_tests::lab::WEB_UDP, &format!("u{n}")) {
+                Ok((a, f)) if f == from && a.ends_with(&format!(" u{n}")) => {}
+                other => self
+                    .failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("udp {n}: {other:?}")),
+            }
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits (at most 20 s) until `n` more rounds are done.
+    fn wait_rounds(&self, n: u32) {
+        use std::sync::atomic::Ordering;
+        let target = self.rounds.load(Ordering::Relaxed) + n;
+        retry(Duration::from_secs(20), "traffic goes on", || {
+            let r = self.rounds.load(Ordering::Relaxed);
+            anyhow::ensure!(r >= target, "{r} rounds of {target}");
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
+/// Connections until every task of `tasks` holds at least two.
+fn connections(lab: &Lab, tasks: &[&str]) -> Vec<(String, mesh_tests::lab::Conn)> {
+    let mut conns: Vec<(String, mesh_tests::lab::Conn)> = Vec::new();
+    for _ in 0..300 {
+        let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+        conns.push((c.task().unwrap(), c));
+        let per = |n: &str| conns.iter().filter(|(t, _)| t == n).count();
+        if conns.len() >= 24 && tasks.iter().all(|n| per(n) >= 2) {
+            break;
+        }
+    }
+    conns
+}
+
+/// The headline of pinning: `kill -9` of meshd under continuous requests
+/// loses none (the dataplane keeps serving its last state while no meshd
+/// runs), and the next meshd adopts the pinned dataplane without flushing
+/// connection tracking: long-lived connections keep their task even where
+/// Maglev, asked again, would now pick another one.
+#[test]
+fn root_kill_9_under_continuous_requests_loses_none_and_the_next_meshd_keeps_every_flow() {
+    let lab = lab_with_meshd(4, &[1, 2, 3], &[]);
+    let mut conns = connections(&lab, &["task1", "task2", "task3"]);
+    // A fourth task: Maglev would now send about a quarter of these
+    // connections' packets elsewhere; only conntrack keeps them.
+    apply(&lab, &[1, 2, 3, 4], 2);
+    let meshd = meshd_path().unwrap();
+    let (pid, run) = (
+        lab.meshd().unwrap().pid() as i32,
+        lab.cluster().meshd_run(1),
+    );
+    let traffic = Traffic::new();
+    let next = std::thread::scope(|s| {
+        let t = s.spawn(|| traffic.run(&lab));
+        traffic.wait_rounds(20);
+        // SAFETY: signalling and reaping the lab's child, whose status
+        // nobody else waits for (the lab's handle then finds it gone).
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        // No meshd: the pinned dataplane serves on.
+        traffic.wait_rounds(20);
+        for (t, c) in conns.iter_mut() {
+            assert_eq!(&c.task().expect("served while meshd is down"), t);
+        }
+        let next = Meshd::start(&lab.node_ns, &meshd, &run, "info").unwrap();
+        next.wait_ready(Duration::from_secs(30)).unwrap();
+        traffic.wait_rounds(20);
+        traffic
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        next
+    });
+    let failures = traffic.failures.lock().unwrap();
+    let rounds = traffic.rounds.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {rounds} rounds failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let log = next.log_text();
+    assert!(
+        log.contains("adopting the dataplane pinned under")
+            && log.contains("connection tracking kept"),
+        "{log}"
+    );
+    for (t, c) in conns.iter_mut() {
+        assert_eq!(&c.task().expect("the connection survives the restart"), t);
+    }
+    // The adopted conntrack still holds them (and the new meshd counts them).
+    let held = lab
+        .metric("mesh_conntrack_entries", "table=\"tcp\"")
+        .unwrap();
+    assert!(held >= conns.len() as u64, "{held} < {}", conns.len());
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+    // And the new meshd follows changes as the old one did: task 2's
+    // connections end, the others' stay.
+    apply_with(&lab, &next, &[1, 3, 4], 2);
+    for (t, c) in conns.iter_mut() {
+        let r = c.ask("after");
+        if t == "task2" {
+            assert!(r.is_err(), "a connection to a removed task ends: {r:?}");
+        } else {
+            assert!(r.unwrap().starts_with(t.as_str()));
+        }
+    }
+}
+
+/// Where the lab pins node 1's dataplane, and the names under it.
+fn pinned(lab: &Lab, sub: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(lab.bpffs().join("mesh").join(sub))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn root_meshd_cleanup_removes_everything_and_says_what() {
+    let mut lab = lab_with_meshd(1, &[1], &[]);
+    let meshd = meshd_path().unwrap();
+    let bpffs = lab.bpffs().to_str().unwrap().to_string();
+    let dir = lab.state_dir().to_str().unwrap().to_string();
+    let cleanup = ["cleanup", "--bpffs", &bpffs, "--state-dir", &dir];
+    // Not while a meshd runs with these pins.
+    let (code, out, err) = lab.meshd_cmd(&meshd, &cleanup).unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("a meshd is running"), "{err}");
+    lab.kill_meshd().unwrap();
+    let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1"]);
+    assert_eq!(on(&lab).len(), 3, "{:?}", on(&lab));
+    assert!(!pinned(&lab, "maps").is_empty());
+    assert!(lab.tcp_request(WEB_TCP, "x").unwrap().starts_with("task1 "));
+    // A dry run says the same and removes nothing.
+    let mut dry = cleanup.to_vec();
+    dry.push("--dry-run");
+    let (code, out, err) = lab.meshd_cmd(&meshd, &dry).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("would remove"), "{out}");
+    assert_eq!(on(&lab).len(), 3);
+
+    let (code, out, err) = lab.meshd_cmd(&meshd, &cleanup).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    for says in [
+        "removed the pinned map MESH_CT4_V2",
+        "removed the pinned map MESH_SVC_V2",
+        "ip_local_reserved_ports",
+    ] {
+        assert!(out.contains(says), "{says:?} not in:\n{out}");
+    }
+    let tc = match mesh_tests::lab::tc_mode() {
+        "tcx" => "the pinned link of",
+        _ => "the TC filter of",
+    };
+    assert!(
+        out.contains(&format!("removed {tc} mesh_tc_uplink on up0")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("removed {tc} mesh_tc_task on vt1")),
+        "{out}"
+    );
+    assert!(out.contains("mesh_xdp"), "{out}");
+    assert_eq!(on(&lab), Vec::<String>::new());
+    assert!(!lab.bpffs().join("mesh").exists(), "the pin directory goes");
+    assert!(lab.tcp_request(WEB_TCP, "x").is_err(), "nothing serves now");
+    // Nothing left: it says so.
+    let (code, out, _) = lab.meshd_cmd(&meshd, &cleanup).unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "nothing of the mesh is installed here");
+}
+
+/// What a restarted meshd cannot read as its own is replaced, with the
+/// reason logged, never misread: a conntrack table of another size alone
+/// (the rest is adopted), and a map of an older layout (another `_Vn`)
+/// with the whole state (and conntrack, whose entries name its slots).
+#[test]
+fn root_a_changed_size_or_layout_is_replaced_with_a_reason_never_misread() {
+    let mut lab = lab_with_meshd(2, &[1, 2], &[]);
+    let meshd = meshd_path().unwrap();
+    let mut c = lab.tcp_connect(WEB_TCP).unwrap();
+    let t = c.task().unwrap();
+    lab.stop_meshd().unwrap();
+
+    lab.start_meshd(&meshd, &["--ct-entries", "4096"]).unwrap();
+    let log = lab.meshd().unwrap().log_text();
+    assert!(
+        log.contains("pinned map MESH_CT4_V2 is not adopted: another layout or size")
+            && log.contains("4096 entries"),
+        "{log}"
+    );
+    assert!(log.contains("adopting the dataplane pinned under"), "{log}");
+    // Picked up again by Maglev: the same task while the service is the same.
+    assert_eq!(c.task().unwrap(), t);
+    lab.stop_meshd().unwrap();
+
+    // An older layout of the service map: rename this one's pin as if an
+    // older meshd had left MESH_SVC_V1.
+    let maps = lab.bpffs().join("mesh/maps");
+    std::fs::rename(maps.join("MESH_SVC_V2"), maps.join("MESH_SVC_V1")).unwrap();
+    lab.start_meshd(&meshd, &["--ct-entries", "4096"]).unwrap();
+    let log = lab.meshd().unwrap().log_text();
+    assert!(
+        log.contains("map MESH_SVC_V2 is made anew: its layout changed (MESH_SVC_V1 pinned"),
+        "{log}"
+    );
+    assert!(log.contains("a fresh dataplane"), "{log}");
+    assert!(log.contains("removed pinned map MESH_SVC_V1"), "{log}");
+    assert!(!pinned(&lab, "maps").contains(&"MESH_SVC_V1".to_string()));
+    assert!(pinned(&lab, "maps").contains(&"MESH_SVC_V2".to_string()));
+    // Served, and the connection too (picked up again).
+    assert_eq!(c.task().unwrap(), t);
+    assert!(lab.tcp_request(WEB_TCP, "y").is_ok());
 }

@@ -72,6 +72,14 @@ pub const MAP_COUNTERS: &str = "MESH_CNT_V1";
 /// This node's settings for the programs: one `NodeConfig` (an array of
 /// one, written by user space whenever they change).
 pub const MAP_CONFIG: &str = "MESH_CFG_V1";
+/// User space only (no program reads it): one `PinMeta`, what a restarted
+/// meshd needs to adopt the pinned maps safely: the generations handed
+/// out so far (written before any op that uses a higher one).
+pub const MAP_META: &str = "MESH_META_V1";
+/// User space only: `SvcKey` -> `SvcName`, the name of the service each
+/// published port belongs to, so that a restarted meshd knows which
+/// service owns a port (and keeps its flows) without guessing.
+pub const MAP_SVC_NAMES: &str = "MESH_NAMES_V1";
 
 /// Every map of the dataplane's object. The build checks the object
 /// against this list (mesh-userspace/build.rs): each name is in it, and it
@@ -94,7 +102,38 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_FWD4,
     MAP_COUNTERS,
     MAP_CONFIG,
+    MAP_META,
+    MAP_SVC_NAMES,
 ];
+
+/// What a pinned map holds, which decides whether a restarted meshd may
+/// adopt it (see mesh-userspace/src/dataplane/pin.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapRole {
+    /// Derived from the swarm's state by user space: services, tables,
+    /// backends, nodes, reply entries, settings. Adopted together or not
+    /// at all (the planner is rebuilt from all of them).
+    State,
+    /// Per flow, written by the programs: connection tracking. Entries
+    /// name service and backend slots and generations, so they are adopted
+    /// only together with the state maps.
+    Flows,
+    /// Counters: adopted on their own (so totals go on across restarts).
+    Counters,
+}
+
+/// The role of map `name` of [`MAP_NAMES`] (`None` for any other name).
+pub fn map_role(name: &str) -> Option<MapRole> {
+    Some(match name {
+        MAP_PORTS | MAP_SERVICES | MAP_NODE_ADDR4 | MAP_BACKENDS | MAP_MAGLEV | MAP_REPLY4
+        | MAP_NODES | MAP_NODE_BY_ADDR4 | MAP_LOCAL4 | MAP_CONFIG | MAP_META | MAP_SVC_NAMES => {
+            MapRole::State
+        }
+        MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 => MapRole::Flows,
+        MAP_SVC_STATS | MAP_DROPS | MAP_COUNTERS => MapRole::Counters,
+        _ => return None,
+    })
+}
 
 // The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN, with the
 // NUL): a longer name would be cut and no longer found by its full name.
@@ -147,7 +186,7 @@ pub const MAX_DROP_REASONS: u32 = 64;
 /// only for packets whose port matched: traffic to other ports costs one
 /// inlined array read.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct SvcKey {
     pub port_be: u16,
     pub proto: u8,
@@ -397,6 +436,80 @@ pub struct NodeConfig {
     pub mtu: u32,
 }
 const _: () = assert!(size_of::<NodeConfig>() == 12);
+
+/// What a restarted meshd needs to adopt pinned maps (`MAP_META`). The
+/// generations are high-water marks: every (slot, generation) pair handed
+/// out so far has a generation at most these, so slots taken after a
+/// restart start above them and never repeat a pair a conntrack entry
+/// may still hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinMeta {
+    /// `PIN_META_MAGIC` once written.
+    pub magic: u32,
+    /// The last service generation handed out.
+    pub svc_gen: u32,
+    /// The highest backend slot generation handed out.
+    pub backend_gen: u32,
+    /// The highest node slot generation handed out.
+    pub node_gen: u32,
+    /// FNV-1a of the BPF object that was last attached (to tell a restart
+    /// of the same programs from an upgrade, in the log).
+    pub object_hash: u64,
+}
+const _: () = assert!(size_of::<PinMeta>() == 24);
+pub const PIN_META_MAGIC: u32 = 0x6d65_7461; // "meta"
+
+/// The longest service name (as Docker's and the state file's).
+pub const MAX_SVC_NAME: usize = 63;
+
+/// The service a published port belongs to (`MAP_NAMES`), as of the
+/// service slot and generation it names: a name whose `svc_id` and
+/// generation are not the port's service's any more is no name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcName {
+    pub svc_id: u32,
+    pub gen_: u32,
+    /// Bytes of `name` in use.
+    pub len: u32,
+    pub name: [u8; MAX_SVC_NAME + 1],
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SvcName>() == 80);
+
+impl Default for SvcName {
+    fn default() -> Self {
+        Self {
+            svc_id: 0,
+            gen_: 0,
+            len: 0,
+            name: [0; MAX_SVC_NAME + 1],
+            _pad: 0,
+        }
+    }
+}
+
+impl SvcName {
+    /// `name` cut to `MAX_SVC_NAME` bytes.
+    pub fn new(svc_id: u32, gen_: u32, name: &str) -> Self {
+        let b = name.as_bytes();
+        let n = b.len().min(MAX_SVC_NAME);
+        let mut v = Self {
+            svc_id,
+            gen_,
+            len: n as u32,
+            ..Self::default()
+        };
+        v.name[..n].copy_from_slice(&b[..n]);
+        v
+    }
+
+    pub fn name(&self) -> &str {
+        let n = (self.len as usize).min(MAX_SVC_NAME);
+        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+    }
+}
 
 /// A flow as seen in one direction, IPv4. Addresses and ports are the
 /// packet's raw bytes (network order). 8-aligned (its size is 16 either
@@ -717,4 +830,6 @@ mod pod {
     unsafe impl aya::Pod for CtLifetimes {}
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for PinMeta {}
+    unsafe impl aya::Pod for SvcName {}
 }

@@ -100,6 +100,15 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTE
 #[map(name = "MESH_CFG_V1")]
 pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// User space only: what a restarted meshd needs to adopt the pinned
+/// maps (no program reads it; it lives here so it is pinned with them).
+#[map(name = "MESH_META_V1")]
+pub static META: Array<PinMeta> = Array::with_max_entries(1, 0);
+
+/// User space only: the service each published port belongs to.
+#[map(name = "MESH_NAMES_V1")]
+pub static NAMES: HashMap<SvcKey, SvcName> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {

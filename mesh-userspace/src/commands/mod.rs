@@ -3,5 +3,6 @@
 //! [`crate::cli`], and a `run` function here.
 
 pub mod check;
+pub mod cleanup;
 pub mod drain;
 pub mod run;

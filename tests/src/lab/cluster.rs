@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use super::meshd::{
     HEALTH_PORT, Meshd, MeshdRun, READY_TIMEOUT, http_get, http_status, parse_metric,
 };
-use super::shell::in_netns;
+use super::shell::{in_netns, mount_bpffs, umount};
 use super::state::{StateFile, write_atomically};
 use super::task::{Conn, TaskServer};
 use super::topology::{Node, Task, Topology, TopologyBuilder};
@@ -27,6 +27,8 @@ pub struct Cluster {
     servers: Vec<TaskServer>,
     /// Per node (index j-1).
     meshds: Vec<Option<Meshd>>,
+    /// Per node (index j-1): the BPF filesystem its meshd pins on.
+    bpffs: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -40,11 +42,19 @@ impl Cluster {
     /// state file.
     pub fn build(spec: TopologyBuilder) -> Result<Cluster> {
         let topo = spec.build()?;
+        let mut bpffs: Vec<PathBuf> = Vec::new();
         for n in &topo.nodes {
             let d = topo.dir.join(&n.name);
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            let b = d.join("bpf");
+            if let Err(e) = mount_bpffs(&b) {
+                bpffs.iter().for_each(|b: &PathBuf| umount(b));
+                return Err(e);
+            }
+            bpffs.push(b);
         }
         Ok(Cluster {
+            bpffs,
             meshds: topo.nodes.iter().map(|_| None).collect(),
             topo,
             meshd_log: "info".into(),
@@ -145,10 +155,27 @@ impl Cluster {
         Ok(())
     }
 
-    /// How meshd runs on node `j`: its state file, its uplink, its name.
+    /// How meshd runs on node `j`: its state file, its uplink, its name,
+    /// its BPF filesystem.
     pub fn meshd_run(&self, j: usize) -> MeshdRun {
         let n = self.node(j);
-        MeshdRun::new(&self.state_path(j), &n.uplink, &n.name)
+        MeshdRun::new(&self.state_path(j), &n.uplink, &n.name).bpffs(&self.bpffs[j - 1])
+    }
+
+    /// Node `j`'s BPF filesystem (meshd's --bpffs).
+    pub fn bpffs(&self, j: usize) -> &Path {
+        &self.bpffs[j - 1]
+    }
+
+    /// Kills node `j`'s meshd with SIGKILL (no chance to clean up) and
+    /// waits for it to be gone.
+    pub fn kill_meshd(&mut self, j: usize) -> Result<()> {
+        let mut m = self
+            .meshds
+            .get_mut(j.wrapping_sub(1))
+            .and_then(Option::take)
+            .with_context(|| format!("meshd is not running on node {j}"))?;
+        m.kill()
     }
 
     /// Starts meshd on node `j` with its current state file and waits
@@ -378,5 +405,8 @@ impl Drop for Cluster {
             s.stop();
         }
         self.servers.clear();
+        for b in &self.bpffs {
+            umount(b);
+        }
     }
 }

@@ -37,6 +37,9 @@ pub struct MeshdRun {
     pub extra: Vec<String>,
     /// Environment variables for meshd alone (NAME=VALUE).
     pub env: Vec<String>,
+    /// The BPF filesystem meshd pins its dataplane on (`--bpffs`; the lab
+    /// mounts one per node, which outlives meshd).
+    pub bpffs: Option<PathBuf>,
 }
 
 impl MeshdRun {
@@ -49,7 +52,14 @@ impl MeshdRun {
             admin: ADMIN.to_string(),
             extra: Vec::new(),
             env: Vec::new(),
+            bpffs: None,
         }
+    }
+
+    /// Pins the dataplane on the BPF filesystem at `dir`.
+    pub fn bpffs(mut self, dir: &Path) -> MeshdRun {
+        self.bpffs = Some(dir.to_path_buf());
+        self
     }
 
     /// meshd following the dockerd at `url`, with nothing else to say about
@@ -111,6 +121,9 @@ impl MeshdRun {
         );
         if let Some(mode) = tc_attach_override() {
             a.extend(["--tc-attach".to_string(), mode]);
+        }
+        if let Some(b) = &self.bpffs {
+            a.extend(["--bpffs".to_string(), b.display().to_string()]);
         }
         a.extend(self.extra.iter().cloned());
         a
@@ -292,6 +305,13 @@ impl Meshd {
 
     pub fn log_text(&self) -> String {
         self.log.0.lock().unwrap().lines.join("\n")
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL to meshd")?;
+        self.child.wait().context("waiting for meshd")?;
+        Ok(())
     }
 
     /// SIGTERM, then wait (SIGKILL after `timeout`).

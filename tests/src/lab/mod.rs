@@ -34,7 +34,9 @@ pub use meshd::{
     ADMIN, HEALTH_PORT, Meshd, MeshdRun, attached_programs, http_get, http_status, meshd_path,
     parse_metric, tc_mode,
 };
-pub use shell::{exec, guard_routes, in_netns, ip, retry, sh, slot_namespaces};
+pub use shell::{
+    exec, guard_routes, in_netns, ip, mount_bpffs, retry, sh, slot_namespaces, umount,
+};
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
 pub use task::{Conn, TCP_TARGET, TaskServer, UDP_TARGET};
 pub use topology::{Topology, TopologyBuilder};
@@ -141,6 +143,17 @@ impl Lab {
 
     pub fn meshd(&self) -> Result<&Meshd> {
         self.cluster.meshd(NODE)
+    }
+
+    /// Kills meshd with SIGKILL (it cleans up nothing) and waits until it
+    /// is gone.
+    pub fn kill_meshd(&mut self) -> Result<()> {
+        self.cluster.kill_meshd(NODE)
+    }
+
+    /// The node's BPF filesystem (meshd's --bpffs).
+    pub fn bpffs(&self) -> &Path {
+        self.cluster.bpffs(NODE)
     }
 
     /// Stops meshd with SIGTERM and waits for it to exit; returns its status.

@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use super::meshd::{ADMIN, Meshd, MeshdRun, READY_TIMEOUT, http_get};
-use super::shell::{ensure_guard_routes, exec, in_netns, ip, netns_add, netns_del, sh};
+use super::shell::{
+    ensure_guard_routes, exec, in_netns, ip, mount_bpffs, netns_add, netns_del, sh, umount,
+};
 
 /// Swarm labs that can exist side by side.
 pub const SLOTS: u32 = 4;
@@ -97,6 +99,16 @@ pub struct Swarm {
     /// RUST_LOG for the meshd processes started from now on.
     pub meshd_log: String,
     meshds: Vec<Option<Meshd>>,
+}
+
+/// Node `n`'s BPF filesystem, mounted the first time it is asked for
+/// (unmounted when the swarm goes).
+fn node_bpffs(n: &SwarmNode) -> Result<PathBuf> {
+    let b = n.dir.join("bpf");
+    if !b.exists() {
+        mount_bpffs(&b)?;
+    }
+    Ok(b)
 }
 
 fn slot_base(slot: u32) -> u8 {
@@ -447,7 +459,9 @@ exec {DOCKERD} --config-file {dd}/daemon.json --data-root {dd}/data --exec-root 
             "meshd runs on node {j} already"
         );
         let node = &self.nodes[j - 1];
-        let run = MeshdRun::docker(&node.url(), &node.hostname).extra(extra);
+        let run = MeshdRun::docker(&node.url(), &node.hostname)
+            .extra(extra)
+            .bpffs(&node_bpffs(node)?);
         let m = Meshd::start(&node.ns, meshd, &run, &self.meshd_log)?;
         m.wait_ready(READY_TIMEOUT)
             .with_context(|| format!("meshd on node {j}"))?;
@@ -458,7 +472,7 @@ exec {DOCKERD} --config-file {dd}/daemon.json --data-root {dd}/data --exec-root 
     /// Starts meshd on node `j` without waiting for it to be ready.
     pub fn spawn_meshd(&mut self, j: usize, meshd: &Path, url: &str) -> Result<()> {
         let node = &self.nodes[j - 1];
-        let run = MeshdRun::docker(url, &node.hostname);
+        let run = MeshdRun::docker(url, &node.hostname).bpffs(&node_bpffs(node)?);
         self.meshds[j - 1] = Some(Meshd::start(&node.ns, meshd, &run, &self.meshd_log)?);
         Ok(())
     }
@@ -694,6 +708,10 @@ impl Drop for Swarm {
         }
         for n in &self.nodes {
             netns_del(&n.ns);
+            let b = n.dir.join("bpf");
+            if b.exists() {
+                umount(&b);
+            }
         }
         netns_del(&self.client_ns);
         netns_del(&self.segment_ns);
