@@ -431,3 +431,89 @@ fn root_a_changed_size_or_layout_is_replaced_with_a_reason_never_misread() {
     assert_eq!(c.task().unwrap(), t);
     assert!(lab.tcp_request(WEB_TCP, "y").is_ok());
 }
+
+/// An upgrade: meshd of the previous pinned layout (the commit
+/// tests/upgrade-from names, built by `cargo xtask test`) serves, holds
+/// long-lived connections, and is replaced by this meshd the way a
+/// package upgrade does it (SIGTERM, then the new binary) under continuous
+/// requests. Not one is lost, the new meshd adopts what the old one
+/// pinned (its new programs swapped in, maps new in this layout made,
+/// connection tracking kept), and every connection keeps its task.
+#[test]
+fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flow() {
+    let Some(prev) = std::env::var_os("MESH_UPGRADE_FROM") else {
+        eprintln!(
+            "skipped: MESH_UPGRADE_FROM is not set (cargo xtask test builds the meshd of the \
+             commit tests/upgrade-from names and sets it)"
+        );
+        return;
+    };
+    let prev = std::path::PathBuf::from(prev);
+    let mut lab = Lab::new(4).expect("lab");
+    for i in 1..=4 {
+        lab.start_task(i).unwrap();
+    }
+    lab.write_state(&lab.state_toml(&[1, 2, 3])).unwrap();
+    lab.start_meshd(&prev, &[])
+        .expect("the previous meshd starts");
+    let mut conns = connections(&lab, &["task1", "task2", "task3"]);
+    apply(&lab, &[1, 2, 3, 4], 2);
+    let (pid, run) = (
+        lab.meshd().unwrap().pid() as i32,
+        lab.cluster().meshd_run(1),
+    );
+    let meshd = meshd_path().unwrap();
+    let traffic = Traffic::new();
+    let next = std::thread::scope(|s| {
+        let t = s.spawn(|| traffic.run(&lab));
+        traffic.wait_rounds(20);
+        // SAFETY: signalling and reaping the lab's child, whose status
+        // nobody else waits for.
+        let status = unsafe {
+            libc::kill(pid, libc::SIGTERM);
+            let mut st = 0;
+            libc::waitpid(pid, &mut st, 0);
+            st
+        };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the previous meshd exits cleanly: {status:#x}"
+        );
+        traffic.wait_rounds(10);
+        let next = Meshd::start(&lab.node_ns, &meshd, &run, "info").unwrap();
+        next.wait_ready(Duration::from_secs(30)).unwrap();
+        traffic.wait_rounds(20);
+        traffic
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        next
+    });
+    let failures = traffic.failures.lock().unwrap();
+    let rounds = traffic.rounds.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        failures.is_empty(),
+        "{} of {rounds} rounds failed across the upgrade: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let log = next.log_text();
+    assert!(
+        log.contains("adopting the dataplane pinned under")
+            && log.contains("connection tracking kept"),
+        "{log}"
+    );
+    assert!(!log.contains(" WARN "), "nothing went wrong:\n{log}");
+    for (t, c) in conns.iter_mut() {
+        assert_eq!(&c.task().expect("the connection survives the upgrade"), t);
+    }
+    apply_with(&lab, &next, &[1, 3, 4], 2);
+    for (t, c) in conns.iter_mut() {
+        let r = c.ask("after");
+        if t == "task2" {
+            assert!(r.is_err(), "a connection to a removed task ends: {r:?}");
+        } else {
+            assert!(r.unwrap().starts_with(t.as_str()));
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //!   cargo xtask setup               install what the build needs (idempotent)
 //!   cargo xtask demo                set up, build, run the demo lab
 //!   cargo xtask test                set up, build, run the whole test suite
+//!   cargo xtask upgrade-from        build the previous layout's meshd (for the upgrade test)
 //!   cargo xtask bench micro --out F set up, build, run the micro-benchmark
 
 use std::path::{Path, PathBuf};
@@ -44,7 +45,9 @@ fn main() {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | demo | test [cargo test args] | bench micro [--out FILE.json] [--rounds N] [--calls N]>"
+    "usage: cargo xtask <setup | demo | test [cargo test args] | upgrade-from | bench micro [--out FILE.json] [--rounds N] [--calls N]>\n\
+     upgrade-from: build the meshd of the commit tests/upgrade-from names and print its path\n\
+     (MESH_UPGRADE_FROM=$(cargo xtask upgrade-from) cargo test -p mesh-tests --test netns_operations upgrade)"
 }
 
 fn run() -> Result<()> {
@@ -79,12 +82,15 @@ fn run() -> Result<()> {
                 "the suite includes tests that load BPF programs and build network namespaces",
             )?;
             setup()?;
+            let prev = previous_meshd(&root)?;
             say("building (the end-to-end tests run the meshd binary)");
             cargo(&root, &["build", "--workspace", "--bins"])?;
             say("running the whole test suite");
             let mut a = vec!["test", "--workspace", "--no-fail-fast"];
             a.extend(args[1..].iter().map(String::as_str));
-            let all = cargo(&root, &a);
+            let prev = prev.display().to_string();
+            let upgrade = [("MESH_UPGRADE_FROM", prev.as_str())];
+            let all = cargo_env(&root, &a, &upgrade);
             // This kernel has TCX; kernels before 6.6 attach TC through
             // netlink. The end-to-end tests run in that mode too.
             say(
@@ -95,8 +101,18 @@ fn run() -> Result<()> {
                 e2e.extend(["--test", t]);
             }
             e2e.extend(args[1..].iter().map(String::as_str));
-            let netlink = cargo_env(&root, &e2e, &[("MESH_TEST_TC_ATTACH", "netlink")]);
+            let netlink = cargo_env(
+                &root,
+                &e2e,
+                &[("MESH_TEST_TC_ATTACH", "netlink"), upgrade[0]],
+            );
             all.and(netlink)
+        }
+        Some("upgrade-from") => {
+            setup()?;
+            let bin = previous_meshd(&root)?;
+            println!("{}", bin.display());
+            Ok(())
         }
         Some("bench") if args.get(1).map(String::as_str) == Some("micro") => {
             need_root("the benchmark loads BPF programs")?;
@@ -144,6 +160,72 @@ const NETNS_TESTS: &[&str] = &[
     "netns_cluster",
     "netns_operations",
 ];
+
+/// The meshd of the commit `tests/upgrade-from` names (the previous
+/// pinned layout), for the upgrade test: built once into
+/// target/upgrade-from/<commit>/ from that commit's tree (`git archive`,
+/// so no worktree is made), its binary renamed so it never takes the
+/// place of this tree's meshd, in this target directory (so dependencies
+/// are built once for both).
+fn previous_meshd(root: &Path) -> Result<PathBuf> {
+    let spec = std::fs::read_to_string(root.join("tests/upgrade-from"))
+        .context("reading tests/upgrade-from")?;
+    let commit = spec
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .context("tests/upgrade-from names no commit")?
+        .to_string();
+    let dir = root.join("target/upgrade-from").join(&commit);
+    let bin = dir.join("meshd");
+    if bin.exists() {
+        say(&format!(
+            "the previous layout's meshd ({}) is built",
+            &commit[..12]
+        ));
+        return Ok(bin);
+    }
+    say(&format!(
+        "building the meshd of {} (the previous pinned layout) for the upgrade test, once",
+        &commit[..12]
+    ));
+    let src = dir.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    let archive = Command::new("git")
+        .args([
+            "-C",
+            &root.display().to_string(),
+            "archive",
+            "--format=tar",
+            &commit,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running git archive")?;
+    let st = Command::new("tar")
+        .args(["-x", "-C", &src.display().to_string()])
+        .stdin(archive.stdout.context("git archive's output")?)
+        .status()
+        .context("running tar")?;
+    if !st.success() {
+        bail!("unpacking {commit} failed ({st})");
+    }
+    let manifest = src.join("mesh-userspace/Cargo.toml");
+    let m = std::fs::read_to_string(&manifest)?;
+    std::fs::write(
+        &manifest,
+        m.replace("name = \"meshd\"", "name = \"meshd-prev\""),
+    )?;
+    let target = root.join("target");
+    cargo_env(
+        &src,
+        &["build", "-p", "mesh-userspace", "--bin", "meshd-prev"],
+        &[("CARGO_TARGET_DIR", &target.display().to_string())],
+    )?;
+    std::fs::copy(target.join("debug/meshd-prev"), &bin).context("copying the previous meshd")?;
+    Ok(bin)
+}
 
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
     cargo_env(dir, args, &[])
