@@ -321,6 +321,15 @@ fn root_docker_three_node_swarm_every_meshd_follows_it_workers_included() {
         })
         .unwrap();
     }
+    // A load balancer in front of the nodes stops sending node 2 new
+    // flows: its health answer is 503, the others' 200.
+    let (code, body) = s.admin(2, "/healthz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("drained in the swarm"), "{body}");
+    for j in [1, 3] {
+        let (code, body) = s.admin(j, "/healthz").unwrap();
+        assert_eq!(code, 200, "node {j}: {body}");
+    }
     for j in 1..=3 {
         s.wait_state(j, T, "web back to two tasks, on node 1", |st| {
             serving(st, "web") == 2 && tasks(st, "web").iter().all(|t| t["node"] == addr(1))
@@ -353,6 +362,10 @@ fn root_docker_three_node_swarm_every_meshd_follows_it_workers_included() {
             .unwrap()
             .iter()
             .any(|n| n["addr"] == addr(2) && n["availability"] == "active")
+    })
+    .unwrap();
+    s.wait(T, "node 2's health answer back to 200", || {
+        Ok(s.admin(2, "/healthz")?.0 == 200)
     })
     .unwrap();
 
