@@ -278,6 +278,8 @@ fn desired_10k(base: &Desired) -> Desired {
                 backends,
                 draining: Vec::new(),
                 reply: None,
+                local: false,
+                source_ranges: Vec::new(),
             },
         );
     }

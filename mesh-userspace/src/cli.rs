@@ -147,6 +147,10 @@ pub struct PlanArgs {
     /// Backends (task address and target port) the maps can hold.
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_BACKENDS)]
     pub max_backends: u32,
+    /// Source ranges (CIDRs) all services' allow lists can hold together
+    /// (a service's old and new lists both, while it changes).
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_SRC_RANGES)]
+    pub max_source_ranges: u32,
     /// Confirmed flows connection tracking holds (flows whose task has
     /// answered), one entry per flow. When full, the least recently used
     /// is forgotten (its next packet is picked again by Maglev: the same
@@ -228,6 +232,7 @@ impl PlanArgs {
             maglev_size: self.maglev_size,
             max_services: self.max_services,
             max_backends: self.max_backends,
+            max_src_ranges: self.max_source_ranges,
             ct_entries: self.ct_entries,
             ct_new_entries: self.ct_new_entries,
             ct_lifetimes: mesh_common::abi::CtLifetimes::from_secs([

@@ -616,6 +616,7 @@ impl Daemon {
             for s in d.services.values() {
                 let table = s.table_backends();
                 let e = services.entry(s.name.clone()).or_default();
+                e.local = s.local;
                 // The most any of its ports has (they share their tasks).
                 e.tasks = e.tasks.max(table.len());
                 e.local_tasks = e.local_tasks.max(table.iter().filter(|b| b.local).count());

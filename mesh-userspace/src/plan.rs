@@ -36,7 +36,7 @@ use mesh_common::abi::*;
 use mesh_common::maglev;
 
 use crate::desired::{BackendKey, Desired};
-use crate::model::{Proto, ReplyMode};
+use crate::model::{Cidr4, Proto, ReplyMode};
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +84,9 @@ pub enum Op {
     /// The service a published port belongs to (for a restarted meshd).
     PutName(SvcKey, SvcName),
     DelName(SvcKey),
+    /// Service id `.0` allows sources in range `.1`.
+    PutSrc(u32, Cidr4),
+    DelSrc(u32, Cidr4),
 }
 
 /// Generations are reserved this many at a time ([`Op::PutGens`]): one
@@ -113,6 +116,8 @@ pub struct Limits {
     /// How long conntrack entries live past their flow's last packet.
     pub ct_lifetimes: CtLifetimes,
     pub max_nodes: u32,
+    /// Source ranges of all services' allow lists together.
+    pub max_src_ranges: u32,
 }
 
 impl Default for Limits {
@@ -125,6 +130,7 @@ impl Default for Limits {
             ct_new_entries: DEFAULT_CT_NEW_ENTRIES,
             ct_lifetimes: CtLifetimes::default(),
             max_nodes: DEFAULT_MAX_NODES,
+            max_src_ranges: DEFAULT_MAX_SRC_RANGES,
         }
     }
 }
@@ -142,6 +148,7 @@ impl Limits {
             || self.ct_entries == 0
             || self.ct_new_entries == 0
             || self.max_nodes == 0
+            || self.max_src_ranges == 0
         {
             bail!("map sizes must be positive");
         }
@@ -186,6 +193,8 @@ pub struct SvcSlot {
     /// Kept in the backend map, left out of the table (see
     /// [`crate::desired::DesiredService::draining`]).
     pub draining: Vec<BackendKey>,
+    /// Its allow list (sorted); empty: every source.
+    pub source_ranges: Vec<Cidr4>,
 }
 
 /// A node's slot in the node map.
@@ -319,6 +328,8 @@ pub struct Planner {
     locals: BTreeMap<ReplyKey4, u32>,
     /// The generations reserved in the maps ([`Op::PutGens`]).
     gens_reserved: (u32, u32, u32),
+    /// The allow-list entries written, by service id.
+    src: BTreeMap<u32, BTreeSet<Cidr4>>,
 }
 
 /// What pinned maps hold, as a restarted meshd reads them to adopt them
@@ -341,6 +352,8 @@ pub struct Snapshot {
     pub config: NodeConfig,
     pub names: BTreeMap<SvcKey, SvcName>,
     pub meta: PinMeta,
+    /// Allow-list entries: (service id, range).
+    pub src: BTreeSet<(u32, Cidr4)>,
 }
 
 impl Snapshot {
@@ -406,6 +419,12 @@ impl Snapshot {
             }
             Op::DelName(k) => {
                 self.names.remove(k);
+            }
+            Op::PutSrc(id, c) => {
+                self.src.insert((*id, *c));
+            }
+            Op::DelSrc(id, c) => {
+                self.src.remove(&(*id, *c));
             }
         }
     }
@@ -475,6 +494,7 @@ impl Planner {
             node_index: BTreeMap::new(),
             locals: BTreeMap::new(),
             gens_reserved: (0, 0, 0),
+            src: BTreeMap::new(),
         }
     }
 
@@ -582,6 +602,7 @@ impl Planner {
                     target: 0,
                     backends: Vec::new(),
                     draining: Vec::new(),
+                    source_ranges: Vec::new(),
                 },
             );
             used_ids.insert(slot / 2);
@@ -610,6 +631,9 @@ impl Planner {
             })
             .collect();
         p.gens_reserved = (meta.svc_gen, meta.backend_gen, meta.node_gen);
+        for (id, c) in &snap.src {
+            p.src.entry(*id).or_default().insert(*c);
+        }
         let report = Adoption {
             ports: snap.ports.len(),
             named,
@@ -721,6 +745,19 @@ impl Planner {
         }
         if d.node_addrs.len() > MAX_NODE_ADDRS as usize {
             bail!("more than {MAX_NODE_ADDRS} node addresses; nothing applied");
+        }
+        // Old and new ranges of a service coexist while it switches.
+        let ranges: usize = self.src.values().map(BTreeSet::len).sum::<usize>()
+            + d.services
+                .values()
+                .map(|s| s.source_ranges.len())
+                .sum::<usize>();
+        if ranges > lim.max_src_ranges as usize {
+            bail!(
+                "{ranges} source ranges (old and new during the update) exceed \
+                 --max-source-ranges {}; nothing applied",
+                lim.max_src_ranges
+            );
         }
         if let Some(s) = d.services.get(&(Proto::Udp, d.forwarding.port)) {
             bail!(
@@ -940,14 +977,20 @@ impl Planner {
             let flags = match ds.reply.unwrap_or(d.forwarding.reply) {
                 ReplyMode::Direct => SVC_F_REPLY_DIRECT,
                 ReplyMode::ViaIngress => 0,
-            };
+            } | if ds.local { SVC_F_LOCAL_ONLY } else { 0 }
+                | if ds.source_ranges.is_empty() {
+                    0
+                } else {
+                    SVC_F_SRC_RANGES
+                };
             let (svc_id, gen_, half, is_new) = match self.services.get(key) {
                 Some(s)
                     if s.name == ds.name
                         && s.backends == ds.backends
                         && s.draining == ds.draining
                         && s.target == ds.target
-                        && s.flags == flags =>
+                        && s.flags == flags
+                        && s.source_ranges == ds.source_ranges =>
                 {
                     continue;
                 }
@@ -982,6 +1025,15 @@ impl Planner {
             if is_new {
                 p.ops.push(Op::ResetStats(svc_id));
             }
+            // Its allow list: new ranges before the switch (the half
+            // switched to never denies what it allows), gone ones after.
+            let want: BTreeSet<Cidr4> = ds.source_ranges.iter().copied().collect();
+            let have = self.src.entry(svc_id).or_default();
+            for c in want.difference(have) {
+                p.ops.push(Op::PutSrc(svc_id, *c));
+            }
+            let gone: Vec<Cidr4> = have.difference(&want).copied().collect();
+            *have = have.union(&want).copied().collect();
             let skey = SvcKey::new(key.1, key.0.number());
             p.ops.push(Op::PutService {
                 key: skey,
@@ -1002,6 +1054,13 @@ impl Planner {
                 p.ops
                     .push(Op::PutName(skey, SvcName::new(svc_id, gen_, &ds.name)));
             }
+            for c in gone {
+                p.ops.push(Op::DelSrc(svc_id, c));
+                if let Some(h) = self.src.get_mut(&svc_id) {
+                    h.remove(&c);
+                }
+            }
+            self.src.retain(|_, h| !h.is_empty());
             self.services.insert(
                 *key,
                 SvcSlot {
@@ -1013,6 +1072,7 @@ impl Planner {
                     target: ds.target,
                     backends: ds.backends.clone(),
                     draining: ds.draining.clone(),
+                    source_ranges: ds.source_ranges.clone(),
                 },
             );
             if !existed {
@@ -1036,6 +1096,9 @@ impl Planner {
                 .push(Op::DelService(SvcKey::new(key.1, key.0.number())));
             p.ops.push(Op::DelName(SvcKey::new(key.1, key.0.number())));
             let slot = self.services.remove(&key).expect("listed above");
+            for c in self.src.remove(&slot.svc_id).unwrap_or_default() {
+                p.ops.push(Op::DelSrc(slot.svc_id, c));
+            }
             self.free_svc_ids.push(slot.svc_id);
             p.report.services_removed += 1;
         }
@@ -1204,6 +1267,15 @@ impl Planner {
                 Op::PutGens(a, b, c) => {
                     let r = &mut self.gens_reserved;
                     *r = (r.0.max(*a), r.1.max(*b), r.2.max(*c));
+                }
+                Op::PutSrc(id, c) => {
+                    self.src.entry(*id).or_default().insert(*c);
+                }
+                Op::DelSrc(id, c) => {
+                    if let Some(h) = self.src.get_mut(id) {
+                        h.remove(c);
+                    }
+                    self.src.retain(|_, h| !h.is_empty());
                 }
                 Op::WriteTable { .. } | Op::ResetStats(_) | Op::PutName(..) | Op::DelName(_) => {}
             }
@@ -1795,6 +1867,18 @@ mod adopt_tests {
                 name.to_string()
             };
             b = b.service(&name, &[(Proto::Tcp, port, 8080), (Proto::Udp, port, 53)]);
+            if rng.one_in(3) {
+                let r = |s: &str| crate::model::Cidr4::parse(s).unwrap();
+                let ranges = match rng.next() % 3 {
+                    0 => vec![r("198.18.0.0/16")],
+                    1 => vec![r("198.18.0.0/16"), r("198.20.1.0/24")],
+                    _ => vec![r("198.20.1.0/24")],
+                };
+                b = b.source_ranges(&name, &ranges);
+            }
+            if rng.one_in(4) {
+                b = b.traffic(&name, crate::model::Traffic::Local);
+            }
             for t in 0..5u8 {
                 if rng.one_in(2) {
                     continue;
@@ -1878,6 +1962,7 @@ mod adopt_tests {
                 "seed {seed}: every port is named"
             );
             assert_eq!(identities(&q), identities(&p), "seed {seed}");
+            assert_eq!(q.src, p.src, "seed {seed}: allow lists");
             let halves: BTreeMap<_, _> = p.services.iter().map(|(k, s)| (*k, s.half)).collect();
             let (ops, r) = q.plan(&last).unwrap();
             assert_eq!(
@@ -1961,5 +2046,86 @@ mod adopt_tests {
             ops.iter()
                 .any(|o| matches!(o, Op::PutName(_, n) if n.name() == "web"))
         );
+    }
+}
+
+#[cfg(test)]
+mod src_tests {
+    use super::*;
+    use crate::model::{Cidr4, StateBuilder};
+
+    fn d(ranges: &[&str]) -> Desired {
+        let r: Vec<Cidr4> = ranges.iter().map(|c| Cidr4::parse(c).unwrap()).collect();
+        let mut b = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", [198, 18, 129, 2]);
+        if !r.is_empty() {
+            b = b.source_ranges("web", &r);
+        }
+        Desired::compute(&b.build().unwrap(), "n1", &[]).unwrap()
+    }
+
+    fn planner() -> Planner {
+        Planner::new(Limits {
+            maglev_size: 7,
+            max_src_ranges: 3,
+            ..Limits::default()
+        })
+    }
+
+    /// An allow list switches with its service: ranges it gains are
+    /// written before the switch (the half switched to never denies what
+    /// it allows), ranges it loses are deleted after; the flag follows.
+    #[test]
+    fn an_allow_list_changes_make_before_break() {
+        let mut p = planner();
+        let (ops, _) = p.plan(&d(&["198.18.0.0/16"])).unwrap();
+        let put = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutSrc(0, _)))
+            .unwrap();
+        let svc = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutService { value, .. } if value.flags & SVC_F_SRC_RANGES != 0))
+            .unwrap();
+        assert!(put < svc);
+        let (ops, r) = p.plan(&d(&["198.20.1.0/24"])).unwrap();
+        assert_eq!(r.services_changed, 1);
+        match &ops[..] {
+            [
+                Op::WriteTable { .. },
+                Op::PutSrc(0, new),
+                Op::PutService { .. },
+                Op::DelSrc(0, old),
+            ] => {
+                assert_eq!(new.to_string(), "198.20.1.0/24");
+                assert_eq!(old.to_string(), "198.18.0.0/16");
+            }
+            other => panic!("{other:#?}"),
+        }
+        // No list: the flag goes with the switch, the entries after it.
+        let (ops, _) = p.plan(&d(&[])).unwrap();
+        assert!(
+            matches!(
+                &ops[..],
+                [Op::WriteTable { .. }, Op::PutService { value, .. }, Op::DelSrc(0, _)]
+                    if value.flags & SVC_F_SRC_RANGES == 0
+            ),
+            "{ops:#?}"
+        );
+    }
+
+    /// Old and new ranges live side by side for a moment: the map must
+    /// hold both, or the state is refused before any op.
+    #[test]
+    fn too_many_ranges_are_refused_before_any_op() {
+        let mut p = planner();
+        p.plan(&d(&["198.18.0.0/16", "198.19.0.0/16"])).unwrap();
+        let e = p
+            .plan(&d(&["198.20.0.0/16", "198.21.0.0/16"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceed --max-source-ranges 3"), "{e}");
     }
 }

@@ -39,6 +39,25 @@ fn check_accepts_a_good_file_and_says_what_the_node_serves() {
     );
 }
 
+/// A service's traffic mode and allow list are shown as `run` would serve
+/// them.
+#[test]
+fn check_shows_traffic_mode_and_source_ranges() {
+    let p = state_file(
+        "policy.toml",
+        &GOOD.replace(
+            "name = \"web\"",
+            "name = \"web\"\ntraffic = \"local\"\nsource_ranges = [\"198.18.0.0/15\", \"198.18.200.7\"]",
+        ),
+    );
+    let (code, out, err) = meshd(&["check", "--state", p.to_str().unwrap(), "--node", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("traffic local, sources 198.18.0.0/15 198.18.200.7/32"),
+        "{out}"
+    );
+}
+
 /// The encapsulation port cannot be one of Docker's, nor one a published
 /// port could be assigned.
 #[test]
@@ -117,6 +136,32 @@ fn check_refuses_bad_input_naming_file_field_and_value() {
             "field.toml",
             GOOD.replace("name = \"web\"", "name = \"web\"\nmode = \"global\""),
             "unknown field `mode`",
+        ),
+        (
+            "hostbits.toml",
+            GOOD.replace(
+                "name = \"web\"",
+                "name = \"web\"\nsource_ranges = [\"198.18.0.0/16\", \"198.19.0.1/16\"]",
+            ),
+            "services[0].source_ranges[1]: \"198.19.0.1/16\" has host bits set: the range is 198.19.0.0/16",
+        ),
+        (
+            "nosources.toml",
+            GOOD.replace("name = \"web\"", "name = \"web\"\nsource_ranges = []"),
+            "services[0].source_ranges: an empty list would refuse every client",
+        ),
+        (
+            "traffic.toml",
+            GOOD.replace("name = \"web\"", "name = \"web\"\ntraffic = \"nearby\""),
+            "services[0].traffic: \"nearby\" is not \"cluster\" or \"local\"",
+        ),
+        (
+            "availability.toml",
+            GOOD.replace(
+                "addr = \"198.18.128.1\"",
+                "addr = \"198.18.128.1\"\navailability = \"asleep\"",
+            ),
+            "nodes[0].availability: \"asleep\" is not",
         ),
     ];
     for (name, text, want) in cases {

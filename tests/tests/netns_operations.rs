@@ -517,3 +517,148 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         }
     }
 }
+
+/// `text` with `line` added to service `web` (after its name).
+fn web_with(text: &str, line: &str) -> String {
+    let out = text.replacen("name = \"web\"\n", &format!("name = \"web\"\n{line}\n"), 1);
+    assert_ne!(out, text, "no service web in the state");
+    out
+}
+
+/// A service's allow list lets in only its sources: others are dropped
+/// in XDP and counted, and never reach conntrack; the list follows the
+/// state, and without one every source is served.
+#[test]
+fn root_source_ranges_let_only_their_sources_in_and_count_the_others() {
+    use mesh_tests::lab::{Cluster, Topology, WEB_UDP};
+    let mut c = Cluster::build(Topology::builder().node(1).client(2)).expect("cluster");
+    c.start_tasks().unwrap();
+    let [a, b] = c.client_addrs()[..] else {
+        panic!("two client addresses")
+    };
+    let state = c.state(&[(1, 1)]).render();
+    let only = |allowed: &str| web_with(&state, &format!("source_ranges = [{allowed}]"));
+    c.write_state(1, &only(&format!("\"{a}/32\""))).unwrap();
+    c.start_meshd(1, &meshd_path().unwrap(), &[]).unwrap();
+    let served = |from| {
+        c.tcp_request(from, 1, WEB_TCP, "x").is_ok() && c.udp_request(from, 1, WEB_UDP, "u").is_ok()
+    };
+    assert!(served(a), "an allowed source is served");
+    assert!(c.tcp_request(b, 1, WEB_TCP, "x").is_err(), "tcp from b");
+    assert!(c.udp_request(b, 1, WEB_UDP, "u").is_err(), "udp from b");
+    // Counted: every SYN (retransmitted ones too) and the datagram.
+    let denied = c
+        .metric(1, "mesh_drops_total", "reason=\"source_denied\"")
+        .unwrap();
+    assert!(denied >= 2, "{denied}");
+    // Dropped before conntrack: no entry was made for b's packets (a's
+    // flows are confirmed, so nothing is left unconfirmed).
+    assert_eq!(
+        c.metric(1, "mesh_conntrack_entries", "table=\"unconfirmed\"")
+            .unwrap(),
+        0
+    );
+    // The list follows the state: b's /24 joins, then the list goes.
+    let net = format!("{}/24", std::net::Ipv4Addr::from(u32::from(b) & !0xff));
+    let skip = c.meshd(1).unwrap().log_len();
+    c.write_state(1, &only(&format!("\"{a}/32\", \"{net}\"")))
+        .unwrap();
+    c.meshd(1)
+        .unwrap()
+        .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+        .unwrap();
+    assert!(served(a) && served(b));
+    let skip = c.meshd(1).unwrap().log_len();
+    c.write_state(1, &state).unwrap();
+    c.meshd(1)
+        .unwrap()
+        .wait_log_after(skip, "generation 3 ", Duration::from_secs(10))
+        .unwrap();
+    assert!(served(a) && served(b));
+    assert_eq!(
+        c.metric(1, "mesh_drops_total", "reason=\"source_denied\"")
+            .unwrap(),
+        denied,
+        "nothing denied once allowed"
+    );
+}
+
+/// Traffic mode `local`: a node sends a service's new flows only to its
+/// own tasks (never forwarded), and its per-service health answer is 200
+/// only while it has one; in cluster mode a node without a task forwards.
+#[test]
+fn root_local_traffic_serves_only_local_tasks_and_its_health_follows() {
+    use mesh_tests::lab::Cluster;
+    let mut c = Cluster::new(&[1, 1]).expect("cluster");
+    c.start_tasks().unwrap();
+    let from = c.client_addrs()[0];
+    let both = c.state(&[(1, 1), (2, 1)]).render();
+    let local = |s: &str| web_with(s, "traffic = \"local\"");
+    c.write_state_all(&local(&both)).unwrap();
+    c.start_all_meshds(&meshd_path().unwrap(), &[]).unwrap();
+    let answers = |j: usize| -> std::collections::BTreeSet<String> {
+        (0..20)
+            .filter_map(|k| c.tcp_request(from, j, WEB_TCP, &format!("{k}")).ok())
+            .map(|a| a.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    for j in [1, 2] {
+        assert_eq!(
+            answers(j),
+            [Cluster::task_name(j, 1)].into(),
+            "node {j} serves only its own task"
+        );
+        let (st, body) = c.health(j, "/service/web").unwrap();
+        assert_eq!(st, 200, "node {j}: {body}");
+        assert!(body.contains("on this node (traffic local)"), "{body}");
+    }
+    assert_eq!(c.metric(1, "mesh_forwarded_packets_total", "").unwrap(), 0);
+    assert_eq!(c.metric(2, "mesh_forwarded_packets_total", "").unwrap(), 0);
+
+    // Node 2's task goes: node 2 has none, its service health says so
+    // (a load balancer probing /service/web skips it) and it forwards
+    // nothing; node 1 goes on.
+    let one = c.state(&[(1, 1)]).render();
+    for j in [1, 2] {
+        let skip = c.meshd(j).unwrap().log_len();
+        c.write_state(j, &local(&one)).unwrap();
+        c.meshd(j)
+            .unwrap()
+            .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+            .unwrap();
+    }
+    let (st, body) = c.health(2, "/service/web").unwrap();
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("no task of web on this node"), "{body}");
+    assert_eq!(
+        c.health(2, "/healthz").unwrap().0,
+        200,
+        "the node itself is fine"
+    );
+    assert_eq!(c.health(1, "/service/web").unwrap().0, 200);
+    // (One try: a SYN nobody answers costs the connect timeout.)
+    assert!(
+        c.tcp_request(from, 2, WEB_TCP, "none").is_err(),
+        "node 2 serves web from nowhere"
+    );
+    assert!(
+        c.metric(2, "mesh_drops_total", "reason=\"no_backend\"")
+            .unwrap()
+            > 0
+    );
+    assert_eq!(c.metric(2, "mesh_forwarded_packets_total", "").unwrap(), 0);
+    assert_eq!(answers(1), [Cluster::task_name(1, 1)].into());
+
+    // In cluster mode node 2 forwards to node 1's task instead.
+    for j in [1, 2] {
+        let skip = c.meshd(j).unwrap().log_len();
+        c.write_state(j, &one).unwrap();
+        c.meshd(j)
+            .unwrap()
+            .wait_log_after(skip, "generation 3 ", Duration::from_secs(10))
+            .unwrap();
+    }
+    assert_eq!(answers(2), [Cluster::task_name(1, 1)].into());
+    assert!(c.metric(2, "mesh_forwarded_packets_total", "").unwrap() > 0);
+    assert_eq!(c.health(2, "/service/web").unwrap().0, 200);
+}

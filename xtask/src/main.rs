@@ -164,9 +164,10 @@ const NETNS_TESTS: &[&str] = &[
 /// The meshd of the commit `tests/upgrade-from` names (the previous
 /// pinned layout), for the upgrade test: built once into
 /// target/upgrade-from/<commit>/ from that commit's tree (`git archive`,
-/// so no worktree is made), its binary renamed so it never takes the
-/// place of this tree's meshd, in this target directory (so dependencies
-/// are built once for both).
+/// so no worktree is made), in a target directory of its own: cargo names
+/// a path package's artifacts by its place in its workspace, so the old
+/// tree's crates built in this target directory would take the place of
+/// this tree's (and be taken for up to date).
 fn previous_meshd(root: &Path) -> Result<PathBuf> {
     let spec = std::fs::read_to_string(root.join("tests/upgrade-from"))
         .context("reading tests/upgrade-from")?;
@@ -186,7 +187,8 @@ fn previous_meshd(root: &Path) -> Result<PathBuf> {
         return Ok(bin);
     }
     say(&format!(
-        "building the meshd of {} (the previous pinned layout) for the upgrade test, once",
+        "building the meshd of {} (the previous pinned layout) for the upgrade test, once \
+         (a few minutes: its own target directory)",
         &commit[..12]
     ));
     let src = dir.join("src");
@@ -217,7 +219,7 @@ fn previous_meshd(root: &Path) -> Result<PathBuf> {
         &manifest,
         m.replace("name = \"meshd\"", "name = \"meshd-prev\""),
     )?;
-    let target = root.join("target");
+    let target = root.join("target/upgrade-from/build");
     cargo_env(
         &src,
         &["build", "-p", "mesh-userspace", "--bin", "meshd-prev"],

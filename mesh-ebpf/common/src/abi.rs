@@ -72,6 +72,12 @@ pub const MAP_COUNTERS: &str = "MESH_CNT_V1";
 /// This node's settings for the programs: one `NodeConfig` (an array of
 /// one, written by user space whenever they change).
 pub const MAP_CONFIG: &str = "MESH_CFG_V1";
+/// Per-service source-range allow lists: an LPM trie keyed by
+/// `[svc_id, raw IPv4 source]` with prefix length 32 + the range's (the
+/// service id always matches whole) -> 1. Read only for services with
+/// `SVC_F_SRC_RANGES`: a source no range of its service holds is dropped
+/// (`DropReason::SourceDenied`), in XDP, before conntrack.
+pub const MAP_SRC4: &str = "MESH_SRC4_V1";
 /// User space only (no program reads it): one `PinMeta`, what a restarted
 /// meshd needs to adopt the pinned maps safely: the generations handed
 /// out so far (written before any op that uses a higher one).
@@ -104,6 +110,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_CONFIG,
     MAP_META,
     MAP_SVC_NAMES,
+    MAP_SRC4,
 ];
 
 /// What a pinned map holds, which decides whether a restarted meshd may
@@ -126,9 +133,8 @@ pub enum MapRole {
 pub fn map_role(name: &str) -> Option<MapRole> {
     Some(match name {
         MAP_PORTS | MAP_SERVICES | MAP_NODE_ADDR4 | MAP_BACKENDS | MAP_MAGLEV | MAP_REPLY4
-        | MAP_NODES | MAP_NODE_BY_ADDR4 | MAP_LOCAL4 | MAP_CONFIG | MAP_META | MAP_SVC_NAMES => {
-            MapRole::State
-        }
+        | MAP_NODES | MAP_NODE_BY_ADDR4 | MAP_LOCAL4 | MAP_CONFIG | MAP_META | MAP_SVC_NAMES
+        | MAP_SRC4 => MapRole::State,
         MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 => MapRole::Flows,
         MAP_SVC_STATS | MAP_DROPS | MAP_COUNTERS => MapRole::Counters,
         _ => return None,
@@ -180,6 +186,8 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
 pub const MAX_NODE_ADDRS: u32 = 16;
 pub const DEFAULT_MAX_NODES: u32 = 1024;
 pub const MAX_DROP_REASONS: u32 = 64;
+/// Source ranges all services' allow lists can hold together.
+pub const DEFAULT_MAX_SRC_RANGES: u32 = 4096;
 
 /// A published port and protocol. Docker publishes a port on every node
 /// address, so the address is checked separately (`MAP_NODE_ADDR4`), and
@@ -245,12 +253,32 @@ pub struct SvcValue {
 }
 const _: () = assert!(size_of::<SvcValue>() == 24);
 
-/// Reserved: serve the service only from tasks on this node.
+/// The service is served only by tasks on the receiving node (traffic
+/// mode `local`): its table holds only local tasks. Informational for the
+/// programs (user space builds the table so).
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 0;
 /// Replies of flows forwarded to another node go straight to the client
 /// from the backend's node (source: the address and port the client used)
 /// instead of back through the ingress node.
 pub const SVC_F_REPLY_DIRECT: u32 = 1 << 1;
+/// The service has a source-range allow list (`MAP_SRC4`): sources none
+/// of its ranges holds are dropped.
+pub const SVC_F_SRC_RANGES: u32 = 1 << 2;
+
+/// The LPM trie key of `MAP_SRC4` (as aya's `Key<[u32; 2]>`): prefix
+/// length (32 + the range's), then the service id and the raw address.
+/// 8-aligned on the stack (see `FlowKey4`); the map's key is its first 12
+/// bytes.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SrcKey4 {
+    pub prefix_len: u32,
+    pub svc_id: u32,
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<SrcKey4>() == 16);
+/// Bytes of `SrcKey4` the map's key holds.
+pub const SRC_KEY4_LEN: usize = 12;
 
 /// A backend (a task's address and target port), in an array slot. Slots
 /// are reused, each time with the next generation: a conntrack entry
@@ -764,10 +792,13 @@ pub enum DropReason {
     TooBig = 16,
     /// XDP: no route or neighbour towards the node a flow is forwarded to.
     NoRouteToNode = 17,
+    /// The service has a source-range allow list, and no range of it
+    /// holds the packet's source.
+    SourceDenied = 18,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -786,6 +817,7 @@ impl DropReason {
         DropReason::NotLocal,
         DropReason::TooBig,
         DropReason::NoRouteToNode,
+        DropReason::SourceDenied,
     ];
 
     /// The Prometheus label value.
@@ -809,6 +841,7 @@ impl DropReason {
             DropReason::NotLocal => "not_local",
             DropReason::TooBig => "too_big",
             DropReason::NoRouteToNode => "no_route_to_node",
+            DropReason::SourceDenied => "source_denied",
         }
     }
 }

@@ -39,6 +39,7 @@ pub fn max_entries(limits: &Limits) -> Vec<(&'static str, u32)> {
         (MAP_CT4_UDP, limits.ct_entries),
         (MAP_CT4_NEW, limits.ct_new_entries),
         (MAP_REPLY4, limits.reply_entries()),
+        (MAP_SRC4, limits.max_src_ranges),
     ]
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering, fence};
 
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use mesh_common::abi::*;
 
@@ -32,6 +33,7 @@ pub struct MapWriter {
     config: Array<MapData, NodeConfig>,
     meta: Array<MapData, PinMeta>,
     names: BpfHashMap<MapData, SvcKey, SvcName>,
+    src: LpmTrie<MapData, [u32; 2], u32>,
     maglev: MmapU32,
     ports: MmapU32,
     addrs: MmapU32,
@@ -61,6 +63,7 @@ impl MapWriter {
             config: take(ebpf, MAP_CONFIG)?.try_into()?,
             meta: take(ebpf, MAP_META)?.try_into()?,
             names: take(ebpf, MAP_SVC_NAMES)?.try_into()?,
+            src: take(ebpf, MAP_SRC4)?.try_into()?,
             maglev,
             ports,
             addrs,
@@ -120,6 +123,17 @@ impl MapWriter {
             .map(|i| self.addrs.cell(i).load(Ordering::SeqCst))
             .filter(|a| *a != 0)
             .collect();
+        for k in self.src.keys() {
+            let k = k?;
+            let [svc_id, addr] = k.data();
+            s.src.insert((
+                svc_id,
+                crate::model::Cidr4 {
+                    addr: std::net::Ipv4Addr::from(addr.to_ne_bytes()),
+                    len: k.prefix_len().saturating_sub(32).min(32) as u8,
+                },
+            ));
+        }
         s.config = self.config.get(&0, 0)?;
         s.meta = self.meta.get(&0, 0)?;
         Ok(s)
@@ -199,6 +213,8 @@ impl Writer for MapWriter {
             )?,
             Op::PutName(k, n) => self.names.insert(k, n, 0)?,
             Op::DelName(k) => ignore_missing(self.names.remove(k))?,
+            Op::PutSrc(id, c) => self.src.insert(&src_key(*id, c), 1, 0)?,
+            Op::DelSrc(id, c) => ignore_missing(self.src.remove(&src_key(*id, c)))?,
         }
         Ok(())
     }
@@ -325,6 +341,11 @@ mod failpoint {
         }
         Ok(())
     }
+}
+
+/// The key of range `c` of service `id` in `MAP_SRC4`.
+fn src_key(id: u32, c: &crate::model::Cidr4) -> Key<[u32; 2]> {
+    Key::new(32 + c.len as u32, [id, crate::plan::raw4(c.addr)])
 }
 
 /// A delete of what is gone already is done.

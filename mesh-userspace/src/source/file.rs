@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 
 use super::ports::{self, PortMemory, Wanted};
 use super::{Beat, Update, Updates};
-use crate::model::{Invalid, Port, Proto, ReplyMode, Service, State, Task};
+use crate::model::{Cidr4, Invalid, Port, Proto, ReplyMode, Service, State, Task, Traffic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -90,6 +90,10 @@ struct RawService {
     ports: Vec<RawPort>,
     /// "via-ingress" or "direct".
     reply: Option<String>,
+    /// "cluster" (the default) or "local".
+    traffic: Option<String>,
+    /// CIDRs allowed to reach the service; left out: every source.
+    source_ranges: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -188,7 +192,7 @@ fn from_raw(
     let (published, remembered) = ports::assign(range, &wanted, memory)?;
     let mut published = published.into_iter();
     let mut wanted = wanted.into_iter();
-    for s in &raw.services {
+    for (i, s) in raw.services.iter().enumerate() {
         let ports = s
             .ports
             .iter()
@@ -205,15 +209,49 @@ fn from_raw(
             None => None,
             Some(r) => Some(ReplyMode::parse(r).ok_or_else(|| {
                 Invalid::new(
-                    format!("services[{}].reply", state.services.len()),
+                    format!("services[{i}].reply"),
                     format!("{r:?} is not \"via-ingress\" or \"direct\""),
                 )
             })?),
+        };
+        let traffic = match &s.traffic {
+            None => Traffic::Cluster,
+            Some(t) => Traffic::parse(t).ok_or_else(|| {
+                Invalid::new(
+                    format!("services[{i}].traffic"),
+                    format!("{t:?} is not \"cluster\" or \"local\""),
+                )
+            })?,
+        };
+        let source_ranges = match &s.source_ranges {
+            None => Vec::new(),
+            Some(v) if v.is_empty() => {
+                return Err(Invalid::new(
+                    format!("services[{i}].source_ranges"),
+                    "an empty list would refuse every client; leave it out to allow every source",
+                ));
+            }
+            Some(v) => {
+                let mut out = v
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| {
+                        Cidr4::parse(c).map_err(|m| {
+                            Invalid::new(format!("services[{i}].source_ranges[{j}]"), m)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                out.sort();
+                out.dedup();
+                out
+            }
         };
         state.services.push(Service {
             name: s.name.clone(),
             ports,
             reply,
+            traffic,
+            source_ranges,
         });
     }
     for (i, t) in raw.tasks.into_iter().enumerate() {

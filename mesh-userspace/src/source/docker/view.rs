@@ -63,6 +63,24 @@ pub struct SwarmView {
     /// Tasks that still run although their desired state is no longer
     /// running (shutting down, being removed), by id.
     pub draining: BTreeSet<String>,
+    /// What services' labels ask of the mesh, by service name (services
+    /// without such labels are left out). Absent in what a manager of an
+    /// older meshd sends: then every service is served as by default.
+    #[serde(default)]
+    pub policies: BTreeMap<String, ViewPolicy>,
+}
+
+/// The label that sets a service's traffic mode: `cluster` or `local`.
+pub const LABEL_TRAFFIC: &str = "mesh.traffic";
+/// The label that sets a service's source-range allow list: CIDRs,
+/// separated by commas or spaces.
+pub const LABEL_SOURCE_RANGES: &str = "mesh.source-ranges";
+
+/// A service's mesh labels, as given (checked when the state is built).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewPolicy {
+    pub traffic: Option<String>,
+    pub source_ranges: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -154,6 +172,15 @@ impl SwarmView {
             if !mine.is_empty() {
                 mine.sort();
                 mine.dedup();
+                let labels = s.spec.as_ref().and_then(|sp| sp.labels.as_ref());
+                let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+                let policy = ViewPolicy {
+                    traffic: label(LABEL_TRAFFIC),
+                    source_ranges: label(LABEL_SOURCE_RANGES),
+                };
+                if policy != ViewPolicy::default() {
+                    view.policies.insert(name.clone(), policy);
+                }
                 view.services.insert(name, mine);
             }
         }
