@@ -55,6 +55,7 @@ pub fn state_json(s: &State, generation: i64) -> serde_json::Value {
 pub struct Admin {
     pub metrics: Metrics,
     stats: StatsReader,
+    health: Arc<Health>,
     services: RwLock<ServiceIndex>,
     /// The applied state as JSON (`/state`).
     state: RwLock<String>,
@@ -63,10 +64,11 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn new(stats: StatsReader) -> Result<Self> {
+    pub fn new(stats: StatsReader, health: Arc<Health>) -> Result<Self> {
         Ok(Self {
             metrics: Metrics::new()?,
             stats,
+            health,
             services: RwLock::default(),
             state: RwLock::new("null\n".into()),
             source_down: RwLock::default(),
@@ -115,6 +117,16 @@ impl Admin {
     /// Brings the counters up to the maps' values and renders them.
     pub fn render(&self) -> Result<String> {
         let index = self.services.read().unwrap().clone();
+        let m = &self.metrics;
+        m.healthy.set(i64::from(self.health.healthy()));
+        m.drained.set(i64::from(self.health.is_drained()));
+        if let Some(at) = self.health.last_sync() {
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            m.last_sync.set(unix - at.elapsed().as_secs_f64());
+        }
         self.metrics.render(&self.stats, &index)
     }
 }
@@ -135,6 +147,14 @@ pub struct Metrics {
     conntrack_capacity: prometheus::IntGaugeVec,
     pub ready: IntGauge,
     pub source_up: IntGauge,
+    /// Seconds each apply took (plan and map writes).
+    pub sync_duration: prometheus::Histogram,
+    /// The last time the node was in sync with its source (Unix seconds).
+    last_sync: prometheus::Gauge,
+    healthy: IntGauge,
+    drained: IntGauge,
+    /// 1 when this meshd adopted a pinned dataplane, 0 when it made one.
+    pub adopted: IntGauge,
     live: Mutex<std::collections::BTreeSet<[String; 3]>>,
 }
 
@@ -203,6 +223,51 @@ impl Metrics {
             "mesh_source_up",
             "1 while the state source answers (the state file reads, Docker answers); 0 while the last good state is kept.",
         )?;
+        let sync_duration = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "mesh_sync_duration_seconds",
+                "Time to apply a state from the source: planning and map writes.",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 4.0, 9)?),
+        )?;
+        let last_sync = prometheus::Gauge::new(
+            "mesh_last_sync_timestamp_seconds",
+            "When the node was last in sync with its state source (the source read and found valid, the dataplane holding it), in Unix seconds.",
+        )?;
+        let healthy = IntGauge::new(
+            "mesh_node_healthy",
+            "1 while the health endpoint answers 200 (attached, filled, recently synced, not drained).",
+        )?;
+        let drained = IntGauge::new(
+            "mesh_node_drained",
+            "1 while the node is drained (meshd drain, or drained in the swarm).",
+        )?;
+        let adopted = IntGauge::new(
+            "mesh_dataplane_adopted",
+            "1 when this meshd adopted the pinned dataplane of a previous one (connection tracking kept), 0 when it made it anew.",
+        )?;
+        let build = prometheus::IntGaugeVec::new(
+            Opts::new("mesh_build_info", "meshd's version (always 1)."),
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let start = prometheus::Gauge::new(
+            "mesh_start_time_seconds",
+            "When this meshd started, in Unix seconds.",
+        )?;
+        start.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        for c in [&healthy, &drained, &adopted] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(sync_duration.clone()))?;
+        registry.register(Box::new(last_sync.clone()))?;
+        registry.register(Box::new(build))?;
+        registry.register(Box::new(start))?;
         let forwarding = Counter::ALL
             .iter()
             .map(|c| IntCounter::new(c.metric(), c.help()))
@@ -236,6 +301,11 @@ impl Metrics {
             conntrack_capacity,
             ready,
             source_up,
+            sync_duration,
+            last_sync,
+            healthy,
+            drained,
+            adopted,
             live: Mutex::default(),
         })
     }
@@ -450,5 +520,81 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every metric meshd serves, by name (vectors given a child, so that
+    /// they are gathered).
+    fn served() -> BTreeSet<String> {
+        let m = Metrics::new().unwrap();
+        for v in [&m.svc_packets, &m.svc_bytes, &m.svc_flows] {
+            v.with_label_values(&["web", "tcp", "30080"]).inc();
+        }
+        m.drops.with_label_values(&["no_backend"]).inc();
+        m.conntrack_entries.with_label_values(&["tcp"]).set(1);
+        m.conntrack_capacity.with_label_values(&["tcp"]).set(1);
+        m.registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect()
+    }
+
+    /// `mesh_*` names in `text`, histogram series turned into the
+    /// histogram's name.
+    fn names_in(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let b = text.as_bytes();
+        let mut i = 0;
+        while let Some(k) = text[i..].find("mesh_") {
+            let start = i + k;
+            let mut end = start;
+            while end < b.len()
+                && (b[end].is_ascii_lowercase() || b[end].is_ascii_digit() || b[end] == b'_')
+            {
+                end += 1;
+            }
+            let n = &text[start..end];
+            let n = n.strip_suffix("_bucket").unwrap_or(n);
+            // Not a metric: a prefix ("mesh_service_*"), mesh_xdp and
+            // mesh_tc_* (programs).
+            if !n.ends_with('_') && !n.starts_with("mesh_xdp") && !n.starts_with("mesh_tc_") {
+                out.insert(n.to_string());
+            }
+            i = end.max(start + 5);
+        }
+        out
+    }
+
+    /// docs/metrics.md documents exactly what is served, and the Grafana
+    /// dashboard asks only for what is served.
+    #[test]
+    fn the_metrics_reference_and_the_dashboard_match_what_is_served() {
+        let served = served();
+        assert!(served.iter().all(|n| n.starts_with("mesh_")), "{served:?}");
+        // Prometheus conventions: counters end in _total, times are in
+        // seconds.
+        let m = Metrics::new().unwrap();
+        for f in m.registry.gather() {
+            let counter = f.get_field_type() == prometheus::proto::MetricType::COUNTER;
+            assert_eq!(counter, f.name().ends_with("_total"), "{}", f.name());
+        }
+        assert!(!served.iter().any(|n| n.contains("millis")));
+        let docs = names_in(include_str!("../../docs/metrics.md"));
+        assert_eq!(
+            docs, served,
+            "docs/metrics.md and what /metrics serves differ"
+        );
+        let dash = names_in(include_str!("../../packaging/grafana/mesh.json"));
+        let unknown: Vec<_> = dash.difference(&served).collect();
+        assert!(unknown.is_empty(), "the dashboard asks for {unknown:?}");
+        // It shows most of them.
+        assert!(dash.len() * 10 >= served.len() * 8, "{dash:?}");
     }
 }

@@ -158,7 +158,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         cfg.on_exit,
     )?;
     let (programs, applier, stats, logger) = dataplane.into_parts();
-    let admin = Arc::new(Admin::new(stats)?);
+    let admin = Arc::new(Admin::new(stats, health.clone())?);
+    admin.metrics.adopted.set(i64::from(adoption.state));
     tokio::spawn(admin::serve(
         listener,
         admin::admin_routes(admin.clone(), health.clone()),
@@ -546,8 +547,18 @@ impl Daemon {
         }
     }
 
-    /// Makes the dataplane hold `state`.
+    /// Makes the dataplane hold `state` (timed: `mesh_sync_duration_seconds`).
     fn apply(&mut self, state: &State) -> Result<Report, ApplyError> {
+        let t = std::time::Instant::now();
+        let r = self.apply_untimed(state);
+        self.admin
+            .metrics
+            .sync_duration
+            .observe(t.elapsed().as_secs_f64());
+        r
+    }
+
+    fn apply_untimed(&mut self, state: &State) -> Result<Report, ApplyError> {
         let mut desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)
             .map_err(ApplyError::Refused)?;
         let links = task_links(&self.cfg, &self.iface, &desired);

@@ -351,6 +351,17 @@ impl Health {
         let s = self.lock();
         self.problems(&s, Instant::now()).is_empty()
     }
+
+    /// Drained, by `meshd drain` or in the swarm.
+    pub fn is_drained(&self) -> bool {
+        let s = self.lock();
+        s.drained.is_some() || s.swarm_drained
+    }
+
+    /// When the node was last in sync with its source.
+    pub fn last_sync(&self) -> Option<Instant> {
+        self.lock().last_sync
+    }
 }
 
 #[cfg(test)]

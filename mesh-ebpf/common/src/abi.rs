@@ -406,12 +406,15 @@ pub enum Counter {
     MssClamped = 5,
     /// ICMP "fragmentation needed" sent for packets too big to encapsulate.
     TooBig = 6,
+    /// Task replies (and ICMP errors of tasks) rewritten to come from the
+    /// address and port the client used.
+    RepliesRewritten = 7,
 }
 
 pub const MAX_COUNTERS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Forwarded,
         Counter::Decapsulated,
         Counter::RepliesToIngress,
@@ -419,6 +422,7 @@ impl Counter {
         Counter::RepliesDirect,
         Counter::MssClamped,
         Counter::TooBig,
+        Counter::RepliesRewritten,
     ];
 
     /// The Prometheus metric name.
@@ -431,6 +435,7 @@ impl Counter {
             Counter::RepliesDirect => "mesh_replies_direct_total",
             Counter::MssClamped => "mesh_mss_clamped_total",
             Counter::TooBig => "mesh_too_big_total",
+            Counter::RepliesRewritten => "mesh_replies_rewritten_total",
         }
     }
 
@@ -447,6 +452,9 @@ impl Counter {
             Counter::RepliesDirect => "Replies of forwarded flows sent straight to clients.",
             Counter::MssClamped => "TCP handshakes whose MSS was lowered to fit encapsulation.",
             Counter::TooBig => "ICMP fragmentation-needed sent for packets too big to encapsulate.",
+            Counter::RepliesRewritten => {
+                "Task replies rewritten to come from the address and port the client used."
+            }
         }
     }
 }

@@ -82,6 +82,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
             count_drop(DropReason::RewriteFailed);
             return TC_ACT_SHOT;
         }
+        count(Counter::RepliesRewritten);
         return send(&ctx, &pkt, &r, len);
     }
     if r.fwd.ingress != 0 && r.ip.proto == IPPROTO_TCP && clamp_synack(&ctx, &pkt, &r).is_err() {
@@ -125,6 +126,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT;
     }
+    count(Counter::RepliesRewritten);
     // The helpers invalidated packet pointers: re-read them.
     // SAFETY: context field reads.
     let pkt = unsafe { Pkt::new((*skb).data as usize, (*skb).data_end as usize) };
