@@ -28,6 +28,17 @@ host prerequisites) before anything touched the kernel.";
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// How log lines are written (to stderr): text for people, json (one
+    /// object per line, fields as keys) for log pipelines. RUST_LOG sets
+    /// the level (default info).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +91,19 @@ pub enum Cmd {
         meshd is running."
     )]
     Cleanup(CleanupArgs),
+    /// Print a shell completion script for meshd.
+    #[command(
+        after_long_help = "Examples:\n  meshd completions bash > /etc/bash_completion.d/meshd\n  \
+        meshd completions zsh > \"${fpath[1]}/_meshd\"\n  meshd completions fish > ~/.config/fish/completions/meshd.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(clap::Args)]

@@ -238,8 +238,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
         node = %first.local_node.as_deref().unwrap_or(&d.cfg.node), iface = %d.iface,
-        services = desired.services.len(), addrs = ?desired.node_addrs,
-        "meshd ready: generation 1 applied ({report:?}); admin on http://{}", d.cfg.admin_addr
+        services = desired.services.len(),
+        addrs = %desired.node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+        "meshd ready: generation 1 applied ({report}); admin on http://{}", d.cfg.admin_addr
     );
     if let Some(l) = logger {
         tokio::spawn(pump_logs(l));
@@ -520,7 +521,10 @@ impl Daemon {
                 self.admin.metrics.state_generation.set(self.generation);
                 self.admin.set_state(&s, self.generation);
                 self.health_applied(&s);
-                info!("state applied: generation {} ({report:?})", self.generation);
+                info!(
+                    generation = self.generation,
+                    "state applied: generation {} ({report})", self.generation
+                );
             }
             Err(ApplyError::Refused(e)) => {
                 self.admin.metrics.state_rejected.inc();
@@ -538,8 +542,9 @@ impl Daemon {
                 self.health
                     .unsynced(&format!("the kernel failed a map write; retrying: {e:#}"));
                 error!(
-                    "the kernel failed a map write after generation {} (retrying in {:?}): {e:#}",
-                    self.generation, self.retry
+                    "the kernel failed a map write after generation {} (retrying in {:.1} s): {e:#}",
+                    self.generation,
+                    self.retry.as_secs_f64()
                 );
                 self.pending = Some((s, tokio::time::Instant::now() + self.retry));
                 self.retry = (self.retry * 2).min(RETRY_MAX);
@@ -689,7 +694,7 @@ impl Daemon {
         {
             d.task_ports = self.task_ports.clone();
             match self.applier.apply(&d) {
-                Ok(_) => debug!(ports = ?self.task_ports, "tasks' ports updated"),
+                Ok(_) => debug!(tasks = self.task_ports.len(), "tasks' ports updated"),
                 Err(e) => warn!("updating tasks' ports: {e:#}"),
             }
             self.applied = Some(d);

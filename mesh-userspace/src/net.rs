@@ -395,8 +395,13 @@ impl ReservedPorts {
         if !ephemeral_hits.is_empty() {
             let (lo, hi) = eph.unwrap_or_default();
             tracing::warn!(
-                "published ports {ephemeral_hits:?} lie in ip_local_port_range ({lo}-{hi}): \
-                 reserved, the node's own connections no longer use them as local ports"
+                "published ports {} lie in ip_local_port_range ({lo}-{hi}): \
+                 reserved, the node's own connections no longer use them as local ports",
+                ephemeral_hits
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         match std::fs::write(RESERVED_PORTS, format!("{want}\n")) {

@@ -214,6 +214,20 @@ pub struct Report {
     pub backends_removed: usize,
 }
 
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "published ports {} added, {} changed, {} removed; backends {} added, {} removed",
+            self.services_added,
+            self.services_changed,
+            self.services_removed,
+            self.backends_added,
+            self.backends_removed
+        )
+    }
+}
+
 /// Array slots handed out with generations: a freed slot is reused only by
 /// a later plan, with the next generation, so whatever still names the old
 /// (slot, generation) misses instead of finding the newcomer.

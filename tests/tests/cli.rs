@@ -429,3 +429,57 @@ fn run_refuses_a_health_address_that_is_not_one() {
     assert_eq!(code, 2, "clap refuses it: {err}");
     assert!(err.contains("is not ADDR:PORT"), "{err}");
 }
+
+/// Completions come from the command line's own definition: every
+/// subcommand is in them.
+#[test]
+fn completions_know_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = meshd(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for sub in ["run", "check", "drain", "undrain", "cleanup", "completions"] {
+            assert!(out.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let (code, _, err) = meshd(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+/// `--help` on every subcommand teaches: it says what the command does
+/// and how it ends.
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["run", "check", "drain", "undrain", "cleanup", "completions"] {
+        let (code, out, err) = meshd(&[sub, "--help"]);
+        assert_eq!(code, 0, "{sub}: {err}");
+        assert!(out.len() > 200, "{sub} --help says little: {out}");
+        assert!(
+            out.contains("--log-format"),
+            "{sub}: the global flag is listed"
+        );
+    }
+}
+
+/// With --log-format json every line meshd writes is one JSON object, the
+/// final error included.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let (code, _, err) = meshd(&[
+        "--log-format",
+        "json",
+        "check",
+        "--state",
+        "/nonexistent.toml",
+    ]);
+    assert_eq!(code, 64);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+        assert!(
+            v["message"].as_str().unwrap().contains("cannot read"),
+            "{v}"
+        );
+        assert_eq!(v["level"], "ERROR");
+    }
+}

@@ -720,3 +720,40 @@ fn root_counters_match_the_traffic_sent_and_go_on_across_a_restart() {
         "the adopted counters go on"
     );
 }
+
+/// A daemon's log in JSON: every line an object with a level and a
+/// message, and no Rust Debug rendering of a struct anywhere (people and
+/// log pipelines read these, not Rust programmers).
+#[test]
+fn root_logs_are_json_objects_without_debug_structs() {
+    let mut lab = lab_with_meshd(2, &[1], &["--log-format", "json"]);
+    apply(&lab, &[1, 2], 2);
+    let json = lab.meshd().unwrap().log_text();
+    lab.stop_meshd().unwrap();
+    // And the text log of a default run, for the same patterns.
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    apply(&lab, &[1], 2);
+    let text = lab.meshd().unwrap().log_text();
+    lab.stop_meshd().unwrap();
+    let debug_like = |l: &str| {
+        ["Report {", "Some(", "None)", "Tcx", "Netlink", ": [", "{ "]
+            .iter()
+            .find(|p| l.contains(*p))
+            .copied()
+    };
+    for l in text.lines() {
+        assert_eq!(debug_like(l), None, "{l}");
+    }
+    let mut messages = 0;
+    for l in json.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{l}");
+        let m = v["message"].as_str().unwrap_or_default();
+        assert_eq!(debug_like(m), None, "{l}");
+        messages += 1;
+    }
+    assert!(messages >= 5, "{json}");
+    // Fields are keys of their own.
+    assert!(json.contains("\"generation\":2"), "{json}");
+}

@@ -4,5 +4,6 @@
 
 pub mod check;
 pub mod cleanup;
+pub mod completions;
 pub mod drain;
 pub mod run;

@@ -43,6 +43,14 @@ pub enum TcAttach {
 }
 
 impl TcAttach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcAttach::Auto => "auto",
+            TcAttach::Tcx => "tcx",
+            TcAttach::Netlink => "netlink",
+        }
+    }
+
     /// Auto decided for this kernel.
     pub fn resolve(self) -> TcAttach {
         match self {
@@ -342,8 +350,8 @@ impl Programs {
         self.attached
             .insert((PROG_XDP.to_string(), iface.to_string()));
         self.attach_tc(PROG_TC_UPLINK, iface)
-            .with_context(|| format!("attaching TC ingress ({:?}) to {iface}", self.tc))?;
-        info!(%iface, tc = ?self.tc, "attached XDP and TC to the uplink");
+            .with_context(|| format!("attaching TC ingress ({}) to {iface}", self.tc.as_str()))?;
+        info!(%iface, tc = self.tc.as_str(), "attached XDP and TC to the uplink");
         Ok(())
     }
 

@@ -151,9 +151,11 @@ impl SwarmView {
                     .unwrap_or_else(|| "tcp".into());
                 let (Some(published), Some(target)) = (port(p.published_port), port(p.target_port))
                 else {
+                    let shown = |v: Option<i64>| v.map_or("none".to_string(), |v| v.to_string());
                     skipped.push(format!(
-                        "service {name}: port {:?}->{:?}/{proto}: not a port (1-65535)",
-                        p.published_port, p.target_port
+                        "service {name}: port {}->{}/{proto}: not a port (1-65535)",
+                        shown(p.published_port),
+                        shown(p.target_port)
                     ));
                     continue;
                 };
@@ -195,8 +197,10 @@ impl SwarmView {
             let addr = status.and_then(|s| s.addr.as_deref()).and_then(parse_addr);
             let Some(addr) = addr.filter(|a| !a.is_unspecified()) else {
                 skipped.push(format!(
-                    "node {id} ({hostname}): no address ({:?})",
-                    status.and_then(|s| s.addr.clone())
+                    "node {id} ({hostname}): no address ({})",
+                    status
+                        .and_then(|s| s.addr.clone())
+                        .unwrap_or_else(|| "none".into())
                 ));
                 continue;
             };
@@ -312,10 +316,13 @@ impl IngressTable {
                         svc.tasks.push(IngressTask { id, addr, node })
                     }
                     _ => skipped.push(format!(
-                        "service {name}: task {:?}: no usable address ({:?} on node {:?})",
+                        "service {name}: task {}: no usable address ({} on node {})",
                         t.name,
                         t.endpoint_ip,
-                        t.info.as_ref().and_then(|i| i.get("Host IP"))
+                        t.info
+                            .as_ref()
+                            .and_then(|i| i.get("Host IP"))
+                            .map_or("none", |h| h.as_str())
                     )),
                 }
             }
