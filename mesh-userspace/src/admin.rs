@@ -59,6 +59,10 @@ pub struct Admin {
     services: RwLock<ServiceIndex>,
     /// The applied state as JSON (`/state`).
     state: RwLock<String>,
+    /// The applied state and its generation (`/status`).
+    applied: RwLock<Option<(Arc<State>, i64)>>,
+    /// This node's name (`--node`, or what the source says).
+    node: RwLock<String>,
     /// Why the state source is unavailable now, if it is.
     source_down: RwLock<Option<String>>,
 }
@@ -71,6 +75,8 @@ impl Admin {
             health,
             services: RwLock::default(),
             state: RwLock::new("null\n".into()),
+            applied: RwLock::default(),
+            node: RwLock::default(),
             source_down: RwLock::default(),
         })
     }
@@ -81,6 +87,22 @@ impl Admin {
             .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
         j.push('\n');
         *self.state.write().unwrap() = j;
+        *self.applied.write().unwrap() = Some((Arc::new(state.clone()), generation));
+    }
+
+    /// This node's name, as the state calls it.
+    pub fn set_node(&self, name: &str) {
+        *self.node.write().unwrap() = name.to_string();
+    }
+
+    /// `/status`: what this node serves (see [`crate::status`]).
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let Some((state, generation)) = self.applied.read().unwrap().clone() else {
+            anyhow::bail!("no state applied yet");
+        };
+        let index = self.services.read().unwrap().clone();
+        let node = self.node.read().unwrap().clone();
+        crate::status::of_daemon(&state, &node, generation, &index, &self.stats, &self.health)
     }
 
     /// Whether the state source answers (`None`), or why not.
@@ -421,6 +443,14 @@ pub fn admin_routes(admin: Arc<Admin>, health: Arc<Health>) -> Handler {
             status: 200,
             ctype: "application/json",
             body: admin.state.read().unwrap().clone(),
+        },
+        "/status" => match admin.status() {
+            Ok(v) => Response {
+                status: 200,
+                ctype: "application/json",
+                body: format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()),
+            },
+            Err(e) => Response::text(503, format!("{e:#}\n")),
         },
         "/metrics" => match admin.render() {
             Ok(b) => Response {

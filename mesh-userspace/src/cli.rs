@@ -91,12 +91,35 @@ pub enum Cmd {
         meshd is running."
     )]
     Cleanup(CleanupArgs),
+    /// Show what this node serves: services and their ports, tasks,
+    /// traffic mode and allow lists, counters, nodes, connection tracking,
+    /// the health answer and sync. Asks the running meshd (--admin-addr);
+    /// without one, reads the pinned maps (which keep serving).
+    #[command(
+        after_long_help = "Examples:\n  meshd status\n  meshd status --json | jq '.services[] | select(.tasks == 0)'\n\n\
+        Exit status: 0 shown; 1 no meshd answers and nothing is pinned."
+    )]
+    Status(StatusArgs),
     /// Print a shell completion script for meshd.
     #[command(
         after_long_help = "Examples:\n  meshd completions bash > /etc/bash_completion.d/meshd\n  \
         meshd completions zsh > \"${fpath[1]}/_meshd\"\n  meshd completions fish > ~/.config/fish/completions/meshd.fish"
     )]
     Completions(CompletionsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The running meshd's admin endpoint (as its --admin-addr).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
+    pub admin_addr: SocketAddr,
+    /// The BPF filesystem the dataplane is pinned on (as meshd run's),
+    /// read when no meshd answers.
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// One JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args)]

@@ -231,6 +231,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     d.generation = 1;
     admin.metrics.state_generation.set(1);
     admin.set_state(&first, 1);
+    admin.set_node(first.local_node.as_deref().unwrap_or(&d.cfg.node));
     admin.set_source_down(None);
     admin.metrics.ready.set(1);
     d.health_applied(&first);

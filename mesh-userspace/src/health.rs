@@ -358,6 +358,11 @@ impl Health {
         s.drained.is_some() || s.swarm_drained
     }
 
+    /// Each service's tasks that get new flows, as last applied.
+    pub fn services(&self) -> BTreeMap<String, SvcHealth> {
+        self.lock().services.clone()
+    }
+
     /// When the node was last in sync with its source.
     pub fn last_sync(&self) -> Option<Instant> {
         self.lock().last_sync

@@ -32,3 +32,4 @@ pub mod net;
 pub mod plan;
 pub mod sim;
 pub mod source;
+pub mod status;

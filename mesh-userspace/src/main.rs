@@ -27,6 +27,7 @@ fn main() {
             .init(),
     }
     let r = match cli.cmd {
+        Cmd::Status(a) => commands::status::run(&a),
         Cmd::Completions(a) => {
             commands::completions::run(a.shell);
             Ok(())

@@ -483,3 +483,19 @@ fn json_logs_are_one_object_per_line() {
         assert_eq!(v["level"], "ERROR");
     }
 }
+
+#[test]
+fn status_without_a_meshd_or_pins_says_so() {
+    let (code, _, err) = meshd(&[
+        "status",
+        "--admin-addr",
+        "127.0.0.1:1",
+        "--bpffs",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no meshd answers on 127.0.0.1:1") && err.contains("nothing is pinned"),
+        "{err}"
+    );
+}

@@ -757,3 +757,71 @@ fn root_logs_are_json_objects_without_debug_structs() {
     // Fields are keys of their own.
     assert!(json.contains("\"generation\":2"), "{json}");
 }
+
+/// `meshd status` shows what the node serves, from the running meshd, and
+/// from the pinned maps once no meshd runs (the dataplane still serves).
+#[test]
+fn root_status_shows_what_the_node_serves_from_the_daemon_or_the_pins() {
+    let mut lab = lab_with_meshd(2, &[1, 2], &[]);
+    for k in 0..6 {
+        lab.tcp_request(WEB_TCP, &format!("{k}")).unwrap();
+    }
+    let meshd = meshd_path().unwrap();
+    let (code, out, err) = lab.meshd_cmd(&meshd, &["status"]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("from the running meshd at 127.0.0.1:9469"),
+        "{out}"
+    );
+    assert!(out.contains("health 200: ok"), "{out}");
+    let web = out
+        .lines()
+        .find(|l| l.starts_with("web ") && l.contains("tcp/30080"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = web.split_whitespace().collect();
+    // SERVICE PORT TARGET TRAFFIC SOURCES TASKS LOCAL NEW-FLOWS ...
+    assert_eq!(
+        &cols[..8],
+        ["web", "tcp/30080", "8080", "cluster", "any", "2", "2", "6"],
+        "{web}"
+    );
+    assert!(out.contains("n1 (this)"), "{out}");
+
+    let (code, out, err) = lab.meshd_cmd(&meshd, &["status", "--json"]).unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tcp = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["protocol"] == "tcp")
+        .unwrap();
+    assert_eq!(tcp["new_flows"], 6);
+    assert_eq!(v["health"]["status"], 200);
+
+    lab.kill_meshd().unwrap();
+    let bpffs = lab.bpffs().to_str().unwrap().to_string();
+    let (code, out, err) = lab
+        .meshd_cmd(&meshd, &["status", "--json", "--bpffs", &bpffs])
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["from"].as_str().unwrap().contains("pinned maps"), "{v}");
+    let tcp = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["protocol"] == "tcp")
+        .unwrap();
+    assert_eq!(
+        (tcp["name"].as_str(), tcp["port"].as_u64()),
+        (Some("web"), Some(30080))
+    );
+    assert_eq!(tcp["new_flows"], 6);
+    assert_eq!(tcp["tasks"], 2);
+    let (code, out, _) = lab
+        .meshd_cmd(&meshd, &["status", "--bpffs", &bpffs])
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(out.contains("web") && out.contains("tcp/30080"), "{out}");
+}

@@ -7,3 +7,4 @@ pub mod cleanup;
 pub mod completions;
 pub mod drain;
 pub mod run;
+pub mod status;
