@@ -100,6 +100,18 @@ pub enum Cmd {
         Exit status: 0 shown; 1 no meshd answers and nothing is pinned."
     )]
     Status(StatusArgs),
+    /// Explain what the dataplane does with one packet: which service,
+    /// which task on which node, which rewrite or encapsulation, or why it
+    /// passes or is dropped. The XDP program itself runs on the packet
+    /// (BPF_PROG_TEST_RUN) against a copy of the live maps: nothing
+    /// changes. Run it on the node (in its network namespace).
+    #[command(
+        after_long_help = "Examples:\n  meshd explain tcp 203.0.113.7:40000 198.18.128.1:30080\n  \
+        meshd explain udp 203.0.113.7:5000 198.18.128.1:30053 --json\n  \
+        meshd explain tcp 203.0.113.7:40000 198.18.128.1:30080 --flags ack   # a segment mid-flow\n\n\
+        Exit status: 0 explained; 1 nothing is pinned here, or the program could not run."
+    )]
+    Explain(ExplainArgs),
     /// Print a shell completion script for meshd.
     #[command(
         after_long_help = "Examples:\n  meshd completions bash > /etc/bash_completion.d/meshd\n  \
@@ -120,6 +132,67 @@ pub struct StatusArgs {
     /// One JSON document instead of tables.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExplainProto {
+    Tcp,
+    Udp,
+}
+
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    /// The protocol.
+    #[arg(value_enum)]
+    pub proto: ExplainProto,
+    /// The client's address and port.
+    #[arg(value_name = "SRC:PORT")]
+    pub src: std::net::SocketAddrV4,
+    /// Where the client sends it: a node address and published port.
+    #[arg(value_name = "DST:PORT")]
+    pub dst: std::net::SocketAddrV4,
+    /// TCP flags of the segment, comma separated (syn, ack, fin, rst,
+    /// psh): a SYN opens a flow, an ACK goes by conntrack.
+    #[arg(long, value_name = "FLAGS", default_value = "syn")]
+    pub flags: String,
+    /// The interface the packet arrives on [default: the one holding DST].
+    #[arg(long, value_name = "IF")]
+    pub iface: Option<String>,
+    /// The BPF filesystem the dataplane is pinned on (as meshd run's).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// One JSON document instead of sentences.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ExplainArgs {
+    /// The TCP flags asked for.
+    pub fn tcp_flags(&self) -> Result<u8, ConfigError> {
+        use mesh_common::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+        const TCP_PSH: u8 = 0x08;
+        let mut f = 0;
+        for w in self
+            .flags
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
+            f |= match w {
+                "syn" => TCP_SYN,
+                "ack" => TCP_ACK,
+                "fin" => TCP_FIN,
+                "rst" => TCP_RST,
+                "psh" => TCP_PSH,
+                other => {
+                    return Err(ConfigError(anyhow::anyhow!(
+                        "--flags: {other:?} is not one of syn, ack, fin, rst, psh"
+                    )));
+                }
+            };
+        }
+        Ok(f)
+    }
 }
 
 #[derive(clap::Args)]

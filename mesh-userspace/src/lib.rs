@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod desired;
+pub mod explain;
 pub mod health;
 pub mod model;
 pub mod neigh;

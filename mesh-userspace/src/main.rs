@@ -28,6 +28,7 @@ fn main() {
     }
     let r = match cli.cmd {
         Cmd::Status(a) => commands::status::run(&a),
+        Cmd::Explain(a) => commands::explain::run(&a),
         Cmd::Completions(a) => {
             commands::completions::run(a.shell);
             Ok(())

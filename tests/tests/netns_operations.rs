@@ -825,3 +825,182 @@ fn root_status_shows_what_the_node_serves_from_the_daemon_or_the_pins() {
     assert_eq!(code, 0);
     assert!(out.contains("web") && out.contains("tcp/30080"), "{out}");
 }
+
+/// `meshd explain` runs the XDP program on the packet asked about against
+/// a copy of the live maps: it says which task a flow goes to before the
+/// flow exists, and the real flow goes there; a tracked flow is explained
+/// by its entry; an allow list's drop and a port nobody publishes are
+/// explained as what they are; and explaining changes nothing.
+#[test]
+fn root_explain_agrees_with_what_real_packets_do_and_changes_nothing() {
+    use mesh_tests::lab::WEB_UDP;
+    use std::net::SocketAddrV4;
+    let lab = lab_with_meshd(3, &[1, 2, 3], &[]);
+    let meshd = meshd_path().unwrap();
+    let node = lab.node_addr;
+    let explain = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["explain"];
+        a.extend_from_slice(args);
+        a.push("--json");
+        let bpffs = lab.bpffs().to_str().unwrap().to_string();
+        a.extend(["--bpffs", &bpffs]);
+        let (code, out, err) = lab.meshd_cmd(&meshd, &a).unwrap();
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let task_of_addr = |a: &str| {
+        (1..=3)
+            .find(|&i| lab.task_addr(i).to_string() == a)
+            .map(|i| format!("task{i}"))
+            .unwrap_or_else(|| panic!("no task at {a}"))
+    };
+    let held = |lab: &Lab| {
+        (
+            lab.metric("mesh_conntrack_entries", "").unwrap(),
+            lab.metric("mesh_drops_total", "").unwrap(),
+            lab.metric("mesh_service_new_flows_total", "").unwrap(),
+        )
+    };
+    let before = held(&lab);
+    let mut picked = std::collections::BTreeSet::new();
+    for sport in 45001..45009u16 {
+        // Before the flow exists: which task would it reach?
+        let src = SocketAddrV4::new(lab.client_addr, sport);
+        let dst = format!("{node}:{WEB_TCP}");
+        let v = explain(&["tcp", &src.to_string(), &dst]);
+        assert_eq!(v["verdict"], "deliver", "{v}");
+        assert_eq!(v["service"], "web");
+        assert_eq!(v["conntrack"]["new_entry"], true, "{v}");
+        let want = task_of_addr(v["conntrack"]["backend"]["addr"].as_str().unwrap());
+        assert_eq!(v["conntrack"]["backend"]["port"], 8080);
+        // The real flow from that very port goes there.
+        let mut c = lab.cluster().tcp_connect_from(src, 1, WEB_TCP).unwrap();
+        assert_eq!(c.task().unwrap(), want, "source port {sport}");
+        picked.insert(want.clone());
+        // Once tracked, its segments are explained by the entry.
+        let v = explain(&["tcp", &src.to_string(), &dst, "--flags", "ack"]);
+        assert_eq!(v["conntrack"]["tracked"], true, "{v}");
+        assert_eq!(
+            task_of_addr(v["conntrack"]["backend"]["addr"].as_str().unwrap()),
+            want
+        );
+        // UDP likewise.
+        let src = SocketAddrV4::new(lab.client_addr, sport);
+        let v = explain(&["udp", &src.to_string(), &format!("{node}:{WEB_UDP}")]);
+        let want = task_of_addr(v["conntrack"]["backend"]["addr"].as_str().unwrap());
+        let sock = lab.cluster().udp_socket_at(src).unwrap();
+        let (a, _) = lab.udp_ask(&sock, WEB_UDP, "who").unwrap();
+        assert!(a.starts_with(&format!("{want} ")), "{a} vs {want}");
+    }
+    assert!(picked.len() >= 2, "Maglev spread the flows: {picked:?}");
+    // Explaining changed nothing: only the real flows counted.
+    let after = held(&lab);
+    assert_eq!(after.1, before.1, "drops");
+    assert_eq!(after.2 - before.2, 16, "new flows: the real ones only");
+
+    // A port nobody publishes passes untouched.
+    let v = explain(&[
+        "tcp",
+        &format!("{}:45100", lab.client_addr),
+        &format!("{node}:31999"),
+    ]);
+    assert_eq!(v["verdict"], "pass");
+    assert!(
+        v["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("no service publishes tcp/31999"),
+        "{v}"
+    );
+    // An allow list that leaves the client out: explained as the drop it is,
+    // and the real packet is dropped so.
+    let skip = lab.meshd().unwrap().log_len();
+    lab.write_state(&web_with(
+        &lab.state_toml(&[1, 2, 3]),
+        "source_ranges = [\"198.19.0.0/16\"]",
+    ))
+    .unwrap();
+    lab.meshd()
+        .unwrap()
+        .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+        .unwrap();
+    let v = explain(&[
+        "udp",
+        &format!("{}:45200", lab.client_addr),
+        &format!("{node}:{WEB_UDP}"),
+    ]);
+    assert_eq!(v["verdict"], "drop", "{v}");
+    assert_eq!(v["drops"], serde_json::json!(["source_denied"]));
+    let denied = lab
+        .metric("mesh_drops_total", "reason=\"source_denied\"")
+        .unwrap();
+    assert_eq!(denied, 0, "explaining dropped nothing for real");
+    assert!(lab.udp_request(WEB_UDP, "x").is_err());
+    assert_eq!(
+        lab.metric("mesh_drops_total", "reason=\"source_denied\"")
+            .unwrap(),
+        1
+    );
+}
+
+/// On a node without a task of the service, `meshd explain` says the flow
+/// is forwarded, to which node and which task, and the real flow reaches
+/// that task.
+#[test]
+fn root_explain_names_the_node_and_task_a_flow_is_forwarded_to() {
+    use mesh_tests::lab::Cluster;
+    use std::net::SocketAddrV4;
+    let mut c = Cluster::new(&[1, 1]).expect("cluster");
+    c.start_tasks().unwrap();
+    c.write_state_all(&c.state(&[(1, 1)]).render()).unwrap();
+    c.start_all_meshds(&meshd_path().unwrap(), &[]).unwrap();
+    let src = SocketAddrV4::new(c.client_addrs()[0], 46001);
+    let dst = format!("{}:{WEB_TCP}", c.node(2).addr);
+    let bpffs = c.bpffs(2).to_str().unwrap().to_string();
+    let (code, out, err) = c
+        .meshd_cmd(
+            2,
+            &meshd_path().unwrap(),
+            &[
+                "explain",
+                "tcp",
+                &src.to_string(),
+                &dst,
+                "--bpffs",
+                &bpffs,
+                "--json",
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verdict"], "forward", "{v}");
+    let be = &v["conntrack"]["backend"];
+    assert_eq!(be["local"], false);
+    assert_eq!(be["node"], c.node(1).addr.to_string());
+    assert_eq!(be["addr"], c.task(1, 1).addr.to_string());
+    let mut conn = c.tcp_connect_from(src, 2, WEB_TCP).unwrap();
+    assert_eq!(conn.task().unwrap(), Cluster::task_name(1, 1));
+    // The text form says it in words.
+    let (_, text, _) = c
+        .meshd_cmd(
+            2,
+            &meshd_path().unwrap(),
+            &[
+                "explain",
+                "tcp",
+                &src.to_string(),
+                &dst,
+                "--bpffs",
+                &bpffs,
+                "--flags",
+                "ack",
+            ],
+        )
+        .unwrap();
+    assert!(text.contains("forwarded"), "{text}");
+    assert!(
+        text.contains(&format!("on node {}", c.node(1).addr)),
+        "{text}"
+    );
+}

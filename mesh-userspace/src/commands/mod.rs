@@ -6,5 +6,6 @@ pub mod check;
 pub mod cleanup;
 pub mod completions;
 pub mod drain;
+pub mod explain;
 pub mod run;
 pub mod status;

@@ -278,6 +278,26 @@ impl Cluster {
         Ok(parse_metric(&text, name, labels))
     }
 
+    /// A TCP connection from client address and port `from` to node `j`'s
+    /// `port`.
+    pub fn tcp_connect_from(&self, from: SocketAddrV4, j: usize, port: u16) -> Result<Conn> {
+        let ns = self.topo.client_with(*from.ip())?.ns.clone();
+        let to = SocketAddrV4::new(self.node(j).addr, port);
+        let s = in_netns(&ns, move || {
+            connect_from_port(*from.ip(), from.port(), to, Duration::from_secs(3))
+        })?
+        .with_context(|| format!("TCP from {from} to {to}"))?;
+        Conn::new(s)
+    }
+
+    /// A UDP socket bound to client address and port `from`.
+    pub fn udp_socket_at(&self, from: SocketAddrV4) -> Result<UdpSocket> {
+        let ns = self.topo.client_with(*from.ip())?.ns.clone();
+        let sock = in_netns(&ns, move || UdpSocket::bind(from))??;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(sock)
+    }
+
     /// A TCP connection from client address `from` to `to`.
     pub fn tcp_connect_to(&self, from: Ipv4Addr, to: SocketAddr) -> Result<Conn> {
         let ns = self.topo.client_with(from)?.ns.clone();
@@ -350,6 +370,16 @@ impl Cluster {
 /// `timeout`. std cannot bind a socket before connecting it, and a client
 /// namespace may hold several addresses.
 fn connect_from(from: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> std::io::Result<TcpStream> {
+    connect_from_port(from, 0, to, timeout)
+}
+
+/// As `connect_from`, from port `sport` (0: any).
+fn connect_from_port(
+    from: Ipv4Addr,
+    sport: u16,
+    to: SocketAddrV4,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     use std::io::{Error, ErrorKind};
     let sin = |a: Ipv4Addr, port: u16| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -375,7 +405,7 @@ fn connect_from(from: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> std::io:
             0,
         ))?)
     };
-    let local = sin(from, 0);
+    let local = sin(from, sport);
     // SAFETY: a valid descriptor and a sockaddr_in of the length given.
     check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len) })?;
     // connect(2) gives up after SO_SNDTIMEO with EINPROGRESS (socket(7)).
