@@ -499,3 +499,72 @@ fn status_without_a_meshd_or_pins_says_so() {
         "{err}"
     );
 }
+
+/// The repository's root.
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The systemd unit passes `systemd-analyze verify` (with ExecStart
+/// pointing at this build's meshd, since verify checks it is there).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(root().join("packaging/systemd/meshd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/meshd run --docker"));
+    let dir = std::env::temp_dir().join(format!("mesh-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("meshd.service");
+    let bin = meshd_path().unwrap();
+    std::fs::write(
+        &p,
+        unit.replace("/usr/local/bin/meshd", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", p.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (the systemd package) is needed for this test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains("meshd.service"),
+        "systemd-analyze has something to say about the unit: {err}"
+    );
+    // What the unit runs is a command line meshd takes.
+    let (code, _, err) = meshd(&["run", "--docker", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The stack file is a valid compose file for `docker stack deploy`, and
+/// says what it must: one task per node, the host's network, the
+/// capabilities, bpffs and the Docker socket mounted.
+#[test]
+fn the_stack_file_deploys_a_global_host_network_service() {
+    let f = root().join("packaging/docker/mesh-stack.yml");
+    let out = Command::new("docker")
+        .args(["stack", "config", "-c", f.to_str().unwrap()])
+        .output()
+        .expect("docker (the docker.io package) is needed for this test");
+    let cfg = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for says in [
+        "mode: global",
+        "name: host",
+        "SYS_ADMIN",
+        "BPF",
+        "target: /sys/fs/bpf",
+        "target: /var/run/docker.sock",
+        "target: /var/lib/mesh",
+        "- --docker",
+    ] {
+        assert!(cfg.contains(says), "{says:?} not in the stack:\n{cfg}");
+    }
+}

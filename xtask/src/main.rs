@@ -34,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     // runc come with docker.io) and build their image from busybox-static.
     "docker.io",
     "busybox-static",
+    // systemd-analyze checks the packaged unit.
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
