@@ -4,7 +4,8 @@
 use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, bpf_sock_tuple};
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use mesh_common::abi::*;
 use mesh_common::fwd::Tables;
 use mesh_common::rev::RevTables;
@@ -100,6 +101,19 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTE
 #[map(name = "MESH_CFG_V1")]
 pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// User space only: what a restarted meshd needs to adopt the pinned
+/// maps (no program reads it; it lives here so it is pinned with them).
+#[map(name = "MESH_META_V1")]
+pub static META: Array<PinMeta> = Array::with_max_entries(1, 0);
+
+/// User space only: the service each published port belongs to.
+#[map(name = "MESH_NAMES_V1")]
+pub static NAMES: HashMap<SvcKey, SvcName> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Per-service source-range allow lists (see `MAP_SRC4`).
+#[map(name = "MESH_SRC4_V1")]
+pub static SRC4: LpmTrie<[u32; 2], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_SRC_RANGES, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
@@ -136,6 +150,21 @@ impl Tables for Maps {
             return None;
         }
         SERVICES.get(slot - 1).copied()
+    }
+
+    #[inline(always)]
+    fn source_allowed(&self, svc_id: u32, saddr: u32) -> bool {
+        // aya's key is packed: look it up from an 8-aligned copy (the
+        // verifier refuses misaligned stack access).
+        let k = SrcKey4 {
+            prefix_len: 64,
+            svc_id,
+            addr: saddr,
+        };
+        // SAFETY: `SrcKey4` starts with the 12 bytes of a `Key<[u32; 2]>`
+        // (prefix length, service id, address), which is packed.
+        let key = unsafe { &*(&k as *const SrcKey4 as *const Key<[u32; 2]>) };
+        SRC4.get(key).is_some()
     }
 
     #[inline(always)]
