@@ -96,7 +96,7 @@ pub fn run(a: &Args) -> Result<()> {
     if !skip("converge") {
         let c = converge::Args {
             out: None,
-            rounds: if q { 2 } else { 15 },
+            rounds: if q { 2 } else { 20 },
             nodes: 3,
             low: 2,
             high: 6,
@@ -747,27 +747,26 @@ fn converge_summary(s: &mut String, c: &Value) {
         );
     }
     let nc = c["summary"]["all"]["not_converged"].as_u64().unwrap_or(0);
-    let cpu: Vec<String> = c["meshd_cpu_percent_of_one_cpu"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|n| {
-            format!(
-                "node {} ({}) {}%",
-                n["node"],
-                n["role"].as_str().unwrap_or("?"),
-                n["percent"]
-            )
-        })
-        .collect();
+    let cpu = |key: &str| -> String {
+        c[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| format!("{}%", n["percent"]))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     let _ = writeln!(
         s,
-        "\n{}meshd CPU while changes ran: {}.\n",
+        "\n{}CPU of one core while changes ran, node 1 (manager) / 2 / 3: meshd {}, dockerd {} (it answers the benchmark's polls too). Load average at start {}, at end {}.\n",
         if nc > 0 {
             format!("**{nc} changes did not converge** within the time-out. ")
         } else {
             String::new()
         },
-        cpu.join(", ")
+        cpu("meshd_cpu_percent_of_one_cpu"),
+        cpu("dockerd_cpu_percent_of_one_cpu"),
+        cfg["machine"]["loadavg"].as_str().unwrap_or("?"),
+        cfg["machine_at_end"]["loadavg"].as_str().unwrap_or("?"),
     );
 }

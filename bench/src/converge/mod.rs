@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Rounds: each scales the service up, then down again.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 20)]
     pub rounds: usize,
     /// Nodes in the swarm: node 1 is its manager, the others workers.
     #[arg(long, default_value_t = 3)]
