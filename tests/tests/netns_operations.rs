@@ -779,10 +779,20 @@ fn root_status_shows_what_the_node_serves_from_the_daemon_or_the_pins() {
         .find(|l| l.starts_with("web ") && l.contains("tcp/30080"))
         .unwrap_or_else(|| panic!("{out}"));
     let cols: Vec<&str> = web.split_whitespace().collect();
-    // SERVICE PORT TARGET TRAFFIC SOURCES TASKS LOCAL NEW-FLOWS ...
+    // SERVICE PORT TARGET TRAFFIC SOURCES AFFINITY TASKS LOCAL NEW-FLOWS ...
     assert_eq!(
-        &cols[..8],
-        ["web", "tcp/30080", "8080", "cluster", "any", "2", "2", "6"],
+        &cols[..9],
+        [
+            "web",
+            "tcp/30080",
+            "8080",
+            "cluster",
+            "any",
+            "none",
+            "2",
+            "2",
+            "6"
+        ],
         "{web}"
     );
     assert!(out.contains("n1 (this)"), "{out}");
