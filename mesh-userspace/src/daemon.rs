@@ -146,12 +146,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         retry: RETRY_MIN,
         applied: None,
         task_ports: Default::default(),
+        task_devs: Default::default(),
         ports_scanned: None,
         reserved: net::ReservedPorts::new(),
         neighbours: crate::neigh::Neighbours::default(),
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
-    d.programs.attach_uplink(&d.iface, d.cfg.xdp_mode)?;
+    d.programs
+        .attach_uplink(&d.iface, d.cfg.intercept, d.cfg.xdp_mode)?;
     d.generation = 1;
     admin.metrics.state_generation.set(1);
     admin.set_state(&first, 1);
@@ -161,6 +163,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
         node = %first.local_node.as_deref().unwrap_or(&d.cfg.node), iface = %d.iface,
+        intercept = d.cfg.intercept.name(),
         services = desired.services.len(), addrs = ?desired.node_addrs,
         "meshd ready: generation 1 applied ({report:?}); admin on http://{}", d.cfg.admin_addr
     );
@@ -286,6 +289,9 @@ struct Daemon {
     applied: Option<Desired>,
     /// The port each local task sits behind, as found so far.
     task_ports: BTreeMap<std::net::Ipv4Addr, u32>,
+    /// Each local task's link (delivery without a FIB lookup), as found
+    /// so far.
+    task_devs: BTreeMap<std::net::Ipv4Addr, crate::desired::TaskLink>,
     /// When tasks' ports were last looked for.
     ports_scanned: Option<tokio::time::Instant>,
     /// Published ports kept out of the node's own local ports.
@@ -388,6 +394,7 @@ impl Daemon {
         self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
         self.find_task_ports(&desired.local_task_addrs());
         desired.task_ports = self.task_ports.clone();
+        desired.task_links = self.task_devs.clone();
         desired.forwarding = self.cfg.forwarding;
         let report = self.applier.apply(&desired)?;
         let others: Vec<std::net::Ipv4Addr> = desired
@@ -407,21 +414,29 @@ impl Daemon {
     /// Finds the ports of local tasks not found yet (or whose port went);
     /// says whether anything changed.
     fn find_task_ports(&mut self, tasks: &[std::net::Ipv4Addr]) -> bool {
-        let before = self.task_ports.clone();
+        let before = (self.task_ports.clone(), self.task_devs.clone());
         // Forget tasks that left, and ports that went (a container
-        // replaced under the same address gets another port).
+        // replaced under the same address gets another port, and link).
         self.task_ports
             .retain(|t, i| tasks.contains(t) && net::ifname(*i).is_some());
+        let ports = &self.task_ports;
+        self.task_devs
+            .retain(|t, l| ports.get(t) == Some(&l.ifindex));
         let missing: Vec<_> = tasks
             .iter()
             .copied()
             .filter(|t| !self.task_ports.contains_key(t))
             .collect();
         if !missing.is_empty() {
-            self.task_ports.extend(net::task_ports(&missing));
+            for (t, f) in net::find_tasks(&missing) {
+                self.task_ports.insert(t, f.port);
+                if let Some(l) = f.link {
+                    self.task_devs.insert(t, l);
+                }
+            }
             self.ports_scanned = Some(tokio::time::Instant::now());
         }
-        self.task_ports != before
+        (self.task_ports.clone(), self.task_devs.clone()) != before
     }
 
     /// Keeps the published ports (and the range they come from) out of
@@ -460,6 +475,7 @@ impl Daemon {
             && let Some(mut d) = self.applied.take()
         {
             d.task_ports = self.task_ports.clone();
+            d.task_links = self.task_devs.clone();
             match self.applier.apply(&d) {
                 Ok(_) => debug!(ports = ?self.task_ports, "tasks' ports updated"),
                 Err(e) => warn!("updating tasks' ports: {e:#}"),

@@ -83,6 +83,10 @@ pub enum Op {
     /// The local backend slot of a task by its identity.
     PutLocal(ReplyKey4, u32),
     DelLocal(ReplyKey4),
+    /// Where local backend slot `.0`'s packets go (its task's link).
+    PutLocalDev(u32, LocalDev),
+    /// Backend slot `.0`'s packets go by the FIB (all zero).
+    DelLocalDev(u32),
 }
 
 /// The Maglev map's default room per service and half: a table for 10
@@ -309,6 +313,8 @@ pub struct Planner {
     node_index: BTreeMap<u32, u32>,
     /// Local backends by identity written, and their slots.
     locals: BTreeMap<ReplyKey4, u32>,
+    /// Local backends' links written, by slot.
+    local_devs: BTreeMap<u32, LocalDev>,
     /// The Maglev map's regions.
     maglev: regions::Pool,
 }
@@ -365,6 +371,7 @@ impl Planner {
             config: NodeConfig::default(),
             node_index: BTreeMap::new(),
             locals: BTreeMap::new(),
+            local_devs: BTreeMap::new(),
             maglev: regions::Pool::new(limits.maglev_entries()),
             limits,
         }
@@ -395,11 +402,14 @@ impl Planner {
         self.add_backends(&wanted, &mut p);
         let locals = local_backends(d, &self.backends);
         self.put_locals(&locals, &mut p);
+        let devs = local_devs(d, &self.backends);
+        self.put_local_devs(&devs, &mut p);
         self.make_room_for_replies(&replies, now, &mut p);
         self.put_replies(d, &replies, &mut p);
         self.put_services(d, &mut p)?;
         self.del_services(d, &mut p);
         self.del_locals(&locals, &mut p);
+        self.del_local_devs(&devs, &mut p);
         self.del_backends(&wanted, &mut p);
         self.del_node_index(d, &mut p);
         self.del_nodes(d, &mut p);
@@ -581,6 +591,33 @@ impl Planner {
         for k in gone {
             p.ops.push(Op::DelLocal(k));
             self.locals.remove(&k);
+        }
+    }
+
+    /// After step 2: where local backends' packets go, for those whose
+    /// task's link is known (delivery without a FIB lookup, before any
+    /// table sends them a flow when the link is known already).
+    fn put_local_devs(&mut self, devs: &BTreeMap<u32, LocalDev>, p: &mut Plan) {
+        for (id, d) in devs {
+            if self.local_devs.get(id) != Some(d) {
+                p.ops.push(Op::PutLocalDev(*id, *d));
+                self.local_devs.insert(*id, *d);
+            }
+        }
+    }
+
+    /// Before step 6: entries of backends that leave, or whose link is no
+    /// longer known (their packets go by the FIB).
+    fn del_local_devs(&mut self, devs: &BTreeMap<u32, LocalDev>, p: &mut Plan) {
+        let gone: Vec<u32> = self
+            .local_devs
+            .keys()
+            .filter(|id| !devs.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            p.ops.push(Op::DelLocalDev(id));
+            self.local_devs.remove(&id);
         }
     }
 
@@ -975,6 +1012,12 @@ impl Planner {
                 Op::DelLocal(k) => {
                     self.locals.remove(k);
                 }
+                Op::PutLocalDev(id, d) => {
+                    self.local_devs.insert(*id, *d);
+                }
+                Op::DelLocalDev(id) => {
+                    self.local_devs.remove(id);
+                }
                 Op::WriteTable { .. } | Op::ResetStats(_) => {}
             }
         }
@@ -1027,6 +1070,30 @@ fn local_backends(d: &Desired, slots: &HashMap<BackendKey, u32>) -> BTreeMap<Rep
                         _pad: 0,
                     },
                     *slot,
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Where each local backend with a known link gets its packets, by slot.
+fn local_devs(d: &Desired, slots: &HashMap<BackendKey, u32>) -> BTreeMap<u32, LocalDev> {
+    let mut out = BTreeMap::new();
+    for s in d.services.values() {
+        for b in s.backends.iter().filter(|b| b.local) {
+            if let (Some(slot), Some(l)) = (slots.get(b), d.task_links.get(&b.deliver)) {
+                let mut macs = [0u8; 12];
+                macs[..6].copy_from_slice(&l.task_mac);
+                macs[6..].copy_from_slice(&l.gateway_mac);
+                out.insert(
+                    *slot,
+                    LocalDev {
+                        addr: raw4(b.deliver),
+                        ifindex: l.ifindex,
+                        flags: if l.peer { LDEV_F_PEER } else { 0 },
+                        macs,
+                    },
                 );
             }
         }

@@ -72,6 +72,13 @@ pub const MAP_COUNTERS: &str = "MESH_CNT_V1";
 /// This node's settings for the programs: one `NodeConfig` (an array of
 /// one, written by user space whenever they change).
 pub const MAP_CONFIG: &str = "MESH_CFG_V1";
+/// Where this node hands each local backend its packets: an array of
+/// `LocalDev` by backend slot (the task's link and Ethernet addresses,
+/// which user space finds and follows as containers come and go), so that
+/// delivery needs no FIB lookup and goes straight into the task's network
+/// namespace. An all-zero entry (a remote backend, a free slot, a task
+/// whose link is not found yet) leaves delivery to the FIB.
+pub const MAP_LOCAL_DEV: &str = "MESH_LDEV_V1";
 
 /// Every map of the dataplane's object. The build checks the object
 /// against this list (mesh-userspace/build.rs): each name is in it, and it
@@ -94,6 +101,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_FWD4,
     MAP_COUNTERS,
     MAP_CONFIG,
+    MAP_LOCAL_DEV,
 ];
 
 // The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN, with the
@@ -113,8 +121,12 @@ pub const LOG_MAP_NAMES: &[&str] = &["AYA_LOGS"];
 pub const PROG_XDP: &str = "mesh_xdp";
 pub const PROG_TC_UPLINK: &str = "mesh_tc_uplink";
 pub const PROG_TC_TASK: &str = "mesh_tc_task";
+/// The intercept at TC ingress on the uplink (`--intercept tc`): what
+/// `mesh_xdp` and `mesh_tc_uplink` do together, in one TC program, so that
+/// no XDP program sits on the uplink.
+pub const PROG_TC_INGRESS: &str = "mesh_tc_ingress";
 /// Every program of the dataplane's object (checked like [`MAP_NAMES`]).
-pub const PROG_NAMES: &[&str] = &[PROG_XDP, PROG_TC_UPLINK, PROG_TC_TASK];
+pub const PROG_NAMES: &[&str] = &[PROG_XDP, PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_INGRESS];
 
 /// The benchmark's floor programs, in their own object (`mesh-floor`, not
 /// the dataplane's): one that only passes, one that parses and does one
@@ -383,6 +395,32 @@ impl Counter {
         }
     }
 }
+
+/// Where a local backend's packets go (`MAP_LOCAL_DEV`): the task's link
+/// on this node and the Ethernet addresses its packets carry. An entry
+/// holds only for a packet rewritten to its `addr` (a slot reused by
+/// another task meanwhile sends that packet by the FIB instead).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalDev {
+    /// The task's delivery address (raw); 0 in an unused entry.
+    pub addr: u32,
+    /// The host's end of the task's link (a bridge port, or the link
+    /// itself).
+    pub ifindex: u32,
+    /// `LDEV_F_*`.
+    pub flags: u32,
+    /// The Ethernet header's two addresses as its packets carry them: the
+    /// task's own, then its gateway's (the bridge's, or the host end's).
+    pub macs: [u8; 12],
+}
+const _: () = assert!(size_of::<LocalDev>() == 24);
+
+/// `LocalDev::ifindex` is a veth whose other end (the task's) lies in
+/// another network namespace: packets go straight to that end's ingress
+/// (`bpf_redirect_peer`), past the host end's transmit, the bridge and the
+/// backlog queue.
+pub const LDEV_F_PEER: u32 = 1 << 0;
 
 /// What user space tells the programs of this node (`MAP_CONFIG`).
 #[repr(C)]
@@ -717,4 +755,5 @@ mod pod {
     unsafe impl aya::Pod for CtLifetimes {}
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for LocalDev {}
 }

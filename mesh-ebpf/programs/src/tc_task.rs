@@ -9,19 +9,19 @@
 //! encapsulated, so the client's segments fit too.
 
 use aya_ebpf::bindings::{
-    BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, bpf_adj_room_mode,
-    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_adj_room_mode,
 };
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
-use mesh_common::abi::{Counter, DropReason, ENCAP_LEN, EncapHdr, IPPROTO_TCP, IPPROTO_UDP};
+use mesh_common::abi::{Counter, DropReason, ENCAP_LEN, IPPROTO_TCP, IPPROTO_UDP};
 use mesh_common::encap;
 use mesh_common::parse::{self, ETH_HLEN, IP_CSUM, IP_HLEN_MIN, IP_SADDR, L4_SPORT, TCP_HLEN_MIN};
 use mesh_common::pkt::Pkt;
 use mesh_common::rev;
 
 use crate::fib::{forward, ingress_ifindex};
-use crate::maps::{Maps, config, count, count_drop};
+use crate::maps::{Maps, config, count, count_drop, count_n};
+use crate::skb::ENCAP_ROOM_FLAGS;
 
 /// Ethernet + IPv4 + TCP without options (54 bytes): the headers every
 /// reply needs in the linear part. A local socket's packets, GSO ones
@@ -34,13 +34,6 @@ const MIN_LINEAR: u32 = (ETH_HLEN + IP_HLEN_MIN + TCP_HLEN_MIN) as u32;
 /// 14 + IPv4 up to 60 + ICMP 8 + quoted IPv4 up to 60 + the quoted TCP
 /// header up to its checksum 18 = 160), with room to spare.
 const PULL_LEN: u32 = 176;
-
-/// `bpf_skb_adjust_room`'s flags for our encapsulation: an outer IPv4 and
-/// UDP header, then the 12-byte mesh header as the "inner L2" (so GSO
-/// finds the inner IPv4 header behind it).
-const ENCAP_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
-    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
-    | ((core::mem::size_of::<EncapHdr>() as u64) << 56);
 
 /// The field size a checksum helper updates for, in the low bits of its
 /// flags (`BPF_F_HDR_FIELD_MASK`): an IPv4 address, a port.
@@ -66,7 +59,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
         };
     // SAFETY: data..data_end is the packet's linear part, `len` its length.
     let pkt = unsafe { Pkt::with_len(data, data_end, len as usize) };
-    let maps = Maps {
+    let maps = Maps::<true> {
         ctx: skb as *mut _,
     };
     let r = match rev::lookup(&pkt, &maps, ingress_ifindex(&ctx)) {
@@ -137,7 +130,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
 fn send(ctx: &TcContext, pkt: &Pkt, r: &rev::Reply, len: u32) -> i32 {
     if !rev::via_ingress(r) {
         if r.fwd.ingress != 0 {
-            count(Counter::RepliesDirect);
+            count_n(Counter::RepliesDirect, segs(ctx));
         }
         return forward(ctx, pkt, r.addr, r.ip.daddr, ingress_ifindex(ctx));
     }
@@ -166,8 +159,16 @@ fn send(ctx: &TcContext, pkt: &Pkt, r: &rev::Reply, len: u32) -> i32 {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT;
     }
-    count(Counter::RepliesToIngress);
+    count_n(Counter::RepliesToIngress, segs(ctx));
     forward(ctx, &pkt, cfg.self_addr, r.fwd.ingress, ingress_ifindex(ctx))
+}
+
+/// The packets on the wire a reply stands for: 1, or its GSO segments.
+#[inline(always)]
+fn segs(ctx: &TcContext) -> u32 {
+    // SAFETY: context field read.
+    let s = unsafe { (*ctx.skb.skb).gso_segs };
+    if s == 0 { 1 } else { s }
 }
 
 /// A SYN-ACK of a forwarded flow: its MSS lowered to what fits

@@ -39,6 +39,7 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
         .map_max_entries(MAP_SERVICES, 2 * limits.max_services)
         .map_max_entries(MAP_SVC_STATS, limits.max_services)
         .map_max_entries(MAP_BACKENDS, limits.max_backends)
+        .map_max_entries(MAP_LOCAL_DEV, limits.max_backends)
         .map_max_entries(MAP_NODES, limits.max_nodes)
         .map_max_entries(MAP_NODE_BY_ADDR4, limits.max_nodes)
         .map_max_entries(MAP_LOCAL4, limits.reply_entries())
@@ -64,15 +65,25 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
         .try_into()?;
     xdp.load()
         .with_context(|| format!("the verifier refused {PROG_XDP}"))?;
-    for name in [PROG_TC_UPLINK, PROG_TC_TASK] {
+    verified(xdp.info(), PROG_XDP);
+    for name in [PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_INGRESS] {
         let p: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
         p.load()
             .with_context(|| format!("the verifier refused {name}"))?;
+        verified(p.info(), name);
     }
     Ok(Loaded { ebpf, logger })
+}
+
+/// Logs how many instructions the verifier went through for a program:
+/// its budget is a million, and the forward path's branches multiply.
+fn verified(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>, name: &str) {
+    if let Some(n) = info.ok().and_then(|i| i.verified_instruction_count()) {
+        debug!("{name}: the verifier processed {n} instructions (of 1,000,000 at most)");
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

@@ -42,7 +42,7 @@ pub mod load;
 pub mod stats;
 pub mod writer;
 
-pub use attach::{Programs, TcAttach, XdpAttach};
+pub use attach::{DEFAULT_INTERCEPT, Intercept, Programs, TcAttach, XdpAttach};
 pub use load::{BPF_OBJECT, FLOOR_OBJECT};
 pub use stats::StatsReader;
 pub use writer::{Applier, ApplyError, MapWriter, Writer};

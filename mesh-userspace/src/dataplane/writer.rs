@@ -30,6 +30,7 @@ pub struct MapWriter {
     node_index: BpfHashMap<MapData, u32, u32>,
     locals: BpfHashMap<MapData, ReplyKey4, u32>,
     config: Array<MapData, NodeConfig>,
+    local_devs: Array<MapData, LocalDev>,
     maglev: MmapU32,
     ports: MmapU32,
     addrs: MmapU32,
@@ -55,6 +56,7 @@ impl MapWriter {
             node_index: take(ebpf, MAP_NODE_BY_ADDR4)?.try_into()?,
             locals: take(ebpf, MAP_LOCAL4)?.try_into()?,
             config: take(ebpf, MAP_CONFIG)?.try_into()?,
+            local_devs: take(ebpf, MAP_LOCAL_DEV)?.try_into()?,
             maglev,
             ports,
             addrs,
@@ -113,6 +115,8 @@ impl Writer for MapWriter {
             Op::DelNodeIndex(a) => ignore_missing(self.node_index.remove(a))?,
             Op::PutLocal(k, slot) => self.locals.insert(k, slot, 0)?,
             Op::DelLocal(k) => ignore_missing(self.locals.remove(k))?,
+            Op::PutLocalDev(id, d) => self.local_devs.set(*id, d, 0)?,
+            Op::DelLocalDev(id) => self.local_devs.set(*id, LocalDev::default(), 0)?,
         }
         Ok(())
     }
