@@ -104,7 +104,13 @@ fn run() -> Result<()> {
             }
             e2e.extend(args[1..].iter().map(String::as_str));
             let netlink = cargo_env(&root, &e2e, &[("MESH_TEST_TC_ATTACH", "netlink")]);
-            all.and(netlink)
+            // meshd intercepts at TC ingress by default; the end-to-end
+            // tests run with the intercept at XDP too.
+            say(
+                "running the end-to-end tests again with the intercept at XDP (meshd --intercept xdp)",
+            );
+            let xdp = cargo_env(&root, &e2e, &[("MESH_TEST_INTERCEPT", "xdp")]);
+            all.and(netlink).and(xdp)
         }
         Some("bench") if args.get(1).map(String::as_str) == Some("setup") => {
             need_root("installing packages")?;

@@ -112,6 +112,9 @@ impl MeshdRun {
         if let Some(mode) = tc_attach_override() {
             a.extend(["--tc-attach".to_string(), mode]);
         }
+        if let Some(i) = intercept_override() {
+            a.extend(["--intercept".to_string(), i]);
+        }
         a.extend(self.extra.iter().cloned());
         a
     }
@@ -131,6 +134,38 @@ pub fn tc_mode() -> &'static str {
     match tc_attach_override().as_deref() {
         Some("netlink") => "netlink",
         _ => "tcx",
+    }
+}
+
+/// `MESH_TEST_INTERCEPT` (xdp, tc): run every lab meshd with that
+/// intercept; unset, meshd's default (`cargo xtask test` runs the
+/// end-to-end tests with both).
+pub fn intercept_override() -> Option<String> {
+    std::env::var("MESH_TEST_INTERCEPT")
+        .ok()
+        .filter(|m| !m.is_empty())
+}
+
+/// The intercept lab meshds run with.
+pub fn intercept() -> mesh_userspace::dataplane::Intercept {
+    use mesh_userspace::dataplane::{DEFAULT_INTERCEPT, Intercept};
+    match intercept_override().as_deref() {
+        Some("xdp") => Intercept::Xdp,
+        Some("tc") => Intercept::Tc,
+        Some(other) => panic!("MESH_TEST_INTERCEPT={other}: xdp or tc"),
+        None => DEFAULT_INTERCEPT,
+    }
+}
+
+/// What meshd attaches to uplink `dev` with the lab's intercept, as
+/// [`attached_programs`] lists it.
+pub fn uplink_programs(dev: &str) -> Vec<String> {
+    let tc = tc_mode();
+    match intercept() {
+        mesh_userspace::dataplane::Intercept::Xdp => {
+            vec![format!("{dev} xdp"), format!("{dev} {tc} mesh_tc_uplink")]
+        }
+        mesh_userspace::dataplane::Intercept::Tc => vec![format!("{dev} {tc} mesh_tc_ingress")],
     }
 }
 

@@ -31,7 +31,8 @@ use anyhow::Result;
 
 pub use cluster::Cluster;
 pub use meshd::{
-    ADMIN, Meshd, MeshdRun, attached_programs, http_get, meshd_path, parse_metric, tc_mode,
+    ADMIN, Meshd, MeshdRun, attached_programs, http_get, intercept, meshd_path, parse_metric,
+    tc_mode, uplink_programs,
 };
 pub use shell::{exec, guard_routes, in_netns, ip, retry, sh, slot_namespaces};
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
