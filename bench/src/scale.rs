@@ -228,6 +228,7 @@ fn run_here(a: &Args) -> Result<Value> {
             backends: s * t,
             tasks: tasks.clone(),
             prefilled: 0,
+            ifindex: 0,
         };
         world.track((CLIENT, FLOW_SPORT), NODE, tasks[0])?;
         let memory = map_memory(&world)?;

@@ -150,10 +150,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         ports_scanned: None,
         reserved: net::ReservedPorts::new(),
         neighbours: crate::neigh::Neighbours::default(),
+        accept_local: None,
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
     d.programs
         .attach_uplink(&d.iface, d.cfg.intercept, d.cfg.xdp_mode)?;
+    // The node's own flows: replies to them are handed in through the
+    // loopback, which must take them first.
+    match net::AcceptLocal::enable() {
+        Ok(a) => d.accept_local = Some(a),
+        Err(e) => warn!(
+            "{e:#}: replies to flows this node's own processes start will be dropped by its stack"
+        ),
+    }
+    d.programs.attach_loopback()?;
     d.generation = 1;
     admin.metrics.state_generation.set(1);
     admin.set_state(&first, 1);
@@ -298,6 +308,9 @@ struct Daemon {
     reserved: net::ReservedPorts,
     /// Next hops to the other nodes, kept resolved for XDP.
     neighbours: crate::neigh::Neighbours,
+    /// The loopback's `accept_local`, on while the programs run (after
+    /// `programs` here, so it is put back once they are detached).
+    accept_local: Option<net::AcceptLocal>,
 }
 
 impl Daemon {
@@ -488,13 +501,23 @@ impl Daemon {
     }
 }
 
+/// Docker's bridge for the containers of a swarm node.
+const DOCKER_GWBRIDGE: &str = "docker_gwbridge";
+
 /// The links that lead to this node's tasks (`--task-iface`, or the
-/// device of the route to each local task). A bridge stands for its ports.
+/// device of the route to each local task, and on a swarm node
+/// docker_gwbridge, where every task container sits: those of services
+/// that publish nothing call published ports through the node too). A
+/// bridge stands for its ports.
 fn task_links(cfg: &RunConfig, uplink: &str, d: &Desired) -> BTreeSet<String> {
     if !cfg.task_ifaces.is_empty() {
         return cfg.task_ifaces.iter().cloned().collect();
     }
     let mut set = BTreeSet::new();
+    if matches!(cfg.source, SourceConfig::Docker { .. }) && net::ifindex(DOCKER_GWBRIDGE).is_some()
+    {
+        set.insert(DOCKER_GWBRIDGE.to_string());
+    }
     for addr in d.local_task_addrs() {
         match net::route_dev(addr) {
             Ok(dev) if dev == uplink => {

@@ -437,3 +437,43 @@ impl Drop for ReservedPorts {
         }
     }
 }
+
+/// `accept_local` on the loopback device, on while meshd runs. Replies to
+/// flows the node's own processes start (to a published port on one of
+/// its addresses) come from an address of the node; the programs hand
+/// them to the node's stack through the loopback device, and the stack
+/// drops a packet with a local source that arrives on a device unless
+/// that device accepts local sources. The loopback carries nothing but
+/// what the node sends itself (and what the programs hand it), so this
+/// lets nothing in from outside. Put back as it was found on drop.
+pub struct AcceptLocal {
+    /// The setting as meshd found it, if it changed it.
+    original: Option<String>,
+}
+
+const LOOPBACK_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+
+impl AcceptLocal {
+    /// Turns it on.
+    pub fn enable() -> Result<Self> {
+        let was = std::fs::read_to_string(LOOPBACK_ACCEPT_LOCAL)
+            .with_context(|| format!("reading {LOOPBACK_ACCEPT_LOCAL}"))?;
+        let was = was.trim().to_string();
+        if was == "1" {
+            return Ok(Self { original: None });
+        }
+        std::fs::write(LOOPBACK_ACCEPT_LOCAL, "1\n")
+            .with_context(|| format!("writing 1 to {LOOPBACK_ACCEPT_LOCAL}"))?;
+        Ok(Self {
+            original: Some(was),
+        })
+    }
+}
+
+impl Drop for AcceptLocal {
+    fn drop(&mut self) {
+        if let Some(was) = &self.original {
+            let _ = std::fs::write(LOOPBACK_ACCEPT_LOCAL, format!("{was}\n"));
+        }
+    }
+}

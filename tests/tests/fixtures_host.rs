@@ -112,3 +112,27 @@ fn a_reused_backend_slot_does_not_inherit_stale_flows() {
         "the stale flow is re-picked as a new flow"
     );
 }
+
+/// The hairpin fixture's flow is one Maglev alone sends back to its own
+/// client (a task of the service): otherwise the fixture would not test
+/// that it goes to another task.
+#[test]
+fn the_hairpin_fixture_flow_is_a_hairpin() {
+    use mesh_common::abi::SvcKey;
+    use mesh_common::fwd::{self, Tables};
+    use mesh_tests::fixtures::{Flow, HAIRPIN_PORT, NODE, TASKS, WEB_TCP};
+    use mesh_userspace::model::Proto;
+    let w = host_world();
+    let pick = |port: u16| {
+        let key = Flow::new(Proto::Tcp, (TASKS[0], port), (NODE, WEB_TCP)).key();
+        let svc = w.maps.service(&SvcKey::new(WEB_TCP, key.proto)).unwrap();
+        fwd::select(&w.maps, &svc, &key).unwrap().1.addr[0]
+    };
+    let own = u32::from_ne_bytes(TASKS[0].octets());
+    let hairpins: Vec<u16> = (50010..50100).filter(|p| pick(*p) == own).take(3).collect();
+    assert_eq!(
+        pick(HAIRPIN_PORT),
+        own,
+        "Maglev no longer sends port {HAIRPIN_PORT} back to its client; ports that it does: {hairpins:?}"
+    );
+}

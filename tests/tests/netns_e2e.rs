@@ -364,12 +364,25 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
     let tc = mesh_tests::lab::tc_mode();
     let mut want = mesh_tests::lab::uplink_programs("up0");
     want.push(format!("vt1 {tc} mesh_tc_task"));
+    want.push(format!("lo {tc} mesh_tc_host"));
     assert_eq!(attached, want, "attached while running");
+    let accept_local = |lab: &Lab| {
+        mesh_tests::lab::exec(&lab.node_ns, "sysctl -n net.ipv4.conf.lo.accept_local")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        accept_local(&lab),
+        "1",
+        "the loopback takes replies to the node's flows"
+    );
     assert!(lab.tcp_request(WEB_TCP, "x").is_ok());
     let status = lab.stop_meshd().unwrap();
     assert!(status.success(), "meshd exit status {status}");
     let after = attached_programs(&lab);
     assert!(after.is_empty(), "still attached after SIGTERM: {after:?}");
+    assert_eq!(accept_local(&lab), "0", "put back as meshd found it");
     // Without the mesh the node's own stack answers: nothing listens there.
     assert!(lab.tcp_request(WEB_TCP, "x").is_err());
 
@@ -381,9 +394,9 @@ fn root_sigterm_detaches_everything_and_the_lab_leaves_nothing_behind() {
 }
 
 /// What is attached in the node: the intercept on the uplink (XDP and TC,
-/// or TC alone), TC programs on the bridge's ports.
+/// or TC alone), TC programs on the bridge's ports and the loopback.
 fn attached_programs(lab: &Lab) -> Vec<String> {
-    mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "br0", "vt1"])
+    mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "br0", "vt1", "lo"])
 }
 
 #[test]

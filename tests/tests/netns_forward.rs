@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use mesh_tests::lab::{Cluster, Topology, WEB_TCP, WEB_UDP, exec, ip, meshd_path};
+use mesh_tests::lab::{Cluster, Topology, WEB_TCP, WEB_UDP, exec, ip, meshd_path, retry};
 
 /// Tasks on nodes 1 and 3 only (two each), the same state on every node.
 fn cluster(extra: &[&str]) -> Cluster {
@@ -41,12 +41,22 @@ fn counter(c: &Cluster, j: usize, name: &str) -> u64 {
 fn assert_no_loops(c: &Cluster) {
     let n = c.topo.nodes.len();
     let sum = |name| (1..=n).map(|j| counter(c, j, name)).sum::<u64>();
-    let (fwd, decap) = (
-        sum("mesh_forwarded_packets_total"),
-        sum("mesh_decapsulated_packets_total"),
-    );
-    assert!(fwd > 0, "nothing was forwarded");
-    assert_eq!(fwd, decap, "forwarded {fwd}, decapsulated {decap}");
+    // The counters are read node by node: a packet (the client's last
+    // ACK) may be between two nodes meanwhile.
+    retry(
+        Duration::from_secs(3),
+        "every forwarded packet decapsulated",
+        || {
+            let (fwd, decap) = (
+                sum("mesh_forwarded_packets_total"),
+                sum("mesh_decapsulated_packets_total"),
+            );
+            anyhow::ensure!(fwd > 0, "nothing was forwarded");
+            anyhow::ensure!(fwd == decap, "forwarded {fwd}, decapsulated {decap}");
+            Ok(())
+        },
+    )
+    .unwrap();
     for j in 1..=n {
         if c.local_tasks(j).is_empty() {
             assert_eq!(

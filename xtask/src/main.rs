@@ -182,6 +182,7 @@ const NETNS_TESTS: &[&str] = &[
     "netns_hardening",
     "netns_cluster",
     "netns_forward",
+    "netns_node_origin",
 ];
 
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {

@@ -71,6 +71,8 @@ impl Frames {
 #[derive(Clone, Copy)]
 pub struct StatsCheck {
     pub new_flows: bool,
+    /// The service's published TCP port.
+    pub port: u16,
 }
 
 /// What happens to conntrack after each batch (untimed).
@@ -121,7 +123,16 @@ impl Case {
 
     /// The service's counters must move as this case claims.
     pub fn counted(mut self, new_flows: bool) -> Case {
-        self.stats = Some(StatsCheck { new_flows });
+        self.stats = Some(StatsCheck {
+            new_flows,
+            port: WEB_TCP,
+        });
+        self
+    }
+
+    /// As `counted`, for the service published at TCP `port`.
+    pub fn counted_on(mut self, port: u16, new_flows: bool) -> Case {
+        self.stats = Some(StatsCheck { new_flows, port });
         self
     }
 
@@ -135,9 +146,25 @@ impl Case {
         self.frames.start_batch();
         let input = self.frames.next();
         let r = w.run_xdp(self.prog, &input)?;
-        self.expect
-            .check_full(&input, &r, &w.tasks)
-            .with_context(|| format!("{}: first call", self.name))?;
+        let tasks = if matches!(self.expect, super::worlds::Expect::Encap) {
+            super::worlds::far_tasks()
+        } else {
+            w.tasks.clone()
+        };
+        if let Err(e) = self.expect.check_full(&input, &r, &tasks) {
+            let drops: Vec<String> = w
+                .bpf
+                .dp
+                .drops()?
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| format!("{} {n}", r.name()))
+                .collect();
+            return Err(e.context(format!(
+                "{}: first call (drops counted in this world: {drops:?})",
+                self.name
+            )));
+        }
         if self.after == AfterBatch::ClearNewFlows {
             w.clear_ct_new()?;
         }
@@ -147,7 +174,7 @@ impl Case {
     /// `n` timed calls; returns the sum of the kernel-reported durations.
     pub fn batch(&mut self, w: &mut World, n: usize) -> Result<u64> {
         self.frames.start_batch();
-        let before = self.stats.map(|_| w.svc_counters(WEB_TCP)).transpose()?;
+        let before = self.stats.map(|c| w.svc_counters(c.port)).transpose()?;
         let mut total = 0u64;
         for i in 0..n {
             let frame = self.frames.next();
@@ -158,7 +185,7 @@ impl Case {
             total += r.ns;
         }
         if let (Some(chk), Some((p0, f0))) = (self.stats, before) {
-            let (p1, f1) = w.svc_counters(WEB_TCP)?;
+            let (p1, f1) = w.svc_counters(chk.port)?;
             let want_flows = if chk.new_flows { n as u64 } else { 0 };
             ensure!(
                 p1 - p0 == n as u64 && f1 - f0 == want_flows,

@@ -460,7 +460,10 @@ impl LiveCase {
     }
 
     pub fn counted(mut self, new_flows: bool) -> LiveCase {
-        self.stats = Some(StatsCheck { new_flows });
+        self.stats = Some(StatsCheck {
+            new_flows,
+            port: WEB_TCP,
+        });
         self
     }
 

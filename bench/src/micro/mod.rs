@@ -18,7 +18,7 @@ pub mod worlds;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_common::abi::{PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_XDP};
+use mesh_common::abi::{PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_TC_HOST, PROG_XDP};
 use mesh_tests::fixtures::Floors;
 use mesh_tests::packet::{Spec, TCP_ACK};
 use mesh_userspace::plan::Limits;
@@ -80,6 +80,8 @@ pub const W_BASE: usize = 0;
 pub const W_NEW: usize = 1;
 pub const W_10K: usize = 2;
 pub const W_FULL: usize = 3;
+pub const W_FWD: usize = 4;
+pub const W_HOST: usize = 5;
 
 fn run_here(a: &Args) -> Result<Value> {
     let started = Instant::now();
@@ -121,6 +123,19 @@ fn run_here(a: &Args) -> Result<Value> {
         );
         Some(LiveWorld::new(addrs, ct_new).context("the live lab")?)
     };
+
+    // The forwarding world's link, in whatever namespace this thread is
+    // in now (the live lab's node, or a namespace of its own): never the
+    // host's.
+    if live.is_none() {
+        // SAFETY: plain syscall; this thread is the benchmark's own.
+        ensure!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    worlds[W_FWD].ifindex = worlds::fwd_link().context("the forwarding and host worlds' links")?;
 
     let mut xdp = xdp_cases();
     let mut lc = live.as_ref().map(live_cases).unwrap_or_default();
@@ -224,6 +239,18 @@ fn load_worlds(a: &Args, ct_new: u32) -> Result<Vec<World>> {
             &tasks,
         )?,
         worlds::load("new_flow_full", lim(64, 1024, a.ct_full), &base, &tasks)?,
+        worlds::load(
+            "forward",
+            lim(64, 1024, 65_536),
+            &worlds::desired_fwd(&tasks)?,
+            &tasks,
+        )?,
+        worlds::load(
+            "host",
+            lim(64, 1024, 65_536),
+            &worlds::desired(worlds::HOST_NODE, &worlds::host_tasks())?,
+            &worlds::host_tasks(),
+        )?,
     ];
     {
         let mut floors = Floors::load()?;
@@ -239,6 +266,20 @@ fn load_worlds(a: &Args, ct_new: u32) -> Result<Vec<World>> {
         w[i].track((CLIENT, FLOW_SPORT), NODE, tasks[0])?;
     }
     w[W_FULL].prefill_ct_new()?;
+    // The node's own flow to its published port: confirmed, pinned to
+    // the first task.
+    w[W_HOST].track_on(
+        (worlds::HOST_NODE, worlds::HOST_SPORT),
+        (worlds::HOST_NODE, WEB_TCP),
+        worlds::host_tasks()[0],
+    )?;
+    // The forwarded flow: confirmed, pinned to the far service's first
+    // task (on the other node).
+    w[W_FWD].track_on(
+        (worlds::FWD_CLIENT, FLOW_SPORT),
+        (worlds::FWD_NODE, worlds::FAR_TCP),
+        worlds::far_tasks()[0],
+    )?;
     Ok(w)
 }
 
@@ -298,6 +339,51 @@ fn xdp_cases() -> Vec<Case> {
             "as established, with 10,000 services loaded",
             Frames::One(ack),
             Expect::Local,
+        )
+        .counted(false),
+        Case::new(
+            "forward_remote",
+            PROG_XDP,
+            W_FWD,
+            "mesh_xdp, TCP ACK of a confirmed flow whose task runs on another node: conntrack hit + DNAT + 40 bytes of encapsulation + FIB lookup, XDP_TX",
+            Frames::One(
+                Spec::tcp(worlds::FWD_CLIENT, FLOW_SPORT, worlds::FWD_NODE, worlds::FAR_TCP, TCP_ACK)
+                    .build(),
+            ),
+            Expect::Encap,
+        )
+        .counted_on(worlds::FAR_TCP, false),
+        Case::new(
+            "decap_local",
+            PROG_XDP,
+            W_FWD,
+            "mesh_xdp, another node's encapsulated TCP ACK for a local task: node check, strip, identity lookup, flow record",
+            Frames::One(worlds::decap_frame()),
+            Expect::Local,
+        ),
+        Case::new(
+            "reply_via_ingress",
+            PROG_XDP,
+            W_FWD,
+            "mesh_xdp, a task's reply another node carried back: node check, strip, FIB lookup to the client, XDP_TX",
+            Frames::One(worlds::reply_frame()),
+            Expect::Out,
+        ),
+        Case::new(
+            "host_non_service",
+            PROG_TC_HOST,
+            W_HOST,
+            "mesh_tc_host (TC on lo), the node's own TCP to a port no service publishes: what all of its loopback traffic pays (TC_ACT_UNSPEC over floor_pass: an XDP floor, for scale)",
+            Frames::One(worlds::host_frame(UNPUBLISHED, TCP_ACK)),
+            Expect::Unspec,
+        ),
+        Case::new(
+            "host_established",
+            PROG_TC_HOST,
+            W_HOST,
+            "mesh_tc_host, a packet of the node's own confirmed flow to its published port: conntrack hit + DNAT with the skb helpers + FIB lookup + redirect",
+            Frames::One(worlds::host_frame(WEB_TCP, TCP_ACK)),
+            Expect::Redirect,
         )
         .counted(false),
         Case::new(

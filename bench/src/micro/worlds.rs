@@ -42,7 +42,23 @@ pub const FIRST_PORT: u16 = 10_000;
 /// The node and the client of the worlds that are not attached (their
 /// addresses only ever appear in frames handed to BPF_PROG_TEST_RUN).
 pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 1);
-pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 122, 7);
+
+/// The forwarding world: this node and another, on the link of a veth
+/// (`FWD_DEV`, its peer beside it) the benchmark's thread adds to its own network
+/// namespace, so that XDP's FIB lookups route to the other node and to the
+/// client (static neighbours), as on a node's uplink.
+/// In 198.18.0.0/17, which no namespace lab uses (the Docker labs do, in
+/// namespaces of their own): the live lab's node namespace, where this
+/// link may be added, routes only its own slot's /23 of 198.18.128.0/17.
+pub const FWD_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 121, 1);
+pub const FWD_OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 121, 2);
+const FWD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 121, 254);
+/// The forwarding world's client, behind the gateway.
+pub const FWD_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 122, 7);
+pub const FWD_DEV: &str = "mbfwd0";
+/// The service whose tasks all run on the other node.
+pub const FAR_TCP: u16 = 30070;
 
 /// What every timed call must return; checked on every call, so that a
 /// case never silently times the wrong path.
@@ -50,6 +66,15 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 7);
 pub enum Expect {
     /// XDP_PASS, no metadata (not service traffic).
     Pass,
+    /// XDP_TX of the packet encapsulated to the other node (forwarding).
+    Encap,
+    /// XDP_TX of a reply another node carried back, stripped and routed
+    /// to its client.
+    Out,
+    /// TC_ACT_UNSPEC, untouched (a TC program: not service traffic).
+    Unspec,
+    /// TC_ACT_REDIRECT, rewritten for a local task and routed to it.
+    Redirect,
     /// XDP_TX (floor_lookup's hit).
     Tx,
     /// XDP_PASS with 8 bytes of metadata: rewritten for a local task.
@@ -57,12 +82,17 @@ pub enum Expect {
 }
 
 pub const XDP_TX: u32 = 3;
+/// TC return codes (linux/pkt_cls.h).
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_REDIRECT: i32 = 7;
 
 impl Expect {
     pub fn check(self, r: &Run) -> Result<()> {
         let ok = match self {
             Expect::Pass => r.ret == XDP_PASS && r.meta.is_empty(),
-            Expect::Tx => r.ret == XDP_TX && r.meta.is_empty(),
+            Expect::Tx | Expect::Encap | Expect::Out => r.ret == XDP_TX && r.meta.is_empty(),
+            Expect::Unspec => r.ret as i32 == TC_ACT_UNSPEC,
+            Expect::Redirect => r.ret as i32 == TC_ACT_REDIRECT,
             Expect::Local => r.ret == XDP_PASS && r.meta.len() == 8,
         };
         ensure!(
@@ -79,7 +109,40 @@ impl Expect {
     pub fn check_full(self, input: &[u8], r: &Run, tasks: &[Ipv4Addr]) -> Result<()> {
         self.check(r)?;
         match self {
-            Expect::Pass | Expect::Tx => ensure!(r.output == input, "the packet was rewritten"),
+            Expect::Pass | Expect::Tx | Expect::Unspec => {
+                ensure!(r.output == input, "the packet was rewritten")
+            }
+            Expect::Redirect => {
+                let o = &r.output;
+                ensure!(
+                    host_tasks().contains(&View(o).daddr()) && View(o).dport() == TARGET_PORT,
+                    "not rewritten for a task of the service: {o:02x?}"
+                );
+                ensure!(checksums_ok(o), "bad checksum");
+            }
+            Expect::Encap => {
+                let o = &r.output;
+                ensure!(
+                    View(o).daddr() == FWD_OTHER
+                        && View(o).dport() == mesh_common::abi::DEFAULT_ENCAP_PORT,
+                    "not encapsulated to the other node: {o:02x?}"
+                );
+                let inner = &o[mesh_common::abi::ENCAP_LEN..];
+                ensure!(
+                    tasks.contains(&View(inner).daddr()) && View(inner).dport() == TARGET_PORT,
+                    "the inner packet is not for a task of the service"
+                );
+                ensure!(checksums_ok(o) && checksums_ok(inner), "bad checksum");
+            }
+            Expect::Out => {
+                let o = &r.output;
+                ensure!(
+                    (View(o).saddr(), View(o).daddr()) == (FWD_NODE, FWD_CLIENT)
+                        && o.len() + mesh_common::abi::ENCAP_LEN == input.len(),
+                    "not the stripped reply to the client: {o:02x?}"
+                );
+                ensure!(checksums_ok(o), "bad checksum");
+            }
             Expect::Local => {
                 let magic = u32::from_ne_bytes(r.meta[0..4].try_into().unwrap());
                 ensure!(
@@ -107,6 +170,10 @@ impl Expect {
         match self {
             Expect::Pass => "XDP_PASS without metadata",
             Expect::Tx => "XDP_TX",
+            Expect::Encap => "XDP_TX, encapsulated to the other node",
+            Expect::Out => "XDP_TX, stripped and routed to the client",
+            Expect::Unspec => "TC_ACT_UNSPEC",
+            Expect::Redirect => "TC_ACT_REDIRECT, rewritten for a local task and routed to it",
             Expect::Local => "XDP_PASS with 8 bytes of metadata (rewritten for a local task)",
         }
     }
@@ -126,6 +193,9 @@ pub struct World {
     pub tasks: Vec<Ipv4Addr>,
     /// Entries written into the unconfirmed conntrack table before timing.
     pub prefilled: u64,
+    /// The device XDP runs arrive on (its FIB lookups route from there);
+    /// 0: none.
+    pub ifindex: u32,
 }
 
 impl World {
@@ -133,7 +203,12 @@ impl World {
     pub fn run_xdp(&self, prog: &str, frame: &[u8]) -> Result<Run> {
         match &self.floors {
             Some(f) if mesh_common::abi::FLOOR_PROG_NAMES.contains(&prog) => f.run_xdp(prog, frame),
-            _ => self.bpf.run_xdp(prog, frame),
+            // The node's own packets, arriving on its loopback.
+            _ if prog == mesh_common::abi::PROG_TC_HOST => {
+                self.bpf
+                    .run_tc(prog, frame, mesh_common::abi::LOOPBACK_IFINDEX)
+            }
+            _ => self.bpf.run_xdp_on(prog, frame, self.ifindex),
         }
     }
 
@@ -177,7 +252,17 @@ impl World {
     /// task `to`, as a confirmed (established) flow: the entry the forward
     /// path leaves once the client acknowledged the task's SYN-ACK.
     pub fn track(&mut self, client: (Ipv4Addr, u16), node: Ipv4Addr, to: Ipv4Addr) -> Result<()> {
-        let flow = Flow::new(Proto::Tcp, client, (node, WEB_TCP));
+        self.track_on(client, (node, WEB_TCP), to)
+    }
+
+    /// As `track`, for the service published at `service`.
+    pub fn track_on(
+        &mut self,
+        client: (Ipv4Addr, u16),
+        service: (Ipv4Addr, u16),
+        to: Ipv4Addr,
+    ) -> Result<()> {
+        let flow = Flow::new(Proto::Tcp, client, service);
         self.bpf
             .track(&flow, SocketAddrV4::new(to, TARGET_PORT))
             .with_context(|| format!("{} world: tracking the established flow", self.name))
@@ -344,6 +429,7 @@ pub fn load(name: &'static str, limits: Limits, d: &Desired, tasks: &[Ipv4Addr])
         name,
         bpf,
         floors: None,
+        ifindex: 0,
         services: d.services.len(),
         backends: backend_count(d),
         limits,
@@ -365,4 +451,152 @@ pub fn new_flow_client(first: Ipv4Addr, i: usize) -> (Ipv4Addr, u16) {
 pub fn new_flow_frame(i: usize) -> Vec<u8> {
     let (saddr, sport) = new_flow_client(Ipv4Addr::new(198, 19, 0, 1), i);
     Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
+}
+
+/// The host world: a node whose own processes call its published port
+/// (`mesh_tc_host` on the loopback), its tasks behind a veth the
+/// benchmark's thread adds (`HOST_DEV`, static neighbours).
+pub const HOST_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 124, 1);
+pub const HOST_DEV: &str = "mbhost0";
+/// The client port of the node's own tracked flow.
+pub const HOST_SPORT: u16 = 50001;
+
+/// The host world's tasks.
+pub fn host_tasks() -> Vec<Ipv4Addr> {
+    (0..BACKENDS)
+        .map(|i| Ipv4Addr::new(198, 18, 125, 2 + i))
+        .collect()
+}
+
+/// A frame of the node's own flow on the loopback (its Ethernet
+/// addresses are zero): from its address to its address, port `dport`.
+pub fn host_frame(dport: u16, flags: u8) -> Vec<u8> {
+    Spec {
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+        ..Spec::tcp(HOST_NODE, HOST_SPORT, HOST_NODE, dport, flags)
+    }
+    .build()
+}
+
+/// The far service's tasks, on the other node.
+pub fn far_tasks() -> Vec<Ipv4Addr> {
+    (0..BACKENDS)
+        .map(|i| Ipv4Addr::new(198, 18, 123, 2 + i))
+        .collect()
+}
+
+/// Two nodes: n1 at `FWD_NODE` runs the web service's `tasks`; n2 at
+/// `FWD_OTHER` runs every task of the far service (`FAR_TCP`).
+pub fn desired_fwd(tasks: &[Ipv4Addr]) -> Result<Desired> {
+    let state = StateBuilder::new()
+        .node("n1", FWD_NODE)
+        .node("n2", FWD_OTHER)
+        .service("web", &[(Proto::Tcp, WEB_TCP, TARGET_PORT)])
+        .service("far", &[(Proto::Tcp, FAR_TCP, TARGET_PORT)])
+        .tasks("web", "n1", tasks.iter().copied())
+        .tasks("far", "n2", far_tasks())
+        .build()?;
+    Desired::compute(&state, "n1", &[])
+}
+
+/// Adds, to the calling thread's network namespace, the forwarding
+/// world's link: a veth (both ends here) holding `FWD_NODE`, a static neighbour for
+/// the other node, the clients' subnet through a gateway with a static
+/// neighbour, forwarding on. Returns the device's index. (Commands run
+/// from this thread start in its namespace.)
+pub fn fwd_link() -> Result<u32> {
+    let client_net = Ipv4Addr::from(u32::from(FWD_CLIENT) & !0xff);
+    for cmd in [
+        format!("ip link add {FWD_DEV} type veth peer name {FWD_DEV}p"),
+        format!("ip addr add {FWD_NODE}/24 dev {FWD_DEV}"),
+        format!("ip link set {FWD_DEV}p up"),
+        format!("ip link set {FWD_DEV} up"),
+        format!(
+            "ip neigh replace {FWD_OTHER} lladdr 02:00:00:00:fa:02 dev {FWD_DEV} nud permanent"
+        ),
+        format!(
+            "ip neigh replace {FWD_GATEWAY} lladdr 02:00:00:00:fa:fe dev {FWD_DEV} nud permanent"
+        ),
+        format!("ip route replace {client_net}/24 via {FWD_GATEWAY} dev {FWD_DEV}"),
+        format!("sysctl -qw net.ipv4.conf.{FWD_DEV}.forwarding=1"),
+        // The host world's tasks.
+        format!("ip link add {HOST_DEV} type veth peer name {HOST_DEV}p"),
+        format!("ip addr add 198.18.125.1/24 dev {HOST_DEV}"),
+        format!("ip link set {HOST_DEV}p up"),
+        format!("ip link set {HOST_DEV} up"),
+        format!("ip addr add {HOST_NODE}/32 dev lo"),
+        "sysctl -qw net.ipv4.conf.lo.forwarding=1".to_string(),
+    ]
+    .into_iter()
+    .chain(host_tasks().into_iter().enumerate().map(|(i, t)| {
+        format!(
+            "ip neigh replace {t} lladdr 02:00:00:00:fb:{:02x} dev {HOST_DEV} nud permanent",
+            i + 2
+        )
+    })) {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .with_context(|| format!("running {cmd}"))?;
+        ensure!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let name = std::ffi::CString::new(FWD_DEV)?;
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    ensure!(i != 0, "{FWD_DEV} is not in this thread's namespace");
+    Ok(i)
+}
+
+/// What the other node sends this one for a local task: a client's TCP
+/// ACK, DNAT'd there to the task.
+pub fn decap_frame() -> Vec<u8> {
+    use mesh_common::abi::{DEFAULT_ENCAP_PORT, ENCAP_K_REQUEST, ENCAP_VERSION};
+    let inner = Spec::tcp(
+        CLIENT,
+        FLOW_SPORT + 1,
+        tasks()[0],
+        TARGET_PORT,
+        mesh_tests::packet::TCP_ACK,
+    );
+    mesh_tests::packet::EncapSpec {
+        from: FWD_OTHER,
+        to: FWD_NODE,
+        sport: 0xc123,
+        dport: DEFAULT_ENCAP_PORT,
+        version: ENCAP_VERSION,
+        kind: ENCAP_K_REQUEST,
+        flags: 0,
+        orig: (FWD_OTHER, WEB_TCP),
+    }
+    .build(&inner)
+}
+
+/// What the other node sends back: its task's reply to a flow that came
+/// in through this node, already from this node's address and port.
+pub fn reply_frame() -> Vec<u8> {
+    use mesh_common::abi::{DEFAULT_ENCAP_PORT, ENCAP_K_REPLY, ENCAP_VERSION};
+    let inner = Spec::tcp(
+        FWD_NODE,
+        FAR_TCP,
+        CLIENT,
+        FLOW_SPORT,
+        mesh_tests::packet::TCP_ACK,
+    );
+    mesh_tests::packet::EncapSpec {
+        from: FWD_OTHER,
+        to: FWD_NODE,
+        sport: 0xc123,
+        dport: DEFAULT_ENCAP_PORT,
+        version: ENCAP_VERSION,
+        kind: ENCAP_K_REPLY,
+        flags: 0,
+        orig: (FWD_NODE, FAR_TCP),
+    }
+    .build(&inner)
 }

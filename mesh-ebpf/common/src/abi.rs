@@ -125,8 +125,20 @@ pub const PROG_TC_TASK: &str = "mesh_tc_task";
 /// `mesh_xdp` and `mesh_tc_uplink` do together, in one TC program, so that
 /// no XDP program sits on the uplink.
 pub const PROG_TC_INGRESS: &str = "mesh_tc_ingress";
+pub const PROG_TC_HOST: &str = "mesh_tc_host";
 /// Every program of the dataplane's object (checked like [`MAP_NAMES`]).
-pub const PROG_NAMES: &[&str] = &[PROG_XDP, PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_INGRESS];
+pub const PROG_NAMES: &[&str] = &[
+    PROG_XDP,
+    PROG_TC_UPLINK,
+    PROG_TC_TASK,
+    PROG_TC_INGRESS,
+    PROG_TC_HOST,
+];
+
+/// The loopback device's index, in every network namespace
+/// (`LOOPBACK_IFINDEX`): where the node's own packets to its own
+/// addresses pass, and where replies to them are handed in.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The benchmark's floor programs, in their own object (`mesh-floor`, not
 /// the dataplane's): one that only passes, one that parses and does one
@@ -351,12 +363,20 @@ pub enum Counter {
     MssClamped = 5,
     /// ICMP "fragmentation needed" sent for packets too big to encapsulate.
     TooBig = 6,
+    /// Packets of this node's own processes to a published port on one of
+    /// its addresses, sent to a task (here or on another node).
+    HostOrigin = 7,
+    /// Packets of this node's tasks to a published port on one of its
+    /// addresses, sent to a task (here or on another node).
+    TaskOrigin = 8,
+    /// Replies handed to this node's own processes (flows they started).
+    RepliesToHost = 9,
 }
 
 pub const MAX_COUNTERS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Forwarded,
         Counter::Decapsulated,
         Counter::RepliesToIngress,
@@ -364,6 +384,9 @@ impl Counter {
         Counter::RepliesDirect,
         Counter::MssClamped,
         Counter::TooBig,
+        Counter::HostOrigin,
+        Counter::TaskOrigin,
+        Counter::RepliesToHost,
     ];
 
     /// The Prometheus metric name.
@@ -376,6 +399,9 @@ impl Counter {
             Counter::RepliesDirect => "mesh_replies_direct_total",
             Counter::MssClamped => "mesh_mss_clamped_total",
             Counter::TooBig => "mesh_too_big_total",
+            Counter::HostOrigin => "mesh_host_origin_packets_total",
+            Counter::TaskOrigin => "mesh_task_origin_packets_total",
+            Counter::RepliesToHost => "mesh_replies_to_host_total",
         }
     }
 
@@ -392,6 +418,13 @@ impl Counter {
             Counter::RepliesDirect => "Replies of forwarded flows sent straight to clients.",
             Counter::MssClamped => "TCP handshakes whose MSS was lowered to fit encapsulation.",
             Counter::TooBig => "ICMP fragmentation-needed sent for packets too big to encapsulate.",
+            Counter::HostOrigin => {
+                "Packets of this node's own processes to a published port on its addresses, sent to a task."
+            }
+            Counter::TaskOrigin => {
+                "Packets of this node's tasks to a published port on its addresses, sent to a task."
+            }
+            Counter::RepliesToHost => "Replies handed to this node's own processes.",
         }
     }
 }
@@ -637,6 +670,10 @@ pub const XDP_META_MAGIC: u32 = 0x6d65_7368; // "mesh"
 /// hop's neighbour entry was missing: `backend_id` holds the egress
 /// ifindex, and TC sends it with `bpf_redirect_neigh` (which resolves it).
 pub const XDP_META_NEIGH: u32 = 0x6e65_6967; // "neig"
+/// `XdpMeta` of a reply XDP rewrote for this node itself (a task on
+/// another node answered a flow one of this node's processes started):
+/// TC hands it to the node's own stack through the loopback device.
+pub const XDP_META_HOST: u32 = 0x686f_7374; // "host"
 
 /// Why a packet was dropped. Index into `MAP_DROPS`. Never renumber:
 /// retire a variant by renaming it `UnusedN`.
@@ -685,14 +722,18 @@ pub enum DropReason {
     /// more): never re-forwarded.
     NotLocal = 15,
     /// A packet too big to encapsulate (ICMP fragmentation-needed was sent
-    /// back when it could be).
+    /// back when it could be), or (TC) for the device the FIB routes it to.
     TooBig = 16,
     /// XDP: no route or neighbour towards the node a flow is forwarded to.
     NoRouteToNode = 17,
+    /// A task's new flow to a published port of its own service, for
+    /// which no task but itself could be found: delivering a packet to
+    /// the address it came from would need SNAT.
+    Hairpin = 18,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -711,6 +752,7 @@ impl DropReason {
         DropReason::NotLocal,
         DropReason::TooBig,
         DropReason::NoRouteToNode,
+        DropReason::Hairpin,
     ];
 
     /// The Prometheus label value.
@@ -734,6 +776,7 @@ impl DropReason {
             DropReason::NotLocal => "not_local",
             DropReason::TooBig => "too_big",
             DropReason::NoRouteToNode => "no_route_to_node",
+            DropReason::Hairpin => "hairpin",
         }
     }
 }

@@ -42,6 +42,25 @@ pub struct Outer {
     pub hdr: EncapHdr,
 }
 
+impl Outer {
+    /// All zero: no headers (a placeholder where none are needed).
+    pub const NONE: Outer = Outer {
+        saddr: 0,
+        daddr: 0,
+        sport_be: 0,
+        dport_be: 0,
+        hdr: EncapHdr {
+            version: 0,
+            kind: 0,
+            flags: 0,
+            _pad0: 0,
+            orig_daddr: 0,
+            orig_dport_be: 0,
+            _pad1: 0,
+        },
+    };
+}
+
 /// The UDP source port for a flow hash: 49152 + the hash's low 14 bits,
 /// so the receiving node's RSS spreads flows over its queues.
 #[inline(always)]

@@ -1,4 +1,7 @@
-//! The client-to-service path, run by the XDP program on the uplink.
+//! The client-to-service path, run by the XDP program on the uplink
+//! ([`process`]), and by the TC programs for flows that start on the node
+//! itself, from its own processes or its tasks ([`node_origin`]): both
+//! decide with the same `pick`.
 //!
 //! parse -> service lookup (port, proto) -> conntrack (confirmed flows,
 //! then unconfirmed ones); for an untracked flow, node address check ->
@@ -57,6 +60,9 @@ pub trait Tables {
     fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue>;
     /// Moves an unconfirmed flow's entry, as `ct`, to the confirmed table.
     fn ct_confirm(&self, key: &FlowKey4, ct: &CtValue);
+    /// Forgets a flow's confirmed entry (a new connection on its 4-tuple,
+    /// or a new pick after its backend went, replaces it).
+    fn ct_forget(&self, key: &FlowKey4);
     /// Record a new (unconfirmed) flow. Failure (a full map that is not
     /// LRU) is not fatal: the flow's next packet hashes the same way.
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue);
@@ -148,6 +154,10 @@ pub enum Verdict {
         saddr: u32,
         daddr: u32,
     },
+    /// A reply another node sent back to a flow this node's own process
+    /// started (its client is an address of this node): into the node's
+    /// own stack.
+    Host,
 }
 
 /// Runs the forward path on `pkt`, rewriting it in place when the verdict
@@ -192,6 +202,88 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     let Some(svc) = t.service(&key) else {
         return Verdict::Pass;
     };
+    let p = pick(pkt, &ip, t, &svc, sport, dport, 0);
+    if p.action == PICK_PASS {
+        return Verdict::Pass;
+    }
+    if p.action == PICK_DROP {
+        return Verdict::Drop(p.reason);
+    }
+    let be = p.be;
+    if be.flags & BE_F_LOCAL == 0 {
+        return forward(pkt, &ip, t, &svc, &be, &cfg, p.syn, sport, p.new_flow);
+    }
+    let bytes = pkt.wire_len() as u64;
+    if dnat(pkt, &ip, be.addr[0], be.port_be, Delta::default(), t).is_none() {
+        // Unreachable after check_l4; kept so no path writes half a packet
+        // without saying so.
+        return Verdict::Drop(DropReason::L4Truncated);
+    }
+    t.account(svc.svc_id, pkt.segs(), bytes, p.new_flow);
+    Verdict::Local {
+        backend_id: p.backend_id,
+    }
+}
+
+/// What `pick` decided for a packet to a published port, before any
+/// rewrite. (A struct with every field defined on every path, not an enum
+/// with payloads: see the note in `pick`.)
+#[derive(Clone, Copy)]
+struct Pick {
+    /// `PICK_*`.
+    action: u8,
+    /// For `PICK_DROP`.
+    reason: DropReason,
+    /// For `PICK_GO`: the backend's slot and value.
+    backend_id: u32,
+    be: Backend,
+    /// A flow Maglev picked for (new, re-picked or picked up again).
+    new_flow: bool,
+    /// A TCP SYN (without ACK).
+    syn: bool,
+}
+
+/// Not service traffic after all: to the kernel, untouched.
+const PICK_PASS: u8 = 0;
+const PICK_DROP: u8 = 1;
+/// To backend `Pick::be`; its flow is tracked.
+const PICK_GO: u8 = 2;
+
+impl Pick {
+    #[inline(always)]
+    fn pass() -> Self {
+        Self::drop(DropReason::Unused0, PICK_PASS)
+    }
+
+    #[inline(always)]
+    fn drop(reason: DropReason, action: u8) -> Self {
+        Pick {
+            action,
+            reason,
+            backend_id: 0,
+            be: Backend::default(),
+            new_flow: false,
+            syn: false,
+        }
+    }
+}
+
+/// The forward path's decision for a packet to published port `dport` of
+/// service `svc`, the same whoever sent it: the flow's live conntrack
+/// entry, or (for a packet that may start a flow) Maglev's pick, tracked.
+/// Writes conntrack, never the packet. `avoid`, when not 0, is an address
+/// a new flow must not go to (the address of a task calling its own
+/// service: see [`other_backend`]).
+#[inline(always)]
+fn pick<T: Tables>(
+    pkt: &Pkt,
+    ip: &parse::Ip4,
+    t: &T,
+    svc: &SvcValue,
+    sport: u16,
+    dport: u16,
+    avoid: u32,
+) -> Pick {
     let flow = FlowKey4 {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -220,21 +312,21 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         },
     };
     if kind == CT_NONE && !t.is_node_addr4(ip.daddr) {
-        return Verdict::Pass;
+        return Pick::pass();
     }
     if ip.first_fragment {
-        return Verdict::Drop(DropReason::Fragment);
+        return Pick::drop(DropReason::Fragment, PICK_DROP);
     }
-    match parse::check_l4(pkt, &ip) {
+    match parse::check_l4(pkt, ip) {
         Ok(()) => {}
-        Err(L4Error::Truncated) => return Verdict::Drop(DropReason::L4Truncated),
-        Err(L4Error::BadLength) => return Verdict::Drop(DropReason::L4BadLength),
+        Err(L4Error::Truncated) => return Pick::drop(DropReason::L4Truncated, PICK_DROP),
+        Err(L4Error::BadLength) => return Pick::drop(DropReason::L4BadLength, PICK_DROP),
     }
     let (flags, ack_seq): (u8, u32) = if ip.proto == IPPROTO_TCP {
         // Inside the header check_l4 validated.
         match pkt.view::<TCP_HLEN_MIN>(ip.l4_off) {
             Some(h) => (h.get(TCP_FLAGS), h.get(TCP_ACK_SEQ)),
-            None => return Verdict::Drop(DropReason::L4Truncated),
+            None => return Pick::drop(DropReason::L4Truncated, PICK_DROP),
         }
     } else {
         (0, 0)
@@ -281,22 +373,28 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
             // Never the start of a flow: a SYN-ACK or a RST, or a segment
             // of a flow of the node's own.
             if flags & (TCP_SYN | TCP_RST) != 0 || (kind == CT_NONE && t.host_socket(&flow)) {
-                return Verdict::Pass;
+                return Pick::pass();
             }
         }
         // New, re-picked after its backend went, or picked up again after
         // its entry was lost: Maglev picks.
-        match select(t, &svc, &flow) {
+        match select_for(t, svc, &flow, avoid) {
             Ok((id, b)) => {
                 backend_id = id;
                 be = b;
             }
-            Err(r) => return Verdict::Drop(r),
+            Err(r) => return Pick::drop(r, PICK_DROP),
         }
         // A task on a node the node map does not hold (yet): nothing to
         // track.
         if be.flags & BE_F_LOCAL == 0 && t.node(be.node_id).is_none() {
-            return Verdict::Drop(DropReason::RemoteBackend);
+            return Pick::drop(DropReason::RemoteBackend, PICK_DROP);
+        }
+        // The flow's packets look in the confirmed table first: an entry
+        // left there would send the rest of a new connection (or of a
+        // re-picked flow) to the old pick.
+        if kind == CT_CONFIRMED {
+            t.ct_forget(&flow);
         }
         let (state, cflags) = if ip.proto != IPPROTO_TCP {
             (CT_OPEN, 0)
@@ -326,17 +424,14 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
             );
         }
     }
-    if be.flags & BE_F_LOCAL == 0 {
-        return forward(pkt, &ip, t, &svc, &be, &cfg, syn, sport, new_flow);
+    Pick {
+        action: PICK_GO,
+        reason: DropReason::Unused0,
+        backend_id,
+        be,
+        new_flow,
+        syn,
     }
-    let bytes = pkt.wire_len() as u64;
-    if dnat(pkt, &ip, be.addr[0], be.port_be, Delta::default(), t).is_none() {
-        // Unreachable after check_l4; kept so no path writes half a packet
-        // without saying so.
-        return Verdict::Drop(DropReason::L4Truncated);
-    }
-    t.account(svc.svc_id, pkt.segs(), bytes, new_flow);
-    Verdict::Local { backend_id }
 }
 
 /// An ICMP error about one of our replies (it quotes a datagram from a
@@ -434,22 +529,200 @@ fn forward<T: Tables>(
         0
     };
     Verdict::Forward {
-        outer: Outer {
-            saddr: cfg.self_addr,
-            daddr: node.addr[0],
-            sport_be: encap::source_port(flow_hash4(ip.saddr, sport, orig_dport, ip.proto)),
-            dport_be: cfg.encap_port_be,
-            hdr: EncapHdr {
-                version: ENCAP_VERSION,
-                kind: ENCAP_K_REQUEST,
-                flags,
-                _pad0: 0,
-                orig_daddr,
-                orig_dport_be: orig_dport,
-                _pad1: 0,
-            },
+        outer: request_outer(ip, sport, orig_daddr, orig_dport, node.addr[0], cfg, flags),
+    }
+}
+
+/// The outer headers that carry a client's packet (`ip`, from port
+/// `sport`, sent to `orig_daddr`:`orig_dport`) to node `to`: the UDP
+/// source port from the flow hash, as the replies' (see
+/// `rev::reply_outer`).
+#[inline(always)]
+fn request_outer(
+    ip: &parse::Ip4,
+    sport: u16,
+    orig_daddr: u32,
+    orig_dport: u16,
+    to: u32,
+    cfg: &NodeConfig,
+    flags: u8,
+) -> Outer {
+    Outer {
+        saddr: cfg.self_addr,
+        daddr: to,
+        sport_be: encap::source_port(flow_hash4(ip.saddr, sport, orig_dport, ip.proto)),
+        dport_be: cfg.encap_port_be,
+        hdr: EncapHdr {
+            version: ENCAP_VERSION,
+            kind: ENCAP_K_REQUEST,
+            flags,
+            _pad0: 0,
+            orig_daddr,
+            orig_dport_be: orig_dport,
+            _pad1: 0,
         },
     }
+}
+
+/// Where a flow that starts on this node starts, for [`node_origin`].
+/// One of the node's own processes (its packets to its own addresses pass
+/// the loopback device).
+pub const ORIGIN_HOST: u8 = 1;
+/// A task on this node (its packets enter from the task's side).
+pub const ORIGIN_TASK: u8 = 2;
+
+/// What to do with a packet of a flow that starts on this node. (A struct
+/// with every field defined on every path, not an enum with payloads: see
+/// the note in `pick`.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// `PLAN_*`.
+    pub kind: u8,
+    /// For `PLAN_DROP`.
+    pub reason: DropReason,
+    /// The packet's IPv4 header, as parsed.
+    pub ip: parse::Ip4,
+    /// The packet's destination port (the published port).
+    pub dport_be: u16,
+    /// The destination to write: the task's address (where this node
+    /// delivers it, or its identity when it runs on another node) and
+    /// target port.
+    pub addr: u32,
+    pub port_be: u16,
+    /// A TCP SYN for a task on another node: the MSS it may carry at most
+    /// once encapsulated (0: leave it).
+    pub mss: u16,
+    /// For `PLAN_FORWARD`: the outer headers that carry it there.
+    pub outer: Outer,
+    /// The backend's slot.
+    pub backend_id: u32,
+}
+
+/// Not ours: on into the stack, untouched.
+pub const PLAN_PASS: u8 = 0;
+/// Dropped, counted under `Plan::reason`.
+pub const PLAN_DROP: u8 = 1;
+/// DNAT to the task on this node; route it there.
+pub const PLAN_LOCAL: u8 = 2;
+/// DNAT to the task on another node, lower a SYN's MSS, encapsulate,
+/// route to that node.
+pub const PLAN_FORWARD: u8 = 3;
+
+impl Plan {
+    #[inline(always)]
+    fn nothing(kind: u8, reason: DropReason) -> Self {
+        Plan {
+            kind,
+            reason,
+            ip: parse::Ip4 {
+                l4_off: 0,
+                l3_end: 0,
+                saddr: 0,
+                daddr: 0,
+                proto: 0,
+                first_fragment: false,
+                later_fragment: false,
+            },
+            dport_be: 0,
+            addr: 0,
+            port_be: 0,
+            mss: 0,
+            outer: Outer::NONE,
+            backend_id: 0,
+        }
+    }
+}
+
+/// The forward path for a packet of a flow that starts on this node: one
+/// of its own processes (`ORIGIN_HOST`) or one of its tasks
+/// (`ORIGIN_TASK`) sending to a published port on one of this node's
+/// addresses, as Docker's routing mesh lets them. The same service
+/// lookup, conntrack and Maglev pick as a client's packet on the uplink
+/// (`pick`), so such a flow goes where the same flow from outside
+/// would; the source stays the caller's own (no SNAT). Decides only: the
+/// TC programs rewrite with the skb helpers (the packets of local sockets
+/// carry partial checksums), the host with [`rewrite_full`].
+///
+/// Differences from a client's packet: replies of such a flow always come
+/// back through this node (never straight from the task's node, which
+/// cannot route to this node's own addresses and tasks); a task's new
+/// flow to its own service goes to another of its tasks (to itself it
+/// would need SNAT); and a packet that is too big to encapsulate is
+/// dropped (`TooBig`), not answered. `gso`: the packet is a GSO packet,
+/// whose segments the MSS bounds (and the SYNs' MSS was lowered to fit).
+#[inline(always)]
+pub fn node_origin<T: Tables>(pkt: &Pkt, t: &T, origin: u8, gso: bool) -> Plan {
+    let Some(ip) = parse::ipv4(pkt) else {
+        return Plan::nothing(PLAN_PASS, DropReason::Unused0);
+    };
+    if ip.later_fragment {
+        return Plan::nothing(PLAN_PASS, DropReason::Unused0);
+    }
+    let Some((sport, dport)) = parse::ports(pkt, &ip) else {
+        return Plan::nothing(PLAN_PASS, DropReason::Unused0);
+    };
+    let key = SvcKey {
+        port_be: dport,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    let Some(svc) = t.service(&key) else {
+        return Plan::nothing(PLAN_PASS, DropReason::Unused0);
+    };
+    let avoid = if origin == ORIGIN_TASK { ip.saddr } else { 0 };
+    let p = pick(pkt, &ip, t, &svc, sport, dport, avoid);
+    if p.action == PICK_PASS {
+        return Plan::nothing(PLAN_PASS, DropReason::Unused0);
+    }
+    if p.action == PICK_DROP {
+        return Plan::nothing(PLAN_DROP, p.reason);
+    }
+    let be = p.be;
+    let mut plan = Plan {
+        kind: PLAN_LOCAL,
+        reason: DropReason::Unused0,
+        ip,
+        dport_be: dport,
+        addr: be.addr[0],
+        port_be: be.port_be,
+        mss: 0,
+        outer: Outer::NONE,
+        backend_id: p.backend_id,
+    };
+    if be.flags & BE_F_LOCAL == 0 {
+        let Some(node) = t.node(be.node_id) else {
+            return Plan::nothing(PLAN_DROP, DropReason::RemoteBackend);
+        };
+        let cfg = t.config();
+        if !gso && !encap::fits(ip.l3_end - ETH_HLEN, cfg.mtu) {
+            return Plan::nothing(PLAN_DROP, DropReason::TooBig);
+        }
+        plan.kind = PLAN_FORWARD;
+        if p.syn {
+            plan.mss = encap::mss(cfg.mtu);
+        }
+        // Never ENCAP_F_DIRECT: the task's node cannot reach this node's
+        // own addresses or its tasks but through it.
+        plan.outer = request_outer(&ip, sport, ip.daddr, dport, node.addr[0], &cfg, 0);
+        t.count_n(Counter::Forwarded, pkt.segs());
+    }
+    t.account(svc.svc_id, pkt.segs(), pkt.wire_len() as u64, p.new_flow);
+    t.count(if origin == ORIGIN_TASK {
+        Counter::TaskOrigin
+    } else {
+        Counter::HostOrigin
+    });
+    plan
+}
+
+/// Host-side rewrite of a planned packet with a complete checksum: what
+/// the TC programs' skb helpers make of it (DNAT, a SYN's MSS lowered).
+/// The encapsulation is the caller's.
+pub fn rewrite_full<T: Tables>(pkt: &Pkt, plan: &Plan, t: &T) -> Option<()> {
+    if plan.mss != 0 {
+        clamp_mss(pkt, &plan.ip, plan.mss, t);
+    }
+    dnat(pkt, &plan.ip, plan.addr, plan.port_be, Delta::default(), t)
 }
 
 /// Lowers the MSS option of a TCP SYN (or SYN-ACK) to `max` if it is
@@ -590,6 +863,11 @@ pub fn decap_reply<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         }
     }
     t.count_n(Counter::RepliesFromBackends, pkt.segs());
+    if t.is_node_addr4(ip.daddr) {
+        // A flow one of this node's own processes started.
+        t.count(Counter::RepliesToHost);
+        return Verdict::Host;
+    }
     Verdict::Out {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -628,11 +906,65 @@ pub fn select<T: Tables>(
     if svc.table_size == 0 {
         return Err(DropReason::NoBackend);
     }
-    let h = flow_hash4(flow.saddr, flow.sport_be, flow.dport_be, flow.proto);
-    let index = svc.table_off.wrapping_add(h % svc.table_size);
+    let index = svc.table_off.wrapping_add(slot_of(svc, flow));
     let id = t.maglev(index).ok_or(DropReason::TableOutOfRange)?;
     let be = t.backend(id).ok_or(DropReason::BackendMissing)?;
     Ok((id, be))
+}
+
+/// A flow's entry in its service's table (which must not be empty).
+#[inline(always)]
+fn slot_of(svc: &SvcValue, flow: &FlowKey4) -> u32 {
+    flow_hash4(flow.saddr, flow.sport_be, flow.dport_be, flow.proto) % svc.table_size
+}
+
+/// [`select`], for a flow that may come from a task of the service
+/// itself (`avoid`, its address; 0 for none): such a flow goes to another
+/// task. Handing a task its own packet back would need SNAT, and any
+/// other task of the service serves it as well.
+#[inline(always)]
+pub fn select_for<T: Tables>(
+    t: &T,
+    svc: &SvcValue,
+    flow: &FlowKey4,
+    avoid: u32,
+) -> Result<(u32, Backend), DropReason> {
+    let (id, be) = select(t, svc, flow)?;
+    if avoid == 0 || be.flags & BE_F_LOCAL == 0 || be.addr[0] != avoid {
+        return Ok((id, be));
+    }
+    let other = other_backend(t, svc.table_off, svc.table_size, slot_of(svc, flow), avoid);
+    if other == NO_BACKEND {
+        return Err(DropReason::Hairpin);
+    }
+    let be = t.backend(other).ok_or(DropReason::BackendMissing)?;
+    Ok((other, be))
+}
+
+/// Table entries `other_backend` tries: a Maglev table interleaves its
+/// backends (each fills the entries its own permutation reaches first, in
+/// turns), so with two or more tasks one of the next few is another.
+pub const HAIRPIN_PROBES: u32 = 16;
+const NO_BACKEND: u32 = u32::MAX;
+
+/// The first backend after entry `start` of the table at `off` (`size`
+/// entries) whose address is not `avoid`: its slot, or `NO_BACKEND` when
+/// the next [`HAIRPIN_PROBES`] entries name none (a service whose only
+/// task is the caller). Never inlined: in BPF a subprogram, so its loop's
+/// states do not multiply with its caller's.
+#[inline(never)]
+fn other_backend<T: Tables>(t: &T, off: u32, size: u32, start: u32, avoid: u32) -> u32 {
+    for k in 1..=HAIRPIN_PROBES {
+        let Some(id) = t.maglev(off.wrapping_add((start + k) % size)) else {
+            return NO_BACKEND;
+        };
+        if let Some(b) = t.backend(id)
+            && !(b.flags & BE_F_LOCAL != 0 && b.addr[0] == avoid)
+        {
+            return id;
+        }
+    }
+    NO_BACKEND
 }
 
 /// Rewrites the destination address and port, fixing the IPv4 header

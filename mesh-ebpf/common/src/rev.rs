@@ -1,6 +1,8 @@
 //! The task-to-client path, run by the TC program on the interfaces that
 //! lead to local tasks: a reply whose flow the forward path recorded gets
-//! the node address and published port back as its source.
+//! the node address and published port back as its source. A reply to a
+//! flow one of the node's own processes started goes to the node's own
+//! stack ([`to_host`]).
 //!
 //! No per-flow reverse entry: the reply table holds, per local backend, the
 //! (node address, published port) pairs its flows can have come through,
@@ -50,6 +52,9 @@ pub trait RevTables {
     /// A flow another node forwarded to this node's task, as the task sees
     /// it (client address and port, the task's address and target port).
     fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue>;
+    /// Whether `addr` is one of this node's addresses (as
+    /// `fwd::Tables::is_node_addr4`).
+    fn is_own_addr4(&self, addr: u32) -> bool;
 }
 
 /// What a reply tells of its flow. (A struct with every field defined,
@@ -278,6 +283,16 @@ fn find<T: RevTables>(
 #[inline(always)]
 pub fn via_ingress(r: &Reply) -> bool {
     r.fwd.ingress != 0 && r.fwd.flags & ENCAP_F_DIRECT == 0
+}
+
+/// Whether reply `r` (going to its client from here, not via an ingress
+/// node) is for one of this node's own processes: a flow that started on
+/// this node, to one of its own addresses. Such a reply is handed to the
+/// node's own stack (through the loopback device): routing it would send
+/// a packet from and to this node's own address out of a device.
+#[inline(always)]
+pub fn to_host<T: RevTables>(r: &Reply, t: &T) -> bool {
+    !via_ingress(r) && t.is_own_addr4(r.ip.daddr)
 }
 
 /// The outer headers that carry reply `r` (already rewritten) back to its

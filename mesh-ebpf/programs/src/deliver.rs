@@ -23,7 +23,7 @@ use crate::skb;
 /// Delivers the packet, rewritten for local backend `id`, to its task.
 #[inline(always)]
 pub fn to_task(ctx: &TcContext, id: u32) -> i32 {
-    let pkt = skb::packet(ctx);
+    let pkt = skb::reread(ctx);
     let Some(h) = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0) else {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT;

@@ -4,7 +4,8 @@
 //! chain, DROP on Docker hosts) is never involved.
 
 use aya_ebpf::bindings::{
-    BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT,
+    bpf_fib_lookup as FibParams,
 };
 use aya_ebpf::helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
@@ -116,6 +117,13 @@ pub fn forward_or(
         // The kernel resolves the neighbour (ARP) and transmits.
         // SAFETY: helper call; no explicit next hop.
         return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // The skb's lookup checks the egress device's MTU: a packet that
+        // is not GSO and longer (a datagram of the node's own process,
+        // sent over the loopback's 64 KiB MTU) cannot go there whole.
+        count_drop(DropReason::TooBig);
+        return TC_ACT_SHOT;
     }
     count_drop(no_route);
     debug!(

@@ -211,6 +211,11 @@ impl<const SKB: bool> Tables for Maps<SKB> {
     }
 
     #[inline(always)]
+    fn ct_forget(&self, key: &FlowKey4) {
+        let _ = confirmed(key).remove(key);
+    }
+
+    #[inline(always)]
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue) {
         // An LRU map evicts instead of failing; an error here can only be
         // -ENOMEM, and the flow's next packet hashes to the same backend.
@@ -387,6 +392,11 @@ impl<const SKB: bool> RevTables for Maps<SKB> {
     #[inline(always)]
     fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
         Tables::fwd_get(self, key)
+    }
+
+    #[inline(always)]
+    fn is_own_addr4(&self, addr: u32) -> bool {
+        Tables::is_node_addr4(self, addr)
     }
 }
 

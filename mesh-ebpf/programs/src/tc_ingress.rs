@@ -7,8 +7,9 @@
 //!   (`bpf_skb_adjust_room`) and sent to that node out of the device the
 //!   FIB names;
 //! - a packet another node encapsulated for this one is stripped, then
-//!   delivered (a client's packet) or sent on to its client (a task's
-//!   reply);
+//!   delivered (a client's packet), sent on to its client (a task's
+//!   reply), or handed to this node's own stack (a reply to a flow one of
+//!   its processes started);
 //! - a packet too big to encapsulate becomes the ICMP error that says so,
 //!   sent back where it came from.
 //!
@@ -74,11 +75,13 @@ pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
             match v {
                 Verdict::Local { backend_id } => deliver::to_task(&ctx, backend_id),
                 Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr),
+                Verdict::Host => skb::to_host(&skb::reread(&ctx)),
                 Verdict::Drop(reason) => drop(&ctx, reason),
                 _ => drop(&ctx, DropReason::EncapMalformed),
             }
         }
         Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr),
+        Verdict::Host => skb::to_host(&skb::reread(&ctx)),
     }
 }
 
@@ -106,7 +109,7 @@ fn encapsulate(ctx: &TcContext, outer: &Outer) -> i32 {
     {
         return drop(ctx, DropReason::RewriteFailed);
     }
-    let pkt = skb::packet(ctx);
+    let pkt = skb::reread(ctx);
     if encap::write(&pkt, outer, inner_len).is_none() {
         return drop(ctx, DropReason::RewriteFailed);
     }
@@ -132,7 +135,7 @@ fn strip(ctx: &TcContext) -> Result<(), ()> {
 /// Without a route: dropped, as `mesh_xdp` drops it.
 #[inline(always)]
 fn transmit(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
-    let pkt = skb::packet(ctx);
+    let pkt = skb::reread(ctx);
     forward_or(
         ctx,
         &pkt,
@@ -151,7 +154,7 @@ fn transmit(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
 /// with its own helpers). Only a header without options is answered.
 #[inline(always)]
 fn too_big(ctx: &TcContext, from: u32, mtu: u16) -> i32 {
-    let pkt = skb::packet(ctx);
+    let pkt = skb::reread(ctx);
     let Some(h) = pkt.view::<{ ETH_HLEN + 20 }>(0) else {
         return drop(ctx, DropReason::TooBig);
     };
@@ -169,7 +172,7 @@ fn too_big(ctx: &TcContext, from: u32, mtu: u16) -> i32 {
     {
         return drop(ctx, DropReason::TooBig);
     }
-    if icmp::write_too_big(&skb::packet(ctx), dst_mac, src_mac, from, client, mtu).is_none() {
+    if icmp::write_too_big(&skb::reread(ctx), dst_mac, src_mac, from, client, mtu).is_none() {
         return drop(ctx, DropReason::TooBig);
     }
     count(Counter::TooBig);

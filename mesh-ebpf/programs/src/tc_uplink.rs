@@ -5,16 +5,19 @@
 //! FIB lookup and `bpf_redirect`), so it never depends on netfilter's
 //! FORWARD chain accepting it. A packet XDP encapsulated for another node
 //! but could not send (the next hop's neighbour entry was missing) goes
-//! out with `bpf_redirect_neigh`, which resolves it. Everything else goes
-//! on into the stack untouched.
+//! out with `bpf_redirect_neigh`, which resolves it; so does a reply XDP
+//! rewrote for a task of this node. A reply XDP rewrote for one of this
+//! node's own processes is handed to the node's stack through the
+//! loopback device. Everything else goes on into the stack untouched.
 
 use aya_ebpf::bindings::TC_ACT_UNSPEC;
 use aya_ebpf::helpers::bpf_redirect_neigh;
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
-use mesh_common::abi::{XDP_META_MAGIC, XDP_META_NEIGH, XdpMeta};
+use mesh_common::abi::{XDP_META_HOST, XDP_META_MAGIC, XDP_META_NEIGH, XdpMeta};
 
 use crate::deliver;
+use crate::skb;
 
 #[classifier]
 pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
@@ -29,6 +32,9 @@ pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     if m.magic == XDP_META_NEIGH {
         // SAFETY: helper call; the kernel resolves the next hop.
         return unsafe { bpf_redirect_neigh(m.backend_id, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    if m.magic == XDP_META_HOST {
+        return skb::to_host(&skb::reread(&ctx));
     }
     if m.magic != XDP_META_MAGIC {
         return TC_ACT_UNSPEC;

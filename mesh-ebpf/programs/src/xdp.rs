@@ -7,7 +7,8 @@
 //!   that node (`XDP_TX`, or `XDP_REDIRECT` to another device);
 //! - a packet another node encapsulated for this one is stripped here:
 //!   a client's packet then goes on as for a local task, a task's reply
-//!   goes out to its client;
+//!   goes out to its client (through `mesh_tc_uplink` when the client is a
+//!   task of this node or one of its own processes);
 //! - a packet too big to encapsulate becomes the ICMP error that says so,
 //!   sent back where it came from.
 
@@ -19,7 +20,8 @@ use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::debug;
 use mesh_common::abi::{
-    Counter, DropReason, ENCAP_K_REQUEST, ENCAP_LEN, XDP_META_MAGIC, XDP_META_NEIGH, XdpMeta,
+    Counter, DropReason, ENCAP_K_REQUEST, ENCAP_LEN, XDP_META_HOST, XDP_META_MAGIC,
+    XDP_META_NEIGH, XdpMeta,
 };
 use mesh_common::encap::{self, Outer};
 use mesh_common::fwd::{self, Verdict};
@@ -54,12 +56,14 @@ pub fn mesh_xdp(ctx: XdpContext) -> u32 {
             };
             match v {
                 Verdict::Local { backend_id } => deliver(&ctx, backend_id),
-                Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr),
+                Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr, false),
+                Verdict::Host => to_tc(&ctx, XDP_META_HOST, 0),
                 Verdict::Drop(reason) => drop(&ctx, reason),
                 _ => drop(&ctx, DropReason::EncapMalformed),
             }
         }
-        Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr),
+        Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr, false),
+        Verdict::Host => to_tc(&ctx, XDP_META_HOST, 0),
     }
 }
 
@@ -74,7 +78,13 @@ fn drop(ctx: &XdpContext, reason: DropReason) -> u32 {
 /// To `mesh_tc_uplink`, which hands the packet to backend `backend_id`.
 #[inline(always)]
 fn deliver(ctx: &XdpContext, backend_id: u32) -> u32 {
-    match set_meta(ctx, XDP_META_MAGIC, backend_id) {
+    to_tc(ctx, XDP_META_MAGIC, backend_id)
+}
+
+/// To `mesh_tc_uplink`, with metadata saying what it does with the packet.
+#[inline(always)]
+fn to_tc(ctx: &XdpContext, magic: u32, arg: u32) -> u32 {
+    match set_meta(ctx, magic, arg) {
         Ok(()) => xdp_action::XDP_PASS,
         Err(()) => drop(ctx, DropReason::NoMetadata),
     }
@@ -118,7 +128,7 @@ fn encapsulate(ctx: &XdpContext, outer: &Outer) -> u32 {
     if encap::write(&pkt, outer, inner_len).is_none() {
         return drop(ctx, DropReason::RewriteFailed);
     }
-    transmit(ctx, &pkt, outer.saddr, outer.daddr)
+    transmit(ctx, &pkt, outer.saddr, outer.daddr, true)
 }
 
 /// Removes the outer headers of an encapsulated packet, keeping its
@@ -138,15 +148,16 @@ fn strip(ctx: &XdpContext) -> Option<Pkt> {
 }
 
 /// Routes the packet from `saddr` to `daddr` and sends it: back out of
-/// the device it came in on, or redirected to another. When the next
-/// hop's neighbour entry is missing, TC sends it (and the kernel resolves
-/// the neighbour).
+/// the device it came in on, or redirected to another (`redirect`: with
+/// XDP, which only devices that take XDP frames do; otherwise through
+/// TC). When the next hop's neighbour entry is missing, TC sends it (and
+/// the kernel resolves the neighbour).
 #[inline(always)]
-fn transmit(ctx: &XdpContext, pkt: &Pkt, saddr: u32, daddr: u32) -> u32 {
+fn transmit(ctx: &XdpContext, pkt: &Pkt, saddr: u32, daddr: u32, redirect: bool) -> u32 {
     // SAFETY: context field read.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let r = fib::route(ctx.ctx as *mut _, saddr, daddr, ingress);
-    if r.found() {
+    if r.found() && (redirect || r.ifindex == ingress) {
         if r.write_macs(pkt).is_none() {
             return drop(ctx, DropReason::RewriteFailed);
         }
@@ -156,11 +167,9 @@ fn transmit(ctx: &XdpContext, pkt: &Pkt, saddr: u32, daddr: u32) -> u32 {
         // SAFETY: helper call.
         return unsafe { bpf_redirect(r.ifindex, 0) } as u32;
     }
-    if r.no_neigh() {
-        return match set_meta(ctx, XDP_META_NEIGH, r.ifindex) {
-            Ok(()) => xdp_action::XDP_PASS,
-            Err(()) => drop(ctx, DropReason::NoMetadata),
-        };
+    // A bridge (a task of this node is the client) takes no XDP frames.
+    if r.found() || r.no_neigh() {
+        return to_tc(ctx, XDP_META_NEIGH, r.ifindex);
     }
     drop(ctx, DropReason::NoRouteToNode)
 }

@@ -1,5 +1,6 @@
 //! Attaching the loaded programs: XDP and the delivery TC program on the
-//! uplink, the reply program on every port that leads to local tasks.
+//! uplink, the reply program on every port that leads to local tasks, and
+//! the program for the node's own flows on the loopback device.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -81,6 +82,9 @@ fn tcx_available() -> bool {
 /// its own filter and replaces it in place.
 pub const TC_PRIORITY: u16 = 1;
 pub const TC_HANDLE: (u16, u16) = (0x6d65, 0x7368);
+
+/// The loopback device (`abi::LOOPBACK_IFINDEX`), in every namespace.
+pub const LOOPBACK: &str = "lo";
 
 /// The loaded object's programs and where they are attached. Dropping it
 /// detaches everything (and removes the clsact qdiscs meshd added, when
@@ -219,6 +223,19 @@ impl Programs {
         self.attach_tc(PROG_TC_UPLINK, iface)
             .with_context(|| format!("attaching TC ingress ({:?}) to {iface}", self.tc))?;
         info!(%iface, tc = ?self.tc, "attached XDP and TC to the uplink");
+        Ok(())
+    }
+
+    /// Attaches the program for flows the node's own processes start to the
+    /// loopback device: their packets to the node's own addresses pass
+    /// there, never through the uplink.
+    pub fn attach_loopback(&mut self) -> Result<()> {
+        self.attach_tc(PROG_TC_HOST, LOOPBACK)
+            .with_context(|| format!("attaching TC ingress ({:?}) to {LOOPBACK}", self.tc))?;
+        info!(
+            iface = LOOPBACK,
+            "attached the program for the node's own flows"
+        );
         Ok(())
     }
 

@@ -66,7 +66,7 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
     xdp.load()
         .with_context(|| format!("the verifier refused {PROG_XDP}"))?;
     verified(xdp.info(), PROG_XDP);
-    for name in [PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_INGRESS] {
+    for name in [PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_INGRESS, PROG_TC_HOST] {
         let p: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?

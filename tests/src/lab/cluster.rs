@@ -233,6 +233,25 @@ impl Cluster {
         self.tcp_connect(from, j, port)?.ask(line)
     }
 
+    /// A TCP connection to `to` from a process in namespace `ns` (a node's
+    /// or a task's), its source address and port chosen by the kernel.
+    pub fn tcp_connect_in(&self, ns: &str, to: SocketAddr) -> Result<Conn> {
+        let s = in_netns(ns, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        })?
+        .with_context(|| format!("TCP from namespace {ns} to {to}"))?;
+        Conn::new(s)
+    }
+
+    /// A UDP socket in namespace `ns` (a node's or a task's) bound to the
+    /// wildcard address and a port the kernel chooses: each datagram's
+    /// source address is chosen by the route to its destination.
+    pub fn udp_socket_in(&self, ns: &str) -> Result<UdpSocket> {
+        let sock = in_netns(ns, || UdpSocket::bind(("0.0.0.0", 0)))??;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(sock)
+    }
+
     /// A UDP socket bound to client address `from` (each is its own flow
     /// for as long as it is kept).
     pub fn udp_socket(&self, from: Ipv4Addr) -> Result<UdpSocket> {

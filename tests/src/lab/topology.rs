@@ -32,9 +32,10 @@
 //!   bridge is the first host, task `i` the (1+i)-th: with one node the
 //!   bridge is .1 and task `i` is .(1+i), as the lab has always had it.
 //!
-//! Tasks route 198.18.`b`.0/24 through their bridge; nodes reach the
-//! router's client subnet through the router; clients behind the router
-//! reach the segment through it.
+//! Tasks route 198.18.`b`.0/23 (the segment and all task subnets) through
+//! their bridge, as a container routes everything through
+//! docker_gwbridge; nodes reach the router's client subnet through the
+//! router; clients behind the router reach the segment through it.
 //!
 //! # Names
 //!
@@ -600,9 +601,13 @@ impl Topology {
             &format!("addr add {addr}/{} dev eth0", node.task_subnet.prefix),
         )?;
         ip(&ns, "link set eth0 up")?;
+        // The lab's whole /23 (the segment and every node's task subnet)
+        // through the node, as a container's default route through
+        // docker_gwbridge: a task answers a task of another node that
+        // called it through a node address.
         ip(
             &ns,
-            &format!("route add {}/24 via {}", self.seg_addr(0), node.gateway),
+            &format!("route add {}/23 via {}", self.seg_addr(0), node.gateway),
         )?;
         if i.is_multiple_of(2) {
             // Half the tasks send complete checksums, half leave them partial

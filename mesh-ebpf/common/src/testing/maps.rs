@@ -447,6 +447,10 @@ impl Tables for HostMaps {
         self.ct_new.borrow_mut().insert(*key, *ct);
     }
 
+    fn ct_forget(&self, key: &FlowKey4) {
+        self.confirmed(key).borrow_mut().remove(key);
+    }
+
     fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
         let mut t = if confirmed {
             self.confirmed(key).borrow_mut()
@@ -551,5 +555,9 @@ impl RevTables for HostMaps {
 
     fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue> {
         Tables::fwd_get(self, key)
+    }
+
+    fn is_own_addr4(&self, addr: u32) -> bool {
+        Tables::is_node_addr4(self, addr)
     }
 }
