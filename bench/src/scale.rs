@@ -107,6 +107,8 @@ fn desired(services: usize, tasks: usize) -> Desired {
                 backends,
                 draining: Vec::new(),
                 reply: None,
+                local: false,
+                source_ranges: Vec::new(),
             },
         );
     }

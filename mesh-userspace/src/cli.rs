@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{CheckConfig, ConfigError, OrConfig, RunConfig, SourceConfig, host_name};
-use crate::dataplane::{DEFAULT_INTERCEPT, Intercept, TcAttach, XdpAttach};
+use crate::config::{
+    CheckConfig, CleanupConfig, ConfigError, DrainConfig, OrConfig, RunConfig, SourceConfig,
+    host_name,
+};
+use crate::dataplane::{DEFAULT_INTERCEPT, Intercept, OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::model::ReplyMode;
 use crate::plan::Limits;
@@ -25,6 +28,17 @@ host prerequisites) before anything touched the kernel.";
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// How log lines are written (to stderr): text for people, json (one
+    /// object per line, fields as keys) for log pipelines. RUST_LOG sets
+    /// the level (default info).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,7 +52,10 @@ pub enum Cmd {
         after_long_help = "Examples:\n  meshd run --docker                  # on every node of a swarm, managers and workers\n  \
         meshd run --state /etc/mesh/state.toml --iface eth0 --node node1\n\n\
         Needs root (BPF), IPv4 forwarding on the uplink and the tasks' interfaces, and iproute2.\n\
-        Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled.\n\n\
+        Readiness: GET /ready on --admin-addr answers 200 once programs are attached and maps filled.\n\
+        Load balancers: GET /healthz on --health-addr (503 when drained: meshd drain).\n\
+        Restarts: the dataplane is pinned under --bpffs and keeps serving while meshd is down; the next \
+        meshd adopts it (connection tracking included). meshd cleanup removes it.\n\n\
         Exit status: 0 after SIGTERM/SIGINT; 1 the node failed; 64 the configuration was refused."
     )]
     Run(RunArgs),
@@ -49,6 +66,164 @@ pub enum Cmd {
         Exit status: 0 valid; 64 refused (the reason names the file, the field and the value)."
     )]
     Check(CheckArgs),
+    /// Take this node out of load balancers before maintenance: its health
+    /// answer (--health-addr) turns 503, so they stop sending it new flows,
+    /// while every flow, new ones included, is still served. Kept in the
+    /// state directory: it outlives restarts and reboots until `undrain`.
+    #[command(
+        after_long_help = "Example:\n  meshd drain --reason \"kernel upgrade\"   # wait for the load balancer to move new flows away\n  \
+        ...maintenance...\n  meshd undrain\n\n\
+        Waits (--wait) until the running meshd answers 503; with no meshd running, the node starts drained.\n\
+        Exit status: 0 done; 1 the drain could not be written, or a running meshd did not take it."
+    )]
+    Drain(DrainArgs),
+    /// End a drain: the health answer turns 200 again (when nothing else
+    /// is wrong).
+    Undrain(UndrainArgs),
+    /// Remove everything the mesh installed on this node: programs (their
+    /// pinned links, netlink TC filters, XDP), the clsact qdiscs meshd
+    /// added, pinned maps, the reserved published ports. Says what it
+    /// removed. Refuses while a meshd runs with the same pins.
+    #[command(
+        after_long_help = "Example:\n  systemctl stop meshd && meshd cleanup\n\n\
+        Without it, a stopped meshd leaves the dataplane serving its last state (so a restart loses \
+        nothing).\nExit status: 0 done (or nothing to do); 1 something could not be removed, or a \
+        meshd is running."
+    )]
+    Cleanup(CleanupArgs),
+    /// Show what this node serves: services and their ports, tasks,
+    /// traffic mode and allow lists, counters, nodes, connection tracking,
+    /// the health answer and sync. Asks the running meshd (--admin-addr);
+    /// without one, reads the pinned maps (which keep serving).
+    #[command(
+        after_long_help = "Examples:\n  meshd status\n  meshd status --json | jq '.services[] | select(.tasks == 0)'\n\n\
+        Exit status: 0 shown; 1 no meshd answers and nothing is pinned."
+    )]
+    Status(StatusArgs),
+    /// Explain what the dataplane does with one packet: which service,
+    /// which task on which node, which rewrite or encapsulation, or why it
+    /// passes or is dropped. The XDP program itself runs on the packet
+    /// (BPF_PROG_TEST_RUN) against a copy of the live maps: nothing
+    /// changes. Run it on the node (in its network namespace).
+    #[command(
+        after_long_help = "Examples:\n  meshd explain tcp 203.0.113.7:40000 198.18.128.1:30080\n  \
+        meshd explain udp 203.0.113.7:5000 198.18.128.1:30053 --json\n  \
+        meshd explain tcp 203.0.113.7:40000 198.18.128.1:30080 --flags ack   # a segment mid-flow\n\n\
+        Exit status: 0 explained; 1 nothing is pinned here, or the program could not run."
+    )]
+    Explain(ExplainArgs),
+    /// Print a shell completion script for meshd.
+    #[command(
+        after_long_help = "Examples:\n  meshd completions bash > /etc/bash_completion.d/meshd\n  \
+        meshd completions zsh > \"${fpath[1]}/_meshd\"\n  meshd completions fish > ~/.config/fish/completions/meshd.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The running meshd's admin endpoint (as its --admin-addr).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
+    pub admin_addr: SocketAddr,
+    /// The BPF filesystem the dataplane is pinned on (as meshd run's),
+    /// read when no meshd answers.
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// One JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExplainProto {
+    Tcp,
+    Udp,
+}
+
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    /// The protocol.
+    #[arg(value_enum)]
+    pub proto: ExplainProto,
+    /// The client's address and port.
+    #[arg(value_name = "SRC:PORT")]
+    pub src: std::net::SocketAddrV4,
+    /// Where the client sends it: a node address and published port.
+    #[arg(value_name = "DST:PORT")]
+    pub dst: std::net::SocketAddrV4,
+    /// TCP flags of the segment, comma separated (syn, ack, fin, rst,
+    /// psh): a SYN opens a flow, an ACK goes by conntrack.
+    #[arg(long, value_name = "FLAGS", default_value = "syn")]
+    pub flags: String,
+    /// The interface the packet arrives on [default: the one holding DST].
+    #[arg(long, value_name = "IF")]
+    pub iface: Option<String>,
+    /// The BPF filesystem the dataplane is pinned on (as meshd run's).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// One JSON document instead of sentences.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ExplainArgs {
+    /// The TCP flags asked for.
+    pub fn tcp_flags(&self) -> Result<u8, ConfigError> {
+        use mesh_common::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+        const TCP_PSH: u8 = 0x08;
+        let mut f = 0;
+        for w in self
+            .flags
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
+            f |= match w {
+                "syn" => TCP_SYN,
+                "ack" => TCP_ACK,
+                "fin" => TCP_FIN,
+                "rst" => TCP_RST,
+                "psh" => TCP_PSH,
+                other => {
+                    return Err(ConfigError(anyhow::anyhow!(
+                        "--flags: {other:?} is not one of syn, ack, fin, rst, psh"
+                    )));
+                }
+            };
+        }
+        Ok(f)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(clap::Args)]
+pub struct CleanupArgs {
+    /// The BPF filesystem the dataplane is pinned on (as meshd run's).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// meshd's state directory (as meshd run's): where the setting of
+    /// net.ipv4.ip_local_reserved_ports it found is kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
+    /// Say what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl CleanupArgs {
+    pub fn config(&self) -> Result<CleanupConfig, ConfigError> {
+        Ok(CleanupConfig {
+            bpffs: self.bpffs.clone(),
+            state_dir: self.state_dir.clone(),
+            dry_run: self.dry_run,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -97,6 +272,10 @@ pub struct PlanArgs {
     /// Backends (task address and target port) the maps can hold.
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_BACKENDS)]
     pub max_backends: u32,
+    /// Source ranges (CIDRs) all services' allow lists can hold together
+    /// (a service's old and new lists both, while it changes).
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_SRC_RANGES)]
+    pub max_source_ranges: u32,
     /// Confirmed flows connection tracking holds (flows whose task has
     /// answered), one entry per flow. When full, the least recently used
     /// is forgotten (its next packet is picked again by Maglev: the same
@@ -179,6 +358,7 @@ impl PlanArgs {
             maglev_pool: self.maglev_entries,
             max_services: self.max_services,
             max_backends: self.max_backends,
+            max_src_ranges: self.max_source_ranges,
             ct_entries: self.ct_entries,
             ct_new_entries: self.ct_new_entries,
             ct_lifetimes: mesh_common::abi::CtLifetimes::from_secs([
@@ -245,9 +425,24 @@ pub struct RunArgs {
     /// removes at exit if it added it and nothing else uses it.
     #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
     pub tc_attach: TcAttach,
-    /// Where /metrics, /ready and /live are served.
+    /// Where /metrics, /ready, /live, /state and the health answers are
+    /// served (keep it private: /state lists the swarm).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
     pub admin_addr: SocketAddr,
+    /// Where load balancers probe this node: GET /healthz answers 200 only
+    /// when the programs are attached, the maps filled, the last sync
+    /// recent and the node not drained (503 with the reasons otherwise);
+    /// GET /service/NAME answers for one service (200 only with a task
+    /// that gets new flows: on this node, for a service in local traffic
+    /// mode). `off`: no health port.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "0.0.0.0:9471", value_parser = parse_health_addr)]
+    pub health_addr: HealthAddr,
+    /// Seconds after the last sync (the state source read and found valid,
+    /// and the dataplane holding what it says) that the health answer
+    /// turns 503: a node that stopped following the swarm leaves the load
+    /// balancer, while it keeps serving its last state.
+    #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub health_max_sync_age: u64,
     /// How often the state file is checked for changes; with --docker, how
     /// often the swarm is read again in full (events trigger reads too).
     #[arg(long, value_name = "MS", default_value_t = 500)]
@@ -258,10 +453,93 @@ pub struct RunArgs {
     /// fragmentation-needed [default: the uplink's MTU].
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(576..=65535))]
     pub mtu: Option<u32>,
+    /// Where the BPF filesystem is: meshd mounts one there if there is
+    /// none, and pins the dataplane (maps, links) in its `mesh` directory,
+    /// so that it keeps serving while no meshd runs and a new meshd adopts
+    /// it, connection tracking included. Inside a container, bind-mount
+    /// the host's (a bpffs mounted in the container goes with it).
+    #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// What becomes of the dataplane when meshd exits (SIGTERM, SIGINT):
+    /// keep (it serves the last state until a new meshd adopts it, or
+    /// `meshd cleanup`), or detach (everything is removed, as cleanup
+    /// does). A crash always keeps it.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnExit::Keep)]
+    pub on_exit: OnExit,
     /// Most verbose level of the BPF programs' own log lines (bridged into
     /// this daemon's log). Anything above info may log per packet.
     #[arg(long, value_enum, default_value_t = BpfLogLevel::Info)]
     pub bpf_log_level: BpfLogLevel,
+}
+
+/// Where the running meshd keeps and reads the drain.
+#[derive(clap::Args)]
+pub struct DrainTarget {
+    /// The state directory of the meshd to drain (as its --state-dir).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh")]
+    pub state_dir: PathBuf,
+    /// Its admin endpoint (as its --admin-addr), asked whether it took it.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9469")]
+    pub admin_addr: SocketAddr,
+    /// Seconds to wait for the running meshd to answer as asked.
+    #[arg(long, value_name = "S", default_value_t = 5)]
+    pub wait: u64,
+}
+
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// Why (shown in the health answer and the log).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub target: DrainTarget,
+}
+
+#[derive(clap::Args)]
+pub struct UndrainArgs {
+    #[command(flatten)]
+    pub target: DrainTarget,
+}
+
+impl DrainTarget {
+    fn config(&self, drain: Option<String>) -> DrainConfig {
+        DrainConfig {
+            drain,
+            state_dir: self.state_dir.clone(),
+            admin_addr: self.admin_addr,
+            wait: Duration::from_secs(self.wait),
+        }
+    }
+}
+
+impl DrainArgs {
+    pub fn config(&self) -> Result<DrainConfig, ConfigError> {
+        if self.reason.len() > 200 || self.reason.contains(['\n', '\r']) {
+            return Err(ConfigError(anyhow::anyhow!(
+                "--reason: one line of at most 200 bytes"
+            )));
+        }
+        Ok(self.target.config(Some(self.reason.clone())))
+    }
+}
+
+impl UndrainArgs {
+    pub fn config(&self) -> Result<DrainConfig, ConfigError> {
+        Ok(self.target.config(None))
+    }
+}
+
+/// `--health-addr`: an address and port, or `off` (`None`).
+#[derive(Clone, Copy, Debug)]
+pub struct HealthAddr(pub Option<SocketAddr>);
+
+fn parse_health_addr(s: &str) -> Result<HealthAddr, String> {
+    if s == "off" {
+        return Ok(HealthAddr(None));
+    }
+    s.parse()
+        .map(|a| HealthAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not ADDR:PORT (e.g. 0.0.0.0:9471) or off"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -327,6 +605,11 @@ impl RunArgs {
                 self.docker.is_none().then_some(&self.state.port_range),
             )?,
             admin_addr: self.admin_addr,
+            health_addr: self.health_addr.0,
+            health_max_sync_age: Duration::from_secs(self.health_max_sync_age),
+            state_dir: self.state.state_dir.clone(),
+            bpffs: self.bpffs.clone(),
+            on_exit: self.on_exit,
             bpf_log_level: self.bpf_log_level as u8,
         })
     }

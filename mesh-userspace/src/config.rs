@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::dataplane::{Intercept, TcAttach, XdpAttach};
+use crate::dataplane::{Intercept, OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::plan::Limits;
 
@@ -82,6 +82,17 @@ pub struct RunConfig {
     /// Forwarding to other nodes (`mtu` 0: the uplink's, found at start).
     pub forwarding: Forwarding,
     pub admin_addr: SocketAddr,
+    /// Where load balancers ask for the node's health (`None`: nowhere).
+    pub health_addr: Option<SocketAddr>,
+    /// The health answer turns 503 this long after the last sync.
+    pub health_max_sync_age: Duration,
+    /// What must outlive meshd: assigned ports, the drain.
+    pub state_dir: PathBuf,
+    /// Where the BPF filesystem is (mounted there if it is not); the
+    /// dataplane is pinned in its `mesh` directory.
+    pub bpffs: PathBuf,
+    /// What becomes of the pinned dataplane when meshd exits.
+    pub on_exit: OnExit,
     /// Most verbose aya-log level the programs emit (0 = off .. 5 = trace).
     pub bpf_log_level: u8,
 }
@@ -101,4 +112,24 @@ pub fn host_name() -> Result<String, ConfigError> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map_err(|e| ConfigError(anyhow::anyhow!("reading the host name (pass --node): {e}")))?;
     Ok(h.trim().to_string())
+}
+
+/// `meshd drain` and `meshd undrain`.
+#[derive(Clone, Debug)]
+pub struct DrainConfig {
+    /// Drain (`Some(reason)`) or end the drain (`None`).
+    pub drain: Option<String>,
+    pub state_dir: PathBuf,
+    /// Where the running meshd is asked whether it has seen it.
+    pub admin_addr: SocketAddr,
+    /// How long to wait for it to.
+    pub wait: Duration,
+}
+
+/// `meshd cleanup`.
+#[derive(Clone, Debug)]
+pub struct CleanupConfig {
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub dry_run: bool,
 }

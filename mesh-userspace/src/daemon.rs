@@ -21,14 +21,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, Admin};
 use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
-use crate::dataplane::{Applier, ApplyError, Dataplane, Programs, load::Logger};
+use crate::dataplane::pin::{self, OpenError, PinDir};
+use crate::dataplane::{Applier, ApplyError, Dataplane, OnExit, Programs, load::Logger};
 use crate::desired::Desired;
+use crate::health::{self, Health, SvcHealth};
 use crate::model::State;
 use crate::net;
 use crate::plan::{self, Report};
 use crate::source::docker;
 use crate::source::file::FileSource;
-use crate::source::{Update, Updates};
+use crate::source::{Beat, Update, Updates};
 
 /// How meshd run ends badly.
 #[derive(Debug)]
@@ -64,12 +66,33 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How often local tasks whose port is not known are looked for again.
 const PORT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The signals meshd answers, taken over before anything else happens: a
+/// SIGTERM that arrives the moment meshd says it is ready (or earlier)
+/// ends it as it should, never by the default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
+    let mut signals = Signals::new().map_err(|e| Failed::Node(e.context("handling signals")))?;
     // The first state, and whether it fits, before the host (a source that
     // cannot give one at once, Docker, is waited for once the programs
     // are loaded and the admin endpoint says why it is not ready).
     let reload = Arc::new(Notify::new());
-    let (first, mut updates) = start_source(&cfg, reload.clone())?;
+    let beat = Beat::default();
+    let (first, mut updates) = start_source(&cfg, reload.clone(), beat.clone())?;
     let mut uplink = cfg.iface.clone();
     if let Some(first) = &first {
         plan::vet(
@@ -95,6 +118,23 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     let listener = tokio::net::TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("binding the admin endpoint {}", cfg.admin_addr))?;
+    let health_listener = match cfg.health_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the health endpoint {a} (--health-addr)"))?,
+        ),
+        None => None,
+    };
+    let health = Arc::new(Health::new(cfg.health_max_sync_age));
+    let drained = read_drain(&cfg);
+    health.set_drain(drained.clone());
+    if let Some(d) = &drained {
+        warn!(
+            "this node is drained (meshd drain, {:?}): the health answer is 503 until meshd undrain",
+            d.reason
+        );
+    }
 
     let lim = &cfg.limits;
     info!(
@@ -105,13 +145,35 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         lim.max_backends,
         lim.ct_entries
     );
-    let (programs, applier, stats, logger) =
-        Dataplane::load_with(cfg.limits.clone(), cfg.bpf_log_level, cfg.tc_attach)?.into_parts();
-    let admin = Arc::new(Admin::new(stats)?);
-    tokio::spawn(admin::serve(listener, admin.clone()));
+    let pins = PinDir::open(&cfg.bpffs).map_err(|e| match e {
+        OpenError::Busy(_) => Failed::Node(anyhow::anyhow!(e)),
+        OpenError::Other(e) => Failed::Node(e.context("the pin directory (--bpffs)")),
+    })?;
+    let pin_root = pins.root.clone();
+    let (dataplane, adoption) = Dataplane::load_pinned(
+        cfg.limits.clone(),
+        cfg.bpf_log_level,
+        cfg.tc_attach,
+        pins,
+        cfg.on_exit,
+    )?;
+    let (programs, applier, stats, logger) = dataplane.into_parts();
+    let admin = Arc::new(Admin::new(stats, health.clone())?);
+    admin.metrics.adopted.set(i64::from(adoption.state));
+    tokio::spawn(admin::serve(
+        listener,
+        admin::admin_routes(admin.clone(), health.clone()),
+    ));
+    if let Some(l) = health_listener {
+        info!(
+            "health answers for load balancers on http://{}/healthz and /service/NAME",
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        tokio::spawn(admin::serve(l, admin::health_routes(health.clone())));
+    }
     let first = match first {
         Some(s) => s,
-        None => match wait_first(&cfg, &mut updates, &admin).await? {
+        None => match wait_first(&cfg, &mut updates, &admin, &health, &mut signals).await? {
             Some(s) => s,
             None => return Ok(()),
         },
@@ -124,6 +186,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
     if cfg.forwarding.mtu == 0 {
         cfg.forwarding.mtu = net::mtu(&iface).or_config()?;
     }
+    let applier = adopt(&cfg, &pin_root, &adoption, applier, &first)?;
     info!(
         "forwarding to other nodes: UDP port {}, MTU {} ({} bytes of it encapsulation), replies {}",
         cfg.forwarding.port,
@@ -134,12 +197,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
             crate::model::ReplyMode::Direct => "direct",
         }
     );
+    let reserved = net::ReservedPorts::kept_in(&cfg.state_dir);
     let mut d = Daemon {
         cfg,
         iface,
         programs,
         applier,
         admin: admin.clone(),
+        health: health.clone(),
+        beat,
+        drained,
         generation: 0,
         task_links: BTreeSet::new(),
         pending: None,
@@ -148,7 +215,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         task_ports: Default::default(),
         task_devs: Default::default(),
         ports_scanned: None,
-        reserved: net::ReservedPorts::new(),
+        reserved,
         neighbours: crate::neigh::Neighbours::default(),
         accept_local: None,
     };
@@ -164,34 +231,110 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         ),
     }
     d.programs.attach_loopback()?;
+    // Whatever a previous meshd attached that this one did not take over
+    // goes, and so do the maps of layouts this one does not have.
+    d.programs.prune_pinned_links();
+    if let Some(p) = d.programs.pins() {
+        pin::remove_foreign(p, &adoption.foreign);
+    }
+    if let Err(e) = d.applier.writer_mut().record_object() {
+        warn!("recording the programs in the pinned maps: {e:#}");
+    }
     d.generation = 1;
     admin.metrics.state_generation.set(1);
     admin.set_state(&first, 1);
+    admin.set_node(first.local_node.as_deref().unwrap_or(&d.cfg.node));
     admin.set_source_down(None);
     admin.metrics.ready.set(1);
+    d.health_applied(&first);
     let desired =
         Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
         node = %first.local_node.as_deref().unwrap_or(&d.cfg.node), iface = %d.iface,
         intercept = d.cfg.intercept.name(),
-        services = desired.services.len(), addrs = ?desired.node_addrs,
-        "meshd ready: generation 1 applied ({report:?}); admin on http://{}", d.cfg.admin_addr
+        services = desired.services.len(),
+        addrs = %desired.node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+        "meshd ready: generation 1 applied ({report}); admin on http://{}", d.cfg.admin_addr
     );
     if let Some(l) = logger {
         tokio::spawn(pump_logs(l));
     }
-    d.follow(updates, reload).await?;
-    info!("shutting down: detaching programs");
+    d.follow(updates, reload, &mut signals).await?;
     admin.metrics.ready.set(0);
+    match d.cfg.on_exit {
+        OnExit::Keep => {
+            info!(
+                "exiting: the dataplane keeps serving generation {} (pinned under {}); a new \
+                 meshd adopts it, meshd cleanup removes it",
+                d.generation,
+                pin_root.display()
+            );
+            d.reserved.keep();
+            d.neighbours.keep();
+        }
+        OnExit::Detach => info!("exiting: detaching and removing the dataplane (--on-exit detach)"),
+    }
     drop(d);
     Ok(())
 }
 
+/// The applier for the first state: one whose planner knows what the
+/// adopted maps hold (when the state maps were adopted), or `applier` as it
+/// is (a fresh dataplane). Says which in the log.
+fn adopt(
+    cfg: &RunConfig,
+    root: &std::path::Path,
+    adoption: &pin::Adoption,
+    applier: Applier,
+    first: &State,
+) -> Result<Applier, Failed> {
+    if !adoption.state {
+        if adoption.adopt.is_empty() {
+            info!("a fresh dataplane, pinned under {}", root.display());
+        } else {
+            warn!(
+                "a fresh dataplane, pinned under {}: the pinned state maps could not be adopted \
+                 (see above); connection tracking starts empty, and flows are matched again by \
+                 Maglev (the same task while a service is unchanged)",
+                root.display()
+            );
+        }
+        return Ok(applier);
+    }
+    let snap = applier
+        .writer()
+        .snapshot()
+        .context("reading the pinned maps")?;
+    let mut desired =
+        Desired::compute(first, &cfg.node, &cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
+    desired.forwarding = cfg.forwarding;
+    let (planner, report) = crate::plan::Planner::adopt(cfg.limits.clone(), &snap, &desired);
+    let programs = if snap.meta.object_hash == crate::dataplane::load::object_hash() {
+        "the same programs"
+    } else {
+        "new programs (an upgrade)"
+    };
+    info!(
+        "adopting the dataplane pinned under {} with {programs}: {} published ports ({} known \
+         by name: their flows are kept), {} backends, {} nodes, {} reply entries; connection \
+         tracking kept",
+        root.display(),
+        report.ports,
+        report.named,
+        report.backends,
+        report.nodes,
+        report.replies
+    );
+    Ok(Applier::with_planner(planner, applier.into_writer()))
+}
+
 /// Reads the first state (refusing a bad one) and starts following the
 /// source from it. A source that cannot answer at once gives none yet.
+/// The source beats `beat` whenever it reads a valid state.
 fn start_source(
     cfg: &RunConfig,
     reload: Arc<Notify>,
+    beat: Beat,
 ) -> Result<(Option<Arc<State>>, Updates), Failed> {
     match &cfg.source {
         SourceConfig::File {
@@ -203,7 +346,14 @@ fn start_source(
             let mut source = FileSource::new(path, port_range.clone()).remember_in(state_dir);
             let read = source.read();
             let state = Arc::new(read.state.or_config()?);
-            let updates = source.spawn(read.seen, Update::State(state.clone()), *interval, reload);
+            beat.beat();
+            let updates = source.spawn(
+                read.seen,
+                Update::State(state.clone()),
+                *interval,
+                reload,
+                beat,
+            );
             Ok((Some(state), updates))
         }
         SourceConfig::Docker {
@@ -216,7 +366,7 @@ fn start_source(
                 interval: *interval,
                 peer_port: *peer_port,
             };
-            Ok((None, docker::spawn(cfg, reload)))
+            Ok((None, docker::spawn(cfg, reload, beat)))
         }
     }
 }
@@ -228,9 +378,9 @@ async fn wait_first(
     cfg: &RunConfig,
     updates: &mut Updates,
     admin: &Admin,
+    health: &Health,
+    signals: &mut Signals,
 ) -> Result<Option<Arc<State>>> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         let u = updates.borrow_and_update().clone();
         match u {
@@ -240,6 +390,7 @@ async fn wait_first(
                     Err(e) => {
                         admin.metrics.state_rejected.inc();
                         admin.set_source_down(Some(format!("its state is refused: {e:#}")));
+                        health.waiting(&format!("the state source's state is refused: {e:#}"));
                         error!("state refused, waiting for another: {e:#}");
                     }
                 }
@@ -247,17 +398,19 @@ async fn wait_first(
             Update::Refused(why) => {
                 admin.metrics.state_rejected.inc();
                 admin.set_source_down(Some(format!("its state is refused: {why}")));
+                health.waiting(&format!("the state source's state is refused: {why}"));
                 error!("state refused, waiting for another: {why}");
             }
             Update::Unavailable(why) => {
                 admin.metrics.source_errors.inc();
                 admin.set_source_down(Some(why.to_string()));
+                health.waiting(&format!("waiting for the state source: {why}"));
                 warn!("no state yet: {why}");
             }
         }
         tokio::select! {
-            _ = term.recv() => return Ok(None),
-            _ = int.recv() => return Ok(None),
+            _ = signals.term.recv() => return Ok(None),
+            _ = signals.int.recv() => return Ok(None),
             r = updates.changed() => r.context("the state source stopped")?,
         }
     }
@@ -288,6 +441,11 @@ struct Daemon {
     programs: Programs,
     applier: Applier,
     admin: Arc<Admin>,
+    health: Arc<Health>,
+    /// When the source last read a valid state.
+    beat: Beat,
+    /// The drain `meshd drain` set, as last read.
+    drained: Option<health::Drain>,
     generation: i64,
     /// The links that lead to this node's tasks.
     task_links: BTreeSet<String>,
@@ -315,10 +473,13 @@ struct Daemon {
 
 impl Daemon {
     /// Follows the source until SIGTERM or SIGINT.
-    async fn follow(&mut self, mut updates: Updates, reload: Arc<Notify>) -> Result<()> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+    async fn follow(
+        &mut self,
+        mut updates: Updates,
+        reload: Arc<Notify>,
+        signals: &mut Signals,
+    ) -> Result<()> {
+        let Signals { term, int, hup } = signals;
         let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -345,6 +506,7 @@ impl Daemon {
         match u {
             Update::State(s) => {
                 self.admin.set_source_down(None);
+                self.health.source_problem(None);
                 // A newer word replaces any retry, which starts afresh.
                 self.pending = None;
                 self.retry = RETRY_MIN;
@@ -352,6 +514,8 @@ impl Daemon {
             }
             Update::Refused(why) => {
                 self.admin.metrics.state_rejected.inc();
+                self.health
+                    .source_problem(Some(&format!("the state source's state is refused: {why}")));
                 error!(
                     "state refused, keeping generation {}: {why}",
                     self.generation
@@ -360,6 +524,8 @@ impl Daemon {
             Update::Unavailable(why) => {
                 self.admin.metrics.source_errors.inc();
                 self.admin.set_source_down(Some(why.to_string()));
+                self.health
+                    .source_problem(Some(&format!("the state source is unavailable: {why}")));
                 warn!(
                     "state source unavailable, keeping generation {}: {why}",
                     self.generation
@@ -375,10 +541,16 @@ impl Daemon {
                 self.retry = RETRY_MIN;
                 self.admin.metrics.state_generation.set(self.generation);
                 self.admin.set_state(&s, self.generation);
-                info!("state applied: generation {} ({report:?})", self.generation);
+                self.health_applied(&s);
+                info!(
+                    generation = self.generation,
+                    "state applied: generation {} ({report})", self.generation
+                );
             }
             Err(ApplyError::Refused(e)) => {
                 self.admin.metrics.state_rejected.inc();
+                self.health
+                    .unsynced(&format!("the latest state is refused: {e:#}"));
                 error!(
                     "state refused, keeping generation {}: {e:#}",
                     self.generation
@@ -388,9 +560,12 @@ impl Daemon {
                 // What was written stays and the planner knows it; the
                 // rest is written by the retry (or by a newer state).
                 self.admin.metrics.map_update_errors.inc();
+                self.health
+                    .unsynced(&format!("the kernel failed a map write; retrying: {e:#}"));
                 error!(
-                    "the kernel failed a map write after generation {} (retrying in {:?}): {e:#}",
-                    self.generation, self.retry
+                    "the kernel failed a map write after generation {} (retrying in {:.1} s): {e:#}",
+                    self.generation,
+                    self.retry.as_secs_f64()
                 );
                 self.pending = Some((s, tokio::time::Instant::now() + self.retry));
                 self.retry = (self.retry * 2).min(RETRY_MAX);
@@ -398,8 +573,18 @@ impl Daemon {
         }
     }
 
-    /// Makes the dataplane hold `state`.
+    /// Makes the dataplane hold `state` (timed: `mesh_sync_duration_seconds`).
     fn apply(&mut self, state: &State) -> Result<Report, ApplyError> {
+        let t = std::time::Instant::now();
+        let r = self.apply_untimed(state);
+        self.admin
+            .metrics
+            .sync_duration
+            .observe(t.elapsed().as_secs_f64());
+        r
+    }
+
+    fn apply_untimed(&mut self, state: &State) -> Result<Report, ApplyError> {
         let mut desired = Desired::compute(state, &self.cfg.node, &self.cfg.node_addrs)
             .map_err(ApplyError::Refused)?;
         let links = task_links(&self.cfg, &self.iface, &desired);
@@ -464,7 +649,57 @@ impl Daemon {
         self.reserved.reserve(range.as_ref(), &ports);
     }
 
+    /// The health answers after generation `self.generation` of `state`
+    /// was applied: in sync, drained in the swarm or not, and per service
+    /// its tasks that get new flows.
+    fn health_applied(&self, state: &State) {
+        let me = state.local_node.as_deref().unwrap_or(&self.cfg.node);
+        let swarm_drained = state
+            .node(me)
+            .is_some_and(|n| n.availability == crate::model::Availability::Drain);
+        let mut services: BTreeMap<String, SvcHealth> = BTreeMap::new();
+        if let Some(d) = &self.applied {
+            for s in d.services.values() {
+                let table = s.table_backends();
+                let e = services.entry(s.name.clone()).or_default();
+                e.local = s.local;
+                // The most any of its ports has (they share their tasks).
+                e.tasks = e.tasks.max(table.len());
+                e.local_tasks = e.local_tasks.max(table.iter().filter(|b| b.local).count());
+            }
+        }
+        self.health
+            .applied(self.generation, swarm_drained, services);
+    }
+
+    /// Follows `meshd drain`: its file is read again on every tick.
+    fn follow_drain(&mut self) {
+        let now = read_drain(&self.cfg);
+        if now == self.drained {
+            return;
+        }
+        match &now {
+            Some(d) => warn!(
+                "drained by meshd drain ({:?}): the health answer is 503, flows are still served",
+                d.reason
+            ),
+            None => {
+                info!("the drain ended (meshd undrain): the health answer follows the node again")
+            }
+        }
+        self.health.set_drain(now.clone());
+        self.drained = now;
+    }
+
     fn housekeeping(&mut self) {
+        self.follow_drain();
+        // In sync as long as the source keeps reading valid states that
+        // the dataplane holds.
+        if self.pending.is_none()
+            && let Some(at) = self.beat.last()
+        {
+            self.health.source_beat(at);
+        }
         if let Err(e) = self.applier.expire() {
             warn!("expiring reply entries: {e:#}");
         }
@@ -490,7 +725,7 @@ impl Daemon {
             d.task_ports = self.task_ports.clone();
             d.task_links = self.task_devs.clone();
             match self.applier.apply(&d) {
-                Ok(_) => debug!(ports = ?self.task_ports, "tasks' ports updated"),
+                Ok(_) => debug!(tasks = self.task_ports.len(), "tasks' ports updated"),
                 Err(e) => warn!("updating tasks' ports: {e:#}"),
             }
             self.applied = Some(d);
@@ -503,6 +738,17 @@ impl Daemon {
 
 /// Docker's bridge for the containers of a swarm node.
 const DOCKER_GWBRIDGE: &str = "docker_gwbridge";
+/// The drain `meshd drain` left in the state directory, if any (an
+/// unreadable file is logged and taken as no drain).
+fn read_drain(cfg: &RunConfig) -> Option<health::Drain> {
+    match health::read_drain(&cfg.state_dir) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!("{e:#}; taken as not drained");
+            None
+        }
+    }
+}
 
 /// The links that lead to this node's tasks (`--task-iface`, or the
 /// device of the route to each local task, and on a swarm node

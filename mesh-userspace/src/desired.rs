@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Result, bail};
 
-use crate::model::{Availability, NodeStatus, Proto, ReplyMode, State, Task};
+use crate::model::{Availability, Cidr4, NodeStatus, Proto, ReplyMode, State, Task, Traffic};
 
 /// A backend: a task's address and the target port of one published port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,6 +59,11 @@ pub struct DesiredService {
     /// How replies of flows forwarded to other nodes go back, if the
     /// service says ([`Forwarding::reply`] otherwise).
     pub reply: Option<ReplyMode>,
+    /// Traffic mode `local`: only this node's tasks get new flows (the
+    /// others stay in `backends`, draining, for the flows they have).
+    pub local: bool,
+    /// The sources allowed (sorted); empty: every source.
+    pub source_ranges: Vec<Cidr4>,
 }
 
 impl DesiredService {
@@ -210,9 +215,12 @@ impl Desired {
                 };
                 let mut backends: Vec<BackendKey> = tasks.iter().map(|t| key(t)).collect();
                 backends.sort();
+                let local = s.traffic == Traffic::Local;
+                // In local mode, tasks on other nodes get no new flows
+                // from this one (those they have go on).
                 let mut draining: Vec<BackendKey> = tasks
                     .iter()
-                    .filter(|t| no_new_flows(t))
+                    .filter(|t| no_new_flows(t) || (local && t.node != node))
                     .map(|t| key(t))
                     .collect();
                 draining.sort();
@@ -224,6 +232,8 @@ impl Desired {
                         backends,
                         draining,
                         reply: s.reply,
+                        local,
+                        source_ranges: s.source_ranges.clone(),
                     },
                 );
             }
@@ -329,6 +339,20 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(keys(&s), keys(&web(two_nodes(), "n2")));
+    }
+
+    /// In local mode a node sends new flows only to its own tasks; the
+    /// others' stay backends (draining) for the flows they have.
+    #[test]
+    fn a_local_service_spreads_new_flows_over_this_nodes_tasks_only() {
+        let s = web(two_nodes().traffic("web", Traffic::Local), "n1");
+        assert!(s.local);
+        assert_eq!(s.backends.len(), 2);
+        let table = s.table_backends();
+        assert_eq!(table.len(), 1);
+        assert!(table[0].local);
+        let s2 = web(two_nodes().traffic("web", Traffic::Local), "n2");
+        assert_eq!(s2.table_backends()[0].node, "n2");
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! - [`plan`]: the ordered map writes from what was applied to that;
 //! - [`dataplane`]: the BPF object (load, attach, write, read counters);
 //! - [`daemon`]: the reconcile loop that owns source -> desired -> plan ->
-//!   writer; [`admin`]: `/metrics`, `/ready`, `/live`; [`net`]: what the
-//!   host's network configuration says;
+//!   writer; [`admin`]: `/metrics`, `/ready`, `/live`, and the HTTP
+//!   serving the health port shares; [`health`]: the node's and services'
+//!   health answers for load balancers, and the drain switch; [`net`]: what
+//!   the host's network configuration says;
 //! - [`sim`]: the same plan applied to host tables, for tests and tools.
 
 pub mod admin;
@@ -23,9 +25,12 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod desired;
+pub mod explain;
+pub mod health;
 pub mod model;
 pub mod neigh;
 pub mod net;
 pub mod plan;
 pub mod sim;
 pub mod source;
+pub mod status;

@@ -82,6 +82,16 @@ pub enum NodeStatus {
 }
 
 impl Availability {
+    /// "active", "pause" or "drain".
+    pub fn parse(s: &str) -> Option<Availability> {
+        match s {
+            "active" => Some(Availability::Active),
+            "pause" => Some(Availability::Pause),
+            "drain" => Some(Availability::Drain),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Availability::Active => "active",
@@ -107,6 +117,104 @@ pub struct Service {
     /// How replies of flows forwarded to another node's task go back;
     /// `None`: the node's default (`meshd run --reply-mode`).
     pub reply: Option<ReplyMode>,
+    /// Which tasks a node sends the service's new flows to.
+    pub traffic: Traffic,
+    /// The sources allowed to reach it (sorted, no duplicates); empty:
+    /// every source.
+    pub source_ranges: Vec<Cidr4>,
+}
+
+/// Which tasks a node sends a service's new flows to (kube-proxy's
+/// `externalTrafficPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub enum Traffic {
+    /// Every task of the service, on whatever node (forwarded there).
+    #[default]
+    Cluster,
+    /// Only tasks on the node that received the flow: no forwarding (one
+    /// hop less, the client's address kept without any encapsulation);
+    /// a node without a task of the service drops its new flows, and its
+    /// per-service health answer is 503 so that load balancers skip it.
+    Local,
+}
+
+impl Traffic {
+    /// "cluster" or "local".
+    pub fn parse(s: &str) -> Option<Traffic> {
+        match s {
+            "cluster" => Some(Traffic::Cluster),
+            "local" => Some(Traffic::Local),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Traffic::Cluster => "cluster",
+            Traffic::Local => "local",
+        }
+    }
+}
+
+/// An IPv4 range: an address and a prefix length, host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr4 {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr4 {
+    /// "198.18.0.0/15" (or a bare address, a /32). Refuses a range with
+    /// host bits set: "198.18.0.1/15" is most likely a typo, and which
+    /// range was meant is not for meshd to guess.
+    pub fn parse(s: &str) -> Result<Cidr4, String> {
+        let (a, len) = match s.split_once('/') {
+            Some((a, l)) => (
+                a,
+                l.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .ok_or_else(|| format!("{s:?}: the prefix length is not 0-32"))?,
+            ),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 range (ADDR/LEN)"))?;
+        let c = Cidr4 { addr, len };
+        if c.network() != addr {
+            return Err(format!(
+                "{s:?} has host bits set: the range is {}",
+                Cidr4 {
+                    addr: c.network(),
+                    len
+                }
+            ));
+        }
+        Ok(c)
+    }
+
+    fn mask(&self) -> u32 {
+        if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.len as u32)
+        }
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl fmt::Display for Cidr4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }
 
 /// How the replies of a flow forwarded to a task on another node reach the
@@ -367,6 +475,8 @@ impl StateBuilder {
         self.state.services.push(Service {
             name: name.into(),
             reply: None,
+            traffic: Traffic::Cluster,
+            source_ranges: Vec::new(),
             ports: ports
                 .iter()
                 .map(|&(protocol, published, target)| Port {
@@ -376,6 +486,24 @@ impl StateBuilder {
                 })
                 .collect(),
         });
+        self
+    }
+
+    /// The traffic mode of service `name` (added before).
+    pub fn traffic(mut self, name: &str, t: Traffic) -> Self {
+        if let Some(s) = self.state.services.iter_mut().find(|s| s.name == name) {
+            s.traffic = t;
+        }
+        self
+    }
+
+    /// The allow list of service `name` (added before).
+    pub fn source_ranges(mut self, name: &str, ranges: &[Cidr4]) -> Self {
+        if let Some(s) = self.state.services.iter_mut().find(|s| s.name == name) {
+            s.source_ranges = ranges.to_vec();
+            s.source_ranges.sort();
+            s.source_ranges.dedup();
+        }
         self
     }
 
@@ -509,6 +637,22 @@ mod tests {
         assert!(err(good().service("x", &[])).contains("at least one port"));
         assert!(err(good().service("x", &[(Proto::Tcp, 1, 0)])).contains("target: 0 is not"));
         assert!(err(good().local_node("n9")).contains("local_node"));
+    }
+
+    #[test]
+    fn ranges_parse_and_refuse_host_bits() {
+        let c = Cidr4::parse("198.18.0.0/15").unwrap();
+        assert!(c.contains(Ipv4Addr::new(198, 19, 255, 1)));
+        assert!(!c.contains(Ipv4Addr::new(198, 20, 0, 1)));
+        assert_eq!(Cidr4::parse("198.18.128.2").unwrap().len, 32);
+        assert_eq!(Cidr4::parse("0.0.0.0/0").unwrap().len, 0);
+        let e = Cidr4::parse("198.18.0.1/15").unwrap_err();
+        assert!(
+            e.contains("host bits set: the range is 198.18.0.0/15"),
+            "{e}"
+        );
+        assert!(Cidr4::parse("198.18.0.0/33").is_err());
+        assert!(Cidr4::parse("fe80::/10").is_err());
     }
 
     #[test]

@@ -163,6 +163,14 @@ impl Neighbours {
         Ok(())
     }
 
+    /// Forgets the entries meshd made without removing them: a pinned
+    /// dataplane goes on forwarding through them after meshd exits, and
+    /// the next meshd takes them over.
+    pub fn keep(&mut self) {
+        self.made.clear();
+        self.hops.clear();
+    }
+
     /// Removes every entry meshd made.
     pub fn clear(&mut self) {
         self.hops.clear();

@@ -345,12 +345,41 @@ fn link_index(iface: &str) -> Option<u32> {
 /// never picks as a local port for an outgoing connection. meshd adds the
 /// published ports (and the range they are assigned from), so that none of
 /// the node's own connections takes a published port as its local one,
-/// and puts the setting back as it found it when it exits.
+/// and puts the setting back as it found it when it exits (unless the
+/// dataplane stays: then the ports stay reserved, and `meshd cleanup`
+/// puts it back). The setting as found is kept in the state directory
+/// before anything is written, so a meshd that was killed is not taken
+/// for the host's own settings by the next one.
 pub struct ReservedPorts {
     /// The setting as meshd found it.
     original: Option<String>,
     /// What meshd wrote last.
     written: Option<String>,
+    /// Where the original is kept while meshd's setting is in force.
+    saved: Option<std::path::PathBuf>,
+    /// Leave the setting in force at exit.
+    keep: bool,
+}
+
+/// The file in the state directory that holds the setting as meshd found
+/// it, while meshd's is in force.
+pub const RESERVED_PORTS_FILE: &str = "ip_local_reserved_ports.orig";
+
+/// Puts back the setting a meshd kept in `state_dir` (after one that left
+/// its own in force); says whether there was one.
+pub fn restore_reserved_ports(state_dir: &std::path::Path, dry_run: bool) -> Result<bool> {
+    let p = state_dir.join(RESERVED_PORTS_FILE);
+    let original = match std::fs::read_to_string(&p) {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+    };
+    if !dry_run {
+        std::fs::write(RESERVED_PORTS, format!("{}\n", original.trim()))
+            .with_context(|| format!("writing {RESERVED_PORTS}"))?;
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(true)
 }
 
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
@@ -363,7 +392,26 @@ impl ReservedPorts {
                 .ok()
                 .map(|s| s.trim().to_string()),
             written: None,
+            saved: None,
+            keep: false,
         }
+    }
+
+    /// As `new`, keeping the original in `state_dir` (and taking it from
+    /// there when a previous meshd left its own setting in force).
+    pub fn kept_in(state_dir: &std::path::Path) -> Self {
+        let p = state_dir.join(RESERVED_PORTS_FILE);
+        let mut r = Self::new();
+        if let Ok(o) = std::fs::read_to_string(&p) {
+            r.original = Some(o.trim().to_string());
+        }
+        r.saved = Some(p);
+        r
+    }
+
+    /// Leaves the setting in force when dropped (the dataplane stays).
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// Reserves `range` and `ports` (besides what was reserved before
@@ -406,11 +454,31 @@ impl ReservedPorts {
         if self.written.as_deref() == Some(want.as_str()) {
             return;
         }
+        if let Some(p) = &self.saved
+            && !p.exists()
+        {
+            let r = p
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(p, format!("{original}\n")));
+            if let Err(e) = r {
+                tracing::warn!(
+                    "keeping the original {RESERVED_PORTS} in {}: {e}; not reserving published ports",
+                    p.display()
+                );
+                return;
+            }
+        }
         if !ephemeral_hits.is_empty() {
             let (lo, hi) = eph.unwrap_or_default();
             tracing::warn!(
-                "published ports {ephemeral_hits:?} lie in ip_local_port_range ({lo}-{hi}): \
-                 reserved, the node's own connections no longer use them as local ports"
+                "published ports {} lie in ip_local_port_range ({lo}-{hi}): \
+                 reserved, the node's own connections no longer use them as local ports",
+                ephemeral_hits
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         match std::fs::write(RESERVED_PORTS, format!("{want}\n")) {
@@ -431,9 +499,16 @@ impl Default for ReservedPorts {
 
 impl Drop for ReservedPorts {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let (Some(original), Some(_)) = (&self.original, &self.written) {
             // With its newline: writing nothing at all changes nothing.
-            let _ = std::fs::write(RESERVED_PORTS, format!("{original}\n"));
+            if std::fs::write(RESERVED_PORTS, format!("{original}\n")).is_ok()
+                && let Some(p) = &self.saved
+            {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }

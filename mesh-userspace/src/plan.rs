@@ -39,7 +39,7 @@ use mesh_common::abi::*;
 use mesh_common::maglev;
 
 use crate::desired::{BackendKey, Desired, DesiredService};
-use crate::model::{Proto, ReplyMode};
+use crate::model::{Cidr4, Proto, ReplyMode};
 
 mod regions;
 pub use regions::{Region, table_size};
@@ -87,6 +87,16 @@ pub enum Op {
     PutLocalDev(u32, LocalDev),
     /// Backend slot `.0`'s packets go by the FIB (all zero).
     DelLocalDev(u32),
+    /// The generations handed out may reach these (service, backend,
+    /// node): written before any op that uses one, so a restarted meshd
+    /// that adopts the maps starts above them.
+    PutGens(u32, u32, u32),
+    /// The service a published port belongs to (for a restarted meshd).
+    PutName(SvcKey, SvcName),
+    DelName(SvcKey),
+    /// Service id `.0` allows sources in range `.1`.
+    PutSrc(u32, Cidr4),
+    DelSrc(u32, Cidr4),
 }
 
 /// The Maglev map's default room per service and half: a table for 10
@@ -94,6 +104,10 @@ pub enum Op {
 /// smaller ones less; a state that does not fit is refused, naming
 /// `--maglev-entries`.
 pub const POOL_TABLE: u32 = 1021;
+
+/// Generations are reserved this many at a time ([`Op::PutGens`]): one
+/// extra write per this many slots handed out, not one per plan.
+pub const GEN_BLOCK: u32 = 1024;
 
 /// How long the reply entry of a removed backend stays.
 pub const REPLY_GRACE: Duration = Duration::from_secs(60);
@@ -122,6 +136,8 @@ pub struct Limits {
     /// How long conntrack entries live past their flow's last packet.
     pub ct_lifetimes: CtLifetimes,
     pub max_nodes: u32,
+    /// Source ranges of all services' allow lists together.
+    pub max_src_ranges: u32,
 }
 
 impl Default for Limits {
@@ -135,6 +151,7 @@ impl Default for Limits {
             ct_new_entries: DEFAULT_CT_NEW_ENTRIES,
             ct_lifetimes: CtLifetimes::default(),
             max_nodes: DEFAULT_MAX_NODES,
+            max_src_ranges: DEFAULT_MAX_SRC_RANGES,
         }
     }
 }
@@ -152,6 +169,7 @@ impl Limits {
             || self.ct_entries == 0
             || self.ct_new_entries == 0
             || self.max_nodes == 0
+            || self.max_src_ranges == 0
         {
             bail!("map sizes must be positive");
         }
@@ -211,6 +229,8 @@ pub struct SvcSlot {
     /// Kept in the backend map, left out of the table (see
     /// [`crate::desired::DesiredService::draining`]).
     pub draining: Vec<BackendKey>,
+    /// Its allow list (sorted); empty: every source.
+    pub source_ranges: Vec<Cidr4>,
 }
 
 /// A node's slot in the node map.
@@ -230,6 +250,20 @@ pub struct Report {
     pub backends_removed: usize,
 }
 
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "published ports {} added, {} changed, {} removed; backends {} added, {} removed",
+            self.services_added,
+            self.services_changed,
+            self.services_removed,
+            self.backends_added,
+            self.backends_removed
+        )
+    }
+}
+
 /// Array slots handed out with generations: a freed slot is reused only by
 /// a later plan, with the next generation, so whatever still names the old
 /// (slot, generation) misses instead of finding the newcomer.
@@ -238,6 +272,9 @@ struct Slots {
     gens: HashMap<u32, u32>,
     free: BTreeSet<u32>,
     next: u32,
+    /// Every generation handed out before this planner existed (by the
+    /// meshd whose maps it adopted) is at most this: slots are taken above.
+    floor: u32,
 }
 
 impl Slots {
@@ -248,8 +285,33 @@ impl Slots {
             self.next - 1
         });
         let g = self.gens.entry(id).or_insert(0);
-        *g += 1;
+        *g = (*g).max(self.floor) + 1;
         (id, *g)
+    }
+
+    /// The highest generation handed out (or adopted).
+    fn hwm(&self) -> u32 {
+        self.gens
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(self.floor)
+    }
+
+    /// Slots as adopted from maps: `used` slots with their generations,
+    /// every other one below the highest free, generations above `floor`.
+    fn adopted(used: impl IntoIterator<Item = (u32, u32)>, floor: u32) -> Slots {
+        let mut s = Slots {
+            floor,
+            ..Slots::default()
+        };
+        for (id, g) in used {
+            s.gens.insert(id, g);
+            s.floor = s.floor.max(g);
+            s.mark_used(id);
+        }
+        s
     }
 
     fn release(&mut self, id: u32) {
@@ -271,6 +333,7 @@ impl Slots {
             let e = self.gens.entry(*id).or_insert(0);
             *e = (*e).max(*g);
         }
+        self.floor = self.floor.max(other.floor);
     }
 
     fn gen_of(&self, id: u32) -> u32 {
@@ -317,6 +380,134 @@ pub struct Planner {
     local_devs: BTreeMap<u32, LocalDev>,
     /// The Maglev map's regions.
     maglev: regions::Pool,
+    /// The generations reserved in the maps ([`Op::PutGens`]).
+    gens_reserved: (u32, u32, u32),
+    /// The allow-list entries written, by service id.
+    src: BTreeMap<u32, BTreeSet<Cidr4>>,
+}
+
+/// What pinned maps hold, as a restarted meshd reads them to adopt them
+/// ([`Planner::adopt`]): every entry in use, by slot or key.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Published ports and the service slot each points to.
+    pub ports: Vec<(SvcKey, u32)>,
+    /// Service slots (both halves) that are not all zero.
+    pub services: BTreeMap<u32, SvcValue>,
+    /// Backend slots in use.
+    pub backends: BTreeMap<u32, Backend>,
+    /// Node slots in use.
+    pub nodes: BTreeMap<u32, NodeValue>,
+    pub node_index: BTreeMap<u32, u32>,
+    pub locals: BTreeMap<ReplyKey4, u32>,
+    pub replies: BTreeMap<ReplyKey4, ReplyValue4>,
+    /// This node's addresses (raw).
+    pub node_addrs: Vec<u32>,
+    pub config: NodeConfig,
+    pub names: BTreeMap<SvcKey, SvcName>,
+    pub meta: PinMeta,
+    /// Allow-list entries: (service id, range).
+    pub src: BTreeSet<(u32, Cidr4)>,
+    /// Local backends' recorded links, by slot (entries not all zero).
+    pub local_devs: BTreeMap<u32, LocalDev>,
+}
+
+impl Snapshot {
+    /// What `op` does to the maps, on this model of them (the planner's
+    /// tests, and the simulation of a restart).
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutNode(slot, v) => {
+                self.nodes.insert(*slot, *v);
+            }
+            Op::DelNode(slot) => {
+                self.nodes.remove(slot);
+            }
+            Op::PutBackend(id, b) => {
+                self.backends.insert(*id, *b);
+            }
+            Op::DelBackend(id) => {
+                self.backends.remove(id);
+            }
+            Op::WriteTable { .. } | Op::ResetStats(_) => {}
+            Op::PutService { key, slot, value } => {
+                self.services.insert(*slot, *value);
+                self.ports.retain(|(k, _)| k != key);
+                self.ports.push((*key, *slot));
+            }
+            Op::DelService(key) => self.ports.retain(|(k, _)| k != key),
+            Op::PutNodeAddr(a) => {
+                if !self.node_addrs.contains(a) {
+                    self.node_addrs.push(*a);
+                }
+            }
+            Op::DelNodeAddr(a) => self.node_addrs.retain(|x| x != a),
+            Op::PutReply(k, v) => {
+                self.replies.insert(*k, *v);
+            }
+            Op::DelReply(k) => {
+                self.replies.remove(k);
+            }
+            Op::PutConfig(c) => self.config = *c,
+            Op::PutNodeIndex(a, slot) => {
+                self.node_index.insert(*a, *slot);
+            }
+            Op::DelNodeIndex(a) => {
+                self.node_index.remove(a);
+            }
+            Op::PutLocal(k, slot) => {
+                self.locals.insert(*k, *slot);
+            }
+            Op::DelLocal(k) => {
+                self.locals.remove(k);
+            }
+            Op::PutLocalDev(id, d) => {
+                self.local_devs.insert(*id, *d);
+            }
+            Op::DelLocalDev(id) => {
+                self.local_devs.remove(id);
+            }
+            Op::PutGens(a, b, c) => {
+                self.meta = PinMeta {
+                    magic: PIN_META_MAGIC,
+                    svc_gen: *a,
+                    backend_gen: *b,
+                    node_gen: *c,
+                    object_hash: self.meta.object_hash,
+                };
+            }
+            Op::PutName(k, n) => {
+                self.names.insert(*k, *n);
+            }
+            Op::DelName(k) => {
+                self.names.remove(k);
+            }
+            Op::PutSrc(id, c) => {
+                self.src.insert((*id, *c));
+            }
+            Op::DelSrc(id, c) => {
+                self.src.remove(&(*id, *c));
+            }
+        }
+    }
+}
+
+/// What [`Planner::adopt`] found, for the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Published ports, and those whose service is known by name (their
+    /// flows are kept; the others start over).
+    pub ports: usize,
+    pub named: usize,
+    pub backends: usize,
+    pub nodes: usize,
+    pub replies: usize,
+}
+
+/// The name given to what adopted maps hold but the first state does not
+/// name (never a valid name: it is removed by the first plan).
+fn stray(kind: &str, slot: u32) -> String {
+    format!("~{kind}{slot}")
 }
 
 /// What `node` would hold for `state`, refused unless a fresh dataplane
@@ -337,10 +528,17 @@ pub fn vet(
 
 /// The `SVC_F_*` flags of service `ds` in `d`.
 fn svc_flags(d: &Desired, ds: &DesiredService) -> u32 {
-    match ds.reply.unwrap_or(d.forwarding.reply) {
+    let reply = match ds.reply.unwrap_or(d.forwarding.reply) {
         ReplyMode::Direct => SVC_F_REPLY_DIRECT,
         ReplyMode::ViaIngress => 0,
-    }
+    };
+    let local = if ds.local { SVC_F_LOCAL_ONLY } else { 0 };
+    let src = if ds.source_ranges.is_empty() {
+        0
+    } else {
+        SVC_F_SRC_RANGES
+    };
+    reply | local | src
 }
 
 fn proto_of(n: u8) -> Proto {
@@ -374,11 +572,175 @@ impl Planner {
             local_devs: BTreeMap::new(),
             maglev: regions::Pool::new(limits.maglev_entries()),
             limits,
+            gens_reserved: (0, 0, 0),
+            src: BTreeMap::new(),
         }
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// A planner that knows what the maps in `snap` hold, as a meshd that
+    /// wrote them would, for a meshd that adopts them after a restart.
+    /// Nodes and backends are matched to `d` (the first state) by what
+    /// identifies them (addresses, ports); services by the name kept with
+    /// each port. What matches keeps its slot and generation, so
+    /// connection tracking entries still name it; the first plan then
+    /// writes only the difference (each service's table again, into the
+    /// half no packet reads), and removes what `d` does not hold.
+    pub fn adopt(limits: Limits, snap: &Snapshot, d: &Desired) -> (Planner, Adoption) {
+        let mut p = Planner::new(limits);
+        let meta = if snap.meta.magic == PIN_META_MAGIC {
+            snap.meta
+        } else {
+            PinMeta::default()
+        };
+        p.config = snap.config;
+        p.node_addrs = snap
+            .node_addrs
+            .iter()
+            .filter(|a| **a != 0)
+            .map(|a| Ipv4Addr::from(a.to_ne_bytes()))
+            .collect();
+        // Nodes, by address.
+        let by_addr: HashMap<u32, &str> = d
+            .nodes
+            .iter()
+            .map(|(n, dn)| (raw4(dn.addr), n.as_str()))
+            .collect();
+        let mut node_names: HashMap<u32, String> = HashMap::new();
+        for (slot, v) in &snap.nodes {
+            let name = match by_addr.get(&v.addr[0]) {
+                Some(n) if !p.nodes.contains_key(*n) => n.to_string(),
+                _ => stray("node", *slot),
+            };
+            p.nodes.insert(
+                name.clone(),
+                NodeSlot {
+                    slot: *slot,
+                    value: *v,
+                },
+            );
+            node_names.insert(*slot, name);
+        }
+        p.node_slots = Slots::adopted(snap.nodes.iter().map(|(s, v)| (*s, v.gen_)), meta.node_gen);
+        p.node_index = snap.node_index.clone();
+        p.locals = snap.locals.clone();
+        // Links recorded for slots the first plan keeps stay until it
+        // records them again (the same, or another); those of slots it
+        // frees are removed with them.
+        p.local_devs = snap.local_devs.clone();
+        // Backends, by what a `BackendKey` holds: a local one's identity
+        // is the key its local entry is found by.
+        let identity: HashMap<u32, u32> = snap.locals.iter().map(|(k, s)| (*s, k.addr)).collect();
+        for (id, b) in &snap.backends {
+            let local = b.flags & BE_F_LOCAL != 0;
+            let deliver = Ipv4Addr::from(b.addr[0].to_ne_bytes());
+            let addr = match identity.get(id) {
+                Some(a) if local => Ipv4Addr::from(a.to_ne_bytes()),
+                _ => deliver,
+            };
+            let mut key = BackendKey {
+                addr,
+                port: u16::from_be(b.port_be),
+                node: node_names
+                    .get(&b.node_id)
+                    .cloned()
+                    .unwrap_or_else(|| stray("node", b.node_id)),
+                local,
+                deliver,
+            };
+            if p.backends.contains_key(&key) {
+                // Two slots for one backend: the second one goes.
+                key.node = stray("backend", *id);
+            }
+            p.backends.insert(key, *id);
+        }
+        p.backend_slots = Slots::adopted(
+            snap.backends.iter().map(|(i, b)| (*i, b.gen_)),
+            meta.backend_gen,
+        );
+        // Services, by the name kept with their port.
+        let mut used_ids = BTreeSet::new();
+        let mut named = 0;
+        for (key, slot) in &snap.ports {
+            let v = snap.services.get(slot).copied().unwrap_or_default();
+            let name = match snap.names.get(key) {
+                Some(n) if n.svc_id == slot / 2 && n.gen_ == v.gen_ && v.gen_ != 0 => {
+                    named += 1;
+                    n.name().to_string()
+                }
+                _ => stray("service", *slot),
+            };
+            p.services.insert(
+                (proto_of(key.proto), u16::from_be(key.port_be)),
+                SvcSlot {
+                    svc_id: slot / 2,
+                    flags: v.flags,
+                    gen_: v.gen_,
+                    half: slot % 2,
+                    // The table packets read keeps its region. The other
+                    // half's value may be a former service's (an id is
+                    // reused without clearing it): its region is not
+                    // trusted, and the next table is placed anew.
+                    regions: {
+                        let mut r = [Region::NONE; 2];
+                        r[(slot % 2) as usize] = Region {
+                            off: v.table_off,
+                            len: v.table_size,
+                        };
+                        r
+                    },
+                    name,
+                    // Unknown: the first plan writes every table again.
+                    target: 0,
+                    backends: Vec::new(),
+                    draining: Vec::new(),
+                    source_ranges: Vec::new(),
+                },
+            );
+            used_ids.insert(slot / 2);
+        }
+        p.svc_gen = snap
+            .services
+            .values()
+            .map(|v| v.gen_)
+            .fold(meta.svc_gen, u32::max);
+        p.next_svc_id = used_ids.last().map_or(0, |m| m + 1);
+        p.free_svc_ids = (0..p.next_svc_id)
+            .rev()
+            .filter(|i| !used_ids.contains(i))
+            .collect();
+        p.replies = snap
+            .replies
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    ReplyState {
+                        value: *v,
+                        retired_at: None,
+                    },
+                )
+            })
+            .collect();
+        p.maglev = regions::Pool::rebuild(
+            p.limits.maglev_entries(),
+            p.services.values().flat_map(|s| s.regions),
+        );
+        p.gens_reserved = (meta.svc_gen, meta.backend_gen, meta.node_gen);
+        for (id, c) in &snap.src {
+            p.src.entry(*id).or_default().insert(*c);
+        }
+        let report = Adoption {
+            ports: snap.ports.len(),
+            named,
+            backends: snap.backends.len(),
+            nodes: snap.nodes.len(),
+            replies: snap.replies.len(),
+        };
+        (p, report)
     }
 
     /// The ops that take the maps from the applied state to `d`. Refuses a
@@ -416,7 +778,35 @@ impl Planner {
         self.put_node_addrs(d, &mut p);
         self.retire_replies(&replies, now);
         p.ops.extend(self.expire(now));
+        if let Some(op) = self.reserve_gens() {
+            // Before any op that uses them.
+            p.ops.insert(0, op);
+        }
         Ok((p.ops, p.report))
+    }
+
+    /// The generations this planner handed out, if they outgrew what the
+    /// maps say is reserved: a new reservation, a block above them.
+    fn reserve_gens(&mut self) -> Option<Op> {
+        let used = (
+            self.svc_gen,
+            self.backend_slots.hwm(),
+            self.node_slots.hwm(),
+        );
+        let r = self.gens_reserved;
+        if used.0 <= r.0 && used.1 <= r.1 && used.2 <= r.2 {
+            return None;
+        }
+        let up = |u: u32, r: u32| {
+            if u <= r {
+                r
+            } else {
+                u.saturating_add(GEN_BLOCK)
+            }
+        };
+        self.gens_reserved = (up(used.0, r.0), up(used.1, r.1), up(used.2, r.2));
+        let (a, b, c) = self.gens_reserved;
+        Some(Op::PutGens(a, b, c))
     }
 
     /// Refuses a state the maps cannot hold, counting what old and new
@@ -474,6 +864,19 @@ impl Planner {
                     lim.maglev_entries()
                 );
             }
+        }
+        // Old and new ranges of a service coexist while it switches.
+        let ranges: usize = self.src.values().map(BTreeSet::len).sum::<usize>()
+            + d.services
+                .values()
+                .map(|s| s.source_ranges.len())
+                .sum::<usize>();
+        if ranges > lim.max_src_ranges as usize {
+            bail!(
+                "{ranges} source ranges (old and new during the update) exceed \
+                 --max-source-ranges {}; nothing applied",
+                lim.max_src_ranges
+            );
         }
         if let Some(s) = d.services.get(&(Proto::Udp, d.forwarding.port)) {
             bail!(
@@ -747,7 +1150,8 @@ impl Planner {
                         && s.backends == ds.backends
                         && s.draining == ds.draining
                         && s.target == ds.target
-                        && s.flags == flags =>
+                        && s.flags == flags
+                        && s.source_ranges == ds.source_ranges =>
                 {
                     continue;
                 }
@@ -795,8 +1199,18 @@ impl Planner {
             if is_new {
                 p.ops.push(Op::ResetStats(svc_id));
             }
+            // Its allow list: new ranges before the switch (the half
+            // switched to never denies what it allows), gone ones after.
+            let want: BTreeSet<Cidr4> = ds.source_ranges.iter().copied().collect();
+            let have = self.src.entry(svc_id).or_default();
+            for c in want.difference(have) {
+                p.ops.push(Op::PutSrc(svc_id, *c));
+            }
+            let gone: Vec<Cidr4> = have.difference(&want).copied().collect();
+            *have = have.union(&want).copied().collect();
+            let skey = SvcKey::new(key.1, key.0.number());
             p.ops.push(Op::PutService {
-                key: SvcKey::new(key.1, key.0.number()),
+                key: skey,
                 slot,
                 value: SvcValue {
                     svc_id,
@@ -807,6 +1221,20 @@ impl Planner {
                     gen_,
                 },
             });
+            if is_new {
+                // Which service the port now belongs to, for a meshd that
+                // adopts these maps (after the switch: a name never names a
+                // service that is not there yet).
+                p.ops
+                    .push(Op::PutName(skey, SvcName::new(svc_id, gen_, &ds.name)));
+            }
+            for c in gone {
+                p.ops.push(Op::DelSrc(svc_id, c));
+                if let Some(h) = self.src.get_mut(&svc_id) {
+                    h.remove(&c);
+                }
+            }
+            self.src.retain(|_, h| !h.is_empty());
             self.services.insert(
                 *key,
                 SvcSlot {
@@ -819,6 +1247,7 @@ impl Planner {
                     target: ds.target,
                     backends: ds.backends.clone(),
                     draining: ds.draining.clone(),
+                    source_ranges: ds.source_ranges.clone(),
                 },
             );
             if !existed {
@@ -841,7 +1270,11 @@ impl Planner {
         for key in gone {
             p.ops
                 .push(Op::DelService(SvcKey::new(key.1, key.0.number())));
+            p.ops.push(Op::DelName(SvcKey::new(key.1, key.0.number())));
             let slot = self.services.remove(&key).expect("listed above");
+            for c in self.src.remove(&slot.svc_id).unwrap_or_default() {
+                p.ops.push(Op::DelSrc(slot.svc_id, c));
+            }
             self.free_svc_ids.push(slot.svc_id);
             // Reused by a later plan, never this one (tables are placed
             // before services are removed).
@@ -1018,7 +1451,20 @@ impl Planner {
                 Op::DelLocalDev(id) => {
                     self.local_devs.remove(id);
                 }
-                Op::WriteTable { .. } | Op::ResetStats(_) => {}
+                Op::PutGens(a, b, c) => {
+                    let r = &mut self.gens_reserved;
+                    *r = (r.0.max(*a), r.1.max(*b), r.2.max(*c));
+                }
+                Op::PutSrc(id, c) => {
+                    self.src.entry(*id).or_default().insert(*c);
+                }
+                Op::DelSrc(id, c) => {
+                    if let Some(h) = self.src.get_mut(id) {
+                        h.remove(c);
+                    }
+                    self.src.retain(|_, h| !h.is_empty());
+                }
+                Op::WriteTable { .. } | Op::ResetStats(_) | Op::PutName(..) | Op::DelName(_) => {}
             }
         }
         // The regions packets may read are those of the services as the
@@ -1184,11 +1630,20 @@ mod tests {
         let first_backend = pos(&|o| matches!(o, Op::PutBackend(..)));
         let count = |f: &dyn Fn(&Op) -> bool| ops[..table].iter().filter(|o| f(o)).count();
         assert_eq!(count(&|o| matches!(o, Op::PutNode(..))), 2);
+        // The generations it hands out are reserved before anything uses
+        // them (a restarted meshd starts above them).
         assert!(
-            ops[..first_backend]
+            matches!(ops[0], Op::PutGens(s, b, n) if s >= 1 && b >= 2 && n >= 2),
+            "{:?}",
+            ops[0]
+        );
+        assert!(
+            ops[1..first_backend]
                 .iter()
                 .all(|o| matches!(o, Op::PutConfig(_) | Op::PutNode(..) | Op::PutNodeIndex(..)))
         );
+        // The port's service is named, once it is there.
+        assert!(matches!(&ops[svc + 1], Op::PutName(_, n) if n.name() == "web"));
         // The tasks of this node are found by identity, once written.
         assert_eq!(count(&|o| matches!(o, Op::PutLocal(..))), 2);
         assert_eq!(count(&|o| matches!(o, Op::PutBackend(..))), 2);
@@ -1643,5 +2098,323 @@ mod reply_tests {
             matches!(p.expire(t0 + REPLY_GRACE)[..], [Op::DelReply(k)] if k.addr == raw4(Ipv4Addr::new(198, 18, 129, 3)))
         );
         assert_eq!(p.reply_count(), 1);
+    }
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::model::{Availability, StateBuilder};
+
+    /// xorshift64*: deterministic test data without dependencies.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn one_in(&mut self, n: u64) -> bool {
+            self.next().is_multiple_of(n)
+        }
+    }
+
+    /// Three nodes (n1 is this one, one of the others sometimes leaves),
+    /// up to three services on two ports each, tasks here and there,
+    /// some draining, some delivered at an address of their own.
+    fn random_state(rng: &mut Rng) -> Desired {
+        let mut b = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .node("n2", [198, 18, 128, 2]);
+        let n3 = !rng.one_in(3);
+        if n3 {
+            b = b.node("n3", [198, 18, 128, 3]);
+            if rng.one_in(4) {
+                b = b.availability("n3", Availability::Drain);
+            }
+        }
+        for (k, (name, port)) in [("a", 30080u16), ("b", 30081), ("c", 30082)]
+            .into_iter()
+            .enumerate()
+        {
+            if rng.one_in(4) {
+                continue;
+            }
+            // Sometimes another service takes the port.
+            let name = if rng.one_in(8) {
+                format!("{name}2")
+            } else {
+                name.to_string()
+            };
+            b = b.service(&name, &[(Proto::Tcp, port, 8080), (Proto::Udp, port, 53)]);
+            if rng.one_in(3) {
+                let r = |s: &str| crate::model::Cidr4::parse(s).unwrap();
+                let ranges = match rng.next() % 3 {
+                    0 => vec![r("198.18.0.0/16")],
+                    1 => vec![r("198.18.0.0/16"), r("198.20.1.0/24")],
+                    _ => vec![r("198.20.1.0/24")],
+                };
+                b = b.source_ranges(&name, &ranges);
+            }
+            if rng.one_in(4) {
+                b = b.traffic(&name, crate::model::Traffic::Local);
+            }
+            for t in 0..5u8 {
+                if rng.one_in(2) {
+                    continue;
+                }
+                let node = match t % 3 {
+                    0 => "n1",
+                    1 => "n2",
+                    _ if n3 => "n3",
+                    _ => "n1",
+                };
+                b = b.task(&name, node, [198, 19, k as u8, 10 + t]);
+                if node == "n1" && rng.one_in(2) {
+                    b = b.delivered_at([198, 18, 21, 10 * k as u8 + t]);
+                }
+                if rng.one_in(6) {
+                    b = b.draining();
+                }
+            }
+        }
+        Desired::compute(&b.build().unwrap(), "n1", &[]).unwrap()
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            maglev_size: 7,
+            max_backends: 64,
+            max_services: 16,
+            max_nodes: 8,
+            ..Limits::default()
+        }
+    }
+
+    /// What connection tracking entries name: each backend's slot and
+    /// generation, each port's service id and generation.
+    type Identities = (
+        BTreeSet<(String, u32, u32)>,
+        BTreeSet<((Proto, u16), u32, u32)>,
+    );
+
+    fn identities(p: &Planner) -> Identities {
+        let backends = p
+            .backends
+            .iter()
+            .map(|(k, id)| (format!("{k:?}"), *id, p.backend_slots.gen_of(*id)))
+            .collect();
+        let services = p
+            .services
+            .iter()
+            .map(|(k, s)| (*k, s.svc_id, s.gen_))
+            .collect();
+        (backends, services)
+    }
+
+    /// A meshd that restarts adopts the maps its predecessor wrote: every
+    /// backend, node and service keeps its slot and generation (so every
+    /// conntrack entry still names them), only the tables are written
+    /// again (into the halves no packet reads), and no (slot, generation)
+    /// pair handed out before the restart is ever handed out again.
+    #[test]
+    fn an_adopted_planner_keeps_what_conntrack_names_and_never_repeats_a_generation() {
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut p = Planner::new(limits());
+            let mut maps = Snapshot::default();
+            let mut handed: BTreeSet<(u32, u32)> = BTreeSet::new();
+            let mut last = random_state(&mut rng);
+            for _ in 0..1 + rng.next() % 8 {
+                last = random_state(&mut rng);
+                let (ops, _) = p.plan(&last).unwrap();
+                for op in &ops {
+                    if let Op::PutBackend(id, b) = op {
+                        handed.insert((*id, b.gen_));
+                    }
+                    maps.apply(op);
+                }
+            }
+            // The restart: the planner is gone, the maps stay.
+            let (mut q, report) = Planner::adopt(limits(), &maps, &last);
+            assert_eq!(
+                report.named, report.ports,
+                "seed {seed}: every port is named"
+            );
+            assert_eq!(identities(&q), identities(&p), "seed {seed}");
+            assert_eq!(q.src, p.src, "seed {seed}: allow lists");
+            // The regions packets read: those of the live halves.
+            let live: Vec<Region> = p
+                .services
+                .values()
+                .map(|s| s.regions[s.half as usize])
+                .filter(|r| r.len > 0)
+                .collect();
+            let (ops, r) = q.plan(&last).unwrap();
+            assert_eq!(
+                (
+                    r.backends_added,
+                    r.backends_removed,
+                    r.services_added,
+                    r.services_removed
+                ),
+                (0, 0, 0, 0),
+                "seed {seed}: {ops:#?}"
+            );
+            for op in &ops {
+                match op {
+                    Op::WriteTable { offset, table } => {
+                        let end = offset + table.len() as u32;
+                        assert!(
+                            live.iter()
+                                .all(|r| end <= r.off || r.off + r.len <= *offset),
+                            "seed {seed}: a table packets read ({offset}..{end} over {live:?})"
+                        );
+                    }
+                    Op::PutService { .. } | Op::PutReply(..) | Op::DelReply(_) => {}
+                    other => panic!("seed {seed}: adopting rewrote {other:?}"),
+                }
+                maps.apply(op);
+            }
+            assert_eq!(identities(&q), identities(&p), "seed {seed}");
+            assert_eq!(q.plan(&last).unwrap().0, vec![], "seed {seed}: settled");
+            // Life goes on after the restart: new slots never repeat an
+            // old (slot, generation) pair, even after another restart.
+            for round in 0..6 {
+                let d = random_state(&mut rng);
+                let (ops, _) = q.plan(&d).unwrap();
+                for op in &ops {
+                    if let Op::PutBackend(id, b) = op {
+                        assert!(
+                            handed.insert((*id, b.gen_)),
+                            "seed {seed}: ({id}, {}) handed out twice",
+                            b.gen_
+                        );
+                    }
+                    maps.apply(op);
+                }
+                if round == 2 {
+                    q = Planner::adopt(limits(), &maps, &d).0;
+                    let (ops, _) = q.plan(&d).unwrap();
+                    ops.iter().for_each(|op| maps.apply(op));
+                }
+            }
+        }
+    }
+
+    /// A port whose kept name is not its service's (another service took
+    /// the port, or the name was never written) is a new service: a new
+    /// generation, so the flows of whatever held it are not its.
+    #[test]
+    fn a_port_without_its_name_starts_over() {
+        let s = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", [198, 18, 129, 2])
+            .build()
+            .unwrap();
+        let d = Desired::compute(&s, "n1", &[]).unwrap();
+        let mut p = Planner::new(limits());
+        let mut maps = Snapshot::default();
+        p.plan(&d).unwrap().0.iter().for_each(|o| maps.apply(o));
+        maps.names.clear();
+        let (mut q, r) = Planner::adopt(limits(), &maps, &d);
+        assert_eq!((r.ports, r.named), (1, 0));
+        let (ops, _) = q.plan(&d).unwrap();
+        let old = p.services[&(Proto::Tcp, 30080)].gen_;
+        assert!(
+            ops.iter().any(
+                |o| matches!(o, Op::PutService { value, .. } if value.gen_ > old && value.svc_id == 0)
+            ),
+            "{ops:#?}"
+        );
+        assert!(
+            ops.iter()
+                .any(|o| matches!(o, Op::PutName(_, n) if n.name() == "web"))
+        );
+    }
+}
+
+#[cfg(test)]
+mod src_tests {
+    use super::*;
+    use crate::model::{Cidr4, StateBuilder};
+
+    fn d(ranges: &[&str]) -> Desired {
+        let r: Vec<Cidr4> = ranges.iter().map(|c| Cidr4::parse(c).unwrap()).collect();
+        let mut b = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", [198, 18, 129, 2]);
+        if !r.is_empty() {
+            b = b.source_ranges("web", &r);
+        }
+        Desired::compute(&b.build().unwrap(), "n1", &[]).unwrap()
+    }
+
+    fn planner() -> Planner {
+        Planner::new(Limits {
+            maglev_size: 7,
+            max_src_ranges: 3,
+            ..Limits::default()
+        })
+    }
+
+    /// An allow list switches with its service: ranges it gains are
+    /// written before the switch (the half switched to never denies what
+    /// it allows), ranges it loses are deleted after; the flag follows.
+    #[test]
+    fn an_allow_list_changes_make_before_break() {
+        let mut p = planner();
+        let (ops, _) = p.plan(&d(&["198.18.0.0/16"])).unwrap();
+        let put = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutSrc(0, _)))
+            .unwrap();
+        let svc = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutService { value, .. } if value.flags & SVC_F_SRC_RANGES != 0))
+            .unwrap();
+        assert!(put < svc);
+        let (ops, r) = p.plan(&d(&["198.20.1.0/24"])).unwrap();
+        assert_eq!(r.services_changed, 1);
+        match &ops[..] {
+            [
+                Op::WriteTable { .. },
+                Op::PutSrc(0, new),
+                Op::PutService { .. },
+                Op::DelSrc(0, old),
+            ] => {
+                assert_eq!(new.to_string(), "198.20.1.0/24");
+                assert_eq!(old.to_string(), "198.18.0.0/16");
+            }
+            other => panic!("{other:#?}"),
+        }
+        // No list: the flag goes with the switch, the entries after it.
+        let (ops, _) = p.plan(&d(&[])).unwrap();
+        assert!(
+            matches!(
+                &ops[..],
+                [Op::WriteTable { .. }, Op::PutService { value, .. }, Op::DelSrc(0, _)]
+                    if value.flags & SVC_F_SRC_RANGES == 0
+            ),
+            "{ops:#?}"
+        );
+    }
+
+    /// Old and new ranges live side by side for a moment: the map must
+    /// hold both, or the state is refused before any op.
+    #[test]
+    fn too_many_ranges_are_refused_before_any_op() {
+        let mut p = planner();
+        p.plan(&d(&["198.18.0.0/16", "198.19.0.0/16"])).unwrap();
+        let e = p
+            .plan(&d(&["198.20.0.0/16", "198.21.0.0/16"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceed --max-source-ranges 3"), "{e}");
     }
 }

@@ -66,6 +66,10 @@ impl Sim {
             Op::DelNode(slot) => m.del_node(slot)?,
             Op::PutLocalDev(id, d) => m.put_local_dev(id, d)?,
             Op::DelLocalDev(id) => m.del_local_dev(id)?,
+            // What only a restarted meshd reads: the host maps have none.
+            Op::PutGens(..) | Op::PutName(..) | Op::DelName(_) => {}
+            Op::PutSrc(id, c) => m.put_src(id, crate::plan::raw4(c.addr), c.len),
+            Op::DelSrc(id, c) => m.del_src(id, crate::plan::raw4(c.addr), c.len),
         }
         Ok(())
     }

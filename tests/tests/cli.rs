@@ -39,6 +39,25 @@ fn check_accepts_a_good_file_and_says_what_the_node_serves() {
     );
 }
 
+/// A service's traffic mode and allow list are shown as `run` would serve
+/// them.
+#[test]
+fn check_shows_traffic_mode_and_source_ranges() {
+    let p = state_file(
+        "policy.toml",
+        &GOOD.replace(
+            "name = \"web\"",
+            "name = \"web\"\ntraffic = \"local\"\nsource_ranges = [\"198.18.0.0/15\", \"198.18.200.7\"]",
+        ),
+    );
+    let (code, out, err) = meshd(&["check", "--state", p.to_str().unwrap(), "--node", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("traffic local, sources 198.18.0.0/15 198.18.200.7/32"),
+        "{out}"
+    );
+}
+
 /// The encapsulation port cannot be one of Docker's, nor one a published
 /// port could be assigned.
 #[test]
@@ -117,6 +136,32 @@ fn check_refuses_bad_input_naming_file_field_and_value() {
             "field.toml",
             GOOD.replace("name = \"web\"", "name = \"web\"\nmode = \"global\""),
             "unknown field `mode`",
+        ),
+        (
+            "hostbits.toml",
+            GOOD.replace(
+                "name = \"web\"",
+                "name = \"web\"\nsource_ranges = [\"198.18.0.0/16\", \"198.19.0.1/16\"]",
+            ),
+            "services[0].source_ranges[1]: \"198.19.0.1/16\" has host bits set: the range is 198.19.0.0/16",
+        ),
+        (
+            "nosources.toml",
+            GOOD.replace("name = \"web\"", "name = \"web\"\nsource_ranges = []"),
+            "services[0].source_ranges: an empty list would refuse every client",
+        ),
+        (
+            "traffic.toml",
+            GOOD.replace("name = \"web\"", "name = \"web\"\ntraffic = \"nearby\""),
+            "services[0].traffic: \"nearby\" is not \"cluster\" or \"local\"",
+        ),
+        (
+            "availability.toml",
+            GOOD.replace(
+                "addr = \"198.18.128.1\"",
+                "addr = \"198.18.128.1\"\navailability = \"asleep\"",
+            ),
+            "nodes[0].availability: \"asleep\" is not",
         ),
     ];
     for (name, text, want) in cases {
@@ -221,6 +266,8 @@ fn help_explains_every_run_flag() {
         "--admin-addr",
         "--watch-interval-ms",
         "--bpf-log-level",
+        "--health-addr",
+        "--health-max-sync-age",
     ] {
         assert!(out.contains(flag), "run --help lacks {flag}");
     }
@@ -336,4 +383,188 @@ fn non_regular_or_huge_state_files_are_refused_promptly() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `meshd drain` without a running meshd: the drain is kept for the
+/// meshd that starts next; `undrain` ends it. A bad reason is refused.
+#[test]
+fn drain_and_undrain_without_a_daemon_keep_the_drain_for_the_next_one() {
+    let dir = std::env::temp_dir().join(format!("mesh-cli-drain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    // Nothing listens on this admin address.
+    let admin = "127.0.0.1:1";
+    let (code, out, err) = meshd(&[
+        "drain",
+        "--state-dir",
+        d,
+        "--admin-addr",
+        admin,
+        "--reason",
+        "disk swap",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("drained:") && out.contains("no meshd answers"),
+        "{out}"
+    );
+    let kept = std::fs::read_to_string(dir.join("drain")).unwrap();
+    assert!(kept.contains("disk swap"), "{kept}");
+    let (code, out, err) = meshd(&["undrain", "--state-dir", d, "--admin-addr", admin]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("undrained:"), "{out}");
+    assert!(!dir.join("drain").exists());
+    let (code, out, _) = meshd(&["undrain", "--state-dir", d, "--admin-addr", admin]);
+    assert_eq!(code, 0);
+    assert!(out.contains("not drained"), "{out}");
+    let (code, _, err) = meshd(&["drain", "--state-dir", d, "--reason", "a\nb"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--reason: one line"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_refuses_a_health_address_that_is_not_one() {
+    let (code, _, err) = meshd(&["run", "--state", "/x.toml", "--health-addr", "9471"]);
+    assert_eq!(code, 2, "clap refuses it: {err}");
+    assert!(err.contains("is not ADDR:PORT"), "{err}");
+}
+
+/// Completions come from the command line's own definition: every
+/// subcommand is in them.
+#[test]
+fn completions_know_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = meshd(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for sub in ["run", "check", "drain", "undrain", "cleanup", "completions"] {
+            assert!(out.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let (code, _, err) = meshd(&["completions", "tcsh"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+/// `--help` on every subcommand teaches: it says what the command does
+/// and how it ends.
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["run", "check", "drain", "undrain", "cleanup", "completions"] {
+        let (code, out, err) = meshd(&[sub, "--help"]);
+        assert_eq!(code, 0, "{sub}: {err}");
+        assert!(out.len() > 200, "{sub} --help says little: {out}");
+        assert!(
+            out.contains("--log-format"),
+            "{sub}: the global flag is listed"
+        );
+    }
+}
+
+/// With --log-format json every line meshd writes is one JSON object, the
+/// final error included.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let (code, _, err) = meshd(&[
+        "--log-format",
+        "json",
+        "check",
+        "--state",
+        "/nonexistent.toml",
+    ]);
+    assert_eq!(code, 64);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(!lines.is_empty());
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+        assert!(
+            v["message"].as_str().unwrap().contains("cannot read"),
+            "{v}"
+        );
+        assert_eq!(v["level"], "ERROR");
+    }
+}
+
+#[test]
+fn status_without_a_meshd_or_pins_says_so() {
+    let (code, _, err) = meshd(&[
+        "status",
+        "--admin-addr",
+        "127.0.0.1:1",
+        "--bpffs",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no meshd answers on 127.0.0.1:1") && err.contains("nothing is pinned"),
+        "{err}"
+    );
+}
+
+/// The repository's root.
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The systemd unit passes `systemd-analyze verify` (with ExecStart
+/// pointing at this build's meshd, since verify checks it is there).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(root().join("packaging/systemd/meshd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/meshd run --docker"));
+    let dir = std::env::temp_dir().join(format!("mesh-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("meshd.service");
+    let bin = meshd_path().unwrap();
+    std::fs::write(
+        &p,
+        unit.replace("/usr/local/bin/meshd", bin.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", p.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (the systemd package) is needed for this test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains("meshd.service"),
+        "systemd-analyze has something to say about the unit: {err}"
+    );
+    // What the unit runs is a command line meshd takes.
+    let (code, _, err) = meshd(&["run", "--docker", "--help"]);
+    assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The stack file is a valid compose file for `docker stack deploy`, and
+/// says what it must: one task per node, the host's network, the
+/// capabilities, bpffs and the Docker socket mounted.
+#[test]
+fn the_stack_file_deploys_a_global_host_network_service() {
+    let f = root().join("packaging/docker/mesh-stack.yml");
+    let out = Command::new("docker")
+        .args(["stack", "config", "-c", f.to_str().unwrap()])
+        .output()
+        .expect("docker (the docker.io package) is needed for this test");
+    let cfg = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for says in [
+        "mode: global",
+        "name: host",
+        "SYS_ADMIN",
+        "BPF",
+        "target: /sys/fs/bpf",
+        "target: /var/run/docker.sock",
+        "target: /var/lib/mesh",
+        "- --docker",
+    ] {
+        assert!(cfg.contains(says), "{says:?} not in the stack:\n{cfg}");
+    }
 }

@@ -349,6 +349,15 @@ fn root_docker_three_node_swarm_every_meshd_follows_it_workers_included() {
         })
         .unwrap();
     }
+    // A load balancer in front of the nodes stops sending node 2 new
+    // flows: its health answer is 503, the others' 200.
+    let (code, body) = s.admin(2, "/healthz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("drained in the swarm"), "{body}");
+    for j in [1, 3] {
+        let (code, body) = s.admin(j, "/healthz").unwrap();
+        assert_eq!(code, 200, "node {j}: {body}");
+    }
     for j in 1..=3 {
         s.wait_state(j, T, "web back to two tasks, on node 1", |st| {
             serving(st, "web") == 2 && tasks(st, "web").iter().all(|t| t["node"] == addr(1))
@@ -381,6 +390,10 @@ fn root_docker_three_node_swarm_every_meshd_follows_it_workers_included() {
             .unwrap()
             .iter()
             .any(|n| n["addr"] == addr(2) && n["availability"] == "active")
+    })
+    .unwrap();
+    s.wait(T, "node 2's health answer back to 200", || {
+        Ok(s.admin(2, "/healthz")?.0 == 200)
     })
     .unwrap();
 
@@ -524,4 +537,67 @@ fn root_docker_three_node_swarm_every_node_serves_every_service() {
         .unwrap();
         every_task_answers_via(&s, j, 30080, 2);
     }
+}
+
+/// meshd's image builds without a registry (packaging/docker/build-image.sh
+/// with `docker import`), and meshd runs in it with the tools it needs.
+#[test]
+fn root_docker_the_image_builds_without_a_registry_and_meshd_runs_in_it() {
+    let _one = one_at_a_time();
+    let s = Swarm::start(1).expect("swarm");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(root.join("packaging/docker/build-image.sh"))
+        .arg(meshd_path().unwrap())
+        .arg("mesh/meshd:test")
+        .env("DOCKER_HOST", s.nodes[0].url())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = |args: &[&str]| {
+        let mut a = vec!["run", "--rm", "--network", "none", "mesh/meshd:test"];
+        a.extend_from_slice(args);
+        s.docker(1, &a)
+    };
+    let v = run(&["--version"]).unwrap();
+    assert!(v.starts_with("meshd "), "{v}");
+    // Its tools are there and load: meshd finds ip and says what it lacks.
+    let ip = s
+        .docker(
+            1,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--entrypoint",
+                "/bin/ip",
+                "mesh/meshd:test",
+                "-j",
+                "link",
+            ],
+        )
+        .unwrap();
+    assert!(ip.contains("\"ifname\":\"lo\""), "{ip}");
+    // The default command is `run --docker`.
+    let cfg = s
+        .docker(
+            1,
+            &[
+                "image",
+                "inspect",
+                "-f",
+                "{{json .Config.Cmd}}",
+                "mesh/meshd:test",
+            ],
+        )
+        .unwrap();
+    assert_eq!(cfg.trim(), r#"["run","--docker"]"#);
 }

@@ -208,15 +208,16 @@ fn root_a_failed_map_write_is_retried_until_the_state_is_in() {
 /// Older kernels (before 6.6) have no TCX: TC programs go on a clsact
 /// qdisc through netlink. meshd adds the qdisc where it is missing,
 /// replaces a filter of its own left by a meshd that was killed (in place,
-/// never a moment without it), and at exit removes its filters and the
-/// qdisc it added.
+/// never a moment without it), and, with --on-exit detach, removes at exit
+/// its filters and the qdisc it added (also when a killed meshd added it:
+/// the pin directory remembers).
 #[test]
 fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
     let mut lab = Lab::new(1).unwrap();
     lab.start_task(1).unwrap();
     lab.write_state(&lab.state_toml(&[1])).unwrap();
     let meshd = meshd_path().unwrap();
-    let netlink = ["--tc-attach", "netlink"];
+    let netlink = ["--tc-attach", "netlink", "--on-exit", "detach"];
     let qdisc = |lab: &Lab| mesh_tests::lab::exec(&lab.node_ns, "tc qdisc show dev up0").unwrap();
     assert!(!qdisc(&lab).contains("clsact"), "no clsact before meshd");
     lab.start_meshd(&meshd, &netlink).unwrap();
@@ -231,26 +232,28 @@ fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
     assert_eq!(on(&lab), want);
     assert!(lab.tcp_request(WEB_TCP, "a").unwrap().starts_with("task1 "));
 
-    // kill -9: the filters stay (XDP goes with the process's link).
-    let pid = lab.meshd().unwrap().pid();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let _ = lab.stop_meshd();
-    let filters: Vec<String> = want
-        .iter()
-        .filter(|p| !p.ends_with(" xdp"))
-        .cloned()
-        .collect();
-    assert_eq!(on(&lab), filters, "filters outlive a killed meshd");
+    // kill -9: the filters stay, and XDP (with --intercept xdp) through
+    // its pinned link.
+    lab.kill_meshd().unwrap();
+    assert_eq!(on(&lab), want, "everything outlives a killed meshd");
+    assert!(lab.tcp_request(WEB_TCP, "k").unwrap().starts_with("task1 "));
     // The next meshd replaces them in place: still one of each.
     lab.start_meshd(&meshd, &netlink).unwrap();
     assert_eq!(on(&lab), want);
     assert!(lab.tcp_request(WEB_TCP, "b").unwrap().starts_with("task1 "));
 
-    // SIGTERM: filters gone. The qdisc stays here: the killed meshd added
-    // it, the one after found it (only what a meshd added itself goes).
+    // SIGTERM with --on-exit detach: filters gone, and the qdisc the
+    // killed meshd added (the pin directory says it did).
     assert!(lab.stop_meshd().unwrap().success());
     assert_eq!(on(&lab), Vec::<String>::new());
+    assert!(!qdisc(&lab).contains("clsact"), "{}", qdisc(&lab));
+
+    // A qdisc meshd did not add stays.
+    mesh_tests::lab::exec(&lab.node_ns, "tc qdisc add dev up0 clsact").unwrap();
+    lab.start_meshd(&meshd, &netlink).unwrap();
+    let st = lab.stop_meshd().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(qdisc(&lab).contains("clsact"), "not meshd's: kept");
 
     // A meshd that adds the qdisc removes it.
     mesh_tests::lab::exec(&lab.node_ns, "tc qdisc del dev up0 clsact").unwrap();
@@ -419,7 +422,30 @@ fn root_the_nodes_own_connection_from_a_published_port_is_left_to_it() {
         .to_string()
     };
     assert!(reserved(&lab).contains("30000-32767"), "{}", reserved(&lab));
+    // The dataplane stays when meshd exits, and so does the reservation;
+    // a killed meshd's successor does not take it for the host's own.
     assert!(lab.stop_meshd().unwrap().success());
+    assert!(
+        reserved(&lab).contains("30000-32767"),
+        "kept with the dataplane"
+    );
+    lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
+    lab.kill_meshd().unwrap();
+    let meshd = meshd_path().unwrap();
+    let (code, out, err) = lab
+        .meshd_cmd(
+            &meshd,
+            &[
+                "cleanup",
+                "--bpffs",
+                lab.bpffs().to_str().unwrap(),
+                "--state-dir",
+                lab.state_dir().to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ip_local_reserved_ports"), "{out}");
     assert_eq!(reserved(&lab), "", "put back as meshd found it");
 }
 

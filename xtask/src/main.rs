@@ -7,6 +7,7 @@
 //!   cargo xtask bench setup         install what the benchmark suites need
 //!   cargo xtask bench SUITE [ARGS]  set up, build, run a suite (micro, e2e,
 //!                                   scale, churn, converge, all)
+//!   cargo xtask upgrade-from        build the previous layout's meshd (for the upgrade test)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     // runc come with docker.io) and build their image from busybox-static.
     "docker.io",
     "busybox-static",
+    // systemd-analyze checks the packaged unit.
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -52,7 +55,9 @@ fn main() {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | demo | test [cargo test args] | bench setup | bench <micro | e2e | scale | churn | converge | all> [--out FILE.json or DIR] [suite options; --help lists them]>"
+    "usage: cargo xtask <setup | demo | test [cargo test args] | upgrade-from | bench setup | bench <micro | e2e | scale | churn | converge | all> [--out FILE.json or DIR] [suite options; --help lists them]>\n\
+     upgrade-from: build the meshd of the commit tests/upgrade-from names and print its path\n\
+     (MESH_UPGRADE_FROM=$(cargo xtask upgrade-from) cargo test -p mesh-tests --test netns_operations upgrade)"
 }
 
 fn run() -> Result<()> {
@@ -87,12 +92,15 @@ fn run() -> Result<()> {
                 "the suite includes tests that load BPF programs and build network namespaces",
             )?;
             setup()?;
+            let prev = previous_meshd(&root)?;
             say("building (the end-to-end tests run the meshd binary)");
             cargo(&root, &["build", "--workspace", "--bins"])?;
             say("running the whole test suite");
             let mut a = vec!["test", "--workspace", "--no-fail-fast"];
             a.extend(args[1..].iter().map(String::as_str));
-            let all = cargo(&root, &a);
+            let prev = prev.display().to_string();
+            let upgrade = [("MESH_UPGRADE_FROM", prev.as_str())];
+            let all = cargo_env(&root, &a, &upgrade);
             // This kernel has TCX; kernels before 6.6 attach TC through
             // netlink. The end-to-end tests run in that mode too.
             say(
@@ -103,14 +111,24 @@ fn run() -> Result<()> {
                 e2e.extend(["--test", t]);
             }
             e2e.extend(args[1..].iter().map(String::as_str));
-            let netlink = cargo_env(&root, &e2e, &[("MESH_TEST_TC_ATTACH", "netlink")]);
+            let netlink = cargo_env(
+                &root,
+                &e2e,
+                &[("MESH_TEST_TC_ATTACH", "netlink"), upgrade[0]],
+            );
             // meshd intercepts at TC ingress by default; the end-to-end
             // tests run with the intercept at XDP too.
             say(
                 "running the end-to-end tests again with the intercept at XDP (meshd --intercept xdp)",
             );
-            let xdp = cargo_env(&root, &e2e, &[("MESH_TEST_INTERCEPT", "xdp")]);
+            let xdp = cargo_env(&root, &e2e, &[("MESH_TEST_INTERCEPT", "xdp"), upgrade[0]]);
             all.and(netlink).and(xdp)
+        }
+        Some("upgrade-from") => {
+            setup()?;
+            let bin = previous_meshd(&root)?;
+            println!("{}", bin.display());
+            Ok(())
         }
         Some("bench") if args.get(1).map(String::as_str) == Some("setup") => {
             need_root("installing packages")?;
@@ -183,7 +201,76 @@ const NETNS_TESTS: &[&str] = &[
     "netns_cluster",
     "netns_forward",
     "netns_node_origin",
+    "netns_operations",
 ];
+
+/// The meshd of the commit `tests/upgrade-from` names (the previous
+/// pinned layout), for the upgrade test: built once into
+/// target/upgrade-from/<commit>/ from that commit's tree (`git archive`,
+/// so no worktree is made), in a target directory of its own: cargo names
+/// a path package's artifacts by its place in its workspace, so the old
+/// tree's crates built in this target directory would take the place of
+/// this tree's (and be taken for up to date).
+fn previous_meshd(root: &Path) -> Result<PathBuf> {
+    let spec = std::fs::read_to_string(root.join("tests/upgrade-from"))
+        .context("reading tests/upgrade-from")?;
+    let commit = spec
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .context("tests/upgrade-from names no commit")?
+        .to_string();
+    let dir = root.join("target/upgrade-from").join(&commit);
+    let bin = dir.join("meshd");
+    if bin.exists() {
+        say(&format!(
+            "the previous layout's meshd ({}) is built",
+            &commit[..12]
+        ));
+        return Ok(bin);
+    }
+    say(&format!(
+        "building the meshd of {} (the previous pinned layout) for the upgrade test, once \
+         (a few minutes: its own target directory)",
+        &commit[..12]
+    ));
+    let src = dir.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    let archive = Command::new("git")
+        .args([
+            "-C",
+            &root.display().to_string(),
+            "archive",
+            "--format=tar",
+            &commit,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running git archive")?;
+    let st = Command::new("tar")
+        .args(["-x", "-C", &src.display().to_string()])
+        .stdin(archive.stdout.context("git archive's output")?)
+        .status()
+        .context("running tar")?;
+    if !st.success() {
+        bail!("unpacking {commit} failed ({st})");
+    }
+    let manifest = src.join("mesh-userspace/Cargo.toml");
+    let m = std::fs::read_to_string(&manifest)?;
+    std::fs::write(
+        &manifest,
+        m.replace("name = \"meshd\"", "name = \"meshd-prev\""),
+    )?;
+    let target = root.join("target/upgrade-from/build");
+    cargo_env(
+        &src,
+        &["build", "-p", "mesh-userspace", "--bin", "meshd-prev"],
+        &[("CARGO_TARGET_DIR", &target.display().to_string())],
+    )?;
+    std::fs::copy(target.join("debug/meshd-prev"), &bin).context("copying the previous meshd")?;
+    Ok(bin)
+}
 
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
     cargo_env(dir, args, &[])

@@ -486,6 +486,8 @@ pub fn with_fillers(base: &Desired, total: usize) -> Desired {
                 backends,
                 draining: Vec::new(),
                 reply: None,
+                local: false,
+                source_ranges: Vec::new(),
             },
         );
     }

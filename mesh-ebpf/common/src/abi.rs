@@ -79,6 +79,20 @@ pub const MAP_CONFIG: &str = "MESH_CFG_V1";
 /// namespace. An all-zero entry (a remote backend, a free slot, a task
 /// whose link is not found yet) leaves delivery to the FIB.
 pub const MAP_LOCAL_DEV: &str = "MESH_LDEV_V1";
+/// Per-service source-range allow lists: an LPM trie keyed by
+/// `[svc_id, raw IPv4 source]` with prefix length 32 + the range's (the
+/// service id always matches whole) -> 1. Read only for services with
+/// `SVC_F_SRC_RANGES`: a source no range of its service holds is dropped
+/// (`DropReason::SourceDenied`), in XDP, before conntrack.
+pub const MAP_SRC4: &str = "MESH_SRC4_V1";
+/// User space only (no program reads it): one `PinMeta`, what a restarted
+/// meshd needs to adopt the pinned maps safely: the generations handed
+/// out so far (written before any op that uses a higher one).
+pub const MAP_META: &str = "MESH_META_V1";
+/// User space only: `SvcKey` -> `SvcName`, the name of the service each
+/// published port belongs to, so that a restarted meshd knows which
+/// service owns a port (and keeps its flows) without guessing.
+pub const MAP_SVC_NAMES: &str = "MESH_NAMES_V1";
 
 /// Every map of the dataplane's object. The build checks the object
 /// against this list (mesh-userspace/build.rs): each name is in it, and it
@@ -102,7 +116,38 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_COUNTERS,
     MAP_CONFIG,
     MAP_LOCAL_DEV,
+    MAP_META,
+    MAP_SVC_NAMES,
+    MAP_SRC4,
 ];
+
+/// What a pinned map holds, which decides whether a restarted meshd may
+/// adopt it (see mesh-userspace/src/dataplane/pin.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapRole {
+    /// Derived from the swarm's state by user space: services, tables,
+    /// backends, nodes, reply entries, settings. Adopted together or not
+    /// at all (the planner is rebuilt from all of them).
+    State,
+    /// Per flow, written by the programs: connection tracking. Entries
+    /// name service and backend slots and generations, so they are adopted
+    /// only together with the state maps.
+    Flows,
+    /// Counters: adopted on their own (so totals go on across restarts).
+    Counters,
+}
+
+/// The role of map `name` of [`MAP_NAMES`] (`None` for any other name).
+pub fn map_role(name: &str) -> Option<MapRole> {
+    Some(match name {
+        MAP_PORTS | MAP_SERVICES | MAP_NODE_ADDR4 | MAP_BACKENDS | MAP_MAGLEV | MAP_REPLY4
+        | MAP_NODES | MAP_NODE_BY_ADDR4 | MAP_LOCAL4 | MAP_CONFIG | MAP_META | MAP_SVC_NAMES
+        | MAP_SRC4 | MAP_LOCAL_DEV => MapRole::State,
+        MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 => MapRole::Flows,
+        MAP_SVC_STATS | MAP_DROPS | MAP_COUNTERS => MapRole::Counters,
+        _ => return None,
+    })
+}
 
 // The kernel keeps 15 bytes of a map's name (BPF_OBJ_NAME_LEN, with the
 // NUL): a longer name would be cut and no longer found by its full name.
@@ -165,13 +210,15 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
 pub const MAX_NODE_ADDRS: u32 = 16;
 pub const DEFAULT_MAX_NODES: u32 = 1024;
 pub const MAX_DROP_REASONS: u32 = 64;
+/// Source ranges all services' allow lists can hold together.
+pub const DEFAULT_MAX_SRC_RANGES: u32 = 4096;
 
 /// A published port and protocol. Docker publishes a port on every node
 /// address, so the address is checked separately (`MAP_NODE_ADDR4`), and
 /// only for packets whose port matched: traffic to other ports costs one
 /// inlined array read.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct SvcKey {
     pub port_be: u16,
     pub proto: u8,
@@ -230,12 +277,32 @@ pub struct SvcValue {
 }
 const _: () = assert!(size_of::<SvcValue>() == 24);
 
-/// Reserved: serve the service only from tasks on this node.
+/// The service is served only by tasks on the receiving node (traffic
+/// mode `local`): its table holds only local tasks. Informational for the
+/// programs (user space builds the table so).
 pub const SVC_F_LOCAL_ONLY: u32 = 1 << 0;
 /// Replies of flows forwarded to another node go straight to the client
 /// from the backend's node (source: the address and port the client used)
 /// instead of back through the ingress node.
 pub const SVC_F_REPLY_DIRECT: u32 = 1 << 1;
+/// The service has a source-range allow list (`MAP_SRC4`): sources none
+/// of its ranges holds are dropped.
+pub const SVC_F_SRC_RANGES: u32 = 1 << 2;
+
+/// The LPM trie key of `MAP_SRC4` (as aya's `Key<[u32; 2]>`): prefix
+/// length (32 + the range's), then the service id and the raw address.
+/// 8-aligned on the stack (see `FlowKey4`); the map's key is its first 12
+/// bytes.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SrcKey4 {
+    pub prefix_len: u32,
+    pub svc_id: u32,
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<SrcKey4>() == 16);
+/// Bytes of `SrcKey4` the map's key holds.
+pub const SRC_KEY4_LEN: usize = 12;
 
 /// A backend (a task's address and target port), in an array slot. Slots
 /// are reused, each time with the next generation: a conntrack entry
@@ -371,12 +438,15 @@ pub enum Counter {
     TaskOrigin = 8,
     /// Replies handed to this node's own processes (flows they started).
     RepliesToHost = 9,
+    /// Task replies (and ICMP errors of tasks) rewritten to come from the
+    /// address and port the client used.
+    RepliesRewritten = 10,
 }
 
 pub const MAX_COUNTERS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Forwarded,
         Counter::Decapsulated,
         Counter::RepliesToIngress,
@@ -387,6 +457,7 @@ impl Counter {
         Counter::HostOrigin,
         Counter::TaskOrigin,
         Counter::RepliesToHost,
+        Counter::RepliesRewritten,
     ];
 
     /// The Prometheus metric name.
@@ -402,6 +473,7 @@ impl Counter {
             Counter::HostOrigin => "mesh_host_origin_packets_total",
             Counter::TaskOrigin => "mesh_task_origin_packets_total",
             Counter::RepliesToHost => "mesh_replies_to_host_total",
+            Counter::RepliesRewritten => "mesh_replies_rewritten_total",
         }
     }
 
@@ -425,6 +497,9 @@ impl Counter {
                 "Packets of this node's tasks to a published port on its addresses, sent to a task."
             }
             Counter::RepliesToHost => "Replies handed to this node's own processes.",
+            Counter::RepliesRewritten => {
+                "Task replies rewritten to come from the address and port the client used."
+            }
         }
     }
 }
@@ -468,6 +543,80 @@ pub struct NodeConfig {
     pub mtu: u32,
 }
 const _: () = assert!(size_of::<NodeConfig>() == 12);
+
+/// What a restarted meshd needs to adopt pinned maps (`MAP_META`). The
+/// generations are high-water marks: every (slot, generation) pair handed
+/// out so far has a generation at most these, so slots taken after a
+/// restart start above them and never repeat a pair a conntrack entry
+/// may still hold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinMeta {
+    /// `PIN_META_MAGIC` once written.
+    pub magic: u32,
+    /// The last service generation handed out.
+    pub svc_gen: u32,
+    /// The highest backend slot generation handed out.
+    pub backend_gen: u32,
+    /// The highest node slot generation handed out.
+    pub node_gen: u32,
+    /// FNV-1a of the BPF object that was last attached (to tell a restart
+    /// of the same programs from an upgrade, in the log).
+    pub object_hash: u64,
+}
+const _: () = assert!(size_of::<PinMeta>() == 24);
+pub const PIN_META_MAGIC: u32 = 0x6d65_7461; // "meta"
+
+/// The longest service name (as Docker's and the state file's).
+pub const MAX_SVC_NAME: usize = 63;
+
+/// The service a published port belongs to (`MAP_NAMES`), as of the
+/// service slot and generation it names: a name whose `svc_id` and
+/// generation are not the port's service's any more is no name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcName {
+    pub svc_id: u32,
+    pub gen_: u32,
+    /// Bytes of `name` in use.
+    pub len: u32,
+    pub name: [u8; MAX_SVC_NAME + 1],
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SvcName>() == 80);
+
+impl Default for SvcName {
+    fn default() -> Self {
+        Self {
+            svc_id: 0,
+            gen_: 0,
+            len: 0,
+            name: [0; MAX_SVC_NAME + 1],
+            _pad: 0,
+        }
+    }
+}
+
+impl SvcName {
+    /// `name` cut to `MAX_SVC_NAME` bytes.
+    pub fn new(svc_id: u32, gen_: u32, name: &str) -> Self {
+        let b = name.as_bytes();
+        let n = b.len().min(MAX_SVC_NAME);
+        let mut v = Self {
+            svc_id,
+            gen_,
+            len: n as u32,
+            ..Self::default()
+        };
+        v.name[..n].copy_from_slice(&b[..n]);
+        v
+    }
+
+    pub fn name(&self) -> &str {
+        let n = (self.len as usize).min(MAX_SVC_NAME);
+        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+    }
+}
 
 /// A flow as seen in one direction, IPv4. Addresses and ports are the
 /// packet's raw bytes (network order). 8-aligned (its size is 16 either
@@ -730,10 +879,13 @@ pub enum DropReason {
     /// which no task but itself could be found: delivering a packet to
     /// the address it came from would need SNAT.
     Hairpin = 18,
+    /// The service has a source-range allow list, and no range of it
+    /// holds the packet's source.
+    SourceDenied = 19,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Unused0,
         DropReason::L4Truncated,
         DropReason::L4BadLength,
@@ -753,6 +905,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::NoRouteToNode,
         DropReason::Hairpin,
+        DropReason::SourceDenied,
     ];
 
     /// The Prometheus label value.
@@ -777,6 +930,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::NoRouteToNode => "no_route_to_node",
             DropReason::Hairpin => "hairpin",
+            DropReason::SourceDenied => "source_denied",
         }
     }
 }
@@ -799,4 +953,6 @@ mod pod {
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LocalDev {}
+    unsafe impl aya::Pod for PinMeta {}
+    unsafe impl aya::Pod for SvcName {}
 }

@@ -35,7 +35,7 @@ use crate::abi::{
     BE_F_LOCAL, Backend, CT_CLOSING, CT_OPEN, CT_SYN, CTF_RECOVERED, Counter, CtLifetimes, CtValue,
     DropReason, ENCAP_F_DIRECT, ENCAP_K_REPLY, ENCAP_K_REQUEST, ENCAP_VERSION, EncapHdr, FlowKey4,
     FwdValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NodeConfig, NodeValue, ReplyKey4,
-    SVC_F_REPLY_DIRECT, SvcKey, SvcValue,
+    SVC_F_REPLY_DIRECT, SVC_F_SRC_RANGES, SvcKey, SvcValue,
 };
 use crate::csum::{self, Delta};
 use crate::encap::{self, Encapsulated, Outer};
@@ -53,6 +53,9 @@ use crate::pkt::Pkt;
 /// implementations write through `&self` as BPF maps are written).
 pub trait Tables {
     fn service(&self, key: &SvcKey) -> Option<SvcValue>;
+    /// Whether a source-range of service `svc_id`'s allow list holds
+    /// `saddr` (raw).
+    fn source_allowed(&self, svc_id: u32, saddr: u32) -> bool;
     fn is_node_addr4(&self, addr: u32) -> bool;
     /// A confirmed flow's entry (the table of the key's protocol).
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue>;
@@ -284,6 +287,17 @@ fn pick<T: Tables>(
     dport: u16,
     avoid: u32,
 ) -> Pick {
+    // A service with an allow list takes only its sources: others are
+    // dropped here, before conntrack (no entry, however the flow began).
+    // (Traffic to an address that is not this node's is not the
+    // service's, allow list or not: it passes below.) The same for
+    // every sender: clients through XDP, the node's processes and tasks.
+    if svc.flags & SVC_F_SRC_RANGES != 0
+        && t.is_node_addr4(ip.daddr)
+        && !t.source_allowed(svc.svc_id, ip.saddr)
+    {
+        return Pick::drop(DropReason::SourceDenied, PICK_DROP);
+    }
     let flow = FlowKey4 {
         saddr: ip.saddr,
         daddr: ip.daddr,

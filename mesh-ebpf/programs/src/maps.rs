@@ -9,7 +9,8 @@ use aya_ebpf::helpers::{
     bpf_ktime_get_coarse_ns, bpf_l4_csum_replace, bpf_sk_release, bpf_skc_lookup_tcp,
 };
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use mesh_common::abi::*;
 use mesh_common::csum::{self, Delta};
 use mesh_common::fwd::Tables;
@@ -111,6 +112,18 @@ pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 /// array, so the lookup is inlined.
 #[map(name = "MESH_LDEV_V1")]
 pub static LOCAL_DEV: Array<LocalDev> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+/// User space only: what a restarted meshd needs to adopt the pinned
+/// maps (no program reads it; it lives here so it is pinned with them).
+#[map(name = "MESH_META_V1")]
+pub static META: Array<PinMeta> = Array::with_max_entries(1, 0);
+
+/// User space only: the service each published port belongs to.
+#[map(name = "MESH_NAMES_V1")]
+pub static NAMES: HashMap<SvcKey, SvcName> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Per-service source-range allow lists (see `MAP_SRC4`).
+#[map(name = "MESH_SRC4_V1")]
+pub static SRC4: LpmTrie<[u32; 2], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_SRC_RANGES, 0);
 
 #[inline(always)]
 pub fn count(c: Counter) {
@@ -181,6 +194,21 @@ impl<const SKB: bool> Tables for Maps<SKB> {
             return None;
         }
         SERVICES.get(slot - 1).copied()
+    }
+
+    #[inline(always)]
+    fn source_allowed(&self, svc_id: u32, saddr: u32) -> bool {
+        // aya's key is packed: look it up from an 8-aligned copy (the
+        // verifier refuses misaligned stack access).
+        let k = SrcKey4 {
+            prefix_len: 64,
+            svc_id,
+            addr: saddr,
+        };
+        // SAFETY: `SrcKey4` starts with the 12 bytes of a `Key<[u32; 2]>`
+        // (prefix length, service id, address), which is packed.
+        let key = unsafe { &*(&k as *const SrcKey4 as *const Key<[u32; 2]>) };
+        SRC4.get(key).is_some()
     }
 
     #[inline(always)]

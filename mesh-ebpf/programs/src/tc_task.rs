@@ -51,6 +51,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
             count_drop(DropReason::RewriteFailed);
             return TC_ACT_SHOT;
         }
+        count(Counter::RepliesRewritten);
         return send(&ctx, &pkt, &r, &maps, len);
     }
     if r.fwd.ingress != 0 && r.ip.proto == IPPROTO_TCP && clamp_synack(&ctx, &pkt, &r).is_err() {
@@ -71,6 +72,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT;
     }
+    count(Counter::RepliesRewritten);
     // The helpers invalidated packet pointers: re-read them.
     send(&ctx, &skb::reread(&ctx), &r, &maps, len)
 }

@@ -34,8 +34,16 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
             crate::model::ReplyMode::ViaIngress => "via-ingress",
             crate::model::ReplyMode::Direct => "direct",
         };
+        let mut extra = String::new();
+        if svc.local {
+            extra.push_str(", traffic local");
+        }
+        if !svc.source_ranges.is_empty() {
+            let r: Vec<String> = svc.source_ranges.iter().map(|c| c.to_string()).collect();
+            extra.push_str(&format!(", sources {}", r.join(" ")));
+        }
         println!(
-            "  {proto}/{port} -> {} target {} ({} tasks, {local} on this node), replies {reply}",
+            "  {proto}/{port} -> {} target {} ({} tasks, {local} on this node), replies {reply}{extra}",
             svc.name,
             svc.target,
             svc.backends.len()

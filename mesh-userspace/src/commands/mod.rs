@@ -3,4 +3,9 @@
 //! [`crate::cli`], and a `run` function here.
 
 pub mod check;
+pub mod cleanup;
+pub mod completions;
+pub mod drain;
+pub mod explain;
 pub mod run;
+pub mod status;

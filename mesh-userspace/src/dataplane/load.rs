@@ -23,9 +23,42 @@ pub struct Loaded {
     pub logger: Option<Logger>,
 }
 
+/// The sizes the loader sets, by map: everything `limits` decides.
+pub fn max_entries(limits: &Limits) -> Vec<(&'static str, u32)> {
+    vec![
+        (MAP_SERVICES, 2 * limits.max_services),
+        (MAP_SVC_STATS, limits.max_services),
+        (MAP_SVC_NAMES, limits.max_services),
+        (MAP_BACKENDS, limits.max_backends),
+        (MAP_LOCAL_DEV, limits.max_backends),
+        (MAP_NODES, limits.max_nodes),
+        (MAP_NODE_BY_ADDR4, limits.max_nodes),
+        (MAP_LOCAL4, limits.reply_entries()),
+        (MAP_FWD4, limits.ct_entries),
+        (MAP_MAGLEV, limits.maglev_entries().div_ceil(2)),
+        (MAP_CT4, limits.ct_entries),
+        (MAP_CT4_UDP, limits.ct_entries),
+        (MAP_CT4_NEW, limits.ct_new_entries),
+        (MAP_REPLY4, limits.reply_entries()),
+        (MAP_SRC4, limits.max_src_ranges),
+    ]
+}
+
 /// Loads the object with `limits`' map sizes; `bpf_log_level` is the most
 /// verbose aya-log level the programs emit (0 = off, 3 = info, 4 = debug).
+/// Every map is made anew, and nothing is pinned.
 pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
+    load_with_pins(limits, bpf_log_level, None)
+}
+
+/// As [`load`], with every map pinned under `pins`: the pinned maps there
+/// are used as they are (see [`super::pin::decide`], which removes the
+/// pins of those that must not be), the others made and pinned.
+pub fn load_with_pins(
+    limits: &Limits,
+    bpf_log_level: u8,
+    pins: Option<&super::pin::PinDir>,
+) -> Result<Loaded> {
     if BPF_OBJECT.is_empty() {
         bail!(
             "this meshd has no BPF programs: it was built with MESH_BPF_SKIP=1 (for editors \
@@ -35,21 +68,16 @@ pub fn load(limits: &Limits, bpf_log_level: u8) -> Result<Loaded> {
     limits.validate()?;
     raise_memlock();
     let mut loader = EbpfLoader::new();
+    for (name, n) in max_entries(limits) {
+        loader.map_max_entries(name, n);
+    }
+    if let Some(pins) = pins {
+        for name in MAP_NAMES {
+            loader.map_pin_path(name, pins.map(name));
+        }
+    }
     loader
-        .map_max_entries(MAP_SERVICES, 2 * limits.max_services)
-        .map_max_entries(MAP_SVC_STATS, limits.max_services)
-        .map_max_entries(MAP_BACKENDS, limits.max_backends)
-        .map_max_entries(MAP_LOCAL_DEV, limits.max_backends)
-        .map_max_entries(MAP_NODES, limits.max_nodes)
-        .map_max_entries(MAP_NODE_BY_ADDR4, limits.max_nodes)
-        .map_max_entries(MAP_LOCAL4, limits.reply_entries())
-        .map_max_entries(MAP_FWD4, limits.ct_entries)
-        .map_max_entries(MAP_MAGLEV, limits.maglev_entries().div_ceil(2))
-        .map_max_entries(MAP_CT4, limits.ct_entries)
-        .map_max_entries(MAP_CT4_UDP, limits.ct_entries)
-        .map_max_entries(MAP_CT4_NEW, limits.ct_new_entries)
         .override_global("CT_LIFETIMES", &limits.ct_lifetimes, true)
-        .map_max_entries(MAP_REPLY4, limits.reply_entries())
         .override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
     let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -84,6 +112,14 @@ fn verified(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError
     if let Some(n) = info.ok().and_then(|i| i.verified_instruction_count()) {
         debug!("{name}: the verifier processed {n} instructions (of 1,000,000 at most)");
     }
+}
+
+/// FNV-1a (64 bits) of the dataplane's object: the same bytes, the same
+/// programs (stable across builds and compilers, unlike std's hasher).
+pub fn object_hash() -> u64 {
+    BPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

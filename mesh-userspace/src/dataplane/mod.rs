@@ -8,27 +8,30 @@
 //!   and [`Applier`], the planner and the writer together;
 //! - [`stats`]: [`StatsReader`], which reads the counter maps through its
 //!   own file descriptors, so metrics never wait for a writer (and a
-//!   `status` command can read pinned maps from another process).
+//!   `status` command can read pinned maps from another process);
+//! - [`pin`]: where the dataplane lives between meshd processes, and what
+//!   a starting meshd adopts of it; [`cleanup`]: removing all of it.
 //!
 //! [`Dataplane`] bundles them for callers that want all of them in one
-//! place (tests, fixtures, the benchmark); the daemon splits it up with
-//! [`Dataplane::into_parts`].
+//! place (tests, fixtures, the benchmark: [`Dataplane::load`], nothing
+//! pinned); the daemon loads it pinned ([`Dataplane::load_pinned`]) and
+//! splits it up with [`Dataplane::into_parts`].
 //!
-//! ## Recovering the planner after a restart (design; pinning is the
-//! operations issue's)
-//! Everything the [`Planner`](crate::plan::Planner) knows is in the maps
-//! but the services' names: the port array gives each published port's
-//! service slot (`svc_id * 2 + half`), `MESH_SVC_V1` its table region and
-//! size, `MESH_BE_V1` every backend's address, port, node slot and
-//! generation, `MESH_NODES_V1` every node's address and generation,
-//! `MESH_REPLY4_V1` the reply entries, `MESH_ADDR4_V1` this node's
-//! addresses. A restarted daemon rebuilds its planner from them (free slots
-//! are the zero entries; the next generation of a free slot is not
-//! recoverable and restarts at the highest generation seen + 1, which is
-//! safe because a reused slot only needs a generation no conntrack entry
-//! holds), then plans against the first state its source gives, which
-//! writes only the difference. Names come from that first state; retired
-//! reply entries whose backend is gone restart their grace period.
+//! ## Recovering the planner after a restart
+//! Everything the [`Planner`](crate::plan::Planner) knows is in the maps:
+//! the port array gives each published port's service slot (`svc_id * 2 +
+//! half`), `MESH_SVC_V2` its generation and flags, `MESH_NAMES_V1` the
+//! name of the service that owns it, `MESH_BE_V1` every backend's address,
+//! port, node slot and generation, `MESH_LOCAL4_V1` the identity of local
+//! ones, `MESH_NODES_V1` every node's address and generation,
+//! `MESH_REPLY4_V2` the reply entries, `MESH_ADDR4_V1` this node's
+//! addresses, `MESH_META_V1` the generations reserved so far (free slots
+//! are taken above them, so no (slot, generation) pair a conntrack entry
+//! may hold is handed out twice). A restarted daemon rebuilds its planner
+//! from them ([`Planner::adopt`](crate::plan::Planner::adopt), matching
+//! them to the first state its source gives), then plans against that
+//! state, which writes only the difference. Retired reply entries whose
+//! backend is gone restart their grace period.
 
 use anyhow::Result;
 use mesh_common::abi::{DropReason, SvcStats};
@@ -38,11 +41,13 @@ use crate::model::Proto;
 use crate::plan::{Limits, Report};
 
 pub mod attach;
+pub mod cleanup;
 pub mod load;
+pub mod pin;
 pub mod stats;
 pub mod writer;
 
-pub use attach::{DEFAULT_INTERCEPT, Intercept, Programs, TcAttach, XdpAttach};
+pub use attach::{DEFAULT_INTERCEPT, Intercept, OnExit, Programs, TcAttach, XdpAttach};
 pub use load::{BPF_OBJECT, FLOOR_OBJECT};
 pub use stats::StatsReader;
 pub use writer::{Applier, ApplyError, MapWriter, Writer};
@@ -77,6 +82,35 @@ impl Dataplane {
             stats,
             logger: loaded.logger,
         })
+    }
+
+    /// Loads the object against the maps pinned under `pins` (see
+    /// [`pin`]: what fits is adopted, the rest made anew and pinned), the
+    /// programs to be attached through pinned links, kept or detached at
+    /// exit as `on_exit` says. Nothing is attached yet. Says what was
+    /// adopted; when the state maps were, [`Dataplane::adopt`] rebuilds the
+    /// planner from them.
+    pub fn load_pinned(
+        limits: Limits,
+        bpf_log_level: u8,
+        tc: TcAttach,
+        pins: pin::PinDir,
+        on_exit: OnExit,
+    ) -> Result<(Self, pin::Adoption)> {
+        let expected = pin::expected_shapes(&limits)?;
+        let adoption = pin::decide(&pins, &expected)?;
+        let mut loaded = load::load_with_pins(&limits, bpf_log_level, Some(&pins))?;
+        let stats = StatsReader::new(&loaded.ebpf)?;
+        let writer = MapWriter::new(&mut loaded.ebpf, &limits)?;
+        Ok((
+            Self {
+                programs: Programs::new(loaded.ebpf, tc).pinned(pins, on_exit),
+                applier: Applier::new(limits, writer),
+                stats,
+                logger: loaded.logger,
+            },
+            adoption,
+        ))
     }
 
     pub fn into_parts(self) -> (Programs, Applier, StatsReader, Option<load::Logger>) {

@@ -47,6 +47,26 @@ impl StatsReader {
         })
     }
 
+    /// A reader of the maps pinned under `root` (`<bpffs>/mesh`), for a
+    /// process that did not load them.
+    pub fn from_pins(root: &std::path::Path) -> Result<Self> {
+        let map = |name: &str| {
+            let p = root.join("maps").join(name);
+            MapData::from_pin(&p).with_context(|| format!("opening {}", p.display()))
+        };
+        Ok(Self {
+            services: PerCpuArray::try_from(Map::PerCpuArray(map(MAP_SVC_STATS)?))?,
+            drops: PerCpuArray::try_from(Map::PerCpuArray(map(MAP_DROPS)?))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(map(MAP_COUNTERS)?))?,
+            conntrack: vec![
+                ("tcp", map(MAP_CT4)?),
+                ("udp", map(MAP_CT4_UDP)?),
+                ("unconfirmed", map(MAP_CT4_NEW)?),
+                ("forwarded", map(MAP_FWD4)?),
+            ],
+        })
+    }
+
     /// Per service (name, protocol, published port) counters, summed over CPUs.
     pub fn services(&self, index: &ServiceIndex) -> Result<Vec<(String, Proto, u16, SvcStats)>> {
         let mut out = Vec::new();

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU32, Ordering, fence};
 
 use anyhow::{Context, Result, bail};
 use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use mesh_common::abi::*;
 
 use super::stats::ServiceIndex;
 use crate::desired::Desired;
-use crate::plan::{Limits, Op, Planner, Report};
+use crate::plan::{Limits, Op, Planner, Report, Snapshot};
 
 /// Carries out ops on some maps: the kernel's ([`MapWriter`]), or a test's.
 pub trait Writer {
@@ -31,9 +32,14 @@ pub struct MapWriter {
     locals: BpfHashMap<MapData, ReplyKey4, u32>,
     config: Array<MapData, NodeConfig>,
     local_devs: Array<MapData, LocalDev>,
+    meta: Array<MapData, PinMeta>,
+    names: BpfHashMap<MapData, SvcKey, SvcName>,
+    src: LpmTrie<MapData, [u32; 2], u32>,
     maglev: MmapU32,
     ports: MmapU32,
     addrs: MmapU32,
+    /// FNV-1a of the loaded object, kept in `meta`.
+    object_hash: u64,
 }
 
 impl MapWriter {
@@ -57,10 +63,97 @@ impl MapWriter {
             locals: take(ebpf, MAP_LOCAL4)?.try_into()?,
             config: take(ebpf, MAP_CONFIG)?.try_into()?,
             local_devs: take(ebpf, MAP_LOCAL_DEV)?.try_into()?,
+            meta: take(ebpf, MAP_META)?.try_into()?,
+            names: take(ebpf, MAP_SVC_NAMES)?.try_into()?,
+            src: take(ebpf, MAP_SRC4)?.try_into()?,
             maglev,
             ports,
             addrs,
+            object_hash: super::load::object_hash(),
         })
+    }
+
+    /// What the maps hold, entry by entry (what a restarted meshd adopts).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut s = Snapshot::default();
+        for i in 0..PORT_INDEX_ENTRIES as usize {
+            let v = self.ports.cell(i).load(Ordering::SeqCst);
+            if v != 0 {
+                let (proto, port) = if i < 65536 {
+                    (IPPROTO_TCP, i as u16)
+                } else {
+                    (IPPROTO_UDP, (i - 65536) as u16)
+                };
+                s.ports.push((SvcKey::new(port, proto), v - 1));
+            }
+        }
+        for slot in 0..self.services.len() {
+            let v = self.services.get(&slot, 0)?;
+            if v != SvcValue::default() {
+                s.services.insert(slot, v);
+            }
+        }
+        for id in 0..self.backends.len() {
+            let b = self.backends.get(&id, 0)?;
+            if b.flags != 0 {
+                s.backends.insert(id, b);
+            }
+        }
+        for slot in 0..self.nodes.len() {
+            let n = self.nodes.get(&slot, 0)?;
+            if n.gen_ != 0 {
+                s.nodes.insert(slot, n);
+            }
+        }
+        for r in self.node_index.iter() {
+            let (a, slot) = r?;
+            s.node_index.insert(a, slot);
+        }
+        for r in self.locals.iter() {
+            let (k, slot) = r?;
+            s.locals.insert(k, slot);
+        }
+        for id in 0..self.local_devs.len() {
+            let d = self.local_devs.get(&id, 0)?;
+            if d != LocalDev::default() {
+                s.local_devs.insert(id, d);
+            }
+        }
+        for r in self.replies.iter() {
+            let (k, v) = r?;
+            s.replies.insert(k, v);
+        }
+        for r in self.names.iter() {
+            let (k, v) = r?;
+            s.names.insert(k, v);
+        }
+        s.node_addrs = (0..MAX_NODE_ADDRS as usize)
+            .map(|i| self.addrs.cell(i).load(Ordering::SeqCst))
+            .filter(|a| *a != 0)
+            .collect();
+        for k in self.src.keys() {
+            let k = k?;
+            let [svc_id, addr] = k.data();
+            s.src.insert((
+                svc_id,
+                crate::model::Cidr4 {
+                    addr: std::net::Ipv4Addr::from(addr.to_ne_bytes()),
+                    len: k.prefix_len().saturating_sub(32).min(32) as u8,
+                },
+            ));
+        }
+        s.config = self.config.get(&0, 0)?;
+        s.meta = self.meta.get(&0, 0)?;
+        Ok(s)
+    }
+
+    /// Records the loaded object in the maps' metadata (a restarted meshd
+    /// logs whether it runs the same programs).
+    pub fn record_object(&mut self) -> Result<()> {
+        let mut m = self.meta.get(&0, 0)?;
+        m.object_hash = self.object_hash;
+        self.meta.set(0, m, 0)?;
+        Ok(())
     }
 }
 
@@ -117,6 +210,21 @@ impl Writer for MapWriter {
             Op::DelLocal(k) => ignore_missing(self.locals.remove(k))?,
             Op::PutLocalDev(id, d) => self.local_devs.set(*id, d, 0)?,
             Op::DelLocalDev(id) => self.local_devs.set(*id, LocalDev::default(), 0)?,
+            Op::PutGens(svc, backend, node) => self.meta.set(
+                0,
+                PinMeta {
+                    magic: PIN_META_MAGIC,
+                    svc_gen: *svc,
+                    backend_gen: *backend,
+                    node_gen: *node,
+                    object_hash: self.object_hash,
+                },
+                0,
+            )?,
+            Op::PutName(k, n) => self.names.insert(k, n, 0)?,
+            Op::DelName(k) => ignore_missing(self.names.remove(k))?,
+            Op::PutSrc(id, c) => self.src.insert(&src_key(*id, c), 1, 0)?,
+            Op::DelSrc(id, c) => ignore_missing(self.src.remove(&src_key(*id, c)))?,
         }
         Ok(())
     }
@@ -148,6 +256,20 @@ impl<W: Writer> Applier<W> {
             planner: Planner::new(limits),
             writer,
         }
+    }
+
+    /// Plans from `planner` from now on (one that adopted the maps
+    /// `writer` writes, after a restart).
+    pub fn with_planner(planner: Planner, writer: W) -> Self {
+        Self { planner, writer }
+    }
+
+    pub fn into_writer(self) -> W {
+        self.writer
+    }
+
+    pub fn writer_mut(&mut self) -> &mut W {
+        &mut self.writer
     }
 
     pub fn planner(&self) -> &Planner {
@@ -229,6 +351,11 @@ mod failpoint {
         }
         Ok(())
     }
+}
+
+/// The key of range `c` of service `id` in `MAP_SRC4`.
+fn src_key(id: u32, c: &crate::model::Cidr4) -> Key<[u32; 2]> {
+    Key::new(32 + c.len as u32, [id, crate::plan::raw4(c.addr)])
 }
 
 /// A delete of what is gone already is done.

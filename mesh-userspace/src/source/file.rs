@@ -35,8 +35,8 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
 use super::ports::{self, PortMemory, Wanted};
-use super::{Update, Updates};
-use crate::model::{Invalid, Port, Proto, ReplyMode, Service, State, Task};
+use super::{Beat, Update, Updates};
+use crate::model::{Cidr4, Invalid, Port, Proto, ReplyMode, Service, State, Task, Traffic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -77,6 +77,10 @@ struct RawState {
 struct RawNode {
     name: String,
     addr: String,
+    /// "active" (the default), "pause" or "drain", as Docker's node
+    /// availability: the tasks of a paused or drained node get no new
+    /// flows, and a drained node's health answer is 503.
+    availability: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +90,10 @@ struct RawService {
     ports: Vec<RawPort>,
     /// "via-ingress" or "direct".
     reply: Option<String>,
+    /// "cluster" (the default) or "local".
+    traffic: Option<String>,
+    /// CIDRs allowed to reach the service; left out: every source.
+    source_ranges: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -138,10 +146,19 @@ fn from_raw(
     let mut state = State::default();
     for (i, n) in raw.nodes.into_iter().enumerate() {
         let addr = parse_v4(&n.addr).map_err(|m| Invalid::new(format!("nodes[{i}].addr"), m))?;
+        let availability = match &n.availability {
+            None => Default::default(),
+            Some(a) => crate::model::Availability::parse(a).ok_or_else(|| {
+                Invalid::new(
+                    format!("nodes[{i}].availability"),
+                    format!("{a:?} is not \"active\", \"pause\" or \"drain\""),
+                )
+            })?,
+        };
         state.nodes.push(crate::model::Node {
             name: n.name,
             addr,
-            availability: Default::default(),
+            availability,
             status: Default::default(),
         });
     }
@@ -175,7 +192,7 @@ fn from_raw(
     let (published, remembered) = ports::assign(range, &wanted, memory)?;
     let mut published = published.into_iter();
     let mut wanted = wanted.into_iter();
-    for s in &raw.services {
+    for (i, s) in raw.services.iter().enumerate() {
         let ports = s
             .ports
             .iter()
@@ -192,15 +209,49 @@ fn from_raw(
             None => None,
             Some(r) => Some(ReplyMode::parse(r).ok_or_else(|| {
                 Invalid::new(
-                    format!("services[{}].reply", state.services.len()),
+                    format!("services[{i}].reply"),
                     format!("{r:?} is not \"via-ingress\" or \"direct\""),
                 )
             })?),
+        };
+        let traffic = match &s.traffic {
+            None => Traffic::Cluster,
+            Some(t) => Traffic::parse(t).ok_or_else(|| {
+                Invalid::new(
+                    format!("services[{i}].traffic"),
+                    format!("{t:?} is not \"cluster\" or \"local\""),
+                )
+            })?,
+        };
+        let source_ranges = match &s.source_ranges {
+            None => Vec::new(),
+            Some(v) if v.is_empty() => {
+                return Err(Invalid::new(
+                    format!("services[{i}].source_ranges"),
+                    "an empty list would refuse every client; leave it out to allow every source",
+                ));
+            }
+            Some(v) => {
+                let mut out = v
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| {
+                        Cidr4::parse(c).map_err(|m| {
+                            Invalid::new(format!("services[{i}].source_ranges[{j}]"), m)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                out.sort();
+                out.dedup();
+                out
+            }
         };
         state.services.push(Service {
             name: s.name.clone(),
             ports,
             reply,
+            traffic,
+            source_ranges,
         });
     }
     for (i, t) in raw.tasks.into_iter().enumerate() {
@@ -323,12 +374,14 @@ impl FileSource {
     /// Follows the file: every `interval`, and whenever `reload` is
     /// notified (then the state is sent even if the file did not change).
     /// `current` is the word the daemon starts from, read from `seen`.
+    /// Every read that finds a valid state, changed or not, beats `beat`.
     pub fn spawn(
         mut self,
         seen: Seen,
         current: Update,
         interval: Duration,
         reload: Arc<Notify>,
+        beat: Beat,
     ) -> Updates {
         let (tx, rx) = watch::channel(current);
         tokio::spawn(async move {
@@ -349,6 +402,9 @@ impl FileSource {
                     return;
                 };
                 self = back;
+                if r.state.is_ok() {
+                    beat.beat();
+                }
                 let u = match r.state {
                     Err(e @ StateError::Read { .. }) => {
                         if outage && !forced {
@@ -358,10 +414,11 @@ impl FileSource {
                         Update::Unavailable(e.to_string().into())
                     }
                     state => {
-                        // After an outage the file is compared with the
-                        // last one read, so an unchanged file says nothing.
-                        outage = false;
-                        if !forced && r.seen == last {
+                        // An unchanged file says nothing, unless it comes
+                        // back after an outage: then the daemon must hear
+                        // that the source answers again.
+                        let back = std::mem::replace(&mut outage, false);
+                        if !forced && !back && r.seen == last {
                             continue;
                         }
                         debug!(file = %self.path.display(), forced, "state file read");

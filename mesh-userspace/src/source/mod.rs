@@ -11,7 +11,8 @@
 //! A new source is a module here with a `spawn` that returns a
 //! [`Updates`] receiver, and a variant of [`crate::config::SourceConfig`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -39,3 +40,22 @@ pub enum Update {
 
 /// What the daemon follows.
 pub type Updates = watch::Receiver<Update>;
+
+/// When a source last read its input and found a valid state in it,
+/// changed or not. Sources send a state only when it changes; this is how
+/// the daemon (and the node's health answer) tells a source that keeps up
+/// from one that has stalled.
+#[derive(Clone, Debug, Default)]
+pub struct Beat(Arc<Mutex<Option<Instant>>>);
+
+impl Beat {
+    /// The source has just read a valid state.
+    pub fn beat(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// When it last did.
+    pub fn last(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::meshd::{Meshd, MeshdRun, READY_TIMEOUT, http_get, parse_metric};
-use super::shell::in_netns;
+use super::meshd::{
+    HEALTH_PORT, Meshd, MeshdRun, READY_TIMEOUT, http_get, http_status, parse_metric,
+};
+use super::shell::{in_netns, mount_bpffs, umount};
 use super::state::{StateFile, write_atomically};
 use super::task::{Conn, TaskServer};
 use super::topology::{Node, Task, Topology, TopologyBuilder};
@@ -25,6 +27,8 @@ pub struct Cluster {
     servers: Vec<TaskServer>,
     /// Per node (index j-1).
     meshds: Vec<Option<Meshd>>,
+    /// Per node (index j-1): the BPF filesystem its meshd pins on.
+    bpffs: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -38,11 +42,19 @@ impl Cluster {
     /// state file.
     pub fn build(spec: TopologyBuilder) -> Result<Cluster> {
         let topo = spec.build()?;
+        let mut bpffs: Vec<PathBuf> = Vec::new();
         for n in &topo.nodes {
             let d = topo.dir.join(&n.name);
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            let b = d.join("bpf");
+            if let Err(e) = mount_bpffs(&b) {
+                bpffs.iter().for_each(|b: &PathBuf| umount(b));
+                return Err(e);
+            }
+            bpffs.push(b);
         }
         Ok(Cluster {
+            bpffs,
             meshds: topo.nodes.iter().map(|_| None).collect(),
             topo,
             meshd_log: "info".into(),
@@ -143,10 +155,27 @@ impl Cluster {
         Ok(())
     }
 
-    /// How meshd runs on node `j`: its state file, its uplink, its name.
+    /// How meshd runs on node `j`: its state file, its uplink, its name,
+    /// its BPF filesystem.
     pub fn meshd_run(&self, j: usize) -> MeshdRun {
         let n = self.node(j);
-        MeshdRun::new(&self.state_path(j), &n.uplink, &n.name)
+        MeshdRun::new(&self.state_path(j), &n.uplink, &n.name).bpffs(&self.bpffs[j - 1])
+    }
+
+    /// Node `j`'s BPF filesystem (meshd's --bpffs).
+    pub fn bpffs(&self, j: usize) -> &Path {
+        &self.bpffs[j - 1]
+    }
+
+    /// Kills node `j`'s meshd with SIGKILL (no chance to clean up) and
+    /// waits for it to be gone.
+    pub fn kill_meshd(&mut self, j: usize) -> Result<()> {
+        let mut m = self
+            .meshds
+            .get_mut(j.wrapping_sub(1))
+            .and_then(Option::take)
+            .with_context(|| format!("meshd is not running on node {j}"))?;
+        m.kill()
     }
 
     /// Starts meshd on node `j` with its current state file and waits
@@ -206,10 +235,67 @@ impl Cluster {
         in_netns(&self.node(j).ns, move || http_get(&admin, &path))?
     }
 
+    /// GET `path` from node `j`'s health port, as a load balancer would:
+    /// from the first client, to the node's address. The status and body.
+    pub fn health(&self, j: usize, path: &str) -> Result<(u16, String)> {
+        let client = self.topo.clients[0].ns.clone();
+        let (addr, path) = (
+            format!("{}:{}", self.node(j).addr, HEALTH_PORT),
+            path.to_string(),
+        );
+        in_netns(&client, move || http_status(&addr, &path))?
+    }
+
+    /// Runs `meshd <args>` (a command other than `run`) in node `j`'s
+    /// namespace; its exit code, stdout and stderr.
+    pub fn meshd_cmd(
+        &self,
+        j: usize,
+        meshd: &Path,
+        args: &[&str],
+    ) -> Result<(i32, String, String)> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.node(j).ns])
+            .arg(meshd)
+            .args(args)
+            .output()
+            .context("running meshd")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Node `j`'s state directory (meshd's --state-dir in the lab).
+    pub fn state_dir(&self, j: usize) -> PathBuf {
+        self.topo.dir.join(&self.node(j).name)
+    }
+
     /// Sum of node `j`'s metric samples whose label set contains `labels`.
     pub fn metric(&self, j: usize, name: &str, labels: &str) -> Result<u64> {
         let text = self.admin_get(j, "/metrics")?;
         Ok(parse_metric(&text, name, labels))
+    }
+
+    /// A TCP connection from client address and port `from` to node `j`'s
+    /// `port`.
+    pub fn tcp_connect_from(&self, from: SocketAddrV4, j: usize, port: u16) -> Result<Conn> {
+        let ns = self.topo.client_with(*from.ip())?.ns.clone();
+        let to = SocketAddrV4::new(self.node(j).addr, port);
+        let s = in_netns(&ns, move || {
+            connect_from_port(*from.ip(), from.port(), to, Duration::from_secs(3))
+        })?
+        .with_context(|| format!("TCP from {from} to {to}"))?;
+        Conn::new(s)
+    }
+
+    /// A UDP socket bound to client address and port `from`.
+    pub fn udp_socket_at(&self, from: SocketAddrV4) -> Result<UdpSocket> {
+        let ns = self.topo.client_with(*from.ip())?.ns.clone();
+        let sock = in_netns(&ns, move || UdpSocket::bind(from))??;
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(sock)
     }
 
     /// A TCP connection from client address `from` to `to`.
@@ -303,6 +389,16 @@ impl Cluster {
 /// `timeout`. std cannot bind a socket before connecting it, and a client
 /// namespace may hold several addresses.
 fn connect_from(from: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> std::io::Result<TcpStream> {
+    connect_from_port(from, 0, to, timeout)
+}
+
+/// As `connect_from`, from port `sport` (0: any).
+fn connect_from_port(
+    from: Ipv4Addr,
+    sport: u16,
+    to: SocketAddrV4,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
     use std::io::{Error, ErrorKind};
     let sin = |a: Ipv4Addr, port: u16| libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -328,7 +424,7 @@ fn connect_from(from: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> std::io:
             0,
         ))?)
     };
-    let local = sin(from, 0);
+    let local = sin(from, sport);
     // SAFETY: a valid descriptor and a sockaddr_in of the length given.
     check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len) })?;
     // connect(2) gives up after SO_SNDTIMEO with EINPROGRESS (socket(7)).
@@ -358,5 +454,8 @@ impl Drop for Cluster {
             s.stop();
         }
         self.servers.clear();
+        for b in &self.bpffs {
+            umount(b);
+        }
     }
 }

@@ -37,6 +37,9 @@ pub struct MeshdRun {
     pub extra: Vec<String>,
     /// Environment variables for meshd alone (NAME=VALUE).
     pub env: Vec<String>,
+    /// The BPF filesystem meshd pins its dataplane on (`--bpffs`; the lab
+    /// mounts one per node, which outlives meshd).
+    pub bpffs: Option<PathBuf>,
 }
 
 impl MeshdRun {
@@ -49,7 +52,14 @@ impl MeshdRun {
             admin: ADMIN.to_string(),
             extra: Vec::new(),
             env: Vec::new(),
+            bpffs: None,
         }
+    }
+
+    /// Pins the dataplane on the BPF filesystem at `dir`.
+    pub fn bpffs(mut self, dir: &Path) -> MeshdRun {
+        self.bpffs = Some(dir.to_path_buf());
+        self
     }
 
     /// meshd following the dockerd at `url`, with nothing else to say about
@@ -114,6 +124,9 @@ impl MeshdRun {
         }
         if let Some(i) = intercept_override() {
             a.extend(["--intercept".to_string(), i]);
+        }
+        if let Some(b) = &self.bpffs {
+            a.extend(["--bpffs".to_string(), b.display().to_string()]);
         }
         a.extend(self.extra.iter().cloned());
         a
@@ -329,6 +342,13 @@ impl Meshd {
         self.log.0.lock().unwrap().lines.join("\n")
     }
 
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("SIGKILL to meshd")?;
+        self.child.wait().context("waiting for meshd")?;
+        Ok(())
+    }
+
     /// SIGTERM, then wait (SIGKILL after `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         // `ip netns exec` execs meshd, so the child's pid is meshd's.
@@ -356,6 +376,27 @@ impl Drop for Meshd {
             let _ = self.child.wait();
         }
     }
+}
+
+/// meshd's health port (its default, `--health-addr 0.0.0.0:9471`), on
+/// each node's address.
+pub const HEALTH_PORT: u16 = 9471;
+
+/// A minimal HTTP/1.0 GET: the status code and the body, whatever the
+/// status.
+pub fn http_status(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path} on {addr}: not an HTTP answer: {head:?}"))?;
+    Ok((status, body.to_string()))
 }
 
 /// A minimal HTTP/1.0 GET.

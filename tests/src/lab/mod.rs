@@ -31,10 +31,12 @@ use anyhow::Result;
 
 pub use cluster::Cluster;
 pub use meshd::{
-    ADMIN, Meshd, MeshdRun, attached_programs, http_get, intercept, meshd_path, parse_metric,
-    tc_mode, uplink_programs,
+    ADMIN, HEALTH_PORT, Meshd, MeshdRun, attached_programs, http_get, http_status, intercept,
+    meshd_path, parse_metric, tc_mode, uplink_programs,
 };
-pub use shell::{exec, guard_routes, in_netns, ip, retry, sh, slot_namespaces};
+pub use shell::{
+    exec, guard_routes, in_netns, ip, mount_bpffs, retry, sh, slot_namespaces, umount,
+};
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
 pub use task::{Conn, TCP_TARGET, TaskServer, UDP_TARGET};
 pub use topology::{Topology, TopologyBuilder};
@@ -143,6 +145,17 @@ impl Lab {
         self.cluster.meshd(NODE)
     }
 
+    /// Kills meshd with SIGKILL (it cleans up nothing) and waits until it
+    /// is gone.
+    pub fn kill_meshd(&mut self) -> Result<()> {
+        self.cluster.kill_meshd(NODE)
+    }
+
+    /// The node's BPF filesystem (meshd's --bpffs).
+    pub fn bpffs(&self) -> &Path {
+        self.cluster.bpffs(NODE)
+    }
+
     /// Stops meshd with SIGTERM and waits for it to exit; returns its status.
     pub fn stop_meshd(&mut self) -> Result<std::process::ExitStatus> {
         self.cluster.stop_meshd(NODE)
@@ -156,6 +169,23 @@ impl Lab {
     /// Sum of a metric's samples whose label set contains `labels`.
     pub fn metric(&self, name: &str, labels: &str) -> Result<u64> {
         self.cluster.metric(NODE, name, labels)
+    }
+
+    /// GET `path` from the node's health port, from the client, as a load
+    /// balancer would; the status and the body.
+    pub fn health(&self, path: &str) -> Result<(u16, String)> {
+        self.cluster.health(NODE, path)
+    }
+
+    /// Runs `meshd <args>` (a command other than `run`) in the node's
+    /// namespace; its exit code, stdout and stderr.
+    pub fn meshd_cmd(&self, meshd: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+        self.cluster.meshd_cmd(NODE, meshd, args)
+    }
+
+    /// The node's state directory (meshd's --state-dir in the lab).
+    pub fn state_dir(&self) -> PathBuf {
+        self.cluster.state_dir(NODE)
     }
 
     /// One TCP request from the client: connect, send a line, read a line.

@@ -194,3 +194,22 @@ pub fn pass_xdp(ns: &str, ports: Vec<String>) -> anyhow::Result<aya::Ebpf> {
 pub fn wire_checksums(ns: &str, iface: &str) -> anyhow::Result<()> {
     exec(ns, &format!("ethtool -K {iface} tx off")).map(|_| ())
 }
+
+/// Mounts a BPF filesystem of its own at `dir` (created if missing), in
+/// this process's mount namespace: a meshd the lab starts pins its
+/// dataplane there, where it outlives that meshd (a bpffs meshd mounted
+/// inside `ip netns exec`'s private mount namespace would not).
+pub fn mount_bpffs(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    sh(&["mount", "-t", "bpf", "bpf", &dir.display().to_string()])?;
+    Ok(())
+}
+
+/// Unmounts what is mounted at `dir` (lazily: nothing holds it up),
+/// ignoring failures (teardown).
+pub fn umount(dir: &std::path::Path) {
+    let _ = Command::new("umount")
+        .args(["-l", &dir.display().to_string()])
+        .stderr(Stdio::null())
+        .status();
+}

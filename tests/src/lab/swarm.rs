@@ -38,7 +38,8 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::meshd::{ADMIN, Meshd, MeshdRun, READY_TIMEOUT, http_get};
 use super::shell::{
-    ensure_guard_routes, exec, in_netns, ip, netns_add, netns_del, pass_xdp, sh, wire_checksums,
+    ensure_guard_routes, exec, in_netns, ip, mount_bpffs, netns_add, netns_del, pass_xdp, sh,
+    umount, wire_checksums,
 };
 
 /// Swarm labs that can exist side by side.
@@ -101,6 +102,16 @@ pub struct Swarm {
     meshds: Vec<Option<Meshd>>,
     /// XDP_PASS on the segment's ports, detached with them.
     segment_xdp: Option<aya::Ebpf>,
+}
+
+/// Node `n`'s BPF filesystem, mounted the first time it is asked for
+/// (unmounted when the swarm goes).
+fn node_bpffs(n: &SwarmNode) -> Result<PathBuf> {
+    let b = n.dir.join("bpf");
+    if !b.exists() {
+        mount_bpffs(&b)?;
+    }
+    Ok(b)
 }
 
 fn slot_base(slot: u32) -> u8 {
@@ -461,7 +472,9 @@ exec {DOCKERD} --config-file {dd}/daemon.json --data-root {dd}/data --exec-root 
             "meshd runs on node {j} already"
         );
         let node = &self.nodes[j - 1];
-        let run = MeshdRun::docker(&node.url(), &node.hostname).extra(extra);
+        let run = MeshdRun::docker(&node.url(), &node.hostname)
+            .extra(extra)
+            .bpffs(&node_bpffs(node)?);
         let m = Meshd::start(&node.ns, meshd, &run, &self.meshd_log)?;
         m.wait_ready(READY_TIMEOUT)
             .with_context(|| format!("meshd on node {j}"))?;
@@ -472,7 +485,7 @@ exec {DOCKERD} --config-file {dd}/daemon.json --data-root {dd}/data --exec-root 
     /// Starts meshd on node `j` without waiting for it to be ready.
     pub fn spawn_meshd(&mut self, j: usize, meshd: &Path, url: &str) -> Result<()> {
         let node = &self.nodes[j - 1];
-        let run = MeshdRun::docker(url, &node.hostname);
+        let run = MeshdRun::docker(url, &node.hostname).bpffs(&node_bpffs(node)?);
         self.meshds[j - 1] = Some(Meshd::start(&node.ns, meshd, &run, &self.meshd_log)?);
         Ok(())
     }
@@ -733,6 +746,10 @@ impl Drop for Swarm {
         }
         for n in &self.nodes {
             netns_del(&n.ns);
+            let b = n.dir.join("bpf");
+            if b.exists() {
+                umount(&b);
+            }
         }
         netns_del(&self.client_ns);
         netns_del(&self.segment_ns);

@@ -103,6 +103,8 @@ pub struct HostMaps {
     node_addr_lookups: Cell<u64>,
     /// `MAP_LOCAL_DEV`, by backend slot; an unused entry is all zero.
     local_devs: Vec<LocalDev>,
+    /// `MAP_SRC4`: (svc id, range address in host order, prefix length).
+    src: Vec<(u32, u32, u8)>,
 }
 
 impl HostMaps {
@@ -135,6 +137,7 @@ impl HostMaps {
             nodes: vec![NodeValue::default(); sizes.max_nodes as usize],
             node_addr_lookups: Cell::new(0),
             local_devs: vec![LocalDev::default(); sizes.max_backends as usize],
+            src: Vec::new(),
         }
     }
 
@@ -252,6 +255,19 @@ impl HostMaps {
         self.ct.get_mut().clear();
         self.ct_udp.get_mut().clear();
         self.ct_new.get_mut().clear();
+    }
+
+    /// Allows `addr/len` (raw address) to service `svc_id`.
+    pub fn put_src(&mut self, svc_id: u32, addr: u32, len: u8) {
+        let e = (svc_id, u32::from_be(addr), len);
+        if !self.src.contains(&e) {
+            self.src.push(e);
+        }
+    }
+
+    pub fn del_src(&mut self, svc_id: u32, addr: u32, len: u8) {
+        let e = (svc_id, u32::from_be(addr), len);
+        self.src.retain(|x| *x != e);
     }
 
     pub fn put_config(&mut self, c: NodeConfig) {
@@ -417,6 +433,18 @@ fn at<'a, T>(v: &'a mut [T], map: &'static str, i: u32) -> Result<&'a mut T, Map
 
 /// The kernel's lookups (`mesh-ebpf/programs/src/maps.rs`), step for step.
 impl Tables for HostMaps {
+    fn source_allowed(&self, svc_id: u32, saddr: u32) -> bool {
+        let a = u32::from_be(saddr);
+        self.src.iter().any(|&(id, net, len)| {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len as u32)
+            };
+            id == svc_id && a & mask == net & mask
+        })
+    }
+
     fn service(&self, key: &SvcKey) -> Option<SvcValue> {
         let slot = self.ports[port_index(key.proto, key.port_be)? as usize];
         if slot == 0 {

@@ -26,7 +26,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use super::view::{IngressTable, LocalTasks, SwarmView};
-use crate::model::{Availability, Invalid, Node, NodeStatus, Port, Proto, Service, State, Task};
+use crate::model::{
+    Availability, Cidr4, Invalid, Node, NodeStatus, Port, Proto, Service, State, Task, Traffic,
+};
 
 /// The node meshd runs on, as its dockerd says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +54,32 @@ pub fn node_name(a: Ipv4Addr) -> String {
 }
 
 /// The state for node `me`, and what was skipped (with why).
+/// A service's mesh labels, checked.
+fn read_policy(p: &super::view::ViewPolicy) -> Result<(Traffic, Vec<Cidr4>), String> {
+    use super::view::{LABEL_SOURCE_RANGES, LABEL_TRAFFIC};
+    let traffic = match &p.traffic {
+        None => Traffic::Cluster,
+        Some(t) => Traffic::parse(t.trim()).ok_or_else(|| {
+            format!("label {LABEL_TRAFFIC}={t:?} is not \"cluster\" or \"local\"")
+        })?,
+    };
+    let mut ranges = Vec::new();
+    if let Some(r) = &p.source_ranges {
+        for c in r.split([',', ' ']).filter(|c| !c.is_empty()) {
+            ranges.push(Cidr4::parse(c).map_err(|e| format!("label {LABEL_SOURCE_RANGES}: {e}"))?);
+        }
+        if ranges.is_empty() {
+            return Err(format!(
+                "label {LABEL_SOURCE_RANGES} is empty (it would refuse every client; remove it to \
+                 allow every source)"
+            ));
+        }
+        ranges.sort();
+        ranges.dedup();
+    }
+    Ok((traffic, ranges))
+}
+
 pub fn merge(
     me: &Me,
     table: &IngressTable,
@@ -181,11 +209,24 @@ pub fn merge(
                 draining: view.is_some_and(|v| v.draining.contains(&t.id)),
             });
         }
+        let policy = view.and_then(|v| v.policies.get(&s.name));
+        let (traffic, source_ranges) = match policy.map(read_policy).transpose() {
+            Ok(p) => p.unwrap_or_default(),
+            Err(why) => {
+                // An allow list that cannot be read is not ignored (that
+                // would serve everyone): the service is not served.
+                skipped.push(format!("service {}: {why}: not served", s.name));
+                tasks.retain(|t: &Task| t.service != s.name);
+                continue;
+            }
+        };
         services.push(Service {
             name: s.name.clone(),
             ports,
             // The service's label, else the node's --reply-mode.
             reply: view.and_then(|v| v.reply.get(&s.name).copied()),
+            traffic,
+            source_ranges,
         });
     }
     let state = State {
@@ -268,7 +309,55 @@ mod tests {
             ],
             draining: BTreeSet::new(),
             reply: [("dns".to_string(), crate::model::ReplyMode::Direct)].into(),
+            policies: BTreeMap::new(),
         }
+    }
+
+    /// Labels ask for a traffic mode and an allow list; a label that cannot
+    /// be read leaves its service out (never served to everyone instead).
+    #[test]
+    fn labels_set_traffic_and_source_ranges_and_a_bad_one_is_not_ignored() {
+        use crate::source::docker::view::ViewPolicy;
+        let (me, local) = me();
+        let mut v = view();
+        v.policies.insert(
+            "web".into(),
+            ViewPolicy {
+                traffic: Some("local".into()),
+                source_ranges: Some("198.18.0.0/16, 198.19.1.0/24".into()),
+            },
+        );
+        let known = Known {
+            view: &v,
+            live: true,
+        };
+        let (s, skipped) = merge(&me, &table(), Some(known), &local).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let web = s.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.traffic, Traffic::Local);
+        assert_eq!(
+            web.source_ranges,
+            vec![
+                Cidr4::parse("198.18.0.0/16").unwrap(),
+                Cidr4::parse("198.19.1.0/24").unwrap()
+            ]
+        );
+        v.policies.get_mut("web").unwrap().source_ranges = Some("198.18.0.1/16".into());
+        let known = Known {
+            view: &v,
+            live: true,
+        };
+        let (s, skipped) = merge(&me, &table(), Some(known), &local).unwrap();
+        assert!(s.services.iter().all(|s| s.name != "web"));
+        assert!(s.tasks.iter().all(|t| t.service != "web"));
+        assert!(
+            skipped
+                .iter()
+                .any(|m| m.contains("service web: label mesh.source-ranges")
+                    && m.contains("host bits")
+                    && m.contains("not served")),
+            "{skipped:?}"
+        );
     }
 
     /// n2 is this node; its task w2 is delivered at its gwbridge address.

@@ -50,7 +50,7 @@ use self::merge::{Known, Me};
 use self::peer::{Followed, Managers, Served};
 use self::tls::SwarmPki;
 use self::view::{IngressTable, SwarmView, TASK_LABEL};
-use super::{Update, Updates};
+use super::{Beat, Update, Updates};
 use crate::model::State;
 
 /// The default Engine API address.
@@ -168,12 +168,13 @@ pub async fn node_info(d: &Docker) -> Result<NodeInfo> {
 }
 
 /// Starts following Docker; the first word is "unavailable" until the
-/// first state is read.
-pub fn spawn(cfg: DockerConfig, reload: Arc<Notify>) -> Updates {
+/// first state is read. Every resync that reads a state that holds
+/// together, changed or not, beats `beat`.
+pub fn spawn(cfg: DockerConfig, reload: Arc<Notify>, beat: Beat) -> Updates {
     let (tx, rx) = watch::channel(Update::Unavailable(
         format!("waiting for Docker at {}", cfg.url).into(),
     ));
-    tokio::spawn(Source::new(cfg, tx).run(reload));
+    tokio::spawn(Source::new(cfg, tx, beat).run(reload));
     rx
 }
 
@@ -192,11 +193,13 @@ struct Source {
     served: Option<watch::Sender<Served>>,
     /// The worker side, once started.
     followed: Option<(watch::Sender<Option<Managers>>, watch::Receiver<Followed>)>,
+    beat: Beat,
 }
 
 impl Source {
-    fn new(cfg: DockerConfig, tx: watch::Sender<Update>) -> Self {
+    fn new(cfg: DockerConfig, tx: watch::Sender<Update>, beat: Beat) -> Self {
         Self {
+            beat,
             cfg,
             tx,
             last: None,
@@ -437,6 +440,7 @@ impl Source {
             Ok((state, more)) => {
                 skipped.extend(more);
                 self.note_skipped(skipped);
+                self.beat.beat();
                 if force || self.last.as_ref() != Some(&state) {
                     self.last = Some(state.clone());
                     self.tx.send_replace(Update::State(Arc::new(state)));

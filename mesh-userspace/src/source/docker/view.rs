@@ -67,6 +67,24 @@ pub struct SwarmView {
     /// forwarded to other nodes go back ("direct" or "via-ingress").
     #[serde(default)]
     pub reply: BTreeMap<String, crate::model::ReplyMode>,
+    /// What services' labels ask of the mesh, by service name (services
+    /// without such labels are left out). Absent in what a manager of an
+    /// older meshd sends: then every service is served as by default.
+    #[serde(default)]
+    pub policies: BTreeMap<String, ViewPolicy>,
+}
+
+/// The label that sets a service's traffic mode: `cluster` or `local`.
+pub const LABEL_TRAFFIC: &str = "mesh.traffic";
+/// The label that sets a service's source-range allow list: CIDRs,
+/// separated by commas or spaces.
+pub const LABEL_SOURCE_RANGES: &str = "mesh.source-ranges";
+
+/// A service's mesh labels, as given (checked when the state is built).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewPolicy {
+    pub traffic: Option<String>,
+    pub source_ranges: Option<String>,
 }
 
 /// The service label that chooses a service's reply mode.
@@ -155,9 +173,11 @@ impl SwarmView {
                     .unwrap_or_else(|| "tcp".into());
                 let (Some(published), Some(target)) = (port(p.published_port), port(p.target_port))
                 else {
+                    let shown = |v: Option<i64>| v.map_or("none".to_string(), |v| v.to_string());
                     skipped.push(format!(
-                        "service {name}: port {:?}->{:?}/{proto}: not a port (1-65535)",
-                        p.published_port, p.target_port
+                        "service {name}: port {}->{}/{proto}: not a port (1-65535)",
+                        shown(p.published_port),
+                        shown(p.target_port)
                     ));
                     continue;
                 };
@@ -176,6 +196,15 @@ impl SwarmView {
             if !mine.is_empty() {
                 mine.sort();
                 mine.dedup();
+                let labels = s.spec.as_ref().and_then(|sp| sp.labels.as_ref());
+                let label = |k: &str| labels.and_then(|l| l.get(k)).cloned();
+                let policy = ViewPolicy {
+                    traffic: label(LABEL_TRAFFIC),
+                    source_ranges: label(LABEL_SOURCE_RANGES),
+                };
+                if policy != ViewPolicy::default() {
+                    view.policies.insert(name.clone(), policy);
+                }
                 view.services.insert(name, mine);
             }
         }
@@ -190,8 +219,10 @@ impl SwarmView {
             let addr = status.and_then(|s| s.addr.as_deref()).and_then(parse_addr);
             let Some(addr) = addr.filter(|a| !a.is_unspecified()) else {
                 skipped.push(format!(
-                    "node {id} ({hostname}): no address ({:?})",
-                    status.and_then(|s| s.addr.clone())
+                    "node {id} ({hostname}): no address ({})",
+                    status
+                        .and_then(|s| s.addr.clone())
+                        .unwrap_or_else(|| "none".into())
                 ));
                 continue;
             };
@@ -307,10 +338,13 @@ impl IngressTable {
                         svc.tasks.push(IngressTask { id, addr, node })
                     }
                     _ => skipped.push(format!(
-                        "service {name}: task {:?}: no usable address ({:?} on node {:?})",
+                        "service {name}: task {}: no usable address ({} on node {})",
                         t.name,
                         t.endpoint_ip,
-                        t.info.as_ref().and_then(|i| i.get("Host IP"))
+                        t.info
+                            .as_ref()
+                            .and_then(|i| i.get("Host IP"))
+                            .map_or("none", |h| h.as_str())
                     )),
                 }
             }
