@@ -310,8 +310,14 @@ defaults
             DataPath::MeshTc | DataPath::MeshXdp => {
                 let meshd = self.meshd.clone();
                 let mode = path.intercept().expect("a mesh path");
-                self.cluster
-                    .start_meshd(1, &meshd, &["--intercept", mode])?;
+                // Detached when it exits: the next path must not run
+                // through a dataplane left pinned (meshd keeps it by
+                // default, to serve while no meshd runs).
+                self.cluster.start_meshd(
+                    1,
+                    &meshd,
+                    &["--intercept", mode, "--on-exit", "detach"],
+                )?;
             }
             DataPath::Iptables => {
                 let (http, perf) = path.ports();
@@ -355,6 +361,11 @@ defaults
             DataPath::MeshTc | DataPath::MeshXdp => {
                 let st = self.cluster.stop_meshd(1)?;
                 ensure!(st.success(), "meshd exited with {st}");
+                let left = mesh_tests::lab::attached_programs(&self.node.ns, &[&self.node.uplink]);
+                ensure!(
+                    left.is_empty(),
+                    "meshd left programs on the uplink: {left:?}"
+                );
             }
             DataPath::Iptables => {
                 for r in std::mem::take(&mut self.iptables_rules) {
