@@ -1091,8 +1091,10 @@ impl Planner {
                 backend_gen: self.backend_slots.gen_of(slot),
                 count: cands.len() as u32,
                 // The port the task sits behind, once known: its replies
-                // are trusted only from there.
-                ifindex: d.task_ports.get(&backend.addr).copied().unwrap_or(0),
+                // are trusted only from there. Found by the address it is
+                // delivered at (on a swarm node not its identity, the
+                // ingress address).
+                ifindex: d.task_ports.get(&backend.deliver).copied().unwrap_or(0),
                 cands: [ReplyCand::default(); MAX_REPLY_CANDS],
             };
             value.cands[..cands.len()].copy_from_slice(cands);
