@@ -238,8 +238,8 @@ fn plots(
             .flatten()
             .filter_map(|p| {
                 Some((
-                    p["path"].as_str()?.to_string(),
-                    vec![f(&p["xdp_overhead_ns"])?, f(&p["tc_overhead_ns"])?],
+                    format!("{} ({})", p["path"].as_str()?, p["intercept"].as_str()?),
+                    vec![f(&p["intercept_overhead_ns"])?, f(&p["tc_overhead_ns"])?],
                     f(&p["goal_max_ns"]),
                 ))
             })
@@ -247,11 +247,11 @@ fn plots(
         if !rows.is_empty() {
             put(
                 "micro_paths.svg",
-                "per-packet cost of each path over its floors: XDP and TC, with the goal",
+                "per-packet cost of each path over its floors, with each intercept: the intercept and the TC program after it, with the goal",
                 svg::stacked(
-                    "Whole path per packet: ns over the floors (XDP + TC)",
-                    "ns over floor_pass (XDP) and an empty TC program (TC)",
-                    &["XDP".into(), "TC".into()],
+                    "Whole path per packet: ns over the floors (intercept + TC after it)",
+                    "ns over the intercept's floor (floor_pass, floor_tc_run) and an empty TC program (TC)",
+                    &["intercept".into(), "TC after it".into()],
                     &rows,
                 ),
             )?;
@@ -346,7 +346,7 @@ fn plots(
                     streams.iter().map(|s| f(&s["tcp_stream_gbit_s"])).collect(),
                 )],
                 f(&e["direct_stream_with_meshd_gbit_s"])
-                    .map(|x| (x, "direct while meshd is attached")),
+                    .map(|x| (x, "direct while meshd (--intercept tc) is attached")),
             ),
         )?;
     }
@@ -514,9 +514,9 @@ fn summary(
         let _ = writeln!(s, "## micro: per packet, ns over the floors\n");
         let _ = writeln!(
             s,
-            "| path | XDP | TC | XDP + TC | goal | wall (live) | wall vs direct |"
+            "| path | intercept | intercept's cost | TC after it | sum | goal | wall (live) | wall vs direct |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         let n = |v: &Value| {
             v.as_f64()
                 .map(|x| format!("{x:+.1}"))
@@ -531,9 +531,10 @@ fn summary(
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 txt(&p["path"]),
-                n(&p["xdp_overhead_ns"]),
+                txt(&p["intercept"]),
+                n(&p["intercept_overhead_ns"]),
                 n(&p["tc_overhead_ns"]),
                 n(&p["sum_overhead_ns"]),
                 goal,
@@ -543,7 +544,7 @@ fn summary(
         }
         let _ = writeln!(
             s,
-            "\nXDP: BPF_PROG_TEST_RUN over floor_pass; TC: the kernel's run-time statistics over an empty TC program, on live frames; wall: a live frame's whole path (XDP, skb, TC, the task's answer) over the same frame through floor_pass, and over the frame routed to the task without NAT.\n"
+            "\nintercept xdp: mesh_xdp under BPF_PROG_TEST_RUN over floor_pass, then mesh_tc_uplink (TC after it: the kernel's run-time statistics over an empty TC program, on live frames); intercept tc: mesh_tc_ingress under BPF_PROG_TEST_RUN over the empty TC program run the same way (it delivers itself); any: mesh_tc_task, whichever the intercept. wall: a live frame's whole path (intercept, skb, TC, the task's answer) over the same frame through the floors, and over the frame routed to the task without NAT.\n"
         );
     }
     if let Some(e) = doc(docs, "e2e") {
@@ -595,8 +596,14 @@ fn summary(
                     .unwrap_or("n/a".into())
             );
         }
-        if let Some(x) = e["direct_stream_with_meshd_gbit_s"].as_f64() {
-            let _ = writeln!(s, "| direct, meshd attached | {x:.2} | |");
+        for (m, x) in e["direct_stream_with_meshd_by_path"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(x) = x.as_f64() {
+                let _ = writeln!(s, "| direct, meshd attached ({m}) | {x:.2} | |");
+            }
         }
         let _ = writeln!(s, "\n{}\n", txt(&e["ipvs"]));
     }

@@ -232,6 +232,7 @@ fn run_here(a: &Args) -> Result<Value> {
             tasks: tasks.clone(),
             prefilled: 0,
             ifindex: 0,
+            floor_tc: None,
         };
         world.track((CLIENT, FLOW_SPORT), NODE, tasks[0])?;
         let memory = map_memory(&world)?;

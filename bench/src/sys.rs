@@ -82,6 +82,31 @@ pub fn load_empty_tc(name: &str) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// One BPF_PROG_TEST_RUN (repeat = 1) of the program `prog` on `frame`
+/// with context `ctx`: its return value and the kernel-reported duration
+/// (ns). For the empty TC program, which aya does not hold.
+pub fn test_run_fd(prog: BorrowedFd<'_>, frame: &[u8], ctx: &[u8]) -> Result<(u32, u64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = zeroed_attr();
+    // SAFETY: writing the BPF_PROG_TEST_RUN member of a zeroed union; the
+    // buffers outlive the call.
+    unsafe {
+        let t = &mut attr.test;
+        t.prog_fd = prog.as_raw_fd() as u32;
+        t.data_in = frame.as_ptr() as u64;
+        t.data_size_in = frame.len() as u32;
+        t.data_out = out.as_mut_ptr() as u64;
+        t.data_size_out = out.len() as u32;
+        t.ctx_in = ctx.as_ptr() as u64;
+        t.ctx_size_in = ctx.len() as u32;
+        t.repeat = 1;
+    }
+    sys_bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
+    // SAFETY: the kernel filled the union's test member.
+    let (ret, ns) = unsafe { (attr.test.retval, attr.test.duration) };
+    Ok((ret, ns as u64))
+}
+
 /// A TCX link: the program stays attached as long as this lives.
 #[derive(Debug)]
 pub struct TcxLink(#[allow(dead_code)] OwnedFd);

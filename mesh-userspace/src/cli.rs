@@ -11,7 +11,7 @@ use crate::config::{
     CheckConfig, CleanupConfig, ConfigError, DrainConfig, OrConfig, RunConfig, SourceConfig,
     host_name,
 };
-use crate::dataplane::{OnExit, TcAttach, XdpAttach};
+use crate::dataplane::{DEFAULT_INTERCEPT, Intercept, OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::model::ReplyMode;
 use crate::plan::Limits;
@@ -416,7 +416,15 @@ pub struct RunArgs {
     /// default: the interface the route to each local task uses.
     #[arg(long = "task-iface", value_name = "IF")]
     pub task_ifaces: Vec<String>,
-    /// XDP attach mode.
+    /// Where clients' packets are taken on the uplink. tc: at TC ingress
+    /// alone, so the uplink keeps its offloads (TSO, GRO) for all of its
+    /// traffic; xdp: at XDP, before the kernel builds a socket buffer, at
+    /// the cost of those offloads on some devices (a veth's peer loses
+    /// TSO; virtio-net its receive offloads). See the README's
+    /// Performance section.
+    #[arg(long, value_enum, default_value_t = DEFAULT_INTERCEPT)]
+    pub intercept: Intercept,
+    /// XDP attach mode (with --intercept xdp).
     #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
     pub xdp_mode: XdpAttach,
     /// How TC programs are attached: TCX links (kernel 6.6+) or netlink
@@ -595,6 +603,7 @@ impl RunArgs {
             iface: self.iface.clone(),
             node_addrs: self.plan.node_addrs.clone(),
             task_ifaces: self.task_ifaces.clone(),
+            intercept: self.intercept,
             xdp_mode: self.xdp_mode,
             tc_attach: self.tc_attach,
             limits: self.plan.limits()?,

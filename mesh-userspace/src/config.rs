@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::dataplane::{OnExit, TcAttach, XdpAttach};
+use crate::dataplane::{Intercept, OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::plan::Limits;
 
@@ -74,6 +74,8 @@ pub struct RunConfig {
     pub node_addrs: Vec<Ipv4Addr>,
     /// Interfaces leading to local tasks; empty: found from routes.
     pub task_ifaces: Vec<String>,
+    /// Where clients' packets are taken on the uplink.
+    pub intercept: Intercept,
     pub xdp_mode: XdpAttach,
     pub tc_attach: TcAttach,
     pub limits: Limits,

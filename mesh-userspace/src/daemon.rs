@@ -213,13 +213,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         retry: RETRY_MIN,
         applied: None,
         task_ports: Default::default(),
+        task_devs: Default::default(),
         ports_scanned: None,
+        scanner: Scanner::new(),
         reserved,
         neighbours: crate::neigh::Neighbours::default(),
         accept_local: None,
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
-    d.programs.attach_uplink(&d.iface, d.cfg.xdp_mode)?;
+    d.programs
+        .attach_uplink(&d.iface, d.cfg.intercept, d.cfg.xdp_mode)?;
     // The node's own flows: replies to them are handed in through the
     // loopback, which must take them first.
     match net::AcceptLocal::enable() {
@@ -249,6 +252,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
         node = %first.local_node.as_deref().unwrap_or(&d.cfg.node), iface = %d.iface,
+        intercept = d.cfg.intercept.name(),
         services = desired.services.len(),
         addrs = %desired.node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
         "meshd ready: generation 1 applied ({report}); admin on http://{}", d.cfg.admin_addr
@@ -454,8 +458,13 @@ struct Daemon {
     applied: Option<Desired>,
     /// The port each local task sits behind, as found so far.
     task_ports: BTreeMap<std::net::Ipv4Addr, u32>,
+    /// Each local task's link (delivery without a FIB lookup), as found
+    /// so far.
+    task_devs: BTreeMap<std::net::Ipv4Addr, crate::desired::TaskLink>,
     /// When tasks' ports were last looked for.
     ports_scanned: Option<tokio::time::Instant>,
+    /// Looks for them off the event loop.
+    scanner: Scanner,
     /// Published ports kept out of the node's own local ports.
     reserved: net::ReservedPorts,
     /// Next hops to the other nodes, kept resolved for XDP.
@@ -586,6 +595,7 @@ impl Daemon {
         self.programs.attach_task_ifaces(&net::reply_ifaces(&links));
         self.find_task_ports(&desired.local_task_addrs());
         desired.task_ports = self.task_ports.clone();
+        desired.task_links = self.task_devs.clone();
         desired.forwarding = self.cfg.forwarding;
         let report = self.applier.apply(&desired)?;
         let others: Vec<std::net::Ipv4Addr> = desired
@@ -602,24 +612,57 @@ impl Daemon {
         Ok(report)
     }
 
-    /// Finds the ports of local tasks not found yet (or whose port went);
-    /// says whether anything changed.
+    /// Finds the ports (and links) of local tasks not found yet, or whose
+    /// port went; says whether anything changed now. Before the first
+    /// state is in (meshd not ready yet) the scan is waited for, so every
+    /// task that runs is held to its port from the start; after that it
+    /// runs off the event loop ([`Scanner`]) and `housekeeping` takes in
+    /// what it finds.
     fn find_task_ports(&mut self, tasks: &[std::net::Ipv4Addr]) -> bool {
-        let before = self.task_ports.clone();
+        let before = (self.task_ports.clone(), self.task_devs.clone());
         // Forget tasks that left, and ports that went (a container
-        // replaced under the same address gets another port).
+        // replaced under the same address gets another port, and link).
         self.task_ports
             .retain(|t, i| tasks.contains(t) && net::ifname(*i).is_some());
+        let ports = &self.task_ports;
+        self.task_devs
+            .retain(|t, l| ports.get(t) == Some(&l.ifindex));
         let missing: Vec<_> = tasks
             .iter()
             .copied()
             .filter(|t| !self.task_ports.contains_key(t))
             .collect();
         if !missing.is_empty() {
-            self.task_ports.extend(net::task_ports(&missing));
+            if self.applied.is_none() {
+                let found = net::find_tasks(&missing);
+                self.take_found(found, tasks);
+            } else {
+                self.scanner.start(missing);
+            }
             self.ports_scanned = Some(tokio::time::Instant::now());
         }
-        self.task_ports != before
+        (self.task_ports.clone(), self.task_devs.clone()) != before
+    }
+
+    /// Takes in what a scan found, for the tasks in `tasks` (those that
+    /// left meanwhile are not ours any more); says whether anything
+    /// changed.
+    fn take_found(
+        &mut self,
+        found: BTreeMap<std::net::Ipv4Addr, net::TaskFound>,
+        tasks: &[std::net::Ipv4Addr],
+    ) -> bool {
+        let mut changed = false;
+        for (t, f) in found {
+            if !tasks.contains(&t) {
+                continue;
+            }
+            changed |= self.task_ports.insert(t, f.port) != Some(f.port);
+            if let Some(l) = f.link {
+                changed |= self.task_devs.insert(t, l) != Some(l);
+            }
+        }
+        changed
     }
 
     /// Keeps the published ports (and the range they come from) out of
@@ -703,11 +746,17 @@ impl Daemon {
         }
         let unknown = tasks.iter().any(|t| !self.task_ports.contains_key(t));
         let gone = due && self.task_ports.values().any(|i| net::ifname(*i).is_none());
-        if (unknown || gone)
-            && self.find_task_ports(&tasks)
-            && let Some(mut d) = self.applied.take()
+        let mut changed = (unknown || gone) && self.find_task_ports(&tasks);
+        // What the last scan found, once it ended.
+        if let Some(found) = self.scanner.poll()
+            && let Some(d) = &self.applied
         {
+            let now = d.local_task_addrs();
+            changed |= self.take_found(found, &now);
+        }
+        if changed && let Some(mut d) = self.applied.take() {
             d.task_ports = self.task_ports.clone();
+            d.task_links = self.task_devs.clone();
             match self.applier.apply(&d) {
                 Ok(_) => debug!(tasks = self.task_ports.len(), "tasks' ports updated"),
                 Err(e) => warn!("updating tasks' ports: {e:#}"),
@@ -717,6 +766,58 @@ impl Daemon {
         // Bridge ports come and go with containers: attach to new ones.
         self.programs
             .attach_task_ifaces(&net::reply_ifaces(&self.task_links));
+    }
+}
+
+/// Looks for local tasks' ports and links on a thread of its own: a scan
+/// enters every network namespace it may find them in (one `nsenter` each)
+/// and took up to 800 ms on a loaded node, while states, signals and health
+/// answers must not wait for it. One scan at a time; a scan asked for
+/// while one runs is left to the next housekeeping round.
+struct Scanner {
+    ask: std::sync::mpsc::Sender<Vec<std::net::Ipv4Addr>>,
+    found: std::sync::mpsc::Receiver<BTreeMap<std::net::Ipv4Addr, net::TaskFound>>,
+    busy: bool,
+}
+
+impl Scanner {
+    fn new() -> Scanner {
+        let (ask, asked) = std::sync::mpsc::channel::<Vec<std::net::Ipv4Addr>>();
+        let (tell, found) = std::sync::mpsc::channel();
+        // Ends when the daemon (the asking end) goes.
+        let spawned = std::thread::Builder::new()
+            .name("task-scan".into())
+            .spawn(move || {
+                for tasks in asked {
+                    if tell.send(net::find_tasks(&tasks)).is_err() {
+                        break;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("starting the task scan thread: {e}; tasks' ports are found only at start");
+        }
+        Scanner {
+            ask,
+            found,
+            busy: false,
+        }
+    }
+
+    /// Starts a scan for `tasks`, unless one runs.
+    fn start(&mut self, tasks: Vec<std::net::Ipv4Addr>) {
+        if !self.busy && self.ask.send(tasks).is_ok() {
+            self.busy = true;
+        }
+    }
+
+    /// What the running scan found, once it ended.
+    fn poll(&mut self) -> Option<BTreeMap<std::net::Ipv4Addr, net::TaskFound>> {
+        let r = self.found.try_recv().ok();
+        if r.is_some() {
+            self.busy = false;
+        }
+        r
     }
 }
 

@@ -97,8 +97,27 @@ pub struct Desired {
     /// The interface (ifindex) each local task sits behind, where known
     /// (the daemon finds them): replies are trusted only from there.
     pub task_ports: BTreeMap<Ipv4Addr, u32>,
+    /// Each local task's link, by delivery address, where known (the
+    /// daemon finds them): its packets are delivered there without a FIB
+    /// lookup.
+    pub task_links: BTreeMap<Ipv4Addr, TaskLink>,
     /// How this node carries flows to other nodes (the daemon's settings).
     pub forwarding: Forwarding,
+}
+
+/// A local task's link, as this node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskLink {
+    /// The host's end of the link (a bridge port, or the link itself).
+    pub ifindex: u32,
+    /// The link is a veth whose other end, the task's, lies in another
+    /// network namespace: packets can go straight to that end's ingress.
+    pub peer: bool,
+    /// The task's end's Ethernet address.
+    pub task_mac: [u8; 6],
+    /// The address the task's packets come from on the host's side: the
+    /// bridge's (its gateway), or the host end's.
+    pub gateway_mac: [u8; 6],
 }
 
 /// How a node carries flows to the nodes that run their tasks.
@@ -227,6 +246,7 @@ impl Desired {
             nodes,
             services,
             task_ports: BTreeMap::new(),
+            task_links: BTreeMap::new(),
             forwarding: Forwarding::default(),
         })
     }

@@ -4,6 +4,13 @@
 //! pinned maps are read, never written, so explaining changes nothing
 //! (no conntrack entry, no counter, no Maglev pick remembered).
 //!
+//! Both intercepts (`--intercept tc|xdp`) decide with the same code
+//! (`fwd::process`) on the same maps, so `mesh_xdp` explains a node whose
+//! intercept is `mesh_tc_ingress` too; only how the decision is carried
+//! out differs, and the explanation says it in the terms of the node's
+//! intercept (found from the pinned links, or whether an XDP program is
+//! on the interface).
+//!
 //! The copy holds everything a first packet reads (ports, services,
 //! tables, backends, nodes, addresses, settings, allow lists) and, of
 //! connection tracking, the asked flow's entry if there is one: a tracked
@@ -95,6 +102,26 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(src: MapData, dst: Map) -> Result<()> {
         dst.insert(k, v, 0)?;
     }
     Ok(())
+}
+
+/// The intercept on `iface` of the dataplane pinned under `root`: "tc" or
+/// "xdp". Its pinned link says; without one (TC attached through netlink,
+/// XDP on a kernel without XDP links), whether an XDP program is on the
+/// interface.
+pub fn intercept_of(root: &Path, iface: &str) -> &'static str {
+    let links = root.join("links");
+    if links.join(format!("{PROG_XDP}@{iface}")).exists() {
+        return "xdp";
+    }
+    if links.join(format!("{PROG_TC_INGRESS}@{iface}")).exists() {
+        return "tc";
+    }
+    let xdp_on = std::process::Command::new("ip")
+        .args(["-details", "link", "show", "dev", iface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+        .unwrap_or(false);
+    if xdp_on { "xdp" } else { "tc" }
 }
 
 /// Runs the question through the XDP program on a copy of the maps pinned
@@ -237,6 +264,15 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
     };
     let input = spec.build();
     let (ret, meta, output) = test_run(prog, &input, ifindex)?;
+    let intercept = intercept_of(root, iface);
+    // Who carries out a delivery, or a send that needs the neighbour
+    // resolved: with the intercept at XDP, mesh_tc_uplink after it; at
+    // TC, the intercept itself.
+    let deliverer = if intercept == "xdp" {
+        "mesh_tc_uplink"
+    } else {
+        "mesh_tc_ingress"
+    };
 
     // What the run did, in the copy.
     let sum = |m: &PerCpuArray<MapData, u64>, i: u32| -> u64 {
@@ -299,7 +335,7 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
                 "deliver",
                 format!(
                     "delivered on this node: rewritten to {}:{} (the task's delivery address), \
-                     redirected into it by mesh_tc_uplink",
+                     redirected into it by {deliverer}",
                     out.daddr(),
                     out.dport()
                 ) + &format!(" [backend slot {}]", be["slot"]),
@@ -307,9 +343,10 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
         }
         XDP_PASS if m(0) == Some(XDP_META_NEIGH) => (
             "forward",
-            "forwarded to another node (sent by mesh_tc_uplink once the next hop's neighbour \
-             entry is resolved)"
-                .to_string(),
+            format!(
+                "forwarded to another node (sent by {deliverer} once the next hop's neighbour \
+                 entry is resolved)"
+            ),
         ),
         XDP_PASS => {
             let why = if !published {
@@ -379,6 +416,7 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
             "iface": iface,
         },
         "service": service,
+        "intercept": intercept,
         "verdict": verdict,
         "explanation": says,
         "drops": dropped,
@@ -424,6 +462,9 @@ pub fn render(v: &Value) -> String {
         p["dst"].as_str().unwrap_or_default(),
         p["iface"].as_str().unwrap_or_default()
     );
+    if let Some(i) = v["intercept"].as_str() {
+        s += &format!(" (intercept {i})");
+    }
     if let Some(n) = v["service"].as_str() {
         s += &format!(" (service {n})");
     }

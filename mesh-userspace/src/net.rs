@@ -175,47 +175,83 @@ pub const NETNS_DIRS: &[&str] = &["/run/netns", "/run/docker/netns"];
 /// for a task reached through another link, that link. Tasks not found
 /// (a namespace meshd cannot see, a task not started yet) are left out.
 pub fn task_ports(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, u32> {
+    find_tasks(tasks)
+        .into_iter()
+        .map(|(t, f)| (t, f.port))
+        .collect()
+}
+
+/// Where a local task was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskFound {
+    /// The interface it sits behind (see [`task_ports`]).
+    pub port: u32,
+    /// Its link, when its end was found in a namespace of its own.
+    pub link: Option<crate::desired::TaskLink>,
+}
+
+/// As [`task_ports`], with each task's link where its end (a veth whose
+/// other end is the port, holding the task's address) was found in a
+/// network namespace other than this one: the Ethernet addresses its
+/// packets carry (the task's, and the bridge's or the port's), so they
+/// can be delivered straight into that namespace.
+pub fn find_tasks(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, TaskFound> {
     use std::collections::BTreeMap;
+    use std::os::unix::fs::MetadataExt;
     let mut out = BTreeMap::new();
-    // Bridge ports by ifindex: the peer's ifindex in its own namespace.
-    let mut behind_bridge: Vec<Ipv4Addr> = Vec::new();
-    let mut ports: BTreeMap<u32, u32> = BTreeMap::new();
+    // Host ends of veths that may lead to tasks, by ifindex: their peer's
+    // ifindex in its own namespace, and the MAC the task's packets come
+    // from on this side.
+    let mut ends: BTreeMap<u32, (u32, [u8; 6])> = BTreeMap::new();
+    let mut wanted: Vec<Ipv4Addr> = Vec::new();
     for &t in tasks {
         let Ok(dev) = route_dev(t) else { continue };
         let brif = std::path::Path::new("/sys/class/net")
             .join(&dev)
             .join("brif");
-        if !brif.exists() {
-            if let Some(i) = ifindex(&dev) {
-                out.insert(t, i);
+        let Some(gw) = mac(&dev) else { continue };
+        if brif.exists() {
+            for p in std::fs::read_dir(&brif).into_iter().flatten().flatten() {
+                let name = p.file_name().to_string_lossy().into_owned();
+                if let (Some(i), Some(peer)) = (ifindex(&name), link_index(&name)) {
+                    ends.insert(i, (peer, gw));
+                }
             }
+            wanted.push(t);
             continue;
         }
-        behind_bridge.push(t);
-        for p in std::fs::read_dir(&brif).into_iter().flatten().flatten() {
-            let name = p.file_name().to_string_lossy().into_owned();
-            if let (Some(i), Some(peer)) = (ifindex(&name), link_index(&name)) {
-                ports.insert(i, peer);
-            }
+        let Some(i) = ifindex(&dev) else { continue };
+        out.insert(
+            t,
+            TaskFound {
+                port: i,
+                link: None,
+            },
+        );
+        if let Some(peer) = link_index(&dev) {
+            ends.insert(i, (peer, gw));
+            wanted.push(t);
         }
     }
-    if behind_bridge.is_empty() {
+    if wanted.is_empty() {
         return out;
     }
-    // Each namespace meshd can see: its interfaces whose peer is one of
-    // those ports (and whose ifindex that port names), with their
-    // addresses.
-    for dir in NETNS_DIRS {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for ns in rd.flatten() {
-            if behind_bridge.iter().all(|t| out.contains_key(t)) {
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
+    // Each namespace meshd can see (not its own): its interfaces whose
+    // peer is one of those ends (and whose ifindex that end names), with
+    // their addresses and MAC.
+    {
+        for ns in namespaces(own) {
+            if wanted
+                .iter()
+                .all(|t| out.get(t).is_some_and(|f: &TaskFound| f.link.is_some()))
+            {
                 return out;
             }
+            // Every family: with -4, ip leaves out the links' MACs.
             let Ok(o) = Command::new("nsenter")
-                .arg(format!("--net={}", ns.path().display()))
-                .args(["ip", "-j", "-4", "addr", "show"])
+                .arg(format!("--net={}", ns.display()))
+                .args(["ip", "-j", "addr", "show"])
                 .output()
             else {
                 continue;
@@ -224,15 +260,22 @@ pub fn task_ports(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, u3
                 continue;
             };
             for link in v.as_array().into_iter().flatten() {
-                let (Some(idx), Some(peer)) = (
+                let (Some(idx), Some(end)) = (
                     link.get("ifindex").and_then(|x| x.as_u64()),
                     link.get("link_index").and_then(|x| x.as_u64()),
                 ) else {
                     continue;
                 };
-                if ports.get(&(peer as u32)) != Some(&(idx as u32)) {
+                let Some(&(peer, gateway_mac)) = ends.get(&(end as u32)) else {
+                    continue;
+                };
+                if peer != idx as u32 {
                     continue;
                 }
+                let task_mac = link
+                    .get("address")
+                    .and_then(|x| x.as_str())
+                    .and_then(parse_mac);
                 for a in link
                     .get("addr_info")
                     .and_then(|x| x.as_array())
@@ -243,15 +286,78 @@ pub fn task_ports(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, u3
                         .get("local")
                         .and_then(|x| x.as_str())
                         .and_then(|s| s.parse::<Ipv4Addr>().ok())
-                        && behind_bridge.contains(&addr)
+                        && wanted.contains(&addr)
                     {
-                        out.insert(addr, peer as u32);
+                        out.insert(
+                            addr,
+                            TaskFound {
+                                port: end as u32,
+                                link: task_mac.map(|task_mac| crate::desired::TaskLink {
+                                    ifindex: end as u32,
+                                    peer: true,
+                                    task_mac,
+                                    gateway_mac,
+                                }),
+                            },
+                        );
                     }
                 }
             }
         }
     }
     out
+}
+
+/// The network namespaces a task may sit in, each once and without
+/// `own` (this process's, by inode): those bound under [`NETNS_DIRS`]
+/// (`ip netns`, dockerd's default exec root), then those of every
+/// process. A dockerd with another `--exec-root` binds its containers'
+/// namespaces elsewhere, but a container never runs without a process.
+pub fn namespaces(own: Option<u64>) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(o) = own {
+        seen.insert(o);
+    }
+    let bound = NETNS_DIRS
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()));
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    bound
+        .chain(procs)
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| seen.insert(m.ino()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// An interface's Ethernet address, if it has one.
+pub fn mac(iface: &str) -> Option<[u8; 6]> {
+    let p = std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("address");
+    parse_mac(std::fs::read_to_string(p).ok()?.trim())
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
 }
 
 /// The ifindex of a veth's peer (in the peer's namespace), if `iface` is

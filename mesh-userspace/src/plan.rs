@@ -87,6 +87,10 @@ pub enum Op {
     /// The local backend slot of a task by its identity.
     PutLocal(ReplyKey4, u32),
     DelLocal(ReplyKey4),
+    /// Where local backend slot `.0`'s packets go (its task's link).
+    PutLocalDev(u32, LocalDev),
+    /// Backend slot `.0`'s packets go by the FIB (all zero).
+    DelLocalDev(u32),
     /// The generations handed out may reach these (service, backend,
     /// node): written before any op that uses one, so a restarted meshd
     /// that adopts the maps starts above them.
@@ -385,6 +389,8 @@ pub struct Planner {
     node_index: BTreeMap<u32, u32>,
     /// Local backends by identity written, and their slots.
     locals: BTreeMap<ReplyKey4, u32>,
+    /// Local backends' links written, by slot.
+    local_devs: BTreeMap<u32, LocalDev>,
     /// The Maglev map's regions.
     maglev: regions::Pool,
     /// The generations reserved in the maps ([`Op::PutGens`]).
@@ -417,6 +423,8 @@ pub struct Snapshot {
     pub meta: PinMeta,
     /// Allow-list entries: (service id, range).
     pub src: BTreeSet<(u32, Cidr4)>,
+    /// Local backends' recorded links, by slot (entries not all zero).
+    pub local_devs: BTreeMap<u32, LocalDev>,
 }
 
 impl Snapshot {
@@ -467,6 +475,12 @@ impl Snapshot {
             }
             Op::DelLocal(k) => {
                 self.locals.remove(k);
+            }
+            Op::PutLocalDev(id, d) => {
+                self.local_devs.insert(*id, *d);
+            }
+            Op::DelLocalDev(id) => {
+                self.local_devs.remove(id);
             }
             Op::PutGens(a, b, c) => {
                 self.meta = PinMeta {
@@ -576,6 +590,7 @@ impl Planner {
             config: NodeConfig::default(),
             node_index: BTreeMap::new(),
             locals: BTreeMap::new(),
+            local_devs: BTreeMap::new(),
             maglev: regions::Pool::new(limits.maglev_entries()),
             limits,
             gens_reserved: (0, 0, 0),
@@ -634,6 +649,10 @@ impl Planner {
         p.node_slots = Slots::adopted(snap.nodes.iter().map(|(s, v)| (*s, v.gen_)), meta.node_gen);
         p.node_index = snap.node_index.clone();
         p.locals = snap.locals.clone();
+        // Links recorded for slots the first plan keeps stay until it
+        // records them again (the same, or another); those of slots it
+        // frees are removed with them.
+        p.local_devs = snap.local_devs.clone();
         // Backends, by what a `BackendKey` holds: a local one's identity
         // is the key its local entry is found by.
         let identity: HashMap<u32, u32> = snap.locals.iter().map(|(k, s)| (*s, k.addr)).collect();
@@ -783,11 +802,14 @@ impl Planner {
         self.mark_backends(&wanted, &no_new, &mut p);
         let locals = local_backends(d, &self.backends);
         self.put_locals(&locals, &mut p);
+        let devs = local_devs(d, &self.backends);
+        self.put_local_devs(&devs, &mut p);
         self.make_room_for_replies(&replies, now, &mut p);
         self.put_replies(d, &replies, &mut p);
         self.put_services(d, &mut p)?;
         self.del_services(d, &mut p);
         self.del_locals(&locals, &mut p);
+        self.del_local_devs(&devs, &mut p);
         self.del_backends(&wanted, &mut p);
         self.del_node_index(d, &mut p);
         self.del_nodes(d, &mut p);
@@ -1013,6 +1035,33 @@ impl Planner {
         }
     }
 
+    /// After step 2: where local backends' packets go, for those whose
+    /// task's link is known (delivery without a FIB lookup, before any
+    /// table sends them a flow when the link is known already).
+    fn put_local_devs(&mut self, devs: &BTreeMap<u32, LocalDev>, p: &mut Plan) {
+        for (id, d) in devs {
+            if self.local_devs.get(id) != Some(d) {
+                p.ops.push(Op::PutLocalDev(*id, *d));
+                self.local_devs.insert(*id, *d);
+            }
+        }
+    }
+
+    /// Before step 6: entries of backends that leave, or whose link is no
+    /// longer known (their packets go by the FIB).
+    fn del_local_devs(&mut self, devs: &BTreeMap<u32, LocalDev>, p: &mut Plan) {
+        let gone: Vec<u32> = self
+            .local_devs
+            .keys()
+            .filter(|id| !devs.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            p.ops.push(Op::DelLocalDev(id));
+            self.local_devs.remove(&id);
+        }
+    }
+
     /// Backend `k` in slot `id`, generation `gen_`, as written.
     fn backend_value(&self, k: &BackendKey, gen_: u32, no_new: bool) -> Backend {
         let place = if k.local { BE_F_LOCAL } else { BE_F_REMOTE };
@@ -1121,8 +1170,10 @@ impl Planner {
                 backend_gen: self.backend_slots.gen_of(slot),
                 count: cands.len() as u32,
                 // The port the task sits behind, once known: its replies
-                // are trusted only from there.
-                ifindex: d.task_ports.get(&backend.addr).copied().unwrap_or(0),
+                // are trusted only from there. Found by the address it is
+                // delivered at (on a swarm node not its identity, the
+                // ingress address).
+                ifindex: d.task_ports.get(&backend.deliver).copied().unwrap_or(0),
                 cands: [ReplyCand::default(); MAX_REPLY_CANDS],
             };
             value.cands[..cands.len()].copy_from_slice(cands);
@@ -1489,6 +1540,12 @@ impl Planner {
                 Op::DelLocal(k) => {
                     self.locals.remove(k);
                 }
+                Op::PutLocalDev(id, d) => {
+                    self.local_devs.insert(*id, *d);
+                }
+                Op::DelLocalDev(id) => {
+                    self.local_devs.remove(id);
+                }
                 Op::PutGens(a, b, c) => {
                     let r = &mut self.gens_reserved;
                     *r = (r.0.max(*a), r.1.max(*b), r.2.max(*c));
@@ -1558,6 +1615,30 @@ fn local_backends(d: &Desired, slots: &HashMap<BackendKey, u32>) -> BTreeMap<Rep
                         _pad: 0,
                     },
                     *slot,
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Where each local backend with a known link gets its packets, by slot.
+fn local_devs(d: &Desired, slots: &HashMap<BackendKey, u32>) -> BTreeMap<u32, LocalDev> {
+    let mut out = BTreeMap::new();
+    for s in d.services.values() {
+        for b in s.backends.iter().filter(|b| b.local) {
+            if let (Some(slot), Some(l)) = (slots.get(b), d.task_links.get(&b.deliver)) {
+                let mut macs = [0u8; 12];
+                macs[..6].copy_from_slice(&l.task_mac);
+                macs[6..].copy_from_slice(&l.gateway_mac);
+                out.insert(
+                    *slot,
+                    LocalDev {
+                        addr: raw4(b.deliver),
+                        ifindex: l.ifindex,
+                        flags: if l.peer { LDEV_F_PEER } else { 0 },
+                        macs,
+                    },
                 );
             }
         }

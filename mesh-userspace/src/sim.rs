@@ -64,6 +64,8 @@ impl Sim {
             Op::PutLocal(k, slot) => m.put_local(k, slot),
             Op::DelLocal(k) => m.del_local(&k),
             Op::DelNode(slot) => m.del_node(slot)?,
+            Op::PutLocalDev(id, d) => m.put_local_dev(id, d)?,
+            Op::DelLocalDev(id) => m.del_local_dev(id)?,
             // What only a restarted meshd reads: the host maps have none.
             Op::PutGens(..) | Op::PutName(..) | Op::DelName(_) => {}
             Op::PutSrc(id, c) => m.put_src(id, crate::plan::raw4(c.addr), c.len),

@@ -1,18 +1,28 @@
 //! The fixtures through BPF_PROG_TEST_RUN against the real object: the
 //! verifier is part of the test. Needs root (CI runs as root).
 
-use mesh_tests::fixtures::{BpfWorld, FibNet, all, host_world, play};
+use mesh_tests::fixtures::{BpfWorld, FibNet, Fixture, all, all_tc, host_world, play};
 
 /// Every fixture, on a thread inside the namespace the TC programs' FIB
 /// lookups need (XDP's runs do not care where they run).
 #[test]
 fn root_every_fixture_holds_on_the_bpf_object() {
+    holds_on_the_bpf_object(all);
+}
+
+/// The same with the intercept at TC ingress (`mesh_tc_ingress` in place
+/// of `mesh_xdp`), in a world of its own.
+#[test]
+fn root_every_fixture_holds_on_the_bpf_object_with_the_intercept_at_tc() {
+    holds_on_the_bpf_object(all_tc);
+}
+
+fn holds_on_the_bpf_object(fixtures: fn() -> Vec<Fixture>) {
     let net = FibNet::new().expect("the fixtures' namespace (root)");
-    let fixtures = all();
     let report = net
-        .run(|| -> anyhow::Result<_> {
+        .run(move || -> anyhow::Result<_> {
             let mut bpf = BpfWorld::new()?;
-            Ok(play(&mut bpf, &all(), &host_world()))
+            Ok(play(&mut bpf, &fixtures(), &host_world()))
         })
         .unwrap()
         .expect("load the BPF object (root, BPF)");
@@ -27,7 +37,7 @@ fn root_every_fixture_holds_on_the_bpf_object() {
     for (name, why) in &report.refused {
         eprintln!("{name}: refused: {why}");
     }
-    assert_eq!(report.held.len() + report.refused.len(), fixtures.len());
+    assert_eq!(report.held.len() + report.refused.len(), fixtures().len());
 }
 
 /// BPF_PROG_TEST_RUN cannot give a TC program metadata: a `__sk_buff`

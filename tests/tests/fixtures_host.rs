@@ -1,22 +1,37 @@
 //! The fixtures against the shared packet logic on the host (no kernel).
 
-use mesh_tests::fixtures::{self, HostWorld, Program, all, check, host_world, play};
+use mesh_tests::fixtures::{
+    self, Fixture, HostWorld, Program, all, all_tc, check, host_world, play,
+};
 
 #[test]
 fn the_fixtures_are_well_formed() {
-    let all = all();
-    check(&all).unwrap();
+    let (xdp, tc) = (all(), all_tc());
+    check(&xdp).unwrap();
+    check(&tc).unwrap();
     for p in Program::ALL {
         assert!(
-            all.iter().any(|fx| fx.program == p),
+            xdp.iter().chain(&tc).any(|fx| fx.program == p),
             "no fixture runs {p:?}"
         );
     }
+    // Each intercept runs every client-to-service fixture.
+    let count = |v: &[Fixture], p| v.iter().filter(|fx| fx.program == p).count();
+    assert_eq!(count(&xdp, Program::Xdp), count(&tc, Program::TcIngress));
+    assert_eq!(count(&tc, Program::Xdp), 0);
 }
 
 #[test]
 fn every_fixture_holds_on_the_host_logic() {
-    let fixtures = all();
+    holds_on_the_host(all());
+}
+
+#[test]
+fn every_fixture_holds_on_the_host_logic_with_the_intercept_at_tc() {
+    holds_on_the_host(all_tc());
+}
+
+fn holds_on_the_host(fixtures: Vec<Fixture>) {
     let report = play(&mut HostWorld::new(), &fixtures, &host_world());
     assert!(
         report.failures.is_empty(),

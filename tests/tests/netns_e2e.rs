@@ -132,8 +132,11 @@ fn root_generic_xdp_mode_serves_too() {
     lab.start_task(1).unwrap();
     lab.start_task(2).unwrap();
     lab.write_state(&lab.state_toml(&[1, 2])).unwrap();
-    lab.start_meshd(&meshd_path().unwrap(), &["--xdp-mode", "generic"])
-        .unwrap();
+    lab.start_meshd(
+        &meshd_path().unwrap(),
+        &["--intercept", "xdp", "--xdp-mode", "generic"],
+    )
+    .unwrap();
     let link = std::process::Command::new("ip")
         .args(["-n", &lab.node_ns, "-d", "link", "show", "up0"])
         .output()
@@ -363,16 +366,10 @@ fn root_sigterm_with_on_exit_detach_detaches_everything_and_the_lab_leaves_nothi
         .unwrap();
     let attached = attached_programs(&lab);
     let tc = mesh_tests::lab::tc_mode();
-    assert_eq!(
-        attached,
-        [
-            "up0 xdp".to_string(),
-            format!("up0 {tc} mesh_tc_uplink"),
-            format!("vt1 {tc} mesh_tc_task"),
-            format!("lo {tc} mesh_tc_host"),
-        ],
-        "attached while running"
-    );
+    let mut want = mesh_tests::lab::uplink_programs("up0");
+    want.push(format!("vt1 {tc} mesh_tc_task"));
+    want.push(format!("lo {tc} mesh_tc_host"));
+    assert_eq!(attached, want, "attached while running");
     let accept_local = |lab: &Lab| {
         mesh_tests::lab::exec(&lab.node_ns, "sysctl -n net.ipv4.conf.lo.accept_local")
             .unwrap()
@@ -402,8 +399,8 @@ fn root_sigterm_with_on_exit_detach_detaches_everything_and_the_lab_leaves_nothi
     assert!(!dir.exists(), "lab directory left: {}", dir.display());
 }
 
-/// What is attached in the node: XDP on the uplink, TC programs on the
-/// uplink, the bridge's ports and the loopback.
+/// What is attached in the node: the intercept on the uplink (XDP and TC,
+/// or TC alone), TC programs on the bridge's ports and the loopback.
 fn attached_programs(lab: &Lab) -> Vec<String> {
     mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "br0", "vt1", "lo"])
 }
@@ -417,9 +414,10 @@ fn root_bpf_log_lines_reach_the_daemon_log_only_when_asked() {
     lab.start_meshd(&meshd_path().unwrap(), &["--bpf-log-level", "debug"])
         .unwrap();
     assert!(lab.udp_request(WEB_UDP, "x").is_err(), "no task, no answer");
+    let drop_line = format!("{} drop: reason 4", mesh_tests::lab::intercept().name());
     lab.meshd()
         .unwrap()
-        .wait_log("xdp drop: reason 4", Duration::from_secs(10))
+        .wait_log(&drop_line, Duration::from_secs(10))
         .unwrap();
     assert_eq!(
         lab.metric("mesh_drops_total", "reason=\"no_backend\"")
@@ -437,7 +435,7 @@ fn root_bpf_log_lines_reach_the_daemon_log_only_when_asked() {
             .unwrap(),
         2
     );
-    assert!(!lab.meshd().unwrap().log_text().contains("xdp drop"));
+    assert!(!lab.meshd().unwrap().log_text().contains(" drop: reason"));
 }
 
 #[test]
@@ -570,4 +568,48 @@ fn root_a_bridge_port_that_appears_later_gets_the_reply_program() {
         seen.contains("task2"),
         "task 2 answers through the mesh: {seen:?}"
     );
+}
+
+/// A packet for a local task goes straight into the task's namespace, to
+/// the ingress of its end of the veth (`bpf_redirect_peer`, by the link
+/// meshd found for it), with no FIB lookup: neither the bridge nor the
+/// host end of the veth transmits it.
+#[test]
+fn root_requests_go_straight_into_the_tasks_namespace() {
+    let lab = lab_with_meshd(1, &[1]);
+    let stat = |ns: &str, dev: &str, what: &str| -> u64 {
+        mesh_tests::lab::exec(ns, &format!("cat /sys/class/net/{dev}/statistics/{what}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let task_ns = lab.task_ns[0].clone();
+    let before = (
+        stat(&lab.node_ns, "vt1", "tx_packets"),
+        stat(&lab.node_ns, "br0", "tx_packets"),
+        stat(&task_ns, "eth0", "rx_packets"),
+    );
+    for i in 0..20 {
+        lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap();
+    }
+    let after = (
+        stat(&lab.node_ns, "vt1", "tx_packets"),
+        stat(&lab.node_ns, "br0", "tx_packets"),
+        stat(&task_ns, "eth0", "rx_packets"),
+    );
+    // Each connection is at least a SYN, an ACK, a request and a FIN.
+    assert!(
+        after.2 - before.2 >= 80,
+        "the task received {:?}",
+        after.2 - before.2
+    );
+    // An ARP exchange between the task and its gateway may cross them.
+    assert!(
+        after.0 - before.0 < 5 && after.1 - before.1 < 5,
+        "the host end of the veth transmitted {}, the bridge {}: delivered through them",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
 }

@@ -65,7 +65,17 @@ fn assert_no_loops(c: &Cluster) {
                 "node {j} runs no task, yet decapsulated"
             );
         }
-        assert_eq!(counter(c, j, "mesh_drops_total"), 0, "node {j} dropped");
+        assert_eq!(
+            counter(c, j, "mesh_drops_total"),
+            0,
+            "node {j} dropped: {}",
+            c.admin_get(j, "/metrics")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("mesh_drops_total") && !l.ends_with(" 0"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 }
 

@@ -223,16 +223,17 @@ fn root_netlink_tc_adds_replaces_and_removes_what_it_owns() {
     lab.start_meshd(&meshd, &netlink).unwrap();
     assert!(qdisc(&lab).contains("clsact"), "meshd added clsact");
     let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1", "lo"]);
-    let want = [
-        "up0 xdp",
-        "up0 netlink mesh_tc_uplink",
-        "vt1 netlink mesh_tc_task",
-        "lo netlink mesh_tc_host",
-    ];
+    let mut want = mesh_tests::lab::uplink_programs("up0")
+        .into_iter()
+        .map(|p| p.replace(" tcx ", " netlink "))
+        .collect::<Vec<_>>();
+    want.push("vt1 netlink mesh_tc_task".into());
+    want.push("lo netlink mesh_tc_host".into());
     assert_eq!(on(&lab), want);
     assert!(lab.tcp_request(WEB_TCP, "a").unwrap().starts_with("task1 "));
 
-    // kill -9: the filters stay, and XDP through its pinned link.
+    // kill -9: the filters stay, and XDP (with --intercept xdp) through
+    // its pinned link.
     lab.kill_meshd().unwrap();
     assert_eq!(on(&lab), want, "everything outlives a killed meshd");
     assert!(lab.tcp_request(WEB_TCP, "k").unwrap().starts_with("task1 "));

@@ -347,7 +347,11 @@ fn root_meshd_cleanup_removes_everything_and_says_what() {
     assert!(err.contains("a meshd is running"), "{err}");
     lab.kill_meshd().unwrap();
     let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1"]);
-    assert_eq!(on(&lab).len(), 3, "{:?}", on(&lab));
+    // The intercept on the uplink (XDP and TC, or TC alone), the reply
+    // program on the task's port.
+    let uplink = mesh_tests::lab::uplink_programs("up0");
+    let attached = uplink.len() + 1;
+    assert_eq!(on(&lab).len(), attached, "{:?}", on(&lab));
     assert!(!pinned(&lab, "maps").is_empty());
     assert!(lab.tcp_request(WEB_TCP, "x").unwrap().starts_with("task1 "));
     // A dry run says the same and removes nothing.
@@ -356,7 +360,7 @@ fn root_meshd_cleanup_removes_everything_and_says_what() {
     let (code, out, err) = lab.meshd_cmd(&meshd, &dry).unwrap();
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("would remove"), "{out}");
-    assert_eq!(on(&lab).len(), 3);
+    assert_eq!(on(&lab).len(), attached);
 
     let (code, out, err) = lab.meshd_cmd(&meshd, &cleanup).unwrap();
     assert_eq!(code, 0, "{out}{err}");
@@ -371,15 +375,19 @@ fn root_meshd_cleanup_removes_everything_and_says_what() {
         "tcx" => "the pinned link of",
         _ => "the TC filter of",
     };
+    let (uplink_tc, xdp) = match mesh_tests::lab::intercept() {
+        mesh_userspace::dataplane::Intercept::Xdp => ("mesh_tc_uplink", true),
+        mesh_userspace::dataplane::Intercept::Tc => ("mesh_tc_ingress", false),
+    };
     assert!(
-        out.contains(&format!("removed {tc} mesh_tc_uplink on up0")),
+        out.contains(&format!("removed {tc} {uplink_tc} on up0")),
         "{out}"
     );
     assert!(
         out.contains(&format!("removed {tc} mesh_tc_task on vt1")),
         "{out}"
     );
-    assert!(out.contains("mesh_xdp"), "{out}");
+    assert_eq!(out.contains("mesh_xdp"), xdp, "{out}");
     assert_eq!(on(&lab), Vec::<String>::new());
     assert!(!lab.bpffs().join("mesh").exists(), "the pin directory goes");
     assert!(lab.tcp_request(WEB_TCP, "x").is_err(), "nothing serves now");
@@ -480,6 +488,12 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
             "the previous meshd exits cleanly: {status:#x}"
         );
         traffic.wait_rounds(10);
+        // The upgrade keeps the node's intercept: the previous meshd's is
+        // XDP (it predates --intercept). Changing it is a change of its
+        // own, and not hitless (detaching XDP makes a veth, and many
+        // drivers, reconfigure their queues): see
+        // root_changing_the_intercept_across_a_restart_keeps_the_flows.
+        let run = run.extra(&["--intercept", "xdp"]);
         let next = Meshd::start(&lab.node_ns, &meshd, &run, "info").unwrap();
         next.wait_ready(Duration::from_secs(30)).unwrap();
         traffic.wait_rounds(20);
@@ -515,6 +529,47 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         } else {
             assert!(r.unwrap().starts_with(t.as_str()));
         }
+    }
+}
+
+/// Changing meshd's intercept across a restart (`--intercept xdp`, then
+/// `tc`, then `xdp` again): the new meshd attaches its intercept, the
+/// links of the other one a previous meshd pinned are removed (XDP too),
+/// the pinned maps are adopted with connection tracking, so long-lived
+/// connections keep their task even where Maglev would now pick another,
+/// and new ones are served. (Not hitless for packets in flight at the
+/// moment XDP leaves the device: a veth, as many drivers, reconfigures
+/// its queues then. TCP retransmits; the README says so.)
+#[test]
+fn root_changing_the_intercept_across_a_restart_keeps_the_flows() {
+    use mesh_userspace::dataplane::Intercept;
+    let mut lab = lab_with_meshd(3, &[1, 2], &["--intercept", "xdp"]);
+    let meshd = meshd_path().unwrap();
+    let mut conns = connections(&lab, &["task1", "task2"]);
+    apply(&lab, &[1, 2, 3], 2);
+    let on = |lab: &Lab| mesh_tests::lab::attached_programs(&lab.node_ns, &["up0", "vt1"]);
+    let tc = mesh_tests::lab::tc_mode();
+    for (step, intercept) in [Intercept::Tc, Intercept::Xdp].into_iter().enumerate() {
+        lab.stop_meshd().unwrap();
+        lab.start_meshd(&meshd, &["--intercept", intercept.name()])
+            .unwrap();
+        let mut want = match intercept {
+            Intercept::Tc => vec![format!("up0 {tc} mesh_tc_ingress")],
+            Intercept::Xdp => vec!["up0 xdp".to_string(), format!("up0 {tc} mesh_tc_uplink")],
+        };
+        want.push(format!("vt1 {tc} mesh_tc_task"));
+        assert_eq!(on(&lab), want, "step {step}: only this intercept");
+        let log = lab.meshd().unwrap().log_text();
+        assert!(log.contains("connection tracking kept"), "{log}");
+        for (t, c) in conns.iter_mut() {
+            // (A segment lost as XDP left is retransmitted by TCP.)
+            let r = c.ask(&format!("step {step}"));
+            assert!(
+                r.as_deref().is_ok_and(|a| a.starts_with(t.as_str())),
+                "step {step}: the connection keeps {t}: {r:?}"
+            );
+        }
+        assert!(lab.tcp_request(WEB_TCP, "new").is_ok());
     }
 }
 
@@ -879,6 +934,16 @@ fn root_explain_agrees_with_what_real_packets_do_and_changes_nothing() {
         let dst = format!("{node}:{WEB_TCP}");
         let v = explain(&["tcp", &src.to_string(), &dst]);
         assert_eq!(v["verdict"], "deliver", "{v}");
+        // Told in the terms of the node's intercept (both decide alike).
+        assert_eq!(v["intercept"], mesh_tests::lab::intercept().name(), "{v}");
+        let deliverer = match mesh_tests::lab::intercept() {
+            mesh_userspace::dataplane::Intercept::Xdp => "mesh_tc_uplink",
+            mesh_userspace::dataplane::Intercept::Tc => "mesh_tc_ingress",
+        };
+        assert!(
+            v["explanation"].as_str().unwrap().contains(deliverer),
+            "{v}"
+        );
         assert_eq!(v["service"], "web");
         assert_eq!(v["conntrack"]["new_entry"], true, "{v}");
         let want = task_of_addr(v["conntrack"]["backend"]["addr"].as_str().unwrap());

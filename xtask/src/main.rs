@@ -116,7 +116,13 @@ fn run() -> Result<()> {
                 &e2e,
                 &[("MESH_TEST_TC_ATTACH", "netlink"), upgrade[0]],
             );
-            all.and(netlink)
+            // meshd intercepts at TC ingress by default; the end-to-end
+            // tests run with the intercept at XDP too.
+            say(
+                "running the end-to-end tests again with the intercept at XDP (meshd --intercept xdp)",
+            );
+            let xdp = cargo_env(&root, &e2e, &[("MESH_TEST_INTERCEPT", "xdp"), upgrade[0]]);
+            all.and(netlink).and(xdp)
         }
         Some("upgrade-from") => {
             setup()?;

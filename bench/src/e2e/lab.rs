@@ -27,8 +27,12 @@ pub const PERF_PORT: u16 = 5201;
 /// A way from the clients to the backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataPath {
-    /// meshd on the node: XDP + TC, published ports.
-    Mesh,
+    /// meshd on the node, intercepting at TC ingress (`--intercept tc`,
+    /// its default), published ports.
+    MeshTc,
+    /// meshd on the node, intercepting at XDP (`--intercept xdp`: XDP and
+    /// TC), published ports.
+    MeshXdp,
     /// iptables DNAT with conntrack on the node (kube-proxy's iptables
     /// mode, Docker's own port publishing).
     Iptables,
@@ -39,8 +43,9 @@ pub enum DataPath {
 }
 
 impl DataPath {
-    pub const ALL: [DataPath; 4] = [
-        DataPath::Mesh,
+    pub const ALL: [DataPath; 5] = [
+        DataPath::MeshTc,
+        DataPath::MeshXdp,
         DataPath::Iptables,
         DataPath::Haproxy,
         DataPath::Direct,
@@ -48,7 +53,8 @@ impl DataPath {
 
     pub fn name(self) -> &'static str {
         match self {
-            DataPath::Mesh => "mesh",
+            DataPath::MeshTc => "mesh_tc",
+            DataPath::MeshXdp => "mesh_xdp",
             DataPath::Iptables => "iptables",
             DataPath::Haproxy => "haproxy",
             DataPath::Direct => "direct",
@@ -63,10 +69,20 @@ impl DataPath {
     /// uses the backend's own.
     fn ports(self) -> (u16, u16) {
         match self {
-            DataPath::Mesh => (30080, 30201),
+            // Never on together: the same ports.
+            DataPath::MeshTc | DataPath::MeshXdp => (30080, 30201),
             DataPath::Iptables => (31080, 31201),
             DataPath::Haproxy => (32080, 32201),
             DataPath::Direct => (HTTP_PORT, PERF_PORT),
+        }
+    }
+
+    /// meshd's intercept on this path, if it is the mesh's.
+    pub fn intercept(self) -> Option<&'static str> {
+        match self {
+            DataPath::MeshTc => Some("tc"),
+            DataPath::MeshXdp => Some("xdp"),
+            _ => None,
         }
     }
 
@@ -259,7 +275,7 @@ defaults
     /// meshd's state: one service publishing HTTP and iperf3 (TCP and UDP)
     /// on every backend.
     fn state(&self) -> StateFile {
-        let (http, perf) = DataPath::Mesh.ports();
+        let (http, perf) = DataPath::MeshTc.ports();
         let mut st = StateFile::new()
             .node(&self.node.name, self.node.addr)
             .service(
@@ -286,13 +302,22 @@ defaults
     }
 
     /// Makes `path` available (and only it, of those that change the node:
-    /// meshd's XDP program slows every packet of the uplink, conntrack
+    /// meshd's XDP program slows every packet of the uplink (its TC
+    /// program, less), conntrack
     /// every packet of the node).
     pub fn enable(&mut self, path: DataPath) -> Result<()> {
         match path {
-            DataPath::Mesh => {
+            DataPath::MeshTc | DataPath::MeshXdp => {
                 let meshd = self.meshd.clone();
-                self.cluster.start_meshd(1, &meshd, &[])?;
+                let mode = path.intercept().expect("a mesh path");
+                // Detached when it exits: the next path must not run
+                // through a dataplane left pinned (meshd keeps it by
+                // default, to serve while no meshd runs).
+                self.cluster.start_meshd(
+                    1,
+                    &meshd,
+                    &["--intercept", mode, "--on-exit", "detach"],
+                )?;
             }
             DataPath::Iptables => {
                 let (http, perf) = path.ports();
@@ -333,9 +358,14 @@ defaults
     /// Undoes `enable`.
     pub fn disable(&mut self, path: DataPath) -> Result<()> {
         match path {
-            DataPath::Mesh => {
+            DataPath::MeshTc | DataPath::MeshXdp => {
                 let st = self.cluster.stop_meshd(1)?;
                 ensure!(st.success(), "meshd exited with {st}");
+                let left = mesh_tests::lab::attached_programs(&self.node.ns, &[&self.node.uplink]);
+                ensure!(
+                    left.is_empty(),
+                    "meshd left programs on the uplink: {left:?}"
+                );
             }
             DataPath::Iptables => {
                 for r in std::mem::take(&mut self.iptables_rules) {

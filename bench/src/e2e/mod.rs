@@ -45,7 +45,8 @@ pub struct Args {
     /// Seconds of the TCP stream and of the UDP measurement (0: skip them).
     #[arg(long, default_value_t = 4)]
     pub stream_secs: u32,
-    /// Paths to measure (default: all): mesh, iptables, haproxy, direct.
+    /// Paths to measure (default: all): mesh_tc, mesh_xdp, iptables,
+    /// haproxy, direct.
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
 }
@@ -149,7 +150,7 @@ fn measure(lab: &E2eLab, script: &std::path::Path, p: DataPath, a: &Args) -> Res
     }
     if a.stream_secs > 0 {
         r.stream_gbit = Some(load::stream(lab, addr, perf_port, a.stream_secs)?);
-        if p == DataPath::Mesh {
+        if p.intercept().is_some() {
             let (d, _, dp) = lab.addr(DataPath::Direct);
             r.direct_stream_with_mesh = Some(load::stream(lab, d, dp, a.stream_secs)?);
         }
@@ -159,7 +160,7 @@ fn measure(lab: &E2eLab, script: &std::path::Path, p: DataPath, a: &Args) -> Res
             r.udp_sent_pps = Some(sent);
         }
     }
-    if p == DataPath::Mesh {
+    if p.intercept().is_some() {
         r.mesh_drops = Some(lab.mesh_drops()?);
     }
     Ok(r)
@@ -301,93 +302,107 @@ fn report(
             "udp": if p.udp() { "measured" } else { "not applicable: HAProxy's community edition proxies TCP only" },
         }));
     }
-    let direct_with_mesh = med(per_round("mesh", |r| r.direct_stream_with_mesh)
-        .into_iter()
-        .flatten());
-    if let Some(x) = direct_with_mesh {
-        println!(
-            "direct stream while meshd is attached (traffic that is not the mesh's): {x:.2} Gbit/s"
-        );
+    // The direct stream while meshd was attached, per intercept.
+    let direct_with_mesh = |p: &str| {
+        med(per_round(p, |r| r.direct_stream_with_mesh)
+            .into_iter()
+            .flatten())
+    };
+    let mesh_paths: Vec<&'static str> = paths
+        .iter()
+        .filter(|p| p.intercept().is_some())
+        .map(|p| p.name())
+        .collect();
+    for m in &mesh_paths {
+        if let Some(x) = direct_with_mesh(m) {
+            println!(
+                "direct stream while meshd is attached ({m}: traffic that is not the mesh's): {x:.2} Gbit/s"
+            );
+        }
     }
-    let mesh_drops: Option<u64> = rounds
-        .get("mesh")
-        .and_then(|v| v.iter().filter_map(|r| r.mesh_drops).max());
+    let mesh_drops: Option<u64> = mesh_paths
+        .iter()
+        .filter_map(|m| rounds.get(m))
+        .flat_map(|v| v.iter().filter_map(|r| r.mesh_drops))
+        .max();
     println!("{ipvs}");
 
     // Goals.
     let mut goals = Vec::new();
-    let ratio_goal = |goals: &mut Vec<Goal>, m: &str, min: f64| {
-        let (x, d) = (http("mesh", m, |h| h.rps), http("direct", m, |h| h.rps));
+    let ratio_goal = |goals: &mut Vec<Goal>, mesh: &str, m: &str, min: f64| {
+        let (x, d) = (http(mesh, m, |h| h.rps), http("direct", m, |h| h.rps));
         let r = match (x, d) {
             (Some(x), Some(d)) if d > 0.0 => Some(x / d),
             _ => None,
         };
         goals.push(Goal::new(
             "e2e",
-            format!("{m}: requests per second, mesh vs direct"),
+            format!("{mesh}: {m}: requests per second vs direct"),
             format!(">= {min:.2}x"),
             r.map(|r| format!("{r:.4}x"))
                 .unwrap_or("not measured".into()),
             r.map(|r| r >= min),
         ));
     };
-    ratio_goal(&mut goals, "keepalive", 0.95);
-    ratio_goal(&mut goals, "close", 0.9);
-    for m in ["keepalive", "close"] {
-        let (x, i) = (
-            http("mesh", m, |h| h.p99_ms),
-            http("iptables", m, |h| h.p99_ms),
-        );
-        goals.push(Goal::new(
-            "e2e",
-            format!("{m}: p99 latency, mesh no worse than iptables DNAT"),
-            "mesh <= iptables",
-            match (x, i) {
-                (Some(x), Some(i)) => format!("{x:.3} vs {i:.3} ms"),
-                _ => "not measured".into(),
-            },
-            match (x, i) {
-                (Some(x), Some(i)) => Some(x <= i),
-                _ => None,
-            },
-        ));
-        for other in ["iptables", "haproxy"] {
-            let (x, o) = (cpu("mesh", m), cpu(other, m));
+    for mesh in &mesh_paths {
+        ratio_goal(&mut goals, mesh, "keepalive", 0.95);
+        ratio_goal(&mut goals, mesh, "close", 0.9);
+        for m in ["keepalive", "close"] {
+            let (x, i) = (
+                http(mesh, m, |h| h.p99_ms),
+                http("iptables", m, |h| h.p99_ms),
+            );
             goals.push(Goal::new(
                 "e2e",
-                format!("{m}: CPU per request, mesh below {other}"),
-                format!("mesh < {other}"),
-                match (x, o) {
-                    (Some(x), Some(o)) => format!("{x:.1} vs {o:.1} us"),
+                format!("{mesh}: {m}: p99 latency no worse than iptables DNAT"),
+                "mesh <= iptables",
+                match (x, i) {
+                    (Some(x), Some(i)) => format!("{x:.3} vs {i:.3} ms"),
                     _ => "not measured".into(),
                 },
-                match (x, o) {
-                    (Some(x), Some(o)) => Some(x < o),
+                match (x, i) {
+                    (Some(x), Some(i)) => Some(x <= i),
                     _ => None,
                 },
             ));
+            for other in ["iptables", "haproxy"] {
+                let (x, o) = (cpu(mesh, m), cpu(other, m));
+                goals.push(Goal::new(
+                    "e2e",
+                    format!("{mesh}: {m}: CPU per request below {other}"),
+                    format!("mesh < {other}"),
+                    match (x, o) {
+                        (Some(x), Some(o)) => format!("{x:.1} vs {o:.1} us"),
+                        _ => "not measured".into(),
+                    },
+                    match (x, o) {
+                        (Some(x), Some(o)) => Some(x < o),
+                        _ => None,
+                    },
+                ));
+            }
         }
-    }
-    {
-        let r = match (stream("mesh"), stream("direct")) {
+        let r = match (stream(mesh), stream("direct")) {
             (Some(x), Some(d)) if d > 0.0 => Some(x / d),
             _ => None,
         };
         goals.push(Goal::new(
             "e2e",
-            "one TCP stream through the mesh vs direct (issue 11)",
+            format!("{mesh}: one TCP stream through the mesh vs direct (issue 11)"),
             ">= 0.90x",
             r.map(|r| format!("{r:.3}x"))
                 .unwrap_or("not measured".into()),
             r.map(|r| r >= 0.9),
         ));
-        let r = match (direct_with_mesh, stream("direct")) {
+        let r = match (direct_with_mesh(mesh), stream("direct")) {
             (Some(x), Some(d)) if d > 0.0 => Some(x / d),
             _ => None,
         };
         goals.push(Goal::new(
             "e2e",
-            "one TCP stream that is not the mesh's, meshd attached vs not (issue 11)",
+            format!(
+                "{mesh}: one TCP stream that is not the mesh's, meshd attached vs not (issue 11)"
+            ),
             ">= 0.95x",
             r.map(|r| format!("{r:.3}x"))
                 .unwrap_or("not measured".into()),
@@ -400,7 +415,12 @@ fn report(
         "bench": "e2e",
         "paths": paths_json,
         "streams": streams_json,
-        "direct_stream_with_meshd_gbit_s": direct_with_mesh.map(r3),
+        // meshd's default intercept (tc).
+        "direct_stream_with_meshd_gbit_s": direct_with_mesh("mesh_tc").map(r3),
+        "direct_stream_with_meshd_by_path": mesh_paths
+            .iter()
+            .map(|m| (m.to_string(), json!(direct_with_mesh(m).map(r3))))
+            .collect::<serde_json::Map<String, Value>>(),
         "mesh_drops": mesh_drops,
         "ipvs": ipvs,
         "goals": goals.iter().map(|g| g.json()).collect::<Vec<_>>(),
@@ -420,9 +440,9 @@ fn report(
             "Load: one wrk (1 thread) per client namespace, each namespace with an address of its own, all started together: the load comes from as many source addresses (so no path is judged by one client's port reuse). rps is the sum over clients; p50/p99 pool the clients' latency distributions (1,000 quantiles each, weighted by requests).",
             "keepalive: wrk's persistent connections; close: \"Connection: close\" on every request, so every request is a new TCP connection (the server closes first).",
             "The server: nginx in each backend namespace, returning a 3-byte body; iperf3 servers there too. The node: as dockerd leaves a host (FORWARD policy DROP, bridged frames through iptables) plus stateless FORWARD accepts for the backends' subnet (the direct path needs them; the mesh's packets never enter FORWARD, HAProxy's are the node's own).",
-            "Each path is switched on only while it is measured: meshd is started for the mesh's turn and stopped after (its XDP program on the uplink turns TSO off on the veth peer, which would slow every other path); the DNAT rules are added for iptables' turn and the nat table deleted after (no conntrack on the node for the other paths). HAProxy idles on ports of its own.",
+            "mesh_tc and mesh_xdp: meshd with --intercept tc (the default: one TC ingress program on the uplink, no XDP) and --intercept xdp (mesh_xdp, then mesh_tc_uplink). Each path is switched on only while it is measured: meshd is started for the mesh's turn and stopped after (an XDP program on the uplink turns TSO off on the veth peer, which would slow every other path); the DNAT rules are added for iptables' turn and the nat table deleted after (no conntrack on the node for the other paths). HAProxy idles on ports of its own.",
             "cpu_us_per_req: CPU time of the lab's processes (wrk, nginx, HAProxy, meshd, iperf3; a cpuacct cgroup they all join) during the run over requests, including the kernel's packet work done in their context; machine_cpu_us_per_req: the whole machine's busy time from /proc/stat over requests (includes anything else running on the machine).",
-            "Streams: iperf3 from the first client, one TCP stream; UDP: 64-byte datagrams as fast as iperf3 sends, received datagrams per second. The direct stream is also measured while meshd is attached (mesh rounds): traffic that is not the mesh's.",
+            "Streams: iperf3 from the first client, one TCP stream; UDP: 64-byte datagrams as fast as iperf3 sends, received datagrams per second. The direct stream is also measured while meshd is attached (each mesh path's rounds, so per intercept): traffic that is not the mesh's, through the same uplink.",
             "Ratios are between paths measured in the same run.",
         ],
     })

@@ -146,7 +146,10 @@ impl Case {
         self.frames.start_batch();
         let input = self.frames.next();
         let r = w.run_xdp(self.prog, &input)?;
-        let tasks = if matches!(self.expect, super::worlds::Expect::Encap) {
+        let tasks = if matches!(
+            self.expect,
+            super::worlds::Expect::Encap | super::worlds::Expect::TcEncap
+        ) {
             super::worlds::far_tasks()
         } else {
             w.tasks.clone()

@@ -43,7 +43,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
-use mesh_common::abi::{PROG_FLOOR_PASS, PROG_TC_TASK, PROG_TC_UPLINK, PROG_XDP};
+use mesh_common::abi::{PROG_FLOOR_PASS, PROG_TC_INGRESS, PROG_TC_TASK, PROG_TC_UPLINK, PROG_XDP};
 use mesh_tests::fixtures::Floors;
 use mesh_tests::lab::{Topology, exec, ip};
 use mesh_tests::packet::{Spec, TCP_ACK, TCP_RST, TCP_SYN};
@@ -61,6 +61,8 @@ pub enum Prog {
     MeshXdp,
     MeshTcUplink,
     MeshTcTask,
+    /// The intercept at TC (`--intercept tc`).
+    MeshTcIngress,
     FloorPass,
     /// The empty TC program (attached to the uplink and the task port).
     FloorTc,
@@ -72,6 +74,7 @@ impl Prog {
             Prog::MeshXdp => PROG_XDP,
             Prog::MeshTcUplink => PROG_TC_UPLINK,
             Prog::MeshTcTask => PROG_TC_TASK,
+            Prog::MeshTcIngress => PROG_TC_INGRESS,
             Prog::FloorPass => PROG_FLOOR_PASS,
             Prog::FloorTc => "floor_tc",
         }
@@ -97,8 +100,13 @@ pub enum Dev {
 /// What is attached at TC ingress while a case runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
-    /// `mesh_tc_uplink` on the uplink, `mesh_tc_task` on the task port.
+    /// `mesh_tc_uplink` on the uplink, `mesh_tc_task` on the task port
+    /// (`--intercept xdp`, with `mesh_xdp` as the XDP program).
     Mesh,
+    /// `mesh_tc_ingress` on the uplink, `mesh_tc_task` on the task port
+    /// (`--intercept tc`; the XDP program is `floor_pass`, which live
+    /// frames need and the floors run too).
+    MeshTc,
     /// The empty TC program on both.
     Floor,
 }
@@ -236,6 +244,17 @@ impl LiveWorld {
         let task_port = sys::ifindex(&task.port)?;
         let mut d = worlds::desired(node.addr, &[task.addr])?;
         d.task_ports.insert(task.addr, task_port);
+        // The task's link, as meshd finds it (net::find_tasks): its port
+        // on the bridge is a veth whose other end is the task's eth0.
+        d.task_links.insert(
+            task.addr,
+            mesh_userspace::desired::TaskLink {
+                ifindex: task_port,
+                peer: true,
+                task_mac: macs.task,
+                gateway_mac: macs.bridge,
+            },
+        );
         let limits = Limits {
             maglev_size: MAGLEV_SIZE,
             max_services: 64,
@@ -301,6 +320,7 @@ impl LiveWorld {
             Prog::FloorPass => Ok(self.xdp(XdpProg::Pass)?.fd()?.as_fd()),
             Prog::MeshTcUplink => self.tc_fd(PROG_TC_UPLINK),
             Prog::MeshTcTask => self.tc_fd(PROG_TC_TASK),
+            Prog::MeshTcIngress => self.tc_fd(PROG_TC_INGRESS),
             Prog::FloorTc => Ok(self.floor_tc.as_fd()),
         }
     }
@@ -318,6 +338,7 @@ impl LiveWorld {
         self.mode = None;
         let (up, task) = match mode {
             Attach::Mesh => (self.tc_fd(PROG_TC_UPLINK)?, self.tc_fd(PROG_TC_TASK)?),
+            Attach::MeshTc => (self.tc_fd(PROG_TC_INGRESS)?, self.tc_fd(PROG_TC_TASK)?),
             Attach::Floor => (self.floor_tc.as_fd(), self.floor_tc.as_fd()),
         };
         let links = vec![
@@ -578,7 +599,7 @@ impl LiveCase {
             "measures": self.what,
             "xdp_program": match self.xdp { XdpProg::Mesh => PROG_XDP, XdpProg::Pass => PROG_FLOOR_PASS },
             "device": match self.dev { Dev::Uplink => "uplink", Dev::TaskPort => "task port" },
-            "tc_attached": match self.attach { Attach::Mesh => "mesh_tc_uplink on the uplink, mesh_tc_task on the task port", Attach::Floor => "floor_tc (empty) on both" },
+            "tc_attached": match self.attach { Attach::Mesh => "mesh_tc_uplink on the uplink, mesh_tc_task on the task port", Attach::MeshTc => "mesh_tc_ingress on the uplink, mesh_tc_task on the task port", Attach::Floor => "floor_tc (empty) on both" },
             "wall_ns": r1(self.wall_ns()),
             "wall_rounds": self.wall.iter().map(|&x| r1(x)).collect::<Vec<_>>(),
             "programs": progs,

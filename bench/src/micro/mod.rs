@@ -18,7 +18,9 @@ pub mod worlds;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_common::abi::{PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_TC_HOST, PROG_XDP};
+use mesh_common::abi::{
+    PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_TC_HOST, PROG_TC_INGRESS, PROG_XDP,
+};
 use mesh_tests::fixtures::Floors;
 use mesh_tests::packet::{Spec, TCP_ACK};
 use mesh_userspace::plan::Limits;
@@ -28,8 +30,8 @@ use crate::util;
 use cases::{AfterBatch, Case, Frames};
 use live::{Attach, Dev, LiveCase, LiveWorld, Prog, XdpProg};
 use worlds::{
-    CLIENT, Expect, FLOW_SPORT, MAGLEV_SIZE, NODE, PORTS_PER_ADDR, SERVICES_10K, UNPUBLISHED,
-    WEB_TCP, World,
+    CLIENT, Expect, FLOOR_TC, FLOW_SPORT, MAGLEV_SIZE, NODE, PORTS_PER_ADDR, SERVICES_10K,
+    UNPUBLISHED, WEB_TCP, World,
 };
 
 #[derive(clap::Args, Clone, Debug)]
@@ -136,6 +138,11 @@ fn run_here(a: &Args) -> Result<Value> {
         );
     }
     worlds[W_FWD].ifindex = worlds::fwd_link().context("the forwarding and host worlds' links")?;
+    // The intercept at TC: its test runs' floor, the empty TC program, in
+    // every world it runs in.
+    for w in [W_BASE, W_NEW, W_10K, W_FULL, W_FWD] {
+        worlds[w].floor_tc = Some(crate::sys::load_empty_tc("floor_tc_run")?);
+    }
 
     let mut xdp = xdp_cases();
     let mut lc = live.as_ref().map(live_cases).unwrap_or_default();
@@ -396,6 +403,101 @@ fn xdp_cases() -> Vec<Case> {
         )
         .counted(true),
     ]
+    .into_iter()
+    .chain(tc_cases())
+    .collect()
+}
+
+/// The same paths with the intercept at TC ingress (`--intercept tc`):
+/// `mesh_tc_ingress` under BPF_PROG_TEST_RUN on a socket buffer, over the
+/// empty TC program run the same way (`floor_tc_run`). Delivery to a
+/// local task is part of it (the task's recorded link, redirect_peer).
+fn tc_cases() -> Vec<Case> {
+    let ack = Spec::tcp(CLIENT, FLOW_SPORT, NODE, WEB_TCP, TCP_ACK).build();
+    let other = Spec::tcp(CLIENT, FLOW_SPORT, NODE, UNPUBLISHED, TCP_ACK).build();
+    vec![
+        Case::new(
+            FLOOR_TC,
+            FLOOR_TC,
+            W_BASE,
+            "TC program that only returns TC_ACT_UNSPEC, under the same test run as mesh_tc_ingress (TCP ACK frame): the floor of the tc_* cases",
+            Frames::One(ack.clone()),
+            Expect::Unspec,
+        ),
+        Case::new(
+            "tc_established",
+            PROG_TC_INGRESS,
+            W_BASE,
+            "mesh_tc_ingress, TCP ACK of a confirmed flow: conntrack hit + DNAT (skb checksum helpers) + the task's link MACs + bpf_redirect_peer",
+            Frames::One(ack.clone()),
+            Expect::TcLocal,
+        )
+        .counted(false),
+        Case::new(
+            "tc_new_flow",
+            PROG_TC_INGRESS,
+            W_NEW,
+            "mesh_tc_ingress, TCP SYN of an unseen flow: Maglev pick + one insert into the unconfirmed table (emptied after every batch) + DNAT + delivery",
+            Frames::each(worlds::new_flow_frame, true),
+            Expect::TcLocal,
+        )
+        .counted(true)
+        .after(AfterBatch::ClearNewFlows),
+        Case::new(
+            "tc_non_service",
+            PROG_TC_INGRESS,
+            W_BASE,
+            "mesh_tc_ingress, TCP to a port no service publishes: parse + one service lookup (miss), TC_ACT_UNSPEC",
+            Frames::One(other),
+            Expect::Unspec,
+        ),
+        Case::new(
+            "tc_established_10k",
+            PROG_TC_INGRESS,
+            W_10K,
+            "as tc_established, with 10,000 services loaded",
+            Frames::One(ack),
+            Expect::TcLocal,
+        )
+        .counted(false),
+        Case::new(
+            "tc_forward_remote",
+            PROG_TC_INGRESS,
+            W_FWD,
+            "mesh_tc_ingress, TCP ACK of a confirmed flow whose task runs on another node: DNAT + bpf_skb_adjust_room + encapsulation + FIB lookup + redirect",
+            Frames::One(
+                Spec::tcp(worlds::FWD_CLIENT, FLOW_SPORT, worlds::FWD_NODE, worlds::FAR_TCP, TCP_ACK)
+                    .build(),
+            ),
+            Expect::TcEncap,
+        )
+        .counted_on(worlds::FAR_TCP, false),
+        Case::new(
+            "tc_decap_local",
+            PROG_TC_INGRESS,
+            W_FWD,
+            "mesh_tc_ingress, another node's encapsulated TCP ACK for a local task: node check, strip (bpf_skb_adjust_room), identity lookup, flow record, delivery",
+            Frames::One(worlds::decap_frame()),
+            Expect::TcLocal,
+        ),
+        Case::new(
+            "tc_reply_via_ingress",
+            PROG_TC_INGRESS,
+            W_FWD,
+            "mesh_tc_ingress, a task's reply another node carried back: node check, strip, FIB lookup to the client, redirect",
+            Frames::One(worlds::reply_frame()),
+            Expect::TcOut,
+        ),
+        Case::new(
+            "tc_new_flow_full",
+            PROG_TC_INGRESS,
+            W_FULL,
+            "as tc_new_flow, into the full unconfirmed table of new_flow_full, never emptied (flows of its own): every insert evicts",
+            Frames::each(worlds::new_flow_frame_b, false),
+            Expect::TcLocal,
+        )
+        .counted(true),
+    ]
 }
 
 /// The whole-path cases on live frames, floors first.
@@ -458,6 +560,36 @@ fn live_cases(lw: &LiveWorld) -> Vec<LiveCase> {
             Attach::Mesh,
             Frames::One(lw.non_service()),
             &[(MeshXdp, 1), (MeshTcUplink, 1), (MeshTcTask, 0)],
+        ),
+        LiveCase::new(
+            "established_live_tc",
+            "--intercept tc: floor_pass, then mesh_tc_ingress on the uplink into the task (its link, redirect_peer), its reset back through mesh_tc_task: the established flow's ACK",
+            XdpProg::Pass,
+            Dev::Uplink,
+            Attach::MeshTc,
+            Frames::One(lw.established()),
+            &[(FloorPass, 1), (MeshTcIngress, 1), (MeshTcTask, 1)],
+        )
+        .counted(false),
+        LiveCase::new(
+            "new_flow_live_tc",
+            "as established_live_tc, a SYN of an unseen flow (unconfirmed table emptied after every batch)",
+            XdpProg::Pass,
+            Dev::Uplink,
+            Attach::MeshTc,
+            Frames::each(lw.new_flows(), true),
+            &[(FloorPass, 1), (MeshTcIngress, 1), (MeshTcTask, 1)],
+        )
+        .counted(true)
+        .after(AfterBatch::ClearNewFlows),
+        LiveCase::new(
+            "non_service_live_tc",
+            "floor_pass + mesh_tc_ingress, an ACK to a port no service publishes: passed, the node answers",
+            XdpProg::Pass,
+            Dev::Uplink,
+            Attach::MeshTc,
+            Frames::One(lw.non_service()),
+            &[(FloorPass, 1), (MeshTcIngress, 1), (MeshTcTask, 0)],
         ),
         LiveCase::new(
             "reply_live",

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::cases::Case;
 use super::live::{LiveCase, Prog};
-use super::worlds::{FILLER_PORT0, MAGLEV_SIZE, World};
+use super::worlds::{FILLER_PORT0, FLOOR_TC, MAGLEV_SIZE, World};
 use super::{Args, W_10K, W_FULL, W_NEW};
 use crate::util::{Goal, median, r1, r3};
 
@@ -19,114 +19,239 @@ pub struct Input<'a> {
     pub live_skipped: bool,
 }
 
-/// A path a packet takes, as the goals judge it: XDP from a test-run
-/// case, TC (and the whole path's wall-clock) from a live case, each over
-/// its floor from the same run.
+/// A path a packet takes, as the goals judge it, with one intercept: the
+/// intercept's test-run case over its floor (XDP: `floor_pass`; TC:
+/// `floor_tc_run`), plus the TC program that runs after it for the same
+/// packet (`--intercept xdp`: `mesh_tc_uplink`'s delivery), timed by the
+/// run-time statistics of a live case over the empty TC program; and the
+/// whole path's wall-clock from a live case. Each over its floor from the
+/// same run.
 pub struct PathDef {
     pub name: &'static str,
-    /// The XDP case (over `floor_pass`); none where no XDP program runs.
-    pub xdp: Option<&'static str>,
-    /// The live case the TC figure comes from, and the program timed there.
+    /// `xdp` or `tc` (meshd's `--intercept`); `any`: the same either way.
+    pub mode: &'static str,
+    /// The intercept's test-run case; none where the intercept does not
+    /// run (a task's reply).
+    pub run: Option<&'static str>,
+    /// That case's floor.
+    pub run_floor: &'static str,
+    /// The live case the TC figure (and the wall-clock) comes from; empty:
+    /// none.
     pub live: &'static str,
-    pub tc: Prog,
+    /// The TC program timed in `live` that runs after the intercept for
+    /// the same packet, if one does (`--intercept tc` delivers in the
+    /// intercept itself).
+    pub tc: Option<Prog>,
     /// The live floor case of that TC program (its empty TC program).
     pub tc_floor: &'static str,
-    /// Whether `live` is this path's own (wall-clock and XDP statistics are
-    /// reported) or only lends its TC figure (the TC program's cost does
-    /// not depend on what differs).
+    /// Whether `live` is this path's own (wall-clock and the intercept's
+    /// run-time statistics are reported) or only lends its TC figure.
     pub own_live: bool,
-    // (`live` empty: no TC program runs after XDP on this path.)
-    /// The goal on XDP + TC over the floors, and where it comes from.
+    /// The intercept program and its floor under the run-time statistics
+    /// of `live` and `tc_floor` (a cross-check of the test run).
+    pub stats: Option<(Prog, Prog)>,
+    /// Whether the wall-clock is also compared with the kernel routing
+    /// the same frame to the task (`floor_live_direct`).
+    pub vs_direct: bool,
+    /// The goal on intercept + TC over the floors, and where it comes from.
     pub goal: Option<(f64, &'static str)>,
 }
 
-/// Every path the report shows; adding a path (forwarding, decapsulation)
-/// is one entry here plus its cases.
+const XDP_STATS: Option<(Prog, Prog)> = Some((Prog::MeshXdp, Prog::FloorPass));
+const TC_STATS: Option<(Prog, Prog)> = Some((Prog::MeshTcIngress, Prog::FloorTc));
+
+const fn xdp_path(
+    name: &'static str,
+    run: &'static str,
+    live: &'static str,
+    tc: Option<Prog>,
+    own_live: bool,
+    vs_direct: bool,
+    goal: Option<(f64, &'static str)>,
+) -> PathDef {
+    PathDef {
+        name,
+        mode: "xdp",
+        run: Some(run),
+        run_floor: "floor_pass",
+        live,
+        tc,
+        tc_floor: "floor_live",
+        own_live,
+        stats: if own_live { XDP_STATS } else { None },
+        vs_direct,
+        goal,
+    }
+}
+
+const fn tc_path(
+    name: &'static str,
+    run: &'static str,
+    live: &'static str,
+    vs_direct: bool,
+    goal: Option<(f64, &'static str)>,
+) -> PathDef {
+    PathDef {
+        name,
+        mode: "tc",
+        run: Some(run),
+        run_floor: "floor_tc_run",
+        live,
+        tc: None,
+        tc_floor: "floor_live",
+        own_live: !live.is_empty(),
+        stats: if live.is_empty() { None } else { TC_STATS },
+        vs_direct,
+        goal,
+    }
+}
+
+const UPLINK: Option<Prog> = Some(Prog::MeshTcUplink);
+
+/// Every path the report shows, with each intercept; adding a path is one
+/// entry here plus its cases.
 pub const PATHS: &[PathDef] = &[
-    PathDef {
-        name: "established",
-        xdp: Some("established"),
-        live: "established_live",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: true,
-        goal: Some((150.0, "issue 10")),
-    },
-    PathDef {
-        name: "new_flow",
-        xdp: Some("new_flow"),
-        live: "new_flow_live",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: true,
-        goal: Some((500.0, "issue 10")),
-    },
-    PathDef {
-        name: "new_flow_full",
-        xdp: Some("new_flow_full"),
-        live: "new_flow_live",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: false,
-        goal: Some((500.0, "issue 10")),
-    },
-    PathDef {
-        name: "non_service",
-        xdp: Some("non_service"),
-        live: "non_service_live",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: true,
-        goal: Some((15.0, "issue 10")),
-    },
-    PathDef {
-        name: "established_10k",
-        xdp: Some("established_10k"),
-        live: "established_live",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: false,
-        goal: None,
-    },
+    xdp_path(
+        "established",
+        "established",
+        "established_live",
+        UPLINK,
+        true,
+        true,
+        Some((150.0, "issue 10")),
+    ),
+    xdp_path(
+        "new_flow",
+        "new_flow",
+        "new_flow_live",
+        UPLINK,
+        true,
+        true,
+        Some((500.0, "issue 10")),
+    ),
+    // Borrows new_flow_live's TC figure: delivery does not look at
+    // conntrack.
+    xdp_path(
+        "new_flow_full",
+        "new_flow_full",
+        "new_flow_live",
+        UPLINK,
+        false,
+        false,
+        Some((500.0, "issue 10")),
+    ),
+    xdp_path(
+        "non_service",
+        "non_service",
+        "non_service_live",
+        UPLINK,
+        true,
+        false,
+        Some((15.0, "issue 10")),
+    ),
+    xdp_path(
+        "established_10k",
+        "established_10k",
+        "established_live",
+        UPLINK,
+        false,
+        false,
+        None,
+    ),
     // Forwarding: the ingress node's XDP sends the packet to the other
     // node itself (XDP_TX): no TC program runs after it.
-    PathDef {
-        name: "forward_remote",
-        xdp: Some("forward_remote"),
-        live: "",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: false,
-        goal: Some((150.0, "issue 11")),
-    },
+    xdp_path(
+        "forward_remote",
+        "forward_remote",
+        "",
+        None,
+        false,
+        false,
+        Some((150.0, "issue 11")),
+    ),
     // Decapsulated for a local task: then delivered by mesh_tc_uplink
     // exactly as a local flow's packet (same metadata, same program).
-    PathDef {
-        name: "decap_local",
-        xdp: Some("decap_local"),
-        live: "established_live",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: false,
-        goal: Some((150.0, "issue 11")),
-    },
+    xdp_path(
+        "decap_local",
+        "decap_local",
+        "established_live",
+        UPLINK,
+        false,
+        false,
+        Some((150.0, "issue 11")),
+    ),
     // A reply carried back: stripped and sent to the client by XDP_TX.
-    PathDef {
-        name: "reply_via_ingress",
-        xdp: Some("reply_via_ingress"),
-        live: "",
-        tc: Prog::MeshTcUplink,
-        tc_floor: "floor_live",
-        own_live: false,
-        goal: Some((150.0, "issue 11")),
-    },
+    xdp_path(
+        "reply_via_ingress",
+        "reply_via_ingress",
+        "",
+        None,
+        false,
+        false,
+        Some((150.0, "issue 11")),
+    ),
+    tc_path(
+        "established",
+        "tc_established",
+        "established_live_tc",
+        true,
+        Some((150.0, "issue 10")),
+    ),
+    tc_path(
+        "new_flow",
+        "tc_new_flow",
+        "new_flow_live_tc",
+        true,
+        Some((500.0, "issue 10")),
+    ),
+    tc_path(
+        "new_flow_full",
+        "tc_new_flow_full",
+        "",
+        false,
+        Some((500.0, "issue 10")),
+    ),
+    tc_path(
+        "non_service",
+        "tc_non_service",
+        "non_service_live_tc",
+        false,
+        Some((15.0, "issue 10")),
+    ),
+    tc_path("established_10k", "tc_established_10k", "", false, None),
+    tc_path(
+        "forward_remote",
+        "tc_forward_remote",
+        "",
+        false,
+        Some((150.0, "issue 11")),
+    ),
+    tc_path(
+        "decap_local",
+        "tc_decap_local",
+        "",
+        false,
+        Some((150.0, "issue 11")),
+    ),
+    tc_path(
+        "reply_via_ingress",
+        "tc_reply_via_ingress",
+        "",
+        false,
+        Some((150.0, "issue 11")),
+    ),
+    // A task's reply: mesh_tc_task on its port, whichever the intercept.
     PathDef {
         name: "reply",
-        xdp: None,
+        mode: "any",
+        run: None,
+        run_floor: "floor_pass",
         live: "reply_live",
-        tc: Prog::MeshTcTask,
+        tc: Some(Prog::MeshTcTask),
         tc_floor: "floor_live_reply",
         own_live: true,
+        stats: None,
+        vs_direct: false,
         goal: Some((150.0, "issue 11")),
     },
 ];
@@ -157,6 +282,13 @@ pub fn report(i: &Input) -> Value {
     let floor = floor_case.ns();
     let xdp_ns = |name: &str| i.xdp.iter().find(|c| c.name == name).map(|c| c.ns());
     let over = |name: &str| xdp_ns(name).map(|n| n - floor);
+    // A case's floor: floor_pass, or for the intercept at TC the empty TC
+    // program under the same test run.
+    let tc_floor = i.xdp.iter().find(|c| c.name == FLOOR_TC);
+    let floor_of = |c: &Case| match tc_floor {
+        Some(t) if c.prog == mesh_common::abi::PROG_TC_INGRESS => (t.ns(), t.rounds.clone()),
+        _ => (floor, floor_case.rounds.clone()),
+    };
 
     // The XDP-only targets.
     let mut targets = Vec::new();
@@ -209,7 +341,9 @@ pub fn report(i: &Input) -> Value {
         a.rounds, a.calls
     );
     println!();
-    println!("XDP alone (BPF_PROG_TEST_RUN), overhead over floor_pass:");
+    println!(
+        "the intercept alone (BPF_PROG_TEST_RUN), overhead over floor_pass (tc_*: over floor_tc_run, the empty TC program):"
+    );
     let row = |c: [&str; 6]| {
         let line = format!(
             "{:<16} {:>8} {:>9} {:>17}   {:<34} {}",
@@ -232,10 +366,10 @@ pub fn report(i: &Input) -> Value {
             .iter()
             .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
         let t = targets.iter().find(|t| t.case == c.name);
-        let overhead = if c.name == floor_case.name {
+        let overhead = if c.name == floor_case.name || c.name == FLOOR_TC {
             "-".to_string()
         } else {
-            format!("{:.1}", m - floor)
+            format!("{:.1}", m - floor_of(c).0)
         };
         row([
             c.name,
@@ -271,47 +405,61 @@ pub fn report(i: &Input) -> Value {
     let mut paths_json = Vec::new();
     println!();
     println!(
-        "whole path, ns over the floors (XDP: test run over floor_pass; TC: run-time statistics over an empty TC program; wall: live frame over the same frame through floor_pass):"
+        "whole path, ns over the floors (intercept: test run over its floor, floor_pass or floor_tc_run; TC after it: run-time statistics over an empty TC program; wall: live frame over the same frame through the floors):"
     );
     println!(
-        "{:<16} {:>8} {:>8} {:>8}   {:<18} {:<12} {:>10} {:>10} {:>10}",
-        "path", "XDP", "TC", "XDP+TC", "goal (XDP+TC)", "status", "XDP stats", "wall", "vs direct"
+        "{:<18} {:<4} {:>9} {:>8} {:>8}   {:<14} {:<8} {:>10} {:>8} {:>9}",
+        "path",
+        "mode",
+        "intercept",
+        "TC",
+        "sum",
+        "goal (sum)",
+        "status",
+        "int. stats",
+        "wall",
+        "vs direct"
     );
     for p in PATHS {
-        let xdp = match p.xdp {
-            Some(c) => over(c),
+        let run = match p.run {
+            Some(c) => match (xdp_ns(c), xdp_ns(p.run_floor)) {
+                (Some(m), Some(f)) => Some(m - f),
+                _ => None,
+            },
             None => Some(0.0),
         };
         let (lc, tf) = (live(p.live), live(p.tc_floor));
-        let tc = match (
-            p.live.is_empty(),
-            lc.and_then(|c| c.prog_ns(p.tc)),
-            tf.and_then(|c| c.prog_ns(Prog::FloorTc)),
-        ) {
-            (true, _, _) => Some(0.0),
-            (false, Some(m), Some(f)) => Some(m - f),
-            _ => None,
-        };
-        let sum = match (xdp, tc) {
-            (Some(x), Some(t)) => Some(x + t),
-            _ => None,
-        };
-        let (xdp_stats, wall, wall_direct) = if p.own_live {
-            let xs = match (
-                lc.and_then(|c| c.prog_ns(Prog::MeshXdp)),
-                tf.and_then(|c| c.prog_ns(Prog::FloorPass)),
+        let tc = match p.tc {
+            None => Some(0.0),
+            Some(prog) => match (
+                lc.and_then(|c| c.prog_ns(prog)),
+                tf.and_then(|c| c.prog_ns(Prog::FloorTc)),
             ) {
                 (Some(m), Some(f)) => Some(m - f),
                 _ => None,
+            },
+        };
+        let sum = match (run, tc) {
+            (Some(x), Some(t)) => Some(x + t),
+            _ => None,
+        };
+        let (stats, wall, wall_direct) = if p.own_live {
+            let xs = match p.stats {
+                Some((prog, floor)) => match (
+                    lc.and_then(|c| c.prog_ns(prog)),
+                    tf.and_then(|c| c.prog_ns(floor)),
+                ) {
+                    (Some(m), Some(f)) => Some(m - f),
+                    _ => None,
+                },
+                None => None,
             };
             let w = match (lc, tf) {
                 (Some(c), Some(f)) => Some(c.wall_ns() - f.wall_ns()),
                 _ => None,
             };
             let wd = match (lc, live("floor_live_direct")) {
-                (Some(c), Some(d)) if p.tc == Prog::MeshTcUplink && p.name != "non_service" => {
-                    Some(c.wall_ns() - d.wall_ns())
-                }
+                (Some(c), Some(d)) if p.vs_direct => Some(c.wall_ns() - d.wall_ns()),
                 _ => None,
             };
             (xs, w, wd)
@@ -321,21 +469,22 @@ pub fn report(i: &Input) -> Value {
         let (goal_text, status) = match (p.goal, sum) {
             (Some((max, _)), Some(s)) => (
                 format!("<= +{max:.0} ns"),
-                if s <= max { "met" } else { "NOT MET" },
+                if s <= max { "MET" } else { "NOT MET" },
             ),
             (Some((max, _)), None) => (format!("<= +{max:.0} ns"), "not measured"),
             (None, _) => (String::new(), ""),
         };
         let f = |x: Option<f64>| x.map(|v| format!("{v:+.1}")).unwrap_or_else(|| "-".into());
         println!(
-            "{:<16} {:>8} {:>8} {:>8}   {:<18} {:<12} {:>10} {:>10} {:>10}",
+            "{:<18} {:<4} {:>9} {:>8} {:>8}   {:<14} {:<8} {:>10} {:>8} {:>9}",
             p.name,
-            f(xdp),
+            p.mode,
+            f(run),
             f(tc),
             f(sum),
             goal_text,
             status,
-            f(xdp_stats),
+            f(stats),
             f(wall),
             f(wall_direct)
         );
@@ -348,8 +497,8 @@ pub fn report(i: &Input) -> Value {
             goals.push(Goal::new(
                 "micro",
                 format!(
-                    "{}: whole path (XDP + TC) over the floors ({source})",
-                    p.name
+                    "{} (--intercept {}): whole path (intercept + TC after it) over the floors ({source})",
+                    p.name, p.mode
                 ),
                 format!("<= +{max:.0} ns"),
                 sum.map(|s| format!("{s:+.1} ns"))
@@ -359,13 +508,15 @@ pub fn report(i: &Input) -> Value {
         }
         paths_json.push(json!({
             "path": p.name,
-            "xdp_case": p.xdp,
-            "xdp_overhead_ns": xdp.map(r1),
-            "tc_program": (!p.live.is_empty()).then(|| p.tc.name()),
-            "tc_case": p.live,
+            "intercept": p.mode,
+            "intercept_case": p.run,
+            "intercept_floor_case": p.run.map(|_| p.run_floor),
+            "intercept_overhead_ns": run.map(r1),
+            "tc_program": p.tc.map(|t| t.name()),
+            "tc_case": (!p.live.is_empty()).then_some(p.live),
             "tc_overhead_ns": tc.map(r1),
             "sum_overhead_ns": sum.map(r1),
-            "xdp_stats_overhead_ns": xdp_stats.map(r1),
+            "intercept_stats_overhead_ns": stats.map(r1),
             "wall_overhead_ns": wall.map(r1),
             "wall_over_direct_ns": wall_direct.map(r1),
             "goal_max_ns": p.goal.map(|g| g.0),
@@ -376,16 +527,16 @@ pub fn report(i: &Input) -> Value {
     crate::util::print_goals(&goals);
 
     // The JSON.
-    let floor_rounds = floor_case.rounds.clone();
     let cases_json: Vec<Value> = i
         .xdp
         .iter()
         .map(|c| {
+            let (f, rounds) = floor_of(c);
             c.json(
                 &i.worlds[c.world],
-                floor,
-                &floor_rounds,
-                c.name == floor_case.name,
+                f,
+                &rounds,
+                c.name == floor_case.name || c.name == FLOOR_TC,
             )
         })
         .collect();
@@ -393,6 +544,7 @@ pub fn report(i: &Input) -> Value {
     for (p, g) in PATHS.iter().filter(|p| p.goal.is_some()).zip(&goals) {
         targets_json.push(json!({
             "case": p.name,
+            "intercept": p.mode,
             "metric": "path_overhead_ns (XDP + TC over their floors)",
             "max": p.goal.map(|g| g.0),
             "measured": g.measured,

@@ -12,7 +12,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use mesh_common::abi::{CT_SYN, CtValue, FlowKey4, IPPROTO_TCP, MAP_CT4_NEW, XDP_META_MAGIC};
 use mesh_tests::fixtures::{BpfWorld, Floors, Flow, Run, World as _, XDP_PASS};
 use mesh_tests::packet::{Spec, TCP_SYN, View, checksums_ok};
-use mesh_userspace::desired::{BackendKey, Desired, DesiredService};
+use mesh_userspace::desired::{BackendKey, Desired, DesiredService, TaskLink};
 use mesh_userspace::model::{Proto, StateBuilder};
 use mesh_userspace::plan::Limits;
 use serde_json::{Value, json};
@@ -79,6 +79,14 @@ pub enum Expect {
     Tx,
     /// XDP_PASS with 8 bytes of metadata: rewritten for a local task.
     Local,
+    /// TC_ACT_REDIRECT (`mesh_tc_ingress`): rewritten for a local task,
+    /// with its recorded link's MACs, into the task.
+    TcLocal,
+    /// TC_ACT_REDIRECT (`mesh_tc_ingress`): encapsulated to the other node.
+    TcEncap,
+    /// TC_ACT_REDIRECT (`mesh_tc_ingress`): a reply another node carried
+    /// back, stripped and routed to its client.
+    TcOut,
 }
 
 pub const XDP_TX: u32 = 3;
@@ -92,7 +100,9 @@ impl Expect {
             Expect::Pass => r.ret == XDP_PASS && r.meta.is_empty(),
             Expect::Tx | Expect::Encap | Expect::Out => r.ret == XDP_TX && r.meta.is_empty(),
             Expect::Unspec => r.ret as i32 == TC_ACT_UNSPEC,
-            Expect::Redirect => r.ret as i32 == TC_ACT_REDIRECT,
+            Expect::Redirect | Expect::TcLocal | Expect::TcEncap | Expect::TcOut => {
+                r.ret as i32 == TC_ACT_REDIRECT
+            }
             Expect::Local => r.ret == XDP_PASS && r.meta.len() == 8,
         };
         ensure!(
@@ -120,7 +130,20 @@ impl Expect {
                 );
                 ensure!(checksums_ok(o), "bad checksum");
             }
-            Expect::Encap => {
+            Expect::TcLocal => {
+                let o = &r.output;
+                let to = View(o).daddr();
+                ensure!(
+                    tasks.contains(&to) && View(o).dport() == TARGET_PORT,
+                    "not rewritten for a task of the service: {o:02x?}"
+                );
+                ensure!(
+                    o[0..6] == link_task_mac(to) && o[6..12] == LINK_GATEWAY_MAC,
+                    "not the MACs of the task's recorded link: {o:02x?}"
+                );
+                ensure!(checksums_ok(o), "bad checksum");
+            }
+            Expect::Encap | Expect::TcEncap => {
                 let o = &r.output;
                 ensure!(
                     View(o).daddr() == FWD_OTHER
@@ -134,7 +157,7 @@ impl Expect {
                 );
                 ensure!(checksums_ok(o) && checksums_ok(inner), "bad checksum");
             }
-            Expect::Out => {
+            Expect::Out | Expect::TcOut => {
                 let o = &r.output;
                 ensure!(
                     (View(o).saddr(), View(o).daddr()) == (FWD_NODE, FWD_CLIENT)
@@ -175,6 +198,11 @@ impl Expect {
             Expect::Unspec => "TC_ACT_UNSPEC",
             Expect::Redirect => "TC_ACT_REDIRECT, rewritten for a local task and routed to it",
             Expect::Local => "XDP_PASS with 8 bytes of metadata (rewritten for a local task)",
+            Expect::TcLocal => {
+                "TC_ACT_REDIRECT, rewritten for a local task, its link's MACs (bpf_redirect_peer)"
+            }
+            Expect::TcEncap => "TC_ACT_REDIRECT, encapsulated to the other node",
+            Expect::TcOut => "TC_ACT_REDIRECT, stripped and routed to the client",
         }
     }
 }
@@ -196,7 +224,13 @@ pub struct World {
     /// The device XDP runs arrive on (its FIB lookups route from there);
     /// 0: none.
     pub ifindex: u32,
+    /// The empty TC program (`FLOOR_TC`), the floor of `mesh_tc_ingress`'s
+    /// test runs, where this world runs it.
+    pub floor_tc: Option<std::os::fd::OwnedFd>,
 }
+
+/// The empty TC program's name, as a case names it.
+pub const FLOOR_TC: &str = "floor_tc_run";
 
 impl World {
     /// One test run of `prog`: a floor program or one of the dataplane's.
@@ -207,6 +241,27 @@ impl World {
             _ if prog == mesh_common::abi::PROG_TC_HOST => {
                 self.bpf
                     .run_tc(prog, frame, mesh_common::abi::LOOPBACK_IFINDEX)
+            }
+            // The intercept at TC: arriving on the uplink, as mesh_xdp.
+            _ if prog == mesh_common::abi::PROG_TC_INGRESS => {
+                self.bpf.run_tc(prog, frame, self.ifindex)
+            }
+            _ if prog == FLOOR_TC => {
+                let fd = self
+                    .floor_tc
+                    .as_ref()
+                    .context("this world has no empty TC program")?;
+                let (ret, ns) = sys::test_run_fd(
+                    fd.as_fd(),
+                    frame,
+                    &mesh_tests::fixtures::skb_ctx(self.ifindex),
+                )?;
+                Ok(Run {
+                    ret,
+                    output: frame.to_vec(),
+                    meta: Vec::new(),
+                    ns,
+                })
             }
             _ => self.bpf.run_xdp_on(prog, frame, self.ifindex),
         }
@@ -367,9 +422,38 @@ pub fn desired(node: Ipv4Addr, tasks: &[Ipv4Addr]) -> Result<Desired> {
         .service("web", &[(Proto::Tcp, WEB_TCP, TARGET_PORT)])
         .tasks("web", "n1", tasks.iter().copied())
         .build()?;
-    let d = Desired::compute(&state, "n1", &[])?;
+    let mut d = Desired::compute(&state, "n1", &[])?;
     ensure!(d.services.len() == 1 && d.services.values().all(|s| s.backends.len() == tasks.len()));
+    with_links(&mut d, tasks);
     Ok(d)
+}
+
+/// Records a link for each of `tasks`, as meshd records the links it
+/// finds (a veth into the task's namespace, its MACs), so that delivery
+/// takes the path it takes on a node: no FIB lookup, `bpf_redirect_peer`.
+/// The ifindexes name no device: under BPF_PROG_TEST_RUN a redirect is a
+/// return code. (The live world records its task's real link.)
+pub fn with_links(d: &mut Desired, tasks: &[Ipv4Addr]) {
+    for (i, t) in tasks.iter().enumerate() {
+        d.task_links.insert(
+            *t,
+            TaskLink {
+                ifindex: LINK_IFINDEX0 + i as u32,
+                peer: true,
+                task_mac: link_task_mac(*t),
+                gateway_mac: LINK_GATEWAY_MAC,
+            },
+        );
+    }
+}
+
+/// The recorded links of the worlds that are not attached.
+pub const LINK_IFINDEX0: u32 = 10_000;
+pub const LINK_GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x10, 0x02];
+
+/// The MAC recorded for task `t`'s link.
+pub fn link_task_mac(t: Ipv4Addr) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x30, t.octets()[3]]
 }
 
 /// `base` plus `total - 1` more tcp services on ports 20000.., with 2 to 16
@@ -438,6 +522,7 @@ pub fn load(name: &'static str, limits: Limits, d: &Desired, tasks: &[Ipv4Addr])
         limits,
         tasks: tasks.to_vec(),
         prefilled: 0,
+        floor_tc: None,
     })
 }
 
@@ -450,9 +535,16 @@ pub fn new_flow_client(first: Ipv4Addr, i: usize) -> (Ipv4Addr, u16) {
     )
 }
 
-/// The SYN of new flow `i` from clients in 198.19.0.0/16 to `NODE`.
+/// The SYN of new flow `i` from clients in 198.19.0.0/17 to `NODE`.
 pub fn new_flow_frame(i: usize) -> Vec<u8> {
     let (saddr, sport) = new_flow_client(Ipv4Addr::new(198, 19, 0, 1), i);
+    Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
+}
+
+/// As [`new_flow_frame`], from clients in 198.19.128.0/17: flows of
+/// their own (a table that is never emptied has seen the others).
+pub fn new_flow_frame_b(i: usize) -> Vec<u8> {
+    let (saddr, sport) = new_flow_client(Ipv4Addr::new(198, 19, 128, 1), i);
     Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
 }
 
@@ -500,7 +592,9 @@ pub fn desired_fwd(tasks: &[Ipv4Addr]) -> Result<Desired> {
         .tasks("web", "n1", tasks.iter().copied())
         .tasks("far", "n2", far_tasks())
         .build()?;
-    Desired::compute(&state, "n1", &[])
+    let mut d = Desired::compute(&state, "n1", &[])?;
+    with_links(&mut d, tasks);
+    Ok(d)
 }
 
 /// Adds, to the calling thread's network namespace, the forwarding

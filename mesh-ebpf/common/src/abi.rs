@@ -72,6 +72,13 @@ pub const MAP_COUNTERS: &str = "MESH_CNT_V1";
 /// This node's settings for the programs: one `NodeConfig` (an array of
 /// one, written by user space whenever they change).
 pub const MAP_CONFIG: &str = "MESH_CFG_V1";
+/// Where this node hands each local backend its packets: an array of
+/// `LocalDev` by backend slot (the task's link and Ethernet addresses,
+/// which user space finds and follows as containers come and go), so that
+/// delivery needs no FIB lookup and goes straight into the task's network
+/// namespace. An all-zero entry (a remote backend, a free slot, a task
+/// whose link is not found yet) leaves delivery to the FIB.
+pub const MAP_LOCAL_DEV: &str = "MESH_LDEV_V1";
 /// Per-service source-range allow lists: an LPM trie keyed by
 /// `[svc_id, raw IPv4 source]` with prefix length 32 + the range's (the
 /// service id always matches whole) -> 1. Read only for services with
@@ -121,6 +128,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_FWD4,
     MAP_COUNTERS,
     MAP_CONFIG,
+    MAP_LOCAL_DEV,
     MAP_META,
     MAP_SVC_NAMES,
     MAP_SRC4,
@@ -149,7 +157,7 @@ pub fn map_role(name: &str) -> Option<MapRole> {
     Some(match name {
         MAP_PORTS | MAP_SERVICES | MAP_NODE_ADDR4 | MAP_BACKENDS | MAP_MAGLEV | MAP_REPLY4
         | MAP_NODES | MAP_NODE_BY_ADDR4 | MAP_LOCAL4 | MAP_CONFIG | MAP_META | MAP_SVC_NAMES
-        | MAP_SRC4 | MAP_AFF_TIMEOUT => MapRole::State,
+        | MAP_SRC4 | MAP_AFF_TIMEOUT | MAP_LOCAL_DEV => MapRole::State,
         // Affinity entries name backend slots and generations, as
         // conntrack entries do.
         MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 | MAP_AFF4 => MapRole::Flows,
@@ -175,9 +183,19 @@ pub const LOG_MAP_NAMES: &[&str] = &["AYA_LOGS"];
 pub const PROG_XDP: &str = "mesh_xdp";
 pub const PROG_TC_UPLINK: &str = "mesh_tc_uplink";
 pub const PROG_TC_TASK: &str = "mesh_tc_task";
+/// The intercept at TC ingress on the uplink (`--intercept tc`): what
+/// `mesh_xdp` and `mesh_tc_uplink` do together, in one TC program, so that
+/// no XDP program sits on the uplink.
+pub const PROG_TC_INGRESS: &str = "mesh_tc_ingress";
 pub const PROG_TC_HOST: &str = "mesh_tc_host";
 /// Every program of the dataplane's object (checked like [`MAP_NAMES`]).
-pub const PROG_NAMES: &[&str] = &[PROG_XDP, PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_HOST];
+pub const PROG_NAMES: &[&str] = &[
+    PROG_XDP,
+    PROG_TC_UPLINK,
+    PROG_TC_TASK,
+    PROG_TC_INGRESS,
+    PROG_TC_HOST,
+];
 
 /// The loopback device's index, in every network namespace
 /// (`LOOPBACK_IFINDEX`): where the node's own packets to its own
@@ -554,6 +572,32 @@ impl Counter {
         }
     }
 }
+
+/// Where a local backend's packets go (`MAP_LOCAL_DEV`): the task's link
+/// on this node and the Ethernet addresses its packets carry. An entry
+/// holds only for a packet rewritten to its `addr` (a slot reused by
+/// another task meanwhile sends that packet by the FIB instead).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LocalDev {
+    /// The task's delivery address (raw); 0 in an unused entry.
+    pub addr: u32,
+    /// The host's end of the task's link (a bridge port, or the link
+    /// itself).
+    pub ifindex: u32,
+    /// `LDEV_F_*`.
+    pub flags: u32,
+    /// The Ethernet header's two addresses as its packets carry them: the
+    /// task's own, then its gateway's (the bridge's, or the host end's).
+    pub macs: [u8; 12],
+}
+const _: () = assert!(size_of::<LocalDev>() == 24);
+
+/// `LocalDev::ifindex` is a veth whose other end (the task's) lies in
+/// another network namespace: packets go straight to that end's ingress
+/// (`bpf_redirect_peer`), past the host end's transmit, the bridge and the
+/// backlog queue.
+pub const LDEV_F_PEER: u32 = 1 << 0;
 
 /// What user space tells the programs of this node (`MAP_CONFIG`).
 #[repr(C)]
@@ -979,6 +1023,7 @@ mod pod {
     unsafe impl aya::Pod for AffValue4 {}
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for LocalDev {}
     unsafe impl aya::Pod for PinMeta {}
     unsafe impl aya::Pod for SvcName {}
 }

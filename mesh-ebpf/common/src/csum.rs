@@ -62,10 +62,49 @@ impl Delta {
         Self(self.0 + (!old) as u64 + new as u64)
     }
 
+    /// Whether no change was added.
+    #[inline(always)]
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Both sets of changes.
+    #[inline(always)]
+    pub const fn plus(self, other: Delta) -> Self {
+        Self(self.0 + other.0)
+    }
+
     #[inline(always)]
     pub const fn apply(self, check: u16) -> u16 {
         !fold((!check) as u64 + self.0)
     }
+
+    /// The changes folded to 16 bits: the difference the kernel's
+    /// checksum helpers take (`bpf_l4_csum_replace` with a field size of
+    /// 0 adds it as a `__wsum`).
+    #[inline(always)]
+    pub const fn folded(self) -> u16 {
+        fold(self.0)
+    }
+}
+
+/// Brings the TCP or UDP checksum at `off` of `pkt` up to date by hand:
+/// `pseudo` holds the changes of fields the pseudo-header covers (the
+/// addresses), `seg` those of fields only the segment covers (ports,
+/// options). For a packet whose checksum is complete, as XDP and the host
+/// see every packet. A UDP checksum of 0 ("none") stays 0.
+#[inline(always)]
+pub fn fix_l4(
+    pkt: &crate::pkt::Pkt,
+    off: usize,
+    udp: bool,
+    pseudo: Delta,
+    seg: Delta,
+) -> Option<()> {
+    let check: u16 = pkt.load(off)?;
+    let new = pseudo.plus(seg).apply(check);
+    let new = if udp { udp_fixup(check, new) } else { new };
+    pkt.store(off, new)
 }
 
 /// UDP over IPv4: a zero checksum means "none" and stays zero; a computed

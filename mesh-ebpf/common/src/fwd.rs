@@ -38,13 +38,13 @@ use crate::abi::{
     IPPROTO_UDP, NodeConfig, NodeValue, ReplyKey4, SVC_F_AFFINITY, SVC_F_REPLY_DIRECT,
     SVC_F_SRC_RANGES, SvcKey, SvcValue,
 };
-use crate::csum;
+use crate::csum::{self, Delta};
 use crate::encap::{self, Encapsulated, Outer};
 use crate::hash::flow_hash4;
 use crate::icmp::{self, Quoted};
 use crate::parse::{
     self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT, L4Error, TCP_ACK, TCP_ACK_SEQ,
-    TCP_FIN, TCP_FLAGS, TCP_HLEN_MIN, TCP_RST, TCP_SYN, UDP_HLEN,
+    TCP_FIN, TCP_FLAGS, TCP_HLEN_MIN, TCP_RST, TCP_SYN,
 };
 use crate::pkt::Pkt;
 
@@ -93,13 +93,36 @@ pub trait Tables {
     /// What this node keeps of a flow another node forwarded to it.
     fn fwd_get(&self, key: &FlowKey4) -> Option<FwdValue>;
     fn fwd_put(&self, key: &FlowKey4, v: &FwdValue);
-    fn count(&self, c: Counter);
+    /// Adds `n` to counter `c`.
+    fn count_n(&self, c: Counter, n: u32);
+    #[inline(always)]
+    fn count(&self, c: Counter) {
+        self.count_n(c, 1)
+    }
     /// Entry `index` of the Maglev map: a backend id.
     fn maglev(&self, index: u32) -> Option<u32>;
     /// The backend in slot `id`, if the slot is in use (its generation
     /// is for the caller to compare).
     fn backend(&self, id: u32) -> Option<Backend>;
-    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool);
+    /// Counts `packets` packets of `bytes` bytes for a service (a new flow
+    /// if so).
+    fn account(&self, svc_id: u32, packets: u32, bytes: u64, new_flow: bool);
+
+    /// Brings the TCP/UDP checksum at `off` up to date once fields under
+    /// it have changed: `pseudo` holds the changes of fields the
+    /// pseudo-header covers (addresses), `seg` of fields only the segment
+    /// covers (ports, options). Always the last write of a rewrite. By
+    /// hand by default: a packet's bytes are all there is to XDP and the
+    /// host. A TC program's tables use the socket buffer's helpers
+    /// instead, because its checksum may be partial (offloaded: only the
+    /// pseudo-header is summed in the packet) or summed by the device
+    /// (which the helpers keep true); they invalidate packet pointers, so
+    /// nothing reads the packet after this.
+    #[inline(always)]
+    fn l4_csum(&self, pkt: &Pkt, off: usize, udp: bool, pseudo: Delta, seg: Delta) -> Option<()> {
+        csum::fix_l4(pkt, off, udp, pseudo, seg)
+    }
+
     /// The task a client of a service with `SVC_F_AFFINITY` had.
     fn aff_get(&self, key: &AffKey4) -> Option<AffValue4>;
     /// Remembers a client's task (an LRU map: the least recently used
@@ -202,12 +225,13 @@ pub fn process<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
     if be.flags & BE_F_LOCAL == 0 {
         return forward(pkt, &ip, t, &svc, &be, &cfg, p.syn, sport, p.new_flow);
     }
-    if dnat(pkt, &ip, be.addr[0], be.port_be).is_none() {
+    let bytes = pkt.wire_len() as u64;
+    if dnat(pkt, &ip, be.addr[0], be.port_be, Delta::default(), t).is_none() {
         // Unreachable after check_l4; kept so no path writes half a packet
         // without saying so.
         return Verdict::Drop(DropReason::L4Truncated);
     }
-    t.account(svc.svc_id, pkt.len() as u64, p.new_flow);
+    t.account(svc.svc_id, pkt.segs(), bytes, p.new_flow);
     Verdict::Local {
         backend_id: p.backend_id,
     }
@@ -511,7 +535,7 @@ fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
     if icmp::rewrite(pkt, ip, &e, Quoted::Src, addr, port).is_none() {
         return Verdict::Drop(DropReason::L4Truncated);
     }
-    t.account(svc_id, pkt.len() as u64, false);
+    t.account(svc_id, pkt.segs(), pkt.wire_len() as u64, false);
     Verdict::Local { backend_id }
 }
 
@@ -535,22 +559,33 @@ fn forward<T: Tables>(
     let Some(node) = t.node(be.node_id) else {
         return Verdict::Drop(DropReason::RemoteBackend);
     };
+    // What must fit is one packet on the wire: a socket buffer standing
+    // for several segments (GSO) is cut into segments that each fit, once
+    // encapsulation took its room from their payload.
     let len = ip.l3_end - ETH_HLEN;
-    if !encap::fits(len, cfg.mtu) {
+    if pkt.gso_size() == 0 && !encap::fits(len, cfg.mtu) {
         return Verdict::TooBig {
             from: ip.daddr,
             mtu: (cfg.mtu as usize - crate::abi::ENCAP_LEN) as u16,
         };
     }
     let (orig_daddr, orig_dport) = (ip.daddr, pkt.load::<u16>(ip.l4_off + L4_DPORT).unwrap_or(0));
-    if dnat(pkt, ip, be.addr[0], be.port_be).is_none() {
+    // The MSS first: its checksum change rides on the DNAT's, the one
+    // checksum update (the rewrite's last write).
+    let mss = if syn {
+        lower_mss(pkt, ip, encap::mss(cfg.mtu))
+    } else {
+        Delta::default()
+    };
+    let bytes = pkt.wire_len() as u64;
+    if dnat(pkt, ip, be.addr[0], be.port_be, mss, t).is_none() {
         return Verdict::Drop(DropReason::L4Truncated);
     }
-    if syn {
-        clamp_mss(pkt, ip, encap::mss(cfg.mtu), t);
+    if syn && !mss.is_empty() {
+        t.count(Counter::MssClamped);
     }
-    t.account(svc.svc_id, pkt.len() as u64, new_flow);
-    t.count(Counter::Forwarded);
+    t.account(svc.svc_id, pkt.segs(), bytes, new_flow);
+    t.count_n(Counter::Forwarded, pkt.segs());
     let flags = if svc.flags & SVC_F_REPLY_DIRECT != 0 {
         ENCAP_F_DIRECT
     } else {
@@ -732,9 +767,9 @@ pub fn node_origin<T: Tables>(pkt: &Pkt, t: &T, origin: u8, gso: bool) -> Plan {
         // Never ENCAP_F_DIRECT: the task's node cannot reach this node's
         // own addresses or its tasks but through it.
         plan.outer = request_outer(&ip, sport, ip.daddr, dport, node.addr[0], &cfg, 0);
-        t.count(Counter::Forwarded);
+        t.count_n(Counter::Forwarded, pkt.segs());
     }
-    t.account(svc.svc_id, pkt.wire_len() as u64, p.new_flow);
+    t.account(svc.svc_id, pkt.segs(), pkt.wire_len() as u64, p.new_flow);
     t.count(if origin == ORIGIN_TASK {
         Counter::TaskOrigin
     } else {
@@ -750,28 +785,39 @@ pub fn rewrite_full<T: Tables>(pkt: &Pkt, plan: &Plan, t: &T) -> Option<()> {
     if plan.mss != 0 {
         clamp_mss(pkt, &plan.ip, plan.mss, t);
     }
-    dnat(pkt, &plan.ip, plan.addr, plan.port_be)
+    dnat(pkt, &plan.ip, plan.addr, plan.port_be, Delta::default(), t)
 }
 
 /// Lowers the MSS option of a TCP SYN (or SYN-ACK) to `max` if it is
 /// above, fixing the TCP checksum; says whether it did.
 #[inline(always)]
 pub fn clamp_mss<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, max: u16, t: &T) -> bool {
-    let (off, mss) = parse::tcp_mss(pkt, ip);
-    if off == 0 || mss <= max {
+    let d = lower_mss(pkt, ip, max);
+    if d.is_empty() {
         return false;
     }
-    let Some(check) = pkt.load::<u16>(ip.l4_off + parse::TCP_CSUM) else {
-        return false;
-    };
-    let (old, new) = (mss.to_be(), max.to_be());
-    let new_check = csum::Delta::default().add16(old, new).apply(check);
-    if pkt.store(off, new).is_none() {
+    if t.l4_csum(pkt, ip.l4_off + parse::TCP_CSUM, false, Delta::default(), d)
+        .is_none()
+    {
         return false;
     }
-    let _ = pkt.store(ip.l4_off + parse::TCP_CSUM, new_check);
     t.count(Counter::MssClamped);
     true
+}
+
+/// Lowers the MSS option of a TCP SYN (or SYN-ACK) to `max` if it is
+/// above; returns the checksum change it owes (empty if it left it).
+#[inline(always)]
+fn lower_mss(pkt: &Pkt, ip: &parse::Ip4, max: u16) -> Delta {
+    let (off, mss) = parse::tcp_mss(pkt, ip);
+    if off == 0 || mss <= max {
+        return Delta::default();
+    }
+    let (old, new) = (mss.to_be(), max.to_be());
+    if pkt.store(off, new).is_none() {
+        return Delta::default();
+    }
+    Delta::default().add16(old, new)
 }
 
 /// An encapsulated client packet, once stripped to its inner datagram:
@@ -811,7 +857,7 @@ pub fn decap_request<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdic
         _ => return Verdict::Drop(DropReason::NotLocal),
     };
     if (be.addr[0] != ip.daddr || be.port_be != dport)
-        && dnat(pkt, &ip, be.addr[0], be.port_be).is_none()
+        && dnat(pkt, &ip, be.addr[0], be.port_be, Delta::default(), t).is_none()
     {
         return Verdict::Drop(DropReason::EncapMalformed);
     }
@@ -835,7 +881,7 @@ pub fn decap_request<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdic
     if t.fwd_get(&flow) != Some(want) {
         t.fwd_put(&flow, &want);
     }
-    t.count(Counter::Decapsulated);
+    t.count_n(Counter::Decapsulated, pkt.segs());
     Verdict::Local { backend_id: slot }
 }
 
@@ -879,7 +925,7 @@ pub fn decap_reply<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
             t.ct_confirm(&flow, &ct);
         }
     }
-    t.count(Counter::RepliesFromBackends);
+    t.count_n(Counter::RepliesFromBackends, pkt.segs());
     if t.is_node_addr4(ip.daddr) {
         // A flow one of this node's own processes started.
         t.count(Counter::RepliesToHost);
@@ -993,33 +1039,35 @@ fn other_backend<T: Tables>(t: &T, off: u32, size: u32, start: u32, avoid: u32) 
 }
 
 /// Rewrites the destination address and port, fixing the IPv4 header
-/// checksum and the TCP/UDP checksum incrementally (a complete checksum).
+/// checksum, then the TCP/UDP checksum for them and for `seg` (changes
+/// made before, such as a lowered MSS) through [`Tables::l4_csum`]: the
+/// last write.
 #[inline(always)]
-pub fn dnat(pkt: &Pkt, ip: &parse::Ip4, addr: u32, port_be: u16) -> Option<()> {
+fn dnat<T: Tables>(
+    pkt: &Pkt,
+    ip: &parse::Ip4,
+    addr: u32,
+    port_be: u16,
+    seg: Delta,
+    t: &T,
+) -> Option<()> {
     // Every bounds check before the first write: all or nothing. (The L4
     // header was validated against the datagram by `check_l4`.)
     let ip_hdr = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0)?;
+    let udp = ip.proto == IPPROTO_UDP;
+    let csum_off = parse::l4_csum_off(ip);
+    pkt.load::<u16>(csum_off)?;
+    let ports = pkt.view::<4>(ip.l4_off)?;
+    let old_port: u16 = ports.get(L4_DPORT);
     let ip_check: u16 = ip_hdr.get(ETH_HLEN + IP_CSUM);
-    let set_ip = || {
-        ip_hdr.set(ETH_HLEN + IP_DADDR, addr);
-        ip_hdr.set(ETH_HLEN + IP_CSUM, csum::update32(ip_check, ip.daddr, addr));
-    };
-    if ip.proto == IPPROTO_UDP {
-        let l4 = pkt.view::<UDP_HLEN>(ip.l4_off)?;
-        let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::UDP_CSUM));
-        let new = csum::update48(check, ip.daddr, addr, old_port, port_be);
-        set_ip();
-        l4.set(L4_DPORT, port_be);
-        l4.set(parse::UDP_CSUM, csum::udp_fixup(check, new));
-    } else {
-        let l4 = pkt.view::<TCP_HLEN_MIN>(ip.l4_off)?;
-        let (old_port, check): (u16, u16) = (l4.get(L4_DPORT), l4.get(parse::TCP_CSUM));
-        set_ip();
-        l4.set(L4_DPORT, port_be);
-        l4.set(
-            parse::TCP_CSUM,
-            csum::update48(check, ip.daddr, addr, old_port, port_be),
-        );
-    }
-    Some(())
+    ip_hdr.set(ETH_HLEN + IP_DADDR, addr);
+    ip_hdr.set(ETH_HLEN + IP_CSUM, csum::update32(ip_check, ip.daddr, addr));
+    ports.set(L4_DPORT, port_be);
+    t.l4_csum(
+        pkt,
+        csum_off,
+        udp,
+        Delta::default().add32(ip.daddr, addr),
+        seg.add16(old_port, port_be),
+    )
 }

@@ -15,6 +15,12 @@ pub struct Pkt {
     /// socket buffer (TC), whose directly readable part may be shorter
     /// (a GSO packet's payload sits in page fragments).
     wire_len: usize,
+    /// A socket buffer's segment size when it stands for several segments
+    /// (GSO, GRO), 0 otherwise: what must fit a link is one segment.
+    gso_size: usize,
+    /// The packets on the wire it stands for (1, or its GSO segments):
+    /// what counters count.
+    segs: u32,
 }
 
 impl Pkt {
@@ -27,6 +33,8 @@ impl Pkt {
             start,
             end,
             wire_len: end - start,
+            gso_size: 0,
+            segs: 1,
         }
     }
 
@@ -40,6 +48,19 @@ impl Pkt {
             start,
             end,
             wire_len: len,
+            gso_size: 0,
+            segs: 1,
+        }
+    }
+
+    /// The same packet, standing for `segs` segments of `gso_size` bytes
+    /// of payload (0: one packet).
+    #[inline(always)]
+    pub fn with_gso(self, gso_size: usize, segs: u32) -> Self {
+        Self {
+            gso_size,
+            segs: if gso_size == 0 || segs == 0 { 1 } else { segs },
+            ..self
         }
     }
 
@@ -47,6 +68,21 @@ impl Pkt {
     #[inline(always)]
     pub fn wire_len(&self) -> usize {
         self.wire_len
+    }
+
+    /// The payload of each segment this packet stands for (GSO), or 0 when
+    /// it is one packet.
+    #[inline(always)]
+    pub fn gso_size(&self) -> usize {
+        self.gso_size
+    }
+
+    /// The packets on the wire this one stands for: 1, or a socket
+    /// buffer's segments (a GRO packet is counted as what it was received
+    /// as, a GSO packet as what it is sent as).
+    #[inline(always)]
+    pub fn segs(&self) -> u32 {
+        self.segs
     }
 
     /// A view over a host buffer (tests, fixtures, tools).
@@ -57,6 +93,8 @@ impl Pkt {
             start,
             end: start + buf.len(),
             wire_len: buf.len(),
+            gso_size: 0,
+            segs: 1,
         }
     }
 

@@ -115,9 +115,9 @@ fn maglev_tables_stay_inside_the_array() {
 #[test]
 fn counters_reset_and_stay_inside_the_array() {
     let mut m = maps();
-    m.account(1, 100, true);
-    m.account(1, 50, false);
-    m.account(9, 50, true);
+    m.account(1, 1, 100, true);
+    m.account(1, 1, 50, false);
+    m.account(9, 1, 50, true);
     assert_eq!(
         m.stats(1),
         SvcStats {

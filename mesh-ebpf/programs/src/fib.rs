@@ -89,6 +89,19 @@ pub fn route(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) 
 /// the Ethernet addresses and redirects it to the egress device.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> i32 {
+    forward_or(ctx, pkt, saddr, daddr, ifindex, DropReason::FibLookupFailed)
+}
+
+/// As [`forward`]; a packet without a route is dropped as `no_route`.
+#[inline(always)]
+pub fn forward_or(
+    ctx: &TcContext,
+    pkt: &Pkt,
+    saddr: u32,
+    daddr: u32,
+    ifindex: u32,
+    no_route: DropReason,
+) -> i32 {
     let r = route(ctx.skb.skb as *mut _, saddr, daddr, ifindex);
     let p = &r;
     let rc = r.rc;
@@ -112,7 +125,7 @@ pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32)
         count_drop(DropReason::TooBig);
         return TC_ACT_SHOT;
     }
-    count_drop(DropReason::FibLookupFailed);
+    count_drop(no_route);
     debug!(
         ctx,
         "no route {:i} -> {:i} (fib lookup {})",

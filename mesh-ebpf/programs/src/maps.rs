@@ -1,13 +1,20 @@
 //! The BPF maps, and the [`Tables`] implementation the shared logic runs on.
 //! Sizes here are defaults; the daemon sets them at load time.
 
-use aya_ebpf::bindings::{BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, bpf_sock_tuple};
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp};
+use aya_ebpf::bindings::{
+    __sk_buff, BPF_F_CURRENT_NETNS, BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR,
+    bpf_sock_tuple,
+};
+use aya_ebpf::helpers::{
+    bpf_ktime_get_coarse_ns, bpf_l4_csum_replace, bpf_sk_release, bpf_skc_lookup_tcp,
+};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use mesh_common::abi::*;
+use mesh_common::csum::{self, Delta};
 use mesh_common::fwd::Tables;
+use mesh_common::pkt::Pkt;
 use mesh_common::rev::RevTables;
 
 /// Memory-mappable: user space switches a port with one 32-bit store.
@@ -101,6 +108,10 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTE
 #[map(name = "MESH_CFG_V1")]
 pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
+/// Local backends' links and Ethernet addresses, by backend slot: an
+/// array, so the lookup is inlined.
+#[map(name = "MESH_LDEV_V1")]
+pub static LOCAL_DEV: Array<LocalDev> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 /// User space only: what a restarted meshd needs to adopt the pinned
 /// maps (no program reads it; it lives here so it is pinned with them).
 #[map(name = "MESH_META_V1")]
@@ -126,9 +137,14 @@ pub static AFF_TIMEOUT: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICE
 
 #[inline(always)]
 pub fn count(c: Counter) {
+    count_n(c, 1)
+}
+
+#[inline(always)]
+pub fn count_n(c: Counter, n: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += 1 };
+        unsafe { *p += n as u64 };
     }
 }
 
@@ -146,12 +162,40 @@ pub fn count_drop(reason: DropReason) {
 }
 
 /// The maps, as the shared packet logic sees them, and the program's
-/// context (for the helpers that need one).
-pub struct Maps {
+/// context (for the helpers that need one). `SKB`: the context is a
+/// socket buffer (a TC program), whose TCP/UDP checksums are updated with
+/// its helpers (see [`Tables::l4_csum`]); otherwise an XDP buffer.
+pub struct Maps<const SKB: bool> {
     pub ctx: *mut core::ffi::c_void,
 }
 
-impl Tables for Maps {
+impl<const SKB: bool> Tables for Maps<SKB> {
+    #[inline(always)]
+    fn l4_csum(&self, pkt: &Pkt, off: usize, udp: bool, pseudo: Delta, seg: Delta) -> Option<()> {
+        if !SKB {
+            return csum::fix_l4(pkt, off, udp, pseudo, seg);
+        }
+        // Field size 0: `to` is the difference to add. The pseudo-header's
+        // part with BPF_F_PSEUDO_HDR (a partial checksum takes only that
+        // part; a device's sum of the packet, CHECKSUM_COMPLETE, follows
+        // it), the segment's part without.
+        let mangled = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+        let skb = self.ctx as *mut __sk_buff;
+        for (d, pseudo_flag) in [(pseudo, BPF_F_PSEUDO_HDR as u64), (seg, 0)] {
+            if d.is_empty() {
+                continue;
+            }
+            // SAFETY: helper call on the program's own socket buffer.
+            let r = unsafe {
+                bpf_l4_csum_replace(skb, off as u32, 0, d.folded() as u64, pseudo_flag | mangled)
+            };
+            if r != 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
     #[inline(always)]
     fn service(&self, key: &SvcKey) -> Option<SvcValue> {
         let i = port_index(key.proto, key.port_be)?;
@@ -303,8 +347,8 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn count(&self, c: Counter) {
-        count(c)
+    fn count_n(&self, c: Counter, n: u32) {
+        count_n(c, n)
     }
 
     #[inline(always)]
@@ -357,11 +401,11 @@ impl Tables for Maps {
     }
 
     #[inline(always)]
-    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
+    fn account(&self, svc_id: u32, packets: u32, bytes: u64, new_flow: bool) {
         if let Some(s) = SVC_STATS.get_ptr_mut(svc_id) {
             // SAFETY: per-CPU slot.
             unsafe {
-                (*s).packets += 1;
+                (*s).packets += packets as u64;
                 (*s).bytes += bytes;
                 if new_flow {
                     (*s).new_flows += 1;
@@ -371,7 +415,7 @@ impl Tables for Maps {
     }
 }
 
-impl RevTables for Maps {
+impl<const SKB: bool> RevTables for Maps<SKB> {
     #[inline(always)]
     fn reply(&self, key: &ReplyKey4) -> Option<ReplyValue4> {
         // SAFETY: replaced whole by user space; copied at once.

@@ -21,7 +21,7 @@ use crate::skb::{self, DESTINATION};
 /// `fwd::ORIGIN_HOST` or `ORIGIN_TASK`); anything else goes on untouched.
 #[inline(always)]
 pub fn serve(ctx: &TcContext, pkt: &Pkt, origin: u8) -> i32 {
-    let maps = Maps {
+    let maps = Maps::<true> {
         ctx: ctx.skb.skb as *mut _,
     };
     let plan = fwd::node_origin(pkt, &maps, origin, skb::is_gso(ctx));

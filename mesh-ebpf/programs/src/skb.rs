@@ -4,6 +4,8 @@
 //! the partial checksums of local sockets' packets, which direct writes
 //! with incremental updates would break), lower a SYN's MSS, encapsulate,
 //! and hand a packet to the node's own stack.
+//! (`headers` is the uplink intercept's read: more headers, and the GSO
+//! size, which the shared logic needs for a GRO packet.)
 
 use aya_ebpf::bindings::{
     BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_INGRESS,
@@ -39,8 +41,10 @@ const PULL_LEN: u32 = 176;
 
 /// `bpf_skb_adjust_room`'s flags for our encapsulation: an outer IPv4 and
 /// UDP header, then the 12-byte mesh header as the "inner L2" (so GSO
-/// finds the inner IPv4 header behind it).
-const ENCAP_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+/// finds the inner IPv4 header behind it). Without FIXED_GSO: a socket
+/// buffer standing for several segments gets its segment size lowered
+/// by the room, so each segment still fits the link.
+pub const ENCAP_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | ((core::mem::size_of::<EncapHdr>() as u64) << 56);
 
@@ -71,6 +75,46 @@ pub fn packet(ctx: &TcContext) -> Option<Pkt> {
     }
     // SAFETY: as above.
     Some(unsafe { Pkt::with_len(data, data_end, len as usize) })
+}
+
+/// The packet as the uplink's intercept reads it: its linear part, its
+/// whole length and its segment size (GSO). When fewer than `want` bytes
+/// (or the whole packet, if shorter) are directly readable, that much is
+/// pulled into the linear part first (a copy: only the odd packet whose
+/// headers are not all there pays it). `None`: the pull failed.
+#[inline(always)]
+pub fn headers(ctx: &TcContext, want: u32) -> Option<Pkt> {
+    let skb = ctx.skb.skb;
+    // SAFETY: context field reads.
+    let (data, data_end, len, gso, segs) = unsafe {
+        (
+            (*skb).data as usize,
+            (*skb).data_end as usize,
+            (*skb).len,
+            (*skb).gso_size,
+            (*skb).gso_segs,
+        )
+    };
+    let want = if len < want { len } else { want };
+    let (data, data_end) = if data_end - data < want as usize {
+        ctx.pull_data(want).ok()?;
+        // SAFETY: re-read after the pull invalidated the pointers.
+        unsafe { ((*skb).data as usize, (*skb).data_end as usize) }
+    } else {
+        (data, data_end)
+    };
+    // SAFETY: data..data_end is the linear part, `len` the whole length.
+    let pkt = unsafe { Pkt::with_len(data, data_end, len as usize) };
+    Some(pkt.with_gso(gso as usize, segs))
+}
+
+/// The packets on the wire the socket buffer stands for: 1, or its GSO
+/// segments.
+#[inline(always)]
+pub fn segs(ctx: &TcContext) -> u32 {
+    // SAFETY: context field read.
+    let s = unsafe { (*ctx.skb.skb).gso_segs };
+    if s == 0 { 1 } else { s }
 }
 
 /// The packet's bytes after a helper moved or rewrote them (every earlier

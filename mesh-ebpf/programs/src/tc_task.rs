@@ -25,7 +25,7 @@ use mesh_common::pkt::Pkt;
 use mesh_common::rev;
 
 use crate::fib::{forward, ingress_ifindex};
-use crate::maps::{Maps, config, count, count_drop};
+use crate::maps::{Maps, config, count, count_drop, count_n};
 use crate::origin;
 use crate::skb::{self, SOURCE};
 
@@ -34,7 +34,7 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     let Some(pkt) = skb::packet(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let maps = Maps {
+    let maps = Maps::<true> {
         ctx: ctx.skb.skb as *mut _,
     };
     let r = match rev::lookup(&pkt, &maps, ingress_ifindex(&ctx)) {
@@ -81,19 +81,19 @@ pub fn mesh_tc_task(ctx: TcContext) -> i32 {
 /// forwarded flow in direct mode), to this node's own stack (a flow one of
 /// its processes started), or back to the flow's ingress node.
 #[inline(always)]
-fn send(ctx: &TcContext, pkt: &Pkt, r: &rev::Reply, maps: &Maps, len: u32) -> i32 {
+fn send(ctx: &TcContext, pkt: &Pkt, r: &rev::Reply, maps: &Maps<true>, len: u32) -> i32 {
     if !rev::via_ingress(r) {
         if rev::to_host(r, maps) {
             count(Counter::RepliesToHost);
             return skb::to_host(pkt);
         }
         if r.fwd.ingress != 0 {
-            count(Counter::RepliesDirect);
+            count_n(Counter::RepliesDirect, skb::segs(ctx));
         }
         return forward(ctx, pkt, r.addr, r.ip.daddr, ingress_ifindex(ctx));
     }
     let cfg = config();
-    count(Counter::RepliesToIngress);
+    count_n(Counter::RepliesToIngress, skb::segs(ctx));
     skb::encapsulate(ctx, &rev::reply_outer(r, &cfg), len, ingress_ifindex(ctx))
 }
 

@@ -34,7 +34,7 @@ use crate::maps::{Maps, count, count_drop};
 
 #[xdp]
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
-    let maps = Maps {
+    let maps = Maps::<false> {
         ctx: ctx.ctx as *mut _,
     };
     // SAFETY: data..data_end is the packet.

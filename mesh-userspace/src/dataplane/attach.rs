@@ -31,6 +31,33 @@ pub enum XdpAttach {
     Generic,
 }
 
+/// Where the mesh takes clients' packets on the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Intercept {
+    /// At XDP (`mesh_xdp`), before the kernel builds a socket buffer; TC
+    /// ingress (`mesh_tc_uplink`) hands local tasks their packets. An XDP
+    /// program changes what the kernel does with all of the uplink's
+    /// traffic (on a veth, the peer's TSO is turned off).
+    Xdp,
+    /// At TC ingress alone (`mesh_tc_ingress`): no XDP program on the
+    /// uplink, so it keeps its offloads (TSO, GRO) for all traffic, and
+    /// one program run serves every segment of a GRO packet.
+    Tc,
+}
+
+/// meshd's intercept unless told otherwise (chosen from the benchmark:
+/// see the README's Performance section).
+pub const DEFAULT_INTERCEPT: Intercept = Intercept::Tc;
+
+impl Intercept {
+    pub fn name(self) -> &'static str {
+        match self {
+            Intercept::Xdp => "xdp",
+            Intercept::Tc => "tc",
+        }
+    }
+}
+
 /// How TC programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TcAttach {
@@ -294,8 +321,25 @@ impl Programs {
         self.ebpf.as_mut().expect("present until dropped")
     }
 
-    /// Attaches XDP and the delivery TC program to the uplink.
-    pub fn attach_uplink(&mut self, iface: &str, mode: XdpAttach) -> Result<()> {
+    /// Attaches the intercept to the uplink: XDP (in `mode`) and the
+    /// delivery TC program, or the TC program that does it all. (Links a
+    /// previous meshd pinned for the other intercept are left to
+    /// [`Self::prune_pinned_links`], once everything is attached: until
+    /// then both serve, harmlessly, as the new one passes what the old one
+    /// already rewrote.)
+    pub fn attach_uplink(
+        &mut self,
+        iface: &str,
+        intercept: Intercept,
+        mode: XdpAttach,
+    ) -> Result<()> {
+        if intercept == Intercept::Tc {
+            self.attach_tc(PROG_TC_INGRESS, iface).with_context(|| {
+                format!("attaching TC ingress ({}) to {iface}", self.tc.as_str())
+            })?;
+            info!(%iface, tc = self.tc.as_str(), "attached the intercept at TC ingress to the uplink (no XDP)");
+            return Ok(());
+        }
         let pin_path = self.pins.as_ref().map(|p| p.link(PROG_XDP, iface));
         let prog: &mut Xdp = self.ebpf_mut().program_mut(PROG_XDP).unwrap().try_into()?;
         // The XDP link a previous meshd pinned, with this program swapped

@@ -30,6 +30,7 @@ pub fn max_entries(limits: &Limits) -> Vec<(&'static str, u32)> {
         (MAP_SVC_STATS, limits.max_services),
         (MAP_SVC_NAMES, limits.max_services),
         (MAP_BACKENDS, limits.max_backends),
+        (MAP_LOCAL_DEV, limits.max_backends),
         (MAP_NODES, limits.max_nodes),
         (MAP_NODE_BY_ADDR4, limits.max_nodes),
         (MAP_LOCAL4, limits.reply_entries()),
@@ -94,15 +95,25 @@ pub fn load_with_pins(
         .try_into()?;
     xdp.load()
         .with_context(|| format!("the verifier refused {PROG_XDP}"))?;
-    for name in [PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_HOST] {
+    verified(xdp.info(), PROG_XDP);
+    for name in [PROG_TC_UPLINK, PROG_TC_TASK, PROG_TC_INGRESS, PROG_TC_HOST] {
         let p: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
             .try_into()?;
         p.load()
             .with_context(|| format!("the verifier refused {name}"))?;
+        verified(p.info(), name);
     }
     Ok(Loaded { ebpf, logger })
+}
+
+/// Logs how many instructions the verifier went through for a program:
+/// its budget is a million, and the forward path's branches multiply.
+fn verified(info: Result<aya::programs::ProgramInfo, aya::programs::ProgramError>, name: &str) {
+    if let Some(n) = info.ok().and_then(|i| i.verified_instruction_count()) {
+        debug!("{name}: the verifier processed {n} instructions (of 1,000,000 at most)");
+    }
 }
 
 /// FNV-1a (64 bits) of the dataplane's object: the same bytes, the same

@@ -47,7 +47,7 @@ pub mod pin;
 pub mod stats;
 pub mod writer;
 
-pub use attach::{OnExit, Programs, TcAttach, XdpAttach};
+pub use attach::{DEFAULT_INTERCEPT, Intercept, OnExit, Programs, TcAttach, XdpAttach};
 pub use load::{BPF_OBJECT, FLOOR_OBJECT};
 pub use stats::StatsReader;
 pub use writer::{Applier, ApplyError, MapWriter, Writer};

@@ -31,6 +31,7 @@ pub struct MapWriter {
     node_index: BpfHashMap<MapData, u32, u32>,
     locals: BpfHashMap<MapData, ReplyKey4, u32>,
     config: Array<MapData, NodeConfig>,
+    local_devs: Array<MapData, LocalDev>,
     meta: Array<MapData, PinMeta>,
     names: BpfHashMap<MapData, SvcKey, SvcName>,
     src: LpmTrie<MapData, [u32; 2], u32>,
@@ -62,6 +63,7 @@ impl MapWriter {
             node_index: take(ebpf, MAP_NODE_BY_ADDR4)?.try_into()?,
             locals: take(ebpf, MAP_LOCAL4)?.try_into()?,
             config: take(ebpf, MAP_CONFIG)?.try_into()?,
+            local_devs: take(ebpf, MAP_LOCAL_DEV)?.try_into()?,
             meta: take(ebpf, MAP_META)?.try_into()?,
             names: take(ebpf, MAP_SVC_NAMES)?.try_into()?,
             src: take(ebpf, MAP_SRC4)?.try_into()?,
@@ -112,6 +114,12 @@ impl MapWriter {
         for r in self.locals.iter() {
             let (k, slot) = r?;
             s.locals.insert(k, slot);
+        }
+        for id in 0..self.local_devs.len() {
+            let d = self.local_devs.get(&id, 0)?;
+            if d != LocalDev::default() {
+                s.local_devs.insert(id, d);
+            }
         }
         for r in self.replies.iter() {
             let (k, v) = r?;
@@ -202,6 +210,8 @@ impl Writer for MapWriter {
             Op::DelNodeIndex(a) => ignore_missing(self.node_index.remove(a))?,
             Op::PutLocal(k, slot) => self.locals.insert(k, slot, 0)?,
             Op::DelLocal(k) => ignore_missing(self.locals.remove(k))?,
+            Op::PutLocalDev(id, d) => self.local_devs.set(*id, d, 0)?,
+            Op::DelLocalDev(id) => self.local_devs.set(*id, LocalDev::default(), 0)?,
             Op::PutGens(svc, backend, node) => self.meta.set(
                 0,
                 PinMeta {

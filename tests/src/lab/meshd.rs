@@ -122,6 +122,9 @@ impl MeshdRun {
         if let Some(mode) = tc_attach_override() {
             a.extend(["--tc-attach".to_string(), mode]);
         }
+        if let Some(i) = intercept_override() {
+            a.extend(["--intercept".to_string(), i]);
+        }
         if let Some(b) = &self.bpffs {
             a.extend(["--bpffs".to_string(), b.display().to_string()]);
         }
@@ -144,6 +147,44 @@ pub fn tc_mode() -> &'static str {
     match tc_attach_override().as_deref() {
         Some("netlink") => "netlink",
         _ => "tcx",
+    }
+}
+
+/// Whether `meshd` is the previous layout's meshd (`MESH_UPGRADE_FROM`,
+/// which `cargo xtask test` builds for the upgrade test).
+pub fn is_previous_meshd(meshd: &Path) -> bool {
+    std::env::var_os("MESH_UPGRADE_FROM").is_some_and(|p| Path::new(&p) == meshd)
+}
+
+/// `MESH_TEST_INTERCEPT` (xdp, tc): run every lab meshd with that
+/// intercept; unset, meshd's default (`cargo xtask test` runs the
+/// end-to-end tests with both).
+pub fn intercept_override() -> Option<String> {
+    std::env::var("MESH_TEST_INTERCEPT")
+        .ok()
+        .filter(|m| !m.is_empty())
+}
+
+/// The intercept lab meshds run with.
+pub fn intercept() -> mesh_userspace::dataplane::Intercept {
+    use mesh_userspace::dataplane::{DEFAULT_INTERCEPT, Intercept};
+    match intercept_override().as_deref() {
+        Some("xdp") => Intercept::Xdp,
+        Some("tc") => Intercept::Tc,
+        Some(other) => panic!("MESH_TEST_INTERCEPT={other}: xdp or tc"),
+        None => DEFAULT_INTERCEPT,
+    }
+}
+
+/// What meshd attaches to uplink `dev` with the lab's intercept, as
+/// [`attached_programs`] lists it.
+pub fn uplink_programs(dev: &str) -> Vec<String> {
+    let tc = tc_mode();
+    match intercept() {
+        mesh_userspace::dataplane::Intercept::Xdp => {
+            vec![format!("{dev} xdp"), format!("{dev} {tc} mesh_tc_uplink")]
+        }
+        mesh_userspace::dataplane::Intercept::Tc => vec![format!("{dev} {tc} mesh_tc_ingress")],
     }
 }
 
@@ -220,7 +261,15 @@ impl Meshd {
             args.extend(run.env.iter().cloned());
         }
         args.push(meshd.display().to_string());
-        args.extend(run.args());
+        let mut a = run.args();
+        if is_previous_meshd(meshd) {
+            // The previous layout's meshd (the upgrade test's) predates
+            // --intercept: it intercepts at XDP, whatever the lab asks.
+            if let Some(i) = a.iter().position(|x| x == "--intercept") {
+                a.drain(i..(i + 2).min(a.len()));
+            }
+        }
+        args.extend(a);
         Self::spawn_labelled(&args, rust_log, &format!("meshd {}", run.node))
     }
 

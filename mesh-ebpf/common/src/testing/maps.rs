@@ -101,6 +101,8 @@ pub struct HostMaps {
     nodes: Vec<NodeValue>,
     /// Calls of `is_node_addr4`, for tests of which lookups a path makes.
     node_addr_lookups: Cell<u64>,
+    /// `MAP_LOCAL_DEV`, by backend slot; an unused entry is all zero.
+    local_devs: Vec<LocalDev>,
     /// `MAP_SRC4`: (svc id, range address in host order, prefix length).
     src: Vec<(u32, u32, u8)>,
     /// `MAP_AFF4`. Unbounded, as conntrack.
@@ -138,6 +140,7 @@ impl HostMaps {
             stats: RefCell::new(vec![SvcStats::default(); sizes.max_services as usize]),
             nodes: vec![NodeValue::default(); sizes.max_nodes as usize],
             node_addr_lookups: Cell::new(0),
+            local_devs: vec![LocalDev::default(); sizes.max_backends as usize],
             src: Vec::new(),
             aff: RefCell::default(),
             aff_timeout: vec![0; sizes.max_services as usize],
@@ -307,6 +310,22 @@ impl HostMaps {
 
     pub fn del_local(&mut self, key: &ReplyKey4) {
         self.local.remove(key);
+    }
+
+    /// Where local backend `id`'s packets go.
+    pub fn put_local_dev(&mut self, id: u32, d: LocalDev) -> Result<(), MapError> {
+        *at(&mut self.local_devs, MAP_LOCAL_DEV, id)? = d;
+        Ok(())
+    }
+
+    /// Clears backend slot `id`'s entry (all zero: delivery by the FIB).
+    pub fn del_local_dev(&mut self, id: u32) -> Result<(), MapError> {
+        self.put_local_dev(id, LocalDev::default())
+    }
+
+    /// The entry of backend slot `id`, as the programs read it.
+    pub fn local_dev(&self, id: u32) -> Option<LocalDev> {
+        self.local_devs.get(id as usize).copied()
     }
 
     /// What this node keeps of forwarded flows.
@@ -537,8 +556,8 @@ impl Tables for HostMaps {
         self.fwd.borrow_mut().insert(*key, *v);
     }
 
-    fn count(&self, c: Counter) {
-        self.counters.borrow_mut()[c as usize] += 1;
+    fn count_n(&self, c: Counter, n: u32) {
+        self.counters.borrow_mut()[c as usize] += n as u64;
     }
 
     fn maglev(&self, index: u32) -> Option<u32> {
@@ -564,9 +583,9 @@ impl Tables for HostMaps {
         self.aff_timeout.get(svc_id as usize).copied().unwrap_or(0)
     }
 
-    fn account(&self, svc_id: u32, bytes: u64, new_flow: bool) {
+    fn account(&self, svc_id: u32, packets: u32, bytes: u64, new_flow: bool) {
         if let Some(s) = self.stats.borrow_mut().get_mut(svc_id as usize) {
-            s.packets += 1;
+            s.packets += packets as u64;
             s.bytes += bytes;
             s.new_flows += new_flow as u64;
         }
