@@ -24,6 +24,11 @@ use crate::proc::{self, CpuGroup, Proc};
 pub const HTTP_PORT: u16 = 8080;
 pub const PERF_PORT: u16 = 5201;
 
+/// meshd's arguments in the lab: its dataplane goes when it stops (the
+/// default keeps it attached, serving, for a restart to adopt), so that
+/// no other path's turn runs through a leftover XDP program.
+const ON_EXIT: &[&str] = &["--on-exit", "detach"];
+
 /// A way from the clients to the backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataPath {
@@ -292,7 +297,8 @@ defaults
         match path {
             DataPath::Mesh => {
                 let meshd = self.meshd.clone();
-                self.cluster.start_meshd(1, &meshd, &[])?;
+                self.cluster.start_meshd(1, &meshd, ON_EXIT)?;
+                self.meshd_cpu(&[1])?;
             }
             DataPath::Iptables => {
                 let (http, perf) = path.ports();
@@ -345,6 +351,17 @@ defaults
                 let _ = exec(&self.node.ns, "nft delete table ip nat");
             }
             DataPath::Haproxy | DataPath::Direct => {}
+        }
+        Ok(())
+    }
+
+    /// Puts the meshd of each of `nodes` into the CPU accounting's group
+    /// (with its threads), as every other process the lab starts.
+    fn meshd_cpu(&self, nodes: &[usize]) -> Result<()> {
+        if let Some(g) = &self.group {
+            for &j in nodes {
+                g.add(self.cluster.meshd(j)?.pid())?;
+            }
         }
         Ok(())
     }
