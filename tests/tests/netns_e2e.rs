@@ -590,7 +590,7 @@ fn root_requests_go_straight_into_the_tasks_namespace() {
         stat(&lab.node_ns, "br0", "tx_packets"),
         stat(&task_ns, "eth0", "rx_packets"),
     );
-    for i in 0..20 {
+    for i in 0..100 {
         lab.tcp_request(WEB_TCP, &format!("{i}")).unwrap();
     }
     let after = (
@@ -600,13 +600,16 @@ fn root_requests_go_straight_into_the_tasks_namespace() {
     );
     // Each connection is at least a SYN, an ACK, a request and a FIN.
     assert!(
-        after.2 - before.2 >= 80,
+        after.2 - before.2 >= 400,
         "the task received {:?}",
         after.2 - before.2
     );
-    // An ARP exchange between the task and its gateway may cross them.
+    // An ARP exchange between the task and its gateway may cross them,
+    // and a new link's IPv6 chatter (router solicitations, MLD reports)
+    // floods the bridge: a few packets, against the 400 or more the task
+    // received, all of which would cross both if delivered through them.
     assert!(
-        after.0 - before.0 < 5 && after.1 - before.1 < 5,
+        after.0 - before.0 < 20 && after.1 - before.1 < 20,
         "the host end of the veth transmitted {}, the bridge {}: delivered through them",
         after.0 - before.0,
         after.1 - before.1
