@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::util::{self, Goal};
-use crate::{churn, e2e, micro, scale, svg};
+use crate::{churn, converge, e2e, micro, scale, svg};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -23,7 +23,7 @@ pub struct Args {
     /// not to quote.
     #[arg(long)]
     pub quick: bool,
-    /// Suites to leave out (micro, e2e, scale, churn).
+    /// Suites to leave out (micro, e2e, scale, churn, converge).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
     /// Run nothing: write summary.md and the plots again from the JSON a
@@ -32,9 +32,7 @@ pub struct Args {
     pub render_only: bool,
 }
 
-const SUITES: [&str; 4] = ["micro", "scale", "churn", "e2e"];
-
-pub const CONVERGE_STUB: &str = "converge (a Docker change to maps updated on every node, p50/p99) belongs to the Docker state source and the swarm controller; it is not part of this harness yet: needs the Docker source (`meshd run --docker`) wired into a multi-node lab";
+const SUITES: [&str; 5] = ["micro", "scale", "churn", "e2e", "converge"];
 
 pub fn run(a: &Args) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -95,7 +93,22 @@ pub fn run(a: &Args) -> Result<()> {
         };
         docs.push(("e2e", timed("e2e", || e2e::run(&e))));
     }
-    eprintln!("{CONVERGE_STUB}");
+    if !skip("converge") {
+        let c = converge::Args {
+            out: None,
+            rounds: if q { 2 } else { 20 },
+            nodes: 3,
+            low: 2,
+            high: 6,
+            poll_ms: 20,
+            watch_interval_ms: converge::MESHD_DEFAULT_WATCH_MS,
+            pause_ms: 1000,
+            timeout_secs: 60,
+            logs: None,
+            meshd_log: "info".into(),
+        };
+        docs.push(("converge", timed("converge", || converge::run(&c))));
+    }
 
     for (name, d) in &docs {
         let path = a.out.join(format!("{name}.json"));
@@ -661,6 +674,9 @@ fn summary(
         }
         let _ = writeln!(s);
     }
+    if let Some(c) = doc(docs, "converge") {
+        converge_summary(&mut s, c);
+    }
     let _ = writeln!(s, "## goals\n");
     let _ = writeln!(s, "| suite | goal | target | measured | status |");
     let _ = writeln!(s, "|---|---|---|---|---|");
@@ -689,13 +705,75 @@ fn summary(
             }
         }
     }
-    let _ = writeln!(
-        s,
-        "\nNot run: {CONVERGE_STUB}. IPVS is missing from this kernel: not measured.\n"
-    );
+    let _ = writeln!(s, "\nIPVS is missing from this kernel: not measured.\n");
     let _ = writeln!(s, "## plots\n");
     for (file, what) in plots {
         let _ = writeln!(s, "- [{file}]({file}): {what}");
     }
     s
+}
+
+/// The converge suite's table: Docker's part, ours per role, the total.
+fn converge_summary(s: &mut String, c: &Value) {
+    let cfg = &c["config"];
+    let _ = writeln!(
+        s,
+        "## converge: a Docker change to every node's maps\n\n{} nodes (1 manager), a service scaled {} ↔ {} replicas, {} rounds; meshd `--watch-interval-ms {}`; the manager's tasks API and every node's maps polled every {} ms. ms, p50 / p99 / max; ours: from Docker's report (tasks running, or stopped) to the node's BPF maps (read from outside meshd) holding exactly Docker's running set (negative: before the manager's API said so).\n",
+        cfg["nodes"],
+        cfg["low"],
+        cfg["high"],
+        cfg["rounds"],
+        cfg["meshd_watch_interval_ms"],
+        cfg["poll_ms"]
+    );
+    let _ = writeln!(
+        s,
+        "| changes | n | Docker's part | ours, manager | ours, workers | ours, every node | total, every node |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let cell = |v: &Value| match (v["p50"].as_f64(), v["p99"].as_f64(), v["max"].as_f64()) {
+        (Some(a), Some(b), Some(m)) => format!("{a:.0} / {b:.0} / {m:.0}"),
+        _ => "–".into(),
+    };
+    for dir in ["up", "down", "all"] {
+        let x = &c["summary"][dir];
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            match dir {
+                "up" => "scale up",
+                "down" => "scale down",
+                _ => "all",
+            },
+            x["changes"],
+            cell(&x["docker_ms"]),
+            cell(&x["ours_ms"]["manager"]),
+            cell(&x["ours_ms"]["worker"]),
+            cell(&x["ours_ms"]["every_node"]),
+            cell(&x["total_ms"]["every_node"]),
+        );
+    }
+    let nc = c["summary"]["all"]["not_converged"].as_u64().unwrap_or(0);
+    let cpu = |key: &str| -> String {
+        c[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| format!("{}%", n["percent"]))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let _ = writeln!(
+        s,
+        "\n{}CPU of one core while changes ran, node 1 (manager) / 2 / 3: meshd {}, dockerd {} (it answers the benchmark's polls too). Load average at start {}, at end {}.\n",
+        if nc > 0 {
+            format!("**{nc} changes did not converge** within the time-out. ")
+        } else {
+            String::new()
+        },
+        cpu("meshd_cpu_percent_of_one_cpu"),
+        cpu("dockerd_cpu_percent_of_one_cpu"),
+        cfg["machine"]["loadavg"].as_str().unwrap_or("?"),
+        cfg["machine_at_end"]["loadavg"].as_str().unwrap_or("?"),
+    );
 }

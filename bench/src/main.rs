@@ -4,6 +4,7 @@
 
 mod all;
 mod churn;
+mod converge;
 mod e2e;
 mod micro;
 mod proc;
@@ -41,17 +42,14 @@ enum Cmd {
     /// Continuous requests while backends are added and removed every
     /// 100 ms: failed requests, and p99 latency against no churn (needs root).
     Churn(churn::Args),
-    /// Not yet: a Docker change to maps updated on every node, p50/p99.
-    Converge(ConvergeArgs),
+    /// A Docker change to every node's maps, in a real three-node swarm:
+    /// p50/p99 of Docker's part and meshd's, on the manager and the
+    /// workers, over repeated scale-ups and scale-downs (needs root and
+    /// docker.io).
+    Converge(converge::Args),
     /// Every suite this machine allows, then summary.md and the plots
     /// (SVG) in --out DIR (needs root).
     All(all::Args),
-}
-
-#[derive(clap::Args)]
-struct ConvergeArgs {
-    #[arg(long)]
-    out: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -93,16 +91,13 @@ fn main() -> Result<()> {
             write(out, &doc)
         }
         Cmd::Converge(a) => {
-            eprintln!("{}", all::CONVERGE_STUB);
             let out = a
                 .out
                 .as_ref()
                 .map(|o| util::out_file(o, "converge"))
                 .transpose()?;
-            write(
-                out,
-                &serde_json::json!({"bench": "converge", "status": "not run", "why": all::CONVERGE_STUB}),
-            )
+            let doc = converge::run(&a)?;
+            write(out, &doc)
         }
         Cmd::All(a) => all::run(&a),
     }

@@ -47,6 +47,15 @@ impl CpuGroup {
         Some(CpuGroup { dir, procs, usage })
     }
 
+    /// Moves a running process (all its threads) into the group: for
+    /// processes started elsewhere (meshd, started by the lab's own
+    /// code); its children from then on are in it too.
+    pub fn add(&self, pid: u32) -> Result<()> {
+        let path = Path::new(self.procs.to_str()?);
+        std::fs::write(path, pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", path.display()))
+    }
+
     /// CPU time used by the group so far, ns.
     pub fn usage_ns(&self) -> Result<u64> {
         let text = std::fs::read_to_string(&self.usage)

@@ -109,6 +109,7 @@ fn desired(services: usize, tasks: usize) -> Desired {
                 reply: None,
                 local: false,
                 source_ranges: Vec::new(),
+                affinity: None,
             },
         );
     }

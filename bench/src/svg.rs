@@ -135,13 +135,25 @@ pub fn bars(
                 }
             }
         }
-        let _ = writeln!(
+        // A name too wide for its group (many paths) goes on two lines,
+        // broken after an underscore.
+        let lines = wrap_label(cat, (gw / 6.5) as usize);
+        let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">",
             gx + gw * 0.4,
             top + ph + 18.0,
-            esc(cat)
         );
+        for (k, l) in lines.iter().enumerate() {
+            let _ = write!(
+                s,
+                "<tspan x=\"{:.1}\" dy=\"{}\">{}</tspan>",
+                gx + gw * 0.4,
+                if k == 0 { 0 } else { 14 },
+                esc(l)
+            );
+        }
+        let _ = writeln!(s, "</text>");
     }
     if let Some((v, label)) = reference {
         let y = top + ph - ph * v / ymax;
@@ -166,6 +178,21 @@ pub fn bars(
     legend(&mut s, left, h as f64 - 12.0, &names);
     s.push_str("</svg>\n");
     s
+}
+
+/// `label` in lines of at most about `max` characters, broken only after
+/// underscores (a word longer than `max` stays whole).
+fn wrap_label(label: &str, max: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for part in label.split_inclusive('_') {
+        if !cur.is_empty() && cur.len() + part.len() > max {
+            lines.push(std::mem::take(&mut cur));
+        }
+        cur.push_str(part);
+    }
+    lines.push(cur);
+    lines
 }
 
 /// Horizontal stacked bars: one row per item, one segment per part
@@ -355,6 +382,17 @@ mod tests {
         assert_eq!(nice(7.3), 10.0);
         assert_eq!(nice(180.0), 200.0);
         assert_eq!(nice(2100.0), 2500.0);
+    }
+
+    #[test]
+    fn long_labels_break_after_underscores() {
+        assert_eq!(wrap_label("mesh", 10), ["mesh"]);
+        assert_eq!(wrap_label("mesh_forward", 16), ["mesh_forward"]);
+        assert_eq!(
+            wrap_label("mesh_forward_direct", 16),
+            ["mesh_forward_", "direct"]
+        );
+        assert_eq!(wrap_label("averyverylongword", 4), ["averyverylongword"]);
     }
 
     #[test]

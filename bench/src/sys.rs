@@ -2,8 +2,9 @@
 //! wrap: an empty TC program (the floor the TC programs are measured
 //! against, two instructions, so it needs no compiler), TCX links by
 //! ifindex, the kernel's own per-program run-time statistics and per-map
-//! memory accounting (both from fdinfo), batch map updates, and entering a
-//! network namespace.
+//! memory accounting (both from fdinfo), batch map updates and lookups,
+//! read-only mappings of memory-mappable arrays, and entering a network
+//! namespace.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -213,6 +214,96 @@ pub fn update_batch<K: Copy, V: Copy>(
     sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr).context("BPF_MAP_UPDATE_BATCH")?;
     // SAFETY: the kernel wrote back how many it processed.
     Ok(unsafe { attr.batch.count })
+}
+
+/// Reads the first `keys.len()` entries of array `map` with
+/// BPF_MAP_LOOKUP_BATCH (one syscall): their keys and values; returns how
+/// many were read.
+pub fn lookup_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<u32> {
+    if keys.len() != values.len() {
+        bail!("{} keys and {} values", keys.len(), values.len());
+    }
+    let mut token = 0u32;
+    let mut attr = zeroed_attr();
+    // SAFETY: writing the batch member of a zeroed union; the buffers live
+    // through the call. No in_batch: from the first entry.
+    unsafe {
+        let b = &mut attr.batch;
+        b.out_batch = &mut token as *mut u32 as u64;
+        b.keys = keys.as_mut_ptr() as u64;
+        b.values = values.as_mut_ptr() as u64;
+        b.count = keys.len() as u32;
+        b.map_fd = map.as_raw_fd() as u32;
+    }
+    match sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(_) => {}
+        // The end of the map: `count` says how many came.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+    }
+    // SAFETY: the kernel wrote back how many it read.
+    Ok(unsafe { attr.batch.count })
+}
+
+/// A read-only shared mapping of a BPF_F_MMAPABLE array of `u32` (pairs
+/// count as two): what the map holds now, without a syscall per read.
+pub struct MmapU32 {
+    ptr: *const u32,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: read-only, and every read is an atomic load.
+unsafe impl Send for MmapU32 {}
+
+impl MmapU32 {
+    /// Maps `len` u32 of the array behind `map` (the mapping holds its own
+    /// reference to the map).
+    pub fn new(map: BorrowedFd<'_>, len: usize) -> Result<MmapU32> {
+        let bytes = (len * 4).next_multiple_of(4096);
+        // SAFETY: a shared read-only mapping of a BPF_F_MMAPABLE array of
+        // at least `len` u32.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error()).context("mmap of a BPF array");
+        }
+        Ok(MmapU32 {
+            ptr: p as *const u32,
+            len,
+            bytes,
+        })
+    }
+
+    /// Entry `i`, as it is now (None: beyond the map).
+    pub fn get(&self, i: usize) -> Option<u32> {
+        if i >= self.len {
+            return None;
+        }
+        // SAFETY: in bounds; the base is page-aligned, so every entry is
+        // 4-byte aligned. Another process stores to it: load atomically.
+        let cell = unsafe { &*(self.ptr.add(i) as *const std::sync::atomic::AtomicU32) };
+        Some(cell.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl Drop for MmapU32 {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.bytes) };
+    }
 }
 
 /// The index of device `name` in the calling thread's network namespace.

@@ -276,6 +276,12 @@ pub struct PlanArgs {
     /// (a service's old and new lists both, while it changes).
     #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_MAX_SRC_RANGES)]
     pub max_source_ranges: u32,
+    /// Clients the affinity map remembers, all services with client
+    /// affinity together (per node). When full, the least recently used
+    /// client is forgotten (its next new flow goes to Maglev's pick, the
+    /// same task while the service's tasks are unchanged).
+    #[arg(long, value_name = "N", default_value_t = mesh_common::abi::DEFAULT_AFF_ENTRIES)]
+    pub affinity_entries: u32,
     /// Confirmed flows connection tracking holds (flows whose task has
     /// answered), one entry per flow. When full, the least recently used
     /// is forgotten (its next packet is picked again by Maglev: the same
@@ -359,6 +365,7 @@ impl PlanArgs {
             max_services: self.max_services,
             max_backends: self.max_backends,
             max_src_ranges: self.max_source_ranges,
+            aff_entries: self.affinity_entries,
             ct_entries: self.ct_entries,
             ct_new_entries: self.ct_new_entries,
             ct_lifetimes: mesh_common::abi::CtLifetimes::from_secs([

@@ -215,6 +215,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         task_ports: Default::default(),
         task_devs: Default::default(),
         ports_scanned: None,
+        scanner: Scanner::new(),
         reserved,
         neighbours: crate::neigh::Neighbours::default(),
         accept_local: None,
@@ -462,6 +463,8 @@ struct Daemon {
     task_devs: BTreeMap<std::net::Ipv4Addr, crate::desired::TaskLink>,
     /// When tasks' ports were last looked for.
     ports_scanned: Option<tokio::time::Instant>,
+    /// Looks for them off the event loop.
+    scanner: Scanner,
     /// Published ports kept out of the node's own local ports.
     reserved: net::ReservedPorts,
     /// Next hops to the other nodes, kept resolved for XDP.
@@ -609,8 +612,12 @@ impl Daemon {
         Ok(report)
     }
 
-    /// Finds the ports of local tasks not found yet (or whose port went);
-    /// says whether anything changed.
+    /// Finds the ports (and links) of local tasks not found yet, or whose
+    /// port went; says whether anything changed now. Before the first
+    /// state is in (meshd not ready yet) the scan is waited for, so every
+    /// task that runs is held to its port from the start; after that it
+    /// runs off the event loop ([`Scanner`]) and `housekeeping` takes in
+    /// what it finds.
     fn find_task_ports(&mut self, tasks: &[std::net::Ipv4Addr]) -> bool {
         let before = (self.task_ports.clone(), self.task_devs.clone());
         // Forget tasks that left, and ports that went (a container
@@ -626,15 +633,36 @@ impl Daemon {
             .filter(|t| !self.task_ports.contains_key(t))
             .collect();
         if !missing.is_empty() {
-            for (t, f) in net::find_tasks(&missing) {
-                self.task_ports.insert(t, f.port);
-                if let Some(l) = f.link {
-                    self.task_devs.insert(t, l);
-                }
+            if self.applied.is_none() {
+                let found = net::find_tasks(&missing);
+                self.take_found(found, tasks);
+            } else {
+                self.scanner.start(missing);
             }
             self.ports_scanned = Some(tokio::time::Instant::now());
         }
         (self.task_ports.clone(), self.task_devs.clone()) != before
+    }
+
+    /// Takes in what a scan found, for the tasks in `tasks` (those that
+    /// left meanwhile are not ours any more); says whether anything
+    /// changed.
+    fn take_found(
+        &mut self,
+        found: BTreeMap<std::net::Ipv4Addr, net::TaskFound>,
+        tasks: &[std::net::Ipv4Addr],
+    ) -> bool {
+        let mut changed = false;
+        for (t, f) in found {
+            if !tasks.contains(&t) {
+                continue;
+            }
+            changed |= self.task_ports.insert(t, f.port) != Some(f.port);
+            if let Some(l) = f.link {
+                changed |= self.task_devs.insert(t, l) != Some(l);
+            }
+        }
+        changed
     }
 
     /// Keeps the published ports (and the range they come from) out of
@@ -718,10 +746,15 @@ impl Daemon {
         }
         let unknown = tasks.iter().any(|t| !self.task_ports.contains_key(t));
         let gone = due && self.task_ports.values().any(|i| net::ifname(*i).is_none());
-        if (unknown || gone)
-            && self.find_task_ports(&tasks)
-            && let Some(mut d) = self.applied.take()
+        let mut changed = (unknown || gone) && self.find_task_ports(&tasks);
+        // What the last scan found, once it ended.
+        if let Some(found) = self.scanner.poll()
+            && let Some(d) = &self.applied
         {
+            let now = d.local_task_addrs();
+            changed |= self.take_found(found, &now);
+        }
+        if changed && let Some(mut d) = self.applied.take() {
             d.task_ports = self.task_ports.clone();
             d.task_links = self.task_devs.clone();
             match self.applier.apply(&d) {
@@ -733,6 +766,58 @@ impl Daemon {
         // Bridge ports come and go with containers: attach to new ones.
         self.programs
             .attach_task_ifaces(&net::reply_ifaces(&self.task_links));
+    }
+}
+
+/// Looks for local tasks' ports and links on a thread of its own: a scan
+/// enters every network namespace it may find them in (one `nsenter` each)
+/// and took up to 800 ms on a loaded node, while states, signals and health
+/// answers must not wait for it. One scan at a time; a scan asked for
+/// while one runs is left to the next housekeeping round.
+struct Scanner {
+    ask: std::sync::mpsc::Sender<Vec<std::net::Ipv4Addr>>,
+    found: std::sync::mpsc::Receiver<BTreeMap<std::net::Ipv4Addr, net::TaskFound>>,
+    busy: bool,
+}
+
+impl Scanner {
+    fn new() -> Scanner {
+        let (ask, asked) = std::sync::mpsc::channel::<Vec<std::net::Ipv4Addr>>();
+        let (tell, found) = std::sync::mpsc::channel();
+        // Ends when the daemon (the asking end) goes.
+        let spawned = std::thread::Builder::new()
+            .name("task-scan".into())
+            .spawn(move || {
+                for tasks in asked {
+                    if tell.send(net::find_tasks(&tasks)).is_err() {
+                        break;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("starting the task scan thread: {e}; tasks' ports are found only at start");
+        }
+        Scanner {
+            ask,
+            found,
+            busy: false,
+        }
+    }
+
+    /// Starts a scan for `tasks`, unless one runs.
+    fn start(&mut self, tasks: Vec<std::net::Ipv4Addr>) {
+        if !self.busy && self.ask.send(tasks).is_ok() {
+            self.busy = true;
+        }
+    }
+
+    /// What the running scan found, once it ended.
+    fn poll(&mut self) -> Option<BTreeMap<std::net::Ipv4Addr, net::TaskFound>> {
+        let r = self.found.try_recv().ok();
+        if r.is_some() {
+            self.busy = false;
+        }
+        r
     }
 }
 

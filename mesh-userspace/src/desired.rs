@@ -64,6 +64,8 @@ pub struct DesiredService {
     pub local: bool,
     /// The sources allowed (sorted); empty: every source.
     pub source_ranges: Vec<Cidr4>,
+    /// Client-address affinity, with its timeout in seconds.
+    pub affinity: Option<u32>,
 }
 
 impl DesiredService {
@@ -234,6 +236,7 @@ impl Desired {
                         reply: s.reply,
                         local,
                         source_ranges: s.source_ranges.clone(),
+                        affinity: s.affinity,
                     },
                 );
             }

@@ -182,6 +182,30 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
     }
     let names: BpfHashMap<MapData, SvcKey, SvcName> =
         BpfHashMap::try_from(Map::HashMap(pinned(root, MAP_SVC_NAMES)?))?;
+    // Client affinity: the timeouts, and what this node remembers of the
+    // asked client for the port's service (if anything).
+    copy_array::<u32>(
+        pinned(root, MAP_AFF_TIMEOUT)?,
+        take(&mut ebpf, MAP_AFF_TIMEOUT)?,
+    )?;
+    let aff_key = names
+        .get(&SvcKey::new(q.dst.port(), q.proto.number()), 0)
+        .ok()
+        .map(|n| AffKey4 {
+            svc_id: n.svc_id,
+            addr: crate::plan::raw4(*q.src.ip()),
+        });
+    let mut remembered = None;
+    if let Some(k) = aff_key {
+        let live: BpfHashMap<MapData, AffKey4, AffValue4> =
+            BpfHashMap::try_from(Map::LruHashMap(pinned(root, MAP_AFF4)?))?;
+        if let Ok(v) = live.get(&k, 0) {
+            let mut copy: BpfHashMap<MapData, AffKey4, AffValue4> =
+                take(&mut ebpf, MAP_AFF4)?.try_into()?;
+            copy.insert(k, v, 0)?;
+            remembered = Some(v);
+        }
+    }
     // The asked flow's conntrack entry, where it is.
     let flow = FlowKey4 {
         saddr: crate::plan::raw4(*q.src.ip()),
@@ -398,6 +422,10 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
         "drops": dropped,
         "counters": counted,
         "conntrack": ct,
+        "affinity": remembered.map(|v| json!({
+            "remembered": backend_json(v.backend_id),
+            "followed": counted.contains(&Counter::AffinityFollowed.metric()),
+        })),
     }))
 }
 
@@ -468,6 +496,18 @@ pub fn render(v: &Value) -> String {
         );
     } else {
         s += "  conntrack: not tracked, and this packet would not be\n";
+    }
+    let aff = &v["affinity"];
+    if !aff.is_null() {
+        s += &format!(
+            "  affinity: this node remembers the client at {}{}\n",
+            be(&aff["remembered"]),
+            if aff["followed"] == true {
+                ", and follows that"
+            } else {
+                ", but not for this packet (expired, draining, or not a new flow)"
+            }
+        );
     }
     if let Some(c) = v["counters"].as_array()
         && !c.is_empty()

@@ -122,6 +122,29 @@ pub struct Service {
     /// The sources allowed to reach it (sorted, no duplicates); empty:
     /// every source.
     pub source_ranges: Vec<Cidr4>,
+    /// Client-address affinity: the timeout in seconds past a client's
+    /// last new flow for which it keeps its task; `None`: none (each flow
+    /// is picked on its own).
+    pub affinity: Option<u32>,
+}
+
+/// The affinity a service asks for: "none" (the default) or "client"
+/// (kube-proxy's `sessionAffinity: ClientIP`).
+pub fn parse_affinity(s: &str) -> Result<bool, String> {
+    match s {
+        "none" => Ok(false),
+        "client" => Ok(true),
+        _ => Err(format!("{s:?} is not \"client\" or \"none\"")),
+    }
+}
+
+/// An affinity timeout in seconds, from 1 to a day (Kubernetes' bounds).
+pub fn check_affinity_timeout(secs: i64) -> Result<u32, String> {
+    let max = mesh_common::abi::MAX_AFFINITY_TIMEOUT_SECS;
+    u32::try_from(secs)
+        .ok()
+        .filter(|s| (1..=max).contains(s))
+        .ok_or_else(|| format!("{secs} is not a number of seconds from 1 to {max}"))
 }
 
 /// Which tasks a node sends a service's new flows to (kube-proxy's
@@ -477,6 +500,7 @@ impl StateBuilder {
             reply: None,
             traffic: Traffic::Cluster,
             source_ranges: Vec::new(),
+            affinity: None,
             ports: ports
                 .iter()
                 .map(|&(protocol, published, target)| Port {
@@ -493,6 +517,15 @@ impl StateBuilder {
     pub fn traffic(mut self, name: &str, t: Traffic) -> Self {
         if let Some(s) = self.state.services.iter_mut().find(|s| s.name == name) {
             s.traffic = t;
+        }
+        self
+    }
+
+    /// Client affinity for service `name` (added before), with a timeout
+    /// in seconds.
+    pub fn affinity(mut self, name: &str, timeout_secs: u32) -> Self {
+        if let Some(s) = self.state.services.iter_mut().find(|s| s.name == name) {
+            s.affinity = Some(timeout_secs);
         }
         self
     }

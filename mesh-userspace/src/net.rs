@@ -240,23 +240,17 @@ pub fn find_tasks(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, Ta
     // Each namespace meshd can see (not its own): its interfaces whose
     // peer is one of those ends (and whose ifindex that end names), with
     // their addresses and MAC.
-    for dir in NETNS_DIRS {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            continue;
-        };
-        for ns in rd.flatten() {
+    {
+        for ns in namespaces(own) {
             if wanted
                 .iter()
                 .all(|t| out.get(t).is_some_and(|f: &TaskFound| f.link.is_some()))
             {
                 return out;
             }
-            if own.is_some() && std::fs::metadata(ns.path()).map(|m| m.ino()).ok() == own {
-                continue;
-            }
             // Every family: with -4, ip leaves out the links' MACs.
             let Ok(o) = Command::new("nsenter")
-                .arg(format!("--net={}", ns.path().display()))
+                .arg(format!("--net={}", ns.display()))
                 .args(["ip", "-j", "addr", "show"])
                 .output()
             else {
@@ -312,6 +306,41 @@ pub fn find_tasks(tasks: &[Ipv4Addr]) -> std::collections::BTreeMap<Ipv4Addr, Ta
         }
     }
     out
+}
+
+/// The network namespaces a task may sit in, each once and without
+/// `own` (this process's, by inode): those bound under [`NETNS_DIRS`]
+/// (`ip netns`, dockerd's default exec root), then those of every
+/// process. A dockerd with another `--exec-root` binds its containers'
+/// namespaces elsewhere, but a container never runs without a process.
+pub fn namespaces(own: Option<u64>) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(o) = own {
+        seen.insert(o);
+    }
+    let bound = NETNS_DIRS
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()));
+    let procs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|e| e.path().join("ns/net"));
+    bound
+        .chain(procs)
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| seen.insert(m.ino()))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// An interface's Ethernet address, if it has one.

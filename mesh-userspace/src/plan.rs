@@ -8,6 +8,10 @@
 //! 1. [`Planner::put_nodes`]: new and changed nodes (backends name them);
 //! 2. [`Planner::add_backends`]: new backends, in free slots with a new
 //!    generation (nothing refers to them yet);
+//!    Then [`Planner::mark_backends`]: backends that stop or start taking
+//!    new flows get `BE_F_NO_NEW` set or cleared, before any table
+//!    without them is switched to (affinity entries that name them are
+//!    not followed from then on);
 //! 3. [`Planner::put_replies`]: reply entries of local backends (before any
 //!    table can send them a flow);
 //! 4. [`Planner::put_services`]: per changed service, its entry and Maglev
@@ -97,6 +101,9 @@ pub enum Op {
     /// Service id `.0` allows sources in range `.1`.
     PutSrc(u32, Cidr4),
     DelSrc(u32, Cidr4),
+    /// Service id `.0`'s affinity timeout, in conntrack time units
+    /// (written before a service with `SVC_F_AFFINITY` is switched to).
+    PutAffTimeout(u32, u32),
 }
 
 /// The Maglev map's default room per service and half: a table for 10
@@ -138,6 +145,8 @@ pub struct Limits {
     pub max_nodes: u32,
     /// Source ranges of all services' allow lists together.
     pub max_src_ranges: u32,
+    /// Clients the affinity map remembers (all services together).
+    pub aff_entries: u32,
 }
 
 impl Default for Limits {
@@ -152,6 +161,7 @@ impl Default for Limits {
             ct_lifetimes: CtLifetimes::default(),
             max_nodes: DEFAULT_MAX_NODES,
             max_src_ranges: DEFAULT_MAX_SRC_RANGES,
+            aff_entries: DEFAULT_AFF_ENTRIES,
         }
     }
 }
@@ -170,6 +180,7 @@ impl Limits {
             || self.ct_new_entries == 0
             || self.max_nodes == 0
             || self.max_src_ranges == 0
+            || self.aff_entries == 0
         {
             bail!("map sizes must be positive");
         }
@@ -231,6 +242,8 @@ pub struct SvcSlot {
     pub draining: Vec<BackendKey>,
     /// Its allow list (sorted); empty: every source.
     pub source_ranges: Vec<Cidr4>,
+    /// Client affinity, and its timeout in seconds.
+    pub affinity: Option<u32>,
 }
 
 /// A node's slot in the node map.
@@ -384,6 +397,8 @@ pub struct Planner {
     gens_reserved: (u32, u32, u32),
     /// The allow-list entries written, by service id.
     src: BTreeMap<u32, BTreeSet<Cidr4>>,
+    /// Backend slots written with `BE_F_NO_NEW`.
+    no_new: BTreeSet<u32>,
 }
 
 /// What pinned maps hold, as a restarted meshd reads them to adopt them
@@ -488,6 +503,7 @@ impl Snapshot {
             Op::DelSrc(id, c) => {
                 self.src.remove(&(*id, *c));
             }
+            Op::PutAffTimeout(..) => {}
         }
     }
 }
@@ -538,7 +554,12 @@ fn svc_flags(d: &Desired, ds: &DesiredService) -> u32 {
     } else {
         SVC_F_SRC_RANGES
     };
-    reply | local | src
+    let affinity = if ds.affinity.is_some() {
+        SVC_F_AFFINITY
+    } else {
+        0
+    };
+    reply | local | src | affinity
 }
 
 fn proto_of(n: u8) -> Proto {
@@ -574,6 +595,7 @@ impl Planner {
             limits,
             gens_reserved: (0, 0, 0),
             src: BTreeMap::new(),
+            no_new: BTreeSet::new(),
         }
     }
 
@@ -657,6 +679,12 @@ impl Planner {
             }
             p.backends.insert(key, *id);
         }
+        p.no_new = snap
+            .backends
+            .iter()
+            .filter(|(_, b)| b.flags & BE_F_NO_NEW != 0)
+            .map(|(id, _)| *id)
+            .collect();
         p.backend_slots = Slots::adopted(
             snap.backends.iter().map(|(i, b)| (*i, b.gen_)),
             meta.backend_gen,
@@ -698,6 +726,7 @@ impl Planner {
                     backends: Vec::new(),
                     draining: Vec::new(),
                     source_ranges: Vec::new(),
+                    affinity: None,
                 },
             );
             used_ids.insert(slot / 2);
@@ -761,7 +790,16 @@ impl Planner {
         self.put_config(d, &mut p);
         self.put_nodes(d, &mut p);
         self.put_node_index(&mut p);
-        self.add_backends(&wanted, &mut p);
+        // Backends no table of theirs takes new flows to: draining in
+        // every service that has them (a backend two ports share is the
+        // same task, draining for both or neither).
+        let no_new: BTreeSet<&BackendKey> = d
+            .services
+            .values()
+            .flat_map(|s| s.draining.iter())
+            .collect();
+        self.add_backends(&wanted, &no_new, &mut p);
+        self.mark_backends(&wanted, &no_new, &mut p);
         let locals = local_backends(d, &self.backends);
         self.put_locals(&locals, &mut p);
         let devs = local_devs(d, &self.backends);
@@ -1024,28 +1062,69 @@ impl Planner {
         }
     }
 
+    /// Backend `k` in slot `id`, generation `gen_`, as written.
+    fn backend_value(&self, k: &BackendKey, gen_: u32, no_new: bool) -> Backend {
+        let place = if k.local { BE_F_LOCAL } else { BE_F_REMOTE };
+        Backend {
+            // A local task's delivery address: where XDP DNATs to.
+            addr: [raw4(k.deliver), 0, 0, 0],
+            port_be: k.port.to_be(),
+            family: FAMILY_V4,
+            _pad0: 0,
+            flags: place | if no_new { BE_F_NO_NEW } else { 0 },
+            node_id: self.nodes[&k.node].slot,
+            gen_,
+        }
+    }
+
     /// Step 2: backends that are new, each in a free slot.
-    fn add_backends(&mut self, wanted: &BTreeSet<&BackendKey>, p: &mut Plan) {
+    fn add_backends(
+        &mut self,
+        wanted: &BTreeSet<&BackendKey>,
+        no_new: &BTreeSet<&BackendKey>,
+        p: &mut Plan,
+    ) {
         for k in wanted {
             if self.backends.contains_key(*k) {
                 continue;
             }
             let (id, gen_) = self.backend_slots.take();
-            p.ops.push(Op::PutBackend(
-                id,
-                Backend {
-                    // A local task's delivery address: where XDP DNATs to.
-                    addr: [raw4(k.deliver), 0, 0, 0],
-                    port_be: k.port.to_be(),
-                    family: FAMILY_V4,
-                    _pad0: 0,
-                    flags: if k.local { BE_F_LOCAL } else { BE_F_REMOTE },
-                    node_id: self.nodes[&k.node].slot,
-                    gen_,
-                },
-            ));
+            let nn = no_new.contains(k);
+            p.ops
+                .push(Op::PutBackend(id, self.backend_value(k, gen_, nn)));
+            if nn {
+                self.no_new.insert(id);
+            }
             self.backends.insert((*k).clone(), id);
             p.report.backends_added += 1;
+        }
+    }
+
+    /// After step 2: backends that stop (or start again) taking new flows
+    /// are rewritten in place, same slot and generation, with
+    /// `BE_F_NO_NEW` set (cleared): before any table is switched, so an
+    /// affinity entry never sends a new flow to a task that left every
+    /// table. Only the flags word differs from what packets read.
+    fn mark_backends(
+        &mut self,
+        wanted: &BTreeSet<&BackendKey>,
+        no_new: &BTreeSet<&BackendKey>,
+        p: &mut Plan,
+    ) {
+        for k in wanted {
+            let id = self.backends[*k];
+            let nn = no_new.contains(k);
+            if nn == self.no_new.contains(&id) {
+                continue;
+            }
+            let gen_ = self.backend_slots.gen_of(id);
+            p.ops
+                .push(Op::PutBackend(id, self.backend_value(k, gen_, nn)));
+            if nn {
+                self.no_new.insert(id);
+            } else {
+                self.no_new.remove(&id);
+            }
         }
     }
 
@@ -1091,8 +1170,10 @@ impl Planner {
                 backend_gen: self.backend_slots.gen_of(slot),
                 count: cands.len() as u32,
                 // The port the task sits behind, once known: its replies
-                // are trusted only from there.
-                ifindex: d.task_ports.get(&backend.addr).copied().unwrap_or(0),
+                // are trusted only from there. Found by the address it is
+                // delivered at (on a swarm node not its identity, the
+                // ingress address).
+                ifindex: d.task_ports.get(&backend.deliver).copied().unwrap_or(0),
                 cands: [ReplyCand::default(); MAX_REPLY_CANDS],
             };
             value.cands[..cands.len()].copy_from_slice(cands);
@@ -1126,7 +1207,8 @@ impl Planner {
                     && s.backends == ds.backends
                     && s.draining == ds.draining
                     && s.target == ds.target
-                    && s.flags == flags =>
+                    && s.flags == flags
+                    && s.affinity == ds.affinity =>
             {
                 None
             }
@@ -1151,7 +1233,8 @@ impl Planner {
                         && s.draining == ds.draining
                         && s.target == ds.target
                         && s.flags == flags
-                        && s.source_ranges == ds.source_ranges =>
+                        && s.source_ranges == ds.source_ranges
+                        && s.affinity == ds.affinity =>
                 {
                     continue;
                 }
@@ -1208,6 +1291,10 @@ impl Planner {
             }
             let gone: Vec<Cidr4> = have.difference(&want).copied().collect();
             *have = have.union(&want).copied().collect();
+            if let Some(secs) = ds.affinity {
+                // Before the switch: the slot switched to reads it.
+                p.ops.push(Op::PutAffTimeout(svc_id, secs_to_units(secs)));
+            }
             let skey = SvcKey::new(key.1, key.0.number());
             p.ops.push(Op::PutService {
                 key: skey,
@@ -1248,6 +1335,7 @@ impl Planner {
                     backends: ds.backends.clone(),
                     draining: ds.draining.clone(),
                     source_ranges: ds.source_ranges.clone(),
+                    affinity: ds.affinity,
                 },
             );
             if !existed {
@@ -1297,6 +1385,7 @@ impl Planner {
         for (k, id) in stale {
             p.ops.push(Op::DelBackend(id));
             self.backends.remove(&k);
+            self.no_new.remove(&id);
             self.backend_slots.release(id);
             p.report.backends_removed += 1;
         }
@@ -1388,14 +1477,20 @@ impl Planner {
                     self.nodes.retain(|_, n| n.slot != *slot);
                     self.node_slots.release(*slot);
                 }
-                Op::PutBackend(id, _) => {
+                Op::PutBackend(id, b) => {
                     if let Some((k, _)) = next.backends.iter().find(|(_, i)| **i == *id) {
                         self.backends.insert(k.clone(), *id);
                         self.backend_slots.mark_used(*id);
                     }
+                    if b.flags & BE_F_NO_NEW != 0 {
+                        self.no_new.insert(*id);
+                    } else {
+                        self.no_new.remove(id);
+                    }
                 }
                 Op::DelBackend(id) => {
                     self.backends.retain(|_, i| *i != *id);
+                    self.no_new.remove(id);
                     self.backend_slots.release(*id);
                 }
                 Op::PutService { key, .. } => {
@@ -1464,7 +1559,11 @@ impl Planner {
                     }
                     self.src.retain(|_, h| !h.is_empty());
                 }
-                Op::WriteTable { .. } | Op::ResetStats(_) | Op::PutName(..) | Op::DelName(_) => {}
+                Op::WriteTable { .. }
+                | Op::ResetStats(_)
+                | Op::PutName(..)
+                | Op::DelName(_)
+                | Op::PutAffTimeout(..) => {}
             }
         }
         // The regions packets may read are those of the services as the
@@ -1910,11 +2009,35 @@ mod tests {
         let (ops, r) = p.plan(&state(Availability::Drain)).unwrap();
         assert_eq!((r.backends_added, r.backends_removed), (0, 0));
         assert_eq!(r.services_changed, 2, "both ports' tables change");
-        assert!(
-            !ops.iter()
-                .any(|o| matches!(o, Op::PutBackend(..) | Op::DelBackend(_))),
-            "no backend is rewritten: {ops:#?}"
+        // n2's backends are marked in place (same slot, same generation:
+        // conntrack still finds them), before any table is switched.
+        let first_switch = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutService { .. }))
+            .unwrap();
+        let marked: Vec<(usize, u32, Backend)> = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                Op::PutBackend(id, b) => Some((i, *id, *b)),
+                _ => None,
+            })
+            .collect();
+        assert!(!ops.iter().any(|o| matches!(o, Op::DelBackend(_))));
+        let n2: BTreeSet<u32> = before
+            .iter()
+            .filter(|(k, _)| k.node == "n2")
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(
+            marked.iter().map(|(_, id, _)| *id).collect::<BTreeSet<_>>(),
+            n2
         );
+        for (i, id, b) in &marked {
+            assert!(*i < first_switch, "marked before the switch: {ops:#?}");
+            assert_eq!(b.flags, BE_F_REMOTE | BE_F_NO_NEW);
+            assert_eq!(b.gen_, p.backend_slots.gen_of(*id));
+        }
         assert_eq!(p.backends, before);
         // Every table (one per published port) holds only n1's task.
         let tables = ops
@@ -1932,6 +2055,15 @@ mod tests {
         let (ops, r) = p.plan(&state(Availability::Active)).unwrap();
         assert_eq!((r.backends_added, r.backends_removed), (0, 0));
         assert_eq!(p.backends, before, "back in the same slots");
+        assert!(
+            ops.iter()
+                .filter_map(|o| match o {
+                    Op::PutBackend(_, b) => Some(b),
+                    _ => None,
+                })
+                .all(|b| b.flags == BE_F_REMOTE),
+            "unmarked: {ops:#?}"
+        );
         assert_eq!(table_of(&p, &ops), [task(2), task(3), task(4)].into());
     }
 
@@ -2287,7 +2419,10 @@ mod adopt_tests {
                 let d = random_state(&mut rng);
                 let (ops, _) = q.plan(&d).unwrap();
                 for op in &ops {
-                    if let Op::PutBackend(id, b) = op {
+                    // (A backend marked in place keeps its pair.)
+                    if let Op::PutBackend(id, b) = op
+                        && maps.backends.get(id).map(|x| x.gen_) != Some(b.gen_)
+                    {
                         assert!(
                             handed.insert((*id, b.gen_)),
                             "seed {seed}: ({id}, {}) handed out twice",
@@ -2416,5 +2551,90 @@ mod src_tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("exceed --max-source-ranges 3"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod affinity_tests {
+    use super::*;
+    use crate::model::StateBuilder;
+
+    fn d(affinity: Option<u32>, draining: bool) -> Desired {
+        let mut b = StateBuilder::new()
+            .node("n1", [198, 18, 128, 1])
+            .service("web", &[(Proto::Tcp, 30080, 8080)])
+            .task("web", "n1", [198, 18, 129, 2])
+            .task("web", "n1", [198, 18, 129, 3]);
+        if draining {
+            b = b.draining();
+        }
+        if let Some(t) = affinity {
+            b = b.affinity("web", t);
+        }
+        Desired::compute(&b.build().unwrap(), "n1", &[]).unwrap()
+    }
+
+    /// Affinity reaches the service's flags, its timeout is written before
+    /// the switch to the slot that has the flag, and a new timeout alone
+    /// switches the service again.
+    #[test]
+    fn affinity_sets_the_flag_and_its_timeout_goes_before_the_switch() {
+        let web = d(Some(600), false);
+        assert_eq!(web.services[&(Proto::Tcp, 30080)].affinity, Some(600));
+        let mut p = Planner::new(Limits::default());
+        let (ops, _) = p.plan(&d(None, false)).unwrap();
+        assert!(!ops.iter().any(|o| matches!(o, Op::PutAffTimeout(..))));
+        let (ops, r) = p.plan(&web).unwrap();
+        assert_eq!(r.services_changed, 1);
+        let at = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
+        let timeout = at(&|o| matches!(o, Op::PutAffTimeout(0, u) if *u == secs_to_units(600)));
+        let switch =
+            at(&|o| matches!(o, Op::PutService { value, .. } if value.flags & SVC_F_AFFINITY != 0));
+        assert!(timeout < switch, "{ops:#?}");
+        assert_eq!(p.plan(&web).unwrap().0, vec![], "settled");
+        let (ops, _) = p.plan(&d(Some(60), false)).unwrap();
+        assert!(
+            ops.contains(&Op::PutAffTimeout(0, secs_to_units(60))),
+            "{ops:#?}"
+        );
+        let (ops, _) = p.plan(&d(None, false)).unwrap();
+        assert!(ops.iter().any(
+            |o| matches!(o, Op::PutService { value, .. } if value.flags & SVC_F_AFFINITY == 0)
+        ));
+    }
+
+    /// A task that drains is marked `BE_F_NO_NEW` (in place) before the
+    /// table without it is switched to, so that no affinity entry sends it
+    /// a new flow; a restarted meshd adopts the mark.
+    #[test]
+    fn a_draining_backend_is_marked_before_its_table_switch_and_the_mark_is_adopted() {
+        let mut p = Planner::new(Limits::default());
+        let mut maps = Snapshot::default();
+        for op in p.plan(&d(Some(600), false)).unwrap().0 {
+            maps.apply(&op);
+        }
+        let (ops, _) = p.plan(&d(Some(600), true)).unwrap();
+        let mark = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutBackend(_, b) if b.flags & BE_F_NO_NEW != 0))
+            .expect("marked");
+        let switch = ops
+            .iter()
+            .position(|o| matches!(o, Op::PutService { .. }))
+            .unwrap();
+        assert!(mark < switch, "{ops:#?}");
+        ops.iter().for_each(|o| maps.apply(o));
+        let (mut q, _) = Planner::adopt(Limits::default(), &maps, &d(Some(600), true));
+        let (ops, _) = q.plan(&d(Some(600), true)).unwrap();
+        assert!(
+            !ops.iter().any(|o| matches!(o, Op::PutBackend(..))),
+            "the mark is adopted: {ops:#?}"
+        );
+        let (ops, _) = q.plan(&d(Some(600), false)).unwrap();
+        assert!(
+            ops.iter()
+                .any(|o| matches!(o, Op::PutBackend(_, b) if b.flags == BE_F_LOCAL)),
+            "unmarked: {ops:#?}"
+        );
     }
 }

@@ -70,6 +70,7 @@ impl Sim {
             Op::PutGens(..) | Op::PutName(..) | Op::DelName(_) => {}
             Op::PutSrc(id, c) => m.put_src(id, crate::plan::raw4(c.addr), c.len),
             Op::DelSrc(id, c) => m.del_src(id, crate::plan::raw4(c.addr), c.len),
+            Op::PutAffTimeout(id, units) => m.put_aff_timeout(id, units)?,
         }
         Ok(())
     }

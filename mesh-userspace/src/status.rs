@@ -7,7 +7,7 @@
 //! { "from": "...", "node": "n1", "generation": 3,
 //!   "health": { "status": 200, "answer": "ok: ..." },
 //!   "services": [ { "name", "protocol", "port", "target", "traffic", "source_ranges",
-//!                   "tasks", "local_tasks", "new_flows", "packets", "bytes" } ],
+//!                   "affinity", "tasks", "local_tasks", "new_flows", "packets", "bytes" } ],
 //!   "nodes": [ { "name", "addr", "availability", "status", "tasks" } ],
 //!   "conntrack": [ { "table", "entries", "capacity" } ],
 //!   "counters": { "mesh_forwarded_packets_total": 0, ... },
@@ -28,6 +28,15 @@ use serde_json::{Value, json};
 use crate::dataplane::stats::{ServiceIndex, StatsReader};
 use crate::health::Health;
 use crate::model::{Proto, State};
+
+/// A service's affinity as status shows it: "none", or "client/SECONDSs"
+/// (one word, for the table).
+pub fn affinity_text(a: Option<u32>) -> String {
+    match a {
+        None => "none".into(),
+        Some(t) => format!("client/{t}s"),
+    }
+}
 
 /// The status of a running daemon.
 pub fn of_daemon(
@@ -60,6 +69,7 @@ pub fn of_daemon(
                 "target": p.target,
                 "traffic": s.traffic.as_str(),
                 "source_ranges": s.source_ranges.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+                "affinity": affinity_text(s.affinity),
                 "tasks": h.tasks,
                 "local_tasks": h.local_tasks,
                 "new_flows": st.new_flows,
@@ -178,6 +188,9 @@ pub fn of_pins(root: &Path) -> Result<Value> {
                 "target": null,
                 "traffic": if v.flags & SVC_F_LOCAL_ONLY != 0 { "local" } else { "cluster" },
                 "source_ranges": if v.flags & SVC_F_SRC_RANGES != 0 { json!(["(set)"]) } else { json!([]) },
+                // The pinned maps hold the timeout in coarse clock units
+                // only: the setting, not the seconds the state gave.
+                "affinity": if v.flags & SVC_F_AFFINITY != 0 { "client" } else { "none" },
                 "tasks": v.backend_count,
                 "local_tasks": null,
                 "new_flows": st.new_flows,
@@ -282,6 +295,7 @@ pub fn render(v: &Value) -> String {
                 cell(&s["target"]),
                 cell(&s["traffic"]),
                 cell(&s["source_ranges"]),
+                cell(&s["affinity"]),
                 cell(&s["tasks"]),
                 cell(&s["local_tasks"]),
                 cell(&s["new_flows"]),
@@ -298,6 +312,7 @@ pub fn render(v: &Value) -> String {
             "TARGET",
             "TRAFFIC",
             "SOURCES",
+            "AFFINITY",
             "TASKS",
             "LOCAL",
             "NEW FLOWS",

@@ -58,6 +58,21 @@ fn check_shows_traffic_mode_and_source_ranges() {
     );
 }
 
+/// A service's client affinity is shown with its timeout.
+#[test]
+fn check_shows_affinity() {
+    let p = state_file(
+        "affinity-ok.toml",
+        &GOOD.replace(
+            "name = \"web\"",
+            "name = \"web\"\naffinity = \"client\"\naffinity_timeout = 900",
+        ),
+    );
+    let (code, out, err) = meshd(&["check", "--state", p.to_str().unwrap(), "--node", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("affinity client for 900s"), "{out}");
+}
+
 /// The encapsulation port cannot be one of Docker's, nor one a published
 /// port could be assigned.
 #[test]
@@ -154,6 +169,16 @@ fn check_refuses_bad_input_naming_file_field_and_value() {
             "traffic.toml",
             GOOD.replace("name = \"web\"", "name = \"web\"\ntraffic = \"nearby\""),
             "services[0].traffic: \"nearby\" is not \"cluster\" or \"local\"",
+        ),
+        (
+            "affinity.toml",
+            GOOD.replace("name = \"web\"", "name = \"web\"\naffinity = \"ClientIP\""),
+            "services[0].affinity: \"ClientIP\" is not \"client\" or \"none\"",
+        ),
+        (
+            "affinitytimeout.toml",
+            GOOD.replace("name = \"web\"", "name = \"web\"\naffinity_timeout = 60"),
+            "services[0].affinity_timeout: is set without affinity = \"client\"",
         ),
         (
             "availability.toml",

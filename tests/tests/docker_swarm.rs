@@ -181,6 +181,15 @@ fn root_docker_single_node_swarm_is_served_and_followed_as_it_changes() {
     s.wait_state(1, T, "three tasks", |st| serving(st, "web") == 3)
         .unwrap();
     every_task_answers(&s, 30080, 3);
+    // Each task's replies are trusted only from its own port, found in
+    // the namespaces this lab's dockerd keeps under its own exec root
+    // (not /run/docker/netns): the task added by the scale-up too, found
+    // off meshd's event loop.
+    s.wait(T, "every task's port found", || {
+        let p = s.reply_ports(1)?;
+        Ok(p.len() == 3 && p.iter().all(|i| *i != 0))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", s.reply_ports(1)));
     s.docker(1, &["service", "scale", "-d", "web=1"]).unwrap();
     let st = s
         .wait_state(1, T, "one task", |st| tasks(st, "web").len() == 1)

@@ -152,3 +152,11 @@ fn root_the_floor_programs_are_their_own_object() {
     const XDP_TX: u32 = 3;
     assert_eq!(floors.run_xdp(PROG_FLOOR_LOOKUP, &ack).unwrap().ret, XDP_TX);
 }
+
+/// Client affinity over state changes and time (see
+/// `fixtures::affinity_scenario`), on the BPF object.
+#[test]
+fn root_affinity_outlives_set_changes_until_its_timeout_and_skips_draining_tasks() {
+    let mut bpf = BpfWorld::new().expect("load the BPF object (root, BPF)");
+    mesh_tests::fixtures::affinity_scenario(&mut bpf).unwrap();
+}

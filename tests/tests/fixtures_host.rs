@@ -136,3 +136,10 @@ fn the_hairpin_fixture_flow_is_a_hairpin() {
         "Maglev no longer sends port {HAIRPIN_PORT} back to its client; ports that it does: {hairpins:?}"
     );
 }
+
+/// Client affinity over state changes and time (see
+/// `fixtures::affinity_scenario`), on the host logic.
+#[test]
+fn affinity_outlives_set_changes_until_its_timeout_and_skips_draining_tasks() {
+    fixtures::affinity_scenario(&mut HostWorld::new()).unwrap();
+}

@@ -845,10 +845,20 @@ fn root_status_shows_what_the_node_serves_from_the_daemon_or_the_pins() {
         .find(|l| l.starts_with("web ") && l.contains("tcp/30080"))
         .unwrap_or_else(|| panic!("{out}"));
     let cols: Vec<&str> = web.split_whitespace().collect();
-    // SERVICE PORT TARGET TRAFFIC SOURCES TASKS LOCAL NEW-FLOWS ...
+    // SERVICE PORT TARGET TRAFFIC SOURCES AFFINITY TASKS LOCAL NEW-FLOWS ...
     assert_eq!(
-        &cols[..8],
-        ["web", "tcp/30080", "8080", "cluster", "any", "2", "2", "6"],
+        &cols[..9],
+        [
+            "web",
+            "tcp/30080",
+            "8080",
+            "cluster",
+            "any",
+            "none",
+            "2",
+            "2",
+            "6"
+        ],
         "{web}"
     );
     assert!(out.contains("n1 (this)"), "{out}");
@@ -1078,5 +1088,71 @@ fn root_explain_names_the_node_and_task_a_flow_is_forwarded_to() {
     assert!(
         text.contains(&format!("on node {}", c.node(1).addr)),
         "{text}"
+    );
+}
+
+/// Client affinity, end to end: every connection from one client address
+/// lands on one task, whichever node it enters (the nodes share nothing:
+/// Maglev hashes the address alone), while several addresses spread over
+/// the tasks; a task added to the service does not take a client away
+/// from the task it has (the node remembers it), and the setting shows in
+/// status.
+#[test]
+fn root_affinity_keeps_a_client_on_one_task_and_clients_spread() {
+    use mesh_tests::lab::{Cluster, Topology};
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut c = Cluster::build(Topology::builder().nodes(&[2, 2]).client(8)).expect("cluster");
+    c.start_tasks().unwrap();
+    let clients = c.client_addrs();
+    let three = c.state(&[(1, 1), (1, 2), (2, 1)]).render();
+    let sticky = |s: &str| web_with(s, "affinity = \"client\"\naffinity_timeout = 600");
+    c.write_state_all(&sticky(&three)).unwrap();
+    c.start_all_meshds(&meshd_path().unwrap(), &[]).unwrap();
+    let task_of = |from, j: usize, k: usize| -> String {
+        let a = c
+            .tcp_request(from, j, WEB_TCP, &format!("{k}"))
+            .unwrap_or_else(|e| panic!("from {from} via node {j}: {e:#}"));
+        a.split_whitespace().next().unwrap().to_string()
+    };
+    let mut chosen = BTreeMap::new();
+    for &from in &clients {
+        // Many connections (each from a new source port), through both
+        // nodes: one task.
+        let seen: BTreeSet<String> = (0..12).map(|k| task_of(from, 1 + k % 2, k)).collect();
+        assert_eq!(seen.len(), 1, "client {from} reached {seen:?}");
+        chosen.insert(from, seen.into_iter().next().unwrap());
+    }
+    let spread: BTreeSet<&String> = chosen.values().collect();
+    assert!(
+        spread.len() >= 2,
+        "{} clients all went to one task: {chosen:?}",
+        clients.len()
+    );
+    // A fourth task: each client keeps its task (through the node it
+    // used: that node remembers it).
+    let four = c.state(&[(1, 1), (1, 2), (2, 1), (2, 2)]).render();
+    for j in [1, 2] {
+        let skip = c.meshd(j).unwrap().log_len();
+        c.write_state(j, &sticky(&four)).unwrap();
+        c.meshd(j)
+            .unwrap()
+            .wait_log_after(skip, "generation 2 ", Duration::from_secs(10))
+            .unwrap();
+    }
+    for (k, (&from, task)) in chosen.iter().enumerate() {
+        for j in [1, 2] {
+            assert_eq!(
+                &task_of(from, j, 100 + k),
+                task,
+                "client {from} via node {j}"
+            );
+        }
+    }
+    let (code, out, err) = c.meshd_cmd(1, &meshd_path().unwrap(), &["status"]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains("client/600s")),
+        "{out}"
     );
 }

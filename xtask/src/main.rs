@@ -139,7 +139,9 @@ fn run() -> Result<()> {
             need_root("the benchmarks load BPF programs and build network namespaces")?;
             setup()?;
             bench_setup()?;
-            say("building (release): meshd and the benchmark");
+            // mesh-tests' binaries too: the swarm lab (converge) puts
+            // mesh-udp-echo, built beside meshd, into its image.
+            say("building (release): meshd, the lab's tools and the benchmark");
             cargo(
                 &root,
                 &[
@@ -147,6 +149,8 @@ fn run() -> Result<()> {
                     "--release",
                     "-p",
                     "mesh-userspace",
+                    "-p",
+                    "mesh-tests",
                     "-p",
                     "mesh-bench",
                     "--bins",

@@ -1,12 +1,23 @@
 //! The end-to-end lab: clients (one namespace per address), one node, and
 //! backends behind the node's bridge, each serving HTTP (nginx) and
-//! iperf3; and the data paths a client can reach them by.
+//! iperf3; a second node on the same segment with no task of its own (the
+//! forwarding paths' ingress node); and the data paths a client can reach
+//! the backends by.
 //!
 //! The node is set up as dockerd leaves a host (FORWARD policy DROP,
 //! bridged frames through iptables), plus stateless FORWARD accepts for
 //! the backends' subnet, so that the direct path (routed, no NAT) works.
 //! Those rules cost the mesh and HAProxy nothing: the mesh's packets never
 //! enter FORWARD, HAProxy's are the node's own.
+//!
+//! Forwarding (`MeshForward`, `MeshForwardDirect`): the clients send to
+//! the second node, whose meshd encapsulates to the first (same state on
+//! both). The segment stays plain outside those turns: XDP_TX out of a
+//! veth reaches the peer only if the peer has an XDP program, and XDP on
+//! a veth turns TSO off on its peer, so the XDP_PASS program on the
+//! segment's end of the second node's uplink, and complete checksums from
+//! the clients and the nodes' uplinks (XDP sees bytes: a partial checksum
+//! would be sent on broken), are switched on only for those turns.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -14,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use mesh_tests::lab::shell::pass_xdp;
 use mesh_tests::lab::state::StateFile;
 use mesh_tests::lab::topology::{Client, Node};
 use mesh_tests::lab::{Cluster, Topology, exec, ip};
@@ -23,6 +35,11 @@ use crate::proc::{self, CpuGroup, Proc};
 /// The ports the backends serve on.
 pub const HTTP_PORT: u16 = 8080;
 pub const PERF_PORT: u16 = 5201;
+
+/// meshd's arguments in the lab: its dataplane goes when it stops (the
+/// default keeps it attached, serving, for a restart to adopt), so that
+/// no other path's turn runs through a leftover XDP program.
+const ON_EXIT: &[&str] = &["--on-exit", "detach"];
 
 /// A way from the clients to the backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,15 +57,24 @@ pub enum DataPath {
     Haproxy,
     /// Straight to one backend, routed by the node without NAT: the floor.
     Direct,
+    /// meshd on both nodes, clients to the second node (no task): it
+    /// encapsulates to the first, which delivers; replies back through
+    /// the second node (via-ingress, meshd's default).
+    MeshForward,
+    /// As `MeshForward`, replies straight from the first node to the
+    /// client (`--reply-mode direct`).
+    MeshForwardDirect,
 }
 
 impl DataPath {
-    pub const ALL: [DataPath; 5] = [
+    pub const ALL: [DataPath; 7] = [
         DataPath::MeshTc,
         DataPath::MeshXdp,
         DataPath::Iptables,
         DataPath::Haproxy,
         DataPath::Direct,
+        DataPath::MeshForward,
+        DataPath::MeshForwardDirect,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +84,8 @@ impl DataPath {
             DataPath::Iptables => "iptables",
             DataPath::Haproxy => "haproxy",
             DataPath::Direct => "direct",
+            DataPath::MeshForward => "mesh_forward",
+            DataPath::MeshForwardDirect => "mesh_forward_direct",
         }
     }
 
@@ -69,8 +97,12 @@ impl DataPath {
     /// uses the backend's own.
     fn ports(self) -> (u16, u16) {
         match self {
-            // Never on together: the same ports.
-            DataPath::MeshTc | DataPath::MeshXdp => (30080, 30201),
+            // Never on together: the same ports (the forwarding paths at
+            // the second node).
+            DataPath::MeshTc
+            | DataPath::MeshXdp
+            | DataPath::MeshForward
+            | DataPath::MeshForwardDirect => (30080, 30201),
             DataPath::Iptables => (31080, 31201),
             DataPath::Haproxy => (32080, 32201),
             DataPath::Direct => (HTTP_PORT, PERF_PORT),
@@ -90,6 +122,23 @@ impl DataPath {
     pub fn udp(self) -> bool {
         self != DataPath::Haproxy
     }
+
+    /// Whether meshd runs for it (on the first node; the forwarding paths
+    /// on both).
+    pub fn meshd(self) -> bool {
+        matches!(
+            self,
+            DataPath::MeshTc
+                | DataPath::MeshXdp
+                | DataPath::MeshForward
+                | DataPath::MeshForwardDirect
+        )
+    }
+
+    /// Whether the clients send to the second node, which forwards.
+    pub fn forwards(self) -> bool {
+        matches!(self, DataPath::MeshForward | DataPath::MeshForwardDirect)
+    }
 }
 
 pub struct E2eLab {
@@ -97,26 +146,33 @@ pub struct E2eLab {
     servers: Vec<Proc>,
     pub cluster: Cluster,
     pub node: Node,
+    /// The second node: no task, the forwarding paths' ingress node.
+    pub forwarder: Node,
     pub clients: Vec<Client>,
     pub backends: Vec<Ipv4Addr>,
     pub dir: PathBuf,
     meshd: PathBuf,
     iptables_rules: Vec<String>,
+    /// The XDP_PASS program on the segment's end of the second node's
+    /// uplink, during the forwarding paths' turns.
+    segment_xdp: Option<aya::Ebpf>,
     /// Last: empty once every process above has stopped.
     pub group: Option<CpuGroup>,
 }
 
 impl E2eLab {
     /// `clients` client namespaces (one address each), one node with
-    /// `backends` backends, each serving nginx and iperf3; HAProxy on the
-    /// node (idle until its path is measured).
+    /// `backends` backends, each serving nginx and iperf3, and a second
+    /// node without any; HAProxy on the first node (idle until its path is
+    /// measured).
     pub fn new(clients: usize, backends: usize, meshd: &Path) -> Result<E2eLab> {
-        let mut spec = Topology::builder().node(backends);
+        let mut spec = Topology::builder().node(backends).node(0).plain_segment();
         for _ in 0..clients {
             spec = spec.client(1);
         }
         let cluster = Cluster::build(spec)?;
         let node = cluster.node(1).clone();
+        let forwarder = cluster.node(2).clone();
         let clients_v = cluster.topo.clients.clone();
         let backends_v: Vec<Ipv4Addr> = node.tasks.iter().map(|t| t.addr).collect();
         let dir = cluster.topo.dir.clone();
@@ -124,11 +180,13 @@ impl E2eLab {
             servers: Vec::new(),
             cluster,
             node,
+            forwarder,
             clients: clients_v,
             backends: backends_v,
             dir,
             meshd: meshd.to_path_buf(),
             iptables_rules: Vec::new(),
+            segment_xdp: None,
             group: CpuGroup::new(),
         };
         lab.setup()?;
@@ -206,7 +264,10 @@ impl E2eLab {
         )?;
         self.servers.push(p);
         proc::wait_listening(&n.ns, DataPath::Haproxy.ports().0, Duration::from_secs(10))?;
-        std::fs::write(self.cluster.state_path(1), self.state().render())?;
+        // The same state on both nodes.
+        let st = self.state().render();
+        std::fs::write(self.cluster.state_path(1), &st)?;
+        std::fs::write(self.cluster.state_path(2), &st)?;
         Ok(())
     }
 
@@ -278,6 +339,7 @@ defaults
         let (http, perf) = DataPath::MeshTc.ports();
         let mut st = StateFile::new()
             .node(&self.node.name, self.node.addr)
+            .node(&self.forwarder.name, self.forwarder.addr)
             .service(
                 "web",
                 &[
@@ -297,6 +359,7 @@ defaults
         let (h, p) = path.ports();
         match path {
             DataPath::Direct => (self.backends[0], h, p),
+            x if x.forwards() => (self.forwarder.addr, h, p),
             _ => (self.node.addr, h, p),
         }
     }
@@ -318,6 +381,20 @@ defaults
                     &meshd,
                     &["--intercept", mode, "--on-exit", "detach"],
                 )?;
+                self.meshd_cpu(&[1])?;
+            }
+            DataPath::MeshForward | DataPath::MeshForwardDirect => {
+                self.wire(true)?;
+                let seg = self.cluster.topo.segment_ns.clone();
+                self.segment_xdp = Some(pass_xdp(&seg, vec![self.forwarder.segment_port.clone()])?);
+                let extra: &[&str] = if path == DataPath::MeshForwardDirect {
+                    &["--on-exit", "detach", "--reply-mode", "direct"]
+                } else {
+                    ON_EXIT
+                };
+                let meshd = self.meshd.clone();
+                self.cluster.start_meshds(&[1, 2], &meshd, extra)?;
+                self.meshd_cpu(&[1, 2])?;
             }
             DataPath::Iptables => {
                 let (http, perf) = path.ports();
@@ -367,6 +444,15 @@ defaults
                     "meshd left programs on the uplink: {left:?}"
                 );
             }
+            DataPath::MeshForward | DataPath::MeshForwardDirect => {
+                let (s1, s2) = (self.cluster.stop_meshd(1), self.cluster.stop_meshd(2));
+                // Detaches the segment's XDP_PASS program.
+                self.segment_xdp = None;
+                self.wire(false)?;
+                for (j, st) in [(1, s1?), (2, s2?)] {
+                    ensure!(st.success(), "meshd on node {j} exited with {st}");
+                }
+            }
             DataPath::Iptables => {
                 for r in std::mem::take(&mut self.iptables_rules) {
                     exec(&self.node.ns, &format!("iptables -t nat -D {r}"))?;
@@ -379,11 +465,46 @@ defaults
         Ok(())
     }
 
-    /// meshd's counters: drops (must stay 0).
-    pub fn mesh_drops(&self) -> Result<u64> {
+    /// Complete checksums from the clients and both nodes' uplinks (on),
+    /// or the checksum offload back (off): the clients' as a real client's
+    /// NIC would, the uplinks' as the veths come.
+    fn wire(&self, on: bool) -> Result<()> {
+        let tx = if on { "off" } else { "on" };
+        for c in &self.clients {
+            exec(&c.ns, &format!("ethtool -K {} tx {tx}", c.iface))?;
+        }
+        for n in [&self.node, &self.forwarder] {
+            exec(&n.ns, &format!("ethtool -K {} tx {tx}", n.uplink))?;
+        }
+        Ok(())
+    }
+
+    /// Puts the meshd of each of `nodes` into the CPU accounting's group
+    /// (with its threads), as every other process the lab starts.
+    fn meshd_cpu(&self, nodes: &[usize]) -> Result<()> {
+        if let Some(g) = &self.group {
+            for &j in nodes {
+                g.add(self.cluster.meshd(j)?.pid())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A counter of node `j`'s meshd (the sum of its samples).
+    pub fn metric(&self, j: usize, name: &str) -> Result<u64> {
         self.cluster
-            .metric(1, "mesh_drops_total", "")
-            .context("reading meshd's metrics")
+            .metric(j, name, "")
+            .with_context(|| format!("reading meshd's metrics on node {j}"))
+    }
+
+    /// meshd's counters: drops (must stay 0), over the nodes `path` runs
+    /// meshd on.
+    pub fn mesh_drops(&self, path: DataPath) -> Result<u64> {
+        let mut d = self.metric(1, "mesh_drops_total")?;
+        if path.forwards() {
+            d += self.metric(2, "mesh_drops_total")?;
+        }
+        Ok(d)
     }
 
     /// Whether IPVS exists in this kernel (it does not here: say so).

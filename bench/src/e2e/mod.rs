@@ -1,7 +1,9 @@
 //! `mesh-bench e2e`: the mesh against what users would pick instead, in a
 //! lab of network namespaces, side by side in one run: meshd, iptables
 //! DNAT with conntrack, HAProxy (tcp mode), and the floor, a client routed
-//! straight to one backend. Rounds interleave the paths (starting one
+//! straight to one backend; and the mesh through a node that forwards (no
+//! task of its own: it encapsulates to the node that runs the backend),
+//! replies back through it or straight from the backend's node. Rounds interleave the paths (starting one
 //! path later each round); each path is switched on only while it is
 //! measured, so that one path's cost (meshd's XDP program on the uplink,
 //! conntrack) never lands on another's figures.
@@ -46,7 +48,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub stream_secs: u32,
     /// Paths to measure (default: all): mesh_tc, mesh_xdp, iptables,
-    /// haproxy, direct.
+    /// haproxy, direct, mesh_forward, mesh_forward_direct.
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
 }
@@ -62,6 +64,11 @@ struct Round {
     udp_pps: Option<f64>,
     udp_sent_pps: Option<f64>,
     mesh_drops: Option<u64>,
+    /// Forwarding paths: the counters that show the path was taken
+    /// (packets the second node encapsulated, packets the first node
+    /// decapsulated, replies the second node sent on, replies the first
+    /// node sent straight to clients).
+    forwarding: Option<Value>,
 }
 
 pub fn run(a: &Args) -> Result<Value> {
@@ -92,8 +99,9 @@ pub fn run(a: &Args) -> Result<Value> {
     let mut lab = E2eLab::new(a.clients, a.backends, &meshd).context("the e2e lab")?;
     let script = load::write_script(&lab.dir)?;
     eprintln!(
-        "e2e lab: node {}, {} backend(s) from {}, {} clients ({}); {} s per wrk run, {} conns per client",
+        "e2e lab: node {} (forwarding node {}), {} backend(s) from {}, {} clients ({}); {} s per wrk run, {} conns per client",
         lab.node.addr,
+        lab.forwarder.addr,
         lab.backends.len(),
         lab.backends[0],
         lab.clients.len(),
@@ -119,7 +127,7 @@ pub fn run(a: &Args) -> Result<Value> {
             let r = r.with_context(|| format!("round {} path {}", round + 1, p.name()))?;
             off?;
             eprintln!(
-                "round {}/{} {:<9} keepalive {:>8.0} rps, close {:>8.0} rps, stream {} Gbit/s, udp {} pps ({:.0} s)",
+                "round {}/{} {:<19} keepalive {:>8.0} rps, close {:>8.0} rps, stream {} Gbit/s, udp {} pps ({:.0} s)",
                 round + 1,
                 a.rounds,
                 p.name(),
@@ -142,6 +150,13 @@ pub fn run(a: &Args) -> Result<Value> {
 fn measure(lab: &E2eLab, script: &std::path::Path, p: DataPath, a: &Args) -> Result<Round> {
     let (addr, http_port, perf_port) = lab.addr(p);
     let mut r = Round::default();
+    // meshd keeps its counters across restarts (its maps are pinned):
+    // the forwarding checks take differences.
+    let before = if p.forwards() {
+        Some(forwarding_counters(lab)?)
+    } else {
+        None
+    };
     // Warm-up: connections, neighbours, caches (not recorded).
     load::http(lab, script, addr, http_port, Mode::KeepAlive, 1, a.conns)?;
     for mode in [Mode::KeepAlive, Mode::Close] {
@@ -160,10 +175,54 @@ fn measure(lab: &E2eLab, script: &std::path::Path, p: DataPath, a: &Args) -> Res
             r.udp_sent_pps = Some(sent);
         }
     }
-    if p.intercept().is_some() {
-        r.mesh_drops = Some(lab.mesh_drops()?);
+    if p.meshd() {
+        r.mesh_drops = Some(lab.mesh_drops(p)?);
+    }
+    if p.forwards() {
+        // A checked path: every request went through the second node's
+        // encapsulation and the first node's decapsulation (a path that
+        // quietly took another way would not be the forwarding path).
+        let requests: u64 = r.http.values().map(|h| h.requests).sum();
+        let (b, a) = (before.unwrap_or_default(), forwarding_counters(lab)?);
+        let d = |k: usize| a[k].saturating_sub(b[k]);
+        let (fwd, decap, back, direct, mss) = (d(0), d(1), d(2), d(3), d(4));
+        ensure!(
+            fwd >= requests && decap >= requests,
+            "{}: {requests} requests, yet node 2 forwarded {fwd} packets and node 1 decapsulated {decap}",
+            p.name()
+        );
+        if p == DataPath::MeshForward {
+            ensure!(
+                back >= requests,
+                "via-ingress: {requests} requests, {back} replies back through node 2"
+            );
+        } else {
+            ensure!(
+                direct >= requests && back == 0,
+                "direct replies: {requests} requests, {direct} replies sent straight, {back} through node 2"
+            );
+        }
+        r.forwarding = Some(json!({
+            "forwarded_packets_node2": fwd,
+            "decapsulated_packets_node1": decap,
+            "replies_from_backends_node2": back,
+            "replies_direct_node1": direct,
+            "mss_clamped_node2": mss,
+        }));
     }
     Ok(r)
+}
+
+/// Packets node 2 encapsulated, node 1 decapsulated, replies node 2 sent
+/// on, replies node 1 sent straight to clients, SYNs node 2 clamped.
+fn forwarding_counters(lab: &E2eLab) -> Result<[u64; 5]> {
+    Ok([
+        lab.metric(2, "mesh_forwarded_packets_total")?,
+        lab.metric(1, "mesh_decapsulated_packets_total")?,
+        lab.metric(2, "mesh_replies_from_backends_total")?,
+        lab.metric(1, "mesh_replies_direct_total")?,
+        lab.metric(2, "mesh_mss_clamped_total")?,
+    ])
 }
 
 fn med(v: impl Iterator<Item = f64>) -> Option<f64> {
@@ -204,7 +263,7 @@ fn report(
         a.rounds, a.clients, a.conns, a.secs
     );
     println!(
-        "{:<9} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>7}",
+        "{:<19} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>7}",
         "path", "mode", "req/s", "p50 ms", "p99 ms", "cpu us/req", "vs direct", "errors"
     );
     let mut paths_json = Vec::new();
@@ -227,7 +286,7 @@ fn report(
                 x.map(|v| format!("{v:.d$}")).unwrap_or_else(|| "-".into())
             };
             println!(
-                "{:<9} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>7}",
+                "{:<19} {:<10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>7}",
                 p.name(),
                 m,
                 f(rps, 0),
@@ -271,7 +330,7 @@ fn report(
     }
     println!();
     println!(
-        "{:<9} {:>14} {:>12} {:>14}",
+        "{:<19} {:>14} {:>12} {:>14}",
         "path", "TCP Gbit/s", "vs direct", "UDP pps recv"
     );
     let stream = |p: &str| med(per_round(p, |r| r.stream_gbit).into_iter().flatten());
@@ -284,7 +343,7 @@ fn report(
             _ => None,
         };
         println!(
-            "{:<9} {:>14} {:>12} {:>14}",
+            "{:<19} {:>14} {:>12} {:>14}",
             p.name(),
             s.map(|x| format!("{x:.2}")).unwrap_or("-".into()),
             ratio.map(|x| format!("{x:.3}")).unwrap_or("-".into()),
@@ -325,6 +384,20 @@ fn report(
         .filter_map(|m| rounds.get(m))
         .flat_map(|v| v.iter().filter_map(|r| r.mesh_drops))
         .max();
+    // The forwarding paths: drops over both nodes, and the counters that
+    // show each round took the path.
+    let forwarding: Vec<Value> = paths
+        .iter()
+        .filter(|p| p.forwards())
+        .map(|p| {
+            let v = rounds.get(p.name()).map(Vec::as_slice).unwrap_or(&[]);
+            json!({
+                "name": p.name(),
+                "mesh_drops": v.iter().filter_map(|r| r.mesh_drops).max(),
+                "rounds": v.iter().map(|r| r.forwarding.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     println!("{ipvs}");
 
     // Goals.
@@ -409,6 +482,11 @@ fn report(
             r.map(|r| r >= 0.95),
         ));
     }
+    // The same ratios through a node that forwards (issue 10).
+    for p in paths.iter().filter(|p| p.forwards()) {
+        ratio_goal(&mut goals, p.name(), "keepalive", 0.95);
+        ratio_goal(&mut goals, p.name(), "close", 0.9);
+    }
     util::print_goals(&goals);
 
     json!({
@@ -422,6 +500,7 @@ fn report(
             .map(|m| (m.to_string(), json!(direct_with_mesh(m).map(r3))))
             .collect::<serde_json::Map<String, Value>>(),
         "mesh_drops": mesh_drops,
+        "forwarding": forwarding,
         "ipvs": ipvs,
         "goals": goals.iter().map(|g| g.json()).collect::<Vec<_>>(),
         "config": {
@@ -432,6 +511,7 @@ fn report(
             "connections_per_client": a.conns,
             "backends": lab.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
             "node": lab.node.addr.to_string(),
+            "forwarding_node": lab.forwarder.addr.to_string(),
             "stream_secs": a.stream_secs,
             "cpu_accounting": if lab.group.is_some() { "cgroup (cpuacct) of the lab's processes" } else { "none: machine-wide only" },
             "machine": machine,
@@ -441,8 +521,11 @@ fn report(
             "keepalive: wrk's persistent connections; close: \"Connection: close\" on every request, so every request is a new TCP connection (the server closes first).",
             "The server: nginx in each backend namespace, returning a 3-byte body; iperf3 servers there too. The node: as dockerd leaves a host (FORWARD policy DROP, bridged frames through iptables) plus stateless FORWARD accepts for the backends' subnet (the direct path needs them; the mesh's packets never enter FORWARD, HAProxy's are the node's own).",
             "mesh_tc and mesh_xdp: meshd with --intercept tc (the default: one TC ingress program on the uplink, no XDP) and --intercept xdp (mesh_xdp, then mesh_tc_uplink). Each path is switched on only while it is measured: meshd is started for the mesh's turn and stopped after (an XDP program on the uplink turns TSO off on the veth peer, which would slow every other path); the DNAT rules are added for iptables' turn and the nat table deleted after (no conntrack on the node for the other paths). HAProxy idles on ports of its own.",
-            "cpu_us_per_req: CPU time of the lab's processes (wrk, nginx, HAProxy, meshd, iperf3; a cpuacct cgroup they all join) during the run over requests, including the kernel's packet work done in their context; machine_cpu_us_per_req: the whole machine's busy time from /proc/stat over requests (includes anything else running on the machine).",
+            "cpu_us_per_req: CPU time of the lab's processes (wrk, nginx, HAProxy, meshd of every node the path runs it on, iperf3; a cpuacct cgroup they all join, meshd once it has started) during the run over requests, including the kernel's packet work done in their context; machine_cpu_us_per_req: the whole machine's busy time from /proc/stat over requests (includes anything else running on the machine).",
             "Streams: iperf3 from the first client, one TCP stream; UDP: 64-byte datagrams as fast as iperf3 sends, received datagrams per second. The direct stream is also measured while meshd is attached (each mesh path's rounds, so per intercept): traffic that is not the mesh's, through the same uplink.",
+            "Forwarding (mesh_forward, mesh_forward_direct): a second node on the same segment as the clients and the first node, with no task of its own and meshd with the same state (both nodes, the service, the backends on the first node). Clients send to the second node's address; its XDP program picks the backend, encapsulates (40 bytes: outer IPv4, UDP 6090, mesh header) and sends it to the first node with XDP_TX; the first node strips it and delivers to the backend. mesh_forward: replies go back through the second node (via-ingress, meshd's default); mesh_forward_direct: the first node sends them straight to the client from the second node's address (--reply-mode direct). Every round checks that node 2 forwarded and node 1 decapsulated at least as many packets as there were requests, and where the replies went.",
+            "Forwarding needs, for its turns only (switched on with meshd and off after): an XDP_PASS program on the segment's end of the second node's uplink (XDP_TX out of a veth reaches the peer only if the peer has an XDP program; a physical NIC needs nothing), and complete checksums from the clients and both uplinks (ethtool -K tx off: XDP sees bytes, and a veth passes a partial checksum on as it is). MTU 1500 everywhere: meshd lowers the MSS of forwarded SYNs and of the backend's SYN-ACKs to 1420, so the encapsulated segments fit.",
+            "Direct is not quite a like-for-like floor for the forwarding paths: direct crosses one router (the first node), the forwarding paths two nodes and the segment twice (three for via-ingress replies); and in their turns the clients compute checksums and segment in software (tx off also turns TSO off), which the other paths' clients leave to the veth. Their ratios to direct include both.",
             "Ratios are between paths measured in the same run.",
         ],
     })

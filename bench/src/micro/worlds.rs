@@ -488,6 +488,7 @@ pub fn with_fillers(base: &Desired, total: usize) -> Desired {
                 reply: None,
                 local: false,
                 source_ranges: Vec::new(),
+                affinity: None,
             },
         );
     }

@@ -85,6 +85,19 @@ pub const MAP_LOCAL_DEV: &str = "MESH_LDEV_V1";
 /// `SVC_F_SRC_RANGES`: a source no range of its service holds is dropped
 /// (`DropReason::SourceDenied`), in XDP, before conntrack.
 pub const MAP_SRC4: &str = "MESH_SRC4_V1";
+/// Client-address affinity, per node: `AffKey4` (service id, raw client
+/// address) -> `AffValue4` (the backend slot and generation the client's
+/// last new flow went to, and when). Read and written only for services
+/// with `SVC_F_AFFINITY`, on new flows: an entry is followed while it is
+/// younger than its service's timeout (`MAP_AFF_TIMEOUT`), its service
+/// and backend slot keep their generations and the backend still takes
+/// new flows (no `BE_F_NO_NEW`). LRU, one list for all CPUs.
+pub const MAP_AFF4: &str = "MESH_AFF4_V1";
+/// The affinity timeout of each service, by svc id: a `u32` in conntrack
+/// time units ([`now_units`]); read only for services with
+/// `SVC_F_AFFINITY` (written before the service is switched to a slot
+/// that has the flag).
+pub const MAP_AFF_TIMEOUT: &str = "MESH_AFFTO_V1";
 /// User space only (no program reads it): one `PinMeta`, what a restarted
 /// meshd needs to adopt the pinned maps safely: the generations handed
 /// out so far (written before any op that uses a higher one).
@@ -119,6 +132,8 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_META,
     MAP_SVC_NAMES,
     MAP_SRC4,
+    MAP_AFF4,
+    MAP_AFF_TIMEOUT,
 ];
 
 /// What a pinned map holds, which decides whether a restarted meshd may
@@ -142,8 +157,10 @@ pub fn map_role(name: &str) -> Option<MapRole> {
     Some(match name {
         MAP_PORTS | MAP_SERVICES | MAP_NODE_ADDR4 | MAP_BACKENDS | MAP_MAGLEV | MAP_REPLY4
         | MAP_NODES | MAP_NODE_BY_ADDR4 | MAP_LOCAL4 | MAP_CONFIG | MAP_META | MAP_SVC_NAMES
-        | MAP_SRC4 | MAP_LOCAL_DEV => MapRole::State,
-        MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 => MapRole::Flows,
+        | MAP_SRC4 | MAP_AFF_TIMEOUT | MAP_LOCAL_DEV => MapRole::State,
+        // Affinity entries name backend slots and generations, as
+        // conntrack entries do.
+        MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 | MAP_AFF4 => MapRole::Flows,
         MAP_SVC_STATS | MAP_DROPS | MAP_COUNTERS => MapRole::Counters,
         _ => return None,
     })
@@ -212,6 +229,13 @@ pub const DEFAULT_MAX_NODES: u32 = 1024;
 pub const MAX_DROP_REASONS: u32 = 64;
 /// Source ranges all services' allow lists can hold together.
 pub const DEFAULT_MAX_SRC_RANGES: u32 = 4096;
+/// Clients the affinity map remembers (all services together).
+pub const DEFAULT_AFF_ENTRIES: u32 = 65_536;
+/// The affinity timeout when a service does not say (kube-proxy's
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default: 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// The longest affinity timeout (Kubernetes' bound too: one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
 
 /// A published port and protocol. Docker publishes a port on every node
 /// address, so the address is checked separately (`MAP_NODE_ADDR4`), and
@@ -288,6 +312,37 @@ pub const SVC_F_REPLY_DIRECT: u32 = 1 << 1;
 /// The service has a source-range allow list (`MAP_SRC4`): sources none
 /// of its ranges holds are dropped.
 pub const SVC_F_SRC_RANGES: u32 = 1 << 2;
+/// Client-address affinity: Maglev picks a new flow's task by the client's
+/// address alone (every node picks the same one for a client), and the
+/// node remembers each client's task in `MAP_AFF4` for the service's
+/// timeout, so that it keeps it when the backend set changes.
+pub const SVC_F_AFFINITY: u32 = 1 << 3;
+
+/// Key of `MAP_AFF4`: a service and a client. 8-aligned on the stack (see
+/// `FlowKey4`).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct AffKey4 {
+    pub svc_id: u32,
+    /// The client's address, raw.
+    pub addr: u32,
+}
+const _: () = assert!(size_of::<AffKey4>() == 8);
+
+/// Value of `MAP_AFF4`: where the client's last new flow went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffValue4 {
+    /// Slot and generation of the backend.
+    pub backend_id: u32,
+    pub backend_gen: u32,
+    /// The service's generation (`SvcValue::gen_`): an entry of a port
+    /// that passed to another service on the same id is no entry.
+    pub svc_gen: u32,
+    /// The client's last new flow, in [`now_units`].
+    pub seen: u32,
+}
+const _: () = assert!(size_of::<AffValue4>() == 16);
 
 /// The LPM trie key of `MAP_SRC4` (as aya's `Key<[u32; 2]>`): prefix
 /// length (32 + the range's), then the service id and the raw address.
@@ -334,6 +389,12 @@ pub const FAMILY_V6: u8 = 6;
 pub const BE_F_LOCAL: u32 = 1 << 0;
 /// The task runs on another node: forward to it.
 pub const BE_F_REMOTE: u32 = 1 << 1;
+/// The backend gets no new flows (a draining task, a task on a paused or
+/// drained node, another node's task of a `local` service): it is in no
+/// table, and affinity entries that name it are not followed. Its
+/// established flows go on. Set before the table without it is switched
+/// to.
+pub const BE_F_NO_NEW: u32 = 1 << 2;
 
 /// A node of the swarm, in its slot of `MAP_NODES`. Slots are reused,
 /// each time with the next generation, as backend slots are.
@@ -441,12 +502,15 @@ pub enum Counter {
     /// Task replies (and ICMP errors of tasks) rewritten to come from the
     /// address and port the client used.
     RepliesRewritten = 10,
+    /// New flows of services with client affinity sent to the task their
+    /// client had (`MAP_AFF4`) rather than to Maglev's pick.
+    AffinityFollowed = 11,
 }
 
 pub const MAX_COUNTERS: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Forwarded,
         Counter::Decapsulated,
         Counter::RepliesToIngress,
@@ -458,6 +522,7 @@ impl Counter {
         Counter::TaskOrigin,
         Counter::RepliesToHost,
         Counter::RepliesRewritten,
+        Counter::AffinityFollowed,
     ];
 
     /// The Prometheus metric name.
@@ -474,6 +539,7 @@ impl Counter {
             Counter::TaskOrigin => "mesh_task_origin_packets_total",
             Counter::RepliesToHost => "mesh_replies_to_host_total",
             Counter::RepliesRewritten => "mesh_replies_rewritten_total",
+            Counter::AffinityFollowed => "mesh_affinity_followed_total",
         }
     }
 
@@ -499,6 +565,9 @@ impl Counter {
             Counter::RepliesToHost => "Replies handed to this node's own processes.",
             Counter::RepliesRewritten => {
                 "Task replies rewritten to come from the address and port the client used."
+            }
+            Counter::AffinityFollowed => {
+                "New flows sent to the task their client had (client affinity), not Maglev's pick."
             }
         }
     }
@@ -950,6 +1019,8 @@ mod pod {
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for NodeValue {}
     unsafe impl aya::Pod for CtLifetimes {}
+    unsafe impl aya::Pod for AffKey4 {}
+    unsafe impl aya::Pod for AffValue4 {}
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LocalDev {}

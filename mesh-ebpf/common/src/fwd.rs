@@ -32,10 +32,11 @@
 //! shapes, in plain collections).
 
 use crate::abi::{
-    BE_F_LOCAL, Backend, CT_CLOSING, CT_OPEN, CT_SYN, CTF_RECOVERED, Counter, CtLifetimes, CtValue,
-    DropReason, ENCAP_F_DIRECT, ENCAP_K_REPLY, ENCAP_K_REQUEST, ENCAP_VERSION, EncapHdr, FlowKey4,
-    FwdValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NodeConfig, NodeValue, ReplyKey4,
-    SVC_F_REPLY_DIRECT, SVC_F_SRC_RANGES, SvcKey, SvcValue,
+    AffKey4, AffValue4, BE_F_LOCAL, BE_F_NO_NEW, Backend, CT_CLOSING, CT_OPEN, CT_SYN,
+    CTF_RECOVERED, Counter, CtLifetimes, CtValue, DropReason, ENCAP_F_DIRECT, ENCAP_K_REPLY,
+    ENCAP_K_REQUEST, ENCAP_VERSION, EncapHdr, FlowKey4, FwdValue, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, NodeConfig, NodeValue, ReplyKey4, SVC_F_AFFINITY, SVC_F_REPLY_DIRECT,
+    SVC_F_SRC_RANGES, SvcKey, SvcValue,
 };
 use crate::csum::{self, Delta};
 use crate::encap::{self, Encapsulated, Outer};
@@ -121,6 +122,14 @@ pub trait Tables {
     fn l4_csum(&self, pkt: &Pkt, off: usize, udp: bool, pseudo: Delta, seg: Delta) -> Option<()> {
         csum::fix_l4(pkt, off, udp, pseudo, seg)
     }
+
+    /// The task a client of a service with `SVC_F_AFFINITY` had.
+    fn aff_get(&self, key: &AffKey4) -> Option<AffValue4>;
+    /// Remembers a client's task (an LRU map: the least recently used
+    /// client is forgotten when full).
+    fn aff_put(&self, key: &AffKey4, v: &AffValue4);
+    /// Service `svc_id`'s affinity timeout, in conntrack time units.
+    fn affinity_timeout(&self, svc_id: u32) -> u32;
 }
 
 /// What to do with a packet.
@@ -391,18 +400,58 @@ fn pick<T: Tables>(
             }
         }
         // New, re-picked after its backend went, or picked up again after
-        // its entry was lost: Maglev picks.
-        match select_for(t, svc, &flow, avoid) {
-            Ok((id, b)) => {
-                backend_id = id;
-                be = b;
+        // its entry was lost: the client's task if its service has
+        // affinity and this node remembers one it may still have, else
+        // Maglev's pick. (Services without affinity pay this one flag
+        // test.)
+        let affinity = svc.flags & SVC_F_AFFINITY != 0;
+        let aff_key = AffKey4 {
+            svc_id: svc.svc_id,
+            addr: ip.saddr,
+        };
+        let mut followed = false;
+        if affinity
+            && let Some(a) = t.aff_get(&aff_key)
+            && a.svc_gen == svc.gen_
+            && now.wrapping_sub(a.seen) <= t.affinity_timeout(svc.svc_id)
+            && let Some(b) = t.backend(a.backend_id)
+            && b.gen_ == a.backend_gen
+            && b.flags & BE_F_NO_NEW == 0
+            && !(avoid != 0 && b.flags & BE_F_LOCAL != 0 && b.addr[0] == avoid)
+        {
+            backend_id = a.backend_id;
+            be = b;
+            followed = true;
+        }
+        if !followed {
+            match select_for(t, svc, &flow, avoid) {
+                Ok((id, b)) => {
+                    backend_id = id;
+                    be = b;
+                }
+                Err(r) => return Pick::drop(r, PICK_DROP),
             }
-            Err(r) => return Pick::drop(r, PICK_DROP),
         }
         // A task on a node the node map does not hold (yet): nothing to
         // track.
         if be.flags & BE_F_LOCAL == 0 && t.node(be.node_id).is_none() {
             return Pick::drop(DropReason::RemoteBackend, PICK_DROP);
+        }
+        if affinity {
+            // The client keeps this task for the timeout past its last
+            // new flow (kube-proxy's `recent --set` does the same).
+            t.aff_put(
+                &aff_key,
+                &AffValue4 {
+                    backend_id,
+                    backend_gen: be.gen_,
+                    svc_gen: svc.gen_,
+                    seen: now,
+                },
+            );
+            if followed {
+                t.count(Counter::AffinityFollowed);
+            }
         }
         // The flow's packets look in the confirmed table first: an entry
         // left there would send the rest of a new connection (or of a
@@ -926,10 +975,18 @@ pub fn select<T: Tables>(
     Ok((id, be))
 }
 
-/// A flow's entry in its service's table (which must not be empty).
+/// A flow's entry in its service's table (which must not be empty). A
+/// service with client affinity hashes the client's address alone: all
+/// of a client's flows pick the same task, on every node, with no state
+/// shared between nodes.
 #[inline(always)]
 fn slot_of(svc: &SvcValue, flow: &FlowKey4) -> u32 {
-    flow_hash4(flow.saddr, flow.sport_be, flow.dport_be, flow.proto) % svc.table_size
+    let h = if svc.flags & SVC_F_AFFINITY != 0 {
+        flow_hash4(flow.saddr, 0, 0, 0)
+    } else {
+        flow_hash4(flow.saddr, flow.sport_be, flow.dport_be, flow.proto)
+    };
+    h % svc.table_size
 }
 
 /// [`select`], for a flow that may come from a task of the service

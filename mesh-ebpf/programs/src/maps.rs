@@ -125,6 +125,16 @@ pub static NAMES: HashMap<SvcKey, SvcName> = HashMap::with_max_entries(DEFAULT_M
 #[map(name = "MESH_SRC4_V1")]
 pub static SRC4: LpmTrie<[u32; 2], u32> = LpmTrie::with_max_entries(DEFAULT_MAX_SRC_RANGES, 0);
 
+/// Client-address affinity (see `MAP_AFF4`). One LRU list for all CPUs,
+/// as conntrack.
+#[map(name = "MESH_AFF4_V1")]
+pub static AFF4: LruHashMap<AffKey4, AffValue4> =
+    LruHashMap::with_max_entries(DEFAULT_AFF_ENTRIES, 0);
+
+/// Affinity timeouts by svc id (see `MAP_AFF_TIMEOUT`).
+#[map(name = "MESH_AFFTO_V1")]
+pub static AFF_TIMEOUT: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
 #[inline(always)]
 pub fn count(c: Counter) {
     count_n(c, 1)
@@ -209,6 +219,24 @@ impl<const SKB: bool> Tables for Maps<SKB> {
         // (prefix length, service id, address), which is packed.
         let key = unsafe { &*(&k as *const SrcKey4 as *const Key<[u32; 2]>) };
         SRC4.get(key).is_some()
+    }
+
+    #[inline(always)]
+    fn aff_get(&self, key: &AffKey4) -> Option<AffValue4> {
+        // SAFETY: copied at once, as conntrack entries.
+        unsafe { AFF4.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn aff_put(&self, key: &AffKey4, v: &AffValue4) {
+        // LRU: evicts instead of failing; a lost entry costs the client
+        // its remembered task, not its flow.
+        let _ = AFF4.insert(key, v, 0);
+    }
+
+    #[inline(always)]
+    fn affinity_timeout(&self, svc_id: u32) -> u32 {
+        AFF_TIMEOUT.get(svc_id).copied().unwrap_or(0)
     }
 
     #[inline(always)]

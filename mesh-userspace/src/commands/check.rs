@@ -42,6 +42,9 @@ pub fn run(cfg: CheckConfig) -> Result<(), ConfigError> {
             let r: Vec<String> = svc.source_ranges.iter().map(|c| c.to_string()).collect();
             extra.push_str(&format!(", sources {}", r.join(" ")));
         }
+        if let Some(t) = svc.affinity {
+            extra.push_str(&format!(", affinity client for {t}s"));
+        }
         println!(
             "  {proto}/{port} -> {} target {} ({} tasks, {local} on this node), replies {reply}{extra}",
             svc.name,

@@ -41,6 +41,8 @@ pub fn max_entries(limits: &Limits) -> Vec<(&'static str, u32)> {
         (MAP_CT4_NEW, limits.ct_new_entries),
         (MAP_REPLY4, limits.reply_entries()),
         (MAP_SRC4, limits.max_src_ranges),
+        (MAP_AFF4, limits.aff_entries),
+        (MAP_AFF_TIMEOUT, limits.max_services),
     ]
 }
 

@@ -35,6 +35,7 @@ pub struct MapWriter {
     meta: Array<MapData, PinMeta>,
     names: BpfHashMap<MapData, SvcKey, SvcName>,
     src: LpmTrie<MapData, [u32; 2], u32>,
+    aff_timeout: Array<MapData, u32>,
     maglev: MmapU32,
     ports: MmapU32,
     addrs: MmapU32,
@@ -66,6 +67,7 @@ impl MapWriter {
             meta: take(ebpf, MAP_META)?.try_into()?,
             names: take(ebpf, MAP_SVC_NAMES)?.try_into()?,
             src: take(ebpf, MAP_SRC4)?.try_into()?,
+            aff_timeout: take(ebpf, MAP_AFF_TIMEOUT)?.try_into()?,
             maglev,
             ports,
             addrs,
@@ -225,6 +227,7 @@ impl Writer for MapWriter {
             Op::DelName(k) => ignore_missing(self.names.remove(k))?,
             Op::PutSrc(id, c) => self.src.insert(&src_key(*id, c), 1, 0)?,
             Op::DelSrc(id, c) => ignore_missing(self.src.remove(&src_key(*id, c)))?,
+            Op::PutAffTimeout(id, units) => self.aff_timeout.set(*id, units, 0)?,
         }
         Ok(())
     }

@@ -36,7 +36,10 @@ use tracing::{debug, warn};
 
 use super::ports::{self, PortMemory, Wanted};
 use super::{Beat, Update, Updates};
-use crate::model::{Cidr4, Invalid, Port, Proto, ReplyMode, Service, State, Task, Traffic};
+use crate::model::{
+    Cidr4, Invalid, Port, Proto, ReplyMode, Service, State, Task, Traffic, check_affinity_timeout,
+    parse_affinity,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -94,6 +97,11 @@ struct RawService {
     traffic: Option<String>,
     /// CIDRs allowed to reach the service; left out: every source.
     source_ranges: Option<Vec<String>>,
+    /// "client" (client-address affinity) or "none" (the default).
+    affinity: Option<String>,
+    /// Seconds a client keeps its task past its last new flow (with
+    /// `affinity = "client"` only; default 10800).
+    affinity_timeout: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -246,12 +254,35 @@ fn from_raw(
                 out
             }
         };
+        let client = match &s.affinity {
+            None => false,
+            Some(a) => {
+                parse_affinity(a).map_err(|m| Invalid::new(format!("services[{i}].affinity"), m))?
+            }
+        };
+        let affinity = match (client, s.affinity_timeout) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                // Never ignored: a timeout alone most likely means the
+                // affinity line was forgotten.
+                return Err(Invalid::new(
+                    format!("services[{i}].affinity_timeout"),
+                    "is set without affinity = \"client\"",
+                ));
+            }
+            (true, None) => Some(mesh_common::abi::DEFAULT_AFFINITY_TIMEOUT_SECS),
+            (true, Some(t)) => Some(
+                check_affinity_timeout(t)
+                    .map_err(|m| Invalid::new(format!("services[{i}].affinity_timeout"), m))?,
+            ),
+        };
         state.services.push(Service {
             name: s.name.clone(),
             ports,
             reply,
             traffic,
             source_ranges,
+            affinity,
         });
     }
     for (i, t) in raw.tasks.into_iter().enumerate() {
@@ -621,6 +652,43 @@ addr = "198.18.129.2"
         let e = err(&GOOD.replace("service = \"web\"", "service = \"db\""));
         assert!(
             e.contains("tasks[0].service: \"db\" is not a service"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn affinity_defaults_its_timeout_and_bad_values_are_refused() {
+        let with =
+            |extra: &str| GOOD.replace("name = \"dns\"", &format!("name = \"dns\"\n{extra}"));
+        let s = parse(
+            &with("affinity = \"client\""),
+            "s.toml",
+            &DEFAULT_PORT_RANGE,
+        )
+        .unwrap();
+        assert_eq!(s.services[1].affinity, Some(10_800));
+        assert_eq!(s.services[0].affinity, None);
+        let s = parse(
+            &with("affinity = \"client\"\naffinity_timeout = 60"),
+            "s.toml",
+            &DEFAULT_PORT_RANGE,
+        )
+        .unwrap();
+        assert_eq!(s.services[1].affinity, Some(60));
+        let s = parse(&with("affinity = \"none\""), "s.toml", &DEFAULT_PORT_RANGE).unwrap();
+        assert_eq!(s.services[1].affinity, None);
+        let e = err(&with("affinity = \"clientip\""));
+        assert!(
+            e.contains("services[1].affinity: \"clientip\" is not"),
+            "{e}"
+        );
+        let e = err(&with("affinity = \"client\"\naffinity_timeout = 0"));
+        assert!(e.contains("services[1].affinity_timeout: 0 is not"), "{e}");
+        let e = err(&with("affinity = \"client\"\naffinity_timeout = 86401"));
+        assert!(e.contains("services[1].affinity_timeout"), "{e}");
+        let e = err(&with("affinity_timeout = 60"));
+        assert!(
+            e.contains("services[1].affinity_timeout: is set without affinity"),
             "{e}"
         );
     }

@@ -506,6 +506,41 @@ exec {DOCKERD} --config-file {dd}/daemon.json --data-root {dd}/data --exec-root 
 
     /// GET `path` from node `j`'s meshd admin endpoint (any status): the
     /// status line's code and the body.
+    /// The interface each of node `j`'s reply entries trusts its task's
+    /// replies from (0: not found yet), read from the pinned map.
+    pub fn reply_ports(&self, j: usize) -> Result<Vec<u32>> {
+        let map = node_bpffs(&self.nodes[j - 1])?
+            .join("mesh/maps")
+            .join(mesh_common::abi::MAP_REPLY4);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&map)
+            .output()
+            .context("running bpftool")?;
+        ensure!(
+            out.status.success(),
+            "bpftool map dump {}: {}{}",
+            map.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut ports = Vec::new();
+        for e in v.as_array().context("a JSON array")? {
+            let bytes: Vec<u8> = e["value"]
+                .as_array()
+                .context("raw value bytes")?
+                .iter()
+                .filter_map(|b| b.as_str())
+                .filter_map(|b| u8::from_str_radix(b.trim_start_matches("0x"), 16).ok())
+                .collect();
+            // ReplyValue4: backend_id, backend_gen, count, ifindex, ...
+            ensure!(bytes.len() >= 16, "a reply value of {} bytes", bytes.len());
+            ports.push(u32::from_ne_bytes(bytes[12..16].try_into().unwrap()));
+        }
+        Ok(ports)
+    }
+
     pub fn admin(&self, j: usize, path: &str) -> Result<(u16, String)> {
         let path = path.to_string();
         in_netns(&self.nodes[j - 1].ns, move || raw_get(ADMIN, &path))?

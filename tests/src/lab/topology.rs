@@ -203,6 +203,7 @@ struct ClientSpec {
 pub struct TopologyBuilder {
     nodes: Vec<usize>,
     clients: Vec<ClientSpec>,
+    plain_segment: bool,
 }
 
 impl TopologyBuilder {
@@ -236,6 +237,17 @@ impl TopologyBuilder {
             addrs,
             router_mtu: Some(mtu),
         });
+        self
+    }
+
+    /// Leaves the segment plain even with several nodes: no XDP_PASS
+    /// program on its ports and the uplinks' checksum offload left on.
+    /// For a lab that switches them on only while nodes forward (the
+    /// benchmark: XDP on a veth turns TSO off on its peer, which would
+    /// slow the paths that do not forward); see `shell::pass_xdp` and
+    /// `shell::wire_checksums`.
+    pub fn plain_segment(mut self) -> Self {
+        self.plain_segment = true;
         self
     }
 
@@ -476,7 +488,7 @@ impl Topology {
                 routed: c.router_mtu.is_some(),
             });
         }
-        if self.nodes.len() > 1 {
+        if self.nodes.len() > 1 && !spec.plain_segment {
             // Only labs of several nodes: on a veth, an XDP program turns
             // TSO off on its peer, the node's uplink.
             let ports = self.nodes.iter().map(|n| n.segment_port.clone()).collect();

@@ -105,6 +105,10 @@ pub struct HostMaps {
     local_devs: Vec<LocalDev>,
     /// `MAP_SRC4`: (svc id, range address in host order, prefix length).
     src: Vec<(u32, u32, u8)>,
+    /// `MAP_AFF4`. Unbounded, as conntrack.
+    aff: RefCell<HashMap<AffKey4, AffValue4>>,
+    /// `MAP_AFF_TIMEOUT`, by svc id.
+    aff_timeout: Vec<u32>,
 }
 
 impl HostMaps {
@@ -138,7 +142,25 @@ impl HostMaps {
             node_addr_lookups: Cell::new(0),
             local_devs: vec![LocalDev::default(); sizes.max_backends as usize],
             src: Vec::new(),
+            aff: RefCell::default(),
+            aff_timeout: vec![0; sizes.max_services as usize],
         }
+    }
+
+    /// Sets service `svc_id`'s affinity timeout (conntrack units).
+    pub fn put_aff_timeout(&mut self, svc_id: u32, units: u32) -> Result<(), MapError> {
+        *at(&mut self.aff_timeout, MAP_AFF_TIMEOUT, svc_id)? = units;
+        Ok(())
+    }
+
+    /// What this node remembers of clients of services with affinity.
+    pub fn aff(&self) -> Ref<'_, HashMap<AffKey4, AffValue4>> {
+        self.aff.borrow()
+    }
+
+    /// Forgets every client (as a restart with a fresh affinity map).
+    pub fn clear_aff(&mut self) {
+        self.aff.get_mut().clear();
     }
 
     pub fn sizes(&self) -> Sizes {
@@ -547,6 +569,18 @@ impl Tables for HostMaps {
             .get(id as usize)
             .filter(|b| b.flags != 0)
             .copied()
+    }
+
+    fn aff_get(&self, key: &AffKey4) -> Option<AffValue4> {
+        self.aff.borrow().get(key).copied()
+    }
+
+    fn aff_put(&self, key: &AffKey4, v: &AffValue4) {
+        self.aff.borrow_mut().insert(*key, *v);
+    }
+
+    fn affinity_timeout(&self, svc_id: u32) -> u32 {
+        self.aff_timeout.get(svc_id as usize).copied().unwrap_or(0)
     }
 
     fn account(&self, svc_id: u32, packets: u32, bytes: u64, new_flow: bool) {

@@ -28,6 +28,7 @@ use std::net::Ipv4Addr;
 use super::view::{IngressTable, LocalTasks, SwarmView};
 use crate::model::{
     Availability, Cidr4, Invalid, Node, NodeStatus, Port, Proto, Service, State, Task, Traffic,
+    check_affinity_timeout, parse_affinity,
 };
 
 /// The node meshd runs on, as its dockerd says.
@@ -55,8 +56,16 @@ pub fn node_name(a: Ipv4Addr) -> String {
 
 /// The state for node `me`, and what was skipped (with why).
 /// A service's mesh labels, checked.
-fn read_policy(p: &super::view::ViewPolicy) -> Result<(Traffic, Vec<Cidr4>), String> {
-    use super::view::{LABEL_SOURCE_RANGES, LABEL_TRAFFIC};
+#[derive(Debug, Default)]
+struct Policy {
+    traffic: Traffic,
+    source_ranges: Vec<Cidr4>,
+    affinity: Option<u32>,
+}
+
+/// A service's mesh labels, checked.
+fn read_policy(p: &super::view::ViewPolicy) -> Result<Policy, String> {
+    use super::view::{LABEL_AFFINITY, LABEL_AFFINITY_TIMEOUT, LABEL_SOURCE_RANGES, LABEL_TRAFFIC};
     let traffic = match &p.traffic {
         None => Traffic::Cluster,
         Some(t) => Traffic::parse(t.trim()).ok_or_else(|| {
@@ -77,7 +86,31 @@ fn read_policy(p: &super::view::ViewPolicy) -> Result<(Traffic, Vec<Cidr4>), Str
         ranges.sort();
         ranges.dedup();
     }
-    Ok((traffic, ranges))
+    let client = match &p.affinity {
+        None => false,
+        Some(a) => parse_affinity(a.trim()).map_err(|e| format!("label {LABEL_AFFINITY}: {e}"))?,
+    };
+    let affinity = match (&p.affinity_timeout, client) {
+        (None, false) => None,
+        (Some(_), false) => {
+            return Err(format!(
+                "label {LABEL_AFFINITY_TIMEOUT} is set without {LABEL_AFFINITY}=client"
+            ));
+        }
+        (None, true) => Some(mesh_common::abi::DEFAULT_AFFINITY_TIMEOUT_SECS),
+        (Some(t), true) => Some(
+            t.trim()
+                .parse::<i64>()
+                .map_err(|_| format!("{t:?} is not a number of seconds"))
+                .and_then(check_affinity_timeout)
+                .map_err(|e| format!("label {LABEL_AFFINITY_TIMEOUT}: {e}"))?,
+        ),
+    };
+    Ok(Policy {
+        traffic,
+        source_ranges: ranges,
+        affinity,
+    })
 }
 
 pub fn merge(
@@ -210,11 +243,14 @@ pub fn merge(
             });
         }
         let policy = view.and_then(|v| v.policies.get(&s.name));
-        let (traffic, source_ranges) = match policy.map(read_policy).transpose() {
+        let policy = match policy.map(read_policy).transpose() {
             Ok(p) => p.unwrap_or_default(),
             Err(why) => {
                 // An allow list that cannot be read is not ignored (that
-                // would serve everyone): the service is not served.
+                // would serve everyone): the service is not served. Nor
+                // is any other label that cannot be read: a service
+                // served otherwise than it asks would look served as
+                // asked.
                 skipped.push(format!("service {}: {why}: not served", s.name));
                 tasks.retain(|t: &Task| t.service != s.name);
                 continue;
@@ -225,8 +261,9 @@ pub fn merge(
             ports,
             // The service's label, else the node's --reply-mode.
             reply: view.and_then(|v| v.reply.get(&s.name).copied()),
-            traffic,
-            source_ranges,
+            traffic: policy.traffic,
+            source_ranges: policy.source_ranges,
+            affinity: policy.affinity,
         });
     }
     let state = State {
@@ -325,6 +362,7 @@ mod tests {
             ViewPolicy {
                 traffic: Some("local".into()),
                 source_ranges: Some("198.18.0.0/16, 198.19.1.0/24".into()),
+                ..Default::default()
             },
         );
         let known = Known {
@@ -358,6 +396,64 @@ mod tests {
                     && m.contains("not served")),
             "{skipped:?}"
         );
+    }
+
+    /// mesh.affinity=client (with mesh.affinity-timeout) asks for client
+    /// affinity; a value that cannot be read, or a timeout without the
+    /// affinity, leaves the service out, as any label that cannot be read.
+    #[test]
+    fn labels_set_affinity_and_a_bad_one_is_not_ignored() {
+        use crate::source::docker::view::ViewPolicy;
+        let (me, local) = me();
+        let run = |p: ViewPolicy| {
+            let mut v = view();
+            v.policies.insert("web".into(), p);
+            let known = Known {
+                view: &v,
+                live: true,
+            };
+            merge(&me, &table(), Some(known), &local).unwrap()
+        };
+        let policy = |a: Option<&str>, t: Option<&str>| ViewPolicy {
+            affinity: a.map(Into::into),
+            affinity_timeout: t.map(Into::into),
+            ..Default::default()
+        };
+        let web = |s: &State| s.services.iter().find(|s| s.name == "web").cloned();
+        let (s, skipped) = run(policy(Some("client"), None));
+        assert!(skipped.is_empty(), "{skipped:?}");
+        assert_eq!(web(&s).unwrap().affinity, Some(10_800));
+        let (s, _) = run(policy(Some("client"), Some(" 600 ")));
+        assert_eq!(web(&s).unwrap().affinity, Some(600));
+        let (s, _) = run(policy(Some("none"), None));
+        assert_eq!(web(&s).unwrap().affinity, None);
+        for (p, why) in [
+            (
+                policy(Some("sticky"), None),
+                "label mesh.affinity: \"sticky\"",
+            ),
+            (
+                policy(Some("client"), Some("3h")),
+                "label mesh.affinity-timeout: \"3h\"",
+            ),
+            (
+                policy(Some("client"), Some("0")),
+                "label mesh.affinity-timeout: 0",
+            ),
+            (
+                policy(None, Some("60")),
+                "mesh.affinity-timeout is set without",
+            ),
+        ] {
+            let (s, skipped) = run(p);
+            assert!(web(&s).is_none() && s.tasks.iter().all(|t| t.service != "web"));
+            assert!(
+                skipped.iter().any(|m| m.contains("service web: ")
+                    && m.contains(why)
+                    && m.contains("not served")),
+                "{why}: {skipped:?}"
+            );
+        }
     }
 
     /// n2 is this node; its task w2 is delivered at its gwbridge address.

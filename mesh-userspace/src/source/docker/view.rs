@@ -79,12 +79,21 @@ pub const LABEL_TRAFFIC: &str = "mesh.traffic";
 /// The label that sets a service's source-range allow list: CIDRs,
 /// separated by commas or spaces.
 pub const LABEL_SOURCE_RANGES: &str = "mesh.source-ranges";
+/// The label that sets a service's affinity: `client` or `none`.
+pub const LABEL_AFFINITY: &str = "mesh.affinity";
+/// The label that sets a service's affinity timeout, in seconds.
+pub const LABEL_AFFINITY_TIMEOUT: &str = "mesh.affinity-timeout";
 
 /// A service's mesh labels, as given (checked when the state is built).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewPolicy {
     pub traffic: Option<String>,
     pub source_ranges: Option<String>,
+    /// Absent in what a manager of an older meshd sends.
+    #[serde(default)]
+    pub affinity: Option<String>,
+    #[serde(default)]
+    pub affinity_timeout: Option<String>,
 }
 
 /// The service label that chooses a service's reply mode.
@@ -201,6 +210,8 @@ impl SwarmView {
                 let policy = ViewPolicy {
                     traffic: label(LABEL_TRAFFIC),
                     source_ranges: label(LABEL_SOURCE_RANGES),
+                    affinity: label(LABEL_AFFINITY),
+                    affinity_timeout: label(LABEL_AFFINITY_TIMEOUT),
                 };
                 if policy != ViewPolicy::default() {
                     view.policies.insert(name.clone(), policy);
