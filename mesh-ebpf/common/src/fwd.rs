@@ -67,6 +67,8 @@ pub trait Tables {
     /// Forgets a flow's confirmed entry (a new connection on its 4-tuple,
     /// or a new pick after its backend went, replaces it).
     fn ct_forget(&self, key: &FlowKey4);
+    /// Deletes `key`'s unconfirmed entry, if any.
+    fn ct_new_forget(&self, key: &FlowKey4);
     /// Record a new (unconfirmed) flow. Failure (a full map that is not
     /// LRU) is not fatal: the flow's next packet hashes the same way.
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue);
@@ -880,6 +882,22 @@ pub fn decap_request<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdic
     };
     if t.fwd_get(&flow) != Some(want) {
         t.fwd_put(&flow, &want);
+        // The same client port may have reached the task through this
+        // node's own address before (a UDP client that sends to several
+        // nodes from one socket): the task sees one flow either way, and
+        // its replies go the way of the newest request. Replies look for
+        // a local flow first, so this node's one is forgotten (a request
+        // through this node again makes it anew, to the same task).
+        let local = FlowKey4 {
+            daddr: t.config().self_addr,
+            dport_be: info.hdr.orig_dport_be,
+            sport_be: sport,
+            ..flow
+        };
+        if local.daddr != 0 && local.daddr != info.hdr.orig_daddr {
+            t.ct_forget(&local);
+            t.ct_new_forget(&local);
+        }
     }
     t.count_n(Counter::Decapsulated, pkt.segs());
     Verdict::Local { backend_id: slot }

@@ -272,6 +272,11 @@ impl<const SKB: bool> Tables for Maps<SKB> {
     }
 
     #[inline(always)]
+    fn ct_new_forget(&self, key: &FlowKey4) {
+        let _ = CT4_NEW.remove(key);
+    }
+
+    #[inline(always)]
     fn ct_new_put(&self, key: &FlowKey4, ct: &CtValue) {
         // An LRU map evicts instead of failing; an error here can only be
         // -ENOMEM, and the flow's next packet hashes to the same backend.

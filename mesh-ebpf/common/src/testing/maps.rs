@@ -501,6 +501,10 @@ impl Tables for HostMaps {
         self.confirmed(key).borrow_mut().remove(key);
     }
 
+    fn ct_new_forget(&self, key: &FlowKey4) {
+        self.ct_new.borrow_mut().remove(key);
+    }
+
     fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
         let mut t = if confirmed {
             self.confirmed(key).borrow_mut()
