@@ -11,7 +11,7 @@ use crate::config::{
     CheckConfig, CleanupConfig, ConfigError, DrainConfig, OrConfig, RunConfig, SourceConfig,
     host_name,
 };
-use crate::dataplane::{DEFAULT_INTERCEPT, Intercept, OnExit, TcAttach, XdpAttach};
+use crate::dataplane::{Intercept, OnExit, TcAttach, XdpAttach};
 use crate::desired::Forwarding;
 use crate::model::ReplyMode;
 use crate::plan::Limits;
@@ -421,9 +421,11 @@ pub struct RunArgs {
     /// traffic; xdp: at XDP, before the kernel builds a socket buffer, at
     /// the cost of those offloads on some devices (a veth's peer loses
     /// TSO; virtio-net its receive offloads). See the README's
-    /// Performance section.
-    #[arg(long, value_enum, default_value_t = DEFAULT_INTERCEPT)]
-    pub intercept: Intercept,
+    /// Performance section. Default: the intercept a pinned dataplane on
+    /// the uplink already has (a restart or an upgrade keeps it: changing
+    /// it drops packets in flight), else tc.
+    #[arg(long, value_enum)]
+    pub intercept: Option<Intercept>,
     /// XDP attach mode (with --intercept xdp).
     #[arg(long, value_enum, default_value_t = XdpAttach::Auto)]
     pub xdp_mode: XdpAttach,

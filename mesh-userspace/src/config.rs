@@ -75,7 +75,8 @@ pub struct RunConfig {
     /// Interfaces leading to local tasks; empty: found from routes.
     pub task_ifaces: Vec<String>,
     /// Where clients' packets are taken on the uplink.
-    pub intercept: Intercept,
+    /// None: the pinned dataplane's, else the default.
+    pub intercept: Option<Intercept>,
     pub xdp_mode: XdpAttach,
     pub tc_attach: TcAttach,
     pub limits: Limits,

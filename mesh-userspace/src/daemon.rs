@@ -22,7 +22,9 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, Admin};
 use crate::config::{ConfigError, OrConfig, RunConfig, SourceConfig};
 use crate::dataplane::pin::{self, OpenError, PinDir};
-use crate::dataplane::{Applier, ApplyError, Dataplane, OnExit, Programs, load::Logger};
+use crate::dataplane::{
+    Applier, ApplyError, DEFAULT_INTERCEPT, Dataplane, OnExit, Programs, load::Logger,
+};
 use crate::desired::Desired;
 use crate::health::{self, Health, SvcHealth};
 use crate::model::State;
@@ -221,8 +223,26 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         accept_local: None,
     };
     let report = d.apply(&first).map_err(|e| anyhow::anyhow!(e))?;
+    // Unless told, the intercept stays what a pinned dataplane has:
+    // switching it detaches XDP, and the device drops what is in flight.
+    let intercept = match d.cfg.intercept {
+        Some(i) => i,
+        None => match d.programs.pinned_intercept(&d.iface) {
+            Some(i) => {
+                if i != DEFAULT_INTERCEPT {
+                    info!(
+                        iface = %d.iface,
+                        "keeping the intercept the pinned dataplane has, {} (changing it drops packets in flight; --intercept chooses)",
+                        i.name()
+                    );
+                }
+                i
+            }
+            None => DEFAULT_INTERCEPT,
+        },
+    };
     d.programs
-        .attach_uplink(&d.iface, d.cfg.intercept, d.cfg.xdp_mode)?;
+        .attach_uplink(&d.iface, intercept, d.cfg.xdp_mode)?;
     // The node's own flows: replies to them are handed in through the
     // loopback, which must take them first.
     match net::AcceptLocal::enable() {
@@ -252,7 +272,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         Desired::compute(&first, &d.cfg.node, &d.cfg.node_addrs).map_err(|e| anyhow::anyhow!(e))?;
     info!(
         node = %first.local_node.as_deref().unwrap_or(&d.cfg.node), iface = %d.iface,
-        intercept = d.cfg.intercept.name(),
+        intercept = intercept.name(),
         services = desired.services.len(),
         addrs = %desired.node_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
         "meshd ready: generation 1 applied ({report}); admin on http://{}", d.cfg.admin_addr

@@ -488,12 +488,12 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
             "the previous meshd exits cleanly: {status:#x}"
         );
         traffic.wait_rounds(10);
-        // The upgrade keeps the node's intercept: the previous meshd's is
-        // XDP (it predates --intercept). Changing it is a change of its
-        // own, and not hitless (detaching XDP makes a veth, and many
-        // drivers, reconfigure their queues): see
+        // The upgrade keeps the node's intercept without being told: the
+        // previous meshd's is XDP (it predates --intercept), and the new
+        // one's default is the pinned dataplane's. Changing it is a
+        // change of its own, and not hitless (detaching XDP makes a veth,
+        // and many drivers, reconfigure their queues): see
         // root_changing_the_intercept_across_a_restart_keeps_the_flows.
-        let run = run.extra(&["--intercept", "xdp"]);
         let next = Meshd::start(&lab.node_ns, &meshd, &run, "info").unwrap();
         next.wait_ready(Duration::from_secs(30)).unwrap();
         traffic.wait_rounds(20);
@@ -518,6 +518,12 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         "{log}"
     );
     assert!(!log.contains(" WARN "), "nothing went wrong:\n{log}");
+    if mesh_tests::lab::intercept_override().is_none() {
+        assert!(
+            log.contains("keeping the intercept the pinned dataplane has, xdp"),
+            "{log}"
+        );
+    }
     for (t, c) in conns.iter_mut() {
         assert_eq!(&c.task().expect("the connection survives the upgrade"), t);
     }

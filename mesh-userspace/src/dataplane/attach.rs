@@ -321,6 +321,23 @@ impl Programs {
         self.ebpf.as_mut().expect("present until dropped")
     }
 
+    /// The intercept a pinned dataplane on `iface` already has: XDP when
+    /// a pinned XDP link is attached there (a previous meshd's, kept
+    /// across its exit), TC when its TC intercept link is; None without
+    /// pins or either.
+    pub fn pinned_intercept(&self, iface: &str) -> Option<Intercept> {
+        let pins = self.pins.as_ref()?;
+        let ifindex = crate::net::ifindex(iface)?;
+        let on = |prog: &str| pin::pinned_link_on(&pins.link(prog, iface), ifindex);
+        if on(PROG_XDP) {
+            Some(Intercept::Xdp)
+        } else if on(PROG_TC_INGRESS) {
+            Some(Intercept::Tc)
+        } else {
+            None
+        }
+    }
+
     /// Attaches the intercept to the uplink: XDP (in `mode`) and the
     /// delivery TC program, or the TC program that does it all. (Links a
     /// previous meshd pinned for the other intercept are left to
