@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::lab::{Lab, Meshd, WEB_TCP, meshd_path, retry};
+use mesh_tests::lab::{Lab, Meshd, MeshdRun, WEB_TCP, meshd_path, retry};
 
 fn lab_with_meshd(tasks: usize, serving: &[usize], extra: &[&str]) -> Lab {
     let mut lab = Lab::new(tasks).expect("lab");
@@ -217,6 +217,37 @@ impl Traffic {
         }
     }
 
+    /// Starts the next meshd (`run`) while the traffic goes on, lets 20
+    /// more rounds pass with it, and stops the traffic; returns it.
+    fn hand_over(&self, lab: &Lab, meshd: &std::path::Path, run: &MeshdRun) -> Meshd {
+        let next = Meshd::start(&lab.node_ns, meshd, run, "info").unwrap();
+        next.wait_ready(Duration::from_secs(30)).unwrap();
+        self.wait_rounds(20);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        next
+    }
+
+    /// Requires every round to have been answered (`across`: what
+    /// happened meanwhile), and `next` to have adopted the pinned
+    /// dataplane with its connection tracking; returns `next`'s log.
+    fn none_lost_and_adopted(&self, across: &str, next: &Meshd) -> String {
+        let failures = self.failures.lock().unwrap();
+        let rounds = self.rounds.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{} of {rounds} rounds failed {across}: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        let log = next.log_text();
+        assert!(
+            log.contains("adopting the dataplane pinned under")
+                && log.contains("connection tracking kept"),
+            "{log}"
+        );
+        log
+    }
+
     /// Waits (at most 20 s) until `n` more rounds are done.
     fn wait_rounds(&self, n: u32) {
         use std::sync::atomic::Ordering;
@@ -276,29 +307,11 @@ fn root_kill_9_under_continuous_requests_loses_none_and_the_next_meshd_keeps_eve
         for (t, c) in conns.iter_mut() {
             assert_eq!(&c.task().expect("served while meshd is down"), t);
         }
-        let next = Meshd::start(&lab.node_ns, &meshd, &run, "info").unwrap();
-        next.wait_ready(Duration::from_secs(30)).unwrap();
-        traffic.wait_rounds(20);
-        traffic
-            .stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let next = traffic.hand_over(&lab, &meshd, &run);
         t.join().unwrap();
         next
     });
-    let failures = traffic.failures.lock().unwrap();
-    let rounds = traffic.rounds.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} of {rounds} rounds failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    let log = next.log_text();
-    assert!(
-        log.contains("adopting the dataplane pinned under")
-            && log.contains("connection tracking kept"),
-        "{log}"
-    );
+    traffic.none_lost_and_adopted("across kill -9", &next);
     for (t, c) in conns.iter_mut() {
         assert_eq!(&c.task().expect("the connection survives the restart"), t);
     }
@@ -494,29 +507,11 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         // change of its own, and not hitless (detaching XDP makes a veth,
         // and many drivers, reconfigure their queues): see
         // root_changing_the_intercept_across_a_restart_keeps_the_flows.
-        let next = Meshd::start(&lab.node_ns, &meshd, &run, "info").unwrap();
-        next.wait_ready(Duration::from_secs(30)).unwrap();
-        traffic.wait_rounds(20);
-        traffic
-            .stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let next = traffic.hand_over(&lab, &meshd, &run);
         t.join().unwrap();
         next
     });
-    let failures = traffic.failures.lock().unwrap();
-    let rounds = traffic.rounds.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        failures.is_empty(),
-        "{} of {rounds} rounds failed across the upgrade: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    let log = next.log_text();
-    assert!(
-        log.contains("adopting the dataplane pinned under")
-            && log.contains("connection tracking kept"),
-        "{log}"
-    );
+    let log = traffic.none_lost_and_adopted("across the upgrade", &next);
     assert!(!log.contains(" WARN "), "nothing went wrong:\n{log}");
     if mesh_tests::lab::intercept_override().is_none() {
         assert!(
