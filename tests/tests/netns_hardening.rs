@@ -449,40 +449,6 @@ fn root_the_nodes_own_connection_from_a_published_port_is_left_to_it() {
     assert_eq!(reserved(&lab), "", "put back as meshd found it");
 }
 
-/// The maps named `names` that process `pid` holds (each once, however
-/// many descriptors it has of it).
-fn maps_of(pid: u32, names: &[&str]) -> Vec<aya::maps::MapData> {
-    let mut out = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(info) = std::fs::read_to_string(fd.path()) else {
-            continue;
-        };
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !seen.insert(id) {
-            continue;
-        }
-        if let Ok(m) = aya::maps::MapData::from_id(id)
-            && m.info()
-                .ok()
-                .and_then(|i| i.name_as_str().map(|n| names.contains(&n)))
-                .unwrap_or(false)
-        {
-            out.push(m);
-        }
-    }
-    out
-}
-
 /// Conntrack can lose a flow's entry (evicted, or a restart without
 /// pinning): its next packets are picked up again, to the same task while
 /// the service is unchanged, and the connection goes on.
@@ -510,10 +476,11 @@ fn root_established_flows_survive_losing_their_conntrack_entries() {
             .to_string()
     };
     let udp_task = ask_udp("a");
-    let tables = maps_of(
-        lab.meshd().unwrap().pid(),
-        &[MAP_CT4, MAP_CT4_UDP, MAP_CT4_NEW],
-    );
+    let mut held = mesh_tests::lab::maps_of(lab.meshd().unwrap().pid()).unwrap();
+    let tables: Vec<_> = [MAP_CT4, MAP_CT4_UDP, MAP_CT4_NEW]
+        .iter()
+        .filter_map(|n| held.remove(*n))
+        .collect();
     assert_eq!(tables.len(), 3, "meshd's conntrack tables");
     let mut cleared = 0;
     for m in tables {

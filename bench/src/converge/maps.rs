@@ -8,7 +8,7 @@
 //! Nothing here goes through meshd: what is measured is what a packet
 //! would find, not what meshd says it wrote.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 
@@ -48,40 +48,10 @@ pub struct NodeMaps {
     scan: usize,
 }
 
-/// The maps process `pid` holds, by name (each once).
-fn maps_of(pid: u32) -> Result<HashMap<String, MapData>> {
-    let mut out = HashMap::new();
-    let mut seen = BTreeSet::new();
-    let dir = format!("/proc/{pid}/fdinfo");
-    for fd in std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {dir}"))?
-        .flatten()
-    {
-        let Ok(info) = std::fs::read_to_string(fd.path()) else {
-            continue;
-        };
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !seen.insert(id) {
-            continue;
-        }
-        let m = MapData::from_id(id).with_context(|| format!("opening map {id}"))?;
-        if let Some(name) = m.info()?.name_as_str() {
-            out.insert(name.to_string(), m);
-        }
-    }
-    Ok(out)
-}
-
 impl NodeMaps {
     /// The maps of the meshd with process id `pid`.
     pub fn of(pid: u32, scan: usize) -> Result<NodeMaps> {
-        let mut m = maps_of(pid)?;
+        let mut m = mesh_tests::lab::maps_of(pid)?;
         let mut take = |name: &str| {
             m.remove(name)
                 .with_context(|| format!("meshd (pid {pid}) holds no map {name}"))

@@ -460,3 +460,35 @@ pub fn meshd_path() -> Result<PathBuf> {
         exe.display()
     )
 }
+
+/// The BPF maps process `pid` holds, by name (each once, however many
+/// descriptors it has of it): a running meshd's own maps, read from
+/// outside it.
+pub fn maps_of(pid: u32) -> Result<std::collections::HashMap<String, aya::maps::MapData>> {
+    let mut out = std::collections::HashMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let dir = format!("/proc/{pid}/fdinfo");
+    for fd in std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        let m = aya::maps::MapData::from_id(id).with_context(|| format!("opening map {id}"))?;
+        if let Some(name) = m.info()?.name_as_str() {
+            out.insert(name.to_string(), m);
+        }
+    }
+    Ok(out)
+}

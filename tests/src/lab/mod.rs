@@ -32,7 +32,7 @@ use anyhow::Result;
 pub use cluster::Cluster;
 pub use meshd::{
     ADMIN, HEALTH_PORT, Meshd, MeshdRun, attached_programs, http_get, http_status, intercept,
-    intercept_override, meshd_path, parse_metric, tc_mode, uplink_programs,
+    intercept_override, maps_of, meshd_path, parse_metric, tc_mode, uplink_programs,
 };
 pub use shell::{
     exec, guard_routes, in_netns, ip, mount_bpffs, retry, sh, slot_namespaces, umount,
