@@ -276,6 +276,17 @@ fn previous_meshd(root: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Installs Debian packages `pkgs`, without recommends, non-interactively.
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 fn cargo(dir: &Path, args: &[&str]) -> Result<()> {
     cargo_env(dir, args, &[])
 }
@@ -309,13 +320,7 @@ fn setup() -> Result<()> {
             "setup: installing Debian packages: {}",
             missing.join(" ")
         ));
-        run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        apt_install(&missing)?;
     }
     if !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists() {
         bail!(
@@ -374,13 +379,7 @@ fn bench_setup() -> Result<()> {
         "bench setup: installing Debian packages: {}",
         missing.join(" ")
     ));
-    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_install(&missing)?;
     // Debian starts the services it installs where an init system runs;
     // the suites run their own copies, in their labs.
     Ok(())
