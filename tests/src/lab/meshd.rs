@@ -397,20 +397,12 @@ impl Drop for Meshd {
 pub const HEALTH_PORT: u16 = 9471;
 
 /// A minimal HTTP/1.0 GET: the status code and the body, whatever the
-/// status.
+/// status (meshd's own client, as `meshd drain` and `status` use it).
 pub fn http_status(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("GET {path} on {addr}: not an HTTP answer: {head:?}"))?;
-    Ok((status, body.to_string()))
+    let a: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{addr}: not an address and port"))?;
+    mesh_userspace::commands::drain::get(a, path).with_context(|| format!("GET {path} on {addr}"))
 }
 
 /// A minimal HTTP/1.0 GET.
