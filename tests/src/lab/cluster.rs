@@ -373,6 +373,23 @@ impl Cluster {
         Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
     }
 
+    /// One UDP request from a new socket on client address `from` to node
+    /// `j`'s published `port`: the task that answered, once the answer is
+    /// checked to come from the address and port asked, and the task to
+    /// have seen the client's own address and port.
+    pub fn udp_task(&self, from: Ipv4Addr, j: usize, port: u16) -> Result<String> {
+        let sock = self.udp_socket(from)?;
+        let (a, reply_from) = self.udp_ask(&sock, j, port, "peer")?;
+        ensure!(
+            reply_from == SocketAddr::from((self.node(j).addr, port)),
+            "UDP reply source {reply_from}, not node {j}'s port {port}"
+        );
+        let (task, seen) = a.split_once(' ').context("an answer \"TASK PEER\"")?;
+        let me = sock.local_addr()?.to_string();
+        ensure!(seen == me, "the task saw {seen}, the client is {me}");
+        Ok(task.to_string())
+    }
+
     /// One UDP request from a fresh socket bound to `from`.
     pub fn udp_request(
         &self,
