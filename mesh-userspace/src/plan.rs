@@ -427,6 +427,40 @@ pub struct Snapshot {
     pub local_devs: BTreeMap<u32, LocalDev>,
 }
 
+/// What `op` does to the maps that the planner's record of what it
+/// applied and a [`Snapshot`] keep alike: this node's settings, the node
+/// index, local tasks and their links (any other op: nothing).
+fn apply_plain(
+    op: &Op,
+    config: &mut NodeConfig,
+    node_index: &mut BTreeMap<u32, u32>,
+    locals: &mut BTreeMap<ReplyKey4, u32>,
+    local_devs: &mut BTreeMap<u32, LocalDev>,
+) {
+    match op {
+        Op::PutConfig(c) => *config = *c,
+        Op::PutNodeIndex(a, slot) => {
+            node_index.insert(*a, *slot);
+        }
+        Op::DelNodeIndex(a) => {
+            node_index.remove(a);
+        }
+        Op::PutLocal(k, slot) => {
+            locals.insert(*k, *slot);
+        }
+        Op::DelLocal(k) => {
+            locals.remove(k);
+        }
+        Op::PutLocalDev(id, d) => {
+            local_devs.insert(*id, *d);
+        }
+        Op::DelLocalDev(id) => {
+            local_devs.remove(id);
+        }
+        _ => {}
+    }
+}
+
 impl Snapshot {
     /// What `op` does to the maps, on this model of them (the planner's
     /// tests, and the simulation of a restart).
@@ -463,25 +497,19 @@ impl Snapshot {
             Op::DelReply(k) => {
                 self.replies.remove(k);
             }
-            Op::PutConfig(c) => self.config = *c,
-            Op::PutNodeIndex(a, slot) => {
-                self.node_index.insert(*a, *slot);
-            }
-            Op::DelNodeIndex(a) => {
-                self.node_index.remove(a);
-            }
-            Op::PutLocal(k, slot) => {
-                self.locals.insert(*k, *slot);
-            }
-            Op::DelLocal(k) => {
-                self.locals.remove(k);
-            }
-            Op::PutLocalDev(id, d) => {
-                self.local_devs.insert(*id, *d);
-            }
-            Op::DelLocalDev(id) => {
-                self.local_devs.remove(id);
-            }
+            Op::PutConfig(_)
+            | Op::PutNodeIndex(..)
+            | Op::DelNodeIndex(_)
+            | Op::PutLocal(..)
+            | Op::DelLocal(_)
+            | Op::PutLocalDev(..)
+            | Op::DelLocalDev(_) => apply_plain(
+                op,
+                &mut self.config,
+                &mut self.node_index,
+                &mut self.locals,
+                &mut self.local_devs,
+            ),
             Op::PutGens(a, b, c) => {
                 self.meta = PinMeta {
                     magic: PIN_META_MAGIC,
@@ -1527,25 +1555,19 @@ impl Planner {
                 Op::DelReply(k) => {
                     self.replies.remove(k);
                 }
-                Op::PutConfig(c) => self.config = *c,
-                Op::PutNodeIndex(a, slot) => {
-                    self.node_index.insert(*a, *slot);
-                }
-                Op::DelNodeIndex(a) => {
-                    self.node_index.remove(a);
-                }
-                Op::PutLocal(k, slot) => {
-                    self.locals.insert(*k, *slot);
-                }
-                Op::DelLocal(k) => {
-                    self.locals.remove(k);
-                }
-                Op::PutLocalDev(id, d) => {
-                    self.local_devs.insert(*id, *d);
-                }
-                Op::DelLocalDev(id) => {
-                    self.local_devs.remove(id);
-                }
+                Op::PutConfig(_)
+                | Op::PutNodeIndex(..)
+                | Op::DelNodeIndex(_)
+                | Op::PutLocal(..)
+                | Op::DelLocal(_)
+                | Op::PutLocalDev(..)
+                | Op::DelLocalDev(_) => apply_plain(
+                    op,
+                    &mut self.config,
+                    &mut self.node_index,
+                    &mut self.locals,
+                    &mut self.local_devs,
+                ),
                 Op::PutGens(a, b, c) => {
                     let r = &mut self.gens_reserved;
                     *r = (r.0.max(*a), r.1.max(*b), r.2.max(*c));
