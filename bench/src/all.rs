@@ -54,6 +54,7 @@ pub fn run(a: &Args) -> Result<()> {
             no_live: false,
             cpu: None,
             no_pin: false,
+            only: Vec::new(),
         };
         docs.push(("micro", timed("micro", || micro::run(&m))));
     }

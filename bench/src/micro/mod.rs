@@ -62,6 +62,11 @@ pub struct Args {
     /// Do not pin to a CPU.
     #[arg(long)]
     pub no_pin: bool,
+    /// Run only these test-run cases (comma-separated names, as the
+    /// table prints them), with the floors they are measured from; implies
+    /// --no-live. For profiling one path (e.g. under `perf record`).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// Runs the suite on a thread of its own (the live cases move it into a
@@ -71,7 +76,10 @@ pub fn run(a: &Args) -> Result<Value> {
         a.rounds >= 1 && a.calls >= 1,
         "--rounds and --calls must be at least 1"
     );
-    let a = a.clone();
+    let mut a = a.clone();
+    if !a.only.is_empty() {
+        a.no_live = true;
+    }
     std::thread::spawn(move || run_here(&a))
         .join()
         .map_err(|_| anyhow::anyhow!("the micro-benchmark thread panicked"))?
@@ -145,6 +153,16 @@ fn run_here(a: &Args) -> Result<Value> {
     }
 
     let mut xdp = xdp_cases();
+    if !a.only.is_empty() {
+        let known: Vec<&str> = xdp.iter().map(|c| c.name).collect();
+        if let Some(bad) = a.only.iter().find(|n| !known.contains(&n.as_str())) {
+            bail!(
+                "--only: no case {bad:?}; the cases are {}",
+                known.join(", ")
+            );
+        }
+        xdp.retain(|c| c.name.starts_with("floor_") || a.only.iter().any(|n| n == c.name));
+    }
     let mut lc = live.as_ref().map(live_cases).unwrap_or_default();
 
     // First call of each case, untimed, checked down to the output bytes.
