@@ -11,6 +11,8 @@
 //! `mesh-floor` binary.)
 #![no_std]
 #![no_main]
+// An empty `asm!` as an optimisation barrier (see `maps::with_confirmed`).
+#![feature(asm_experimental_arch)]
 
 mod deliver;
 mod fib;

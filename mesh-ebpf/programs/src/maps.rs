@@ -6,7 +6,7 @@ use aya_ebpf::bindings::{
     bpf_sock_tuple,
 };
 use aya_ebpf::helpers::{
-    bpf_ktime_get_coarse_ns, bpf_l4_csum_replace, bpf_sk_release, bpf_skc_lookup_tcp,
+    bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_l4_csum_replace, bpf_sk_release, bpf_skc_lookup_tcp,
 };
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::lpm_trie::Key;
@@ -54,10 +54,26 @@ pub static CT4: LruHashMap<FlowKey4, CtValue> =
 pub static CT4_UDP: LruHashMap<FlowKey4, CtValue> =
     LruHashMap::with_max_entries(DEFAULT_CT_ENTRIES, 0);
 
-/// The confirmed table of `key`'s protocol.
-#[inline(always)]
-fn confirmed(key: &FlowKey4) -> &'static LruHashMap<FlowKey4, CtValue> {
-    if key.proto == IPPROTO_TCP { &CT4 } else { &CT4_UDP }
+/// Runs `$body` with `$m` bound to the confirmed table of `$key`'s
+/// protocol. Each table at a call site of its own: the verifier inlines a
+/// lookup (and calls an update directly) only where one map reaches the
+/// call, and a map pointer chosen at run time costs the generic helper and
+/// an indirect call on every packet.
+macro_rules! with_confirmed {
+    ($key:expr, |$m:ident| $body:expr) => {
+        if $key.proto == IPPROTO_TCP {
+            let $m = &CT4;
+            $body
+        } else {
+            let $m = &CT4_UDP;
+            let r = $body;
+            // Keeps LLVM from sinking both calls into one after the
+            // branch, with the map pointer chosen by a phi.
+            // SAFETY: an empty instruction sequence.
+            unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
+            r
+        }
+    };
 }
 
 /// Unconfirmed flows (see `MAP_CT4_NEW`).
@@ -69,6 +85,14 @@ pub static CT4_NEW: LruHashMap<FlowKey4, CtValue> =
 /// the verifier knows the values).
 #[unsafe(no_mangle)]
 static CT_LIFETIMES: CtLifetimes = CtLifetimes::from_secs(DEFAULT_CT_LIFETIME_SECS);
+
+/// Conntrack's clock: the kernel's tick (read-only data set by user space
+/// at load time; all zero: the coarse clock helper). See `JiffyClock`.
+#[unsafe(no_mangle)]
+static CT_CLOCK: JiffyClock = JiffyClock {
+    initial: 0,
+    ns_per_jiffy: 0,
+};
 
 /// `TCP_LISTEN` in the kernel's socket states.
 const TCP_LISTEN: u32 = 10;
@@ -252,7 +276,7 @@ impl<const SKB: bool> Tables for Maps<SKB> {
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         // SAFETY: the value is copied at once; an entry another CPU
         // replaces meanwhile yields the old or the new value.
-        unsafe { confirmed(key).get(key) }.copied()
+        with_confirmed!(key, |m| unsafe { m.get(key) }.copied())
     }
 
     #[inline(always)]
@@ -268,7 +292,9 @@ impl<const SKB: bool> Tables for Maps<SKB> {
 
     #[inline(always)]
     fn ct_forget(&self, key: &FlowKey4) {
-        let _ = confirmed(key).remove(key);
+        with_confirmed!(key, |m| {
+            let _ = m.remove(key);
+        })
     }
 
     #[inline(always)]
@@ -286,7 +312,7 @@ impl<const SKB: bool> Tables for Maps<SKB> {
     #[inline(always)]
     fn ct_touch(&self, key: &FlowKey4, confirmed: bool, seen: u32, state: u8) {
         let p = if confirmed {
-            self::confirmed(key).get_ptr_mut(key)
+            with_confirmed!(key, |m| m.get_ptr_mut(key))
         } else {
             CT4_NEW.get_ptr_mut(key)
         };
@@ -302,8 +328,17 @@ impl<const SKB: bool> Tables for Maps<SKB> {
 
     #[inline(always)]
     fn now(&self) -> u32 {
-        // SAFETY: helper without arguments.
-        now_units(unsafe { bpf_ktime_get_coarse_ns() })
+        // SAFETY: read of a static the loader may have set; volatile so
+        // the compiler does not fold in the default (the verifier does:
+        // read-only data, so one branch below is dead code to it).
+        let clock = unsafe { core::ptr::read_volatile(&CT_CLOCK) };
+        if clock.ns_per_jiffy != 0 {
+            // SAFETY: helper without arguments (inlined by the verifier).
+            clock.units(unsafe { bpf_jiffies64() })
+        } else {
+            // SAFETY: as above.
+            now_units(unsafe { bpf_ktime_get_coarse_ns() })
+        }
     }
 
     #[inline(always)]
@@ -465,6 +500,8 @@ impl<const SKB: bool> RevTables for Maps<SKB> {
 /// from the unconfirmed one, so a packet in between finds it in one.
 #[inline(always)]
 fn confirm(key: &FlowKey4, ct: &CtValue) {
-    let _ = confirmed(key).insert(key, ct, 0);
+    with_confirmed!(key, |m| {
+        let _ = m.insert(key, ct, 0);
+    });
     let _ = CT4_NEW.remove(key);
 }
