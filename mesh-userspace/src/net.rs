@@ -54,8 +54,9 @@ pub fn iface_with_addr(addr: Ipv4Addr) -> Result<String> {
 }
 
 /// The oldest kernel meshd runs on: `bpf_ktime_get_coarse_ns` (5.11) is
-/// the newest helper the programs call (conntrack's clock), then
-/// `bpf_redirect_neigh` (5.10); memory-mapped arrays need 5.5.
+/// the newest helper the programs call (conntrack's clock where the tick
+/// rate is unknown, see `clock`), then `bpf_redirect_neigh` (5.10);
+/// memory-mapped arrays and `bpf_jiffies64` need 5.5.
 pub const MIN_KERNEL: (u8, u8) = (5, 11);
 
 /// Fails on a kernel older than [`MIN_KERNEL`], or one without TCX when

@@ -744,14 +744,67 @@ pub const CT_CLOSING: u8 = 3;
 /// lost): not confirmed until the backend answers.
 pub const CTF_RECOVERED: u8 = 1 << 0;
 
-/// Conntrack time: the kernel's coarse monotonic clock in units of 2^30 ns
-/// (1.07 s), which a `u32` holds for 146 years.
+/// Conntrack time: the kernel's monotonic clock (see [`JiffyClock`]) in
+/// units of 2^30 ns (1.07 s), which a `u32` holds for 146 years (and
+/// [`age`] tells past from future for half of that).
 pub const CT_UNIT_SHIFT: u32 = 30;
 
 /// Nanoseconds to conntrack time units.
 #[inline(always)]
 pub const fn now_units(ns: u64) -> u32 {
     (ns >> CT_UNIT_SHIFT) as u32
+}
+
+/// The kernel's tick, read by the programs for conntrack time instead of
+/// a clock helper: `bpf_jiffies64` is one load once the verifier inlines
+/// it, where `bpf_ktime_get_coarse_ns` is a helper call, a seqlock and a
+/// timespec conversion on every packet. User space sets it at load time
+/// from the kernel's tick rate; all zero, the programs read the coarse
+/// clock instead.
+///
+/// The same clock as [`now_units`] of the coarse monotonic clock, give or
+/// take the moment the tick started counting at boot (a fraction of a
+/// second: so a time in the past can read as up to a unit in the future,
+/// which [`CtValue::expired`] and affinity take as "now").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JiffyClock {
+    /// `INITIAL_JIFFIES`: the tick count at boot on a 64-bit kernel,
+    /// `2^32 - 300 * HZ` (the kernel starts it so that it wraps a 32-bit
+    /// count five minutes after boot).
+    pub initial: u64,
+    /// Nanoseconds per tick (`TICK_NSEC`); 0: use the coarse clock.
+    pub ns_per_jiffy: u64,
+}
+
+impl JiffyClock {
+    /// The clock of a kernel ticking `hz` times a second.
+    pub const fn for_hz(hz: u32) -> Self {
+        let hz = hz as u64;
+        Self {
+            initial: (1 << 32) - 300 * hz,
+            ns_per_jiffy: (1_000_000_000 + hz / 2) / hz,
+        }
+    }
+
+    /// Conntrack time units at tick count `jiffies`.
+    #[inline(always)]
+    pub const fn units(&self, jiffies: u64) -> u32 {
+        now_units(
+            jiffies
+                .wrapping_sub(self.initial)
+                .wrapping_mul(self.ns_per_jiffy),
+        )
+    }
+}
+
+/// How long ago `then` was at `now`, in conntrack units; a time up to half
+/// the clock's range ahead of `now` (a clock read elsewhere, a little
+/// ahead) is "now".
+#[inline(always)]
+pub const fn age(now: u32, then: u32) -> u32 {
+    let d = now.wrapping_sub(then);
+    if (d as i32) < 0 { 0 } else { d }
 }
 
 /// Seconds to conntrack time units, rounded up.
@@ -815,7 +868,7 @@ impl CtValue {
     /// Whether the entry has outlived its state's lifetime at `now`.
     #[inline(always)]
     pub fn expired(&self, proto: u8, now: u32, lt: &CtLifetimes) -> bool {
-        now.wrapping_sub(self.seen) > lt.of(proto, self.state)
+        age(now, self.seen) > lt.of(proto, self.state)
     }
 }
 
@@ -1019,6 +1072,7 @@ mod pod {
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for NodeValue {}
     unsafe impl aya::Pod for CtLifetimes {}
+    unsafe impl aya::Pod for JiffyClock {}
     unsafe impl aya::Pod for AffKey4 {}
     unsafe impl aya::Pod for AffValue4 {}
     unsafe impl aya::Pod for FwdValue {}

@@ -36,7 +36,7 @@ use crate::abi::{
     CTF_RECOVERED, Counter, CtLifetimes, CtValue, DropReason, ENCAP_F_DIRECT, ENCAP_K_REPLY,
     ENCAP_K_REQUEST, ENCAP_VERSION, EncapHdr, FlowKey4, FwdValue, IPPROTO_ICMP, IPPROTO_TCP,
     IPPROTO_UDP, NodeConfig, NodeValue, ReplyKey4, SVC_F_AFFINITY, SVC_F_REPLY_DIRECT,
-    SVC_F_SRC_RANGES, SvcKey, SvcValue,
+    SVC_F_SRC_RANGES, SvcKey, SvcValue, age,
 };
 use crate::csum::{self, Delta};
 use crate::encap::{self, Encapsulated, Outer};
@@ -415,7 +415,7 @@ fn pick<T: Tables>(
         if affinity
             && let Some(a) = t.aff_get(&aff_key)
             && a.svc_gen == svc.gen_
-            && now.wrapping_sub(a.seen) <= t.affinity_timeout(svc.svc_id)
+            && age(now, a.seen) <= t.affinity_timeout(svc.svc_id)
             && let Some(b) = t.backend(a.backend_id)
             && b.gen_ == a.backend_gen
             && b.flags & BE_F_NO_NEW == 0

@@ -78,8 +78,10 @@ pub fn load_with_pins(
             loader.map_pin_path(name, pins.map(name));
         }
     }
+    let clock = crate::clock::jiffy_clock();
     loader
         .override_global("CT_LIFETIMES", &limits.ct_lifetimes, true)
+        .override_global("CT_CLOCK", &clock, true)
         .override_global("AYA_LOG_LEVEL", &bpf_log_level, false);
     let mut ebpf = loader.load(BPF_OBJECT).context("loading the BPF object")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
