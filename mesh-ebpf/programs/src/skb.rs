@@ -9,14 +9,16 @@
 
 use aya_ebpf::bindings::{
     BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_INGRESS,
-    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, bpf_adj_room_mode,
+    TC_ACT_SHOT, bpf_adj_room_mode,
 };
 use aya_ebpf::helpers::bpf_redirect;
 use aya_ebpf::programs::TcContext;
 use mesh_common::abi::{
     Counter, DropReason, ENCAP_LEN, EncapHdr, IPPROTO_UDP, LOOPBACK_IFINDEX,
 };
+use mesh_common::csum::{self, Delta};
 use mesh_common::encap::{self, Outer};
+use mesh_common::fwd::Tables;
 use mesh_common::parse::{
     self, ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, IP_SADDR, Ip4, L4_DPORT, L4_SPORT,
     TCP_HLEN_MIN,
@@ -24,7 +26,7 @@ use mesh_common::parse::{
 use mesh_common::pkt::Pkt;
 
 use crate::fib::forward;
-use crate::maps::{count, count_drop};
+use crate::maps::{Maps, count, count_drop};
 
 /// Ethernet + IPv4 + TCP without options (54 bytes): the headers every
 /// packet the TC programs translate needs in the linear part. A local
@@ -49,8 +51,7 @@ pub const ENCAP_ROOM_FLAGS: u64 = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
     | ((core::mem::size_of::<EncapHdr>() as u64) << 56);
 
 /// The field size a checksum helper updates for, in the low bits of its
-/// flags (`BPF_F_HDR_FIELD_MASK`): an IPv4 address, a port.
-const CSUM_FIELD_ADDR: u64 = 4;
+/// flags (`BPF_F_HDR_FIELD_MASK`): a 16-bit field (the MSS).
 const CSUM_FIELD_PORT: u64 = 2;
 
 /// The packet's bytes, its headers in the linear part (pulled there when
@@ -151,8 +152,11 @@ pub const DESTINATION: bool = true;
 
 /// Rewrites the source or destination address and port of a TCP/UDP
 /// packet (`ip`) from `old_a`:`old_p` to `new_a`:`new_p` (raw, network
-/// order), the checksums with the helpers. Every packet pointer is
-/// invalid afterwards.
+/// order). The address, port and IPv4 checksum are written directly (the
+/// IPv4 header's checksum is never offloaded), the TCP/UDP checksum with
+/// the helpers (see [`Maps::l4_csum`](crate::maps::Maps)): two helper calls
+/// where a store per field and an L3 helper took five. Every packet
+/// pointer is invalid afterwards.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn rewrite(
@@ -164,35 +168,33 @@ pub fn rewrite(
     old_p: u16,
     new_p: u16,
 ) -> Result<(), ()> {
-    let l4c = parse::l4_csum_off(ip);
-    let mangle = if ip.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
+    // Earlier helpers may have moved the packet: read it afresh, and
+    // check every bound before the first write (all or nothing).
+    let pkt = reread(ctx);
     let (a_off, p_off) = if end == DESTINATION {
         (ETH_HLEN + IP_DADDR, ip.l4_off + L4_DPORT)
     } else {
         (ETH_HLEN + IP_SADDR, ip.l4_off + L4_SPORT)
     };
-    ctx.l4_csum_replace(
+    let hdr = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0).ok_or(())?;
+    let port = pkt.view::<2>(p_off).ok_or(())?;
+    let l4c = parse::l4_csum_off(ip);
+    pkt.load::<u16>(l4c).ok_or(())?;
+    let ip_check: u16 = hdr.get(ETH_HLEN + IP_CSUM);
+    hdr.set(a_off, new_a);
+    hdr.set(ETH_HLEN + IP_CSUM, csum::update32(ip_check, old_a, new_a));
+    port.set(0, new_p);
+    let maps = Maps::<true> {
+        ctx: ctx.skb.skb as *mut _,
+    };
+    maps.l4_csum(
+        &pkt,
         l4c,
-        old_a as u64,
-        new_a as u64,
-        BPF_F_PSEUDO_HDR as u64 | mangle | CSUM_FIELD_ADDR,
+        ip.proto == IPPROTO_UDP,
+        Delta::default().add32(old_a, new_a),
+        Delta::default().add16(old_p, new_p),
     )
-    .and_then(|_| ctx.l4_csum_replace(l4c, old_p as u64, new_p as u64, mangle | CSUM_FIELD_PORT))
-    .and_then(|_| {
-        ctx.l3_csum_replace(
-            ETH_HLEN + IP_CSUM,
-            old_a as u64,
-            new_a as u64,
-            CSUM_FIELD_ADDR,
-        )
-    })
-    .and_then(|_| ctx.store(a_off, &new_a, 0))
-    .and_then(|_| ctx.store(p_off, &new_p, 0))
-    .map_err(|_| ())
+    .ok_or(())
 }
 
 /// Lowers the MSS option of a TCP segment (`ip`, a SYN or SYN-ACK) to
