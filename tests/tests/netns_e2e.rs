@@ -616,3 +616,61 @@ fn root_requests_go_straight_into_the_tasks_namespace() {
     );
     assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
 }
+
+/// The programs keep the FIB's answers for about a second (the route
+/// cache): a route or neighbour that changes reaches the replies within
+/// two. Here the client's Ethernet address changes under a running
+/// service; replies sent to the old one would never be received.
+#[test]
+fn root_replies_follow_a_changed_neighbour_within_two_seconds() {
+    let lab = lab_with_meshd(1, &[1]);
+    let ask = |timeout_ms: u64| -> anyhow::Result<String> {
+        let sock = lab.udp_socket()?;
+        sock.set_read_timeout(Some(Duration::from_millis(timeout_ms)))?;
+        Ok(lab.udp_ask(&sock, WEB_UDP, "peer")?.0)
+    };
+    // Replies to this client are routed, and the route is cached.
+    for _ in 0..5 {
+        ask(2000).expect("a UDP answer before the change");
+    }
+    let new_mac = "02:00:5e:10:00:99";
+    mesh_tests::lab::ip(
+        &lab.client_ns,
+        &format!("link set dev eth0 address {new_mac}"),
+    )
+    .unwrap();
+    mesh_tests::lab::ip(
+        &lab.node_ns,
+        &format!(
+            "neigh replace {} lladdr {new_mac} dev up0 nud reachable",
+            lab.client_addr
+        ),
+    )
+    .unwrap();
+    let changed = std::time::Instant::now();
+    // Bounded: a cache that kept its answer would never answer again.
+    mesh_tests::lab::retry(
+        Duration::from_secs(6),
+        "a UDP answer after the change",
+        || ask(200),
+    )
+    .unwrap();
+    let took = changed.elapsed();
+    // Two clock units (2.15 s) at most, with the polling's slack.
+    assert!(
+        took < Duration::from_millis(3000),
+        "replies reached the new address only after {took:?}"
+    );
+    // And from then on, every time.
+    for i in 0..20 {
+        ask(2000).unwrap_or_else(|e| panic!("answer {i} after the change: {e:#}"));
+    }
+    assert_eq!(
+        lab.tcp_request(WEB_TCP, "after")
+            .unwrap()
+            .split_once(' ')
+            .unwrap()
+            .1,
+        "after"
+    );
+}

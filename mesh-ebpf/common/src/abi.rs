@@ -107,6 +107,15 @@ pub const MAP_META: &str = "MESH_META_V1";
 /// service owns a port (and keeps its flows) without guessing.
 pub const MAP_SVC_NAMES: &str = "MESH_NAMES_V1";
 
+/// The programs' route cache: `RouteKey4` (source, destination, the device
+/// the lookup starts from) -> `RouteValue4` (egress device and Ethernet
+/// addresses, and when the FIB said so). A FIB lookup costs more than the
+/// rest of a reply's path; its answer is taken from here for the rest of
+/// the conntrack time unit it was made in (about a second), so a route or
+/// neighbour change reaches the packets within two seconds. Only
+/// successful lookups are kept. LRU, one list for all CPUs.
+pub const MAP_ROUTE4: &str = "MESH_ROUTE4_V1";
+
 /// Every map of the dataplane's object. The build checks the object
 /// against this list (mesh-userspace/build.rs): each name is in it, and it
 /// has no other map (but aya-log's, [`LOG_MAP_NAMES`]).
@@ -134,6 +143,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_SRC4,
     MAP_AFF4,
     MAP_AFF_TIMEOUT,
+    MAP_ROUTE4,
 ];
 
 /// What a pinned map holds, which decides whether a restarted meshd may
@@ -161,6 +171,9 @@ pub fn map_role(name: &str) -> Option<MapRole> {
         // Affinity entries name backend slots and generations, as
         // conntrack entries do.
         MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 | MAP_AFF4 => MapRole::Flows,
+        // Written by the programs, and worth keeping no longer than a
+        // second: adopted or not, as the flows are.
+        MAP_ROUTE4 => MapRole::Flows,
         MAP_SVC_STATS | MAP_DROPS | MAP_COUNTERS => MapRole::Counters,
         _ => return None,
     })
@@ -592,6 +605,37 @@ pub struct LocalDev {
     pub macs: [u8; 12],
 }
 const _: () = assert!(size_of::<LocalDev>() == 24);
+
+/// Key of the route cache (`MAP_ROUTE4`): what a FIB lookup is asked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RouteKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The device the lookup starts from (the packet's ingress).
+    pub ifindex: u32,
+}
+const _: () = assert!(size_of::<RouteKey4>() == 12);
+
+/// What the FIB answered (`MAP_ROUTE4`): the egress device and the
+/// Ethernet addresses to write, as four and two bytes each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RouteValue4 {
+    pub ifindex: u32,
+    /// The conntrack time unit of the lookup: the answer holds while the
+    /// clock reads the same.
+    pub at: u32,
+    pub dmac_hi: u32,
+    pub smac_hi: u32,
+    pub dmac_lo: u16,
+    pub smac_lo: u16,
+}
+const _: () = assert!(size_of::<RouteValue4>() == 20);
+
+/// Entries of the route cache: destinations replied to or forwarded to
+/// within a second, per source and device.
+pub const DEFAULT_ROUTE_ENTRIES: u32 = 65_536;
 
 /// `LocalDev::ifindex` is a veth whose other end (the task's) lies in
 /// another network namespace: packets go straight to that end's ingress
@@ -1078,6 +1122,8 @@ mod pod {
     unsafe impl aya::Pod for FwdValue {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for LocalDev {}
+    unsafe impl aya::Pod for RouteKey4 {}
+    unsafe impl aya::Pod for RouteValue4 {}
     unsafe impl aya::Pod for PinMeta {}
     unsafe impl aya::Pod for SvcName {}
 }

@@ -10,10 +10,11 @@ use aya_ebpf::bindings::{
 use aya_ebpf::helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
-use mesh_common::abi::DropReason;
+use mesh_common::abi::{DropReason, RouteKey4, RouteValue4};
+use mesh_common::parse::ETH_HLEN;
 use mesh_common::pkt::Pkt;
 
-use crate::maps::count_drop;
+use crate::maps::{ROUTE4, config, count_drop, now};
 
 /// `bpf_fib_lookup`'s address family for IPv4 (`AF_INET` in socket.h).
 const AF_INET: u8 = 2;
@@ -85,6 +86,51 @@ pub fn route(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) 
     }
 }
 
+/// As [`route`], answered from the route cache (`MAP_ROUTE4`) when the
+/// FIB was asked the same within the current conntrack time unit; a
+/// successful answer is kept there.
+#[inline(always)]
+pub fn route_cached(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) -> Route {
+    // 8-aligned: LLVM may store two fields at once, and the verifier
+    // refuses a misaligned stack access.
+    #[repr(C, align(8))]
+    struct Key(RouteKey4);
+    let key = Key(RouteKey4 {
+        saddr,
+        daddr,
+        ifindex,
+    });
+    let now = now();
+    if let Some(p) = ROUTE4.get_ptr(&key.0) {
+        // SAFETY: a live map value, copied at once.
+        let v = unsafe { *p };
+        if v.at == now {
+            return Route {
+                rc: BPF_FIB_LKUP_RET_SUCCESS as i64,
+                ifindex: v.ifindex,
+                dmac: (v.dmac_hi, v.dmac_lo),
+                smac: (v.smac_hi, v.smac_lo),
+            };
+        }
+    }
+    let r = route(ctx, saddr, daddr, ifindex);
+    if r.found() {
+        #[repr(C, align(8))]
+        struct Value(RouteValue4);
+        let v = Value(RouteValue4 {
+            ifindex: r.ifindex,
+            at: now,
+            dmac_hi: r.dmac.0,
+            smac_hi: r.smac.0,
+            dmac_lo: r.dmac.1,
+            smac_lo: r.smac.1,
+        });
+        // LRU: evicts instead of failing; a lost entry costs a lookup.
+        let _ = ROUTE4.insert(&key.0, &v.0, 0);
+    }
+    r
+}
+
 /// Routes the (rewritten) packet as the kernel would forward it, writes
 /// the Ethernet addresses and redirects it to the egress device.
 #[inline(always)]
@@ -102,7 +148,16 @@ pub fn forward_or(
     ifindex: u32,
     no_route: DropReason,
 ) -> i32 {
-    let r = route(ctx.skb.skb as *mut _, saddr, daddr, ifindex);
+    // The FIB checks a packet that is no GSO packet against the egress
+    // device's MTU; the cache does not: a frame larger than the uplink's
+    // (a datagram of the node's own over the loopback's MTU) asks the FIB.
+    // SAFETY: context field reads.
+    let (len, gso) = unsafe { ((*ctx.skb.skb).len, (*ctx.skb.skb).gso_size) };
+    let r = if gso == 0 && len > ETH_HLEN as u32 + config().mtu {
+        route(ctx.skb.skb as *mut _, saddr, daddr, ifindex)
+    } else {
+        route_cached(ctx.skb.skb as *mut _, saddr, daddr, ifindex)
+    };
     let p = &r;
     let rc = r.rc;
     if r.found() {

@@ -136,6 +136,11 @@ pub static CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 /// array, so the lookup is inlined.
 #[map(name = "MESH_LDEV_V1")]
 pub static LOCAL_DEV: Array<LocalDev> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+/// The FIB's answers of the last second (see `MAP_ROUTE4`).
+#[map(name = "MESH_ROUTE4_V1")]
+pub static ROUTE4: LruHashMap<RouteKey4, RouteValue4> =
+    LruHashMap::with_max_entries(DEFAULT_ROUTE_ENTRIES, 0);
+
 /// User space only: what a restarted meshd needs to adopt the pinned
 /// maps (no program reads it; it lives here so it is pinned with them).
 #[map(name = "MESH_META_V1")]
@@ -169,6 +174,22 @@ pub fn count_n(c: Counter, n: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += n as u64 };
+    }
+}
+
+/// Conntrack time now (see `Tables::now`).
+#[inline(always)]
+pub fn now() -> u32 {
+    // SAFETY: read of a static the loader may have set; volatile so the
+    // compiler does not fold in the default (the verifier does: read-only
+    // data, so one branch below is dead code to it).
+    let clock = unsafe { core::ptr::read_volatile(&CT_CLOCK) };
+    if clock.ns_per_jiffy != 0 {
+        // SAFETY: helper without arguments (inlined by the verifier).
+        clock.units(unsafe { bpf_jiffies64() })
+    } else {
+        // SAFETY: as above.
+        now_units(unsafe { bpf_ktime_get_coarse_ns() })
     }
 }
 
@@ -328,17 +349,7 @@ impl<const SKB: bool> Tables for Maps<SKB> {
 
     #[inline(always)]
     fn now(&self) -> u32 {
-        // SAFETY: read of a static the loader may have set; volatile so
-        // the compiler does not fold in the default (the verifier does:
-        // read-only data, so one branch below is dead code to it).
-        let clock = unsafe { core::ptr::read_volatile(&CT_CLOCK) };
-        if clock.ns_per_jiffy != 0 {
-            // SAFETY: helper without arguments (inlined by the verifier).
-            clock.units(unsafe { bpf_jiffies64() })
-        } else {
-            // SAFETY: as above.
-            now_units(unsafe { bpf_ktime_get_coarse_ns() })
-        }
+        now()
     }
 
     #[inline(always)]

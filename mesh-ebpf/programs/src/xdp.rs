@@ -156,7 +156,7 @@ fn strip(ctx: &XdpContext) -> Option<Pkt> {
 fn transmit(ctx: &XdpContext, pkt: &Pkt, saddr: u32, daddr: u32, redirect: bool) -> u32 {
     // SAFETY: context field read.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let r = fib::route(ctx.ctx as *mut _, saddr, daddr, ingress);
+    let r = fib::route_cached(ctx.ctx as *mut _, saddr, daddr, ingress);
     if r.found() && (redirect || r.ifindex == ingress) {
         if r.write_macs(pkt).is_none() {
             return drop(ctx, DropReason::RewriteFailed);
