@@ -475,7 +475,14 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         lab.start_task(i).unwrap();
     }
     lab.write_state(&lab.state_toml(&[1, 2, 3])).unwrap();
-    lab.start_meshd(&prev, &[])
+    // The previous meshd runs the intercept that is not the default (XDP),
+    // so that the new one shows it keeps what is pinned without a flag.
+    let prev_args: &[&str] = if mesh_tests::lab::intercept_override().is_none() {
+        &["--intercept", "xdp"]
+    } else {
+        &[]
+    };
+    lab.start_meshd(&prev, prev_args)
         .expect("the previous meshd starts");
     let mut conns = connections(&lab, &["task1", "task2", "task3"]);
     apply(&lab, &[1, 2, 3, 4], 2);
@@ -502,8 +509,8 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         );
         traffic.wait_rounds(10);
         // The upgrade keeps the node's intercept without being told: the
-        // previous meshd's is XDP (it predates --intercept), and the new
-        // one's default is the pinned dataplane's. Changing it is a
+        // previous meshd's is XDP (started so above), and the new one's
+        // default is the pinned dataplane's. Changing it is a
         // change of its own, and not hitless (detaching XDP makes a veth,
         // and many drivers, reconfigure their queues): see
         // root_changing_the_intercept_across_a_restart_keeps_the_flows.

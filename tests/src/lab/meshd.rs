@@ -150,12 +150,6 @@ pub fn tc_mode() -> &'static str {
     }
 }
 
-/// Whether `meshd` is the previous layout's meshd (`MESH_UPGRADE_FROM`,
-/// which `cargo xtask test` builds for the upgrade test).
-pub fn is_previous_meshd(meshd: &Path) -> bool {
-    std::env::var_os("MESH_UPGRADE_FROM").is_some_and(|p| Path::new(&p) == meshd)
-}
-
 /// `MESH_TEST_INTERCEPT` (xdp, tc): run every lab meshd with that
 /// intercept; unset, meshd's default (`cargo xtask test` runs the
 /// end-to-end tests with both).
@@ -261,15 +255,7 @@ impl Meshd {
             args.extend(run.env.iter().cloned());
         }
         args.push(meshd.display().to_string());
-        let mut a = run.args();
-        if is_previous_meshd(meshd) {
-            // The previous layout's meshd (the upgrade test's) predates
-            // --intercept: it intercepts at XDP, whatever the lab asks.
-            if let Some(i) = a.iter().position(|x| x == "--intercept") {
-                a.drain(i..(i + 2).min(a.len()));
-            }
-        }
-        args.extend(a);
+        args.extend(run.args());
         Self::spawn_labelled(&args, rust_log, &format!("meshd {}", run.node))
     }
 
