@@ -378,3 +378,63 @@ fn root_encapsulated_packets_from_a_non_node_are_dropped() {
     .unwrap();
     assert_eq!(counter(&c, 1, "mesh_decapsulated_packets_total"), 0);
 }
+
+/// The programs keep each node's next hop for about a second (as the FIB
+/// answered it): a node whose Ethernet address changes is reached again
+/// within two. The segment stops flooding to that node's port and forgets
+/// its old address, so frames sent to the old one are lost.
+#[test]
+fn root_forwarding_follows_a_changed_next_hop_within_two_seconds() {
+    // Node 1 runs no task: it forwards everything to node 2.
+    let c = cluster_of(&[0, 2], &[]);
+    let from = c.client_addrs()[0];
+    let ask = |timeout_ms: u64| -> anyhow::Result<String> {
+        let sock = c.udp_socket(from)?;
+        sock.set_read_timeout(Some(Duration::from_millis(timeout_ms)))?;
+        Ok(c.udp_ask(&sock, 1, WEB_UDP, "peer")?.0)
+    };
+    for _ in 0..5 {
+        ask(2000).expect("an answer through node 1 before the change");
+    }
+    let n2 = c.node(2);
+    let old = exec(&n2.ns, &format!("cat /sys/class/net/{}/address", n2.uplink))
+        .unwrap()
+        .trim()
+        .to_string();
+    let new = "02:00:5e:10:00:98";
+    let seg = &c.topo.segment_ns;
+    let port = &n2.segment_port;
+    exec(seg, &format!("bridge link set dev {port} flood off")).unwrap();
+    exec(
+        seg,
+        &format!("bridge fdb add {new} dev {port} master static"),
+    )
+    .unwrap();
+    ip(&n2.ns, &format!("link set dev {} address {new}", n2.uplink)).unwrap();
+    // Learned again from anything node 2 sent meanwhile: forget it last.
+    let _ = exec(seg, &format!("bridge fdb del {old} dev {port} master"));
+    ip(
+        &c.node(1).ns,
+        &format!(
+            "neigh replace {} lladdr {new} dev {} nud reachable",
+            n2.addr,
+            c.node(1).uplink
+        ),
+    )
+    .unwrap();
+    let changed = std::time::Instant::now();
+    // Bounded: a next hop kept for good would never answer again.
+    retry(Duration::from_secs(6), "an answer after the change", || {
+        ask(200)
+    })
+    .unwrap();
+    let took = changed.elapsed();
+    // Two clock units (2.15 s) at most, with the polling's slack.
+    assert!(
+        took < Duration::from_millis(3000),
+        "forwarding reached the new address only after {took:?}"
+    );
+    for i in 0..20 {
+        ask(2000).unwrap_or_else(|e| panic!("answer {i} after the change: {e:#}"));
+    }
+}

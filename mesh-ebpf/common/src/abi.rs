@@ -116,6 +116,14 @@ pub const MAP_SVC_NAMES: &str = "MESH_NAMES_V1";
 /// successful lookups are kept. LRU, one list for all CPUs.
 pub const MAP_ROUTE4: &str = "MESH_ROUTE4_V1";
 
+/// The next hop to each node, as the programs last asked the FIB: a
+/// per-CPU array of `NodeHop` by node slot (`MAP_NODES`), so that
+/// forwarding to a node finds it with an inlined array read instead of
+/// the route cache's hash lookup. An entry answers only the lookup it was
+/// made for (source, destination, device) and only within its conntrack
+/// time unit, as the route cache's.
+pub const MAP_NODE_HOP: &str = "MESH_NHOP_V1";
+
 /// Every map of the dataplane's object. The build checks the object
 /// against this list (mesh-userspace/build.rs): each name is in it, and it
 /// has no other map (but aya-log's, [`LOG_MAP_NAMES`]).
@@ -144,6 +152,7 @@ pub const MAP_NAMES: &[&str] = &[
     MAP_AFF4,
     MAP_AFF_TIMEOUT,
     MAP_ROUTE4,
+    MAP_NODE_HOP,
 ];
 
 /// What a pinned map holds, which decides whether a restarted meshd may
@@ -173,7 +182,7 @@ pub fn map_role(name: &str) -> Option<MapRole> {
         MAP_CT4 | MAP_CT4_UDP | MAP_CT4_NEW | MAP_FWD4 | MAP_AFF4 => MapRole::Flows,
         // Written by the programs, and worth keeping no longer than a
         // second: adopted or not, as the flows are.
-        MAP_ROUTE4 => MapRole::Flows,
+        MAP_ROUTE4 | MAP_NODE_HOP => MapRole::Flows,
         MAP_SVC_STATS | MAP_DROPS | MAP_COUNTERS => MapRole::Counters,
         _ => return None,
     })
@@ -632,6 +641,16 @@ pub struct RouteValue4 {
     pub smac_lo: u16,
 }
 const _: () = assert!(size_of::<RouteValue4>() == 20);
+
+/// A node's next hop (`MAP_NODE_HOP`): the lookup it answers and the
+/// answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeHop {
+    pub key: RouteKey4,
+    pub route: RouteValue4,
+}
+const _: () = assert!(size_of::<NodeHop>() == 32);
 
 /// Entries of the route cache: destinations replied to or forwarded to
 /// within a second, per source and device.
@@ -1124,6 +1143,7 @@ mod pod {
     unsafe impl aya::Pod for LocalDev {}
     unsafe impl aya::Pod for RouteKey4 {}
     unsafe impl aya::Pod for RouteValue4 {}
+    unsafe impl aya::Pod for NodeHop {}
     unsafe impl aya::Pod for PinMeta {}
     unsafe impl aya::Pod for SvcName {}
 }

@@ -149,6 +149,9 @@ pub enum Verdict {
     /// route to its destination).
     Forward {
         outer: Outer,
+        /// The destination node's slot (`Backend::node_id`): where the
+        /// programs keep its next hop.
+        node: u32,
     },
     /// Too big to encapsulate: answer the client with "fragmentation
     /// needed" from the address it sent to (`from`), next-hop MTU `mtu`.
@@ -595,6 +598,7 @@ fn forward<T: Tables>(
     };
     Verdict::Forward {
         outer: request_outer(ip, sport, orig_daddr, orig_dport, node.addr[0], cfg, flags),
+        node: be.node_id,
     }
 }
 

@@ -10,11 +10,11 @@ use aya_ebpf::bindings::{
 use aya_ebpf::helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh};
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
-use mesh_common::abi::{DropReason, RouteKey4, RouteValue4};
+use mesh_common::abi::{DropReason, NodeHop, RouteKey4, RouteValue4};
 use mesh_common::parse::ETH_HLEN;
 use mesh_common::pkt::Pkt;
 
-use crate::maps::{ROUTE4, config, count_drop, now};
+use crate::maps::{NODE_HOP, ROUTE4, config, count_drop, now};
 
 /// `bpf_fib_lookup`'s address family for IPv4 (`AF_INET` in socket.h).
 const AF_INET: u8 = 2;
@@ -86,11 +86,25 @@ pub fn route(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) 
     }
 }
 
-/// As [`route`], answered from the route cache (`MAP_ROUTE4`) when the
-/// FIB was asked the same within the current conntrack time unit; a
+/// Not a node's address: a lookup without a node slot.
+pub const NO_NODE: u32 = u32::MAX;
+
+/// As [`route`], answered from what the programs kept of the FIB's answers
+/// when it was asked the same within the current conntrack time unit: the
+/// next hop of node slot `node` (`MAP_NODE_HOP`), or for any other
+/// destination (`node` is [`NO_NODE`]) the route cache (`MAP_ROUTE4`). A
 /// successful answer is kept there.
 #[inline(always)]
-pub fn route_cached(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) -> Route {
+pub fn route_cached(
+    ctx: *mut core::ffi::c_void,
+    saddr: u32,
+    daddr: u32,
+    ifindex: u32,
+    node: u32,
+) -> Route {
+    if node != NO_NODE {
+        return route_to_node(ctx, saddr, daddr, ifindex, node);
+    }
     // 8-aligned: LLVM may store two fields at once, and the verifier
     // refuses a misaligned stack access.
     #[repr(C, align(8))]
@@ -131,14 +145,73 @@ pub fn route_cached(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex
     r
 }
 
+/// [`route_cached`] for node slot `node`: an inlined per-CPU array read.
+#[inline(always)]
+fn route_to_node(
+    ctx: *mut core::ffi::c_void,
+    saddr: u32,
+    daddr: u32,
+    ifindex: u32,
+    node: u32,
+) -> Route {
+    let Some(p) = NODE_HOP.get_ptr_mut(node) else {
+        return route(ctx, saddr, daddr, ifindex);
+    };
+    let now = now();
+    // SAFETY: this CPU's own copy of a live map value, read in place.
+    let h = unsafe { &mut *p };
+    if h.route.at == now
+        && h.key.daddr == daddr
+        && h.key.saddr == saddr
+        && h.key.ifindex == ifindex
+        && h.route.ifindex != 0
+    {
+        return Route {
+            rc: BPF_FIB_LKUP_RET_SUCCESS as i64,
+            ifindex: h.route.ifindex,
+            dmac: (h.route.dmac_hi, h.route.dmac_lo),
+            smac: (h.route.smac_hi, h.route.smac_lo),
+        };
+    }
+    let r = route(ctx, saddr, daddr, ifindex);
+    if r.found() {
+        // No other writer: the copy is this CPU's.
+        *h = NodeHop {
+            key: RouteKey4 {
+                saddr,
+                daddr,
+                ifindex,
+            },
+            route: RouteValue4 {
+                ifindex: r.ifindex,
+                at: now,
+                dmac_hi: r.dmac.0,
+                smac_hi: r.smac.0,
+                dmac_lo: r.dmac.1,
+                smac_lo: r.smac.1,
+            },
+        };
+    }
+    r
+}
+
 /// Routes the (rewritten) packet as the kernel would forward it, writes
 /// the Ethernet addresses and redirects it to the egress device.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, pkt: &Pkt, saddr: u32, daddr: u32, ifindex: u32) -> i32 {
-    forward_or(ctx, pkt, saddr, daddr, ifindex, DropReason::FibLookupFailed)
+    forward_or(
+        ctx,
+        pkt,
+        saddr,
+        daddr,
+        ifindex,
+        NO_NODE,
+        DropReason::FibLookupFailed,
+    )
 }
 
-/// As [`forward`]; a packet without a route is dropped as `no_route`.
+/// As [`forward`], to node slot `node` (or [`NO_NODE`]); a packet without
+/// a route is dropped as `no_route`.
 #[inline(always)]
 pub fn forward_or(
     ctx: &TcContext,
@@ -146,6 +219,7 @@ pub fn forward_or(
     saddr: u32,
     daddr: u32,
     ifindex: u32,
+    node: u32,
     no_route: DropReason,
 ) -> i32 {
     // The FIB checks a packet that is no GSO packet against the egress
@@ -156,7 +230,7 @@ pub fn forward_or(
     let r = if gso == 0 && len > ETH_HLEN as u32 + config().mtu {
         route(ctx.skb.skb as *mut _, saddr, daddr, ifindex)
     } else {
-        route_cached(ctx.skb.skb as *mut _, saddr, daddr, ifindex)
+        route_cached(ctx.skb.skb as *mut _, saddr, daddr, ifindex, node)
     };
     let p = &r;
     let rc = r.rc;

@@ -141,6 +141,10 @@ pub static LOCAL_DEV: Array<LocalDev> = Array::with_max_entries(DEFAULT_MAX_BACK
 pub static ROUTE4: LruHashMap<RouteKey4, RouteValue4> =
     LruHashMap::with_max_entries(DEFAULT_ROUTE_ENTRIES, 0);
 
+/// Each node's next hop, per CPU (see `MAP_NODE_HOP`).
+#[map(name = "MESH_NHOP_V1")]
+pub static NODE_HOP: PerCpuArray<NodeHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_NODES, 0);
+
 /// User space only: what a restarted meshd needs to adopt the pinned
 /// maps (no program reads it; it lives here so it is pinned with them).
 #[map(name = "MESH_META_V1")]

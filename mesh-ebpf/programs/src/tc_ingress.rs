@@ -36,7 +36,7 @@ use mesh_common::icmp;
 use mesh_common::parse::{ETH_HLEN, IP_SADDR};
 
 use crate::deliver;
-use crate::fib::{forward_or, ingress_ifindex};
+use crate::fib::{NO_NODE, forward_or, ingress_ifindex};
 use crate::maps::{Maps, count, count_drop};
 use crate::skb::{self, ENCAP_ROOM_FLAGS};
 
@@ -59,7 +59,7 @@ pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop(reason) => drop(&ctx, reason),
         Verdict::Local { backend_id } => deliver::to_task(&ctx, backend_id),
-        Verdict::Forward { outer } => encapsulate(&ctx, &outer),
+        Verdict::Forward { outer, node } => encapsulate(&ctx, &outer, node),
         Verdict::TooBig { from, mtu } => too_big(&ctx, from, mtu),
         Verdict::Decap { info } => {
             // The inner datagram's headers lay in the readable part
@@ -74,13 +74,13 @@ pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
             };
             match v {
                 Verdict::Local { backend_id } => deliver::to_task(&ctx, backend_id),
-                Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr),
+                Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr, NO_NODE),
                 Verdict::Host => skb::to_host(&skb::reread(&ctx)),
                 Verdict::Drop(reason) => drop(&ctx, reason),
                 _ => drop(&ctx, DropReason::EncapMalformed),
             }
         }
-        Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr),
+        Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr, NO_NODE),
         Verdict::Host => skb::to_host(&skb::reread(&ctx)),
     }
 }
@@ -94,9 +94,9 @@ fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
 }
 
 /// Puts the outer headers in front of the (DNAT'd) datagram and sends it
-/// to the node `outer` names.
+/// to the node `outer` names (node slot `node`).
 #[inline(always)]
-fn encapsulate(ctx: &TcContext, outer: &Outer) -> i32 {
+fn encapsulate(ctx: &TcContext, outer: &Outer, node: u32) -> i32 {
     // SAFETY: context field read.
     let inner_len = (unsafe { (*ctx.skb.skb).len } as usize).saturating_sub(ETH_HLEN);
     if ctx
@@ -113,7 +113,7 @@ fn encapsulate(ctx: &TcContext, outer: &Outer) -> i32 {
     if encap::write(&pkt, outer, inner_len).is_none() {
         return drop(ctx, DropReason::RewriteFailed);
     }
-    transmit(ctx, outer.saddr, outer.daddr)
+    transmit(ctx, outer.saddr, outer.daddr, node)
 }
 
 /// Removes the outer headers of an encapsulated packet (the Ethernet
@@ -132,9 +132,10 @@ fn strip(ctx: &TcContext) -> Result<(), ()> {
 
 /// Routes the packet from `saddr` to `daddr` and sends it out of the
 /// device the FIB names (the kernel resolves a missing neighbour).
-/// Without a route: dropped, as `mesh_xdp` drops it.
+/// Without a route: dropped, as `mesh_xdp` drops it. `node`: the
+/// destination's node slot, or `NO_NODE`.
 #[inline(always)]
-fn transmit(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
+fn transmit(ctx: &TcContext, saddr: u32, daddr: u32, node: u32) -> i32 {
     let pkt = skb::reread(ctx);
     forward_or(
         ctx,
@@ -142,6 +143,7 @@ fn transmit(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
         saddr,
         daddr,
         ingress_ifindex(ctx),
+        node,
         DropReason::NoRouteToNode,
     )
 }

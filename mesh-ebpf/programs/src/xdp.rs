@@ -43,7 +43,7 @@ pub fn mesh_xdp(ctx: XdpContext) -> u32 {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop(reason) => drop(&ctx, reason),
         Verdict::Local { backend_id } => deliver(&ctx, backend_id),
-        Verdict::Forward { outer } => encapsulate(&ctx, &outer),
+        Verdict::Forward { outer, node } => encapsulate(&ctx, &outer, node),
         Verdict::TooBig { from, mtu } => too_big(&ctx, from, mtu),
         Verdict::Decap { info } => {
             let Some(pkt) = strip(&ctx) else {
@@ -56,13 +56,15 @@ pub fn mesh_xdp(ctx: XdpContext) -> u32 {
             };
             match v {
                 Verdict::Local { backend_id } => deliver(&ctx, backend_id),
-                Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr, false),
+                Verdict::Out { saddr, daddr } => {
+                    transmit(&ctx, &pkt, saddr, daddr, false, fib::NO_NODE)
+                }
                 Verdict::Host => to_tc(&ctx, XDP_META_HOST, 0),
                 Verdict::Drop(reason) => drop(&ctx, reason),
                 _ => drop(&ctx, DropReason::EncapMalformed),
             }
         }
-        Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr, false),
+        Verdict::Out { saddr, daddr } => transmit(&ctx, &pkt, saddr, daddr, false, fib::NO_NODE),
         Verdict::Host => to_tc(&ctx, XDP_META_HOST, 0),
     }
 }
@@ -116,9 +118,9 @@ fn packet(ctx: &XdpContext) -> Pkt {
 }
 
 /// Puts the outer headers in front of the (DNAT'd) datagram and sends it
-/// to the node `outer` names.
+/// to the node `outer` names (node slot `node`).
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, outer: &Outer) -> u32 {
+fn encapsulate(ctx: &XdpContext, outer: &Outer, node: u32) -> u32 {
     let inner_len = (ctx.data_end() - ctx.data()).saturating_sub(ETH_HLEN);
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(ENCAP_LEN as i32)) } != 0 {
@@ -128,7 +130,7 @@ fn encapsulate(ctx: &XdpContext, outer: &Outer) -> u32 {
     if encap::write(&pkt, outer, inner_len).is_none() {
         return drop(ctx, DropReason::RewriteFailed);
     }
-    transmit(ctx, &pkt, outer.saddr, outer.daddr, true)
+    transmit(ctx, &pkt, outer.saddr, outer.daddr, true, node)
 }
 
 /// Removes the outer headers of an encapsulated packet, keeping its
@@ -151,12 +153,20 @@ fn strip(ctx: &XdpContext) -> Option<Pkt> {
 /// the device it came in on, or redirected to another (`redirect`: with
 /// XDP, which only devices that take XDP frames do; otherwise through
 /// TC). When the next hop's neighbour entry is missing, TC sends it (and
-/// the kernel resolves the neighbour).
+/// the kernel resolves the neighbour). `node`: the destination's node
+/// slot, or `fib::NO_NODE`.
 #[inline(always)]
-fn transmit(ctx: &XdpContext, pkt: &Pkt, saddr: u32, daddr: u32, redirect: bool) -> u32 {
+fn transmit(
+    ctx: &XdpContext,
+    pkt: &Pkt,
+    saddr: u32,
+    daddr: u32,
+    redirect: bool,
+    node: u32,
+) -> u32 {
     // SAFETY: context field read.
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
-    let r = fib::route_cached(ctx.ctx as *mut _, saddr, daddr, ingress);
+    let r = fib::route_cached(ctx.ctx as *mut _, saddr, daddr, ingress, node);
     if r.found() && (redirect || r.ifindex == ingress) {
         if r.write_macs(pkt).is_none() {
             return drop(ctx, DropReason::RewriteFailed);

@@ -32,6 +32,7 @@ pub fn max_entries(limits: &Limits) -> Vec<(&'static str, u32)> {
         (MAP_BACKENDS, limits.max_backends),
         (MAP_LOCAL_DEV, limits.max_backends),
         (MAP_NODES, limits.max_nodes),
+        (MAP_NODE_HOP, limits.max_nodes),
         (MAP_NODE_BY_ADDR4, limits.max_nodes),
         (MAP_LOCAL4, limits.reply_entries()),
         (MAP_FWD4, limits.ct_entries),
