@@ -213,7 +213,8 @@ pub fn explain(root: &Path, iface: &str, q: &Question) -> Result<Value> {
         sport_be: q.src.port().to_be(),
         dport_be: q.dst.port().to_be(),
         proto: q.proto.number(),
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let confirmed = if q.proto == Proto::Tcp {
         MAP_CT4

@@ -403,7 +403,8 @@ fn prefill_key(i: usize, node: Ipv4Addr) -> FlowKey4 {
         sport_be: sport.to_be(),
         dport_be: WEB_TCP.to_be(),
         proto: IPPROTO_TCP,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

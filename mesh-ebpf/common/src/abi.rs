@@ -762,7 +762,10 @@ pub struct FlowKey4 {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`: LLVM zeroes three bytes with a call to
+    // `memset` (a BPF-to-BPF call and return on every packet).
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 

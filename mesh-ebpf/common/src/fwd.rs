@@ -318,7 +318,8 @@ fn pick<T: Tables>(
         sport_be: sport,
         dport_be: dport,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     // The flow's live entry for this service, confirmed or not. A tracked
     // flow was checked against the node addresses when it was created: the
@@ -521,7 +522,8 @@ fn icmp_to_task<T: Tables>(pkt: &Pkt, ip: &parse::Ip4, t: &T) -> Verdict {
         sport_be: e.dport_be,
         dport_be: e.sport_be,
         proto: e.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let Some(ct) = t.ct_get(&flow).or_else(|| t.ct_new_get(&flow)) else {
         return Verdict::Pass;
@@ -873,7 +875,8 @@ pub fn decap_request<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdic
         sport_be: sport,
         dport_be: be.port_be,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let now = t.now();
     let want = FwdValue {
@@ -935,7 +938,8 @@ pub fn decap_reply<T: Tables>(pkt: &Pkt, t: &T) -> Verdict {
         sport_be: dport,
         dport_be: sport,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     if let Some(ct) = t.ct_new_get(&flow) {
         let answer = crate::rev::answer_of(pkt, &ip);

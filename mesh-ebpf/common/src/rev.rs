@@ -230,7 +230,8 @@ fn find<T: RevTables>(
         sport_be: cport,
         dport_be: c.port_be,
         proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     let ours = |ct: &CtValue| ct.backend_id == backend_id && ct.backend_gen == backend_gen;
     for (i, c) in cands.iter().enumerate().take(MAX_REPLY_CANDS) {
@@ -265,7 +266,8 @@ fn find<T: RevTables>(
         sport_be: cport,
         dport_be: tport,
         proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     if let Some(v) = t.fwd_get(&fwd) {
         let c = ReplyCand {

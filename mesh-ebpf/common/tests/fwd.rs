@@ -208,7 +208,8 @@ fn client_flow(spec: &Spec) -> FlowKey4 {
         sport_be: spec.sport.to_be(),
         dport_be: spec.dport.to_be(),
         proto: spec.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
