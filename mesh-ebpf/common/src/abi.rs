@@ -458,6 +458,18 @@ pub struct FwdValue {
 }
 const _: () = assert!(size_of::<FwdValue>() == 16);
 
+impl FwdValue {
+    /// Whether both records send replies the same way (same ingress node,
+    /// original destination and flags), whenever they were seen.
+    #[inline(always)]
+    pub fn same_way(&self, other: &FwdValue) -> bool {
+        self.ingress == other.ingress
+            && self.orig_daddr == other.orig_daddr
+            && self.orig_dport_be == other.orig_dport_be
+            && self.flags == other.flags
+    }
+}
+
 /// The header after the outer UDP header of a packet one node carries to
 /// another (GUE-like, without an inner Ethernet header: 12 bytes). The
 /// inner IPv4 datagram follows.

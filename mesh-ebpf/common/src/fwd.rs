@@ -887,8 +887,16 @@ pub fn decap_request<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdic
         _pad0: 0,
         seen: now,
     };
-    if t.fwd_get(&flow) != Some(want) {
+    // The record names the flow's way back; its time only keeps it alive
+    // (rewritten once a clock unit).
+    let (known, way) = match t.fwd_get(&flow) {
+        Some(v) => (v.seen == now, v.same_way(&want)),
+        None => (false, false),
+    };
+    if !(known && way) {
         t.fwd_put(&flow, &want);
+    }
+    if !way {
         // The same client port may have reached the task through this
         // node's own address before (a UDP client that sends to several
         // nodes from one socket): the task sees one flow either way, and
