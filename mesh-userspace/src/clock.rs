@@ -11,6 +11,10 @@
 //! minutes after boot the rates cannot be told apart that way, and two
 //! reads a quarter of a second apart measure it instead. (Cilium measures
 //! it the same way, from `/proc/schedstat`, which needs `SCHEDSTATS`.)
+//! Docker masks `/proc/timer_list` in containers that are not privileged
+//! (meshd's swarm service is not): there the tick is read by running a
+//! two-instruction BPF program (`r0 = bpf_jiffies64(); exit`) with
+//! BPF_PROG_TEST_RUN, twice, a quarter of a second apart.
 
 use std::time::Duration;
 
@@ -40,6 +44,14 @@ pub fn jiffy_clock() -> JiffyClock {
 
 /// `CONFIG_HZ` of the running kernel.
 pub fn kernel_hz() -> Result<u32> {
+    match hz_from_timer_list() {
+        Ok(hz) => Ok(hz),
+        Err(e) => hz_from_bpf().map_err(|b| b.context(format!("{e:#}"))),
+    }
+}
+
+/// The rate, from `/proc/timer_list`.
+pub fn hz_from_timer_list() -> Result<u32> {
     let (now_ns, jiffies) = sample()?;
     if let Some(hz) = by_start(now_ns, jiffies) {
         return Ok(hz);
@@ -87,6 +99,128 @@ pub fn by_rate(ns: u64, ticks: u64) -> Result<u32> {
         bail!("the tick ran at {measured:.0} a second, no kernel's rate");
     }
     Ok(nearest)
+}
+
+/// The rate, from the tick count a BPF program reads, measured over a
+/// quarter of a second of the monotonic clock.
+pub fn hz_from_bpf() -> Result<u32> {
+    let prog = TickProgram::load()?;
+    let (t0, j0) = (monotonic_ns(), prog.read()?);
+    std::thread::sleep(Duration::from_millis(250));
+    let (t1, j1) = (monotonic_ns(), prog.read()?);
+    by_rate(t1.saturating_sub(t0), j1.wrapping_sub(j0) as u64)
+        .context("measuring the tick with bpf_jiffies64")
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: plain syscall into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `r0 = bpf_jiffies64(); exit`, as a socket filter: its test run's
+/// return value is the tick count's low 32 bits.
+struct TickProgram(std::os::fd::OwnedFd);
+
+impl TickProgram {
+    fn load() -> Result<Self> {
+        // struct bpf_insn: code, dst:4|src:4, off, imm.
+        const BPF_JMP_CALL: u8 = 0x85;
+        const BPF_JMP_EXIT: u8 = 0x95;
+        const BPF_FUNC_JIFFIES64: i32 = 118;
+        let insns: [u64; 2] = [
+            BPF_JMP_CALL as u64 | ((BPF_FUNC_JIFFIES64 as u32 as u64) << 32),
+            BPF_JMP_EXIT as u64,
+        ];
+        let license = c"GPL";
+        #[repr(C)]
+        #[derive(Default)]
+        struct Load {
+            prog_type: u32,
+            insn_cnt: u32,
+            insns: u64,
+            license: u64,
+            log_level: u32,
+            log_size: u32,
+            log_buf: u64,
+            kern_version: u32,
+            prog_flags: u32,
+            prog_name: [u8; 16],
+        }
+        let mut attr = Load {
+            prog_type: 1, // BPF_PROG_TYPE_SOCKET_FILTER
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..Load::default()
+        };
+        attr.prog_name[..10].copy_from_slice(b"mesh_ticks");
+        // SAFETY: BPF_PROG_LOAD with an attribute block that outlives the
+        // call; the instructions and license are live locals.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                5, // BPF_PROG_LOAD
+                &attr as *const Load,
+                std::mem::size_of::<Load>() as u32,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "loading a program that reads bpf_jiffies64: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: a new descriptor the kernel just returned to us.
+        Ok(Self(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
+        }))
+    }
+
+    fn read(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd;
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+        }
+        let frame = [0u8; 64];
+        let mut attr = TestRun {
+            prog_fd: self.0.as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat: 1,
+            ..TestRun::default()
+        };
+        // SAFETY: BPF_PROG_TEST_RUN with an attribute block and input frame
+        // that outlive the call; the kernel writes the attribute block.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                10, // BPF_PROG_TEST_RUN
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>() as u32,
+            )
+        };
+        if r < 0 {
+            bail!(
+                "running the program that reads bpf_jiffies64: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(attr.retval)
+    }
 }
 
 /// Monotonic nanoseconds and the tick count, from one read of

@@ -160,3 +160,15 @@ fn root_affinity_outlives_set_changes_until_its_timeout_and_skips_draining_tasks
     let mut bpf = BpfWorld::new().expect("load the BPF object (root, BPF)");
     mesh_tests::fixtures::affinity_scenario(&mut bpf).unwrap();
 }
+
+/// Conntrack's clock: the tick rate read off /proc/timer_list and the one
+/// measured with a BPF program reading bpf_jiffies64 (what meshd falls
+/// back to where Docker masks that file, as in its swarm service) agree,
+/// and are a kernel's rate.
+#[test]
+fn root_the_tick_rate_is_the_same_read_either_way() {
+    let listed = mesh_userspace::clock::hz_from_timer_list().expect("/proc/timer_list");
+    let measured = mesh_userspace::clock::hz_from_bpf().expect("bpf_jiffies64");
+    assert_eq!(listed, measured);
+    assert!([100, 250, 300, 1000].contains(&listed), "{listed}");
+}
