@@ -175,7 +175,9 @@ fn route_to_node(
     }
     let r = route(ctx, saddr, daddr, ifindex);
     if r.found() {
-        // No other writer: the copy is this CPU's.
+        // Only this CPU writes its copy, and programs on one CPU do not
+        // interleave (on a PREEMPT_RT kernel one may preempt another: a
+        // copy written half by each would misroute until the next unit).
         *h = NodeHop {
             key: RouteKey4 {
                 saddr,
