@@ -1014,80 +1014,58 @@ impl Planner {
 
     /// After step 1: every node's address leads to its slot.
     fn put_node_index(&mut self, p: &mut Plan) {
-        for n in self.nodes.values() {
-            if self.node_index.get(&n.value.addr[0]) != Some(&n.slot) {
-                p.ops.push(Op::PutNodeIndex(n.value.addr[0], n.slot));
-                self.node_index.insert(n.value.addr[0], n.slot);
-            }
-        }
+        let want: BTreeMap<u32, u32> = self
+            .nodes
+            .values()
+            .map(|n| (n.value.addr[0], n.slot))
+            .collect();
+        put_changed(&mut self.node_index, &want, p, Op::PutNodeIndex);
     }
 
     /// Before step 7: addresses of nodes that left (or moved) lead
     /// nowhere, before their slots are freed.
     fn del_node_index(&mut self, d: &Desired, p: &mut Plan) {
         let live: BTreeSet<u32> = d.nodes.values().map(|n| raw4(n.addr)).collect();
-        let gone: Vec<u32> = self
-            .node_index
-            .keys()
-            .filter(|a| !live.contains(a))
-            .copied()
-            .collect();
-        for a in gone {
-            p.ops.push(Op::DelNodeIndex(a));
-            self.node_index.remove(&a);
-        }
+        del_unwanted(
+            &mut self.node_index,
+            |a| live.contains(a),
+            p,
+            Op::DelNodeIndex,
+        );
     }
 
     /// After step 2: local backends by identity, for packets other nodes
     /// forward (before any table can send them one).
     fn put_locals(&mut self, locals: &BTreeMap<ReplyKey4, u32>, p: &mut Plan) {
-        for (k, slot) in locals {
-            if self.locals.get(k) != Some(slot) {
-                p.ops.push(Op::PutLocal(*k, *slot));
-                self.locals.insert(*k, *slot);
-            }
-        }
+        put_changed(&mut self.locals, locals, p, Op::PutLocal);
     }
 
     /// Before step 6: identities no local backend has any more.
     fn del_locals(&mut self, locals: &BTreeMap<ReplyKey4, u32>, p: &mut Plan) {
-        let gone: Vec<ReplyKey4> = self
-            .locals
-            .keys()
-            .filter(|k| !locals.contains_key(k))
-            .copied()
-            .collect();
-        for k in gone {
-            p.ops.push(Op::DelLocal(k));
-            self.locals.remove(&k);
-        }
+        del_unwanted(
+            &mut self.locals,
+            |k| locals.contains_key(k),
+            p,
+            Op::DelLocal,
+        );
     }
 
     /// After step 2: where local backends' packets go, for those whose
     /// task's link is known (delivery without a FIB lookup, before any
     /// table sends them a flow when the link is known already).
     fn put_local_devs(&mut self, devs: &BTreeMap<u32, LocalDev>, p: &mut Plan) {
-        for (id, d) in devs {
-            if self.local_devs.get(id) != Some(d) {
-                p.ops.push(Op::PutLocalDev(*id, *d));
-                self.local_devs.insert(*id, *d);
-            }
-        }
+        put_changed(&mut self.local_devs, devs, p, Op::PutLocalDev);
     }
 
     /// Before step 6: entries of backends that leave, or whose link is no
     /// longer known (their packets go by the FIB).
     fn del_local_devs(&mut self, devs: &BTreeMap<u32, LocalDev>, p: &mut Plan) {
-        let gone: Vec<u32> = self
-            .local_devs
-            .keys()
-            .filter(|id| !devs.contains_key(id))
-            .copied()
-            .collect();
-        for id in gone {
-            p.ops.push(Op::DelLocalDev(id));
-            self.local_devs.remove(&id);
-        }
+        del_unwanted(
+            &mut self.local_devs,
+            |id| devs.contains_key(id),
+            p,
+            Op::DelLocalDev,
+        );
     }
 
     /// Backend `k` in slot `id`, generation `gen_`, as written.
@@ -1708,6 +1686,36 @@ fn reply_candidates(d: &Desired) -> Result<Replies<'_>> {
     Ok(out)
 }
 
+/// Writes (and records in `have`) every entry of `want` that `have` does
+/// not hold as it is: the "put" half of keeping a map in step.
+fn put_changed<K: Ord + Copy, V: PartialEq + Copy>(
+    have: &mut BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    p: &mut Plan,
+    put: impl Fn(K, V) -> Op,
+) {
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            p.ops.push(put(*k, *v));
+            have.insert(*k, *v);
+        }
+    }
+}
+
+/// Deletes (and forgets in `have`) every entry whose key `wanted` refuses:
+/// the "delete" half.
+fn del_unwanted<K: Ord + Copy, V>(
+    have: &mut BTreeMap<K, V>,
+    wanted: impl Fn(&K) -> bool,
+    p: &mut Plan,
+    del: impl Fn(K) -> Op,
+) {
+    let gone: Vec<K> = have.keys().filter(|k| !wanted(k)).copied().collect();
+    for k in gone {
+        p.ops.push(del(k));
+        have.remove(&k);
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
