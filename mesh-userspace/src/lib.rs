@@ -35,3 +35,5 @@ pub mod plan;
 pub mod sim;
 pub mod source;
 pub mod status;
+#[cfg(test)]
+mod test_rng;

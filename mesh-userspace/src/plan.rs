@@ -2270,19 +2270,7 @@ mod adopt_tests {
     use super::*;
     use crate::model::{Availability, StateBuilder};
 
-    /// xorshift64*: deterministic test data without dependencies.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn one_in(&mut self, n: u64) -> bool {
-            self.next().is_multiple_of(n)
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Three nodes (n1 is this one, one of the others sometimes leaves),
     /// up to three services on two ports each, tasks here and there,
@@ -2385,7 +2373,7 @@ mod adopt_tests {
     #[test]
     fn an_adopted_planner_keeps_what_conntrack_names_and_never_repeats_a_generation() {
         for seed in 1..=300u64 {
-            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = Rng::seeded(seed);
             let mut p = Planner::new(limits());
             let mut maps = Snapshot::default();
             let mut handed: BTreeSet<(u32, u32)> = BTreeSet::new();

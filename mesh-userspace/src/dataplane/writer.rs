@@ -557,16 +557,7 @@ mod tests {
         }
     }
 
-    /// xorshift64*: deterministic test data without dependencies.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::test_rng::Rng;
 
     fn random_state(rng: &mut Rng) -> Desired {
         let mut b = StateBuilder::new()
@@ -635,7 +626,7 @@ mod tests {
             ..Limits::default()
         };
         for seed in 1..=300u64 {
-            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut rng = Rng::seeded(seed);
             let mut a = Applier::new(limits.clone(), Checked::default());
             let mut last = None;
             for _ in 0..12 {
