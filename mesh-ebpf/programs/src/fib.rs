@@ -51,6 +51,30 @@ impl Route {
         self.rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64
     }
 
+    /// A route the programs kept (`RouteValue4`), as found.
+    #[inline(always)]
+    fn kept(v: &RouteValue4) -> Self {
+        Route {
+            rc: BPF_FIB_LKUP_RET_SUCCESS as i64,
+            ifindex: v.ifindex,
+            dmac: (v.dmac_hi, v.dmac_lo),
+            smac: (v.smac_hi, v.smac_lo),
+        }
+    }
+
+    /// This (found) route, to keep for conntrack time unit `at`.
+    #[inline(always)]
+    fn to_keep(&self, at: u32) -> RouteValue4 {
+        RouteValue4 {
+            ifindex: self.ifindex,
+            at,
+            dmac_hi: self.dmac.0,
+            smac_hi: self.smac.0,
+            dmac_lo: self.dmac.1,
+            smac_lo: self.smac.1,
+        }
+    }
+
     /// Writes the route's Ethernet addresses into `pkt`.
     #[inline(always)]
     pub fn write_macs(&self, pkt: &Pkt) -> Option<()> {
@@ -119,26 +143,14 @@ pub fn route_cached(
         // SAFETY: a live map value, copied at once.
         let v = unsafe { *p };
         if v.at == now {
-            return Route {
-                rc: BPF_FIB_LKUP_RET_SUCCESS as i64,
-                ifindex: v.ifindex,
-                dmac: (v.dmac_hi, v.dmac_lo),
-                smac: (v.smac_hi, v.smac_lo),
-            };
+            return Route::kept(&v);
         }
     }
     let r = route(ctx, saddr, daddr, ifindex);
     if r.found() {
         #[repr(C, align(8))]
         struct Value(RouteValue4);
-        let v = Value(RouteValue4 {
-            ifindex: r.ifindex,
-            at: now,
-            dmac_hi: r.dmac.0,
-            smac_hi: r.smac.0,
-            dmac_lo: r.dmac.1,
-            smac_lo: r.smac.1,
-        });
+        let v = Value(r.to_keep(now));
         // LRU: evicts instead of failing; a lost entry costs a lookup.
         let _ = ROUTE4.insert(&key.0, &v.0, 0);
     }
@@ -166,12 +178,7 @@ fn route_to_node(
         && h.key.ifindex == ifindex
         && h.route.ifindex != 0
     {
-        return Route {
-            rc: BPF_FIB_LKUP_RET_SUCCESS as i64,
-            ifindex: h.route.ifindex,
-            dmac: (h.route.dmac_hi, h.route.dmac_lo),
-            smac: (h.route.smac_hi, h.route.smac_lo),
-        };
+        return Route::kept(&h.route);
     }
     let r = route(ctx, saddr, daddr, ifindex);
     if r.found() {
@@ -184,14 +191,7 @@ fn route_to_node(
                 daddr,
                 ifindex,
             },
-            route: RouteValue4 {
-                ifindex: r.ifindex,
-                at: now,
-                dmac_hi: r.dmac.0,
-                smac_hi: r.smac.0,
-                dmac_lo: r.dmac.1,
-                smac_lo: r.smac.1,
-            },
+            route: r.to_keep(now),
         };
     }
     r

@@ -13,7 +13,7 @@ use mesh_common::abi::DropReason;
 use mesh_common::fwd::{self, PLAN_DROP, PLAN_FORWARD, PLAN_PASS};
 use mesh_common::pkt::Pkt;
 
-use crate::fib::{forward, ingress_ifindex};
+use crate::fib::{NO_NODE, forward, ingress_ifindex};
 use crate::maps::{Maps, count_drop};
 use crate::skb::{self, DESTINATION};
 
@@ -54,7 +54,14 @@ pub fn serve(ctx: &TcContext, pkt: &Pkt, origin: u8) -> i32 {
     }
     let from = ingress_ifindex(ctx);
     if plan.kind == PLAN_FORWARD {
-        return skb::encapsulate(ctx, &plan.outer, len, from);
+        return skb::encapsulate(
+            ctx,
+            &plan.outer,
+            len,
+            from,
+            NO_NODE,
+            DropReason::FibLookupFailed,
+        );
     }
     forward(ctx, &skb::reread(ctx), ip.saddr, plan.addr, from)
 }

@@ -25,7 +25,7 @@ use mesh_common::parse::{
 };
 use mesh_common::pkt::Pkt;
 
-use crate::fib::forward;
+use crate::fib::forward_or;
 use crate::maps::{Maps, count, count_drop};
 
 /// Ethernet + IPv4 + TCP without options (54 bytes): the headers every
@@ -216,10 +216,18 @@ pub fn clamp_mss(ctx: &TcContext, pkt: &Pkt, ip: &Ip4, max: u16) -> Result<(), (
 }
 
 /// Puts the outer headers `outer` in front of the packet's datagram
-/// (`len` bytes of frame before it) and routes it to `outer.daddr`,
-/// looking the route up as arriving on `ifindex`.
+/// (`len` bytes of frame before it) and routes it to `outer.daddr`
+/// (node slot `node`, or `fib::NO_NODE`), looking the route up as
+/// arriving on `ifindex`; without a route it is dropped as `no_route`.
 #[inline(always)]
-pub fn encapsulate(ctx: &TcContext, outer: &Outer, len: u32, ifindex: u32) -> i32 {
+pub fn encapsulate(
+    ctx: &TcContext,
+    outer: &Outer,
+    len: u32,
+    ifindex: u32,
+    node: u32,
+    no_route: DropReason,
+) -> i32 {
     let inner_len = (len as usize).saturating_sub(ETH_HLEN);
     if ctx
         .adjust_room(
@@ -237,7 +245,7 @@ pub fn encapsulate(ctx: &TcContext, outer: &Outer, len: u32, ifindex: u32) -> i3
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT;
     }
-    forward(ctx, &pkt, outer.saddr, outer.daddr, ifindex)
+    forward_or(ctx, &pkt, outer.saddr, outer.daddr, ifindex, node, no_route)
 }
 
 /// Hands the packet to this node's own stack, as the loopback device

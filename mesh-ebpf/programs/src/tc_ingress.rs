@@ -30,7 +30,6 @@ use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
 use mesh_common::abi::{Counter, DropReason, ENCAP_K_REQUEST, ENCAP_LEN};
-use mesh_common::encap::{self, Outer};
 use mesh_common::fwd::{self, Verdict};
 use mesh_common::icmp;
 use mesh_common::parse::{ETH_HLEN, IP_SADDR};
@@ -38,7 +37,7 @@ use mesh_common::parse::{ETH_HLEN, IP_SADDR};
 use crate::deliver;
 use crate::fib::{NO_NODE, forward_or, ingress_ifindex};
 use crate::maps::{Maps, count, count_drop};
-use crate::skb::{self, ENCAP_ROOM_FLAGS};
+use crate::skb;
 
 /// The bytes the forward path reads at most, made directly readable when
 /// they are not: an encapsulated packet's outer headers (54 with
@@ -59,7 +58,14 @@ pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
         Verdict::Pass => TC_ACT_UNSPEC,
         Verdict::Drop(reason) => drop(&ctx, reason),
         Verdict::Local { backend_id } => deliver::to_task(&ctx, backend_id),
-        Verdict::Forward { outer, node } => encapsulate(&ctx, &outer, node),
+        Verdict::Forward { outer, node } => skb::encapsulate(
+            &ctx,
+            &outer,
+            skb::len(&ctx),
+            ingress_ifindex(&ctx),
+            node,
+            DropReason::NoRouteToNode,
+        ),
         Verdict::TooBig { from, mtu } => too_big(&ctx, from, mtu),
         Verdict::Decap { info } => {
             // The inner datagram's headers lay in the readable part
@@ -91,29 +97,6 @@ fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
     // Per packet, so debug level: off unless meshd --bpf-log-level debug.
     debug!(ctx, "tc drop: reason {}", reason as u32);
     TC_ACT_SHOT
-}
-
-/// Puts the outer headers in front of the (DNAT'd) datagram and sends it
-/// to the node `outer` names (node slot `node`).
-#[inline(always)]
-fn encapsulate(ctx: &TcContext, outer: &Outer, node: u32) -> i32 {
-    // SAFETY: context field read.
-    let inner_len = (unsafe { (*ctx.skb.skb).len } as usize).saturating_sub(ETH_HLEN);
-    if ctx
-        .adjust_room(
-            ENCAP_LEN as i32,
-            bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-            ENCAP_ROOM_FLAGS,
-        )
-        .is_err()
-    {
-        return drop(ctx, DropReason::RewriteFailed);
-    }
-    let pkt = skb::reread(ctx);
-    if encap::write(&pkt, outer, inner_len).is_none() {
-        return drop(ctx, DropReason::RewriteFailed);
-    }
-    transmit(ctx, outer.saddr, outer.daddr, node)
 }
 
 /// Removes the outer headers of an encapsulated packet (the Ethernet

@@ -24,7 +24,7 @@ use mesh_common::parse;
 use mesh_common::pkt::Pkt;
 use mesh_common::rev;
 
-use crate::fib::{forward, ingress_ifindex};
+use crate::fib::{NO_NODE, forward, ingress_ifindex};
 use crate::maps::{Maps, config, count, count_drop, count_n};
 use crate::origin;
 use crate::skb::{self, SOURCE};
@@ -94,7 +94,14 @@ fn send(ctx: &TcContext, pkt: &Pkt, r: &rev::Reply, maps: &Maps<true>, len: u32)
     }
     let cfg = config();
     count_n(Counter::RepliesToIngress, skb::segs(ctx));
-    skb::encapsulate(ctx, &rev::reply_outer(r, &cfg), len, ingress_ifindex(ctx))
+    skb::encapsulate(
+        ctx,
+        &rev::reply_outer(r, &cfg),
+        len,
+        ingress_ifindex(ctx),
+        NO_NODE,
+        DropReason::FibLookupFailed,
+    )
 }
 
 /// A SYN-ACK of a forwarded flow: its MSS lowered to what fits
