@@ -828,6 +828,18 @@ fn lower_mss(pkt: &Pkt, ip: &parse::Ip4, max: u16) -> Delta {
     Delta::default().add16(old, new)
 }
 
+/// An encapsulated packet, stripped of its outer headers (`pkt`), by what
+/// `info` says it carries: a client's request ([`decap_request`]) or a
+/// task's reply on its way back ([`decap_reply`]).
+#[inline(always)]
+pub fn decap<T: Tables>(pkt: &Pkt, t: &T, info: &Encapsulated) -> Verdict {
+    if info.hdr.kind == ENCAP_K_REQUEST {
+        decap_request(pkt, t, info)
+    } else {
+        decap_reply(pkt, t)
+    }
+}
+
 /// An encapsulated client packet, once stripped to its inner datagram:
 /// for the local task its destination names (by identity: DNAT to where
 /// this node delivers, when that differs). Its flow's ingress node and

@@ -29,7 +29,7 @@ use aya_ebpf::helpers::{bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail};
 use aya_ebpf::macros::classifier;
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
-use mesh_common::abi::{Counter, DropReason, ENCAP_K_REQUEST, ENCAP_LEN};
+use mesh_common::abi::{Counter, DropReason, ENCAP_LEN};
 use mesh_common::fwd::{self, Verdict};
 use mesh_common::icmp;
 use mesh_common::parse::{ETH_HLEN, IP_SADDR};
@@ -73,12 +73,7 @@ pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
             let Some(pkt) = strip(&ctx).ok().and_then(|()| skb::headers(&ctx, 0)) else {
                 return drop(&ctx, DropReason::EncapMalformed);
             };
-            let v = if info.hdr.kind == ENCAP_K_REQUEST {
-                fwd::decap_request(&pkt, &maps, &info)
-            } else {
-                fwd::decap_reply(&pkt, &maps)
-            };
-            match v {
+            match fwd::decap(&pkt, &maps, &info) {
                 Verdict::Local { backend_id } => deliver::to_task(&ctx, backend_id),
                 Verdict::Out { saddr, daddr } => transmit(&ctx, saddr, daddr, NO_NODE),
                 Verdict::Host => skb::to_host(&skb::reread(&ctx)),

@@ -20,7 +20,7 @@ use aya_ebpf::macros::xdp;
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::debug;
 use mesh_common::abi::{
-    Counter, DropReason, ENCAP_K_REQUEST, ENCAP_LEN, XDP_META_HOST, XDP_META_MAGIC,
+    Counter, DropReason, ENCAP_LEN, XDP_META_HOST, XDP_META_MAGIC,
     XDP_META_NEIGH, XdpMeta,
 };
 use mesh_common::encap::{self, Outer};
@@ -49,12 +49,7 @@ pub fn mesh_xdp(ctx: XdpContext) -> u32 {
             let Some(pkt) = strip(&ctx) else {
                 return drop(&ctx, DropReason::EncapMalformed);
             };
-            let v = if info.hdr.kind == ENCAP_K_REQUEST {
-                fwd::decap_request(&pkt, &maps, &info)
-            } else {
-                fwd::decap_reply(&pkt, &maps)
-            };
-            match v {
+            match fwd::decap(&pkt, &maps, &info) {
                 Verdict::Local { backend_id } => deliver(&ctx, backend_id),
                 Verdict::Out { saddr, daddr } => {
                     transmit(&ctx, &pkt, saddr, daddr, false, fib::NO_NODE)
