@@ -35,7 +35,8 @@ pub use meshd::{
     intercept_override, maps_of, meshd_path, parse_metric, tc_mode, uplink_programs,
 };
 pub use shell::{
-    exec, guard_routes, in_netns, ip, mount_bpffs, retry, sh, slot_namespaces, umount,
+    answers_again_within_two_units, exec, guard_routes, in_netns, ip, mount_bpffs, retry, sh,
+    slot_namespaces, umount,
 };
 pub use state::{StateFile, WEB_TCP, WEB_UDP};
 pub use task::{Conn, TCP_TARGET, TaskServer, UDP_TARGET};

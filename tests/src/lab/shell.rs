@@ -157,6 +157,33 @@ pub fn retry<T>(
     }
 }
 
+/// For a change the dataplane's caches must follow (they keep an answer
+/// for one conntrack time unit, about a second): asks with `ask(timeout
+/// in ms)` until an answer comes, bounded (a cache that kept its answer
+/// for good never answers again), requires the first within two units
+/// (2.15 s) of `changed` with the polling's slack, then twenty more in a
+/// row. `what` names the answers.
+pub fn answers_again_within_two_units(
+    what: &str,
+    changed: std::time::Instant,
+    ask: impl Fn(u64) -> anyhow::Result<String>,
+) {
+    retry(
+        std::time::Duration::from_secs(6),
+        &format!("{what} after the change"),
+        || ask(200),
+    )
+    .unwrap();
+    let took = changed.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(3000),
+        "{what} came again only after {took:?}"
+    );
+    for i in 0..20 {
+        ask(2000).unwrap_or_else(|e| panic!("{what} {i} after the change: {e:#}"));
+    }
+}
+
 /// An XDP program that passes everything, attached to `ports` of namespace
 /// `ns` (the segment's ends of the nodes' uplinks): XDP_TX out of a veth
 /// (a node forwarding to another, or sending on a reply another node
