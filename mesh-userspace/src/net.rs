@@ -82,6 +82,18 @@ pub fn check_kernel(tc: crate::dataplane::TcAttach) -> Result<()> {
     Ok(())
 }
 
+/// The names in directory `dir`, sorted; none if it cannot be read.
+pub fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// Fails unless `iface` exists.
 pub fn check_iface(iface: &str) -> Result<()> {
     if !std::path::Path::new("/sys/class/net").join(iface).exists() {

@@ -336,15 +336,7 @@ fn root_kill_9_under_continuous_requests_loses_none_and_the_next_meshd_keeps_eve
 
 /// Where the lab pins node 1's dataplane, and the names under it.
 fn pinned(lab: &Lab, sub: &str) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(lab.bpffs().join("mesh").join(sub))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    mesh_userspace::net::dir_names(&lab.bpffs().join("mesh").join(sub))
 }
 
 #[test]

@@ -118,14 +118,7 @@ fn run(args: &[&str]) -> Result<()> {
 
 /// This namespace's interfaces.
 fn interfaces() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
+    crate::net::dir_names(std::path::Path::new("/sys/class/net"))
 }
 
 fn json(args: &[&str]) -> Option<serde_json::Value> {

@@ -186,14 +186,7 @@ impl PinDir {
 
     /// Names in a subdirectory.
     fn list(&self, sub: &str) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.root.join(sub))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
+        crate::net::dir_names(&self.root.join(sub))
     }
 
     /// Pinned maps, by name.
