@@ -12,46 +12,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Context, Result, bail};
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+use aya_obj::generated::bpf_attach_type;
+use mesh_userspace::bpfsys::{
+    EXIT, MOV64_IMM, bpf_cmd, bpf_prog_type, insn, load_prog, sys_bpf, zeroed_attr,
+};
 
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
-    // SAFETY: the bpf syscall with a fully initialized attribute union of
-    // the size we pass.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn zeroed_attr() -> bpf_attr {
-    // SAFETY: bpf_attr is a plain C union; all-zero is what the kernel
-    // expects in every field a command does not use.
-    unsafe { std::mem::zeroed() }
-}
-
-/// One BPF instruction, encoded: opcode, registers (dst low nibble, src
-/// high nibble), offset, immediate.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    b[0] = code;
-    b[1] = (src << 4) | (dst & 0x0f);
-    b[2..4].copy_from_slice(&off.to_le_bytes());
-    b[4..8].copy_from_slice(&imm.to_le_bytes());
-    b
-}
-
-/// `BPF_ALU64 | BPF_MOV | BPF_K` and `BPF_JMP | BPF_EXIT`.
-const MOV64_IMM: u8 = 0x07 | 0xb0;
-const EXIT: u8 = 0x05 | 0x90;
 /// TC_ACT_UNSPEC (TCX_NEXT under TCX): go on as if there were no program.
 const TC_ACT_UNSPEC: i32 = -1;
 
@@ -59,53 +24,20 @@ const TC_ACT_UNSPEC: i32 = -1;
 /// what any TC program pays before its first instruction, under the same
 /// run-time statistics as the programs measured against it.
 pub fn load_empty_tc(name: &str) -> Result<OwnedFd> {
-    let code: Vec<u8> = [
-        insn(MOV64_IMM, 0, 0, 0, TC_ACT_UNSPEC),
-        insn(EXIT, 0, 0, 0, 0),
-    ]
-    .concat();
-    let license = CString::new("GPL").unwrap();
-    let mut attr = zeroed_attr();
-    // SAFETY: writing the BPF_PROG_LOAD member of a zeroed union.
-    unsafe {
-        let a = &mut attr.__bindgen_anon_3;
-        a.prog_type = bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS as u32;
-        a.insn_cnt = (code.len() / 8) as u32;
-        a.insns = code.as_ptr() as u64;
-        a.license = license.as_ptr() as u64;
-        for (d, s) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *d = s as libc::c_char;
-        }
-    }
-    let fd = sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).context("loading an empty TC program")?;
-    // SAFETY: BPF_PROG_LOAD returned a new descriptor we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    load_prog(
+        bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS,
+        &[
+            insn(MOV64_IMM, 0, 0, 0, TC_ACT_UNSPEC),
+            insn(EXIT, 0, 0, 0, 0),
+        ],
+        name,
+    )
+    .context("loading an empty TC program")
 }
 
-/// One BPF_PROG_TEST_RUN (repeat = 1) of the program `prog` on `frame`
-/// with context `ctx`: its return value and the kernel-reported duration
-/// (ns). For the empty TC program, which aya does not hold.
-pub fn test_run_fd(prog: BorrowedFd<'_>, frame: &[u8], ctx: &[u8]) -> Result<(u32, u64)> {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut attr = zeroed_attr();
-    // SAFETY: writing the BPF_PROG_TEST_RUN member of a zeroed union; the
-    // buffers outlive the call.
-    unsafe {
-        let t = &mut attr.test;
-        t.prog_fd = prog.as_raw_fd() as u32;
-        t.data_in = frame.as_ptr() as u64;
-        t.data_size_in = frame.len() as u32;
-        t.data_out = out.as_mut_ptr() as u64;
-        t.data_size_out = out.len() as u32;
-        t.ctx_in = ctx.as_ptr() as u64;
-        t.ctx_size_in = ctx.len() as u32;
-        t.repeat = 1;
-    }
-    sys_bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr).context("BPF_PROG_TEST_RUN")?;
-    // SAFETY: the kernel filled the union's test member.
-    let (ret, ns) = unsafe { (attr.test.retval, attr.test.duration) };
-    Ok((ret, ns as u64))
-}
+/// One BPF_PROG_TEST_RUN of a program aya does not hold (the empty TC
+/// program): see `bpfsys::test_run_fd`.
+pub use mesh_userspace::bpfsys::test_run_fd;
 
 /// A TCX link: the program stays attached as long as this lives.
 #[derive(Debug)]

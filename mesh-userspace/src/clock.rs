@@ -128,98 +128,25 @@ struct TickProgram(std::os::fd::OwnedFd);
 
 impl TickProgram {
     fn load() -> Result<Self> {
-        // struct bpf_insn: code, dst:4|src:4, off, imm.
-        const BPF_JMP_CALL: u8 = 0x85;
-        const BPF_JMP_EXIT: u8 = 0x95;
+        use crate::bpfsys::{CALL, EXIT, bpf_prog_type, insn, load_prog};
         const BPF_FUNC_JIFFIES64: i32 = 118;
-        let insns: [u64; 2] = [
-            BPF_JMP_CALL as u64 | ((BPF_FUNC_JIFFIES64 as u32 as u64) << 32),
-            BPF_JMP_EXIT as u64,
-        ];
-        let license = c"GPL";
-        #[repr(C)]
-        #[derive(Default)]
-        struct Load {
-            prog_type: u32,
-            insn_cnt: u32,
-            insns: u64,
-            license: u64,
-            log_level: u32,
-            log_size: u32,
-            log_buf: u64,
-            kern_version: u32,
-            prog_flags: u32,
-            prog_name: [u8; 16],
-        }
-        let mut attr = Load {
-            prog_type: 1, // BPF_PROG_TYPE_SOCKET_FILTER
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            ..Load::default()
-        };
-        attr.prog_name[..10].copy_from_slice(b"mesh_ticks");
-        // SAFETY: BPF_PROG_LOAD with an attribute block that outlives the
-        // call; the instructions and license are live locals.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                5, // BPF_PROG_LOAD
-                &attr as *const Load,
-                std::mem::size_of::<Load>() as u32,
-            )
-        };
-        if fd < 0 {
-            bail!(
-                "loading a program that reads bpf_jiffies64: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: a new descriptor the kernel just returned to us.
-        Ok(Self(unsafe {
-            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
-        }))
+        load_prog(
+            bpf_prog_type::BPF_PROG_TYPE_SOCKET_FILTER,
+            &[
+                insn(CALL, 0, 0, 0, BPF_FUNC_JIFFIES64),
+                insn(EXIT, 0, 0, 0, 0),
+            ],
+            "mesh_ticks",
+        )
+        .map(Self)
+        .context("a program that reads bpf_jiffies64")
     }
 
     fn read(&self) -> Result<u32> {
-        use std::os::fd::AsRawFd;
-        #[repr(C)]
-        #[derive(Default)]
-        struct TestRun {
-            prog_fd: u32,
-            retval: u32,
-            data_size_in: u32,
-            data_size_out: u32,
-            data_in: u64,
-            data_out: u64,
-            repeat: u32,
-            duration: u32,
-        }
-        let frame = [0u8; 64];
-        let mut attr = TestRun {
-            prog_fd: self.0.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat: 1,
-            ..TestRun::default()
-        };
-        // SAFETY: BPF_PROG_TEST_RUN with an attribute block and input frame
-        // that outlive the call; the kernel writes the attribute block.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                10, // BPF_PROG_TEST_RUN
-                &mut attr as *mut TestRun,
-                std::mem::size_of::<TestRun>() as u32,
-            )
-        };
-        if r < 0 {
-            bail!(
-                "running the program that reads bpf_jiffies64: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(attr.retval)
+        use std::os::fd::AsFd;
+        let (ticks, _) = crate::bpfsys::test_run_fd(self.0.as_fd(), &[0u8; 64], &[])
+            .context("running the program that reads bpf_jiffies64")?;
+        Ok(ticks)
     }
 }
 

@@ -19,6 +19,7 @@
 //! - [`sim`]: the same plan applied to host tables, for tests and tools.
 
 pub mod admin;
+pub mod bpfsys;
 pub mod cli;
 pub mod clock;
 pub mod commands;
