@@ -1043,21 +1043,13 @@ fn root_explain_names_the_node_and_task_a_flow_is_forwarded_to() {
     let src = SocketAddrV4::new(c.client_addrs()[0], 46001);
     let dst = format!("{}:{WEB_TCP}", c.node(2).addr);
     let bpffs = c.bpffs(2).to_str().unwrap().to_string();
-    let (code, out, err) = c
-        .meshd_cmd(
-            2,
-            &meshd_path().unwrap(),
-            &[
-                "explain",
-                "tcp",
-                &src.to_string(),
-                &dst,
-                "--bpffs",
-                &bpffs,
-                "--json",
-            ],
-        )
-        .unwrap();
+    let src_s = src.to_string();
+    let explain = |more: &[&str]| {
+        let mut args = vec!["explain", "tcp", &src_s, &dst, "--bpffs", &bpffs];
+        args.extend_from_slice(more);
+        c.meshd_cmd(2, &meshd_path().unwrap(), &args).unwrap()
+    };
+    let (code, out, err) = explain(&["--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["verdict"], "forward", "{v}");
@@ -1068,22 +1060,7 @@ fn root_explain_names_the_node_and_task_a_flow_is_forwarded_to() {
     let mut conn = c.tcp_connect_from(src, 2, WEB_TCP).unwrap();
     assert_eq!(conn.task().unwrap(), Cluster::task_name(1, 1));
     // The text form says it in words.
-    let (_, text, _) = c
-        .meshd_cmd(
-            2,
-            &meshd_path().unwrap(),
-            &[
-                "explain",
-                "tcp",
-                &src.to_string(),
-                &dst,
-                "--bpffs",
-                &bpffs,
-                "--flags",
-                "ack",
-            ],
-        )
-        .unwrap();
+    let (_, text, _) = explain(&["--flags", "ack"]);
     assert!(text.contains("forwarded"), "{text}");
     assert!(
         text.contains(&format!("on node {}", c.node(1).addr)),
