@@ -275,6 +275,19 @@ fn connections(lab: &Lab, tasks: &[&str]) -> Vec<(String, mesh_tests::lab::Conn)
     conns
 }
 
+/// After task 2 left the state: its connections end, every other one
+/// still reaches its task.
+fn task2s_end_the_others_stay(conns: &mut [(String, mesh_tests::lab::Conn)]) {
+    for (t, c) in conns.iter_mut() {
+        let r = c.ask("after");
+        if t == "task2" {
+            assert!(r.is_err(), "a connection to a removed task ends: {r:?}");
+        } else {
+            assert!(r.unwrap().starts_with(t.as_str()));
+        }
+    }
+}
+
 /// The headline of pinning: `kill -9` of meshd under continuous requests
 /// loses none (the dataplane keeps serving its last state while no meshd
 /// runs), and the next meshd adopts the pinned dataplane without flushing
@@ -324,14 +337,7 @@ fn root_kill_9_under_continuous_requests_loses_none_and_the_next_meshd_keeps_eve
     // And the new meshd follows changes as the old one did: task 2's
     // connections end, the others' stay.
     apply_with(&lab, &next, &[1, 3, 4], 2);
-    for (t, c) in conns.iter_mut() {
-        let r = c.ask("after");
-        if t == "task2" {
-            assert!(r.is_err(), "a connection to a removed task ends: {r:?}");
-        } else {
-            assert!(r.unwrap().starts_with(t.as_str()));
-        }
-    }
+    task2s_end_the_others_stay(&mut conns);
 }
 
 /// Where the lab pins node 1's dataplane, and the names under it.
@@ -522,14 +528,7 @@ fn root_an_upgrade_from_the_previous_layout_loses_no_request_and_keeps_every_flo
         assert_eq!(&c.task().expect("the connection survives the upgrade"), t);
     }
     apply_with(&lab, &next, &[1, 3, 4], 2);
-    for (t, c) in conns.iter_mut() {
-        let r = c.ask("after");
-        if t == "task2" {
-            assert!(r.is_err(), "a connection to a removed task ends: {r:?}");
-        } else {
-            assert!(r.unwrap().starts_with(t.as_str()));
-        }
-    }
+    task2s_end_the_others_stay(&mut conns);
 }
 
 /// Changing meshd's intercept across a restart (`--intercept xdp`, then
