@@ -31,6 +31,10 @@ fn root_three_nodes_each_serve_their_own_tasks_and_the_cluster_leaves_nothing_be
     for j in [1, 3] {
         let node = c.node(j).addr;
         let (mut tcp, mut udp) = (BTreeSet::new(), BTreeSet::new());
+        // Each UDP socket stays open through the loop, so that none gets an
+        // earlier one's port: a reused port would be the same flow, not a
+        // new one, and the count of new flows below would be one short.
+        let mut socks = Vec::new();
         for (k, &from) in clients.iter().cycle().take(30).enumerate() {
             let mut conn = c.tcp_connect(from, j, WEB_TCP).expect("tcp connect");
             assert_eq!(conn.peer().unwrap(), SocketAddr::from((node, WEB_TCP)));
@@ -41,7 +45,9 @@ fn root_three_nodes_each_serve_their_own_tasks_and_the_cluster_leaves_nothing_be
             assert_eq!(conn.local().unwrap().ip(), from);
             tcp.insert(task.to_string());
 
-            udp.insert(c.udp_task(from, j, WEB_UDP).expect("udp answer"));
+            let sock = c.udp_socket(from).unwrap();
+            udp.insert(c.udp_task_on(&sock, j, WEB_UDP).expect("udp answer"));
+            socks.push(sock);
         }
         let local: BTreeSet<String> = c
             .local_tasks(j)

@@ -378,8 +378,13 @@ impl Cluster {
     /// checked to come from the address and port asked, and the task to
     /// have seen the client's own address and port.
     pub fn udp_task(&self, from: Ipv4Addr, j: usize, port: u16) -> Result<String> {
-        let sock = self.udp_socket(from)?;
-        let (a, reply_from) = self.udp_ask(&sock, j, port, "peer")?;
+        self.udp_task_on(&self.udp_socket(from)?, j, port)
+    }
+
+    /// As [`Self::udp_task`], on socket `sock` (kept by the caller, so that
+    /// no later socket gets its port: one flow per socket).
+    pub fn udp_task_on(&self, sock: &UdpSocket, j: usize, port: u16) -> Result<String> {
+        let (a, reply_from) = self.udp_ask(sock, j, port, "peer")?;
         ensure!(
             reply_from == SocketAddr::from((self.node(j).addr, port)),
             "UDP reply source {reply_from}, not node {j}'s port {port}"
