@@ -62,9 +62,10 @@ pub struct Args {
     /// Do not pin to a CPU.
     #[arg(long)]
     pub no_pin: bool,
-    /// Run only these test-run cases (comma-separated names, as the
-    /// table prints them), with the floors they are measured from; implies
-    /// --no-live. For profiling one path (e.g. under `perf record`).
+    /// Run only these cases (comma-separated names, as the tables print
+    /// them), with the floors they are measured from; the live lab is
+    /// built only when a live case (`*_live*`) is named. For profiling one
+    /// path (e.g. under `perf record`).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -77,7 +78,7 @@ pub fn run(a: &Args) -> Result<Value> {
         "--rounds and --calls must be at least 1"
     );
     let mut a = a.clone();
-    if !a.only.is_empty() {
+    if !a.only.is_empty() && !a.only.iter().any(|n| is_live_name(n)) {
         a.no_live = true;
     }
     std::thread::spawn(move || run_here(&a))
@@ -153,17 +154,20 @@ fn run_here(a: &Args) -> Result<Value> {
     }
 
     let mut xdp = xdp_cases();
+    let mut lc = live.as_ref().map(live_cases).unwrap_or_default();
     if !a.only.is_empty() {
-        let known: Vec<&str> = xdp.iter().map(|c| c.name).collect();
+        let mut known: Vec<&str> = xdp.iter().map(|c| c.name).collect();
+        known.extend(lc.iter().map(|c| c.name));
         if let Some(bad) = a.only.iter().find(|n| !known.contains(&n.as_str())) {
             bail!(
                 "--only: no case {bad:?}; the cases are {}",
                 known.join(", ")
             );
         }
-        xdp.retain(|c| c.name.starts_with("floor_") || a.only.iter().any(|n| n == c.name));
+        let wanted = |name: &str| name.starts_with("floor_") || a.only.iter().any(|n| n == name);
+        xdp.retain(|c| wanted(c.name));
+        lc.retain(|c| wanted(c.name));
     }
-    let mut lc = live.as_ref().map(live_cases).unwrap_or_default();
 
     // First call of each case, untimed, checked down to the output bytes.
     for c in &mut xdp {
@@ -516,6 +520,11 @@ fn tc_cases() -> Vec<Case> {
         )
         .counted(true),
     ]
+}
+
+/// Whether `name` is one of the live cases' (`live_cases`).
+fn is_live_name(name: &str) -> bool {
+    name.contains("_live")
 }
 
 /// The whole-path cases on live frames, floors first.
