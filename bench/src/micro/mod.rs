@@ -294,6 +294,10 @@ fn load_worlds(a: &Args, ct_new: u32) -> Result<Vec<World>> {
     for i in [W_BASE, W_10K] {
         w[i].track((CLIENT, FLOW_SPORT), NODE, tasks[0])?;
     }
+    // The spread of established flows, likewise.
+    for i in 0..worlds::SPREAD_FLOWS {
+        w[W_BASE].track(worlds::spread_client(i), NODE, tasks[0])?;
+    }
     w[W_FULL].prefill_ct_new()?;
     // The node's own flow to its published port: confirmed, pinned to
     // the first task.
@@ -367,6 +371,15 @@ fn xdp_cases() -> Vec<Case> {
             W_10K,
             "as established, with 10,000 services loaded",
             Frames::One(ack),
+            Expect::Local,
+        )
+        .counted(false),
+        Case::new(
+            "established_spread",
+            PROG_XDP,
+            W_BASE,
+            "as established, each call the next of 8,192 confirmed flows: the conntrack entries and their buckets no longer all stay in the CPU's caches, as on a node with many flows",
+            Frames::each(worlds::spread_frame, false),
             Expect::Local,
         )
         .counted(false),
@@ -479,6 +492,15 @@ fn tc_cases() -> Vec<Case> {
             W_10K,
             "as tc_established, with 10,000 services loaded",
             Frames::One(ack),
+            Expect::TcLocal,
+        )
+        .counted(false),
+        Case::new(
+            "tc_established_spread",
+            PROG_TC_INGRESS,
+            W_BASE,
+            "as established_spread, through mesh_tc_ingress",
+            Frames::each(worlds::spread_frame, false),
             Expect::TcLocal,
         )
         .counted(false),

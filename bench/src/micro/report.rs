@@ -158,6 +158,17 @@ pub const PATHS: &[PathDef] = &[
         false,
         None,
     ),
+    // Established flows whose packets never find this CPU's copy of
+    // their entry: what an established packet costs without it.
+    xdp_path(
+        "established_spread",
+        "established_spread",
+        "established_live",
+        UPLINK,
+        false,
+        false,
+        None,
+    ),
     // Forwarding: the ingress node's XDP sends the packet to the other
     // node itself (XDP_TX): no TC program runs after it.
     xdp_path(
@@ -219,6 +230,13 @@ pub const PATHS: &[PathDef] = &[
         Some((15.0, "issue 10")),
     ),
     tc_path("established_10k", "tc_established_10k", "", false, None),
+    tc_path(
+        "established_spread",
+        "tc_established_spread",
+        "",
+        false,
+        None,
+    ),
     tc_path(
         "forward_remote",
         "tc_forward_remote",

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use mesh_common::abi::{CT_SYN, CtValue, FlowKey4, IPPROTO_TCP, MAP_CT4_NEW, XDP_META_MAGIC};
 use mesh_tests::fixtures::{BpfWorld, Floors, Flow, Run, World as _, XDP_PASS};
-use mesh_tests::packet::{Spec, TCP_SYN, View, checksums_ok};
+use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
 use mesh_userspace::desired::{BackendKey, Desired, DesiredService, TaskLink};
 use mesh_userspace::model::{Proto, StateBuilder};
 use mesh_userspace::plan::Limits;
@@ -540,6 +540,24 @@ pub fn new_flow_client(first: Ipv4Addr, i: usize) -> (Ipv4Addr, u16) {
 pub fn new_flow_frame(i: usize) -> Vec<u8> {
     let (saddr, sport) = new_flow_client(Ipv4Addr::new(198, 19, 0, 1), i);
     Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_SYN).build()
+}
+
+/// Confirmed flows the `*_established_spread` cases take in turn: enough
+/// that their entries and buckets (about a megabyte of the table) do not
+/// all stay in the CPU's caches between two packets of one flow, as one
+/// flow's do.
+pub const SPREAD_FLOWS: usize = 8192;
+
+/// Established flow `i` of the spread (`i` modulo `SPREAD_FLOWS`): its
+/// client, from 198.19.64.0/18.
+pub fn spread_client(i: usize) -> (Ipv4Addr, u16) {
+    new_flow_client(Ipv4Addr::new(198, 19, 64, 1), i % SPREAD_FLOWS)
+}
+
+/// The ACK of established flow `i` of the spread.
+pub fn spread_frame(i: usize) -> Vec<u8> {
+    let (saddr, sport) = spread_client(i);
+    Spec::tcp(saddr, sport, NODE, WEB_TCP, TCP_ACK).build()
 }
 
 /// As [`new_flow_frame`], from clients in 198.19.128.0/17: flows of
