@@ -10,14 +10,17 @@
 //! Those rules cost the mesh and HAProxy nothing: the mesh's packets never
 //! enter FORWARD, HAProxy's are the node's own.
 //!
-//! Forwarding (`MeshForward`, `MeshForwardDirect`): the clients send to
-//! the second node, whose meshd encapsulates to the first (same state on
-//! both). The segment stays plain outside those turns: XDP_TX out of a
-//! veth reaches the peer only if the peer has an XDP program, and XDP on
-//! a veth turns TSO off on its peer, so the XDP_PASS program on the
-//! segment's end of the second node's uplink, and complete checksums from
-//! the clients and the nodes' uplinks (XDP sees bytes: a partial checksum
-//! would be sent on broken), are switched on only for those turns.
+//! Forwarding (`MeshForward`, `MeshForwardDirect`, `MeshForwardXdp`): the
+//! clients send to the second node, whose meshd encapsulates to the first
+//! (same state on both). With the intercept at TC (meshd's default) the
+//! lab stays as it is: socket buffers keep their offloads (TSO, partial
+//! checksums) through encapsulation. With the intercept at XDP
+//! (`MeshForwardXdp`) the segment needs more, for that turn only: XDP_TX
+//! out of a veth reaches the peer only if the peer has an XDP program
+//! (the XDP_PASS program on the segment's end of the second node's
+//! uplink), and XDP sees bytes, so the clients and the nodes' uplinks send
+//! complete checksums (a partial one would be sent on broken; on a veth
+//! that also turns TSO off).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -64,10 +67,13 @@ pub enum DataPath {
     /// As `MeshForward`, replies straight from the first node to the
     /// client (`--reply-mode direct`).
     MeshForwardDirect,
+    /// As `MeshForward`, both meshds intercepting at XDP (`--intercept
+    /// xdp`): the second node encapsulates and sends with XDP_TX.
+    MeshForwardXdp,
 }
 
 impl DataPath {
-    pub const ALL: [DataPath; 7] = [
+    pub const ALL: [DataPath; 8] = [
         DataPath::MeshTc,
         DataPath::MeshXdp,
         DataPath::Iptables,
@@ -75,6 +81,7 @@ impl DataPath {
         DataPath::Direct,
         DataPath::MeshForward,
         DataPath::MeshForwardDirect,
+        DataPath::MeshForwardXdp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +93,7 @@ impl DataPath {
             DataPath::Direct => "direct",
             DataPath::MeshForward => "mesh_forward",
             DataPath::MeshForwardDirect => "mesh_forward_direct",
+            DataPath::MeshForwardXdp => "mesh_forward_xdp",
         }
     }
 
@@ -102,20 +110,36 @@ impl DataPath {
             DataPath::MeshTc
             | DataPath::MeshXdp
             | DataPath::MeshForward
-            | DataPath::MeshForwardDirect => (30080, 30201),
+            | DataPath::MeshForwardDirect
+            | DataPath::MeshForwardXdp => (30080, 30201),
             DataPath::Iptables => (31080, 31201),
             DataPath::Haproxy => (32080, 32201),
             DataPath::Direct => (HTTP_PORT, PERF_PORT),
         }
     }
 
-    /// meshd's intercept on this path, if it is the mesh's.
+    /// meshd's intercept on this path, if it is the mesh's on one node.
     pub fn intercept(self) -> Option<&'static str> {
         match self {
             DataPath::MeshTc => Some("tc"),
             DataPath::MeshXdp => Some("xdp"),
             _ => None,
         }
+    }
+
+    /// Both meshds' intercept on a forwarding path.
+    pub fn forward_intercept(self) -> Option<&'static str> {
+        match self {
+            DataPath::MeshForward | DataPath::MeshForwardDirect => Some("tc"),
+            DataPath::MeshForwardXdp => Some("xdp"),
+            _ => None,
+        }
+    }
+
+    /// Whether a forwarding path's replies go straight from the first
+    /// node to the client (else back through the second).
+    pub fn replies_direct(self) -> bool {
+        self == DataPath::MeshForwardDirect
     }
 
     /// Whether it carries UDP (HAProxy's community edition proxies TCP only).
@@ -132,12 +156,13 @@ impl DataPath {
                 | DataPath::MeshXdp
                 | DataPath::MeshForward
                 | DataPath::MeshForwardDirect
+                | DataPath::MeshForwardXdp
         )
     }
 
     /// Whether the clients send to the second node, which forwards.
     pub fn forwards(self) -> bool {
-        matches!(self, DataPath::MeshForward | DataPath::MeshForwardDirect)
+        self.forward_intercept().is_some()
     }
 }
 
@@ -383,17 +408,21 @@ defaults
                 )?;
                 self.meshd_cpu(&[1])?;
             }
-            DataPath::MeshForward | DataPath::MeshForwardDirect => {
-                self.wire(true)?;
-                let seg = self.cluster.topo.segment_ns.clone();
-                self.segment_xdp = Some(pass_xdp(&seg, vec![self.forwarder.segment_port.clone()])?);
-                let extra: &[&str] = if path == DataPath::MeshForwardDirect {
-                    &["--on-exit", "detach", "--reply-mode", "direct"]
-                } else {
-                    ON_EXIT
-                };
+            DataPath::MeshForward | DataPath::MeshForwardDirect | DataPath::MeshForwardXdp => {
+                let mode = path.forward_intercept().expect("a forwarding path");
+                if mode == "xdp" {
+                    self.wire(true)?;
+                    let seg = self.cluster.topo.segment_ns.clone();
+                    self.segment_xdp =
+                        Some(pass_xdp(&seg, vec![self.forwarder.segment_port.clone()])?);
+                }
+                let mut args = vec!["--intercept", mode];
+                args.extend_from_slice(ON_EXIT);
+                if path.replies_direct() {
+                    args.extend_from_slice(&["--reply-mode", "direct"]);
+                }
                 let meshd = self.meshd.clone();
-                self.cluster.start_meshds(&[1, 2], &meshd, extra)?;
+                self.cluster.start_meshds(&[1, 2], &meshd, &args)?;
                 self.meshd_cpu(&[1, 2])?;
             }
             DataPath::Iptables => {
@@ -444,11 +473,12 @@ defaults
                     "meshd left programs on the uplink: {left:?}"
                 );
             }
-            DataPath::MeshForward | DataPath::MeshForwardDirect => {
+            DataPath::MeshForward | DataPath::MeshForwardDirect | DataPath::MeshForwardXdp => {
                 let (s1, s2) = (self.cluster.stop_meshd(1), self.cluster.stop_meshd(2));
-                // Detaches the segment's XDP_PASS program.
-                self.segment_xdp = None;
-                self.wire(false)?;
+                // Detaches the segment's XDP_PASS program, if any.
+                if self.segment_xdp.take().is_some() {
+                    self.wire(false)?;
+                }
                 for (j, st) in [(1, s1?), (2, s2?)] {
                     ensure!(st.success(), "meshd on node {j} exited with {st}");
                 }

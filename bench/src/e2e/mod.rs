@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub stream_secs: u32,
     /// Paths to measure (default: all): mesh_tc, mesh_xdp, iptables,
-    /// haproxy, direct, mesh_forward, mesh_forward_direct.
+    /// haproxy, direct, mesh_forward, mesh_forward_direct, mesh_forward_xdp.
     #[arg(long, value_delimiter = ',')]
     pub paths: Vec<String>,
 }
@@ -191,7 +191,7 @@ fn measure(lab: &E2eLab, script: &std::path::Path, p: DataPath, a: &Args) -> Res
             "{}: {requests} requests, yet node 2 forwarded {fwd} packets and node 1 decapsulated {decap}",
             p.name()
         );
-        if p == DataPath::MeshForward {
+        if !p.replies_direct() {
             ensure!(
                 back >= requests,
                 "via-ingress: {requests} requests, {back} replies back through node 2"
@@ -523,9 +523,9 @@ fn report(
             "mesh_tc and mesh_xdp: meshd with --intercept tc (the default: one TC ingress program on the uplink, no XDP) and --intercept xdp (mesh_xdp, then mesh_tc_uplink). Each path is switched on only while it is measured: meshd is started for the mesh's turn and stopped after (an XDP program on the uplink turns TSO off on the veth peer, which would slow every other path); the DNAT rules are added for iptables' turn and the nat table deleted after (no conntrack on the node for the other paths). HAProxy idles on ports of its own.",
             "cpu_us_per_req: CPU time of the lab's processes (wrk, nginx, HAProxy, meshd of every node the path runs it on, iperf3; a cpuacct cgroup they all join, meshd once it has started) during the run over requests, including the kernel's packet work done in their context; machine_cpu_us_per_req: the whole machine's busy time from /proc/stat over requests (includes anything else running on the machine).",
             "Streams: iperf3 from the first client, one TCP stream; UDP: 64-byte datagrams as fast as iperf3 sends, received datagrams per second. The direct stream is also measured while meshd is attached (each mesh path's rounds, so per intercept): traffic that is not the mesh's, through the same uplink.",
-            "Forwarding (mesh_forward, mesh_forward_direct): a second node on the same segment as the clients and the first node, with no task of its own and meshd with the same state (both nodes, the service, the backends on the first node). Clients send to the second node's address; its XDP program picks the backend, encapsulates (40 bytes: outer IPv4, UDP 6090, mesh header) and sends it to the first node with XDP_TX; the first node strips it and delivers to the backend. mesh_forward: replies go back through the second node (via-ingress, meshd's default); mesh_forward_direct: the first node sends them straight to the client from the second node's address (--reply-mode direct). Every round checks that node 2 forwarded and node 1 decapsulated at least as many packets as there were requests, and where the replies went.",
-            "Forwarding needs, for its turns only (switched on with meshd and off after): an XDP_PASS program on the segment's end of the second node's uplink (XDP_TX out of a veth reaches the peer only if the peer has an XDP program; a physical NIC needs nothing), and complete checksums from the clients and both uplinks (ethtool -K tx off: XDP sees bytes, and a veth passes a partial checksum on as it is). MTU 1500 everywhere: meshd lowers the MSS of forwarded SYNs and of the backend's SYN-ACKs to 1420, so the encapsulated segments fit.",
-            "Direct is not quite a like-for-like floor for the forwarding paths: direct crosses one router (the first node), the forwarding paths two nodes and the segment twice (three for via-ingress replies); and in their turns the clients compute checksums and segment in software (tx off also turns TSO off), which the other paths' clients leave to the veth. Their ratios to direct include both.",
+            "Forwarding (mesh_forward, mesh_forward_direct, mesh_forward_xdp): a second node on the same segment as the clients and the first node, with no task of its own and meshd with the same state (both nodes, the service, the backends on the first node). Clients send to the second node's address; its intercept picks the backend, encapsulates (40 bytes: outer IPv4, UDP 6090, mesh header) and sends it to the first node; the first node strips it and delivers to the backend. mesh_forward: meshd's defaults, --intercept tc (mesh_tc_ingress encapsulates the socket buffer with bpf_skb_adjust_room, a TSO segment staying one buffer, and redirects it out of the uplink) and replies back through the second node (via-ingress); mesh_forward_direct: the first node sends replies straight to the client from the second node's address (--reply-mode direct); mesh_forward_xdp: as mesh_forward with --intercept xdp on both nodes (mesh_xdp encapsulates each frame and sends it with XDP_TX). Every round checks that node 2 forwarded and node 1 decapsulated at least as many packets as there were requests, and where the replies went.",
+            "mesh_forward_xdp needs, for its turns only (switched on with meshd and off after): an XDP_PASS program on the segment's end of the second node's uplink (XDP_TX out of a veth reaches the peer only if the peer has an XDP program; a physical NIC needs nothing), and complete checksums from the clients and both uplinks (ethtool -K tx off: XDP sees bytes, and a veth passes a partial checksum on as it is; on a veth this also turns TSO off, so its clients segment in software). The TC forwarding paths leave the lab as it is. MTU 1500 everywhere: meshd lowers the MSS of forwarded SYNs and of the backend's SYN-ACKs to 1420, so the encapsulated segments fit.",
+            "Direct is not quite a like-for-like floor for the forwarding paths: direct crosses one router (the first node), the forwarding paths two nodes and the segment twice (three for via-ingress replies); their ratios to direct include that (and, for mesh_forward_xdp, the clients' software segmentation).",
             "Ratios are between paths measured in the same run.",
         ],
     })
