@@ -167,6 +167,8 @@ pub struct Metrics {
     pub map_update_errors: IntCounter,
     conntrack_entries: prometheus::IntGaugeVec,
     conntrack_capacity: prometheus::IntGaugeVec,
+    /// Entries the sweeper removed, by table (`dataplane::sweep`).
+    pub conntrack_swept: IntCounterVec,
     pub ready: IntGauge,
     pub source_up: IntGauge,
     /// Seconds each apply took (plan and map writes).
@@ -307,6 +309,14 @@ impl Metrics {
         registry.register(Box::new(map_update_errors.clone()))?;
         registry.register(Box::new(conntrack_entries.clone()))?;
         registry.register(Box::new(conntrack_capacity.clone()))?;
+        let conntrack_swept = IntCounterVec::new(
+            Opts::new(
+                "mesh_conntrack_swept_total",
+                "Conntrack entries removed because their flow's lifetime ended (tcp, udp, unconfirmed; see --ct-sweep-interval).",
+            ),
+            &["table"],
+        )?;
+        registry.register(Box::new(conntrack_swept.clone()))?;
         registry.register(Box::new(ready.clone()))?;
         Ok(Self {
             registry,
@@ -321,6 +331,7 @@ impl Metrics {
             map_update_errors,
             conntrack_entries,
             conntrack_capacity,
+            conntrack_swept,
             ready,
             source_up,
             sync_duration,

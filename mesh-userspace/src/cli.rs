@@ -452,6 +452,15 @@ pub struct RunArgs {
     /// balancer, while it keeps serving its last state.
     #[arg(long, value_name = "S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub health_max_sync_age: u64,
+    /// Seconds between sweeps of the conntrack tables: entries whose
+    /// lifetime ended (the --ct-*-timeout options) are removed, so the
+    /// tables hold the live flows and a new flow's entry is written into
+    /// room instead of evicting another (which costs about twice as much).
+    /// Counted in mesh_conntrack_swept_total. 0: never (the tables then
+    /// fill with ended flows, and every new flow evicts the least recently
+    /// used).
+    #[arg(long, value_name = "S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub ct_sweep_interval: u64,
     /// How often the state file is checked for changes; with --docker, how
     /// often the swarm is read again in full (events trigger reads too).
     #[arg(long, value_name = "MS", default_value_t = 500)]
@@ -616,6 +625,8 @@ impl RunArgs {
             admin_addr: self.admin_addr,
             health_addr: self.health_addr.0,
             health_max_sync_age: Duration::from_secs(self.health_max_sync_age),
+            ct_sweep_interval: (self.ct_sweep_interval > 0)
+                .then(|| Duration::from_secs(self.ct_sweep_interval)),
             state_dir: self.state.state_dir.clone(),
             bpffs: self.bpffs.clone(),
             on_exit: self.on_exit,

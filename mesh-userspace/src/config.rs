@@ -87,6 +87,8 @@ pub struct RunConfig {
     pub health_addr: Option<SocketAddr>,
     /// The health answer turns 503 this long after the last sync.
     pub health_max_sync_age: Duration,
+    /// How often ended flows are swept from conntrack (`None`: never).
+    pub ct_sweep_interval: Option<Duration>,
     /// What must outlive meshd: assigned ports, the drain.
     pub state_dir: PathBuf,
     /// Where the BPF filesystem is (mounted there if it is not); the

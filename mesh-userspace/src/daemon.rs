@@ -160,7 +160,18 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         cfg.on_exit,
     )?;
     let (programs, applier, stats, logger) = dataplane.into_parts();
+    let sweeper = match cfg.ct_sweep_interval {
+        Some(every) => Some((stats.sweeper(cfg.limits.ct_lifetimes)?, every)),
+        None => None,
+    };
     let admin = Arc::new(Admin::new(stats, health.clone())?);
+    if let Some((sweeper, every)) = sweeper {
+        let swept = admin.metrics.conntrack_swept.clone();
+        std::thread::Builder::new()
+            .name("ct-sweep".into())
+            .spawn(move || sweeper.run(every, swept))
+            .context("starting the conntrack sweeper")?;
+    }
     admin.metrics.adopted.set(i64::from(adoption.state));
     tokio::spawn(admin::serve(
         listener,

@@ -500,6 +500,113 @@ fn root_established_flows_survive_losing_their_conntrack_entries() {
     assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
 }
 
+/// Flows whose lifetime ended leave the conntrack tables: meshd sweeps
+/// them (every second here), so a table keeps room for new flows instead
+/// of evicting one for each. Entries of live flows stay, a connection's
+/// among them, and the sweeps are counted by table.
+#[test]
+fn root_ended_flows_are_swept_from_conntrack_and_live_ones_stay() {
+    use aya::maps::{HashMap as BpfHashMap, Map};
+    use mesh_common::abi::{
+        CT_CLOSING, CT_OPEN, CT_SYN, CtValue, FlowKey4, IPPROTO_TCP, IPPROTO_UDP, MAP_CT4,
+        MAP_CT4_NEW, MAP_CT4_UDP, secs_to_units,
+    };
+    let lab = lab_with_meshd(1, &[1], &["--ct-sweep-interval", "1"]);
+    let mut conn = lab.tcp_connect(WEB_TCP).unwrap();
+    let task = task_of(&mut conn);
+    let now = mesh_userspace::clock::ct_now(&mesh_userspace::clock::jiffy_clock()).unwrap();
+    // Default lifetimes: a closing TCP flow 10 s, a SYN and UDP 60 s. Per
+    // table: 100 flows that ended a few seconds ago, 100 alive.
+    let ended_by = |secs: u32| now - secs_to_units(secs) - 4;
+    let tables = [
+        (
+            MAP_CT4,
+            IPPROTO_TCP,
+            (CT_CLOSING, ended_by(10)),
+            CT_OPEN,
+            "tcp",
+        ),
+        (
+            MAP_CT4_UDP,
+            IPPROTO_UDP,
+            (CT_OPEN, ended_by(60)),
+            CT_OPEN,
+            "udp",
+        ),
+        (
+            MAP_CT4_NEW,
+            IPPROTO_TCP,
+            (CT_SYN, ended_by(60)),
+            CT_SYN,
+            "unconfirmed",
+        ),
+    ];
+    let mut held = mesh_tests::lab::maps_of(lab.meshd().unwrap().pid()).unwrap();
+    let key = |proto: u8, i: u32, alive: bool| FlowKey4 {
+        // 198.18.250.0/24 (ended) and 198.18.251.0/24 (alive): no client.
+        saddr: u32::from_ne_bytes([198, 18, 250 + u8::from(alive), (i % 250) as u8 + 1]),
+        daddr: u32::from_ne_bytes(lab.node_addr.octets()),
+        sport_be: (40_000 + i as u16).to_be(),
+        dport_be: WEB_TCP.to_be(),
+        proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let mut maps = Vec::new();
+    for (name, proto, (ended_state, seen), alive_state, label) in tables {
+        let m = held
+            .remove(name)
+            .unwrap_or_else(|| panic!("meshd's {name}"));
+        let mut ct: BpfHashMap<_, FlowKey4, CtValue> =
+            BpfHashMap::try_from(Map::LruHashMap(m)).unwrap();
+        for i in 0..100 {
+            let v = |state, seen| CtValue {
+                state,
+                seen,
+                ..CtValue::default()
+            };
+            ct.insert(key(proto, i, false), v(ended_state, seen), 0)
+                .unwrap();
+            ct.insert(key(proto, i, true), v(alive_state, now), 0)
+                .unwrap();
+        }
+        maps.push((ct, proto, label));
+    }
+    for (ct, proto, label) in &maps {
+        retry(Duration::from_secs(10), "the ended entries swept", || {
+            let left = (0..100)
+                .filter(|&i| ct.get(&key(*proto, i, false), 0).is_ok())
+                .count();
+            anyhow::ensure!(left == 0, "{left} ended {label} entries left");
+            Ok(())
+        })
+        .unwrap();
+        let alive = (0..100)
+            .filter(|&i| ct.get(&key(*proto, i, true), 0).is_ok())
+            .count();
+        assert_eq!(alive, 100, "live {label} entries kept");
+        let swept = lab
+            .metric("mesh_conntrack_swept_total", &format!("table=\"{label}\""))
+            .unwrap();
+        assert!(
+            swept >= 100,
+            "mesh_conntrack_swept_total{{table={label}}} = {swept}"
+        );
+    }
+    // The connection's own entry stayed: it answers, from the same task.
+    let std::net::SocketAddr::V4(local) = conn.local().unwrap() else {
+        panic!("an IPv4 connection")
+    };
+    let own = FlowKey4 {
+        saddr: u32::from_ne_bytes(local.ip().octets()),
+        sport_be: local.port().to_be(),
+        ..key(IPPROTO_TCP, 0, false)
+    };
+    assert!(maps[0].0.get(&own, 0).is_ok(), "the connection's entry");
+    assert_eq!(task_of(&mut conn), task);
+    assert_eq!(lab.metric("mesh_drops_total", "").unwrap(), 0);
+}
+
 /// An IPv4 + UDP datagram from `src` to `dst` carrying `payload`, for a
 /// raw socket (checksums computed).
 fn udp_datagram(

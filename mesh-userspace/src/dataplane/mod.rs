@@ -45,6 +45,7 @@ pub mod cleanup;
 pub mod load;
 pub mod pin;
 pub mod stats;
+pub mod sweep;
 pub mod writer;
 
 pub use attach::{DEFAULT_INTERCEPT, Intercept, OnExit, Programs, TcAttach, XdpAttach};

@@ -105,6 +105,19 @@ impl StatsReader {
 }
 
 impl StatsReader {
+    /// A sweeper of the conntrack tables this reader reads (handles of
+    /// its own), removing entries whose `lifetimes` ended.
+    pub fn sweeper(&self, lifetimes: CtLifetimes) -> Result<super::sweep::Sweeper> {
+        let mut tables = Vec::new();
+        for (label, m) in &self.conntrack {
+            if super::sweep::TABLES.contains(label) {
+                let fd = m.fd().as_fd().try_clone_to_owned()?;
+                tables.push((*label, MapData::from_fd(fd)?));
+            }
+        }
+        Ok(super::sweep::Sweeper::new(tables, lifetimes))
+    }
+
     /// Each conntrack table's entries against its capacity. Counted with
     /// batched lookups: a few system calls for hundreds of thousands of
     /// entries.
@@ -124,6 +137,14 @@ impl StatsReader {
 
 /// The entries of a hash map, counted by BPF_MAP_LOOKUP_BATCH.
 fn count_entries(m: &MapData) -> Result<u64> {
+    for_each_entry(m, |_, _| {})
+}
+
+/// Calls `f` with each entry (key and value bytes) of hash map `m`, read
+/// with BPF_MAP_LOOKUP_BATCH (a few system calls for hundreds of
+/// thousands of entries; entries written meanwhile may or may not be
+/// seen); returns how many there were.
+pub(crate) fn for_each_entry(m: &MapData, mut f: impl FnMut(&[u8], &[u8])) -> Result<u64> {
     use std::os::fd::AsRawFd;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const BATCH: u32 = 4096;
@@ -171,7 +192,11 @@ fn count_entries(m: &MapData) -> Result<u64> {
                 std::mem::size_of::<BatchAttr>(),
             )
         };
-        total += attr.count as u64;
+        let n = attr.count as usize;
+        for i in 0..n {
+            f(&keys[i * ks..(i + 1) * ks], &values[i * vs..(i + 1) * vs]);
+        }
+        total += n as u64;
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENOENT) {
@@ -186,7 +211,7 @@ fn count_entries(m: &MapData) -> Result<u64> {
 
 /// A second handle on a map of `ebpf` (or of a map taken out of it before:
 /// then this fails, so readers are made first).
-fn dup(ebpf: &Ebpf, name: &str) -> Result<MapData> {
+pub(crate) fn dup(ebpf: &Ebpf, name: &str) -> Result<MapData> {
     let map = ebpf
         .map(name)
         .with_context(|| format!("map {name} missing from the object"))?;
