@@ -630,13 +630,19 @@ fn summary(
                 w["packet_overhead_ns"].as_f64().unwrap_or(0.0)
             );
         }
-        let _ = writeln!(s, "\n| tracked flows | packet ns over floor |\n|---|---|");
+        let _ = writeln!(
+            s,
+            "\n| tracked flows | packet ns over floor | sweep: scan ms | sweep: removing all ms |\n|---|---|---|---|"
+        );
+        let ms = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.1}"));
         for w in sc["flows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "| {} | {:+.1} |",
+                "| {} | {:+.1} | {} | {} |",
                 w["tracked_flows"],
-                w["packet_overhead_ns"].as_f64().unwrap_or(0.0)
+                w["packet_overhead_ns"].as_f64().unwrap_or(0.0),
+                ms(&w["sweep_scan_ms"]),
+                ms(&w["sweep_remove_all_ms"])
             );
         }
         let _ = writeln!(

@@ -167,6 +167,9 @@ struct FlowWorld {
     world: World,
     ct_bytes: u64,
     rounds: Vec<f64>,
+    /// meshd's conntrack sweep of the full table, ms: a scan that finds
+    /// nothing ended, then one that removes every entry.
+    sweep_ms: Option<(f64, f64)>,
 }
 
 pub fn run(a: &Args) -> Result<Value> {
@@ -288,6 +291,7 @@ fn run_here(a: &Args) -> Result<Value> {
             world,
             ct_bytes,
             rounds: Vec::new(),
+            sweep_ms: None,
         });
     }
 
@@ -340,6 +344,38 @@ fn run_here(a: &Args) -> Result<Value> {
     }
     let floor = median(&floor_rounds);
     let over = |r: &[f64]| median(r) - floor;
+
+    // meshd's conntrack sweep (dataplane::sweep) over each full table:
+    // a scan with nothing ended, then one that removes every entry (the
+    // worlds are timed no more after it).
+    for w in fw.iter_mut().skip(1) {
+        use mesh_userspace::dataplane::sweep::{MARGIN_UNITS, Sweeper};
+        let ct = aya::maps::MapData::from_fd(w.world.map_fd(MAP_CT4)?)?;
+        let s = Sweeper::new(vec![("tcp", ct)], w.world.limits.ct_lifetimes);
+        let n = w.flows as u64;
+        let t = Instant::now();
+        // "Now" at the margin: nothing has ended.
+        let scan = s.sweep(MARGIN_UNITS)?;
+        let scan_ms = t.elapsed().as_secs_f64() * 1e3;
+        ensure!(
+            scan[0].scanned == n && scan[0].removed == 0,
+            "sweep scan of {n} flows: {:?}",
+            scan[0]
+        );
+        let t = Instant::now();
+        // Half the clock's range on: everything has.
+        let all = s.sweep(u32::MAX / 2)?;
+        let all_ms = t.elapsed().as_secs_f64() * 1e3;
+        ensure!(
+            all[0].removed == n,
+            "sweep removing {n} flows: {:?}",
+            all[0]
+        );
+        eprintln!(
+            "conntrack sweep of {n} flows: scan {scan_ms:.1} ms, removing all {all_ms:.1} ms"
+        );
+        w.sweep_ms = Some((scan_ms, all_ms));
+    }
 
     // Report.
     println!();
@@ -399,18 +435,24 @@ fn run_here(a: &Args) -> Result<Value> {
     }
     println!();
     println!(
-        "{:>10} {:>12} {:>14} {:>10}",
-        "flows", "CT4 MiB", "bytes/flow", "pkt +ns"
+        "{:>10} {:>12} {:>14} {:>10} {:>14} {:>16}",
+        "flows", "CT4 MiB", "bytes/flow", "pkt +ns", "sweep scan ms", "sweep all ms"
     );
     let mut flows_json = Vec::new();
     for w in &fw {
         let per = w.ct_bytes as f64 / w.world.limits.ct_entries as f64;
+        let (scan, all) = match w.sweep_ms {
+            Some((s, a)) => (format!("{s:.1}"), format!("{a:.1}")),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:>10} {:>12.1} {:>14.1} {:>10.1}",
+            "{:>10} {:>12.1} {:>14.1} {:>10.1} {:>14} {:>16}",
             w.flows,
             mib(w.ct_bytes),
             per,
-            over(&w.rounds)
+            over(&w.rounds),
+            scan,
+            all
         );
         flows_json.push(json!({
             "tracked_flows": w.flows,
@@ -420,6 +462,8 @@ fn run_here(a: &Args) -> Result<Value> {
             "packet_ns": r1(median(&w.rounds)),
             "packet_overhead_ns": r1(over(&w.rounds)),
             "rounds": w.rounds.iter().map(|&x| r1(x)).collect::<Vec<_>>(),
+            "sweep_scan_ms": w.sweep_ms.map(|s| r1(s.0)),
+            "sweep_remove_all_ms": w.sweep_ms.map(|s| r1(s.1)),
         }));
     }
     // Marginal conntrack memory per flow: between the two largest tables.
