@@ -211,7 +211,7 @@ pub(crate) fn for_each_entry(m: &MapData, mut f: impl FnMut(&[u8], &[u8])) -> Re
 
 /// A second handle on a map of `ebpf` (or of a map taken out of it before:
 /// then this fails, so readers are made first).
-pub(crate) fn dup(ebpf: &Ebpf, name: &str) -> Result<MapData> {
+fn dup(ebpf: &Ebpf, name: &str) -> Result<MapData> {
     let map = ebpf
         .map(name)
         .with_context(|| format!("map {name} missing from the object"))?;
