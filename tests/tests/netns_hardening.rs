@@ -373,7 +373,13 @@ fn node_connects_from(
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         (&stream).write_all(b"hello\n")?;
         let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
+        let mut r = BufReader::new(&stream);
+        r.read_line(&mut line)?;
+        // Until the server closes: closing second, this end keeps no
+        // TIME_WAIT, so the next connection from the same local port and
+        // to the same server can be made at once (else EADDRNOTAVAIL,
+        // whenever this end happened to close first).
+        std::io::Read::read_to_end(&mut r, &mut Vec::new())?;
         Ok(line.trim_end().to_string())
     })
     .expect("a thread in the node's namespace")
