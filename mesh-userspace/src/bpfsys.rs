@@ -1,7 +1,9 @@
 //! The bpf(2) calls aya 0.14 does not wrap that meshd and its benchmark
 //! need: loading a program of a few hand-assembled instructions (no
-//! compiler: meshd's tick probe, the benchmark's empty TC program) and one
-//! BPF_PROG_TEST_RUN of a program by descriptor.
+//! compiler: meshd's tick probe, the benchmark's empty TC program), one
+//! BPF_PROG_TEST_RUN of a program by descriptor, batched reads of a hash
+//! map (conntrack's counts and sweep), an object's info and a link by id
+//! (the pinned links' devices).
 
 use std::ffi::CString;
 use std::io;
@@ -100,4 +102,84 @@ pub fn test_run_fd(prog: BorrowedFd<'_>, frame: &[u8], ctx: &[u8]) -> Result<(u3
     // SAFETY: the kernel filled the union's test member.
     let (ret, ns) = unsafe { (attr.test.retval, attr.test.duration) };
     Ok((ret, ns as u64))
+}
+
+/// Calls `f` with each entry (key and value bytes) of hash map `map`,
+/// whose keys and values are `key_size` and `value_size` bytes, read with
+/// BPF_MAP_LOOKUP_BATCH (a few system calls for hundreds of thousands of
+/// entries; entries written meanwhile may or may not be seen); returns
+/// how many there were.
+pub fn for_each_entry(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut f: impl FnMut(&[u8], &[u8]),
+) -> Result<u64> {
+    const BATCH: u32 = 4096;
+    let (ks, vs) = (key_size, value_size);
+    let mut keys = vec![0u8; ks * BATCH as usize];
+    let mut values = vec![0u8; vs * BATCH as usize];
+    // The batch token of a hash map is a bucket index.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut total = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = zeroed_attr();
+        // SAFETY: writing the batch member of a zeroed union; the buffers
+        // (`count` keys and values) and the tokens outlive the call.
+        unsafe {
+            let b = &mut attr.batch;
+            b.in_batch = if first {
+                0
+            } else {
+                &token_in as *const u64 as u64
+            };
+            b.out_batch = &mut token_out as *mut u64 as u64;
+            b.keys = keys.as_mut_ptr() as u64;
+            b.values = values.as_mut_ptr() as u64;
+            b.count = BATCH;
+            b.map_fd = map.as_raw_fd() as u32;
+        }
+        let r = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: the kernel sets the entries it copied in the batch
+        // member's count, the last call (ENOENT) included.
+        let n = unsafe { attr.batch.count } as usize;
+        for i in 0..n {
+            f(&keys[i * ks..(i + 1) * ks], &values[i * vs..(i + 1) * vs]);
+        }
+        total += n as u64;
+        match r {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(e) => return Err(anyhow::Error::new(e).context("BPF_MAP_LOOKUP_BATCH")),
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD: the kernel's info on object `fd`, written into
+/// `info` (zeroed, at least the info struct's size).
+pub fn obj_info(fd: BorrowedFd<'_>, info: &mut [u64]) -> Result<()> {
+    let mut attr = zeroed_attr();
+    // SAFETY: writing the info member of a zeroed union; `info` outlives
+    // the call and is `info_len` bytes.
+    unsafe {
+        let a = &mut attr.info;
+        a.bpf_fd = fd.as_raw_fd() as u32;
+        a.info_len = std::mem::size_of_val(info) as u32;
+        a.info = info.as_mut_ptr() as u64;
+    }
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(())
+}
+
+/// A descriptor of BPF link `id`.
+pub fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
+    let mut attr = zeroed_attr();
+    // The id of the GET_FD_BY_ID member of a zeroed union (a plain write).
+    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
+    let fd = sys_bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr).context("BPF_LINK_GET_FD_BY_ID")?;
+    // SAFETY: the kernel returned a new descriptor, owned from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }

@@ -451,33 +451,10 @@ pub fn remove_foreign(dir: &PinDir, foreign: &[String]) {
 /// The interface index a pinned XDP or TCX link is attached to (0 when it
 /// is defunct: its device went away).
 pub fn link_ifindex(fd: BorrowedFd<'_>) -> Result<u32> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) a union
     // whose XDP and TCX members both start with the ifindex.
     let mut info = [0u64; 32];
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: the attribute points at a zeroed buffer of `info_len` bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET_INFO_BY_FD (link)");
-    }
+    crate::bpfsys::obj_info(fd, &mut info).context("the link's info")?;
     Ok((info[2] & 0xffff_ffff) as u32)
 }
 
@@ -494,30 +471,8 @@ fn link_fd_ifindex(l: &aya::programs::links::FdLink) -> Result<u32> {
     // FdLink does not lend its descriptor; its info carries the link id,
     // which opens another one.
     let id = l.info()?.id();
-    let fd = link_fd_by_id(id)?;
+    let fd = crate::bpfsys::link_fd_by_id(id)?;
     link_ifindex(fd.as_fd())
-}
-
-/// A descriptor of link `id`.
-fn link_fd_by_id(id: u32) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-    let mut attr = [0u32; 4];
-    attr[0] = id;
-    // SAFETY: the attribute is a zeroed union with the id first.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_LINK_GET_FD_BY_ID");
-    }
-    // SAFETY: the kernel returned a new descriptor, owned from here on.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
 
 #[cfg(test)]

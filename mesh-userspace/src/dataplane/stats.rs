@@ -140,73 +140,16 @@ fn count_entries(m: &MapData) -> Result<u64> {
     for_each_entry(m, |_, _| {})
 }
 
-/// Calls `f` with each entry (key and value bytes) of hash map `m`, read
-/// with BPF_MAP_LOOKUP_BATCH (a few system calls for hundreds of
-/// thousands of entries; entries written meanwhile may or may not be
-/// seen); returns how many there were.
-pub(crate) fn for_each_entry(m: &MapData, mut f: impl FnMut(&[u8], &[u8])) -> Result<u64> {
-    use std::os::fd::AsRawFd;
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const BATCH: u32 = 4096;
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
+/// Calls `f` with each entry (key and value bytes) of hash map `m`
+/// (`bpfsys::for_each_entry`); returns how many there were.
+pub(crate) fn for_each_entry(m: &MapData, f: impl FnMut(&[u8], &[u8])) -> Result<u64> {
     let info = m.info()?;
-    let (ks, vs) = (info.key_size() as usize, info.value_size() as usize);
-    let mut keys = vec![0u8; ks * BATCH as usize];
-    let mut values = vec![0u8; vs * BATCH as usize];
-    // The batch token of a hash map is a bucket index.
-    let (mut token_in, mut token_out) = (0u64, 0u64);
-    let mut total = 0u64;
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &token_in as *const u64 as u64
-            },
-            out_batch: &mut token_out as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH,
-            map_fd: m.fd().as_fd().as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: the attribute points at buffers of `count` keys and
-        // values and at the tokens, all alive for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let n = attr.count as usize;
-        for i in 0..n {
-            f(&keys[i * ks..(i + 1) * ks], &values[i * vs..(i + 1) * vs]);
-        }
-        total += n as u64;
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                return Ok(total);
-            }
-            return Err(e.into());
-        }
-        token_in = token_out;
-        first = false;
-    }
+    crate::bpfsys::for_each_entry(
+        m.fd().as_fd(),
+        info.key_size() as usize,
+        info.value_size() as usize,
+        f,
+    )
 }
 
 /// A second handle on a map of `ebpf` (or of a map taken out of it before:
