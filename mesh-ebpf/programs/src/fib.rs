@@ -126,9 +126,6 @@ pub fn route_cached(
     ifindex: u32,
     node: u32,
 ) -> Route {
-    if node != NO_NODE {
-        return route_to_node(ctx, saddr, daddr, ifindex, node);
-    }
     // 8-aligned: LLVM may store two fields at once, and the verifier
     // refuses a misaligned stack access.
     #[repr(C, align(8))]
@@ -138,6 +135,9 @@ pub fn route_cached(
         daddr,
         ifindex,
     });
+    if node != NO_NODE {
+        return route_to_node(ctx, &key.0, node);
+    }
     let now = now();
     if let Some(p) = ROUTE4.get_ptr(&key.0) {
         // SAFETY: a live map value, copied at once.
@@ -157,40 +157,26 @@ pub fn route_cached(
     r
 }
 
-/// [`route_cached`] for node slot `node`: an inlined per-CPU array read.
+/// [`route_cached`] of `key` for node slot `node`: an inlined per-CPU
+/// array read.
 #[inline(always)]
-fn route_to_node(
-    ctx: *mut core::ffi::c_void,
-    saddr: u32,
-    daddr: u32,
-    ifindex: u32,
-    node: u32,
-) -> Route {
+fn route_to_node(ctx: *mut core::ffi::c_void, key: &RouteKey4, node: u32) -> Route {
     let Some(p) = NODE_HOP.get_ptr_mut(node) else {
-        return route(ctx, saddr, daddr, ifindex);
+        return route(ctx, key.saddr, key.daddr, key.ifindex);
     };
     let now = now();
     // SAFETY: this CPU's own copy of a live map value, read in place.
     let h = unsafe { &mut *p };
-    if h.route.at == now
-        && h.key.daddr == daddr
-        && h.key.saddr == saddr
-        && h.key.ifindex == ifindex
-        && h.route.ifindex != 0
-    {
+    if h.route.at == now && h.key == *key && h.route.ifindex != 0 {
         return Route::kept(&h.route);
     }
-    let r = route(ctx, saddr, daddr, ifindex);
+    let r = route(ctx, key.saddr, key.daddr, key.ifindex);
     if r.found() {
         // Only this CPU writes its copy, and programs on one CPU do not
         // interleave (on a PREEMPT_RT kernel one may preempt another: a
         // copy written half by each would misroute until the next unit).
         *h = NodeHop {
-            key: RouteKey4 {
-                saddr,
-                daddr,
-                ifindex,
-            },
+            key: *key,
             route: r.to_keep(now),
         };
     }
