@@ -113,13 +113,25 @@ pub fn hz_from_bpf() -> Result<u32> {
 }
 
 fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Clock `id`'s time, in nanoseconds.
+fn clock_ns(id: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: plain syscall into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(id, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Conntrack time now, from the monotonic clock: the time the programs'
+/// clock counts, whichever of the two they read (a tick apart at most),
+/// without reading the tick (meshd's conntrack sweep).
+pub fn ct_now_monotonic() -> u32 {
+    mesh_common::abi::now_units(monotonic_ns())
 }
 
 /// `r0 = bpf_jiffies64(); exit`, as a socket filter: its test run's
@@ -176,15 +188,9 @@ fn parse(text: &str) -> Option<(u64, u64)> {
 /// tests' and benchmark's entries are written with it).
 pub fn ct_now(clock: &JiffyClock) -> Result<u32> {
     if clock.ns_per_jiffy == 0 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: plain syscall into a local.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-        return Ok(mesh_common::abi::now_units(
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
-        ));
+        return Ok(mesh_common::abi::now_units(clock_ns(
+            libc::CLOCK_MONOTONIC_COARSE,
+        )));
     }
     Ok(clock.units(sample()?.1))
 }

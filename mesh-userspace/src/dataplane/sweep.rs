@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use aya::maps::MapData;
-use mesh_common::abi::{CtLifetimes, CtValue, FlowKey4, now_units};
+use mesh_common::abi::{CtLifetimes, CtValue, FlowKey4};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
 
@@ -44,18 +44,6 @@ pub const MARGIN_UNITS: u32 = 2;
 /// `now` (conntrack units), with lifetimes `lt`.
 pub fn ended(k: &FlowKey4, v: &CtValue, now: u32, lt: &CtLifetimes) -> bool {
     v.expired(k.proto, now.wrapping_sub(MARGIN_UNITS), lt)
-}
-
-/// Conntrack time now, from the monotonic clock (the time the programs'
-/// clock counts, whichever of the two they read).
-pub fn now() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: plain syscall into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    now_units(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// One table's sweep.
@@ -115,7 +103,7 @@ impl Sweeper {
         loop {
             std::thread::sleep(every);
             let t = Instant::now();
-            match self.sweep(now()) {
+            match self.sweep(crate::clock::ct_now_monotonic()) {
                 Ok(v) => {
                     for s in &v {
                         swept.with_label_values(&[s.table]).inc_by(s.removed);
