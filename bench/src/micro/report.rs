@@ -158,8 +158,8 @@ pub const PATHS: &[PathDef] = &[
         false,
         None,
     ),
-    // Established flows whose packets never find this CPU's copy of
-    // their entry: what an established packet costs without it.
+    // Established flows taken in turn, their conntrack entries no longer
+    // all in the CPU's caches: what many flows cost.
     xdp_path(
         "established_spread",
         "established_spread",
