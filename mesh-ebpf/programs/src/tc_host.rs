@@ -16,6 +16,7 @@ use crate::origin;
 use crate::skb;
 
 #[classifier]
+#[inline(always)]
 pub fn mesh_tc_host(ctx: TcContext) -> i32 {
     match skb::packet(&ctx) {
         Some(pkt) => origin::serve(&ctx, &pkt, ORIGIN_HOST),

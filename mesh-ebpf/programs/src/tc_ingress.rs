@@ -47,6 +47,7 @@ use crate::skb;
 const HEADERS: u32 = 128;
 
 #[classifier]
+#[inline(always)]
 pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
     let Some(pkt) = skb::headers(&ctx, HEADERS) else {
         return TC_ACT_UNSPEC;

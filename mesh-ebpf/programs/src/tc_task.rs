@@ -30,6 +30,7 @@ use crate::origin;
 use crate::skb::{self, SOURCE};
 
 #[classifier]
+#[inline(always)]
 pub fn mesh_tc_task(ctx: TcContext) -> i32 {
     let Some(pkt) = skb::packet(&ctx) else {
         return TC_ACT_UNSPEC;

@@ -20,6 +20,7 @@ use crate::deliver;
 use crate::skb;
 
 #[classifier]
+#[inline(always)]
 pub fn mesh_tc_uplink(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: reading the context's own fields.

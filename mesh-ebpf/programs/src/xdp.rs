@@ -33,6 +33,7 @@ use crate::fib;
 use crate::maps::{Maps, count, count_drop};
 
 #[xdp]
+#[inline(always)]
 pub fn mesh_xdp(ctx: XdpContext) -> u32 {
     let maps = Maps::<false> {
         ctx: ctx.ctx as *mut _,
