@@ -14,7 +14,7 @@ use mesh_common::abi::{DropReason, NodeHop, RouteKey4, RouteValue4};
 use mesh_common::parse::ETH_HLEN;
 use mesh_common::pkt::Pkt;
 
-use crate::maps::{NODE_HOP, ROUTE4, config, count_drop, now};
+use crate::maps::{NODE_HOP, ROUTE4, config, count_drop, now, zeroed8};
 
 /// `bpf_fib_lookup`'s address family for IPv4 (`AF_INET` in socket.h).
 const AF_INET: u8 = 2;
@@ -92,15 +92,18 @@ impl Route {
 /// context (XDP or TC).
 #[inline(always)]
 pub fn route(ctx: *mut core::ffi::c_void, saddr: u32, daddr: u32, ifindex: u32) -> Route {
+    #[repr(C, align(8))]
+    struct Params(FibParams);
+    let mut p = core::mem::MaybeUninit::<Params>::uninit();
     // SAFETY: all-zero is a valid bpf_fib_lookup.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let p = unsafe { &mut zeroed8(&mut p).0 };
     p.family = AF_INET;
     p.ifindex = ifindex;
     p.__bindgen_anon_3.ipv4_src = saddr;
     p.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: helper call with a valid context and parameter block.
     let rc = unsafe {
-        bpf_fib_lookup(ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(ctx, p, core::mem::size_of::<FibParams>() as i32, 0)
     };
     Route {
         rc,

@@ -210,6 +210,64 @@ pub fn count_drop(reason: DropReason) {
     }
 }
 
+/// A copy of a conntrack value, read as four 8-byte words. A plain copy
+/// becomes, on the reply path, a call to a `memmove` that copies a byte
+/// per loop turn (the BPF backend expands `memcpy` inline, never
+/// `memmove`); volatile loads are never merged into one. The words are
+/// defined on both paths (0 without a value) and pass a register move
+/// the optimiser cannot see through: an `Option` payload left undefined
+/// on the `None` path is spilled anyway, and the verifier refuses to
+/// read it.
+#[inline(always)]
+fn load_ct(v: Option<&CtValue>) -> Option<CtValue> {
+    const { assert!(size_of::<CtValue>() == 32 && align_of::<CtValue>() == 8) };
+    let (found, mut w) = match v {
+        Some(v) => {
+            let p = v as *const CtValue as *const u64;
+            // SAFETY: four aligned words inside `v`.
+            unsafe {
+                (
+                    true,
+                    [
+                        p.read_volatile(),
+                        p.add(1).read_volatile(),
+                        p.add(2).read_volatile(),
+                        p.add(3).read_volatile(),
+                    ],
+                )
+            }
+        }
+        None => (false, [0u64; 4]),
+    };
+    for x in w.iter_mut() {
+        // SAFETY: a register-to-itself move.
+        unsafe {
+            core::arch::asm!("{0} = {0}", inout(reg) *x, options(nomem, nostack, preserves_flags));
+        }
+    }
+    // SAFETY: any bytes are a valid `CtValue` (integers only).
+    found.then(|| unsafe { core::mem::transmute::<[u64; 4], CtValue>(w) })
+}
+
+/// Zeroes `v` (8-aligned, a multiple of 8 bytes: checked at compile
+/// time) with 8-byte stores and returns it. `mem::zeroed` becomes a call
+/// to a `memset` that stores a byte per loop turn here (64 turns for a
+/// FIB lookup's parameters); volatile stores are never merged into one.
+///
+/// # Safety
+/// All-zero bytes must be a valid `T`.
+#[inline(always)]
+pub unsafe fn zeroed8<T>(v: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() >= 8) };
+    let w = v.as_mut_ptr() as *mut u64;
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: inside `v`, 8-aligned.
+        unsafe { w.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte written; the caller vouches for all-zero.
+    unsafe { v.assume_init_mut() }
+}
+
 /// The maps, as the shared packet logic sees them, and the program's
 /// context (for the helpers that need one). `SKB`: the context is a
 /// socket buffer (a TC program), whose TCP/UDP checksums are updated with
@@ -301,7 +359,7 @@ impl<const SKB: bool> Tables for Maps<SKB> {
     fn ct_get(&self, key: &FlowKey4) -> Option<CtValue> {
         // SAFETY: the value is copied at once; an entry another CPU
         // replaces meanwhile yields the old or the new value.
-        with_confirmed!(key, |m| unsafe { m.get(key) }.copied())
+        with_confirmed!(key, |m| load_ct(unsafe { m.get(key) }))
     }
 
     #[inline(always)]
@@ -312,7 +370,7 @@ impl<const SKB: bool> Tables for Maps<SKB> {
     #[inline(always)]
     fn ct_new_get(&self, key: &FlowKey4) -> Option<CtValue> {
         // SAFETY: as above.
-        unsafe { CT4_NEW.get(key) }.copied()
+        load_ct(unsafe { CT4_NEW.get(key) })
     }
 
     #[inline(always)]
@@ -408,13 +466,11 @@ impl<const SKB: bool> Tables for Maps<SKB> {
 
     #[inline(always)]
     fn host_socket(&self, key: &FlowKey4) -> bool {
-        // 8-aligned: LLVM zeroes it with 8-byte stores, and the verifier
-        // refuses a misaligned stack access.
         #[repr(C, align(8))]
         struct Tuple(bpf_sock_tuple);
+        let mut t = core::mem::MaybeUninit::<Tuple>::uninit();
         // SAFETY: an all-zero tuple is valid; filled below.
-        let mut t: Tuple = unsafe { core::mem::zeroed() };
-        let tuple = &mut t.0;
+        let tuple = unsafe { &mut zeroed8(&mut t).0 };
         tuple.__bindgen_anon_1.ipv4.saddr = key.saddr;
         tuple.__bindgen_anon_1.ipv4.daddr = key.daddr;
         tuple.__bindgen_anon_1.ipv4.sport = key.sport_be;
