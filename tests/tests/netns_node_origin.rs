@@ -107,7 +107,10 @@ fn call(c: &Cluster, caller: &Caller, n: usize) -> (BTreeSet<String>, BTreeSet<S
         let sock = c.udp_socket_in(&caller.ns).unwrap();
         let (a, from) = c
             .udp_ask(&sock, caller.node, WEB_UDP, "peer")
-            .unwrap_or_else(|e| panic!("{who}: UDP request {k} to {node}:{WEB_UDP}: {e:#}"));
+            .unwrap_or_else(|e| {
+                let d = lost_answer(c, caller, &sock);
+                panic!("{who}: UDP request {k} to {node}:{WEB_UDP}: {e:#}\n{d}")
+            });
         assert_eq!(
             from,
             SocketAddr::from((node, WEB_UDP)),
@@ -123,6 +126,67 @@ fn call(c: &Cluster, caller: &Caller, n: usize) -> (BTreeSet<String>, BTreeSet<S
         udp.insert(task.to_string());
     }
     (tcp, udp)
+}
+
+/// What the lab shows once a UDP answer did not come (an intermittent
+/// failure of this file's tests in full-suite runs, never reproduced
+/// alone: see issue 11's notes): whether it comes late, every node's
+/// non-zero mesh counters, the kernel's counters and neighbours in the
+/// caller's and the nodes' namespaces, and what `meshd explain` says of
+/// the flow. For the failure message; assertions are unchanged.
+fn lost_answer(c: &Cluster, caller: &Caller, sock: &std::net::UdpSocket) -> String {
+    let port = sock.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut out = String::from("--- diagnostics\n");
+    let mut buf = [0u8; 1500];
+    let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+    out += &match sock.recv_from(&mut buf) {
+        Ok((n, from)) => format!(
+            "a late answer from {from} within 3 s more: {:?}\n",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => format!("no answer within 3 s more either: {e}\n"),
+    };
+    for j in 1..=3 {
+        let m = c
+            .admin_get(j, "/metrics")
+            .unwrap_or_else(|e| format!("{e:#}"));
+        out += &format!("--- node {j}: mesh counters and conntrack entries (non-zero)\n");
+        let counter = |l: &&str| {
+            (l.contains("_total") || l.starts_with("mesh_conntrack_entries")) && !l.ends_with(" 0")
+        };
+        for l in m.lines().filter(counter) {
+            out += l;
+            out += "\n";
+        }
+    }
+    let mut nss = vec![caller.ns.clone()];
+    nss.extend((1..=3).map(|j| c.node(j).ns.clone()));
+    for ns in &nss {
+        for cmd in ["nstat -as", "ip -s neigh"] {
+            let o = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("ip netns exec {ns} {cmd} 2>&1"))
+                .output();
+            let text = o.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            out += &format!(
+                "--- {ns}: {cmd}\n{}",
+                text.unwrap_or_else(|e| e.to_string())
+            );
+        }
+    }
+    if let Ok(meshd) = meshd_path() {
+        let node = c.node(caller.node).addr;
+        let bpffs = c.bpffs(caller.node).display().to_string();
+        let src = format!("{}:{port}", caller.addr);
+        let dst = format!("{node}:{WEB_UDP}");
+        let ex = c.meshd_cmd(
+            caller.node,
+            &meshd,
+            &["explain", "udp", &src, &dst, "--bpffs", &bpffs],
+        );
+        out += &format!("--- meshd explain udp {src} {dst}\n{ex:?}\n");
+    }
+    out
 }
 
 fn node_origin(extra: &[&str]) -> Cluster {
