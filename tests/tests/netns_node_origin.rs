@@ -130,7 +130,7 @@ fn call(c: &Cluster, caller: &Caller, n: usize) -> (BTreeSet<String>, BTreeSet<S
 
 /// What the lab shows once a UDP answer did not come (an intermittent
 /// failure of this file's tests in full-suite runs, never reproduced
-/// alone: see issue 11's notes): whether it comes late, every node's
+/// alone): whether it comes late, every node's
 /// non-zero mesh counters, the kernel's counters and neighbours in the
 /// caller's and the nodes' namespaces, and what `meshd explain` says of
 /// the flow. For the failure message; assertions are unchanged.
