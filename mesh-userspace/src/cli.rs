@@ -207,8 +207,9 @@ pub struct CleanupArgs {
     /// The BPF filesystem the dataplane is pinned on (as meshd run's).
     #[arg(long, value_name = "DIR", default_value = crate::dataplane::pin::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
-    /// meshd's state directory (as meshd run's): where the setting of
-    /// net.ipv4.ip_local_reserved_ports it found is kept.
+    /// meshd's state directory (as meshd run's): where the settings of
+    /// net.ipv4.ip_local_reserved_ports and net.ipv4.conf.lo.accept_local
+    /// it found are kept.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh")]
     pub state_dir: PathBuf,
     /// Say what would be removed; remove nothing.

@@ -256,7 +256,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
         .attach_uplink(&d.iface, intercept, d.cfg.xdp_mode)?;
     // The node's own flows: replies to them are handed in through the
     // loopback, which must take them first.
-    match net::AcceptLocal::enable() {
+    match net::AcceptLocal::enable(&d.cfg.state_dir) {
         Ok(a) => d.accept_local = Some(a),
         Err(e) => warn!(
             "{e:#}: replies to flows this node's own processes start will be dropped by its stack"
@@ -303,6 +303,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), Failed> {
             );
             d.reserved.keep();
             d.neighbours.keep();
+            // The kept programs still hand replies in through the
+            // loopback.
+            if let Some(a) = &mut d.accept_local {
+                a.keep();
+            }
         }
         OnExit::Detach => info!("exiting: detaching and removing the dataplane (--on-exit detach)"),
     }

@@ -555,42 +555,97 @@ impl Drop for ReservedPorts {
     }
 }
 
-/// `accept_local` on the loopback device, on while meshd runs. Replies to
-/// flows the node's own processes start (to a published port on one of
-/// its addresses) come from an address of the node; the programs hand
-/// them to the node's stack through the loopback device, and the stack
-/// drops a packet with a local source that arrives on a device unless
-/// that device accepts local sources. The loopback carries nothing but
-/// what the node sends itself (and what the programs hand it), so this
-/// lets nothing in from outside. Put back as it was found on drop.
+/// `accept_local` on the loopback device, on while the programs run.
+/// Replies to flows the node's own processes start (to a published port
+/// on one of its addresses) come from an address of the node; the
+/// programs hand them to the node's stack through the loopback device,
+/// and the stack drops a packet with a local source that arrives on a
+/// device unless that device accepts local sources. The loopback carries
+/// nothing but what the node sends itself (and what the programs hand
+/// it), so this lets nothing in from outside. As `ReservedPorts`: the
+/// setting as found is kept in the state directory before anything is
+/// written, put back when meshd exits, unless the dataplane stays
+/// (`keep`: the programs still hand replies in), then by `meshd cleanup`.
 pub struct AcceptLocal {
-    /// The setting as meshd found it, if it changed it.
+    /// The setting as found, if meshd changed it (or a previous meshd
+    /// left it changed).
     original: Option<String>,
+    /// Where the original is kept while meshd's setting is in force.
+    saved: std::path::PathBuf,
+    /// Leave the setting in force at exit.
+    keep: bool,
 }
 
 const LOOPBACK_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
 
+/// The file in the state directory that holds the loopback's
+/// `accept_local` as meshd found it, while meshd's is in force.
+pub const ACCEPT_LOCAL_FILE: &str = "lo_accept_local.orig";
+
 impl AcceptLocal {
-    /// Turns it on.
-    pub fn enable() -> Result<Self> {
+    /// Turns it on, keeping the setting as found in `state_dir` (or taking
+    /// it from there when a previous meshd left its own in force).
+    pub fn enable(state_dir: &std::path::Path) -> Result<Self> {
+        let saved = state_dir.join(ACCEPT_LOCAL_FILE);
+        let kept = std::fs::read_to_string(&saved)
+            .ok()
+            .map(|s| s.trim().to_string());
         let was = std::fs::read_to_string(LOOPBACK_ACCEPT_LOCAL)
             .with_context(|| format!("reading {LOOPBACK_ACCEPT_LOCAL}"))?;
         let was = was.trim().to_string();
-        if was == "1" {
-            return Ok(Self { original: None });
+        let original = match kept {
+            Some(k) => Some(k),
+            None if was == "1" => None,
+            None => {
+                std::fs::create_dir_all(state_dir)
+                    .and_then(|()| std::fs::write(&saved, format!("{was}\n")))
+                    .with_context(|| format!("keeping the original in {}", saved.display()))?;
+                Some(was.clone())
+            }
+        };
+        if was != "1" {
+            std::fs::write(LOOPBACK_ACCEPT_LOCAL, "1\n")
+                .with_context(|| format!("writing 1 to {LOOPBACK_ACCEPT_LOCAL}"))?;
         }
-        std::fs::write(LOOPBACK_ACCEPT_LOCAL, "1\n")
-            .with_context(|| format!("writing 1 to {LOOPBACK_ACCEPT_LOCAL}"))?;
         Ok(Self {
-            original: Some(was),
+            original,
+            saved,
+            keep: false,
         })
+    }
+
+    /// Leaves the setting in force when dropped (the dataplane stays).
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 }
 
 impl Drop for AcceptLocal {
     fn drop(&mut self) {
-        if let Some(was) = &self.original {
-            let _ = std::fs::write(LOOPBACK_ACCEPT_LOCAL, format!("{was}\n"));
+        if self.keep {
+            return;
+        }
+        if let Some(was) = &self.original
+            && std::fs::write(LOOPBACK_ACCEPT_LOCAL, format!("{was}\n")).is_ok()
+        {
+            let _ = std::fs::remove_file(&self.saved);
         }
     }
+}
+
+/// Puts back the loopback's `accept_local` a meshd kept in `state_dir`
+/// (after one that left its own in force); says whether there was one.
+pub fn restore_accept_local(state_dir: &std::path::Path, dry_run: bool) -> Result<bool> {
+    let p = state_dir.join(ACCEPT_LOCAL_FILE);
+    let original = match std::fs::read_to_string(&p) {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+    };
+    if !dry_run {
+        std::fs::write(LOOPBACK_ACCEPT_LOCAL, format!("{}\n", original.trim()))
+            .with_context(|| format!("writing {LOOPBACK_ACCEPT_LOCAL}"))?;
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(true)
 }

@@ -428,12 +428,29 @@ fn root_the_nodes_own_connection_from_a_published_port_is_left_to_it() {
         .to_string()
     };
     assert!(reserved(&lab).contains("30000-32767"), "{}", reserved(&lab));
+    let accept_local = |lab: &Lab| {
+        mesh_tests::lab::exec(&lab.node_ns, "sysctl -n net.ipv4.conf.lo.accept_local")
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(accept_local(&lab), "1");
     // The dataplane stays when meshd exits, and so does the reservation;
-    // a killed meshd's successor does not take it for the host's own.
+    // a killed meshd's successor does not take it for the host's own. So
+    // does the loopback's accept_local: the kept programs still hand the
+    // replies of the node's own flows in there (put back, it dropped them
+    // as martians and the node's connections to its own published ports
+    // failed while no meshd ran).
     assert!(lab.stop_meshd().unwrap().success());
     assert!(
         reserved(&lab).contains("30000-32767"),
         "kept with the dataplane"
+    );
+    assert_eq!(accept_local(&lab), "1", "kept with the dataplane");
+    assert!(
+        lab.node_tcp_request(WEB_TCP, "x")
+            .expect("the node's own flow to its published port, no meshd running")
+            .starts_with("task1 ")
     );
     lab.start_meshd(&meshd_path().unwrap(), &[]).unwrap();
     lab.kill_meshd().unwrap();
@@ -453,6 +470,8 @@ fn root_the_nodes_own_connection_from_a_published_port_is_left_to_it() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ip_local_reserved_ports"), "{out}");
     assert_eq!(reserved(&lab), "", "put back as meshd found it");
+    assert!(out.contains("accept_local"), "{out}");
+    assert_eq!(accept_local(&lab), "0", "put back as meshd found it");
 }
 
 /// Conntrack can lose a flow's entry (evicted, or a restart without

@@ -1,6 +1,7 @@
 //! `meshd cleanup`: removes everything the mesh installed on this node
 //! (see [`crate::dataplane::cleanup`]) and puts back the reserved ports
-//! setting a meshd left in force; says what it removed.
+//! and loopback `accept_local` settings a meshd left in force; says what
+//! it removed.
 
 use anyhow::anyhow;
 
@@ -36,6 +37,21 @@ pub fn run(cfg: CleanupConfig) -> Result<(), Failed> {
         Ok(false) => {}
         Err(e) => lines.push(format!(
             "failed to put back net.ipv4.ip_local_reserved_ports: {e:#}"
+        )),
+    }
+    match net::restore_accept_local(&cfg.state_dir, cfg.dry_run) {
+        Ok(true) => lines.push(format!(
+            "{} the loopback's accept_local (net.ipv4.conf.lo.accept_local, its setting as meshd \
+             found it)",
+            if cfg.dry_run {
+                "would put back"
+            } else {
+                "put back"
+            }
+        )),
+        Ok(false) => {}
+        Err(e) => lines.push(format!(
+            "failed to put back net.ipv4.conf.lo.accept_local: {e:#}"
         )),
     }
     if lines.is_empty() {

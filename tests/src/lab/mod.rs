@@ -194,6 +194,13 @@ impl Lab {
         self.cluster.tcp_request(self.client_addr, NODE, port, line)
     }
 
+    /// One TCP request from a process of the node itself to its own
+    /// address and `port` (a flow that starts on the node).
+    pub fn node_tcp_request(&self, port: u16, line: &str) -> Result<String> {
+        let to = SocketAddr::from((self.node_addr, port));
+        self.cluster.tcp_connect_in(&self.node_ns, to)?.ask(line)
+    }
+
     /// A TCP connection from the client to the node's `port`.
     pub fn tcp_connect(&self, port: u16) -> Result<Conn> {
         self.cluster.tcp_connect(self.client_addr, NODE, port)
