@@ -410,15 +410,26 @@ pub const RESERVED_PORTS_FILE: &str = "ip_local_reserved_ports.orig";
 /// Puts back the setting a meshd kept in `state_dir` (after one that left
 /// its own in force); says whether there was one.
 pub fn restore_reserved_ports(state_dir: &std::path::Path, dry_run: bool) -> Result<bool> {
-    let p = state_dir.join(RESERVED_PORTS_FILE);
+    restore_kept(state_dir, RESERVED_PORTS_FILE, RESERVED_PORTS, dry_run)
+}
+
+/// Writes the setting kept in `state_dir`'s `file` back to `sysctl` and
+/// removes the file; says whether there was one.
+fn restore_kept(
+    state_dir: &std::path::Path,
+    file: &str,
+    sysctl: &str,
+    dry_run: bool,
+) -> Result<bool> {
+    let p = state_dir.join(file);
     let original = match std::fs::read_to_string(&p) {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     };
     if !dry_run {
-        std::fs::write(RESERVED_PORTS, format!("{}\n", original.trim()))
-            .with_context(|| format!("writing {RESERVED_PORTS}"))?;
+        std::fs::write(sysctl, format!("{}\n", original.trim()))
+            .with_context(|| format!("writing {sysctl}"))?;
         std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
     }
     Ok(true)
@@ -636,16 +647,5 @@ impl Drop for AcceptLocal {
 /// Puts back the loopback's `accept_local` a meshd kept in `state_dir`
 /// (after one that left its own in force); says whether there was one.
 pub fn restore_accept_local(state_dir: &std::path::Path, dry_run: bool) -> Result<bool> {
-    let p = state_dir.join(ACCEPT_LOCAL_FILE);
-    let original = match std::fs::read_to_string(&p) {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
-    };
-    if !dry_run {
-        std::fs::write(LOOPBACK_ACCEPT_LOCAL, format!("{}\n", original.trim()))
-            .with_context(|| format!("writing {LOOPBACK_ACCEPT_LOCAL}"))?;
-        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-    }
-    Ok(true)
+    restore_kept(state_dir, ACCEPT_LOCAL_FILE, LOOPBACK_ACCEPT_LOCAL, dry_run)
 }

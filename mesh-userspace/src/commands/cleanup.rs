@@ -24,35 +24,34 @@ pub fn run(cfg: CleanupConfig) -> Result<(), Failed> {
         Err(OpenError::Other(e)) => return Err(Failed::Node(e)),
     };
     let mut lines = cleanup::remove_all(pins.as_ref(), cfg.dry_run);
-    match net::restore_reserved_ports(&cfg.state_dir, cfg.dry_run) {
-        Ok(true) => lines.push(format!(
-            "{} the published ports from net.ipv4.ip_local_reserved_ports (its setting as meshd \
-             found it is back)",
-            if cfg.dry_run {
-                "would remove"
-            } else {
-                "removed"
-            }
-        )),
-        Ok(false) => {}
-        Err(e) => lines.push(format!(
-            "failed to put back net.ipv4.ip_local_reserved_ports: {e:#}"
-        )),
-    }
-    match net::restore_accept_local(&cfg.state_dir, cfg.dry_run) {
-        Ok(true) => lines.push(format!(
-            "{} the loopback's accept_local (net.ipv4.conf.lo.accept_local, its setting as meshd \
-             found it)",
-            if cfg.dry_run {
-                "would put back"
-            } else {
-                "put back"
-            }
-        )),
-        Ok(false) => {}
-        Err(e) => lines.push(format!(
-            "failed to put back net.ipv4.conf.lo.accept_local: {e:#}"
-        )),
+    // The settings a meshd left in force with its dataplane: (restore,
+    // the sysctl, what putting it back undoes).
+    type Restore = fn(&std::path::Path, bool) -> anyhow::Result<bool>;
+    let settings: [(Restore, &str, &str); 2] = [
+        (
+            net::restore_reserved_ports,
+            "net.ipv4.ip_local_reserved_ports",
+            "the published ports reserved there",
+        ),
+        (
+            net::restore_accept_local,
+            "net.ipv4.conf.lo.accept_local",
+            "the loopback taking replies with a local source",
+        ),
+    ];
+    for (restore, sysctl, undoes) in settings {
+        match restore(&cfg.state_dir, cfg.dry_run) {
+            Ok(true) => lines.push(format!(
+                "{} {sysctl} as meshd found it ({undoes})",
+                if cfg.dry_run {
+                    "would put back"
+                } else {
+                    "put back"
+                }
+            )),
+            Ok(false) => {}
+            Err(e) => lines.push(format!("failed to put back {sysctl}: {e:#}")),
+        }
     }
     if lines.is_empty() {
         println!("nothing of the mesh is installed here");
