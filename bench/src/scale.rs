@@ -351,7 +351,7 @@ fn run_here(a: &Args) -> Result<Value> {
     for w in fw.iter_mut().skip(1) {
         use mesh_userspace::dataplane::sweep::{MARGIN_UNITS, Sweeper};
         let ct = aya::maps::MapData::from_fd(w.world.map_fd(MAP_CT4)?)?;
-        let s = Sweeper::new(vec![("tcp", ct)], w.world.limits.ct_lifetimes);
+        let mut s = Sweeper::new(vec![("tcp", ct)], w.world.limits.ct_lifetimes)?;
         let n = w.flows as u64;
         let t = Instant::now();
         // "Now" at the margin: nothing has ended.

@@ -115,7 +115,7 @@ impl StatsReader {
                 tables.push((*label, MapData::from_fd(fd)?));
             }
         }
-        Ok(super::sweep::Sweeper::new(tables, lifetimes))
+        super::sweep::Sweeper::new(tables, lifetimes)
     }
 
     /// Each conntrack table's entries against its capacity. Counted with

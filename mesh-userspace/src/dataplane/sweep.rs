@@ -21,16 +21,13 @@
 //! next packet, to the same task while the service is unchanged (as after
 //! an eviction; tested in netns_hardening).
 
-use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use aya::maps::MapData;
+use aya::maps::{HashMap, IterableMap, Map, MapData, MapError};
 use mesh_common::abi::{CtLifetimes, CtValue, FlowKey4};
 use prometheus::IntCounterVec;
 use tracing::{debug, warn};
-
-use crate::bpfsys::{bpf_cmd, sys_bpf, zeroed_attr};
 
 /// The conntrack tables swept, by their `/metrics` label (the forwarded
 /// flows' table is not: its entries are the way back of flows another
@@ -56,26 +53,37 @@ pub struct Swept {
     pub removed: u64,
 }
 
+/// A conntrack table (an LRU hash map).
+type CtTable = HashMap<MapData, FlowKey4, CtValue>;
+
 pub struct Sweeper {
-    tables: Vec<(&'static str, MapData)>,
+    tables: Vec<(&'static str, CtTable)>,
     lifetimes: CtLifetimes,
 }
 
 impl Sweeper {
     /// A sweeper of `tables` (conntrack tables: `FlowKey4` -> `CtValue`,
     /// by label), whose entries live as `lifetimes` says (the programs').
-    pub fn new(tables: Vec<(&'static str, MapData)>, lifetimes: CtLifetimes) -> Self {
-        Self { tables, lifetimes }
+    pub fn new(tables: Vec<(&'static str, MapData)>, lifetimes: CtLifetimes) -> Result<Self> {
+        let tables = tables
+            .into_iter()
+            .map(|(table, m)| {
+                let t = CtTable::try_from(Map::LruHashMap(m))
+                    .with_context(|| format!("the {table} conntrack table"))?;
+                Ok((table, t))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { tables, lifetimes })
     }
 
     /// Removes from every table the entries that ended by `now`.
-    pub fn sweep(&self, now: u32) -> Result<Vec<Swept>> {
+    pub fn sweep(&mut self, now: u32) -> Result<Vec<Swept>> {
         let lt = &self.lifetimes;
         self.tables
-            .iter()
+            .iter_mut()
             .map(|(table, m)| {
                 let mut gone = Vec::new();
-                let scanned = super::stats::for_each_entry(m, |k, v| {
+                let scanned = super::stats::for_each_entry(m.map(), |k, v| {
                     let (k, v) = (read::<FlowKey4>(k), read::<CtValue>(v));
                     if ended(&k, &v, now, lt) {
                         gone.push(k);
@@ -84,8 +92,20 @@ impl Sweeper {
                 .with_context(|| format!("reading the {table} conntrack table"))?;
                 let mut removed = 0;
                 for k in gone {
-                    if lookup(m, &k)?.is_some_and(|v| ended(&k, &v, now, lt)) && delete(m, &k)? {
-                        removed += 1;
+                    let still = match m.get(&k, 0) {
+                        Ok(v) => ended(&k, &v, now, lt),
+                        Err(MapError::KeyNotFound) => false,
+                        Err(e) => return Err(e).context("looking up a conntrack entry"),
+                    };
+                    if !still {
+                        continue;
+                    }
+                    match m.remove(&k) {
+                        Ok(()) => removed += 1,
+                        // Gone meanwhile: not counted.
+                        Err(MapError::SyscallError(e))
+                            if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e).context("deleting a conntrack entry"),
                     }
                 }
                 Ok(Swept {
@@ -99,7 +119,7 @@ impl Sweeper {
 
     /// Sweeps every `every`, for good (on a thread of its own), counting
     /// what it removes in `swept` (by table).
-    pub fn run(self, every: Duration, swept: IntCounterVec) {
+    pub fn run(mut self, every: Duration, swept: IntCounterVec) {
         loop {
             std::thread::sleep(every);
             let t = Instant::now();
@@ -129,32 +149,6 @@ fn read<T: Copy>(b: &[u8]) -> T {
     // SAFETY: `b` holds at least a `T`'s bytes; `T` is a plain C struct of
     // integers (any bytes are a valid value), read unaligned.
     unsafe { std::ptr::read_unaligned(b.as_ptr() as *const T) }
-}
-
-/// Flow `k`'s entry in `m` now, if it has one.
-fn lookup(m: &MapData, k: &FlowKey4) -> Result<Option<CtValue>> {
-    let mut v = CtValue::default();
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_2.map_fd = m.fd().as_fd().as_raw_fd() as u32;
-    attr.__bindgen_anon_2.key = k as *const FlowKey4 as u64;
-    attr.__bindgen_anon_2.__bindgen_anon_1.value = &mut v as *mut CtValue as u64;
-    match sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) {
-        Ok(_) => Ok(Some(v)),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-        Err(e) => Err(anyhow::Error::new(e).context("looking up a conntrack entry")),
-    }
-}
-
-/// Deletes flow `k`'s entry from `m`; false if it was gone already.
-fn delete(m: &MapData, k: &FlowKey4) -> Result<bool> {
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_2.map_fd = m.fd().as_fd().as_raw_fd() as u32;
-    attr.__bindgen_anon_2.key = k as *const FlowKey4 as u64;
-    match sys_bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(anyhow::Error::new(e).context("deleting a conntrack entry")),
-    }
 }
 
 #[cfg(test)]
