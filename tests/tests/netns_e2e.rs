@@ -42,6 +42,12 @@ fn root_requests_reach_every_backend_and_replies_come_from_the_published_port() 
         a.len(),
         a.split_whitespace().next().unwrap().len() + 1 + 300000
     );
+    // Bulk requests: the client's TCP sends GSO packets whose linear part
+    // holds their headers alone; the intercept rewrites them as they are
+    // (it pulls no payload), and every byte arrives.
+    let line = "y".repeat(300000);
+    let a = bulk.ask(&line).expect("a 300 kB echo");
+    assert_eq!(a.split_once(' ').map(|(_, echo)| echo), Some(line.as_str()));
 
     // The tasks see the client's own address and port (Docker's IPVS mesh
     // shows them the ingress sandbox's address instead).

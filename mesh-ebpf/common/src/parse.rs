@@ -161,6 +161,53 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
     Ok(())
 }
 
+/// How many of a frame's first bytes the forward path needs readable to
+/// judge it, and to rewrite it when it is the mesh's: `pkt` is what is
+/// readable (a socket buffer's linear part; its `wire_len` the whole
+/// frame), `all` the most the path ever reads. A plain TCP or UDP
+/// datagram needs its Ethernet, IPv4 and TCP/UDP headers (options
+/// included); one to the encapsulation port (`encap_port_be`), an ICMP
+/// message, or a frame whose deciding bytes are not readable, `all`;
+/// another protocol its IPv4 header; a frame that is not IPv4, nothing.
+///
+/// Socket buffers built by GRO, and a local socket's GSO ones, hold
+/// their headers and nothing else in the linear part: pulling `all` into
+/// it would copy payload there (and reallocate the head, often) for every
+/// such buffer, the mesh's or not.
+#[inline(always)]
+pub fn readable_needed(pkt: &Pkt, all: usize, encap_port_be: u16) -> usize {
+    let Some(h) = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0) else {
+        return all;
+    };
+    if h.get::<u16>(ETH_TYPE) != ETH_P_IP.to_be() {
+        return 0;
+    }
+    let vihl: u8 = h.get(ETH_HLEN + IP_VER_IHL);
+    let ihl = (vihl & 0x0f) as usize;
+    if vihl >> 4 != 4 || ihl < 5 {
+        return 0;
+    }
+    let l4_off = ETH_HLEN + ihl * 4;
+    let proto: u8 = h.get(ETH_HLEN + IP_PROTO);
+    let need = if proto == IPPROTO_TCP {
+        match pkt.load::<u8>(l4_off + TCP_DOFF) {
+            Some(d) if (d >> 4) as usize >= 5 => l4_off + (d >> 4) as usize * 4,
+            Some(_) => l4_off + TCP_HLEN_MIN,
+            None => all,
+        }
+    } else if proto == IPPROTO_UDP {
+        match pkt.load::<u16>(l4_off + L4_DPORT) {
+            Some(p) if p != encap_port_be => l4_off + UDP_HLEN,
+            _ => all,
+        }
+    } else if proto == IPPROTO_ICMP {
+        all
+    } else {
+        l4_off
+    };
+    if need < all { need } else { all }
+}
+
 /// Offset of the L4 checksum field.
 #[inline(always)]
 pub fn l4_csum_off(ip: &Ip4) -> usize {

@@ -482,3 +482,151 @@ fn socket_buffer_longer_than_its_readable_part() {
     };
     assert_eq!(parse::ipv4(&lying), None);
 }
+
+/// `f`'s first `linear` bytes as a socket buffer's linear part, `f` the
+/// whole packet (as `skb::headers` sees a GSO or GRO buffer).
+fn linear(f: &mut [u8], linear: usize) -> Pkt {
+    let start = f.as_mut_ptr() as usize;
+    // SAFETY: start..start + linear lies inside `f`, which outlives the use.
+    unsafe { Pkt::with_len(start, start + linear.min(f.len()), f.len()) }
+}
+
+const ALL: usize = 128;
+const ENCAP: u16 = mesh_common::abi::DEFAULT_ENCAP_PORT;
+
+/// What the uplink's TC intercept pulls: a plain TCP or UDP packet only
+/// its headers, however much payload follows (a GSO or GRO buffer holds
+/// just those in its linear part, and must not be pulled).
+#[test]
+fn readable_needed_is_the_headers_of_a_plain_datagram() {
+    let cases = [
+        (Spec::tcp(CLIENT, 40000, NODE, 30080, TCP_ACK), 14 + 20 + 20),
+        (
+            Spec {
+                tcp_opts: tcp_options(12),
+                ..Spec::tcp(CLIENT, 40000, NODE, 30080, TCP_ACK)
+            },
+            14 + 20 + 32,
+        ),
+        (
+            Spec {
+                ip_opts: ip_options(8),
+                tcp_opts: tcp_options(40),
+                ..Spec::tcp(CLIENT, 40000, NODE, 30080, TCP_ACK)
+            },
+            14 + 28 + 60,
+        ),
+        (Spec::udp(CLIENT, 40000, NODE, 30053, &[]), 14 + 20 + 8),
+        (
+            Spec {
+                ip_opts: ip_options(40),
+                ..Spec::udp(CLIENT, 40000, NODE, 30053, &[])
+            },
+            14 + 60 + 8,
+        ),
+    ];
+    for (spec, headers) in cases {
+        let mut f = spec.payload(vec![0x5a; 9000]).build();
+        // The same whether the linear part holds the headers alone or the
+        // whole packet.
+        for lin in [headers, 200, f.len()] {
+            let need = parse::readable_needed(&linear(&mut f, lin), ALL, ENCAP.to_be());
+            assert_eq!(need, headers, "linear part of {lin} bytes");
+        }
+    }
+}
+
+#[test]
+fn readable_needed_is_everything_for_what_reads_deeper() {
+    // To the encapsulation port: the outer headers, the mesh header and
+    // the inner headers are read.
+    let mut f = Spec::udp(CLIENT, 40000, NODE, ENCAP, &[0; 2000]).build();
+    assert_eq!(
+        parse::readable_needed(&linear(&mut f, 42), ALL, ENCAP.to_be()),
+        ALL
+    );
+    // ICMP: an error's quote.
+    let quoted = Spec::tcp(NODE, 30080, CLIENT, 40000, TCP_ACK);
+    let mut f = mesh_common::testing::frame::IcmpErrSpec::frag_needed(
+        CLIENT.into(),
+        NODE.into(),
+        1400,
+        quoted,
+    )
+    .build();
+    assert_eq!(
+        parse::readable_needed(&linear(&mut f, 34), ALL, ENCAP.to_be()),
+        ALL
+    );
+    // The bytes that decide are not readable: the IPv4 header cut, the
+    // TCP data offset or the UDP port beyond the linear part.
+    let mut f = Spec::tcp(CLIENT, 40000, NODE, 30080, TCP_ACK)
+        .payload(vec![0; 3000])
+        .build();
+    for lin in [0, 20, 33, 34 + 12] {
+        let need = parse::readable_needed(&linear(&mut f, lin), ALL, ENCAP.to_be());
+        assert_eq!(need, ALL, "linear part of {lin} bytes");
+    }
+    let mut f = Spec::udp(CLIENT, 40000, NODE, 30053, &[0; 3000]).build();
+    assert_eq!(
+        parse::readable_needed(&linear(&mut f, 34 + 3), ALL, ENCAP.to_be()),
+        ALL
+    );
+    // Never more than `all`.
+    let mut f = Spec {
+        ip_opts: ip_options(40),
+        tcp_opts: tcp_options(40),
+        ..Spec::tcp(CLIENT, 40000, NODE, 30080, TCP_ACK)
+    }
+    .payload(vec![0; 3000])
+    .build();
+    assert_eq!(
+        parse::readable_needed(&linear(&mut f, 200), 100, ENCAP.to_be()),
+        100
+    );
+}
+
+#[test]
+fn readable_needed_is_little_for_what_the_path_passes() {
+    // Not IPv4 (ARP, IPv6): nothing.
+    let mut f = Spec::tcp(CLIENT, 40000, NODE, 30080, TCP_ACK).build();
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    assert_eq!(
+        parse::readable_needed(&linear(&mut f, 40), ALL, ENCAP.to_be()),
+        0
+    );
+    // Another protocol (GRE): its IPv4 header.
+    let mut f = Spec::new(47, CLIENT, 0, NODE, 0)
+        .payload(vec![0; 3000])
+        .build();
+    assert_eq!(
+        parse::readable_needed(&linear(&mut f, 34), ALL, ENCAP.to_be()),
+        34
+    );
+}
+
+/// Whatever the frame, the forward path's parsers find in the bytes
+/// `readable_needed` asks for what they find in the whole frame.
+#[test]
+fn readable_needed_is_enough_for_the_parsers() {
+    let mut rng = Rng::new(7);
+    for _ in 0..5000 {
+        let mut f = Spec::random(&mut rng).build();
+        let need = parse::readable_needed(&Pkt::from_slice(&mut f), ALL, ENCAP.to_be());
+        let whole = {
+            let p = Pkt::from_slice(&mut f);
+            let ip = parse::ipv4(&p);
+            let ports = ip.and_then(|ip| parse::ports(&p, &ip));
+            let l4 = ip.map(|ip| parse::check_l4(&p, &ip));
+            (ip, ports, l4)
+        };
+        let part = {
+            let p = linear(&mut f, need);
+            let ip = parse::ipv4(&p);
+            let ports = ip.and_then(|ip| parse::ports(&p, &ip));
+            let l4 = ip.map(|ip| parse::check_l4(&p, &ip));
+            (ip, ports, l4)
+        };
+        assert_eq!(part, whole, "{need} of {} bytes", f.len());
+    }
+}

@@ -26,7 +26,7 @@ use mesh_common::parse::{
 use mesh_common::pkt::Pkt;
 
 use crate::fib::forward_or;
-use crate::maps::{Maps, count, count_drop};
+use crate::maps::{Maps, config, count, count_drop};
 
 /// Ethernet + IPv4 + TCP without options (54 bytes): the headers every
 /// packet the TC programs translate needs in the linear part. A local
@@ -79,10 +79,13 @@ pub fn packet(ctx: &TcContext) -> Option<Pkt> {
 }
 
 /// The packet as the uplink's intercept reads it: its linear part, its
-/// whole length and its segment size (GSO). When fewer than `want` bytes
-/// (or the whole packet, if shorter) are directly readable, that much is
-/// pulled into the linear part first (a copy: only the odd packet whose
-/// headers are not all there pays it). `None`: the pull failed.
+/// whole length and its segment size (GSO). Up to `want` bytes are made
+/// directly readable, but only as many as the packet needs
+/// (`parse::readable_needed`): a socket buffer from GRO or from a local
+/// socket holds its headers alone in the linear part, and pulling more
+/// would copy payload (and often reallocate the head) for every one of
+/// them, the mesh's or not. So only the odd packet whose headers are not
+/// all there pays a pull. `None`: the pull failed.
 #[inline(always)]
 pub fn headers(ctx: &TcContext, want: u32) -> Option<Pkt> {
     let skb = ctx.skb.skb;
@@ -97,15 +100,19 @@ pub fn headers(ctx: &TcContext, want: u32) -> Option<Pkt> {
         )
     };
     let want = if len < want { len } else { want };
-    let (data, data_end) = if data_end - data < want as usize {
-        ctx.pull_data(want).ok()?;
-        // SAFETY: re-read after the pull invalidated the pointers.
-        unsafe { ((*skb).data as usize, (*skb).data_end as usize) }
-    } else {
-        (data, data_end)
-    };
     // SAFETY: data..data_end is the linear part, `len` the whole length.
     let pkt = unsafe { Pkt::with_len(data, data_end, len as usize) };
+    if data_end - data < want as usize {
+        let need = parse::readable_needed(&pkt, want as usize, config().encap_port_be);
+        if data_end - data < need {
+            ctx.pull_data(need as u32).ok()?;
+            // SAFETY: re-read after the pull invalidated the pointers.
+            let pkt = unsafe {
+                Pkt::with_len((*skb).data as usize, (*skb).data_end as usize, len as usize)
+            };
+            return Some(pkt.with_gso(gso as usize, segs));
+        }
+    }
     Some(pkt.with_gso(gso as usize, segs))
 }
 

@@ -39,11 +39,12 @@ use crate::fib::{NO_NODE, forward_or, ingress_ifindex};
 use crate::maps::{Maps, count, count_drop};
 use crate::skb;
 
-/// The bytes the forward path reads at most, made directly readable when
-/// they are not: an encapsulated packet's outer headers (54 with
-/// Ethernet), the inner IPv4 header and a TCP header with options up to
-/// its MSS (54 more); an ICMP error's quote. Socket buffers from a local
-/// socket or from GRO carry all their headers there already.
+/// The bytes the forward path reads at most: an encapsulated packet's
+/// outer headers (54 with Ethernet), the inner IPv4 header and a TCP
+/// header with options up to its MSS (54 more); an ICMP error's quote. A
+/// packet is pulled only as far as it needs (`skb::headers`): socket
+/// buffers from a local socket or from GRO hold all their headers in the
+/// linear part already, and nothing more.
 const HEADERS: u32 = 128;
 
 #[classifier]
