@@ -547,6 +547,24 @@ fn summary(
             s,
             "\nintercept xdp: mesh_xdp under BPF_PROG_TEST_RUN over floor_pass, then mesh_tc_uplink (TC after it: the kernel's run-time statistics over an empty TC program, on live frames); intercept tc: mesh_tc_ingress under BPF_PROG_TEST_RUN over the empty TC program run the same way (it delivers itself); any: mesh_tc_task, whichever the intercept. wall: a live frame's whole path (intercept, skb, TC, the task's answer) over the same frame through the floors, and over the frame routed to the task without NAT.\n"
         );
+        for f in m["design_floors"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "Design floor: {} costs {} ns over floor_pass, {} ({}) {} ns: the path is {} ns above the kernel's work it needs, and its goal (≤ +{} ns) {} that floor.\n",
+                txt(&f["case"]),
+                n(&f["case_overhead_ns"]),
+                txt(&f["floor_case"]),
+                txt(&f["floor_does"]),
+                n(&f["floor_overhead_ns"]),
+                n(&f["above_floor_ns"]),
+                f["goal_max_ns"].as_f64().unwrap_or(0.0),
+                if f["goal_below_floor"].as_bool() == Some(true) {
+                    "lies below"
+                } else {
+                    "is above"
+                }
+            );
+        }
     }
     if let Some(e) = doc(docs, "e2e") {
         let _ = writeln!(

@@ -127,9 +127,13 @@ fn root_the_node_map_holds_node_values() {
 /// dataplane's object does not carry them.
 #[test]
 fn root_the_floor_programs_are_their_own_object() {
-    use mesh_common::abi::{MAP_FLOOR, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS};
-    use mesh_tests::fixtures::{CLIENT, Floors, NODE, WEB_TCP, XDP_PASS};
-    use mesh_tests::packet::{Spec, TCP_ACK};
+    use mesh_common::abi::{
+        MAP_FLOOR, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_FLOOR_TC_NAT, PROG_FLOOR_TRACK,
+    };
+    use mesh_tests::fixtures::{CLIENT, Floors, Flow, NODE, WEB_TCP, XDP_PASS};
+    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
+    use mesh_userspace::model::Proto;
+    use std::net::{Ipv4Addr, SocketAddrV4};
 
     let bpf = BpfWorld::new().unwrap();
     assert!(bpf.dp.ebpf().program(PROG_FLOOR_PASS).is_none());
@@ -151,6 +155,50 @@ fn root_the_floor_programs_are_their_own_object() {
         .unwrap();
     const XDP_TX: u32 = 3;
     assert_eq!(floors.run_xdp(PROG_FLOOR_LOOKUP, &ack).unwrap().ret, XDP_TX);
+
+    // floor_track: a flow's first packet is inserted (XDP_TX), its next
+    // one found (XDP_PASS); emptied, the table takes it again.
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_TRACK).is_none());
+    let syn = |port| Spec::tcp(CLIENT, port, NODE, WEB_TCP, TCP_SYN).build();
+    assert_eq!(
+        floors.run_xdp(PROG_FLOOR_TRACK, &syn(40002)).unwrap().ret,
+        XDP_TX
+    );
+    assert_eq!(
+        floors.run_xdp(PROG_FLOOR_TRACK, &syn(40003)).unwrap().ret,
+        XDP_TX
+    );
+    assert_eq!(
+        floors.run_xdp(PROG_FLOOR_TRACK, &syn(40002)).unwrap().ret,
+        XDP_PASS,
+        "a flow it holds"
+    );
+    assert_eq!(floors.clear_track().unwrap(), 2);
+    assert_eq!(
+        floors.run_xdp(PROG_FLOOR_TRACK, &syn(40002)).unwrap().ret,
+        XDP_TX
+    );
+
+    // floor_tc_nat: a flow it holds is rewritten for its task (checksums
+    // right) and handed to the link; any other goes on untouched.
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_TC_NAT).is_none());
+    const TC_ACT_UNSPEC: i32 = -1;
+    const TC_ACT_REDIRECT: i32 = 7;
+    let r = floors.run_tc(PROG_FLOOR_TC_NAT, &ack, 1).unwrap();
+    assert_eq!((r.ret as i32, &r.output), (TC_ACT_UNSPEC, &ack));
+    let task = SocketAddrV4::new(Ipv4Addr::new(198, 18, 7, 9), 8080);
+    let (dst, src) = ([2, 0, 0, 0, 0x30, 9], [2, 0, 0, 0, 0x10, 2]);
+    let flow = Flow::new(Proto::Tcp, (CLIENT, 40001), (NODE, WEB_TCP));
+    floors.nat(&flow.key(), task, 1, dst, src).unwrap();
+    let r = floors.run_tc(PROG_FLOOR_TC_NAT, &ack, 1).unwrap();
+    assert_eq!(r.ret as i32, TC_ACT_REDIRECT);
+    let o = View(&r.output);
+    assert_eq!((o.daddr(), o.dport()), (*task.ip(), task.port()));
+    assert_eq!((&r.output[0..6], &r.output[6..12]), (&dst[..], &src[..]));
+    assert!(checksums_ok(&r.output), "checksums after the rewrite");
+    let udp = Spec::udp(CLIENT, 40001, NODE, WEB_TCP, b"x").build();
+    let r = floors.run_tc(PROG_FLOOR_TC_NAT, &udp, 1).unwrap();
+    assert_eq!(r.ret as i32, TC_ACT_UNSPEC, "another flow");
 }
 
 /// Client affinity over state changes and time (see

@@ -83,6 +83,33 @@ pub enum AfterBatch {
     /// batch starts from the same table and its flows are unseen again;
     /// every call must have left exactly one entry.
     ClearNewFlows,
+    /// The same for `floor_track`'s unconfirmed table.
+    ClearFloorFlows,
+}
+
+impl AfterBatch {
+    /// Whether every batch starts from an emptied table (the warm-up
+    /// then runs a whole batch: see `micro::run`).
+    pub fn clears(self) -> bool {
+        self != AfterBatch::Nothing
+    }
+}
+
+impl World {
+    /// Empties the table `after` names; how many entries it held (`None`:
+    /// nothing to empty).
+    fn clear(&mut self, after: AfterBatch) -> Result<Option<usize>> {
+        match after {
+            AfterBatch::Nothing => Ok(None),
+            AfterBatch::ClearNewFlows => self.clear_ct_new().map(Some),
+            AfterBatch::ClearFloorFlows => self
+                .floors
+                .as_mut()
+                .context("this world has no floor programs")?
+                .clear_track()
+                .map(Some),
+        }
+    }
 }
 
 /// A case run with BPF_PROG_TEST_RUN.
@@ -168,9 +195,7 @@ impl Case {
                 self.name
             )));
         }
-        if self.after == AfterBatch::ClearNewFlows {
-            w.clear_ct_new()?;
-        }
+        w.clear(self.after)?;
         Ok(())
     }
 
@@ -198,8 +223,7 @@ impl Case {
                 f1 - f0
             );
         }
-        if self.after == AfterBatch::ClearNewFlows {
-            let cleared = w.clear_ct_new()?;
+        if let Some(cleared) = w.clear(self.after)? {
             ensure!(
                 cleared == n,
                 "{}: {n} new flows left {cleared} unconfirmed conntrack entries, expected {n}",

@@ -15,14 +15,17 @@ pub mod live;
 pub mod report;
 pub mod worlds;
 
+use std::net::SocketAddrV4;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use mesh_common::abi::{
-    PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_TC_HOST, PROG_TC_INGRESS, PROG_XDP,
+    PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_FLOOR_TC_NAT, PROG_FLOOR_TRACK, PROG_TC_HOST,
+    PROG_TC_INGRESS, PROG_XDP,
 };
-use mesh_tests::fixtures::Floors;
+use mesh_tests::fixtures::{Floors, Flow};
 use mesh_tests::packet::{Spec, TCP_ACK};
+use mesh_userspace::model::Proto;
 use mesh_userspace::plan::Limits;
 use serde_json::Value;
 
@@ -178,7 +181,7 @@ fn run_here(a: &Args) -> Result<Value> {
     // emptied in the order of its free list, as after any real use; the
     // first timed round would otherwise run faster than the rest.
     for c in &mut xdp {
-        let n = if c.after == AfterBatch::ClearNewFlows {
+        let n = if c.after.clears() {
             a.warmup.max(a.calls)
         } else {
             a.warmup
@@ -189,7 +192,7 @@ fn run_here(a: &Args) -> Result<Value> {
     }
     if let Some(lw) = &mut live {
         for c in &mut lc {
-            let n = if c.after == AfterBatch::ClearNewFlows {
+            let n = if c.after.clears() {
                 a.warmup.max(a.calls)
             } else {
                 a.warmup.clamp(1, a.calls)
@@ -288,6 +291,18 @@ fn load_worlds(a: &Args, ct_new: u32) -> Result<Vec<World>> {
             .map()?
             .insert(key, 1, 0)
             .context("filling MESH_FLOOR")?;
+        // floor_tc_nat's flow: the established flow, to the first task,
+        // with the MACs of its recorded link.
+        let flow = Flow::new(Proto::Tcp, (CLIENT, FLOW_SPORT), (NODE, WEB_TCP));
+        floors
+            .nat(
+                &flow.key(),
+                SocketAddrV4::new(tasks[0], worlds::TARGET_PORT),
+                w[W_BASE].ifindex,
+                worlds::link_task_mac(tasks[0]),
+                worlds::LINK_GATEWAY_MAC,
+            )
+            .context("filling MESH_FLOOR_NAT")?;
         w[W_BASE].floors = Some(floors);
     }
     // The established flow: confirmed, pinned to the first task.
@@ -357,6 +372,15 @@ fn xdp_cases() -> Vec<Case> {
         )
         .counted(true)
         .after(AfterBatch::ClearNewFlows),
+        Case::new(
+            "floor_track",
+            PROG_FLOOR_TRACK,
+            W_BASE,
+            "the floor of a tracked new flow: parse + the conntrack work of new_flow alone (a lookup in each table, both miss, one insert into the unconfirmed one, emptied after every batch), XDP_TX",
+            Frames::each(worlds::new_flow_frame, true),
+            Expect::Tx,
+        )
+        .after(AfterBatch::ClearFloorFlows),
         Case::new(
             "non_service",
             PROG_XDP,
@@ -458,6 +482,14 @@ fn tc_cases() -> Vec<Case> {
             "TC program that only returns TC_ACT_UNSPEC, under the same test run as mesh_tc_ingress (TCP ACK frame): the floor of the tc_* cases",
             Frames::One(ack.clone()),
             Expect::Unspec,
+        ),
+        Case::new(
+            "floor_tc_nat",
+            PROG_FLOOR_TC_NAT,
+            W_BASE,
+            "the floor of tc_established: parse + one lookup of the flow (hit) + the destination rewritten with the skb checksum helpers (pseudo-header and port) + the link's MACs + bpf_redirect_peer, nothing else",
+            Frames::One(ack.clone()),
+            Expect::TcLocal,
         ),
         Case::new(
             "tc_established",

@@ -281,6 +281,23 @@ const XDP_TARGETS: &[(&str, f64)] = &[
     ("non_service", 40.0),
 ];
 
+/// Paths beside the floor of the kernel's work they need: (case, floor
+/// case, the path's goal in ns over floor_pass, what the floor does).
+const DESIGN_FLOORS: &[(&str, &str, f64, &str)] = &[
+    (
+        "new_flow",
+        "floor_track",
+        500.0,
+        "parse, a lookup in each conntrack table (both miss) and one LRU insert, nothing else",
+    ),
+    (
+        "tc_established",
+        "floor_tc_nat",
+        150.0,
+        "parse, one lookup of the flow, the destination rewritten with the skb checksum helpers, the link's MACs and bpf_redirect_peer, nothing else",
+    ),
+];
+
 /// Forwarding's targets: (case, reference case, most ns above it).
 const REL_TARGETS: &[(&str, &str, f64)] = &[
     ("forward_remote", "established", 60.0),
@@ -304,7 +321,12 @@ pub fn report(i: &Input) -> Value {
     // program under the same test run.
     let tc_floor = i.xdp.iter().find(|c| c.name == FLOOR_TC);
     let floor_of = |c: &Case| match tc_floor {
-        Some(t) if c.prog == mesh_common::abi::PROG_TC_INGRESS => (t.ns(), t.rounds.clone()),
+        Some(t)
+            if c.prog == mesh_common::abi::PROG_TC_INGRESS
+                || c.prog == mesh_common::abi::PROG_FLOOR_TC_NAT =>
+        {
+            (t.ns(), t.rounds.clone())
+        }
         _ => (floor, floor_case.rounds.clone()),
     };
 
@@ -544,6 +566,45 @@ pub fn report(i: &Input) -> Value {
     }
     crate::util::print_goals(&goals);
 
+    // What the kernel's own work on a path costs, beside the path: each
+    // over its own floor (floor_pass, or for TC programs the empty one).
+    let own = |name: &str| {
+        i.xdp
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.ns() - floor_of(c).0)
+    };
+    let mut floors_json = Vec::new();
+    let design: Vec<_> = DESIGN_FLOORS
+        .iter()
+        .filter_map(|&(case, floor, goal, does)| {
+            Some((case, floor, goal, does, own(case)?, own(floor)?))
+        })
+        .collect();
+    if !design.is_empty() {
+        println!();
+        println!(
+            "design floors (test run, over floor_pass; tc_*: over floor_tc_run): what the kernel's work a path needs costs alone, beside the path:"
+        );
+        for &(case, floor, goal, does, m, f) in &design {
+            println!(
+                "  {case} {m:+.1} ns: {floor} {f:+.1} ns, the path {:+.1} ns above it; its goal (<= +{goal:.0} ns) {} that floor",
+                m - f,
+                if f > goal { "lies below" } else { "is above" }
+            );
+            floors_json.push(json!({
+                "case": case,
+                "floor_case": floor,
+                "floor_does": does,
+                "case_overhead_ns": r1(m),
+                "floor_overhead_ns": r1(f),
+                "above_floor_ns": r1(m - f),
+                "goal_max_ns": goal,
+                "goal_below_floor": f > goal,
+            }));
+        }
+    }
+
     // The JSON.
     let cases_json: Vec<Value> = i
         .xdp
@@ -575,6 +636,7 @@ pub fn report(i: &Input) -> Value {
         "live_cases": i.live.iter().map(|c| c.json()).collect::<Vec<_>>(),
         "live_world": i.live_world.map(|w| w.json()),
         "paths": paths_json,
+        "design_floors": floors_json,
         "targets": targets_json,
         "goals": goals.iter().map(|g| g.json()).collect::<Vec<_>>(),
         "config": {
@@ -606,6 +668,7 @@ pub fn report(i: &Input) -> Value {
             "live_cases: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, repeat=1, on a lab node in a network namespace (one task behind the node's bridge, one client). An XDP_PASS frame becomes an skb on the node's uplink and crosses TC ingress (mesh_tc_uplink attached with TCX); the task's kernel answers (nothing listens: a reset), and the answer crosses mesh_tc_task on the task's bridge port. wall_ns is the kernel-reported duration of one such call: everything up to the end of the softirq work it triggers. Per-program ns come from the kernel's BPF run-time statistics (BPF_ENABLE_STATS, run_time_ns / run_cnt from fdinfo), enabled only during live batches.",
             "Live floors: floor_pass and an empty TC program (two instructions) attached the same way, fed the same frames: the node's own stack answers them (reset). floor_live_direct: the flow's ACK addressed to the task itself, routed by the node's kernel (FORWARD accepted in this lab), the floor of a path without NAT. Every batch checks that each program ran exactly as often as its frames require, and that the dataplane dropped nothing.",
             "paths: XDP = the test-run case over floor_pass; TC = the live case's TC program over the empty TC program (statistics); XDP + TC is what the goals judge (the programs' own cost, as issue 11 measured TC). wall = the live case over floor_live (same frames, through floor_pass): the whole path including the extra hops into the task's namespace; vs direct = over floor_live_direct. new_flow_full and established_10k borrow the TC figure of new_flow_live and established_live.",
+            "design_floors: a path beside a floor program that does only the kernel's work the path needs, run the same way in the same rounds, each over its own floor. floor_track (new_flow's): parse, the flow's key, a lookup in a confirmed and an unconfirmed LRU table of new_flow's sizes (both miss), one insert into the unconfirmed one (emptied after every batch, as new_flow's); fed new_flow's frames. floor_tc_nat (tc_established's, over floor_tc_run): parse, one LRU lookup of the flow (a hit), the destination address and port written with the IPv4 checksum updated in the program and the TCP checksum through bpf_l4_csum_replace twice (the pseudo-header's part and the port's: a partial checksum takes only the first, and the program cannot tell which kind the buffer carries), the link's MACs, bpf_redirect_peer. A goal below its floor cannot be met by the path's own code.",
             "Targets are overheads over the floors in the same run; a missed target is reported, not enforced.",
         ],
     })

@@ -236,6 +236,10 @@ impl World {
     /// One test run of `prog`: a floor program or one of the dataplane's.
     pub fn run_xdp(&self, prog: &str, frame: &[u8]) -> Result<Run> {
         match &self.floors {
+            // The TC floor: arriving on the uplink, as mesh_tc_ingress.
+            Some(f) if prog == mesh_common::abi::PROG_FLOOR_TC_NAT => {
+                f.run_tc(prog, frame, self.ifindex)
+            }
             Some(f) if mesh_common::abi::FLOOR_PROG_NAMES.contains(&prog) => f.run_xdp(prog, frame),
             // The node's own packets, arriving on its loopback.
             _ if prog == mesh_common::abi::PROG_TC_HOST => {

@@ -226,12 +226,25 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The benchmark's floor programs, in their own object (`mesh-floor`, not
 /// the dataplane's): one that only passes, one that parses and does one
-/// lookup in `MAP_FLOOR`.
+/// lookup in `MAP_FLOOR`, one that does a new flow's conntrack work in
+/// `MAP_FLOOR_CT` and `MAP_FLOOR_CT_NEW` and nothing else, and a TC one
+/// that does what an established flow's DNAT at TC needs from the kernel
+/// (its flows in `MAP_FLOOR_NAT`).
 pub const PROG_FLOOR_PASS: &str = "floor_pass";
 pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
+pub const PROG_FLOOR_TRACK: &str = "floor_track";
+pub const PROG_FLOOR_TC_NAT: &str = "floor_tc_nat";
 pub const MAP_FLOOR: &str = "MESH_FLOOR";
-pub const FLOOR_PROG_NAMES: &[&str] = &[PROG_FLOOR_PASS, PROG_FLOOR_LOOKUP];
-pub const FLOOR_MAP_NAMES: &[&str] = &[MAP_FLOOR];
+pub const MAP_FLOOR_CT: &str = "MESH_FLOOR_CT";
+pub const MAP_FLOOR_CT_NEW: &str = "MESH_FLOOR_CTNEW";
+pub const MAP_FLOOR_NAT: &str = "MESH_FLOOR_NAT";
+pub const FLOOR_PROG_NAMES: &[&str] = &[
+    PROG_FLOOR_PASS,
+    PROG_FLOOR_LOOKUP,
+    PROG_FLOOR_TRACK,
+    PROG_FLOOR_TC_NAT,
+];
+pub const FLOOR_MAP_NAMES: &[&str] = &[MAP_FLOOR, MAP_FLOOR_CT, MAP_FLOOR_CT_NEW, MAP_FLOOR_NAT];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
