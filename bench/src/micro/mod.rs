@@ -167,7 +167,12 @@ fn run_here(a: &Args) -> Result<Value> {
                 known.join(", ")
             );
         }
-        let wanted = |name: &str| name.starts_with("floor_") || a.only.iter().any(|n| n == name);
+        // The floors every case is measured from come along; a design
+        // floor (what a path's kernel work costs alone) only when named.
+        let design = |name: &str| report::DESIGN_FLOORS.iter().any(|d| d.1 == name);
+        let wanted = |name: &str| {
+            (name.starts_with("floor_") && !design(name)) || a.only.iter().any(|n| n == name)
+        };
         xdp.retain(|c| wanted(c.name));
         lc.retain(|c| wanted(c.name));
     }

@@ -283,7 +283,7 @@ const XDP_TARGETS: &[(&str, f64)] = &[
 
 /// Paths beside the floor of the kernel's work they need: (case, floor
 /// case, the path's goal in ns over floor_pass, what the floor does).
-const DESIGN_FLOORS: &[(&str, &str, f64, &str)] = &[
+pub const DESIGN_FLOORS: &[(&str, &str, f64, &str)] = &[
     (
         "new_flow",
         "floor_track",
