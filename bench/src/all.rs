@@ -550,7 +550,7 @@ fn summary(
         for f in m["design_floors"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "Design floor: {} costs {} ns over floor_pass, {} ({}) {} ns: the path is {} ns above the kernel's work it needs, and its goal (≤ +{} ns) {} that floor.\n",
+                "Design floor: {} costs {} ns over its floor (floor_pass; at TC the empty TC program), {} ({}) {} ns: the path is {} ns above the kernel's work it needs, and its goal (≤ +{} ns) {} that floor.\n",
                 txt(&f["case"]),
                 n(&f["case_overhead_ns"]),
                 txt(&f["floor_case"]),
