@@ -128,10 +128,12 @@ fn root_the_node_map_holds_node_values() {
 #[test]
 fn root_the_floor_programs_are_their_own_object() {
     use mesh_common::abi::{
-        MAP_FLOOR, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_FLOOR_TC_NAT, PROG_FLOOR_TRACK,
+        DEFAULT_ENCAP_PORT, ENCAP_K_REPLY, ENCAP_K_REQUEST, ENCAP_VERSION, MAP_FLOOR,
+        PROG_FLOOR_DECAP, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_FLOOR_REPLY, PROG_FLOOR_TC_NAT,
+        PROG_FLOOR_TRACK, XDP_META_MAGIC,
     };
     use mesh_tests::fixtures::{CLIENT, Floors, Flow, NODE, WEB_TCP, XDP_PASS};
-    use mesh_tests::packet::{Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
+    use mesh_tests::packet::{EncapSpec, Spec, TCP_ACK, TCP_SYN, View, checksums_ok};
     use mesh_userspace::model::Proto;
     use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -199,6 +201,68 @@ fn root_the_floor_programs_are_their_own_object() {
     let udp = Spec::udp(CLIENT, 40001, NODE, WEB_TCP, b"x").build();
     let r = floors.run_tc(PROG_FLOOR_TC_NAT, &udp, 1).unwrap();
     assert_eq!(r.ret as i32, TC_ACT_UNSPEC, "another flow");
+
+    // floor_decap: another node's packet for a task here is stripped and
+    // leaves with the metadata that names the task, once the node, the
+    // task and the flow are known; before that it passes untouched.
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_DECAP).is_none());
+    let other = Ipv4Addr::new(198, 18, 0, 2);
+    let client = SocketAddrV4::new(CLIENT, 40004);
+    let inner = Spec::tcp(
+        *client.ip(),
+        client.port(),
+        *task.ip(),
+        task.port(),
+        TCP_ACK,
+    );
+    let frame = EncapSpec {
+        from: other,
+        to: NODE,
+        sport: 0xc123,
+        dport: DEFAULT_ENCAP_PORT,
+        version: ENCAP_VERSION,
+        kind: ENCAP_K_REQUEST,
+        flags: 0,
+        orig: (NODE, WEB_TCP),
+    }
+    .build(&inner);
+    let r = floors.run_xdp(PROG_FLOOR_DECAP, &frame).unwrap();
+    assert_eq!((r.ret, &r.output, r.meta.len()), (XDP_PASS, &frame, 0));
+    floors.decap(other, task, client).unwrap();
+    let r = floors.run_xdp(PROG_FLOOR_DECAP, &frame).unwrap();
+    assert_eq!(r.ret, XDP_PASS);
+    assert_eq!(r.output, inner.build(), "the inner frame, its MACs kept");
+    assert_eq!(r.meta[..4], XDP_META_MAGIC.to_ne_bytes());
+
+    // floor_reply: a reply another node carried back goes out stripped,
+    // with the route's MACs, once the node and the route are known.
+    assert!(bpf.dp.ebpf().program(PROG_FLOOR_REPLY).is_none());
+    let far = Ipv4Addr::new(198, 18, 0, 3);
+    let inner = Spec::tcp(NODE, WEB_TCP, CLIENT, 40005, TCP_ACK);
+    let frame = EncapSpec {
+        from: far,
+        to: NODE,
+        sport: 0xc124,
+        dport: DEFAULT_ENCAP_PORT,
+        version: ENCAP_VERSION,
+        kind: ENCAP_K_REPLY,
+        flags: 0,
+        orig: (NODE, WEB_TCP),
+    }
+    .build(&inner);
+    let r = floors.run_xdp(PROG_FLOOR_REPLY, &frame).unwrap();
+    assert_eq!((r.ret, &r.output), (XDP_PASS, &frame), "from no node");
+    // A floor's test run arrives on the loopback (no ingress device given).
+    let lo = mesh_common::abi::LOOPBACK_IFINDEX;
+    floors
+        .reply_route(far, (NODE, CLIENT, lo), dst, src)
+        .unwrap();
+    let r = floors.run_xdp(PROG_FLOOR_REPLY, &frame).unwrap();
+    assert_eq!(r.ret, XDP_TX);
+    let mut want = inner.build();
+    want[0..6].copy_from_slice(&dst);
+    want[6..12].copy_from_slice(&src);
+    assert_eq!(r.output, want, "the inner frame with the route's MACs");
 }
 
 /// Client affinity over state changes and time (see

@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use mesh_common::abi::{
-    PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_FLOOR_TC_NAT, PROG_FLOOR_TRACK, PROG_TC_HOST,
-    PROG_TC_INGRESS, PROG_XDP,
+    PROG_FLOOR_DECAP, PROG_FLOOR_LOOKUP, PROG_FLOOR_PASS, PROG_FLOOR_REPLY, PROG_FLOOR_TC_NAT,
+    PROG_FLOOR_TRACK, PROG_TC_HOST, PROG_TC_INGRESS, PROG_XDP,
 };
 use mesh_tests::fixtures::{Floors, Flow};
 use mesh_tests::packet::{Spec, TCP_ACK};
@@ -308,6 +308,29 @@ fn load_worlds(a: &Args, ct_new: u32) -> Result<Vec<World>> {
                 worlds::LINK_GATEWAY_MAC,
             )
             .context("filling MESH_FLOOR_NAT")?;
+        // floor_decap's: decap_local's packet (the other node, the task,
+        // the flow).
+        floors
+            .decap(
+                worlds::FWD_OTHER,
+                SocketAddrV4::new(tasks[0], worlds::TARGET_PORT),
+                SocketAddrV4::new(CLIENT, FLOW_SPORT + 1),
+            )
+            .context("filling floor_decap's maps")?;
+        // floor_reply's: reply_via_ingress's packet (the other node, the
+        // route to its client, as its test run arrives: on the loopback).
+        floors
+            .reply_route(
+                worlds::FWD_OTHER,
+                (
+                    worlds::FWD_NODE,
+                    worlds::FWD_CLIENT,
+                    mesh_common::abi::LOOPBACK_IFINDEX,
+                ),
+                [0x02, 0, 0, 0, 0x40, 0x01],
+                [0x02, 0, 0, 0, 0x40, 0x02],
+            )
+            .context("filling floor_reply's maps")?;
         w[W_BASE].floors = Some(floors);
     }
     // The established flow: confirmed, pinned to the first task.
@@ -433,10 +456,26 @@ fn xdp_cases() -> Vec<Case> {
             Expect::Local,
         ),
         Case::new(
+            "floor_decap",
+            PROG_FLOOR_DECAP,
+            W_BASE,
+            "the floor of decap_local: parse, the node lookup, strip (bpf_xdp_adjust_head), parse, the task's identity lookup, the flow record's lookup, metadata (bpf_xdp_adjust_meta), nothing else",
+            Frames::One(worlds::decap_frame()),
+            Expect::Local,
+        ),
+        Case::new(
             "reply_via_ingress",
             PROG_XDP,
             W_FWD,
             "mesh_xdp, a task's reply another node carried back: node check, strip, FIB lookup to the client, XDP_TX",
+            Frames::One(worlds::reply_frame()),
+            Expect::Out,
+        ),
+        Case::new(
+            "floor_reply",
+            PROG_FLOOR_REPLY,
+            W_BASE,
+            "the floor of reply_via_ingress: parse, the node lookup, strip, parse, the unconfirmed table's lookup (miss), the route cache's (hit), MACs, XDP_TX, nothing else",
             Frames::One(worlds::reply_frame()),
             Expect::Out,
         ),

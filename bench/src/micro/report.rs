@@ -296,6 +296,18 @@ pub const DESIGN_FLOORS: &[(&str, &str, f64, &str)] = &[
         150.0,
         "parse, one lookup of the flow, the destination rewritten with the skb checksum helpers, the link's MACs and bpf_redirect_peer, nothing else",
     ),
+    (
+        "decap_local",
+        "floor_decap",
+        150.0,
+        "parse, the node lookup, the strip, the task's identity and the flow record's lookups, the metadata, nothing else; without the TC program after it",
+    ),
+    (
+        "reply_via_ingress",
+        "floor_reply",
+        150.0,
+        "parse, the node lookup, the strip, the unconfirmed table's and the route cache's lookups, the MACs, XDP_TX, nothing else",
+    ),
 ];
 
 /// Forwarding's targets: (case, reference case, most ns above it).
@@ -668,7 +680,7 @@ pub fn report(i: &Input) -> Value {
             "live_cases: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, repeat=1, on a lab node in a network namespace (one task behind the node's bridge, one client). An XDP_PASS frame becomes an skb on the node's uplink and crosses TC ingress (mesh_tc_uplink attached with TCX); the task's kernel answers (nothing listens: a reset), and the answer crosses mesh_tc_task on the task's bridge port. wall_ns is the kernel-reported duration of one such call: everything up to the end of the softirq work it triggers. Per-program ns come from the kernel's BPF run-time statistics (BPF_ENABLE_STATS, run_time_ns / run_cnt from fdinfo), enabled only during live batches.",
             "Live floors: floor_pass and an empty TC program (two instructions) attached the same way, fed the same frames: the node's own stack answers them (reset). floor_live_direct: the flow's ACK addressed to the task itself, routed by the node's kernel (FORWARD accepted in this lab), the floor of a path without NAT. Every batch checks that each program ran exactly as often as its frames require, and that the dataplane dropped nothing.",
             "paths: XDP = the test-run case over floor_pass; TC = the live case's TC program over the empty TC program (statistics); XDP + TC is what the goals judge (the programs' own cost, as issue 11 measured TC). wall = the live case over floor_live (same frames, through floor_pass): the whole path including the extra hops into the task's namespace; vs direct = over floor_live_direct. new_flow_full and established_10k borrow the TC figure of new_flow_live and established_live.",
-            "design_floors: a path beside a floor program that does only the kernel's work the path needs, run the same way in the same rounds, each over its own floor. floor_track (new_flow's): parse, the flow's key, a lookup in a confirmed and an unconfirmed LRU table of new_flow's sizes (both miss), one insert into the unconfirmed one (emptied after every batch, as new_flow's); fed new_flow's frames. floor_tc_nat (tc_established's, over floor_tc_run): parse, one LRU lookup of the flow (a hit), the destination address and port written with the IPv4 checksum updated in the program and the TCP checksum through bpf_l4_csum_replace twice (the pseudo-header's part and the port's: a partial checksum takes only the first, and the program cannot tell which kind the buffer carries), the link's MACs, bpf_redirect_peer. A goal below its floor cannot be met by the path's own code.",
+            "design_floors: a path beside a floor program that does only the kernel's work the path needs, run the same way in the same rounds, each over its own floor. floor_track (new_flow's): parse, the flow's key, a lookup in a confirmed and an unconfirmed LRU table of new_flow's sizes (both miss), one insert into the unconfirmed one (emptied after every batch, as new_flow's); fed new_flow's frames. floor_decap (decap_local's XDP part): parse, the sender's lookup among the nodes, bpf_xdp_adjust_head with the MACs kept, parse, the task's identity lookup, the flow record's lookup, bpf_xdp_adjust_meta; fed decap_local's frame. floor_reply (reply_via_ingress's): parse, the node lookup, the strip, the flow's lookup in the unconfirmed table (a reply may confirm it; a miss), the route cache's lookup (a hit), the MACs, XDP_TX; fed reply_via_ingress's frame. floor_tc_nat (tc_established's, over floor_tc_run): parse, one LRU lookup of the flow (a hit), the destination address and port written with the IPv4 checksum updated in the program and the TCP checksum through bpf_l4_csum_replace twice (the pseudo-header's part and the port's: a partial checksum takes only the first, and the program cannot tell which kind the buffer carries), the link's MACs, bpf_redirect_peer. A goal below its floor cannot be met by the path's own code.",
             "Targets are overheads over the floors in the same run; a missed target is reported, not enforced.",
         ],
     })

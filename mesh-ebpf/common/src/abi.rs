@@ -229,22 +229,43 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 /// lookup in `MAP_FLOOR`, one that does a new flow's conntrack work in
 /// `MAP_FLOOR_CT` and `MAP_FLOOR_CT_NEW` and nothing else, and a TC one
 /// that does what an established flow's DNAT at TC needs from the kernel
-/// (its flows in `MAP_FLOOR_NAT`).
+/// (its flows in `MAP_FLOOR_NAT`), and one that does what a packet another
+/// node forwarded to a local task needs at XDP (`MAP_FLOOR_NODE`,
+/// `MAP_FLOOR_LOCAL`, `MAP_FLOOR_FWD`), and what a reply another node
+/// carried back needs (`MAP_FLOOR_NODE`, `MAP_FLOOR_CT_NEW`,
+/// `MAP_FLOOR_ROUTE`).
 pub const PROG_FLOOR_PASS: &str = "floor_pass";
 pub const PROG_FLOOR_LOOKUP: &str = "floor_lookup";
 pub const PROG_FLOOR_TRACK: &str = "floor_track";
 pub const PROG_FLOOR_TC_NAT: &str = "floor_tc_nat";
+pub const PROG_FLOOR_DECAP: &str = "floor_decap";
+pub const PROG_FLOOR_REPLY: &str = "floor_reply";
 pub const MAP_FLOOR: &str = "MESH_FLOOR";
 pub const MAP_FLOOR_CT: &str = "MESH_FLOOR_CT";
 pub const MAP_FLOOR_CT_NEW: &str = "MESH_FLOOR_CTNEW";
 pub const MAP_FLOOR_NAT: &str = "MESH_FLOOR_NAT";
+pub const MAP_FLOOR_NODE: &str = "MESH_FLOOR_NODE";
+pub const MAP_FLOOR_LOCAL: &str = "MESH_FLOOR_LOCAL";
+pub const MAP_FLOOR_FWD: &str = "MESH_FLOOR_FWD";
+pub const MAP_FLOOR_ROUTE: &str = "MESH_FLOOR_ROUTE";
 pub const FLOOR_PROG_NAMES: &[&str] = &[
     PROG_FLOOR_PASS,
     PROG_FLOOR_LOOKUP,
     PROG_FLOOR_TRACK,
     PROG_FLOOR_TC_NAT,
+    PROG_FLOOR_DECAP,
+    PROG_FLOOR_REPLY,
 ];
-pub const FLOOR_MAP_NAMES: &[&str] = &[MAP_FLOOR, MAP_FLOOR_CT, MAP_FLOOR_CT_NEW, MAP_FLOOR_NAT];
+pub const FLOOR_MAP_NAMES: &[&str] = &[
+    MAP_FLOOR,
+    MAP_FLOOR_CT,
+    MAP_FLOOR_CT_NEW,
+    MAP_FLOOR_NAT,
+    MAP_FLOOR_NODE,
+    MAP_FLOOR_LOCAL,
+    MAP_FLOOR_FWD,
+    MAP_FLOOR_ROUTE,
+];
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;

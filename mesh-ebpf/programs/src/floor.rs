@@ -4,7 +4,11 @@
 //! floor of a tracked new flow: what its conntrack work costs in the
 //! kernel's maps alone (`floor_track`); and the floor of a TC intercept's
 //! established flow: what a DNAT with the socket buffer's checksum
-//! helpers and the hand-over into a task cost alone (`floor_tc_nat`).
+//! helpers and the hand-over into a task cost alone (`floor_tc_nat`); and
+//! the floor of a packet another node forwarded to a task here: its
+//! lookups and the helpers that strip it and hand it on (`floor_decap`);
+//! and the floor of a task's reply another node carried back to this one
+//! (`floor_reply`).
 //!
 //! Their own object (`mesh-floor`), not part of the dataplane: meshd never
 //! loads them; the benchmark and the tests do (`mesh_tests::fixtures::Floors`).
@@ -12,11 +16,16 @@
 #![no_main]
 
 use aya_ebpf::bindings::{BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action};
-use aya_ebpf::helpers::{bpf_l4_csum_replace, bpf_redirect_peer};
+use aya_ebpf::helpers::{
+    bpf_l4_csum_replace, bpf_redirect_peer, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+};
 use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::{TcContext, XdpContext};
-use mesh_common::abi::{CtValue, FlowKey4};
+use mesh_common::abi::{
+    CtValue, ENCAP_LEN, ETH_P_IP, FlowKey4, FwdValue, ReplyKey4, RouteKey4, RouteValue4,
+    XDP_META_MAGIC, XdpMeta,
+};
 use mesh_common::csum::{self, Delta};
 use mesh_common::parse::{ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT};
 use mesh_common::parse;
@@ -164,6 +173,178 @@ pub fn floor_tc_nat(ctx: TcContext) -> i32 {
     eth.set::<u32>(8, v[6]);
     // SAFETY: helper call.
     unsafe { bpf_redirect_peer(v[2], 0) as i32 }
+}
+
+/// `floor_decap`'s tables: the nodes by address, the local tasks by
+/// identity (their slot), the flows other nodes forwarded here.
+#[map(name = "MESH_FLOOR_NODE")]
+static FLOOR_NODE: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+#[map(name = "MESH_FLOOR_LOCAL")]
+static FLOOR_LOCAL: HashMap<ReplyKey4, u32> = HashMap::with_max_entries(65536, 0);
+#[map(name = "MESH_FLOOR_FWD")]
+static FLOOR_FWD: LruHashMap<FlowKey4, FwdValue> = LruHashMap::with_max_entries(65536, 0);
+
+/// What a packet another node forwarded to a task of this node needs
+/// from the kernel at XDP, and nothing else: the outer headers parsed,
+/// the sender looked up among the nodes, the outer headers stripped
+/// (`bpf_xdp_adjust_head`, the Ethernet addresses kept), the inner
+/// headers parsed, the task looked up by identity and the flow's record
+/// by its key, and the metadata that names the task for TC
+/// (`bpf_xdp_adjust_meta`). XDP_PASS with the metadata; without it when
+/// a lookup misses.
+#[xdp]
+pub fn floor_decap(ctx: XdpContext) -> u32 {
+    // SAFETY: data..data_end is the packet.
+    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
+    let Some(ip) = parse::ipv4(&pkt) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: only presence is read.
+    if unsafe { FLOOR_NODE.get(&ip.saddr) }.is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(macs) = pkt.load::<[u32; 3]>(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: as above, after the helper moved the packet's start.
+    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
+    let Some(eth) = pkt.view::<ETH_HLEN>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    eth.set(0, macs);
+    eth.set::<u16>(12, ETH_P_IP.to_be());
+    let Some(ip) = parse::ipv4(&pkt) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
+        return xdp_action::XDP_DROP;
+    };
+    let task = ReplyKey4 {
+        addr: ip.daddr,
+        port_be: dport,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    // SAFETY: copied at once.
+    let Some(slot) = (unsafe { FLOOR_LOCAL.get(&task) }).copied() else {
+        return xdp_action::XDP_DROP;
+    };
+    let flow = FlowKey4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport_be: sport,
+        dport_be: dport,
+        proto: ip.proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    // SAFETY: only presence is read.
+    if unsafe { FLOOR_FWD.get(&flow) }.is_none() {
+        return xdp_action::XDP_DROP;
+    }
+    let len = core::mem::size_of::<XdpMeta>();
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(len as i32)) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + len > data {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: bounds checked against data just above.
+    unsafe {
+        core::ptr::write_unaligned(
+            meta as *mut XdpMeta,
+            XdpMeta {
+                magic: XDP_META_MAGIC,
+                backend_id: slot,
+            },
+        );
+    }
+    xdp_action::XDP_PASS
+}
+
+/// `floor_reply`'s route cache.
+#[map(name = "MESH_FLOOR_ROUTE")]
+static FLOOR_ROUTE: LruHashMap<RouteKey4, RouteValue4> = LruHashMap::with_max_entries(4096, 0);
+
+/// What a task's reply another node carried back needs from the kernel
+/// at XDP, and nothing else: the outer headers parsed, the sender looked
+/// up among the nodes (`MESH_FLOOR_NODE`), the outer headers stripped
+/// (the Ethernet addresses kept), the inner headers parsed, the flow
+/// looked up among the unconfirmed ones (`MESH_FLOOR_CTNEW`: a reply may
+/// confirm its flow; a miss here), the route to the client in the route
+/// cache, its Ethernet addresses written, XDP_TX. XDP_PASS untouched when
+/// the node lookup misses, XDP_DROP when the route's does.
+#[xdp]
+pub fn floor_reply(ctx: XdpContext) -> u32 {
+    // SAFETY: data..data_end is the packet.
+    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
+    let Some(ip) = parse::ipv4(&pkt) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: only presence is read.
+    if unsafe { FLOOR_NODE.get(&ip.saddr) }.is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(macs) = pkt.load::<[u32; 3]>(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: as above, after the helper moved the packet's start.
+    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
+    let Some(eth) = pkt.view::<ETH_HLEN>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    eth.set(0, macs);
+    eth.set::<u16>(12, ETH_P_IP.to_be());
+    let Some(ip) = parse::ipv4(&pkt) else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
+        return xdp_action::XDP_DROP;
+    };
+    let flow = FlowKey4 {
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+        sport_be: dport,
+        dport_be: sport,
+        proto: ip.proto,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    // SAFETY: only presence is read.
+    if unsafe { FLOOR_CT_NEW.get(&flow) }.is_some() {
+        return xdp_action::XDP_DROP;
+    }
+    // 8-aligned, as the dataplane's route key.
+    #[repr(C, align(8))]
+    struct Key(RouteKey4);
+    let key = Key(RouteKey4 {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        // SAFETY: context field read.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+    });
+    // SAFETY: copied at once.
+    let Some(r) = (unsafe { FLOOR_ROUTE.get(&key.0) }).copied() else {
+        return xdp_action::XDP_DROP;
+    };
+    let Some(eth) = pkt.view::<12>(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    eth.set(0, r.dmac_hi);
+    eth.set(4, r.dmac_lo);
+    eth.set(6, r.smac_hi);
+    eth.set(10, r.smac_lo);
+    xdp_action::XDP_TX
 }
 
 #[cfg(not(test))]
