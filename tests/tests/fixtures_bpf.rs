@@ -206,6 +206,20 @@ fn root_the_floor_programs_are_their_own_object() {
     // leaves with the metadata that names the task, once the node, the
     // task and the flow are known; before that it passes untouched.
     assert!(bpf.dp.ebpf().program(PROG_FLOOR_DECAP).is_none());
+    // `inner` as node `from` sends it to this one.
+    let encap = |from, kind, inner: &Spec| {
+        EncapSpec {
+            from,
+            to: NODE,
+            sport: 0xc123,
+            dport: DEFAULT_ENCAP_PORT,
+            version: ENCAP_VERSION,
+            kind,
+            flags: 0,
+            orig: (NODE, WEB_TCP),
+        }
+        .build(inner)
+    };
     let other = Ipv4Addr::new(198, 18, 0, 2);
     let client = SocketAddrV4::new(CLIENT, 40004);
     let inner = Spec::tcp(
@@ -215,17 +229,7 @@ fn root_the_floor_programs_are_their_own_object() {
         task.port(),
         TCP_ACK,
     );
-    let frame = EncapSpec {
-        from: other,
-        to: NODE,
-        sport: 0xc123,
-        dport: DEFAULT_ENCAP_PORT,
-        version: ENCAP_VERSION,
-        kind: ENCAP_K_REQUEST,
-        flags: 0,
-        orig: (NODE, WEB_TCP),
-    }
-    .build(&inner);
+    let frame = encap(other, ENCAP_K_REQUEST, &inner);
     let r = floors.run_xdp(PROG_FLOOR_DECAP, &frame).unwrap();
     assert_eq!((r.ret, &r.output, r.meta.len()), (XDP_PASS, &frame, 0));
     floors.decap(other, task, client).unwrap();
@@ -239,17 +243,7 @@ fn root_the_floor_programs_are_their_own_object() {
     assert!(bpf.dp.ebpf().program(PROG_FLOOR_REPLY).is_none());
     let far = Ipv4Addr::new(198, 18, 0, 3);
     let inner = Spec::tcp(NODE, WEB_TCP, CLIENT, 40005, TCP_ACK);
-    let frame = EncapSpec {
-        from: far,
-        to: NODE,
-        sport: 0xc124,
-        dport: DEFAULT_ENCAP_PORT,
-        version: ENCAP_VERSION,
-        kind: ENCAP_K_REPLY,
-        flags: 0,
-        orig: (NODE, WEB_TCP),
-    }
-    .build(&inner);
+    let frame = encap(far, ENCAP_K_REPLY, &inner);
     let r = floors.run_xdp(PROG_FLOOR_REPLY, &frame).unwrap();
     assert_eq!((r.ret, &r.output), (XDP_PASS, &frame), "from no node");
     // A floor's test run arrives on the loopback (no ingress device given).

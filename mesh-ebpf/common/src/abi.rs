@@ -815,6 +815,23 @@ pub struct FlowKey4 {
 }
 const _: () = assert!(size_of::<FlowKey4>() == 16);
 
+impl FlowKey4 {
+    /// The flow from `saddr`:`sport_be` to `daddr`:`dport_be` (raw,
+    /// network order) of protocol `proto`.
+    #[inline(always)]
+    pub const fn new(saddr: u32, daddr: u32, sport_be: u16, dport_be: u16, proto: u8) -> Self {
+        Self {
+            saddr,
+            daddr,
+            sport_be,
+            dport_be,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+}
+
 /// Conntrack value: which backend a client flow is pinned to, for which
 /// service, and how alive the flow is. 8-aligned (the same bytes as at
 /// 4): the programs copy it with four 8-byte loads and stores, where at 4

@@ -28,7 +28,7 @@ use mesh_common::abi::{
 };
 use mesh_common::csum::{self, Delta};
 use mesh_common::parse::{ETH_HLEN, IP_CSUM, IP_DADDR, IP_HLEN_MIN, L4_DPORT};
-use mesh_common::parse;
+use mesh_common::parse::{self, Ip4};
 use mesh_common::pkt::Pkt;
 
 #[map(name = "MESH_FLOOR")]
@@ -77,15 +77,7 @@ pub fn floor_track(ctx: XdpContext) -> u32 {
     let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
         return xdp_action::XDP_PASS;
     };
-    let key = FlowKey4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport_be: sport,
-        dport_be: dport,
-        proto: ip.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = FlowKey4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
     // SAFETY: only presence is read.
     if unsafe { FLOOR_CT.get(&key).is_some() || FLOOR_CT_NEW.get(&key).is_some() } {
         return xdp_action::XDP_PASS;
@@ -125,15 +117,7 @@ pub fn floor_tc_nat(ctx: TcContext) -> i32 {
     let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
         return TC_ACT_UNSPEC;
     };
-    let key = FlowKey4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport_be: sport,
-        dport_be: dport,
-        proto: ip.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = FlowKey4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
     // SAFETY: copied at once.
     let Some(v) = (unsafe { FLOOR_NAT.get(&key) }).copied() else {
         return TC_ACT_UNSPEC;
@@ -184,6 +168,36 @@ static FLOOR_LOCAL: HashMap<ReplyKey4, u32> = HashMap::with_max_entries(65536, 0
 #[map(name = "MESH_FLOOR_FWD")]
 static FLOOR_FWD: LruHashMap<FlowKey4, FwdValue> = LruHashMap::with_max_entries(65536, 0);
 
+/// The part `floor_decap` and `floor_reply` share: the outer headers
+/// parsed, the sender looked up among the nodes, the outer headers
+/// stripped (`bpf_xdp_adjust_head`, the Ethernet addresses kept), the
+/// inner headers parsed: the inner packet, its IPv4 header and ports.
+/// `Err`: the action to return (XDP_PASS untouched when the sender is no
+/// node, XDP_DROP when the strip went wrong).
+#[inline(always)]
+fn strip_from_node(ctx: &XdpContext) -> Result<(Pkt, Ip4, u16, u16), u32> {
+    // SAFETY: data..data_end is the packet.
+    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
+    let ip = parse::ipv4(&pkt).ok_or(xdp_action::XDP_PASS)?;
+    // SAFETY: only presence is read.
+    if unsafe { FLOOR_NODE.get(&ip.saddr) }.is_none() {
+        return Err(xdp_action::XDP_PASS);
+    }
+    let macs = pkt.load::<[u32; 3]>(0).ok_or(xdp_action::XDP_PASS)?;
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
+        return Err(xdp_action::XDP_DROP);
+    }
+    // SAFETY: as above, after the helper moved the packet's start.
+    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
+    let eth = pkt.view::<ETH_HLEN>(0).ok_or(xdp_action::XDP_DROP)?;
+    eth.set(0, macs);
+    eth.set::<u16>(12, ETH_P_IP.to_be());
+    let ip = parse::ipv4(&pkt).ok_or(xdp_action::XDP_DROP)?;
+    let (sport, dport) = parse::ports(&pkt, &ip).ok_or(xdp_action::XDP_DROP)?;
+    Ok((pkt, ip, sport, dport))
+}
+
 /// What a packet another node forwarded to a task of this node needs
 /// from the kernel at XDP, and nothing else: the outer headers parsed,
 /// the sender looked up among the nodes, the outer headers stripped
@@ -194,34 +208,9 @@ static FLOOR_FWD: LruHashMap<FlowKey4, FwdValue> = LruHashMap::with_max_entries(
 /// a lookup misses.
 #[xdp]
 pub fn floor_decap(ctx: XdpContext) -> u32 {
-    // SAFETY: data..data_end is the packet.
-    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: only presence is read.
-    if unsafe { FLOOR_NODE.get(&ip.saddr) }.is_none() {
-        return xdp_action::XDP_PASS;
-    }
-    let Some(macs) = pkt.load::<[u32; 3]>(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: plain helper call on our own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
-        return xdp_action::XDP_DROP;
-    }
-    // SAFETY: as above, after the helper moved the packet's start.
-    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    let Some(eth) = pkt.view::<ETH_HLEN>(0) else {
-        return xdp_action::XDP_DROP;
-    };
-    eth.set(0, macs);
-    eth.set::<u16>(12, ETH_P_IP.to_be());
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return xdp_action::XDP_DROP;
-    };
-    let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
-        return xdp_action::XDP_DROP;
+    let (_, ip, sport, dport) = match strip_from_node(&ctx) {
+        Ok(inner) => inner,
+        Err(action) => return action,
     };
     let task = ReplyKey4 {
         addr: ip.daddr,
@@ -233,15 +222,7 @@ pub fn floor_decap(ctx: XdpContext) -> u32 {
     let Some(slot) = (unsafe { FLOOR_LOCAL.get(&task) }).copied() else {
         return xdp_action::XDP_DROP;
     };
-    let flow = FlowKey4 {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport_be: sport,
-        dport_be: dport,
-        proto: ip.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let flow = FlowKey4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
     // SAFETY: only presence is read.
     if unsafe { FLOOR_FWD.get(&flow) }.is_none() {
         return xdp_action::XDP_DROP;
@@ -282,44 +263,11 @@ static FLOOR_ROUTE: LruHashMap<RouteKey4, RouteValue4> = LruHashMap::with_max_en
 /// the node lookup misses, XDP_DROP when the route's does.
 #[xdp]
 pub fn floor_reply(ctx: XdpContext) -> u32 {
-    // SAFETY: data..data_end is the packet.
-    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return xdp_action::XDP_PASS;
+    let (pkt, ip, sport, dport) = match strip_from_node(&ctx) {
+        Ok(inner) => inner,
+        Err(action) => return action,
     };
-    // SAFETY: only presence is read.
-    if unsafe { FLOOR_NODE.get(&ip.saddr) }.is_none() {
-        return xdp_action::XDP_PASS;
-    }
-    let Some(macs) = pkt.load::<[u32; 3]>(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: plain helper call on our own context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
-        return xdp_action::XDP_DROP;
-    }
-    // SAFETY: as above, after the helper moved the packet's start.
-    let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    let Some(eth) = pkt.view::<ETH_HLEN>(0) else {
-        return xdp_action::XDP_DROP;
-    };
-    eth.set(0, macs);
-    eth.set::<u16>(12, ETH_P_IP.to_be());
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return xdp_action::XDP_DROP;
-    };
-    let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
-        return xdp_action::XDP_DROP;
-    };
-    let flow = FlowKey4 {
-        saddr: ip.daddr,
-        daddr: ip.saddr,
-        sport_be: dport,
-        dport_be: sport,
-        proto: ip.proto,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let flow = FlowKey4::new(ip.daddr, ip.saddr, dport, sport, ip.proto);
     // SAFETY: only presence is read.
     if unsafe { FLOOR_CT_NEW.get(&flow) }.is_some() {
         return xdp_action::XDP_DROP;
