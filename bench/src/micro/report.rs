@@ -282,30 +282,26 @@ const XDP_TARGETS: &[(&str, f64)] = &[
 ];
 
 /// Paths beside the floor of the kernel's work they need: (case, floor
-/// case, the path's goal in ns over floor_pass, what the floor does).
-pub const DESIGN_FLOORS: &[(&str, &str, f64, &str)] = &[
+/// case, what the floor does). The goal is the path's (`PATHS`).
+pub const DESIGN_FLOORS: &[(&str, &str, &str)] = &[
     (
         "new_flow",
         "floor_track",
-        500.0,
         "parse, a lookup in each conntrack table (both miss) and one LRU insert, nothing else",
     ),
     (
         "tc_established",
         "floor_tc_nat",
-        150.0,
         "parse, one lookup of the flow, the destination rewritten with the skb checksum helpers, the link's MACs and bpf_redirect_peer, nothing else",
     ),
     (
         "decap_local",
         "floor_decap",
-        150.0,
         "parse, the node lookup, the strip, the task's identity and the flow record's lookups, the metadata, nothing else; without the TC program after it",
     ),
     (
         "reply_via_ingress",
         "floor_reply",
-        150.0,
         "parse, the node lookup, the strip, the unconfirmed table's and the route cache's lookups, the MACs, XDP_TX, nothing else",
     ),
 ];
@@ -589,7 +585,8 @@ pub fn report(i: &Input) -> Value {
     let mut floors_json = Vec::new();
     let design: Vec<_> = DESIGN_FLOORS
         .iter()
-        .filter_map(|&(case, floor, goal, does)| {
+        .filter_map(|&(case, floor, does)| {
+            let goal = PATHS.iter().find(|p| p.run == Some(case))?.goal?.0;
             Some((case, floor, goal, does, own(case)?, own(floor)?))
         })
         .collect();
