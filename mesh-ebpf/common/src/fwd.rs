@@ -54,6 +54,10 @@ use crate::pkt::Pkt;
 /// implementations write through `&self` as BPF maps are written).
 pub trait Tables {
     fn service(&self, key: &SvcKey) -> Option<SvcValue>;
+    /// Whether a service publishes `key`'s port (without reading it).
+    fn published(&self, key: &SvcKey) -> bool {
+        self.service(key).is_some()
+    }
     /// Whether a source-range of service `svc_id`'s allow list holds
     /// `saddr` (raw).
     fn source_allowed(&self, svc_id: u32, saddr: u32) -> bool;
@@ -175,6 +179,48 @@ pub enum Verdict {
     /// started (its client is an address of this node): into the node's
     /// own stack.
     Host,
+}
+
+/// Whether `pkt` may be the forward path's to judge, from the bytes it
+/// can read alone (`pkt`'s readable part): `false` only for what
+/// [`process`] passes untouched whatever the tables hold besides the
+/// published ports: a frame that is not IPv4, another protocol than
+/// TCP, UDP or ICMP, a later fragment, a TCP or UDP datagram to a port no
+/// service publishes (and, for UDP, not the encapsulation port). What
+/// cannot be read here takes the whole path. For an intercept that sees
+/// the node's other traffic too: it leaves before anything else is read.
+#[inline(always)]
+pub fn may_be_mesh<T: Tables>(pkt: &Pkt, t: &T) -> bool {
+    let Some(h) = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0) else {
+        return true;
+    };
+    if h.get::<u16>(parse::ETH_TYPE) != crate::abi::ETH_P_IP.to_be() {
+        return false;
+    }
+    let vihl: u8 = h.get(ETH_HLEN + parse::IP_VER_IHL);
+    let proto: u8 = h.get(ETH_HLEN + parse::IP_PROTO);
+    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+        return false;
+    }
+    if proto == IPPROTO_ICMP {
+        return true;
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return false;
+    }
+    if u16::from_be(h.get::<u16>(ETH_HLEN + parse::IP_FRAG)) & 0x1fff != 0 {
+        return false;
+    }
+    let l4_off = ETH_HLEN + (vihl & 0x0f) as usize * 4;
+    let Some(dport) = pkt.load::<u16>(l4_off + L4_DPORT) else {
+        return true;
+    };
+    let key = SvcKey {
+        port_be: dport,
+        proto,
+        _pad: 0,
+    };
+    t.published(&key) || (proto == IPPROTO_UDP && dport == t.config().encap_port_be)
 }
 
 /// Runs the forward path on `pkt`, rewriting it in place when the verdict

@@ -900,3 +900,86 @@ fn replies_from_another_port_are_refused() {
             .is_some()
     );
 }
+
+/// The intercept's early exit (`fwd::may_be_mesh`, read from the bytes
+/// directly readable alone): whatever it lets go, the whole path would
+/// have passed untouched; what the mesh serves it never lets go.
+#[test]
+fn what_may_be_mesh_lets_go_the_forward_path_passes() {
+    use mesh_common::testing::frame::{EncapSpec, IcmpErrSpec};
+    let mut w = world(IPPROTO_TCP, 3);
+    w.add_backend(9, BE_F_LOCAL);
+    w.publish(IPPROTO_UDP, &[9]);
+    let may = |f: &mut [u8]| fwd::may_be_mesh(&Pkt::from_slice(f), &w.maps);
+    let client = [198, 19, 113, 1];
+
+    // What it keeps: the published ports, the encapsulation port, ICMP.
+    let kept = [
+        Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).build(),
+        Spec::udp(client, 1, NODE, PUBLISHED, b"q").build(),
+        Spec::tcp(client, 1, [198, 18, 0, 3], PUBLISHED, TCP_ACK).build(),
+        EncapSpec {
+            from: OTHER_NODE_ADDR,
+            to: NODE,
+            sport: 0xc123,
+            dport: DEFAULT_ENCAP_PORT,
+            version: ENCAP_VERSION,
+            kind: ENCAP_K_REQUEST,
+            flags: 0,
+            orig: (NODE, PUBLISHED),
+        }
+        .build(&Spec::tcp(client, 1, be_addr(1), TARGET, TCP_ACK)),
+        IcmpErrSpec::frag_needed(
+            Ipv4Addr::new(198, 19, 0, 9),
+            NODE,
+            1400,
+            Spec::tcp(NODE, PUBLISHED, client, 1, TCP_ACK),
+        )
+        .build(),
+    ];
+    for mut f in kept {
+        assert!(may(&mut f), "{:02x?}", &f[..f.len().min(64)]);
+    }
+    // A frame too short to tell takes the whole path.
+    let mut cut = Spec::tcp(client, 1, NODE, PUBLISHED + 1, TCP_ACK).build();
+    assert!(may(&mut cut[..30]));
+
+    // What it lets go, the whole path passes: other ports, other
+    // protocols, later fragments, not IPv4, random frames of every kind.
+    let mut frames = vec![
+        Spec::tcp(client, 1, NODE, PUBLISHED + 1, TCP_ACK).build(),
+        Spec::udp(client, 1, NODE, 53, b"q").build(),
+        Spec::new(47, client, 0, NODE, 0)
+            .payload(vec![0; 64])
+            .build(),
+        Spec {
+            frag: 0x0010,
+            ..Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK)
+        }
+        .build(),
+    ];
+    let mut v6 = Spec::tcp(client, 1, NODE, PUBLISHED, TCP_ACK).build();
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    frames.push(v6);
+    let mut rng = Rng::new(11);
+    for _ in 0..20000 {
+        let mut s = Spec::random(&mut rng);
+        if rng.bool() {
+            s.daddr = NODE;
+        }
+        if rng.below(4) == 0 {
+            s.dport = PUBLISHED;
+        }
+        frames.push(s.build());
+    }
+    let mut let_go = 0;
+    for mut f in frames {
+        if !may(&mut f) {
+            let_go += 1;
+            let before = f.clone();
+            assert_eq!(w.process(&mut f), Verdict::Pass, "{before:02x?}");
+            assert_eq!(f, before, "let go, and written");
+        }
+    }
+    assert!(let_go > 10000, "only {let_go} frames let go");
+}

@@ -197,6 +197,14 @@ pub fn now() -> u32 {
     }
 }
 
+/// The service slot (from 1) `key`'s port is published as, if any.
+#[inline(always)]
+fn port_slot(key: &SvcKey) -> Option<u32> {
+    let i = port_index(key.proto, key.port_be)?;
+    let slot = PORTS.get(i >> 1)?[(i & 1) as usize];
+    if slot == 0 { None } else { Some(slot) }
+}
+
 #[inline(always)]
 pub fn config() -> NodeConfig {
     CONFIG.get(0).copied().unwrap_or_default()
@@ -305,12 +313,13 @@ impl<const SKB: bool> Tables for Maps<SKB> {
 
     #[inline(always)]
     fn service(&self, key: &SvcKey) -> Option<SvcValue> {
-        let i = port_index(key.proto, key.port_be)?;
-        let slot = PORTS.get(i >> 1)?[(i & 1) as usize];
-        if slot == 0 {
-            return None;
-        }
+        let slot = port_slot(key)?;
         SERVICES.get(slot - 1).copied()
+    }
+
+    #[inline(always)]
+    fn published(&self, key: &SvcKey) -> bool {
+        port_slot(key).is_some()
     }
 
     #[inline(always)]

@@ -50,11 +50,17 @@ const HEADERS: u32 = 128;
 #[classifier]
 #[inline(always)]
 pub fn mesh_tc_ingress(ctx: TcContext) -> i32 {
-    let Some(pkt) = skb::headers(&ctx, HEADERS) else {
-        return TC_ACT_UNSPEC;
-    };
     let maps = Maps::<true> {
         ctx: ctx.skb.skb as *mut _,
+    };
+    // The node's other traffic leaves here, judged from the linear part
+    // before the buffer's length and segment fields are read or anything
+    // is pulled.
+    if !fwd::may_be_mesh(&skb::reread(&ctx), &maps) {
+        return TC_ACT_UNSPEC;
+    }
+    let Some(pkt) = skb::headers(&ctx, HEADERS) else {
+        return TC_ACT_UNSPEC;
     };
     match fwd::process(&pkt, &maps) {
         Verdict::Pass => TC_ACT_UNSPEC,
