@@ -191,28 +191,21 @@ pub enum Verdict {
 /// the node's other traffic too: it leaves before anything else is read.
 #[inline(always)]
 pub fn may_be_mesh<T: Tables>(pkt: &Pkt, t: &T) -> bool {
-    let Some(h) = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0) else {
+    let h = parse::head(pkt);
+    if !h.readable {
         return true;
-    };
-    if h.get::<u16>(parse::ETH_TYPE) != crate::abi::ETH_P_IP.to_be() {
-        return false;
     }
-    let vihl: u8 = h.get(ETH_HLEN + parse::IP_VER_IHL);
-    let proto: u8 = h.get(ETH_HLEN + parse::IP_PROTO);
-    if vihl >> 4 != 4 || vihl & 0x0f < 5 {
+    let proto = h.proto;
+    if !h.ipv4 {
         return false;
     }
     if proto == IPPROTO_ICMP {
         return true;
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP || h.later_fragment {
         return false;
     }
-    if u16::from_be(h.get::<u16>(ETH_HLEN + parse::IP_FRAG)) & 0x1fff != 0 {
-        return false;
-    }
-    let l4_off = ETH_HLEN + (vihl & 0x0f) as usize * 4;
-    let Some(dport) = pkt.load::<u16>(l4_off + L4_DPORT) else {
+    let Some(dport) = pkt.load::<u16>(h.l4_off + L4_DPORT) else {
         return true;
     };
     let key = SvcKey {

@@ -161,6 +161,44 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
     Ok(())
 }
 
+/// What the readable start of a frame says before any parse: whether its
+/// Ethernet and fixed IPv4 header could be read, whether it is IPv4 with
+/// a valid header length, and then where its L4 header starts, its
+/// protocol and whether it is a later fragment. Every field is defined
+/// whatever the frame (the verifier refuses to read a value left
+/// undefined on one path of a join).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub readable: bool,
+    pub ipv4: bool,
+    pub l4_off: usize,
+    pub proto: u8,
+    pub later_fragment: bool,
+}
+
+/// The [`Head`] of `pkt`, from its readable part alone.
+#[inline(always)]
+pub fn head(pkt: &Pkt) -> Head {
+    let Some(h) = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0) else {
+        return Head {
+            readable: false,
+            ipv4: false,
+            l4_off: 0,
+            proto: 0,
+            later_fragment: false,
+        };
+    };
+    let vihl: u8 = h.get(ETH_HLEN + IP_VER_IHL);
+    let ihl = (vihl & 0x0f) as usize;
+    Head {
+        readable: true,
+        ipv4: h.get::<u16>(ETH_TYPE) == ETH_P_IP.to_be() && vihl >> 4 == 4 && ihl >= 5,
+        l4_off: ETH_HLEN + ihl * 4,
+        proto: h.get(ETH_HLEN + IP_PROTO),
+        later_fragment: u16::from_be(h.get::<u16>(ETH_HLEN + IP_FRAG)) & 0x1fff != 0,
+    }
+}
+
 /// How many of a frame's first bytes the forward path needs readable to
 /// judge it, and to rewrite it when it is the mesh's: `pkt` is what is
 /// readable (a socket buffer's linear part; its `wire_len` the whole
@@ -176,19 +214,14 @@ pub fn check_l4(pkt: &Pkt, ip: &Ip4) -> Result<(), L4Error> {
 /// such buffer, the mesh's or not.
 #[inline(always)]
 pub fn readable_needed(pkt: &Pkt, all: usize, encap_port_be: u16) -> usize {
-    let Some(h) = pkt.view::<{ ETH_HLEN + IP_HLEN_MIN }>(0) else {
+    let h = head(pkt);
+    if !h.readable {
         return all;
-    };
-    if h.get::<u16>(ETH_TYPE) != ETH_P_IP.to_be() {
+    }
+    if !h.ipv4 {
         return 0;
     }
-    let vihl: u8 = h.get(ETH_HLEN + IP_VER_IHL);
-    let ihl = (vihl & 0x0f) as usize;
-    if vihl >> 4 != 4 || ihl < 5 {
-        return 0;
-    }
-    let l4_off = ETH_HLEN + ihl * 4;
-    let proto: u8 = h.get(ETH_HLEN + IP_PROTO);
+    let (l4_off, proto) = (h.l4_off, h.proto);
     let need = if proto == IPPROTO_TCP {
         match pkt.load::<u8>(l4_off + TCP_DOFF) {
             Some(d) if (d >> 4) as usize >= 5 => l4_off + (d >> 4) as usize * 4,
