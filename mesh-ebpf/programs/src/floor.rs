@@ -43,10 +43,7 @@ pub fn floor_pass(_ctx: XdpContext) -> u32 {
 pub fn floor_lookup(ctx: XdpContext) -> u32 {
     // SAFETY: data..data_end is the packet.
     let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return xdp_action::XDP_PASS;
-    };
-    let Some((_, dport)) = parse::ports(&pkt, &ip) else {
+    let Some((_, _, dport)) = flow_of(&pkt) else {
         return xdp_action::XDP_PASS;
     };
     match FLOOR.get_ptr(dport as u32) {
@@ -71,10 +68,7 @@ static FLOOR_CT_NEW: LruHashMap<FlowKey4, CtValue> = LruHashMap::with_max_entrie
 pub fn floor_track(ctx: XdpContext) -> u32 {
     // SAFETY: data..data_end is the packet.
     let pkt = unsafe { Pkt::new(ctx.data(), ctx.data_end()) };
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return xdp_action::XDP_PASS;
-    };
-    let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
+    let Some((ip, sport, dport)) = flow_of(&pkt) else {
         return xdp_action::XDP_PASS;
     };
     let key = FlowKey4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
@@ -111,10 +105,7 @@ pub fn floor_tc_nat(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
     // SAFETY: context field reads; data..data_end is the linear part.
     let pkt = unsafe { Pkt::new((*skb).data as usize, (*skb).data_end as usize) };
-    let Some(ip) = parse::ipv4(&pkt) else {
-        return TC_ACT_UNSPEC;
-    };
-    let Some((sport, dport)) = parse::ports(&pkt, &ip) else {
+    let Some((ip, sport, dport)) = flow_of(&pkt) else {
         return TC_ACT_UNSPEC;
     };
     let key = FlowKey4::new(ip.saddr, ip.daddr, sport, dport, ip.proto);
@@ -193,9 +184,17 @@ fn strip_from_node(ctx: &XdpContext) -> Result<(Pkt, Ip4, u16, u16), u32> {
     let eth = pkt.view::<ETH_HLEN>(0).ok_or(xdp_action::XDP_DROP)?;
     eth.set(0, macs);
     eth.set::<u16>(12, ETH_P_IP.to_be());
-    let ip = parse::ipv4(&pkt).ok_or(xdp_action::XDP_DROP)?;
-    let (sport, dport) = parse::ports(&pkt, &ip).ok_or(xdp_action::XDP_DROP)?;
+    let (ip, sport, dport) = flow_of(&pkt).ok_or(xdp_action::XDP_DROP)?;
     Ok((pkt, ip, sport, dport))
+}
+
+/// A TCP or UDP frame's IPv4 header and ports (raw), as every floor
+/// parses it.
+#[inline(always)]
+fn flow_of(pkt: &Pkt) -> Option<(Ip4, u16, u16)> {
+    let ip = parse::ipv4(pkt)?;
+    let (sport, dport) = parse::ports(pkt, &ip)?;
+    Some((ip, sport, dport))
 }
 
 /// What a packet another node forwarded to a task of this node needs
