@@ -125,8 +125,9 @@ pub fn segs(ctx: &TcContext) -> u32 {
     if s == 0 { 1 } else { s }
 }
 
-/// The packet's bytes after a helper moved or rewrote them (every earlier
-/// packet pointer is invalid then).
+/// The packet's linear part as it is now: the bytes directly readable,
+/// read afresh (after a helper moved or rewrote them, every earlier
+/// packet pointer is invalid).
 #[inline(always)]
 pub fn reread(ctx: &TcContext) -> Pkt {
     // SAFETY: context field reads; data..data_end is the linear part.
