@@ -393,14 +393,9 @@ fn link_index(iface: &str) -> Option<u32> {
 /// before anything is written, so a meshd that was killed is not taken
 /// for the host's own settings by the next one.
 pub struct ReservedPorts {
-    /// The setting as meshd found it.
-    original: Option<String>,
+    held: Held,
     /// What meshd wrote last.
     written: Option<String>,
-    /// Where the original is kept while meshd's setting is in force.
-    saved: Option<std::path::PathBuf>,
-    /// Leave the setting in force at exit.
-    keep: bool,
 }
 
 /// The file in the state directory that holds the setting as meshd found
@@ -435,36 +430,94 @@ fn restore_kept(
     Ok(true)
 }
 
-const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// A sysctl meshd holds while its dataplane runs (`ReservedPorts`,
+/// `AcceptLocal`): the setting as found (taken from the state directory
+/// when a previous meshd left its own in force), kept there before meshd
+/// first writes its own, put back when meshd exits unless the dataplane
+/// stays (`keep`), else by `meshd cleanup` (`restore_kept`).
+struct Held {
+    sysctl: &'static str,
+    /// The setting as found (`None`: unreadable).
+    original: Option<String>,
+    /// `original` came from the state directory: a previous meshd's
+    /// setting is in force.
+    inherited: bool,
+    /// Where the original is kept while meshd's setting is in force.
+    saved: std::path::PathBuf,
+    /// Leave the setting in force at exit.
+    keep: bool,
+}
 
-impl ReservedPorts {
-    pub fn new() -> Self {
-        Self {
-            original: std::fs::read_to_string(RESERVED_PORTS)
+impl Held {
+    fn find(sysctl: &'static str, state_dir: &std::path::Path, file: &str) -> Self {
+        let saved = state_dir.join(file);
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
                 .ok()
-                .map(|s| s.trim().to_string()),
-            written: None,
-            saved: None,
+                .map(|s| s.trim().to_string())
+        };
+        let kept = read(&saved);
+        Self {
+            sysctl,
+            inherited: kept.is_some(),
+            original: kept.or_else(|| read(std::path::Path::new(sysctl))),
+            saved,
             keep: false,
         }
     }
 
-    /// As `new`, keeping the original in `state_dir` (and taking it from
+    /// Keeps the original in the state directory, unless it is there.
+    fn save(&self) -> Result<()> {
+        let Some(original) = &self.original else {
+            return Ok(());
+        };
+        if self.saved.exists() {
+            return Ok(());
+        }
+        self.saved
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&self.saved, format!("{original}\n")))
+            .with_context(|| {
+                format!(
+                    "keeping the original {} in {}",
+                    self.sysctl,
+                    self.saved.display()
+                )
+            })
+    }
+
+    /// Puts the original back and drops the kept copy, unless the
+    /// dataplane stays.
+    fn put_back(&self) {
+        if self.keep {
+            return;
+        }
+        // With its newline: writing nothing at all changes nothing.
+        if let Some(original) = &self.original
+            && std::fs::write(self.sysctl, format!("{original}\n")).is_ok()
+        {
+            let _ = std::fs::remove_file(&self.saved);
+        }
+    }
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+impl ReservedPorts {
+    /// The setting as found, to be kept in `state_dir` (or taken from
     /// there when a previous meshd left its own setting in force).
     pub fn kept_in(state_dir: &std::path::Path) -> Self {
-        let p = state_dir.join(RESERVED_PORTS_FILE);
-        let mut r = Self::new();
-        if let Ok(o) = std::fs::read_to_string(&p) {
-            r.original = Some(o.trim().to_string());
+        Self {
+            held: Held::find(RESERVED_PORTS, state_dir, RESERVED_PORTS_FILE),
+            written: None,
         }
-        r.saved = Some(p);
-        r
     }
 
     /// Leaves the setting in force when dropped (the dataplane stays).
     pub fn keep(&mut self) {
-        self.keep = true;
+        self.held.keep = true;
     }
 
     /// Reserves `range` and `ports` (besides what was reserved before
@@ -472,7 +525,7 @@ impl ReservedPorts {
     /// ephemeral range (`ip_local_port_range`), which they are now taken
     /// out of.
     pub fn reserve(&mut self, range: Option<&std::ops::RangeInclusive<u16>>, ports: &[u16]) {
-        let Some(original) = &self.original else {
+        let Some(original) = &self.held.original else {
             return;
         };
         let mut parts: Vec<String> = original
@@ -507,20 +560,9 @@ impl ReservedPorts {
         if self.written.as_deref() == Some(want.as_str()) {
             return;
         }
-        if let Some(p) = &self.saved
-            && !p.exists()
-        {
-            let r = p
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::write(p, format!("{original}\n")));
-            if let Err(e) = r {
-                tracing::warn!(
-                    "keeping the original {RESERVED_PORTS} in {}: {e}; not reserving published ports",
-                    p.display()
-                );
-                return;
-            }
+        if let Err(e) = self.held.save() {
+            tracing::warn!("{e:#}; not reserving published ports");
+            return;
         }
         if !ephemeral_hits.is_empty() {
             let (lo, hi) = eph.unwrap_or_default();
@@ -544,24 +586,10 @@ impl ReservedPorts {
     }
 }
 
-impl Default for ReservedPorts {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Drop for ReservedPorts {
     fn drop(&mut self) {
-        if self.keep {
-            return;
-        }
-        if let (Some(original), Some(_)) = (&self.original, &self.written) {
-            // With its newline: writing nothing at all changes nothing.
-            if std::fs::write(RESERVED_PORTS, format!("{original}\n")).is_ok()
-                && let Some(p) = &self.saved
-            {
-                let _ = std::fs::remove_file(p);
-            }
+        if self.written.is_some() {
+            self.held.put_back();
         }
     }
 }
@@ -578,13 +606,9 @@ impl Drop for ReservedPorts {
 /// written, put back when meshd exits, unless the dataplane stays
 /// (`keep`: the programs still hand replies in), then by `meshd cleanup`.
 pub struct AcceptLocal {
-    /// The setting as found, if meshd changed it (or a previous meshd
-    /// left it changed).
-    original: Option<String>,
-    /// Where the original is kept while meshd's setting is in force.
-    saved: std::path::PathBuf,
-    /// Leave the setting in force at exit.
-    keep: bool,
+    held: Held,
+    /// meshd's setting is in force (written now, or by a previous meshd).
+    changed: bool,
 }
 
 const LOOPBACK_ACCEPT_LOCAL: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
@@ -597,49 +621,33 @@ impl AcceptLocal {
     /// Turns it on, keeping the setting as found in `state_dir` (or taking
     /// it from there when a previous meshd left its own in force).
     pub fn enable(state_dir: &std::path::Path) -> Result<Self> {
-        let saved = state_dir.join(ACCEPT_LOCAL_FILE);
-        let kept = std::fs::read_to_string(&saved)
-            .ok()
-            .map(|s| s.trim().to_string());
-        let was = std::fs::read_to_string(LOOPBACK_ACCEPT_LOCAL)
+        let held = Held::find(LOOPBACK_ACCEPT_LOCAL, state_dir, ACCEPT_LOCAL_FILE);
+        let now = std::fs::read_to_string(LOOPBACK_ACCEPT_LOCAL)
             .with_context(|| format!("reading {LOOPBACK_ACCEPT_LOCAL}"))?;
-        let was = was.trim().to_string();
-        let original = match kept {
-            Some(k) => Some(k),
-            None if was == "1" => None,
-            None => {
-                std::fs::create_dir_all(state_dir)
-                    .and_then(|()| std::fs::write(&saved, format!("{was}\n")))
-                    .with_context(|| format!("keeping the original in {}", saved.display()))?;
-                Some(was.clone())
+        let on = now.trim() == "1";
+        if !on {
+            if !held.inherited {
+                held.save()?;
             }
-        };
-        if was != "1" {
             std::fs::write(LOOPBACK_ACCEPT_LOCAL, "1\n")
                 .with_context(|| format!("writing 1 to {LOOPBACK_ACCEPT_LOCAL}"))?;
         }
         Ok(Self {
-            original,
-            saved,
-            keep: false,
+            changed: held.inherited || !on,
+            held,
         })
     }
 
     /// Leaves the setting in force when dropped (the dataplane stays).
     pub fn keep(&mut self) {
-        self.keep = true;
+        self.held.keep = true;
     }
 }
 
 impl Drop for AcceptLocal {
     fn drop(&mut self) {
-        if self.keep {
-            return;
-        }
-        if let Some(was) = &self.original
-            && std::fs::write(LOOPBACK_ACCEPT_LOCAL, format!("{was}\n")).is_ok()
-        {
-            let _ = std::fs::remove_file(&self.saved);
+        if self.changed {
+            self.held.put_back();
         }
     }
 }
